@@ -1,0 +1,3 @@
+//! The edge gateway as a library: every stage of the pipeline, and `run` that wires them.
+
+pub mod reading;
