@@ -1,0 +1,167 @@
+use super::*;
+use crate::reading::Value;
+
+const NOW: Millis = 1_764_235_200_000;
+
+fn pattern() -> TopicPattern {
+    TopicPattern::parse("devices/{device}/{stream}").unwrap()
+}
+
+fn one(payload: &[u8], content_type: Option<&str>) -> Result<Vec<Reading>, DecodeError> {
+    decode(
+        &pattern(),
+        "devices/t-1/telemetry",
+        payload,
+        content_type,
+        NOW,
+    )
+}
+
+fn num(r: &Reading, field: &str) -> f64 {
+    r.fields[field].as_f64().unwrap()
+}
+
+#[test]
+fn json_object_with_and_without_time() {
+    let r = &one(br#"{"temperature":21.5,"ok":true,"label":"a"}"#, None).unwrap()[0];
+    assert_eq!((r.device.as_str(), r.stream.as_str()), ("t-1", "telemetry"));
+    assert_eq!(r.time, NOW);
+    assert_eq!(num(r, "temperature"), 21.5);
+    assert_eq!(r.fields["ok"], Value::Bool(true));
+    assert_eq!(r.fields["label"], Value::Text("a".into()));
+    assert_eq!(r.format, Format::Json);
+
+    let ms = &one(br#"{"ts":1764235201123,"t":1}"#, None).unwrap()[0];
+    assert_eq!(ms.time, 1_764_235_201_123);
+    let secs = &one(br#"{"time":1764235201.5,"t":1}"#, None).unwrap()[0];
+    assert_eq!(secs.time, 1_764_235_201_500);
+    let text = &one(br#"{"ts":"2025-11-27T09:20:01+01:00","t":1}"#, None).unwrap()[0];
+    assert_eq!(text.time, 1_764_231_601_000);
+}
+
+#[test]
+fn json_nested_objects_are_flattened_and_nulls_skipped() {
+    let r = &one(br#"{"env":{"t":1,"h":{"rel":2}},"gone":null}"#, None).unwrap()[0];
+    assert_eq!(num(r, "env.t"), 1.0);
+    assert_eq!(num(r, "env.h.rel"), 2.0);
+    assert!(!r.fields.contains_key("gone"));
+}
+
+#[test]
+fn cbor_map() {
+    let mut map = std::collections::BTreeMap::new();
+    map.insert("temperature", serde_cbor::Value::Float(22.25));
+    map.insert("ts", serde_cbor::Value::Integer(1_764_235_202_000));
+    let bytes = serde_cbor::to_vec(&map).unwrap();
+    let r = &one(&bytes, None).unwrap()[0];
+    assert_eq!(r.format, Format::Cbor);
+    assert_eq!(num(r, "temperature"), 22.25);
+    assert_eq!(r.time, 1_764_235_202_000);
+}
+
+#[test]
+fn senml_json_resolves_base_fields() {
+    let pack = br#"[{"bn":"urn:dev:ow:10e2073a01080063:","bt":1.320067464e+09,"bu":"%RH","v":20.0,"n":"humidity"},
+        {"n":"temperature","u":"Cel","v":23.1},
+        {"n":"humidity","v":21.0,"t":60}]"#;
+    let rs = one(pack, None).unwrap();
+    assert_eq!(rs.len(), 2);
+    assert_eq!(rs[0].time, 1_320_067_464_000);
+    assert_eq!(num(&rs[0], "humidity"), 20.0);
+    assert_eq!(num(&rs[0], "temperature"), 23.1);
+    assert_eq!(rs[0].units["humidity"], "%RH");
+    assert_eq!(rs[0].units["temperature"], "Cel");
+    assert_eq!(rs[1].time, 1_320_067_524_000);
+    assert_eq!(num(&rs[1], "humidity"), 21.0);
+    assert_eq!(rs[0].format, Format::SenmlJson);
+}
+
+#[test]
+fn senml_relative_time_and_values() {
+    let rs = one(br#"[{"n":"a","v":1,"t":-5},{"n":"b","vb":false,"t":-5},{"n":"c","vs":"x","t":-5},{"n":"e","s":3,"t":-5}]"#, None).unwrap();
+    assert_eq!(rs.len(), 1);
+    assert_eq!(rs[0].time, NOW - 5000);
+    assert_eq!(rs[0].fields["b"], Value::Bool(false));
+    assert_eq!(rs[0].fields["c"], Value::Text("x".into()));
+    assert_eq!(num(&rs[0], "e.sum"), 3.0);
+    let bv = one(br#"[{"bv":10,"n":"a","v":1.5}]"#, None).unwrap();
+    assert_eq!(num(&bv[0], "a"), 11.5);
+}
+
+#[test]
+fn senml_cbor_integer_labels() {
+    use serde_cbor::Value as V;
+    let rec = |pairs: Vec<(i128, V)>| {
+        V::Map(pairs.into_iter().map(|(k, v)| (V::Integer(k), v)).collect())
+    };
+    let pack = V::Array(vec![
+        rec(vec![
+            (-2, V::Text("t-1/".into())),
+            (-3, V::Float(1_764_235_200.25)),
+            (0, V::Text("temperature".into())),
+            (1, V::Text("Cel".into())),
+            (2, V::Float(30.5)),
+        ]),
+        rec(vec![(0, V::Text("door".into())), (4, V::Bool(true))]),
+    ]);
+    let bytes = serde_cbor::to_vec(&pack).unwrap();
+    let rs = one(&bytes, None).unwrap();
+    assert_eq!(rs.len(), 1);
+    assert_eq!(rs[0].format, Format::SenmlCbor);
+    assert_eq!(rs[0].time, 1_764_235_200_250);
+    assert_eq!(num(&rs[0], "temperature"), 30.5);
+    assert_eq!(rs[0].fields["door"], Value::Bool(true));
+}
+
+#[test]
+fn content_type_overrides_sniffing() {
+    let err = one(br#"{"t":1}"#, Some("application/senml+json")).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("senml-json: expected a SenML pack"),
+        "{err}"
+    );
+    assert!(one(br#"{"t":1}"#, Some("application/json; charset=utf-8")).is_ok());
+    assert!(one(br#"{"t":1}"#, Some("application/x-unknown")).is_ok());
+}
+
+#[test]
+fn malformed_inputs_are_errors_not_panics() {
+    let deep_json = "[".repeat(10_000);
+    let mut deep_cbor = vec![0x81u8; 10_000];
+    deep_cbor.push(0x01);
+    let huge = vec![b'a'; 1 << 20];
+    let cases: Vec<(&[u8], &str)> = vec![
+        (b"", "empty payload"),
+        (b"not json {", "neither JSON"),
+        (b"{\"t\":", "invalid JSON"),
+        (b"{}", "no fields"),
+        (b"{\"t\":[1,2]}", "array values are not supported"),
+        (b"{\"ts\":\"yesterday\",\"t\":1}", "RFC 3339"),
+        (b"[]", "empty SenML pack"),
+        (b"[1]", "expected a map"),
+        (b"[{\"v\":1}]", "no name"),
+        (b"[{\"n\":\"a\"}]", "no record with a value"),
+        (b"[{\"n\":\"a\",\"v\":\"x\"}]", "must be a number"),
+        (b"[{\"n\":\"a\",\"v\":1,\"x_\":1}]", "mandatory field"),
+        (deep_json.as_bytes(), "recursion limit"),
+        (&deep_cbor, "senml-cbor"),
+        (&huge, "neither JSON"),
+        (&[0xa1, 0x61], "invalid CBOR"),
+        (&[0xbf], "invalid CBOR"),
+    ];
+    for (payload, expected) in cases {
+        let err = one(payload, None).expect_err(expected).to_string();
+        assert!(
+            err.contains(expected),
+            "payload {:?}: got '{err}', expected '{expected}'",
+            String::from_utf8_lossy(&payload[..payload.len().min(20)])
+        );
+    }
+}
+
+#[test]
+fn topic_outside_the_pattern_is_an_error() {
+    let err = decode(&pattern(), "elsewhere/x", b"{\"t\":1}", None, NOW).unwrap_err();
+    assert_eq!(err, DecodeError::Topic("elsewhere/x".into()));
+}
