@@ -1,0 +1,122 @@
+use super::*;
+
+fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, toml).unwrap();
+    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+    Config::load_with(Source::Explicit(&path), env)
+}
+
+#[test]
+fn defaults_are_valid() {
+    let c = Config::defaults();
+    assert_eq!(c.broker.listen, "0.0.0.0:1883".parse().unwrap());
+    assert_eq!(c.broker.listen_v5, None);
+    assert_eq!(c.ingest.topic_pattern.filter(), "devices/+/+");
+    assert_eq!(c.upstream.url, None);
+    assert_eq!(c.upstream.client_id, "edge-gateway");
+    assert_eq!(c.upstream_prefix(), "gateways/edge-gateway");
+}
+
+#[test]
+fn shipped_file_documents_every_key_and_loads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/gateway.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let table: toml::Table = text.parse().unwrap();
+    for (key, _) in KEYS {
+        let (section, name) = key.split_once('.').unwrap();
+        assert!(
+            table.get(section).and_then(|s| s.get(name)).is_some(),
+            "{key} missing from config/gateway.toml"
+        );
+    }
+    Config::load_with(Source::Explicit(&path), []).unwrap();
+}
+
+#[test]
+fn file_then_environment_override_defaults() {
+    let c = load(
+        "[broker]\nlisten = \"127.0.0.1:1999\"\nmax_connections = 5\n[upstream]\nurl = \"mqtt://up.example:2883\"\n",
+        &[("GATEWAY__BROKER__MAX_CONNECTIONS", "7"), ("GATEWAY__BROKER__LISTEN_V5", "127.0.0.1:2000"), ("GATEWAY__GATEWAY__ID", "gw-9")],
+    )
+    .unwrap();
+    assert_eq!(c.broker.listen, "127.0.0.1:1999".parse().unwrap());
+    assert_eq!(c.broker.max_connections, 7);
+    assert_eq!(c.broker.listen_v5, Some("127.0.0.1:2000".parse().unwrap()));
+    assert_eq!(
+        c.upstream.url,
+        Some(UpstreamUrl {
+            host: "up.example".into(),
+            port: 2883
+        })
+    );
+    assert_eq!(c.upstream.client_id, "gw-9");
+}
+
+#[test]
+fn every_problem_is_reported_at_once_naming_its_key() {
+    let err = load(
+        "[broker]\nlisen = \"x\"\nmax_connections = \"many\"\n[storage]\nmax_age = \"5 parsecs\"\n[bogus]\na = 1\n",
+        &[("GATEWAY__UPSTREAM__URL", "http://x"), ("GATEWAY__INGEST__TOPIC_PATTERN", "devices/#")],
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    for expected in [
+        "broker.lisen: unknown key; did you mean 'broker.listen'?",
+        "broker.max_connections: expected an integer, found 'many'",
+        "storage.max_age: '5 parsecs' is not a duration",
+        "bogus: unknown section",
+        "upstream.url: 'http://x': expected mqtt://host:port",
+        "ingest.topic_pattern: 'devices/#'",
+    ] {
+        assert!(text.contains(expected), "missing '{expected}' in:\n{text}");
+    }
+    assert_eq!(err.0.len(), 6, "{text}");
+    assert!(
+        text.contains("gateway.toml"),
+        "problems name the file they came from:\n{text}"
+    );
+}
+
+#[test]
+fn missing_explicit_file_is_an_error() {
+    let err =
+        Config::load_with(Source::Explicit(Path::new("/nonexistent/gw.toml")), []).unwrap_err();
+    assert!(err
+        .to_string()
+        .contains("/nonexistent/gw.toml does not exist"));
+}
+
+#[test]
+fn port_in_use_names_the_key() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let c = load("", &[("GATEWAY__BROKER__LISTEN", &addr)]).unwrap();
+    let err = c.check_ports().unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("broker.listen: cannot listen on {addr}")),
+        "{err}"
+    );
+}
+
+#[test]
+fn upstream_urls() {
+    assert_eq!(
+        parse_host_port("h").unwrap(),
+        UpstreamUrl {
+            host: "h".into(),
+            port: 1883
+        }
+    );
+    assert_eq!(
+        parse_host_port("[::1]:1884").unwrap(),
+        UpstreamUrl {
+            host: "::1".into(),
+            port: 1884
+        }
+    );
+    assert!(parse_host_port("h:x").is_err());
+    assert!(parse_host_port("").is_err());
+}
