@@ -1,6 +1,13 @@
-//! The edge gateway as a library: every stage of the pipeline, and `run` that wires them.
+//! The edge gateway as a library: every stage of the pipeline, and [`run`] that wires
+//! them (see `pipeline.rs` for the data flow).
 
+pub mod broker;
 pub mod cbor;
 pub mod config;
+pub mod counters;
 pub mod decode;
+pub mod ingest;
+pub mod pipeline;
 pub mod reading;
+
+pub use pipeline::run;

@@ -1,1 +1,126 @@
-fn main() {}
+//! The `gateway` command: parses flags, sets up logging, loads the configuration and
+//! hands over to `gateway::run`. Exit codes: 0 ok, 64 bad configuration (including a
+//! port in use), 1 any other failure.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gateway::config::{Config, Source};
+use gateway::pipeline::RunError;
+
+/// Exit code for a bad configuration (EX_USAGE / EX_CONFIG family, as sysexits.h).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "gateway", version, about = "IoT telemetry edge gateway: embedded MQTT broker, decoding, rules and durable store-and-forward to an upstream broker.")]
+struct Cli {
+    /// Configuration file (TOML). Default: config/gateway.toml when present, else the
+    /// built-in defaults. GATEWAY__SECTION__KEY environment variables override it.
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default when no command is given).
+    Run,
+    /// Validate the configuration, report every problem, and exit (64 when invalid).
+    CheckConfig,
+    /// Show the newest payloads that did not decode, with the reason (gateway stopped).
+    DeadLetters {
+        /// How many to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let source = match &cli.config {
+        Some(path) => Source::Explicit(path),
+        None => Source::Default,
+    };
+    let config = match Config::load(source) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprint!("{errors}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(config),
+        Command::CheckConfig => {
+            println!("configuration is valid");
+            ExitCode::SUCCESS
+        }
+        Command::DeadLetters { limit } => dead_letters(&config, limit),
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = std::env::var("RUST_LOG").ok().unwrap_or_else(|| {
+        if level.contains("rumqtt") {
+            level.to_string()
+        } else {
+            format!("{level},rumqttd=warn,rumqttc=warn")
+        }
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(config: Config) -> ExitCode {
+    init_logging(&config.log.level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gateway: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(gateway::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(RunError::Config(errors)) => {
+            eprint!("{errors}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "Gateway failed.");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("Cannot install signal handlers; stop the gateway with SIGKILL.");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received."),
+        _ = int.recv() => tracing::info!("SIGINT received."),
+    }
+}
+
+fn dead_letters(config: &Config, limit: usize) -> ExitCode {
+    match gateway::store::read_dead_letters(&config.storage.path, limit) {
+        Ok(letters) => {
+            for dl in letters {
+                let payload = String::from_utf8_lossy(&dl.payload[..dl.payload.len().min(120)]).into_owned();
+                println!("{}\t{}\t{}\t{:?}", dl.received_at, dl.topic, dl.reason, payload);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

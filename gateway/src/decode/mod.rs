@@ -14,11 +14,13 @@
 mod node;
 mod object;
 mod senml;
+mod stage;
 pub mod topic;
 
 use std::fmt;
 
 pub use node::Node;
+pub use stage::DecodeStage;
 pub use topic::TopicPattern;
 
 use crate::reading::{Format, Millis, Reading};

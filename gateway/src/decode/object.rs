@@ -73,7 +73,7 @@ pub fn time_of(node: &Node) -> Result<Millis, String> {
             .map(|t| t.timestamp_millis())
             .map_err(|e| format!("not an RFC 3339 time ({e})")),
         _ => match node.as_f64() {
-            Some(n) if n.is_finite() && n >= 0.0 && n < 1e16 => Ok(if n >= MILLIS_THRESHOLD {
+            Some(n) if (0.0..1e16).contains(&n) => Ok(if n >= MILLIS_THRESHOLD {
                 n as Millis
             } else {
                 (n * 1000.0).round() as Millis

@@ -1,0 +1,120 @@
+//! The embedded MQTT broker (rumqttd) that devices connect to.
+//!
+//! Owns the rumqttd router and listener threads. The router is configured on purpose:
+//! rumqttd's defaults panic (`max_segment_size: 0`) or refuse everyone
+//! (`max_connections: 0`), and its example keeps gigabytes per filter.
+//!
+//! Invariants:
+//! - the ingest link is created (and subscribed) before any listener accepts a device,
+//!   so nothing a device publishes after its CONNACK is missed;
+//! - `rumqttd::Broker::start` blocks forever, so it runs on its own OS thread; rumqttd
+//!   has no way to stop listeners, they end with the process.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::{ConnectionSettings, RouterConfig, ServerSettings};
+
+use crate::config::BrokerSection;
+
+/// Messages the router hands a link per scheduling round.
+const MAX_OUTGOING_PACKET_COUNT: u64 = 500;
+/// Delay between accepting two connections on one listener (a crude flood limit).
+const NEXT_CONNECTION_DELAY_MS: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot create the broker's local link: {0}")]
+    Link(#[from] rumqttd::local::LinkError),
+    #[error("cannot start the broker thread: {0}")]
+    Thread(#[from] std::io::Error),
+    #[error("listener {0} did not start accepting connections within {1:?}")]
+    NotListening(SocketAddr, Duration),
+}
+
+/// The links the gateway uses on its own broker.
+pub struct Links {
+    pub ingest: (LinkTx, LinkRx),
+    pub publish: (LinkTx, LinkRx),
+}
+
+/// The rumqttd configuration for the gateway's broker section.
+pub fn rumqttd_config(section: &BrokerSection, initialized_filters: Vec<String>) -> rumqttd::Config {
+    let connections = ConnectionSettings {
+        connection_timeout_ms: section.connection_timeout.as_millis().min(u16::MAX as u128) as u16,
+        max_payload_size: section.max_payload_bytes,
+        max_inflight_count: section.max_inflight,
+        auth: None,
+        external_auth: None,
+        // Topics nobody subscribed to get their own bounded log instead of a disconnect.
+        dynamic_filters: true,
+    };
+    let server = |name: &str, listen: SocketAddr| ServerSettings {
+        name: name.to_string(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: NEXT_CONNECTION_DELAY_MS,
+        connections: connections.clone(),
+    };
+    let v4 = HashMap::from([("v4".to_string(), server("mqtt-v4", section.listen))]);
+    let v5 = section
+        .listen_v5
+        .map(|listen| HashMap::from([("v5".to_string(), server("mqtt-v5", listen))]));
+    rumqttd::Config {
+        id: 0,
+        router: RouterConfig {
+            // The gateway's own links count as connections too.
+            max_connections: section.max_connections + 4,
+            max_outgoing_packet_count: MAX_OUTGOING_PACKET_COUNT,
+            max_segment_size: section.segment_bytes,
+            max_segment_count: section.segment_count,
+            custom_segment: None,
+            initialized_filters: Some(initialized_filters),
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(v4),
+        v5,
+        ..Default::default()
+    }
+}
+
+/// Starts the router, creates the gateway's links, subscribes the ingest link to
+/// `ingest_filter`, then starts the listeners and waits until they accept connections.
+pub fn start(section: &BrokerSection, ingest_filter: &str, events_filter: &str) -> Result<Links, BrokerError> {
+    let config = rumqttd_config(section, vec![ingest_filter.to_string(), events_filter.to_string()]);
+    let mut broker = rumqttd::Broker::new(config);
+    let (mut ingest_tx, ingest_rx) = broker.link("gateway-ingest")?;
+    ingest_tx.subscribe(ingest_filter)?;
+    let publish = broker.link("gateway-publish")?;
+    std::thread::Builder::new().name("broker".into()).spawn(move || {
+        if let Err(e) = broker.start() {
+            tracing::error!(error = %e, "Embedded broker stopped.");
+        }
+    })?;
+    let timeout = Duration::from_secs(10);
+    for addr in std::iter::once(section.listen).chain(section.listen_v5) {
+        wait_listening(addr, timeout)?;
+    }
+    Ok(Links {
+        ingest: (ingest_tx, ingest_rx),
+        publish,
+    })
+}
+
+fn wait_listening(addr: SocketAddr, timeout: Duration) -> Result<(), BrokerError> {
+    let target = match addr {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], a.port())),
+        SocketAddr::V6(a) if a.ip().is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port())),
+        other => other,
+    };
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(BrokerError::NotListening(addr, timeout))
+}
