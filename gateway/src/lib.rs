@@ -6,8 +6,10 @@ pub mod cbor;
 pub mod config;
 pub mod counters;
 pub mod decode;
+pub mod forwarder;
 pub mod ingest;
 pub mod pipeline;
 pub mod reading;
+pub mod store;
 
 pub use pipeline::run;

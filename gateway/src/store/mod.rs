@@ -1,0 +1,491 @@
+//! The gateway's durable store: one redb file owned by one thread.
+//!
+//! Owns the outbox (readings and events waiting for upstream), the dead-letter table,
+//! rule-engine state and the event log. Inputs are commands sent through a
+//! [`StoreHandle`] (append, ack, dead letter, state, event log, flush, shutdown); the
+//! output is committed rows, live counters ([`OutboxStats`]) and a wake-up of the
+//! forwarder after every commit that added rows.
+//!
+//! Invariants:
+//! - All writes happen on the owner thread ([`writer`]), grouped: many commands per write
+//!   transaction, committed with `Durability::Immediate`. Other threads only read, through
+//!   read transactions on the shared `Database`.
+//! - Sequence numbers are assigned at commit, are strictly increasing across both lanes,
+//!   and survive restarts (`META.next_seq` is committed with the rows).
+//! - Callers never block: appends and dead letters go through a bounded channel with
+//!   `try_send`; what cannot be queued is counted (`store_overflow`,
+//!   `dead_letter_overflow`), never silently lost. Acks and flushes go through a separate
+//!   unbounded control channel (bounded in practice by the forwarder's in-flight window).
+//! - Crash window: a row exists on disk once its group commit returns. Between the broker's
+//!   PUBACK to a device and that commit lies the queue wait plus at most `flush_interval`
+//!   plus one commit (an fsync); a `kill -9` inside that window loses those rows, nothing
+//!   committed is ever lost (redb commits are atomic).
+//! - Rows leave the outbox only by an upstream ack or by retention (`max_bytes`, `max_age`),
+//!   and every retention drop is counted by reason and lane.
+//! - The file is opened in redb's `SingleWriter` concurrency mode, so `gateway outbox
+//!   stats` can open it read-only while the gateway runs.
+
+mod read;
+mod stats;
+mod tables;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Sender, TrySendError};
+use redb::{ConcurrencyMode, Database};
+use serde::Deserialize;
+use tokio::sync::{oneshot, Notify};
+
+use crate::reading::{Format, Millis};
+
+pub use read::{query_events, read_dead_letters, LoggedEvent};
+pub use stats::{read_stats_file, stats_command, Counter, LaneStats, OutboxStats};
+
+use stats::Counters;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("io on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the store is shut down")]
+    Closed,
+    #[error("the store thread panicked")]
+    ThreadPanicked,
+    #[error("a commit failed; see the log")]
+    CommitFailed,
+    #[error("corrupt row in table {table} at key {key}")]
+    CorruptRow { table: String, key: String },
+}
+
+macro_rules! redb_error_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+redb_error_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// What to do when the outbox exceeds `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverflowPolicy {
+    /// Drop the oldest readings; events are kept. Only when no reading is left are the
+    /// oldest events dropped (counted as `max_bytes_events`).
+    #[default]
+    DropOldestReadings,
+    /// Keep everything stored; refuse new rows of either lane while full (`rejected_full`).
+    RejectNew,
+}
+
+/// Store settings (`[storage]` in the config file).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Longest wait after the first queued command before committing the group.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Most commands applied in one write transaction.
+    pub max_batch: usize,
+    /// Capacity of the command channel; appends beyond it are dropped and counted.
+    pub channel_capacity: usize,
+    /// Outbox budget in row bytes (keys + encoded rows, both lanes).
+    pub max_bytes: u64,
+    /// Rows older than this (by `received_at`) are dropped; `None` keeps them forever.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    pub overflow_policy: OverflowPolicy,
+    /// Dead-letter rows kept; the oldest are removed beyond it.
+    pub dead_letter_max: u64,
+    /// Event-log rows kept; the oldest are removed beyond it.
+    pub event_log_max: u64,
+    /// redb page cache in bytes (redb's default of 1 GiB is far too much for an edge box).
+    pub cache_size: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            flush_interval: Duration::from_millis(5),
+            max_batch: 8192,
+            channel_capacity: 65_536,
+            max_bytes: 512 * 1024 * 1024,
+            max_age: Some(Duration::from_secs(7 * 24 * 3600)),
+            overflow_policy: OverflowPolicy::DropOldestReadings,
+            dead_letter_max: 10_000,
+            event_log_max: 100_000,
+            cache_size: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// The two lanes of the outbox. Events drain before readings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Reading,
+    Event,
+}
+
+impl Lane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Reading => "readings",
+            Lane::Event => "events",
+        }
+    }
+}
+
+/// One message to forward upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEntry {
+    pub lane: Lane,
+    /// Topic relative to the upstream prefix: the device's original topic for readings,
+    /// `events/{type}/{device}` for events (see [`OutboxEntry::event`]).
+    pub topic: String,
+    pub device: String,
+    pub payload: Vec<u8>,
+    pub format: Format,
+    pub received_at: Millis,
+}
+
+impl OutboxEntry {
+    /// A reading as it arrived on `topic`.
+    pub fn reading(
+        topic: String,
+        device: String,
+        payload: Vec<u8>,
+        format: Format,
+        received_at: Millis,
+    ) -> Self {
+        OutboxEntry {
+            lane: Lane::Reading,
+            topic,
+            device,
+            payload,
+            format,
+            received_at,
+        }
+    }
+
+    /// An event (a CloudEvents JSON envelope), forwarded to `events/{type}/{device}`.
+    pub fn event(event_type: &str, device: &str, json: Vec<u8>, time: Millis) -> Self {
+        OutboxEntry {
+            lane: Lane::Event,
+            topic: format!("events/{event_type}/{device}"),
+            device: device.to_owned(),
+            payload: json,
+            format: Format::Json,
+            received_at: time,
+        }
+    }
+}
+
+/// A committed outbox row, as the forwarder reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub seq: u64,
+    pub lane: Lane,
+    pub topic: String,
+    pub device: String,
+    pub payload: Vec<u8>,
+    pub format: Format,
+    pub received_at: Millis,
+}
+
+/// A payload that could not be decoded, kept for the operator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub reason: String,
+    pub received_at: Millis,
+}
+
+/// Commands that carry data; sent with `try_send`, dropped and counted when the queue is full.
+enum DataCmd {
+    Append(OutboxEntry),
+    DeadLetter(DeadLetter),
+    PutState(String, Vec<u8>),
+    DeleteState(String),
+    LogEvent {
+        time: Millis,
+        event_type: String,
+        device: String,
+        json: Vec<u8>,
+    },
+}
+
+/// Commands that steer the store; never dropped.
+enum CtlCmd {
+    Ack(Lane, Vec<u64>),
+    Flush(oneshot::Sender<bool>),
+    Shutdown,
+}
+
+struct Shared {
+    path: PathBuf,
+    data_tx: Sender<DataCmd>,
+    ctl_tx: Sender<CtlCmd>,
+    db: RwLock<Option<Arc<Database>>>,
+    counters: Arc<Counters>,
+    new_rows: Arc<Notify>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The store: [`Store::open`] starts its owner thread and returns a handle.
+pub struct Store;
+
+impl Store {
+    /// Opens (or creates) the database at `path` and spawns the owner thread.
+    pub fn open(path: &Path, cfg: StoreConfig) -> Result<StoreHandle, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let db = Database::builder()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .set_cache_size(cfg.cache_size)
+            .create(path)?;
+        let db = Arc::new(db);
+        let counters = Arc::new(Counters::default());
+        writer::init(&db, &counters)?;
+        let (data_tx, data_rx) = crossbeam_channel::bounded(cfg.channel_capacity.max(1));
+        let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
+        let new_rows = Arc::new(Notify::new());
+        let owner = writer::Owner::new(
+            db.clone(),
+            cfg,
+            data_rx,
+            ctl_rx,
+            counters.clone(),
+            new_rows.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name("store".into())
+            .spawn(move || owner.run())
+            .map_err(|source| StoreError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+        tracing::info!(path = %path.display(), "store opened");
+        Ok(StoreHandle {
+            shared: Arc::new(Shared {
+                path: path.to_owned(),
+                data_tx,
+                ctl_tx,
+                db: RwLock::new(Some(db)),
+                counters,
+                new_rows,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+}
+
+/// A cheap, cloneable handle to the store. Dropping the last one shuts the store down.
+#[derive(Clone)]
+pub struct StoreHandle {
+    shared: Arc<Shared>,
+}
+
+impl StoreHandle {
+    fn send_data(&self, cmd: DataCmd, overflow: Counter) -> bool {
+        match self.shared.data_tx.try_send(cmd) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.shared.counters.add(overflow, 1);
+                false
+            }
+        }
+    }
+
+    /// Queues a message for upstream. Never blocks; returns false (and counts
+    /// `store_overflow`) when the queue is full or the store is shut down.
+    pub fn append(&self, entry: OutboxEntry) -> bool {
+        self.send_data(DataCmd::Append(entry), Counter::DropStoreOverflow)
+    }
+
+    /// Keeps a payload that did not decode. Never blocks; counts `dead_letter_overflow`
+    /// when it cannot be queued.
+    pub fn dead_letter(&self, dl: DeadLetter) -> bool {
+        self.send_data(DataCmd::DeadLetter(dl), Counter::DropDeadLetterOverflow)
+    }
+
+    /// Stores a rule-engine state value under `key` (replacing any older value).
+    pub fn put_state(&self, key: String, value: Vec<u8>) -> bool {
+        self.send_data(DataCmd::PutState(key, value), Counter::DropStateOverflow)
+    }
+
+    /// Removes a rule-engine state value.
+    pub fn delete_state(&self, key: String) -> bool {
+        self.send_data(DataCmd::DeleteState(key), Counter::DropStateOverflow)
+    }
+
+    /// Appends an event to the event log (not the outbox; use [`append`](Self::append) for that).
+    pub fn log_event(&self, time: Millis, event_type: &str, device: &str, json: Vec<u8>) -> bool {
+        let cmd = DataCmd::LogEvent {
+            time,
+            event_type: event_type.to_owned(),
+            device: device.to_owned(),
+            json,
+        };
+        self.send_data(cmd, Counter::DropEventLogOverflow)
+    }
+
+    /// Deletes forwarded rows of `lane` (upstream acked them). Unknown seqs are ignored.
+    pub fn ack(&self, lane: Lane, seqs: Vec<u64>) {
+        if !seqs.is_empty() {
+            let _ = self.shared.ctl_tx.send(CtlCmd::Ack(lane, seqs));
+        }
+    }
+
+    /// Waits until everything queued before this call is committed.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .ctl_tx
+            .send(CtlCmd::Flush(tx))
+            .map_err(|_| StoreError::Closed)?;
+        match rx.await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(StoreError::CommitFailed),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+
+    /// [`flush`](Self::flush) for threads outside a tokio runtime.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .ctl_tx
+            .send(CtlCmd::Flush(tx))
+            .map_err(|_| StoreError::Closed)?;
+        match rx.blocking_recv() {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(StoreError::CommitFailed),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+
+    /// Commits what is queued, stops the owner thread and releases the file once no read
+    /// is running. Later calls (from any clone) return `Ok`.
+    pub fn shutdown(&self) -> Result<(), StoreError> {
+        let thread = self
+            .shared
+            .thread
+            .lock()
+            .map(|mut t| t.take())
+            .ok()
+            .flatten();
+        let Some(thread) = thread else { return Ok(()) };
+        let _ = self.shared.ctl_tx.send(CtlCmd::Shutdown);
+        let joined = thread.join();
+        if let Ok(mut db) = self.shared.db.write() {
+            db.take();
+        }
+        joined.map_err(|_| StoreError::ThreadPanicked)
+    }
+
+    /// Live counters of the outbox, as of the last commit (queue drops are live).
+    pub fn stats(&self) -> OutboxStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// A live counter.
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.shared.counters.get(c)
+    }
+
+    /// The highest sequence number committed so far (0 when none).
+    pub fn last_committed_seq(&self) -> u64 {
+        self.shared.counters.get(Counter::NextSeq).saturating_sub(1)
+    }
+
+    /// Resolves after the next commit that added outbox rows (or at once if one happened
+    /// since the last call). Meant for the single forwarder.
+    pub async fn rows_added(&self) {
+        self.shared.new_rows.notified().await
+    }
+
+    /// The path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// The shared database for read transactions; `Closed` after shutdown.
+    pub fn database(&self) -> Result<Arc<Database>, StoreError> {
+        self.shared
+            .db
+            .read()
+            .ok()
+            .and_then(|db| db.clone())
+            .ok_or(StoreError::Closed)
+    }
+
+    /// Reads up to `limit` committed rows of `lane` with `seq >= from_seq`, in seq order,
+    /// into `out` (cleared first).
+    pub fn read_outbox(
+        &self,
+        lane: Lane,
+        from_seq: u64,
+        limit: usize,
+        out: &mut Vec<OutboxRow>,
+    ) -> Result<(), StoreError> {
+        read::outbox_rows(&*self.database()?, lane, from_seq, limit, out)
+    }
+
+    /// The newest `limit` dead letters, newest first.
+    pub fn read_dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        read::dead_letters(&*self.database()?, limit)
+    }
+
+    /// One rule-engine state value.
+    pub fn load_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        read::state(&*self.database()?, key)
+    }
+
+    /// Every rule-engine state value whose key starts with `prefix`.
+    pub fn load_state_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        read::state_prefix(&*self.database()?, prefix)
+    }
+
+    /// Logged events with `time >= since`, oldest first, filtered by type and device.
+    pub fn query_events(
+        &self,
+        since: Millis,
+        event_type: Option<&str>,
+        device: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<LoggedEvent>, StoreError> {
+        read::events(&*self.database()?, since, event_type, device, limit)
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.get_mut().ok().and_then(|t| t.take()) {
+            let _ = self.ctl_tx.send(CtlCmd::Shutdown);
+            let _ = thread.join();
+        }
+    }
+}

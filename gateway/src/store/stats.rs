@@ -1,0 +1,289 @@
+//! Counters of the store: live atomics inside the gateway, persisted in `META`, and the
+//! `gateway outbox stats` report that reads them from the file.
+//!
+//! Invariants:
+//! - Every [`Counter`] is persisted under its name in `META` at each commit, so the file
+//!   alone tells depth, totals and drops, whether or not the gateway runs.
+//! - Queue drops (`*_overflow`) are counted by the caller's thread, live; everything else
+//!   is published to the atomics only after the commit that made it true.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use redb::{ConcurrencyMode, ReadableDatabase, ReadableTable};
+
+use super::tables::{self, META};
+use super::{Lane, StoreError};
+use crate::reading::{now_millis, Millis};
+
+macro_rules! counters {
+    ($($variant:ident => $name:literal,)*) => {
+        /// Every persisted counter of the store, with its name in `META`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(usize)]
+        pub enum Counter { $($variant,)* }
+
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant,)*];
+            pub fn name(self) -> &'static str {
+                match self { $(Counter::$variant => $name,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    NextSeq => "next_seq",
+    ReadingsMessages => "readings.messages",
+    ReadingsBytes => "readings.bytes",
+    EventsMessages => "events.messages",
+    EventsBytes => "events.bytes",
+    AppendedReadings => "appended.readings",
+    AppendedEvents => "appended.events",
+    Acked => "acked",
+    DropStoreOverflow => "drop.store_overflow",
+    DropMaxBytesReadings => "drop.max_bytes.readings",
+    DropMaxBytesEvents => "drop.max_bytes.events",
+    DropMaxAgeReadings => "drop.max_age.readings",
+    DropMaxAgeEvents => "drop.max_age.events",
+    DropRejectedFull => "drop.rejected_full",
+    DropCommitFailed => "drop.commit_failed",
+    DropDeadLetterOverflow => "drop.dead_letter_overflow",
+    DropStateOverflow => "drop.state_overflow",
+    DropEventLogOverflow => "drop.event_log_overflow",
+    DeadLettersEvicted => "dead_letters.evicted",
+    DeadLetterNext => "dead_letters.next",
+    DeadLetterRows => "dead_letters.rows",
+    EventLogNext => "event_log.next",
+    EventLogRows => "event_log.rows",
+    EventLogEvicted => "event_log.evicted",
+}
+
+impl Counter {
+    /// Counted on the caller's thread when the command queue is full.
+    pub fn is_queue_drop(self) -> bool {
+        matches!(
+            self,
+            Counter::DropStoreOverflow
+                | Counter::DropDeadLetterOverflow
+                | Counter::DropStateOverflow
+                | Counter::DropEventLogOverflow
+        )
+    }
+
+    pub fn messages(lane: Lane) -> Counter {
+        match lane {
+            Lane::Reading => Counter::ReadingsMessages,
+            Lane::Event => Counter::EventsMessages,
+        }
+    }
+
+    pub fn bytes(lane: Lane) -> Counter {
+        match lane {
+            Lane::Reading => Counter::ReadingsBytes,
+            Lane::Event => Counter::EventsBytes,
+        }
+    }
+}
+
+/// The live counters shared by the owner thread and every handle.
+pub struct Counters {
+    values: Vec<AtomicU64>,
+    /// `received_at` of the oldest row per lane, `i64::MIN` when the lane is empty.
+    oldest: [AtomicI64; 2],
+    commits: AtomicU64,
+    last_commit_micros: AtomicU64,
+    max_commit_micros: AtomicU64,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            values: Counter::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+            oldest: [AtomicI64::new(i64::MIN), AtomicI64::new(i64::MIN)],
+            commits: AtomicU64::new(0),
+            last_commit_micros: AtomicU64::new(0),
+            max_commit_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+fn lane_index(lane: Lane) -> usize {
+    match lane {
+        Lane::Reading => 0,
+        Lane::Event => 1,
+    }
+}
+
+impl Counters {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.values[c as usize].load(Ordering::Relaxed)
+    }
+    pub fn set(&self, c: Counter, v: u64) {
+        self.values[c as usize].store(v, Ordering::Relaxed)
+    }
+    pub fn add(&self, c: Counter, v: u64) {
+        self.values[c as usize].fetch_add(v, Ordering::Relaxed);
+    }
+    pub fn set_oldest(&self, lane: Lane, at: Option<Millis>) {
+        self.oldest[lane_index(lane)].store(at.unwrap_or(i64::MIN), Ordering::Relaxed);
+    }
+    pub fn record_commit(&self, micros: u64) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.last_commit_micros.store(micros, Ordering::Relaxed);
+        self.max_commit_micros.fetch_max(micros, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> OutboxStats {
+        let now = now_millis();
+        let lane = |l: Lane| {
+            let oldest = self.oldest[lane_index(l)].load(Ordering::Relaxed);
+            LaneStats {
+                messages: self.get(Counter::messages(l)),
+                bytes: self.get(Counter::bytes(l)),
+                oldest_received_at: (oldest != i64::MIN).then_some(oldest),
+                oldest_age_ms: (oldest != i64::MIN).then(|| (now - oldest).max(0) as u64),
+            }
+        };
+        OutboxStats {
+            readings: lane(Lane::Reading),
+            events: lane(Lane::Event),
+            counters: Counter::ALL.iter().map(|&c| (c, self.get(c))).collect(),
+            commits: self.commits.load(Ordering::Relaxed),
+            last_commit_micros: self.last_commit_micros.load(Ordering::Relaxed),
+            max_commit_micros: self.max_commit_micros.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Depth of one lane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaneStats {
+    pub messages: u64,
+    pub bytes: u64,
+    pub oldest_received_at: Option<Millis>,
+    pub oldest_age_ms: Option<u64>,
+}
+
+/// A snapshot of the store's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxStats {
+    pub readings: LaneStats,
+    pub events: LaneStats,
+    /// Every persisted counter (totals, drops by reason, table sizes).
+    pub counters: Vec<(Counter, u64)>,
+    /// Commits since this process opened the store (0 when read from the file).
+    pub commits: u64,
+    pub last_commit_micros: u64,
+    pub max_commit_micros: u64,
+}
+
+impl OutboxStats {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.counters
+            .iter()
+            .find(|(k, _)| *k == c)
+            .map_or(0, |(_, v)| *v)
+    }
+
+    /// Total rows dropped by any reason.
+    pub fn dropped(&self) -> u64 {
+        self.counters
+            .iter()
+            .filter(|(c, _)| c.name().starts_with("drop."))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Messages waiting in both lanes.
+    pub fn depth(&self) -> u64 {
+        self.readings.messages + self.events.messages
+    }
+
+    /// Writes the human-readable report of `gateway outbox stats`.
+    pub fn write_report(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        let age = |a: Option<u64>| match a {
+            Some(ms) => {
+                humantime::format_duration(std::time::Duration::from_millis(ms)).to_string()
+            }
+            None => "-".into(),
+        };
+        writeln!(
+            out,
+            "depth: {} messages, {} bytes",
+            self.depth(),
+            self.readings.bytes + self.events.bytes
+        )?;
+        for (name, l) in [("readings", &self.readings), ("events", &self.events)] {
+            writeln!(
+                out,
+                "  {name:<9} {:>10} messages {:>12} bytes  oldest age {}",
+                l.messages,
+                l.bytes,
+                age(l.oldest_age_ms)
+            )?;
+        }
+        let oldest = [self.readings.oldest_age_ms, self.events.oldest_age_ms]
+            .into_iter()
+            .flatten()
+            .max();
+        writeln!(out, "oldest age: {}", age(oldest))?;
+        writeln!(out, "counters:")?;
+        for (c, v) in &self.counters {
+            writeln!(out, "  {:<28} {v}", c.name())?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the counters and oldest rows from a database file.
+pub(crate) fn read_stats(db: &impl ReadableDatabase) -> Result<OutboxStats, StoreError> {
+    let counters = Counters::default();
+    let txn = db.begin_read()?;
+    match txn.open_table(META) {
+        Ok(meta) => {
+            for &c in Counter::ALL {
+                if let Some(v) = meta.get(c.name())? {
+                    counters.set(c, v.value());
+                }
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    for lane in [Lane::Reading, Lane::Event] {
+        match txn.open_table(tables::lane_table(lane)) {
+            Ok(t) => {
+                let first = t.first()?;
+                counters.set_oldest(
+                    lane,
+                    first.and_then(|(_, v)| tables::outbox_received_at(v.value())),
+                );
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(counters.snapshot())
+}
+
+/// Opens `path` read-only (allowed while the gateway holds it: both use redb's
+/// `SingleWriter` mode) and returns its counters.
+pub fn read_stats_file(path: &Path) -> Result<OutboxStats, StoreError> {
+    let db = redb::Builder::new()
+        .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+        .set_cache_size(4 * 1024 * 1024)
+        .open_read_only(path)?;
+    read_stats(&db)
+}
+
+/// `gateway outbox stats`: prints depth in messages and bytes, oldest age, per-lane counts
+/// and drop counters of the database at `path`, whether or not the gateway is running.
+pub fn stats_command(path: &Path, out: &mut dyn Write) -> Result<(), StoreError> {
+    let stats = read_stats_file(path)?;
+    stats.write_report(out).map_err(|source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}

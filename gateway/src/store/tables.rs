@@ -1,0 +1,209 @@
+//! The redb tables of the store and the byte layout of their rows.
+//!
+//! Owns: every `TableDefinition` const and the encode/decode of row values.
+//! Invariants:
+//! - Outbox keys are the global, persisted sequence (`u64`); rows of both lanes share it,
+//!   so a sequence number is never reused, even across lanes and restarts.
+//! - Row values are a small fixed header followed by raw bytes: no serde on the hot path.
+//! - `META` holds every counter that `gateway outbox stats` prints; it is written in the
+//!   same transaction as the rows it counts, so counters and rows never disagree.
+
+use redb::TableDefinition;
+
+use super::{DeadLetter, Lane};
+use crate::reading::{Format, Millis};
+
+/// Readings lane of the outbox: seq -> encoded row.
+pub const OUTBOX_READINGS: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox_readings");
+/// Events lane of the outbox: seq -> encoded row.
+pub const OUTBOX_EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox_events");
+/// Payloads that did not decode: id -> encoded dead letter. Bounded, oldest removed.
+pub const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// Rule-engine state: key -> opaque bytes.
+pub const RULE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("rule_state");
+/// Event log: (time, seq) -> encoded (type, device, json). Bounded, oldest removed.
+pub const EVENT_LOG: TableDefinition<(i64, u64), &[u8]> = TableDefinition::new("event_log");
+/// Counters and cursors: name -> value.
+pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The table that holds one lane of the outbox.
+pub fn lane_table(lane: Lane) -> TableDefinition<'static, u64, &'static [u8]> {
+    match lane {
+        Lane::Reading => OUTBOX_READINGS,
+        Lane::Event => OUTBOX_EVENTS,
+    }
+}
+
+pub fn format_to_u8(format: Format) -> u8 {
+    match format {
+        Format::Json => 0,
+        Format::Cbor => 1,
+        Format::SenmlJson => 2,
+        Format::SenmlCbor => 3,
+    }
+}
+
+pub fn format_from_u8(b: u8) -> Option<Format> {
+    Some(match b {
+        0 => Format::Json,
+        1 => Format::Cbor,
+        2 => Format::SenmlJson,
+        3 => Format::SenmlCbor,
+        _ => return None,
+    })
+}
+
+/// Appends `s` with a u16 length prefix; longer strings are cut at a char boundary.
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let mut end = s.len().min(u16::MAX as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&(end as u16).to_le_bytes());
+    out.extend_from_slice(&s.as_bytes()[..end]);
+}
+
+/// A cursor over an encoded row; every read checks bounds.
+struct Cursor<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.buf.len() < n {
+            return None;
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Some(head)
+    }
+    fn i64(&mut self) -> Option<i64> {
+        Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn str(&mut self) -> Option<&'a str> {
+        let len = u16::from_le_bytes(self.take(2)?.try_into().ok()?) as usize;
+        std::str::from_utf8(self.take(len)?).ok()
+    }
+}
+
+/// Outbox row layout: `received_at: i64 LE | format: u8 | topic: str16 | device: str16 | payload`.
+pub fn encode_outbox(
+    out: &mut Vec<u8>,
+    received_at: Millis,
+    format: Format,
+    topic: &str,
+    device: &str,
+    payload: &[u8],
+) {
+    out.clear();
+    out.reserve(13 + topic.len() + device.len() + payload.len());
+    out.extend_from_slice(&received_at.to_le_bytes());
+    out.push(format_to_u8(format));
+    put_str(out, topic);
+    put_str(out, device);
+    out.extend_from_slice(payload);
+}
+
+/// The fields of an encoded outbox row, borrowed from the row bytes.
+pub struct OutboxFields<'a> {
+    pub received_at: Millis,
+    pub format: Format,
+    pub topic: &'a str,
+    pub device: &'a str,
+    pub payload: &'a [u8],
+}
+
+pub fn decode_outbox(buf: &[u8]) -> Option<OutboxFields<'_>> {
+    let mut c = Cursor { buf };
+    let received_at = c.i64()?;
+    let format = format_from_u8(c.u8()?)?;
+    let topic = c.str()?;
+    let device = c.str()?;
+    Some(OutboxFields {
+        received_at,
+        format,
+        topic,
+        device,
+        payload: c.buf,
+    })
+}
+
+/// The time an encoded outbox row was received, without decoding the rest.
+pub fn outbox_received_at(buf: &[u8]) -> Option<Millis> {
+    Cursor { buf }.i64()
+}
+
+/// Dead-letter layout: `received_at: i64 | topic: str16 | reason: str16 | payload`.
+pub fn encode_dead_letter(out: &mut Vec<u8>, dl: &DeadLetter) {
+    out.clear();
+    out.extend_from_slice(&dl.received_at.to_le_bytes());
+    put_str(out, &dl.topic);
+    put_str(out, &dl.reason);
+    out.extend_from_slice(&dl.payload);
+}
+
+pub fn decode_dead_letter(buf: &[u8]) -> Option<DeadLetter> {
+    let mut c = Cursor { buf };
+    let received_at = c.i64()?;
+    let topic = c.str()?.to_owned();
+    let reason = c.str()?.to_owned();
+    Some(DeadLetter {
+        topic,
+        payload: c.buf.to_vec(),
+        reason,
+        received_at,
+    })
+}
+
+/// Event-log layout: `event_type: str16 | device: str16 | json`.
+pub fn encode_logged_event(out: &mut Vec<u8>, event_type: &str, device: &str, json: &[u8]) {
+    out.clear();
+    put_str(out, event_type);
+    put_str(out, device);
+    out.extend_from_slice(json);
+}
+
+pub fn decode_logged_event(buf: &[u8]) -> Option<(&str, &str, &[u8])> {
+    let mut c = Cursor { buf };
+    let event_type = c.str()?;
+    let device = c.str()?;
+    Some((event_type, device, c.buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_row_round_trips() {
+        let mut buf = Vec::new();
+        encode_outbox(
+            &mut buf,
+            42,
+            Format::SenmlCbor,
+            "d/t-1/x",
+            "t-1",
+            b"\x01\x02",
+        );
+        let f = decode_outbox(&buf).unwrap();
+        assert_eq!(
+            (f.received_at, f.format, f.topic, f.device, f.payload),
+            (42, Format::SenmlCbor, "d/t-1/x", "t-1", &b"\x01\x02"[..])
+        );
+        assert_eq!(outbox_received_at(&buf), Some(42));
+        assert!(decode_outbox(&buf[..10]).is_none());
+    }
+
+    #[test]
+    fn long_strings_are_cut_at_a_char_boundary() {
+        let mut buf = Vec::new();
+        let topic = "é".repeat(40_000);
+        encode_outbox(&mut buf, 1, Format::Json, &topic, "d", b"{}");
+        let f = decode_outbox(&buf).unwrap();
+        assert!(f.topic.len() <= u16::MAX as usize && topic.starts_with(f.topic));
+        assert_eq!(f.payload, b"{}");
+    }
+}

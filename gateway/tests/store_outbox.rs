@@ -1,0 +1,317 @@
+//! The store against real redb files: group commit, restart, retention, dead letters,
+//! rule state, event log and the stats report.
+
+use std::path::Path;
+use std::time::Duration;
+
+use gateway::reading::{now_millis, Format};
+use gateway::store::{
+    self, Counter, DeadLetter, Lane, OutboxEntry, OutboxRow, OverflowPolicy, Store, StoreConfig,
+    StoreHandle,
+};
+
+fn reading(device: &str, n: u64, received_at: i64) -> OutboxEntry {
+    OutboxEntry::reading(
+        format!("devices/{device}/telemetry"),
+        device.to_owned(),
+        format!("{{\"n\":{n}}}").into_bytes(),
+        Format::Json,
+        received_at,
+    )
+}
+
+fn all_rows(h: &StoreHandle, lane: Lane) -> Vec<OutboxRow> {
+    let mut out = Vec::new();
+    h.read_outbox(lane, 0, usize::MAX, &mut out).unwrap();
+    out
+}
+
+fn open(path: &Path, cfg: StoreConfig) -> StoreHandle {
+    Store::open(path, cfg).unwrap()
+}
+
+#[test]
+fn group_commit_persists_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.redb");
+    let h = open(&path, StoreConfig::default());
+    let n = 5_000u64;
+    for i in 0..n {
+        assert!(h.append(reading(&format!("d{}", i % 7), i, now_millis())));
+    }
+    h.flush_blocking().unwrap();
+    let stats = h.stats();
+    assert_eq!(stats.readings.messages, n);
+    assert!(
+        stats.commits < n / 10,
+        "expected grouped commits, got {} commits for {n} appends",
+        stats.commits
+    );
+    h.shutdown().unwrap();
+    drop(h);
+
+    let h = open(&path, StoreConfig::default());
+    let rows = all_rows(&h, Lane::Reading);
+    assert_eq!(rows.len() as u64, n);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row.payload, format!("{{\"n\":{i}}}").into_bytes());
+        assert_eq!(row.device, format!("d{}", i % 7));
+    }
+    assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(h.stats().readings.messages, n);
+}
+
+#[test]
+fn seq_is_monotonic_across_restarts_and_lanes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.redb");
+    let mut last = 0;
+    for round in 0..3u64 {
+        let h = open(&path, StoreConfig::default());
+        h.append(reading("a", round, now_millis()));
+        h.append(OutboxEntry::event(
+            "Hot",
+            "a",
+            b"{\"type\":\"Hot\"}".to_vec(),
+            now_millis(),
+        ));
+        h.flush_blocking().unwrap();
+        // Ack everything so the next round cannot just see old rows.
+        let r = all_rows(&h, Lane::Reading);
+        let e = all_rows(&h, Lane::Event);
+        assert_eq!((r.len(), e.len()), (1, 1));
+        assert!(r[0].seq > last && e[0].seq > r[0].seq, "round {round}");
+        last = e[0].seq;
+        assert_eq!(h.last_committed_seq(), last);
+        assert_eq!(e[0].topic, "events/Hot/a");
+        h.ack(Lane::Reading, vec![r[0].seq]);
+        h.ack(Lane::Event, vec![e[0].seq]);
+        h.flush_blocking().unwrap();
+        assert_eq!(h.stats().depth(), 0);
+        assert_eq!(h.counter(Counter::Acked), 2 * (round + 1));
+        h.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn dead_letters_are_bounded_oldest_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.redb");
+    let cfg = StoreConfig {
+        dead_letter_max: 50,
+        ..StoreConfig::default()
+    };
+    let h = open(&path, cfg);
+    for i in 0..120 {
+        assert!(h.dead_letter(DeadLetter {
+            topic: "devices/x/telemetry".into(),
+            payload: vec![i as u8],
+            reason: format!("bad {i}"),
+            received_at: i,
+        }));
+    }
+    h.flush_blocking().unwrap();
+    let dls = h.read_dead_letters(1000).unwrap();
+    assert_eq!(dls.len(), 50);
+    assert_eq!(dls[0].reason, "bad 119");
+    assert_eq!(dls[49].reason, "bad 70");
+    assert_eq!(h.counter(Counter::DeadLettersEvicted), 70);
+    // Readable from another handle on the file while the store is open.
+    let from_file = store::read_dead_letters(&path, 3).unwrap();
+    assert_eq!(from_file, dls[..3].to_vec());
+}
+
+#[test]
+fn dead_letter_queue_overflow_is_counted_not_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        channel_capacity: 4,
+        flush_interval: Duration::from_millis(50),
+        ..StoreConfig::default()
+    };
+    let h = open(&dir.path().join("gw.redb"), cfg);
+    let tries = 10_000u64;
+    let started = std::time::Instant::now();
+    let queued = (0..tries)
+        .filter(|i| {
+            h.dead_letter(DeadLetter {
+                topic: "t".into(),
+                payload: vec![],
+                reason: format!("{i}"),
+                received_at: 0,
+            })
+        })
+        .count() as u64;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "callers must not wait"
+    );
+    let overflow = h.counter(Counter::DropDeadLetterOverflow);
+    assert!(overflow > 0);
+    assert_eq!(queued + overflow, tries);
+    h.flush_blocking().unwrap();
+    assert_eq!(h.counter(Counter::DeadLetterRows), queued);
+}
+
+#[test]
+fn retention_by_bytes_drops_oldest_readings_keeps_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.redb");
+    let max_bytes = 20_000;
+    let cfg = StoreConfig {
+        max_bytes,
+        ..StoreConfig::default()
+    };
+    let h = open(&path, cfg);
+    let events = 20u64;
+    for i in 0..events {
+        h.append(OutboxEntry::event(
+            "Hot",
+            "d0",
+            format!("{{\"i\":{i}}}").into_bytes(),
+            now_millis(),
+        ));
+    }
+    let n = 2_000u64;
+    for i in 0..n {
+        h.append(reading("d0", i, now_millis()));
+    }
+    h.flush_blocking().unwrap();
+    let s = h.stats();
+    assert!(s.readings.bytes + s.events.bytes <= max_bytes);
+    assert_eq!(s.events.messages, events, "events are kept");
+    let dropped = s.get(Counter::DropMaxBytesReadings);
+    assert!(dropped > 0);
+    assert_eq!(dropped + s.readings.messages, n, "every drop is counted");
+    let rows = all_rows(&h, Lane::Reading);
+    // The survivors are the newest readings.
+    assert_eq!(
+        rows.last().unwrap().payload,
+        format!("{{\"n\":{}}}", n - 1).into_bytes()
+    );
+    assert_eq!(rows[0].payload, format!("{{\"n\":{dropped}}}").into_bytes());
+    assert_eq!(s.get(Counter::DropMaxBytesEvents), 0);
+    // The report shows the same figures, read from the file while the store is open.
+    let mut report = Vec::new();
+    store::stats_command(&path, &mut report).unwrap();
+    let report = String::from_utf8(report).unwrap();
+    let dropped_text = dropped.to_string();
+    assert!(
+        report
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["drop.max_bytes.readings", dropped_text.as_str()]),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("depth: {} messages", s.depth())),
+        "{report}"
+    );
+}
+
+#[test]
+fn retention_by_age_drops_old_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        max_age: Some(Duration::from_secs(60)),
+        ..StoreConfig::default()
+    };
+    let h = open(&dir.path().join("gw.redb"), cfg);
+    let now = now_millis();
+    for i in 0..10 {
+        h.append(reading("d", i, now - 3_600_000));
+    }
+    for i in 10..15 {
+        h.append(reading("d", i, now));
+    }
+    h.flush_blocking().unwrap();
+    let s = h.stats();
+    assert_eq!(s.get(Counter::DropMaxAgeReadings), 10);
+    assert_eq!(s.readings.messages, 5);
+    assert!(s.readings.oldest_age_ms.unwrap() < 60_000);
+}
+
+#[test]
+fn reject_new_policy_keeps_old_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        max_bytes: 5_000,
+        overflow_policy: OverflowPolicy::RejectNew,
+        ..StoreConfig::default()
+    };
+    let h = open(&dir.path().join("gw.redb"), cfg);
+    let n = 500;
+    for i in 0..n {
+        h.append(reading("d", i, now_millis()));
+    }
+    h.flush_blocking().unwrap();
+    let s = h.stats();
+    let rejected = s.get(Counter::DropRejectedFull);
+    assert!(rejected > 0);
+    assert_eq!(rejected + s.readings.messages, n);
+    assert_eq!(
+        all_rows(&h, Lane::Reading)[0].payload,
+        b"{\"n\":0}".to_vec()
+    );
+}
+
+#[test]
+fn rule_state_and_event_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.redb");
+    let cfg = StoreConfig {
+        event_log_max: 100,
+        ..StoreConfig::default()
+    };
+    let h = open(&path, cfg.clone());
+    h.put_state("rule/a/d1".into(), b"firing".to_vec());
+    h.put_state("rule/a/d2".into(), b"ok".to_vec());
+    h.put_state("rule/b/d1".into(), b"ok".to_vec());
+    h.delete_state("rule/a/d2".into());
+    for i in 0..150i64 {
+        let (t, d) = if i % 2 == 0 {
+            ("Hot", "d1")
+        } else {
+            ("Cold", "d2")
+        };
+        h.log_event(1_000 + i, t, d, format!("{{\"i\":{i}}}").into_bytes());
+    }
+    h.flush_blocking().unwrap();
+    h.shutdown().unwrap();
+    drop(h);
+
+    let h = open(&path, cfg);
+    assert_eq!(h.load_state("rule/a/d1").unwrap(), Some(b"firing".to_vec()));
+    assert_eq!(h.load_state("rule/a/d2").unwrap(), None);
+    let keys: Vec<String> = h
+        .load_state_prefix("rule/a/")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(keys, vec!["rule/a/d1".to_string()]);
+    let all = h.query_events(0, None, None, 1000).unwrap();
+    assert_eq!(all.len(), 100, "event log keeps the newest 100");
+    assert_eq!(all[0].time, 1_050);
+    let hot = h.query_events(1_100, Some("Hot"), Some("d1"), 10).unwrap();
+    assert_eq!(hot.len(), 10);
+    assert!(hot.iter().all(|e| e.event_type == "Hot" && e.time >= 1_100));
+    assert_eq!(hot[0].json, b"{\"i\":100}".to_vec());
+    assert_eq!(h.counter(Counter::EventLogEvicted), 50);
+}
+
+#[test]
+fn stats_command_reads_a_closed_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.redb");
+    let h = open(&path, StoreConfig::default());
+    for i in 0..10 {
+        h.append(reading("d", i, now_millis()));
+    }
+    h.shutdown().unwrap();
+    drop(h);
+    let s = store::read_stats_file(&path).unwrap();
+    assert_eq!(s.readings.messages, 10);
+    assert_eq!(s.get(Counter::AppendedReadings), 10);
+    assert!(s.readings.oldest_age_ms.is_some());
+}
