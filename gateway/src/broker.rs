@@ -41,7 +41,10 @@ pub struct Links {
 }
 
 /// The rumqttd configuration for the gateway's broker section.
-pub fn rumqttd_config(section: &BrokerSection, initialized_filters: Vec<String>) -> rumqttd::Config {
+pub fn rumqttd_config(
+    section: &BrokerSection,
+    initialized_filters: Vec<String>,
+) -> rumqttd::Config {
     let connections = ConnectionSettings {
         connection_timeout_ms: section.connection_timeout.as_millis().min(u16::MAX as u128) as u16,
         max_payload_size: section.max_payload_bytes,
@@ -82,17 +85,26 @@ pub fn rumqttd_config(section: &BrokerSection, initialized_filters: Vec<String>)
 
 /// Starts the router, creates the gateway's links, subscribes the ingest link to
 /// `ingest_filter`, then starts the listeners and waits until they accept connections.
-pub fn start(section: &BrokerSection, ingest_filter: &str, events_filter: &str) -> Result<Links, BrokerError> {
-    let config = rumqttd_config(section, vec![ingest_filter.to_string(), events_filter.to_string()]);
+pub fn start(
+    section: &BrokerSection,
+    ingest_filter: &str,
+    events_filter: &str,
+) -> Result<Links, BrokerError> {
+    let config = rumqttd_config(
+        section,
+        vec![ingest_filter.to_string(), events_filter.to_string()],
+    );
     let mut broker = rumqttd::Broker::new(config);
     let (mut ingest_tx, ingest_rx) = broker.link("gateway-ingest")?;
     ingest_tx.subscribe(ingest_filter)?;
     let publish = broker.link("gateway-publish")?;
-    std::thread::Builder::new().name("broker".into()).spawn(move || {
-        if let Err(e) = broker.start() {
-            tracing::error!(error = %e, "Embedded broker stopped.");
-        }
-    })?;
+    std::thread::Builder::new()
+        .name("broker".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "Embedded broker stopped.");
+            }
+        })?;
     let timeout = Duration::from_secs(10);
     for addr in std::iter::once(section.listen).chain(section.listen_v5) {
         wait_listening(addr, timeout)?;
@@ -105,8 +117,12 @@ pub fn start(section: &BrokerSection, ingest_filter: &str, events_filter: &str) 
 
 fn wait_listening(addr: SocketAddr, timeout: Duration) -> Result<(), BrokerError> {
     let target = match addr {
-        SocketAddr::V4(a) if a.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], a.port())),
-        SocketAddr::V6(a) if a.ip().is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port())),
+        SocketAddr::V4(a) if a.ip().is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], a.port()))
+        }
+        SocketAddr::V6(a) if a.ip().is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+        }
         other => other,
     };
     let deadline = Instant::now() + timeout;

@@ -54,7 +54,12 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    pub fn new(link: LinkRx, queue: flume::Sender<RawMessage>, counters: Arc<Counters>, stop: Arc<AtomicBool>) -> Ingest {
+    pub fn new(
+        link: LinkRx,
+        queue: flume::Sender<RawMessage>,
+        counters: Arc<Counters>,
+        stop: Arc<AtomicBool>,
+    ) -> Ingest {
         Ingest {
             link,
             queue,
@@ -133,7 +138,10 @@ impl Ingest {
     }
 
     fn warn(&mut self, message: &str) {
-        if self.last_warning.is_none_or(|t| t.elapsed() >= WARN_INTERVAL) {
+        if self
+            .last_warning
+            .is_none_or(|t| t.elapsed() >= WARN_INTERVAL)
+        {
             self.last_warning = Some(Instant::now());
             tracing::warn!(summary = %self.counters.summary(), "{message}");
         }

@@ -13,7 +13,11 @@ use gateway::pipeline::RunError;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "gateway", version, about = "IoT telemetry edge gateway: embedded MQTT broker, decoding, rules and durable store-and-forward to an upstream broker.")]
+#[command(
+    name = "gateway",
+    version,
+    about = "IoT telemetry edge gateway: embedded MQTT broker, decoding, rules and durable store-and-forward to an upstream broker."
+)]
 struct Cli {
     /// Configuration file (TOML). Default: config/gateway.toml when present, else the
     /// built-in defaults. GATEWAY__SECTION__KEY environment variables override it.
@@ -76,7 +80,10 @@ fn init_logging(level: &str) {
 
 fn run(config: Config) -> ExitCode {
     init_logging(&config.log.level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("gateway: cannot start the async runtime: {e}");
@@ -99,7 +106,10 @@ fn run(config: Config) -> ExitCode {
 /// Completes on the first SIGINT or SIGTERM.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("Cannot install signal handlers; stop the gateway with SIGKILL.");
         return std::future::pending().await;
     };
@@ -113,8 +123,12 @@ fn dead_letters(config: &Config, limit: usize) -> ExitCode {
     match gateway::store::read_dead_letters(&config.storage.path, limit) {
         Ok(letters) => {
             for dl in letters {
-                let payload = String::from_utf8_lossy(&dl.payload[..dl.payload.len().min(120)]).into_owned();
-                println!("{}\t{}\t{}\t{:?}", dl.received_at, dl.topic, dl.reason, payload);
+                let payload =
+                    String::from_utf8_lossy(&dl.payload[..dl.payload.len().min(120)]).into_owned();
+                println!(
+                    "{}\t{}\t{}\t{:?}",
+                    dl.received_at, dl.topic, dl.reason, payload
+                );
             }
             ExitCode::SUCCESS
         }

@@ -116,7 +116,11 @@ impl Running {
     }
 }
 
-fn start(config: &Config, counters: Arc<Counters>, store: StoreHandle) -> Result<Running, RunError> {
+fn start(
+    config: &Config,
+    counters: Arc<Counters>,
+    store: StoreHandle,
+) -> Result<Running, RunError> {
     let filter = config.ingest.topic_pattern.filter();
     let links = broker::start(&config.broker, &filter, EVENTS_FILTER)?;
     let (_ingest_tx, ingest_rx) = links.ingest;
@@ -124,7 +128,9 @@ fn start(config: &Config, counters: Arc<Counters>, store: StoreHandle) -> Result
     let (raw_tx, raw_rx) = flume::bounded::<RawMessage>(config.ingest.queue_capacity);
     let stop_ingest = Arc::new(AtomicBool::new(false));
     let ingest = Ingest::new(ingest_rx, raw_tx, counters.clone(), stop_ingest.clone());
-    let ingest = std::thread::Builder::new().name("ingest".into()).spawn(move || ingest.run())?;
+    let ingest = std::thread::Builder::new()
+        .name("ingest".into())
+        .spawn(move || ingest.run())?;
 
     let decode = DecodeStage {
         pattern: config.ingest.topic_pattern.clone(),
@@ -134,8 +140,15 @@ fn start(config: &Config, counters: Arc<Counters>, store: StoreHandle) -> Result
         forward_readings: config.upstream.url.is_some() && config.upstream.forward_readings,
         readings: None,
     };
-    let decode = std::thread::Builder::new().name("decode".into()).spawn(move || decode.run())?;
-    Ok(Running { stop_ingest, ingest, decode, store })
+    let decode = std::thread::Builder::new()
+        .name("decode".into())
+        .spawn(move || decode.run())?;
+    Ok(Running {
+        stop_ingest,
+        ingest,
+        decode,
+        store,
+    })
 }
 
 async fn log_status(counters: Arc<Counters>) {

@@ -561,9 +561,15 @@ impl Reader {
 
     fn log_level(&mut self) -> Option<String> {
         let level = self.string("log.level")?;
-        if tracing_subscriber::EnvFilter::builder()
-            .parse(&level)
-            .is_err()
+        const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+        let valid = level.split(',').map(str::trim).all(|directive| {
+            let level_part = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+            LEVELS.contains(&level_part.to_ascii_lowercase().as_str())
+        });
+        if !valid
+            || tracing_subscriber::EnvFilter::builder()
+                .parse(&level)
+                .is_err()
         {
             self.problem("log.level", format!("'{level}' is not a level (error, warn, info, debug, trace) or a filter like \"info,gateway=debug\""));
             return None;

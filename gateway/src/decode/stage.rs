@@ -40,14 +40,31 @@ impl DecodeStage {
         let mut last_warning: Option<Instant> = None;
         let mut unreported = 0u64;
         for message in self.input.iter() {
-            let RawMessage { topic, payload, content_type, received_at } = message;
-            match decode(&self.pattern, &topic, &payload, content_type.as_deref(), received_at) {
+            let RawMessage {
+                topic,
+                payload,
+                content_type,
+                received_at,
+            } = message;
+            match decode(
+                &self.pattern,
+                &topic,
+                &payload,
+                content_type.as_deref(),
+                received_at,
+            ) {
                 Ok(readings) => {
                     let format = readings[0].format;
                     self.counters.count_decoded(format, readings.len());
                     if self.forward_readings {
                         let device = readings[0].device.clone();
-                        self.store.append(OutboxEntry::reading(topic, device, payload.to_vec(), format, received_at));
+                        self.store.append(OutboxEntry::reading(
+                            topic,
+                            device,
+                            payload.to_vec(),
+                            format,
+                            received_at,
+                        ));
                     }
                     if let Some(next) = &self.readings {
                         for reading in readings {
@@ -68,7 +85,12 @@ impl DecodeStage {
                         last_warning = Some(Instant::now());
                         unreported = 0;
                     }
-                    self.store.dead_letter(DeadLetter { topic, payload: payload.to_vec(), reason, received_at });
+                    self.store.dead_letter(DeadLetter {
+                        topic,
+                        payload: payload.to_vec(),
+                        reason,
+                        received_at,
+                    });
                 }
             }
         }

@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Path of a binary of this workspace, built by `cargo test --workspace`.
@@ -47,16 +51,31 @@ impl Gateway {
     pub fn start_in(dir: tempfile::TempDir, extra: &[(&str, &str)]) -> Gateway {
         let port = free_port();
         let mut env: Vec<(String, String)> = vec![
-            ("GATEWAY__BROKER__LISTEN".into(), format!("127.0.0.1:{port}")),
-            ("GATEWAY__STORAGE__PATH".into(), dir.path().join("gateway.redb").display().to_string()),
-            ("GATEWAY__RULES__DIR".into(), dir.path().join("rules").display().to_string()),
+            (
+                "GATEWAY__BROKER__LISTEN".into(),
+                format!("127.0.0.1:{port}"),
+            ),
+            (
+                "GATEWAY__STORAGE__PATH".into(),
+                dir.path().join("gateway.redb").display().to_string(),
+            ),
+            (
+                "GATEWAY__RULES__DIR".into(),
+                dir.path().join("rules").display().to_string(),
+            ),
             ("GATEWAY__LOG__LEVEL".into(), "info".into()),
         ];
         for (k, v) in extra {
             env.retain(|(key, _)| key != k);
             env.push((k.to_string(), v.to_string()));
         }
-        let mut gw = Gateway { child: None, port, dir, env, log: Default::default() };
+        let mut gw = Gateway {
+            child: None,
+            port,
+            dir,
+            env,
+            log: Default::default(),
+        };
         gw.spawn();
         gw
     }
@@ -107,7 +126,10 @@ impl Gateway {
                 return line.clone();
             }
             if Instant::now() > deadline {
-                panic!("gateway did not log '{needle}' within {timeout:?}; log:\n{}", self.log());
+                panic!(
+                    "gateway did not log '{needle}' within {timeout:?}; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -126,7 +148,10 @@ impl Gateway {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("gateway did not exit within {timeout:?} after signal {signal}; log:\n{}", self.log());
+                panic!(
+                    "gateway did not exit within {timeout:?} after signal {signal}; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -135,7 +160,11 @@ impl Gateway {
     /// Graceful stop (SIGTERM); returns the final summary line.
     pub fn stop(&mut self) -> String {
         let status = self.signal_and_wait(libc::SIGTERM, Duration::from_secs(20));
-        assert!(status.success(), "gateway exited with {status}; log:\n{}", self.log());
+        assert!(
+            status.success(),
+            "gateway exited with {status}; log:\n{}",
+            self.log()
+        );
         self.wait_log("Gateway stopped.", Duration::from_secs(1))
     }
 
@@ -157,8 +186,16 @@ impl Drop for Gateway {
 /// The value of `key=N` in a summary log line.
 pub fn counter(summary: &str, key: &str) -> u64 {
     let needle = format!("{key}=");
-    let start = summary.find(&needle).unwrap_or_else(|| panic!("no {key} in '{summary}'")) + needle.len();
-    summary[start..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
+    let start = summary
+        .find(&needle)
+        .unwrap_or_else(|| panic!("no {key} in '{summary}'"))
+        + needle.len();
+    summary[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap()
 }
 
 /// Publishes each (topic, payload) with QoS 1 through a real MQTT 3.1.1 client and waits
@@ -169,19 +206,33 @@ pub async fn publish_all(addr: &str, client_id: &str, messages: &[(String, Vec<u
     let mut opts = MqttOptions::new(client_id, host, port.parse().unwrap());
     opts.set_keep_alive(Duration::from_secs(10));
     let (client, mut eventloop) = AsyncClient::new(opts, 100);
-    for (topic, payload) in messages {
-        client.publish(topic, QoS::AtLeastOnce, false, payload.clone()).await.unwrap();
-    }
-    let mut acked = 0;
-    let wait = async {
-        while acked < messages.len() {
+    let expected = messages.len();
+    let acks = tokio::spawn(async move {
+        let mut acked = 0;
+        while acked < expected {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
                 Ok(_) => {}
                 Err(e) => panic!("MQTT client error: {e}"),
             }
         }
+        eventloop
+    });
+    let publish = async {
+        for (topic, payload) in messages {
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload.clone())
+                .await
+                .unwrap();
+        }
     };
-    tokio::time::timeout(Duration::from_secs(20), wait).await.expect("PUBACKs within 20s");
+    tokio::time::timeout(Duration::from_secs(20), publish)
+        .await
+        .expect("publishes queued within 20s");
+    let mut eventloop = tokio::time::timeout(Duration::from_secs(20), acks)
+        .await
+        .expect("PUBACKs within 20s")
+        .unwrap();
     client.disconnect().await.ok();
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
 }
