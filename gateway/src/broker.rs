@@ -27,11 +27,17 @@ const NEXT_CONNECTION_DELAY_MS: u64 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("cannot create the broker's local link: {0}")]
-    Link(#[from] rumqttd::local::LinkError),
+    Link(Box<rumqttd::local::LinkError>),
     #[error("cannot start the broker thread: {0}")]
     Thread(#[from] std::io::Error),
     #[error("listener {0} did not start accepting connections within {1:?}")]
     NotListening(SocketAddr, Duration),
+}
+
+impl From<rumqttd::local::LinkError> for BrokerError {
+    fn from(e: rumqttd::local::LinkError) -> Self {
+        BrokerError::Link(Box::new(e))
+    }
 }
 
 /// The links the gateway uses on its own broker.

@@ -2,6 +2,7 @@
 //! hands over to `gateway::run`. Exit codes: 0 ok, 64 bad configuration (including a
 //! port in use), 1 any other failure.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -69,11 +70,13 @@ fn init_logging(level: &str) {
         if level.contains("rumqtt") {
             level.to_string()
         } else {
-            format!("{level},rumqttd=warn,rumqttc=warn")
+            // rumqttd logs ordinary disconnects as errors; the gateway counts what matters.
+            format!("{level},rumqttd=off,rumqttc=warn")
         }
     });
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
@@ -125,10 +128,9 @@ fn dead_letters(config: &Config, limit: usize) -> ExitCode {
             for dl in letters {
                 let payload =
                     String::from_utf8_lossy(&dl.payload[..dl.payload.len().min(120)]).into_owned();
-                println!(
-                    "{}\t{}\t{}\t{:?}",
-                    dl.received_at, dl.topic, dl.reason, payload
-                );
+                let time = chrono::DateTime::from_timestamp_millis(dl.received_at)
+                    .map_or(dl.received_at.to_string(), |t| t.to_rfc3339());
+                println!("{time}\t{}\t{}\t{payload:?}", dl.topic, dl.reason);
             }
             ExitCode::SUCCESS
         }
