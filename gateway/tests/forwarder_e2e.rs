@@ -1,0 +1,340 @@
+//! The forwarder against real upstream brokers: rumqttd in process (behind a TCP proxy
+//! that simulates outages) and mosquitto as a child process.
+
+mod forwarder_common;
+
+use std::time::Duration;
+
+use forwarder_common::*;
+use gateway::forwarder::{Forwarder, ForwarderConfig, ForwarderStats};
+use gateway::reading::{now_millis, Format};
+use gateway::store::{OutboxEntry, Store, StoreConfig, StoreHandle};
+use tokio_util::sync::CancellationToken;
+
+const DEVICES: u64 = 10;
+
+fn reading(i: u64) -> OutboxEntry {
+    let device = format!("d{}", i % DEVICES);
+    OutboxEntry::reading(
+        format!("devices/{device}/telemetry"),
+        device,
+        format!("{{\"n\":{i},\"t\":21.5}}").into_bytes(),
+        Format::Json,
+        now_millis(),
+    )
+}
+
+fn device_of(m: &Received) -> String {
+    m.topic.split('/').nth(2).unwrap_or_default().to_owned()
+}
+
+fn config(port: u16) -> ForwarderConfig {
+    ForwarderConfig {
+        url: format!("mqtt://127.0.0.1:{port}"),
+        client_id: format!("gw-{}", free_port()),
+        gateway_id: "gw1".into(),
+        topic_prefix: "up/gw1".into(),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(400),
+        ..ForwarderConfig::default()
+    }
+}
+
+struct Running {
+    store: StoreHandle,
+    stats: std::sync::Arc<ForwarderStats>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+fn start(cfg: ForwarderConfig) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("gw.redb"), StoreConfig::default()).unwrap();
+    let fwd = Forwarder::new(cfg, store.clone()).unwrap();
+    let stats = fwd.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(fwd.run(shutdown.clone()));
+    Running {
+        store,
+        stats,
+        shutdown,
+        task,
+        _dir: dir,
+    }
+}
+
+impl Running {
+    async fn wait_drained(&self, timeout: Duration) {
+        self.store.flush().await.unwrap();
+        let deadline = std::time::Instant::now() + timeout;
+        while self.store.stats().depth() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "outbox not drained: {:?}",
+                self.store.stats()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("forwarder did not stop")
+            .unwrap();
+        self.store.shutdown().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_down_while_readings_arrive_then_up_all_arrive_in_order() {
+    let broker = free_port();
+    start_rumqttd(broker);
+    let proxy = Proxy::start(broker, false).await;
+    let collector = Collector::start(broker, "up/gw1/#").await;
+    let cfg = config(proxy.port);
+    let max_inflight = cfg.max_inflight;
+    let run = start(cfg);
+
+    let n = 50_000u64;
+    for i in 0..n {
+        while !run.store.append(reading(i)) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    run.store.flush().await.unwrap();
+    assert_eq!(run.store.stats().readings.messages, n);
+    assert!(ForwarderStats::get(&run.stats.connection_failures) > 0);
+    assert_eq!(collector.len(), 0);
+
+    proxy.set_up(true);
+    collector
+        .wait_unique(n as usize, Duration::from_secs(90))
+        .await;
+    run.wait_drained(Duration::from_secs(10)).await;
+    let received = collector.snapshot();
+    let duplicates = check_delivery(&received, n as usize, device_of);
+    assert!(duplicates <= max_inflight, "{duplicates} duplicates");
+    // Everything was in the outbox before the connection came up: all of it is replayed.
+    assert!(received.iter().all(|m| m.replayed == Some(true)));
+    let first = &received[0];
+    assert_eq!(first.topic, "up/gw1/devices/d0/telemetry");
+    assert_eq!(first.payload, b"{\"n\":0,\"t\":21.5}".to_vec());
+    assert_eq!(
+        ForwarderStats::get(&run.stats.rows_acked),
+        n + duplicates as u64
+    );
+    eprintln!("delivered {n} readings, {duplicates} duplicates");
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_outages_under_load_lose_nothing() {
+    let broker = free_port();
+    start_rumqttd(broker);
+    let proxy = Proxy::start(broker, true).await;
+    let collector = Collector::start(broker, "up/gw1/#").await;
+    let cfg = config(proxy.port);
+    let max_inflight = cfg.max_inflight;
+    let run = start(cfg);
+
+    let store = run.store.clone();
+    let rate_per_ms = 3u64;
+    let producer = tokio::spawn(async move {
+        let mut i = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        for _ in 0..4_000 {
+            tick.tick().await;
+            for _ in 0..rate_per_ms {
+                assert!(store.append(reading(i)));
+                i += 1;
+            }
+        }
+        i
+    });
+    let outages = 8;
+    for _ in 0..outages {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.set_up(false);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        proxy.set_up(true);
+    }
+    let n = producer.await.unwrap();
+    collector
+        .wait_unique(n as usize, Duration::from_secs(60))
+        .await;
+    run.wait_drained(Duration::from_secs(10)).await;
+    let received = collector.snapshot();
+    let duplicates = check_delivery(&received, n as usize, device_of);
+    let reconnects = ForwarderStats::get(&run.stats.connects) as usize;
+    assert!(reconnects > outages / 2, "only {reconnects} connections");
+    assert!(
+        duplicates <= reconnects * max_inflight,
+        "{duplicates} duplicates over {reconnects} connections"
+    );
+    // Live rows are not marked; rows replayed after a cut are.
+    assert!(received.iter().any(|m| m.replayed == Some(false)));
+    assert!(received.iter().any(|m| m.replayed == Some(true)));
+    eprintln!("{n} readings, {outages} outages, {reconnects} connections, {duplicates} duplicates");
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_drain_before_the_readings_backlog() {
+    let broker = free_port();
+    start_rumqttd(broker);
+    let proxy = Proxy::start(broker, false).await;
+    let collector = Collector::start(broker, "up/gw1/#").await;
+    let run = start(config(proxy.port));
+    let readings = 3_000u64;
+    for i in 0..readings {
+        assert!(run.store.append(reading(i)));
+    }
+    let events = 20u64;
+    for i in 0..events {
+        let json = format!("{{\"id\":\"e{i}\",\"type\":\"Hot\",\"subject\":\"d1\"}}");
+        assert!(run.store.append(OutboxEntry::event(
+            "Hot",
+            "d1",
+            json.into_bytes(),
+            now_millis()
+        )));
+    }
+    run.store.flush().await.unwrap();
+    proxy.set_up(true);
+    collector
+        .wait_unique((readings + events) as usize, Duration::from_secs(30))
+        .await;
+    let received = collector.snapshot();
+    let first_events: Vec<_> = received.iter().take(events as usize).collect();
+    assert!(
+        first_events
+            .iter()
+            .all(|m| m.topic == "up/gw1/events/Hot/d1"),
+        "events must come first"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&first_events[0].payload).unwrap();
+    assert_eq!(
+        v["replayed"], true,
+        "replayed events carry the mark in the envelope"
+    );
+    assert_eq!(v["id"], "e0");
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_carry_arrays_with_ids_and_are_deleted_together() {
+    let broker = free_port();
+    start_rumqttd(broker);
+    let collector = Collector::start(broker, "up/gw1/#").await;
+    let cfg = ForwarderConfig {
+        batch_max_messages: 50,
+        batch_linger_ms: 20,
+        ..config(broker)
+    };
+    let run = start(cfg);
+    let n = 2_000u64;
+    for i in 0..n {
+        assert!(run.store.append(reading(i)));
+    }
+    let cbor_n = 120u64;
+    let item = serde_cbor::to_vec(&serde_json::json!({"t": 1.5})).unwrap();
+    for _ in 0..cbor_n {
+        assert!(run.store.append(OutboxEntry::reading(
+            "devices/c1/telemetry".into(),
+            "c1".into(),
+            item.clone(),
+            Format::Cbor,
+            now_millis()
+        )));
+    }
+    let mut ids = std::collections::HashSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (mut json_elems, mut cbor_elems) = (0u64, 0u64);
+    while json_elems + cbor_elems < n + cbor_n {
+        assert!(std::time::Instant::now() < deadline, "batches missing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        (json_elems, cbor_elems) = (0, 0);
+        ids.clear();
+        for m in collector.snapshot() {
+            assert_eq!(m.topic, "up/gw1/batch");
+            let v: serde_json::Value = match serde_json::from_slice::<serde_json::Value>(&m.payload)
+            {
+                Ok(v) => {
+                    json_elems += v.as_array().unwrap().len() as u64;
+                    v
+                }
+                Err(_) => {
+                    let v: serde_json::Value = serde_cbor::from_slice(&m.payload).unwrap();
+                    cbor_elems += v.as_array().unwrap().len() as u64;
+                    v
+                }
+            };
+            for e in v.as_array().unwrap() {
+                assert!(ids.insert(e["id"].as_str().unwrap().to_owned()));
+            }
+        }
+    }
+    assert_eq!((json_elems, cbor_elems), (n, cbor_n));
+    run.wait_drained(Duration::from_secs(10)).await;
+    let published = ForwarderStats::get(&run.stats.published);
+    assert!(
+        published <= (n + cbor_n) / 10,
+        "{published} publishes for {} rows",
+        n + cbor_n
+    );
+    assert_eq!(ForwarderStats::get(&run.stats.rows_acked), n + cbor_n);
+    assert_eq!(run.store.stats().depth(), 0);
+    assert_eq!(
+        run.store.counter(gateway::store::Counter::Acked),
+        n + cbor_n
+    );
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_restarted_repeatedly_under_load_loses_nothing() {
+    if !mosquitto_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut mosquitto = Mosquitto::start(dir.path());
+    let collector = Collector::start(mosquitto.port, "up/gw1/#").await;
+    let cfg = config(mosquitto.port);
+    let max_inflight = cfg.max_inflight;
+    let run = start(cfg);
+    let store = run.store.clone();
+    let producer = tokio::spawn(async move {
+        let mut i = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        for _ in 0..3_000 {
+            tick.tick().await;
+            for _ in 0..2 {
+                assert!(store.append(reading(i)));
+                i += 1;
+            }
+        }
+        i
+    });
+    let restarts = 5;
+    for _ in 0..restarts {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::task::block_in_place(|| mosquitto.restart());
+    }
+    let n = producer.await.unwrap();
+    collector
+        .wait_unique(n as usize, Duration::from_secs(60))
+        .await;
+    run.wait_drained(Duration::from_secs(10)).await;
+    let received = collector.snapshot();
+    // Every publish reached a subscriber: the collector's session survived each restart.
+    assert_eq!(ForwarderStats::get(&run.stats.rows_no_subscribers), 0);
+    let duplicates = check_delivery(&received, n as usize, device_of);
+    let connects = ForwarderStats::get(&run.stats.connects) as usize;
+    assert!(connects > restarts, "{connects} connections");
+    assert!(duplicates <= connects * max_inflight);
+    eprintln!("{n} readings, {restarts} mosquitto restarts, {duplicates} duplicates");
+    run.stop().await;
+}
