@@ -40,6 +40,29 @@ fn config(port: u16) -> ForwarderConfig {
     }
 }
 
+fn long_tests() -> bool {
+    std::env::var("GATEWAY_LONG_TESTS").as_deref() == Ok("1")
+}
+
+/// Appends `per_ms` readings every millisecond until stopped; returns how many.
+fn produce(store: StoreHandle, per_ms: u64) -> (tokio::task::JoinHandle<u64>, CancellationToken) {
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut i = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        while !stopped.is_cancelled() {
+            tick.tick().await;
+            for _ in 0..per_ms {
+                assert!(store.append(reading(i)), "store queue full");
+                i += 1;
+            }
+        }
+        i
+    });
+    (task, stop)
+}
+
 struct Running {
     store: StoreHandle,
     stats: std::sync::Arc<ForwarderStats>,
@@ -65,6 +88,22 @@ fn start(cfg: ForwarderConfig) -> Running {
 }
 
 impl Running {
+    /// Waits for `n` distinct messages upstream; on timeout shows both sides' counters.
+    async fn wait_delivered(&self, collector: &Collector, n: usize, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while collector.unique() < n {
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "only {} of {n} arrived; forwarder {:?}; store {:?}",
+                    collector.unique(),
+                    self.stats,
+                    self.store.stats()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn wait_drained(&self, timeout: Duration) {
         self.store.flush().await.unwrap();
         let deadline = std::time::Instant::now() + timeout;
@@ -110,8 +149,7 @@ async fn upstream_down_while_readings_arrive_then_up_all_arrive_in_order() {
     assert_eq!(collector.len(), 0);
 
     proxy.set_up(true);
-    collector
-        .wait_unique(n as usize, Duration::from_secs(90))
+    run.wait_delivered(&collector, n as usize, Duration::from_secs(90))
         .await;
     run.wait_drained(Duration::from_secs(10)).await;
     let received = collector.snapshot();
@@ -140,34 +178,22 @@ async fn upstream_outages_under_load_lose_nothing() {
     let max_inflight = cfg.max_inflight;
     let run = start(cfg);
 
-    let store = run.store.clone();
-    let rate_per_ms = 3u64;
-    let producer = tokio::spawn(async move {
-        let mut i = 0u64;
-        let mut tick = tokio::time::interval(Duration::from_millis(1));
-        for _ in 0..4_000 {
-            tick.tick().await;
-            for _ in 0..rate_per_ms {
-                assert!(store.append(reading(i)));
-                i += 1;
-            }
-        }
-        i
-    });
-    let outages = 8;
+    let (producer, stop) = produce(run.store.clone(), 3);
+    // `GATEWAY_LONG_TESTS=1`: an outage every second for 30 s.
+    let (outages, up_ms) = if long_tests() { (30, 800) } else { (8, 300) };
     for _ in 0..outages {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(up_ms)).await;
         proxy.set_up(false);
         tokio::time::sleep(Duration::from_millis(150)).await;
         proxy.set_up(true);
     }
+    stop.cancel();
     let n = producer.await.unwrap();
-    collector
-        .wait_unique(n as usize, Duration::from_secs(60))
+    run.wait_delivered(&collector, n as usize, Duration::from_secs(60))
         .await;
     run.wait_drained(Duration::from_secs(10)).await;
     let received = collector.snapshot();
-    let duplicates = check_delivery(&received, n as usize, device_of);
+    let duplicates = check_delivery_with(&received, n as usize, device_of, false);
     let reconnects = ForwarderStats::get(&run.stats.connects) as usize;
     assert!(reconnects > outages / 2, "only {reconnects} connections");
     assert!(
@@ -204,9 +230,12 @@ async fn events_drain_before_the_readings_backlog() {
     }
     run.store.flush().await.unwrap();
     proxy.set_up(true);
-    collector
-        .wait_unique((readings + events) as usize, Duration::from_secs(30))
-        .await;
+    run.wait_delivered(
+        &collector,
+        (readings + events) as usize,
+        Duration::from_secs(30),
+    )
+    .await;
     let received = collector.snapshot();
     let first_events: Vec<_> = received.iter().take(events as usize).collect();
     assert!(
@@ -305,27 +334,16 @@ async fn mosquitto_restarted_repeatedly_under_load_loses_nothing() {
     let cfg = config(mosquitto.port);
     let max_inflight = cfg.max_inflight;
     let run = start(cfg);
-    let store = run.store.clone();
-    let producer = tokio::spawn(async move {
-        let mut i = 0u64;
-        let mut tick = tokio::time::interval(Duration::from_millis(1));
-        for _ in 0..3_000 {
-            tick.tick().await;
-            for _ in 0..2 {
-                assert!(store.append(reading(i)));
-                i += 1;
-            }
-        }
-        i
-    });
-    let restarts = 5;
+    let (producer, stop) = produce(run.store.clone(), 2);
+    // `GATEWAY_LONG_TESTS=1`: a restart every second for 30 s.
+    let (restarts, every_ms) = if long_tests() { (30, 1000) } else { (5, 500) };
     for _ in 0..restarts {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(every_ms)).await;
         tokio::task::block_in_place(|| mosquitto.restart());
     }
+    stop.cancel();
     let n = producer.await.unwrap();
-    collector
-        .wait_unique(n as usize, Duration::from_secs(60))
+    run.wait_delivered(&collector, n as usize, Duration::from_secs(60))
         .await;
     run.wait_drained(Duration::from_secs(10)).await;
     let received = collector.snapshot();

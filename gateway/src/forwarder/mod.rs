@@ -79,6 +79,9 @@ pub struct ForwarderConfig {
     pub topic_prefix: String,
     /// Publishes awaiting PUBACK at most; also the duplicate window after a failure.
     pub max_inflight: usize,
+    /// Rows acked upstream whose deletion is not committed yet, at most: sending pauses
+    /// beyond it. Bounds the repeats after a crash to `max_inflight` publishes plus this.
+    pub max_uncommitted_acks: usize,
     /// Messages per second while replaying a backlog; live traffic is not limited.
     pub rate_limit_per_sec: Option<u32>,
     /// Readings per upstream publish; 1 turns batching off.
@@ -109,6 +112,7 @@ impl Default for ForwarderConfig {
             qos: 1,
             topic_prefix: String::new(),
             max_inflight: 100,
+            max_uncommitted_acks: 500,
             rate_limit_per_sec: None,
             batch_max_messages: 1,
             batch_linger_ms: 20,
@@ -215,6 +219,8 @@ pub struct ForwarderStats {
     pub rows_no_subscribers: AtomicU64,
     /// Rows the upstream refused with an error reason code in its PUBACK (deleted).
     pub rows_rejected_upstream: AtomicU64,
+    /// Acked rows handed to the store for deletion (see `StoreHandle::acks_committed`).
+    pub acks_handed: AtomicU64,
     /// Milliseconds from `received_at` to the PUBACK of the last acked row, and the maximum.
     pub last_latency_ms: AtomicU64,
     pub max_latency_ms: AtomicU64,

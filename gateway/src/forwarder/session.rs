@@ -23,6 +23,8 @@ use crate::store::{Lane, OutboxRow};
 
 /// Rows read from the outbox per read transaction.
 const READ_CHUNK: usize = 1024;
+/// How often to look again while too many acks wait for their commit.
+const ACK_COMMIT_POLL: Duration = Duration::from_millis(2);
 /// Events handled per wake-up before acks are handed to the store.
 const EVENTS_PER_TURN: usize = 2048;
 
@@ -212,6 +214,10 @@ impl<'a> Session<'a> {
         for lane in LANES {
             let seqs = &mut self.acks[lane_index(lane)];
             if !seqs.is_empty() {
+                self.fwd
+                    .stats
+                    .acks_handed
+                    .fetch_add(seqs.len() as u64, Ordering::Relaxed);
                 self.fwd.store.ack(lane, std::mem::take(seqs));
             }
         }
@@ -294,6 +300,11 @@ impl<'a> Session<'a> {
     fn fill(&mut self) -> Result<Idle, ()> {
         let cfg = &self.fwd.cfg;
         while self.in_flight() < cfg.max_inflight {
+            let handed = self.fwd.stats.acks_handed.load(Ordering::Relaxed);
+            let uncommitted = handed.saturating_sub(self.fwd.store.acks_committed());
+            if uncommitted >= cfg.max_uncommitted_acks.max(1) as u64 {
+                return Ok(Idle::Wait(ACK_COMMIT_POLL));
+            }
             let ev = lane_index(Lane::Event);
             let rd = lane_index(Lane::Reading);
             if self.buffered[ev].is_empty() && !self.exhausted[ev] {
