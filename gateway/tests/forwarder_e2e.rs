@@ -72,6 +72,10 @@ struct Running {
 }
 
 fn start(cfg: ForwarderConfig) -> Running {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("gateway=info")
+        .try_init();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("gw.redb"), StoreConfig::default()).unwrap();
     let fwd = Forwarder::new(cfg, store.clone()).unwrap();

@@ -6,11 +6,12 @@
 //! publishes upstream, acks to the store and live counters ([`ForwarderStats`]).
 //!
 //! The work is a state machine ([`State`]): `Connecting` -> `Online` -> (error) ->
-//! `BackingOff` -> `Connecting` ..., and `Stopped` on shutdown. A separate pump task polls
-//! the rumqttc `EventLoop` (it must be polled for anything to move, and `poll` is not
-//! cancel-safe inside a `select!`) and hands every event over a channel; after an error it
-//! waits for the state machine to allow the next connection attempt, which gives the
-//! backoff.
+//! `BackingOff` -> `Connecting` ..., and `Stopped` on shutdown. Every connection attempt
+//! gets a fresh rumqttc client and event loop, polled by its own pump task (it must be
+//! polled for anything to move, and `poll` is not cancel-safe inside a `select!`) that hands
+//! every event over a channel and ends at the first error. A fresh client per connection
+//! means no request queued for a dead connection can be sent on the next one and shift
+//! the packet-id correlation.
 //!
 //! Invariants:
 //! - Clean start on every connection: rumqttc drops its own queue then, and the outbox is
@@ -285,41 +286,41 @@ impl Forwarder {
     pub async fn run(self, shutdown: CancellationToken) {
         let span = tracing::info_span!("forwarder", upstream = %self.cfg.url);
         let _enter = span.enter();
-        let (client, eventloop) = AsyncClient::new(self.mqtt_options(), self.cfg.max_inflight + 16);
-        let (events_tx, mut events_rx) = mpsc::channel(1024);
-        let (resume_tx, resume_rx) = mpsc::channel(4);
-        let pump = tokio::spawn(pump(eventloop, events_tx, resume_rx));
         let mut state = State::Connecting { attempt: 0 };
-        let mut first = true;
+        let mut conn: Option<Connection> = None;
         loop {
             self.stats.set_state(state);
             state = match state {
                 State::Connecting { attempt } => {
-                    if !std::mem::take(&mut first) && resume_tx.send(()).await.is_err() {
-                        State::Stopped
-                    } else {
-                        self.connecting(attempt, &mut events_rx, &shutdown).await
+                    let c = conn.insert(Connection::open(self.mqtt_options(), &self.cfg));
+                    self.connecting(attempt, &mut c.events, &shutdown).await
+                }
+                State::Online => match conn.as_mut() {
+                    Some(c) => {
+                        session::Session::new(&self, &c.client)
+                            .run(&mut c.events, &shutdown)
+                            .await
                     }
+                    None => State::Connecting { attempt: 0 },
+                },
+                State::BackingOff { attempt } => {
+                    conn = None;
+                    self.backing_off(attempt, &shutdown).await
                 }
-                State::Online => {
-                    session::Session::new(&self, &client)
-                        .run(&mut events_rx, &shutdown)
-                        .await
-                }
-                State::BackingOff { attempt } => self.backing_off(attempt, &shutdown).await,
                 State::Stopped => break,
             };
         }
-        let _ = client.try_disconnect();
-        let _ = tokio::time::timeout(Duration::from_millis(200), events_rx.recv()).await;
-        pump.abort();
+        if let Some(mut c) = conn.take() {
+            let _ = c.client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_millis(200), c.events.recv()).await;
+        }
         tracing::info!(
             acked = ForwarderStats::get(&self.stats.rows_acked),
             "forwarder stopped"
         );
     }
 
-    /// Waits for the ConnAck of the attempt the pump is making.
+    /// Waits for the ConnAck of the connection being opened.
     async fn connecting(
         &self,
         attempt: u32,
@@ -332,7 +333,6 @@ impl Forwarder {
                 ev = events.recv() => ev,
             };
             match ev {
-                None => return State::Stopped,
                 Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(attempt, "connected upstream");
@@ -349,6 +349,11 @@ impl Forwarder {
                     return State::BackingOff {
                         attempt: attempt + 1,
                     };
+                }
+                None => {
+                    return State::BackingOff {
+                        attempt: attempt + 1,
+                    }
                 }
             }
         }
@@ -376,20 +381,40 @@ pub fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
     half + rand::rng().random_range(Duration::ZERO..=half)
 }
 
-/// Polls the event loop and hands every event over; after an error, waits for permission
-/// (a message on `resume`) before polling again, which reconnects.
-async fn pump(
-    mut eventloop: EventLoop,
-    events: mpsc::Sender<PumpEvent>,
-    mut resume: mpsc::Receiver<()>,
-) {
+/// One upstream connection: a fresh rumqttc client and event loop per attempt, so nothing
+/// queued for a dead connection (requests, packet ids, events) can leak into the next one.
+struct Connection {
+    client: AsyncClient,
+    events: mpsc::Receiver<PumpEvent>,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl Connection {
+    fn open(options: MqttOptions, cfg: &ForwarderConfig) -> Connection {
+        let (client, eventloop) = AsyncClient::new(options, cfg.max_inflight + 16);
+        let (tx, events) = mpsc::channel(1024);
+        let pump = tokio::spawn(pump(eventloop, tx));
+        Connection {
+            client,
+            events,
+            pump,
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
+}
+
+/// Polls the event loop and hands every event over, until the first error (which ends
+/// the connection: the next attempt gets a new event loop).
+async fn pump(mut eventloop: EventLoop, events: mpsc::Sender<PumpEvent>) {
     loop {
         let ev = eventloop.poll().await;
         let failed = ev.is_err();
-        if events.send(ev).await.is_err() {
-            return;
-        }
-        if failed && resume.recv().await.is_none() {
+        if events.send(ev).await.is_err() || failed {
             return;
         }
     }

@@ -35,6 +35,12 @@ struct Sent {
     received_at: i64,
 }
 
+/// Why filling the window cannot go on.
+enum Halt {
+    Store,
+    Connection,
+}
+
 /// Why filling the window stopped.
 enum Idle {
     WindowFull,
@@ -149,8 +155,10 @@ impl<'a> Session<'a> {
             } else {
                 match self.fill() {
                     Ok(idle) => idle,
-                    // The store or the client is closed: nothing more can be done.
-                    Err(()) => {
+                    // The event loop of this connection ended (its error is on the way).
+                    Err(Halt::Connection) => return self.lost(),
+                    // The store is closed: nothing more can be done.
+                    Err(Halt::Store) => {
                         self.hand_acks();
                         return State::Stopped;
                     }
@@ -174,7 +182,7 @@ impl<'a> Session<'a> {
                     grace_until = Some(tokio::time::Instant::now() + self.fwd.cfg.shutdown_grace);
                 }
                 ev = events.recv() => {
-                    let Some(ev) = ev else { return State::Stopped };
+                    let Some(ev) = ev else { return self.lost() };
                     if !self.handle(ev) {
                         return self.lost();
                     }
@@ -275,7 +283,7 @@ impl<'a> Session<'a> {
     }
 
     /// Reads the next chunk of `lane` into the buffer.
-    fn refill(&mut self, lane: Lane) -> Result<(), ()> {
+    fn refill(&mut self, lane: Lane) -> Result<(), Halt> {
         let i = lane_index(lane);
         let mut rows = std::mem::take(&mut self.scratch);
         let res = self
@@ -285,7 +293,7 @@ impl<'a> Session<'a> {
         if let Err(e) = res {
             tracing::error!(error = %e, "reading the outbox failed");
             self.scratch = rows;
-            return Err(());
+            return Err(Halt::Store);
         }
         self.exhausted[i] = rows.len() < READ_CHUNK;
         if let Some(last) = rows.last() {
@@ -297,7 +305,7 @@ impl<'a> Session<'a> {
     }
 
     /// Sends rows until the window is full, the outbox is drained, or a limit says wait.
-    fn fill(&mut self) -> Result<Idle, ()> {
+    fn fill(&mut self) -> Result<Idle, Halt> {
         let cfg = &self.fwd.cfg;
         while self.in_flight() < cfg.max_inflight {
             let handed = self.fwd.stats.acks_handed.load(Ordering::Relaxed);
@@ -378,26 +386,26 @@ impl<'a> Session<'a> {
     }
 
     /// Publishes the next `n` buffered rows of `lane` (a batch when `n > 1`).
-    fn publish(&mut self, lane: Lane, n: usize) -> Result<(), ()> {
+    fn publish(&mut self, lane: Lane, n: usize) -> Result<(), Halt> {
         let cfg = &self.fwd.cfg;
         let stats = &self.fwd.stats;
         let i = lane_index(lane);
-        let rows: Vec<OutboxRow> = self.buffered[i].drain(..n).collect();
+        let mut rows: Vec<OutboxRow> = self.buffered[i].drain(..n).collect();
         let replayed: Vec<bool> = rows.iter().map(|r| r.seq <= self.replay_until).collect();
-        let first = &rows[0];
         let batch = lane == Lane::Reading && cfg.batch_max_messages > 1;
         let (topic, payload, content_type) = if !batch {
             let payload = match lane {
-                Lane::Event => encode::event_payload(&first.payload, replayed[0]),
-                Lane::Reading => first.payload.clone(),
+                Lane::Event => encode::event_payload(&rows[0].payload, replayed[0]),
+                Lane::Reading => std::mem::take(&mut rows[0].payload),
             };
+            let first = &rows[0];
             (
                 encode::upstream_topic(&cfg.topic_prefix, &first.topic),
                 payload,
                 encode::content_type(lane, first.format),
             )
         } else {
-            let (payload, ct) = match Family::of(first.format) {
+            let (payload, ct) = match Family::of(rows[0].format) {
                 Family::Json => (
                     encode::json_batch(&self.gateway_id, &rows, &replayed),
                     "application/json",
@@ -426,7 +434,7 @@ impl<'a> Session<'a> {
             return Ok(());
         }
         let props = encode::properties(
-            encode::message_id(&self.gateway_id, first.seq),
+            encode::message_id(&self.gateway_id, rows[0].seq),
             replayed[0],
             content_type,
         );
@@ -435,8 +443,8 @@ impl<'a> Session<'a> {
             .client
             .try_publish_with_properties(topic, self.qos, false, payload, props)
         {
-            tracing::warn!(error = %e, "could not queue a publish");
-            return Err(());
+            tracing::debug!(error = %e, "could not queue a publish");
+            return Err(Halt::Connection);
         }
         let replayed_rows = replayed.iter().filter(|r| **r).count() as u64;
         stats.published.fetch_add(1, Ordering::Relaxed);
