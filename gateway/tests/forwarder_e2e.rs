@@ -360,3 +360,39 @@ async fn mosquitto_restarted_repeatedly_under_load_loses_nothing() {
     eprintln!("{n} readings, {restarts} mosquitto restarts, {duplicates} duplicates");
     run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_rate_limit_paces_the_backlog_and_qos0_deletes_on_send() {
+    let broker = free_port();
+    start_rumqttd(broker);
+    let collector = Collector::start(broker, "up/gw1/#").await;
+    let proxy = Proxy::start(broker, false).await;
+    let rate = 2_000u32;
+    let cfg = ForwarderConfig {
+        rate_limit_per_sec: Some(rate),
+        qos: 0,
+        ..config(proxy.port)
+    };
+    let run = start(cfg);
+    let n = 3_000u64;
+    for i in 0..n {
+        assert!(run.store.append(reading(i)));
+    }
+    run.store.flush().await.unwrap();
+    proxy.set_up(true);
+    let started = std::time::Instant::now();
+    run.wait_delivered(&collector, n as usize, Duration::from_secs(30))
+        .await;
+    let took = started.elapsed();
+    // A burst of rate/20 is allowed, the rest is paced.
+    let floor = Duration::from_secs_f64((n as f64 - rate as f64 / 20.0) / rate as f64);
+    assert!(
+        took >= floor,
+        "backlog of {n} drained in {took:?}, limit {rate}/s"
+    );
+    run.wait_drained(Duration::from_secs(10)).await;
+    let received = collector.snapshot();
+    check_delivery(&received, n as usize, device_of);
+    assert_eq!(ForwarderStats::get(&run.stats.rows_acked), n);
+    run.stop().await;
+}
