@@ -421,7 +421,13 @@ impl StoreHandle {
         self.shared.counters.get(Counter::NextSeq).saturating_sub(1)
     }
 
-    /// Resolves after the next commit that added outbox rows (or at once if one happened
+    /// Acked seqs whose deletion is committed, since the store was opened (ack calls made
+    /// minus this is what a crash now would send again).
+    pub fn acks_committed(&self) -> u64 {
+        self.shared.counters.acks_committed()
+    }
+
+    /// Resolves after the next commit that added outbox rows or applied acks (or at once if one happened
     /// since the last call). Meant for the single forwarder.
     pub async fn rows_added(&self) {
         self.shared.new_rows.notified().await

@@ -93,6 +93,8 @@ pub struct Counters {
     /// `received_at` of the oldest row per lane, `i64::MIN` when the lane is empty.
     oldest: [AtomicI64; 2],
     commits: AtomicU64,
+    /// Acked seqs applied by committed transactions since open (found or not).
+    acks_committed: AtomicU64,
     last_commit_micros: AtomicU64,
     max_commit_micros: AtomicU64,
 }
@@ -103,6 +105,7 @@ impl Default for Counters {
             values: Counter::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
             oldest: [AtomicI64::new(i64::MIN), AtomicI64::new(i64::MIN)],
             commits: AtomicU64::new(0),
+            acks_committed: AtomicU64::new(0),
             last_commit_micros: AtomicU64::new(0),
             max_commit_micros: AtomicU64::new(0),
         }
@@ -128,6 +131,12 @@ impl Counters {
     }
     pub fn set_oldest(&self, lane: Lane, at: Option<Millis>) {
         self.oldest[lane_index(lane)].store(at.unwrap_or(i64::MIN), Ordering::Relaxed);
+    }
+    pub fn add_acks_committed(&self, n: u64) {
+        self.acks_committed.fetch_add(n, Ordering::Release);
+    }
+    pub fn acks_committed(&self) -> u64 {
+        self.acks_committed.load(Ordering::Acquire)
     }
     pub fn record_commit(&self, micros: u64) {
         self.commits.fetch_add(1, Ordering::Relaxed);

@@ -125,6 +125,7 @@ impl Owner {
         loop {
             self.collect(&mut group);
             let appended = group.data.iter().any(|c| matches!(c, DataCmd::Append(_)));
+            let acks: u64 = group.acks.iter().map(|(_, s)| s.len() as u64).sum();
             let ok = match self.commit(&mut group) {
                 Ok(()) => true,
                 Err(e) => {
@@ -141,7 +142,9 @@ impl Owner {
             for (_, tx) in done {
                 let _ = tx.send(ok);
             }
-            if appended {
+            // Counted even when the commit failed: those rows are simply sent again.
+            self.counters.add_acks_committed(acks);
+            if appended || acks > 0 {
                 self.new_rows.notify_one();
             }
             self.log_drops(group.shutdown);

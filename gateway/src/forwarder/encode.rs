@@ -1,0 +1,283 @@
+//! What one upstream publish looks like: topic, MQTT 5 properties, and the batch payloads.
+//!
+//! Invariants:
+//! - Every message carries its stable id `{gateway_id}:{seq}` (user property `id`), the
+//!   same on every replay; a batch carries the id of its first row and every element of
+//!   the batch carries its own id.
+//! - `replayed` is `true` for rows that were already in the outbox when the current
+//!   connection came up (backlog and the previous connection's in-flight window).
+//! - Batches never mix encodings: JSON and SenML-JSON rows go into a JSON array, CBOR and
+//!   SenML-CBOR rows into a CBOR array. Payloads are embedded as they are (they decoded, so
+//!   they are valid JSON or CBOR items); the CBOR framing is written here by hand (a few
+//!   header bytes), so no CBOR library is involved.
+
+use std::fmt::Write as _;
+
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+
+use crate::reading::Format;
+use crate::store::{Lane, OutboxRow};
+
+/// Encoding family of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Json,
+    Cbor,
+}
+
+impl Family {
+    pub fn of(format: Format) -> Family {
+        match format {
+            Format::Json | Format::SenmlJson => Family::Json,
+            Format::Cbor | Format::SenmlCbor => Family::Cbor,
+        }
+    }
+}
+
+pub fn content_type(lane: Lane, format: Format) -> &'static str {
+    match (lane, format) {
+        (Lane::Event, _) => "application/cloudevents+json",
+        (_, Format::Json) => "application/json",
+        (_, Format::Cbor) => "application/cbor",
+        (_, Format::SenmlJson) => "application/senml+json",
+        (_, Format::SenmlCbor) => "application/senml+cbor",
+    }
+}
+
+/// `{prefix}/{topic}`, without a doubled or leading slash when the prefix is empty.
+pub fn upstream_topic(prefix: &str, topic: &str) -> String {
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.is_empty() {
+        topic.to_owned()
+    } else {
+        let mut t = String::with_capacity(prefix.len() + 1 + topic.len());
+        t.push_str(prefix);
+        t.push('/');
+        t.push_str(topic);
+        t
+    }
+}
+
+pub fn message_id(gateway_id: &str, seq: u64) -> String {
+    let mut id = String::with_capacity(gateway_id.len() + 21);
+    id.push_str(gateway_id);
+    id.push(':');
+    let _ = write!(id, "{seq}");
+    id
+}
+
+pub fn properties(id: String, replayed: bool, content_type: &str) -> PublishProperties {
+    PublishProperties {
+        user_properties: vec![
+            ("id".into(), id),
+            (
+                "replayed".into(),
+                if replayed { "true" } else { "false" }.into(),
+            ),
+        ],
+        content_type: Some(content_type.into()),
+        ..PublishProperties::default()
+    }
+}
+
+/// The payload of an event, with the CloudEvents extension attribute `replayed: true`
+/// added when it is replayed. Payloads that are not a JSON object are sent unchanged.
+pub fn event_payload(payload: &[u8], replayed: bool) -> Vec<u8> {
+    let trimmed = payload.trim_ascii_start();
+    if !replayed || !trimmed.starts_with(b"{") {
+        return payload.to_vec();
+    }
+    let body = &trimmed[1..];
+    let empty = body.trim_ascii_start().starts_with(b"}");
+    let mut out = Vec::with_capacity(payload.len() + 17);
+    out.extend_from_slice(b"{\"replayed\":true");
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+/// Bytes a row adds to a batch besides its payload (an upper bound).
+pub fn batch_overhead(gateway_id: &str, row: &OutboxRow) -> usize {
+    64 + gateway_id.len() + 2 * row.topic.len()
+}
+
+/// One JSON array: `[{"id":..,"topic":..,"received_at":..,"replayed":..,"payload":<raw>},..]`.
+pub fn json_batch(gateway_id: &str, rows: &[OutboxRow], replayed: &[bool]) -> Vec<u8> {
+    let size: usize = rows
+        .iter()
+        .map(|r| r.payload.len() + batch_overhead(gateway_id, r))
+        .sum();
+    let mut out = Vec::with_capacity(size + 2);
+    out.push(b'[');
+    for (i, (row, replayed)) in rows.iter().zip(replayed).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"id\":");
+        let id = message_id(gateway_id, row.seq);
+        let _ = serde_json::to_writer(&mut out, &id);
+        out.extend_from_slice(b",\"topic\":");
+        let _ = serde_json::to_writer(&mut out, &row.topic);
+        let _ = write!(
+            VecWriter(&mut out),
+            ",\"received_at\":{},\"replayed\":{},\"payload\":",
+            row.received_at,
+            replayed
+        );
+        out.extend_from_slice(&row.payload);
+        out.push(b'}');
+    }
+    out.push(b']');
+    out
+}
+
+/// One CBOR array of maps with the same keys as [`json_batch`]; `payload` is the row's
+/// CBOR item embedded as it is.
+pub fn cbor_batch(gateway_id: &str, rows: &[OutboxRow], replayed: &[bool]) -> Vec<u8> {
+    let size: usize = rows
+        .iter()
+        .map(|r| r.payload.len() + batch_overhead(gateway_id, r))
+        .sum();
+    let mut out = Vec::with_capacity(size + 9);
+    cbor_head(&mut out, 4, rows.len() as u64);
+    for (row, replayed) in rows.iter().zip(replayed) {
+        cbor_head(&mut out, 5, 5);
+        cbor_text(&mut out, "id");
+        cbor_text(&mut out, &message_id(gateway_id, row.seq));
+        cbor_text(&mut out, "topic");
+        cbor_text(&mut out, &row.topic);
+        cbor_text(&mut out, "received_at");
+        if row.received_at >= 0 {
+            cbor_head(&mut out, 0, row.received_at as u64);
+        } else {
+            cbor_head(&mut out, 1, (-1 - row.received_at) as u64);
+        }
+        cbor_text(&mut out, "replayed");
+        out.push(if *replayed { 0xf5 } else { 0xf4 });
+        cbor_text(&mut out, "payload");
+        out.extend_from_slice(&row.payload);
+    }
+    out
+}
+
+fn cbor_head(out: &mut Vec<u8>, major: u8, n: u64) {
+    let m = major << 5;
+    match n {
+        0..=23 => out.push(m | n as u8),
+        24..=0xff => out.extend_from_slice(&[m | 24, n as u8]),
+        0x100..=0xffff => {
+            out.push(m | 25);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        0x1_0000..=0xffff_ffff => {
+            out.push(m | 26);
+            out.extend_from_slice(&(n as u32).to_be_bytes());
+        }
+        _ => {
+            out.push(m | 27);
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+    }
+}
+
+fn cbor_text(out: &mut Vec<u8>, s: &str) {
+    cbor_head(out, 3, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// `fmt::Write` into a byte vector.
+struct VecWriter<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for VecWriter<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(seq: u64, format: Format, payload: &[u8]) -> OutboxRow {
+        OutboxRow {
+            seq,
+            lane: Lane::Reading,
+            topic: "devices/d\"1/t".into(),
+            device: "d\"1".into(),
+            payload: payload.to_vec(),
+            format,
+            received_at: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn json_batch_is_an_array_with_ids() {
+        let rows = [
+            row(7, Format::Json, b"{\"t\":1}"),
+            row(9, Format::SenmlJson, b"[{\"n\":\"t\",\"v\":2}]"),
+        ];
+        let out = json_batch("gw", &rows, &[false, true]);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v[0]["id"], "gw:7");
+        assert_eq!(v[0]["topic"], "devices/d\"1/t");
+        assert_eq!(v[0]["payload"]["t"], 1);
+        assert_eq!(v[1]["id"], "gw:9");
+        assert_eq!(v[1]["replayed"], true);
+        assert_eq!(v[1]["payload"][0]["v"], 2);
+    }
+
+    #[test]
+    fn cbor_batch_decodes_with_a_cbor_library() {
+        let item = serde_cbor::to_vec(&serde_json::json!({"t": 21.5})).unwrap();
+        let rows: Vec<OutboxRow> = (0..30).map(|i| row(300 + i, Format::Cbor, &item)).collect();
+        let out = cbor_batch("gw", &rows, &[true; 30]);
+        let v: serde_json::Value = serde_cbor::from_slice(&out).unwrap();
+        assert_eq!(v.as_array().unwrap().len(), 30);
+        assert_eq!(v[29]["id"], "gw:329");
+        assert_eq!(v[0]["payload"]["t"], 21.5);
+        assert_eq!(v[0]["received_at"], 1_700_000_000_000i64);
+        assert_eq!(v[0]["replayed"], true);
+    }
+
+    #[test]
+    fn replayed_events_get_the_extension_attribute() {
+        let out = event_payload(b" {\"id\":\"e1\"}", true);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["replayed"], true);
+        assert_eq!(v["id"], "e1");
+        assert_eq!(event_payload(b"{}", true), b"{\"replayed\":true}");
+        assert_eq!(event_payload(b"{\"a\":1}", false), b"{\"a\":1}");
+    }
+
+    #[test]
+    fn topics_join_the_prefix() {
+        assert_eq!(
+            upstream_topic("site/gw1/", "devices/a"),
+            "site/gw1/devices/a"
+        );
+        assert_eq!(upstream_topic("", "devices/a"), "devices/a");
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use crate::forwarder::ForwarderConfig;
+    use std::time::Duration;
+
+    #[test]
+    fn forwarder_config_reads_from_toml() {
+        let cfg: ForwarderConfig = toml::from_str(
+            "url = \"mqtt://up:1884\"\nclient_id = \"gw-7\"\nkeep_alive = \"10s\"\n\
+             rate_limit_per_sec = 500\nbatch_max_messages = 20\nprotocol = \"5\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.host_port().unwrap(), ("up".to_string(), 1884));
+        assert_eq!(cfg.keep_alive, Duration::from_secs(10));
+        assert_eq!(cfg.rate_limit_per_sec, Some(500));
+        assert_eq!(cfg.batch_max_messages, 20);
+        assert_eq!(cfg.qos, 1);
+    }
+}

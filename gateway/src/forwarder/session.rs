@@ -1,0 +1,462 @@
+//! The `Online` state: one upstream connection from ConnAck to its first error.
+//!
+//! Owns the in-flight window of that connection: what was sent and awaits a packet id
+//! (`awaiting_pkid`, FIFO), what awaits a PUBACK (`by_pkid`), the read cursors per lane and
+//! the rows read but not yet sent. All of it is dropped with the connection: the next
+//! session replays from the outbox.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event};
+use rumqttc::Outgoing;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::encode::{self, Family};
+use super::{Forwarder, PumpEvent, State};
+use crate::reading::now_millis;
+use crate::store::{Lane, OutboxRow};
+
+/// Rows read from the outbox per read transaction.
+const READ_CHUNK: usize = 1024;
+/// How often to look again while too many acks wait for their commit.
+const ACK_COMMIT_POLL: Duration = Duration::from_millis(2);
+/// Events handled per wake-up before acks are handed to the store.
+const EVENTS_PER_TURN: usize = 2048;
+
+/// One upstream publish in flight: the rows it carries.
+struct Sent {
+    lane: Lane,
+    seqs: Vec<u64>,
+    received_at: i64,
+}
+
+/// Why filling the window cannot go on.
+enum Halt {
+    Store,
+    Connection,
+}
+
+/// Why filling the window stopped.
+enum Idle {
+    WindowFull,
+    NoRows,
+    Wait(Duration),
+}
+
+/// Token bucket for the replay rate limit.
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32) -> Self {
+        let rate = rate.max(1) as f64;
+        let burst = (rate / 20.0).max(1.0);
+        Bucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes `n` tokens, or says how long until they are there.
+    fn take(&mut self, n: usize) -> Result<(), Duration> {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        let n = (n as f64).min(self.burst);
+        if self.tokens >= n {
+            self.tokens -= n;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((n - self.tokens) / self.rate))
+        }
+    }
+}
+
+fn lane_index(lane: Lane) -> usize {
+    match lane {
+        Lane::Event => 0,
+        Lane::Reading => 1,
+    }
+}
+
+const LANES: [Lane; 2] = [Lane::Event, Lane::Reading];
+
+pub(super) struct Session<'a> {
+    fwd: &'a Forwarder,
+    client: &'a AsyncClient,
+    gateway_id: String,
+    qos: QoS,
+    /// Rows with `seq <= replay_until` were in the outbox when this connection came up.
+    replay_until: u64,
+    /// Next seq to read per lane (events, readings).
+    next_seq: [u64; 2],
+    buffered: [VecDeque<OutboxRow>; 2],
+    /// The last read of the lane came back short: wait for new rows before reading again.
+    exhausted: [bool; 2],
+    awaiting_pkid: VecDeque<Sent>,
+    by_pkid: HashMap<u16, Sent>,
+    acks: [Vec<u64>; 2],
+    bucket: Option<Bucket>,
+    linger_since: Option<Instant>,
+    scratch: Vec<OutboxRow>,
+}
+
+impl<'a> Session<'a> {
+    pub(super) fn new(fwd: &'a Forwarder, client: &'a AsyncClient) -> Self {
+        Session {
+            fwd,
+            client,
+            gateway_id: fwd.cfg.gateway_id().to_owned(),
+            qos: fwd.cfg.mqtt_qos(),
+            replay_until: 0,
+            next_seq: [0; 2],
+            buffered: [VecDeque::new(), VecDeque::new()],
+            exhausted: [false; 2],
+            awaiting_pkid: VecDeque::new(),
+            by_pkid: HashMap::new(),
+            acks: [Vec::new(), Vec::new()],
+            bucket: fwd.cfg.rate_limit_per_sec.map(Bucket::new),
+            linger_since: None,
+            scratch: Vec::with_capacity(READ_CHUNK),
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.awaiting_pkid.len() + self.by_pkid.len()
+    }
+
+    pub(super) async fn run(
+        mut self,
+        events: &mut mpsc::Receiver<PumpEvent>,
+        shutdown: &CancellationToken,
+    ) -> State {
+        // Acks of the previous connection must be committed before replaying, or rows acked
+        // upstream would be sent again.
+        if self.fwd.store.flush().await.is_err() {
+            return State::Stopped;
+        }
+        self.replay_until = self.fwd.store.last_committed_seq();
+        let mut grace_until: Option<tokio::time::Instant> = None;
+        loop {
+            let idle = if grace_until.is_some() {
+                Idle::NoRows
+            } else {
+                match self.fill() {
+                    Ok(idle) => idle,
+                    // The event loop of this connection ended (its error is on the way).
+                    Err(Halt::Connection) => return self.lost(),
+                    // The store is closed: nothing more can be done.
+                    Err(Halt::Store) => {
+                        self.hand_acks();
+                        return State::Stopped;
+                    }
+                }
+            };
+            if let Some(until) = grace_until {
+                if self.in_flight() == 0 || tokio::time::Instant::now() >= until {
+                    self.hand_acks();
+                    return State::Stopped;
+                }
+            }
+            let wait = match idle {
+                Idle::Wait(d) => d,
+                _ => Duration::from_secs(3600),
+            };
+            let want_rows = !matches!(idle, Idle::WindowFull) && grace_until.is_none();
+            let grace_sleep = grace_until.unwrap_or_else(|| tokio::time::Instant::now() + wait);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if grace_until.is_none() => {
+                    grace_until = Some(tokio::time::Instant::now() + self.fwd.cfg.shutdown_grace);
+                }
+                ev = events.recv() => {
+                    let Some(ev) = ev else { return self.lost() };
+                    if !self.handle(ev) {
+                        return self.lost();
+                    }
+                    for _ in 0..EVENTS_PER_TURN {
+                        match events.try_recv() {
+                            Ok(ev) => {
+                                if !self.handle(ev) {
+                                    return self.lost();
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.hand_acks();
+                }
+                _ = self.fwd.store.rows_added(), if want_rows => {
+                    self.exhausted = [false; 2];
+                }
+                _ = tokio::time::sleep_until(grace_sleep), if matches!(idle, Idle::Wait(_)) || grace_until.is_some() => {}
+            }
+        }
+    }
+
+    /// The connection is gone: hand over the acks already received and back off.
+    fn lost(&mut self) -> State {
+        self.hand_acks();
+        let stats = &self.fwd.stats;
+        stats.connection_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            in_flight = self.in_flight(),
+            "upstream connection lost; will replay unacked rows"
+        );
+        State::BackingOff { attempt: 1 }
+    }
+
+    fn hand_acks(&mut self) {
+        for lane in LANES {
+            let seqs = &mut self.acks[lane_index(lane)];
+            if !seqs.is_empty() {
+                self.fwd
+                    .stats
+                    .acks_handed
+                    .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                self.fwd.store.ack(lane, std::mem::take(seqs));
+            }
+        }
+    }
+
+    /// Handles one event of the pump; false when the connection failed.
+    fn handle(&mut self, ev: PumpEvent) -> bool {
+        match ev {
+            Err(_) => false,
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                if let Some(sent) = self.awaiting_pkid.pop_front() {
+                    if self.qos == QoS::AtMostOnce {
+                        self.acked(sent);
+                    } else {
+                        self.by_pkid.insert(pkid, sent);
+                    }
+                }
+                true
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                if let Some(sent) = self.by_pkid.remove(&ack.pkid) {
+                    if ack.reason == PubAckReason::NoMatchingSubscribers {
+                        self.fwd
+                            .stats
+                            .rows_no_subscribers
+                            .fetch_add(sent.seqs.len() as u64, Ordering::Relaxed);
+                    }
+                    if !matches!(
+                        ack.reason,
+                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                    ) {
+                        self.fwd
+                            .stats
+                            .rows_rejected_upstream
+                            .fetch_add(sent.seqs.len() as u64, Ordering::Relaxed);
+                        tracing::warn!(reason = ?ack.reason, rows = sent.seqs.len(), "upstream refused a publish; rows deleted");
+                    }
+                    self.acked(sent);
+                }
+                true
+            }
+            Ok(_) => true,
+        }
+    }
+
+    fn acked(&mut self, sent: Sent) {
+        let stats = &self.fwd.stats;
+        stats
+            .rows_acked
+            .fetch_add(sent.seqs.len() as u64, Ordering::Relaxed);
+        let latency = (now_millis() - sent.received_at).max(0) as u64;
+        stats.last_latency_ms.store(latency, Ordering::Relaxed);
+        stats.max_latency_ms.fetch_max(latency, Ordering::Relaxed);
+        self.acks[lane_index(sent.lane)].extend_from_slice(&sent.seqs);
+    }
+
+    /// Reads the next chunk of `lane` into the buffer.
+    fn refill(&mut self, lane: Lane) -> Result<(), Halt> {
+        let i = lane_index(lane);
+        let mut rows = std::mem::take(&mut self.scratch);
+        let res = self
+            .fwd
+            .store
+            .read_outbox(lane, self.next_seq[i], READ_CHUNK, &mut rows);
+        if let Err(e) = res {
+            tracing::error!(error = %e, "reading the outbox failed");
+            self.scratch = rows;
+            return Err(Halt::Store);
+        }
+        self.exhausted[i] = rows.len() < READ_CHUNK;
+        if let Some(last) = rows.last() {
+            self.next_seq[i] = last.seq + 1;
+        }
+        self.buffered[i].extend(rows.drain(..));
+        self.scratch = rows;
+        Ok(())
+    }
+
+    /// Sends rows until the window is full, the outbox is drained, or a limit says wait.
+    fn fill(&mut self) -> Result<Idle, Halt> {
+        let cfg = &self.fwd.cfg;
+        while self.in_flight() < cfg.max_inflight {
+            let handed = self.fwd.stats.acks_handed.load(Ordering::Relaxed);
+            let uncommitted = handed.saturating_sub(self.fwd.store.acks_committed());
+            if uncommitted >= cfg.max_uncommitted_acks.max(1) as u64 {
+                return Ok(Idle::Wait(ACK_COMMIT_POLL));
+            }
+            let ev = lane_index(Lane::Event);
+            let rd = lane_index(Lane::Reading);
+            if self.buffered[ev].is_empty() && !self.exhausted[ev] {
+                self.refill(Lane::Event)?;
+            }
+            let lane = if !self.buffered[ev].is_empty() {
+                Lane::Event
+            } else {
+                if self.buffered[rd].is_empty() && !self.exhausted[rd] {
+                    self.refill(Lane::Reading)?;
+                    // Give events that arrived meanwhile their priority at each chunk.
+                    self.exhausted[ev] = false;
+                }
+                if self.buffered[rd].is_empty() {
+                    return Ok(Idle::NoRows);
+                }
+                Lane::Reading
+            };
+            let i = lane_index(lane);
+            let replayed = self.buffered[i].front().map(|r| r.seq) <= Some(self.replay_until);
+            let batching = lane == Lane::Reading && cfg.batch_max_messages > 1;
+            let n = if batching {
+                if self.buffered[i].len() < cfg.batch_max_messages && !self.exhausted[i] {
+                    self.refill(lane)?;
+                }
+                match self.batch_len(replayed) {
+                    Ok(n) => n,
+                    Err(wait) => return Ok(Idle::Wait(wait)),
+                }
+            } else {
+                1
+            };
+            if replayed {
+                if let Some(bucket) = &mut self.bucket {
+                    if let Err(wait) = bucket.take(n) {
+                        return Ok(Idle::Wait(wait));
+                    }
+                }
+            }
+            self.publish(lane, n)?;
+        }
+        Ok(Idle::WindowFull)
+    }
+
+    /// How many buffered readings go into the next batch, or how long to linger for more.
+    fn batch_len(&mut self, replayed: bool) -> Result<usize, Duration> {
+        let cfg = &self.fwd.cfg;
+        let rows = &self.buffered[lane_index(Lane::Reading)];
+        let family = Family::of(rows[0].format);
+        let mut size = 16;
+        let mut n = 0;
+        for row in rows.iter().take(cfg.batch_max_messages) {
+            let add = row.payload.len() + encode::batch_overhead(&self.gateway_id, row);
+            if Family::of(row.format) != family || (n > 0 && size + add > cfg.max_packet_size) {
+                self.linger_since = None;
+                return Ok(n);
+            }
+            size += add;
+            n += 1;
+        }
+        let linger = Duration::from_millis(cfg.batch_linger_ms);
+        if n < cfg.batch_max_messages && !replayed && !linger.is_zero() {
+            let since = *self.linger_since.get_or_insert_with(Instant::now);
+            let waited = since.elapsed();
+            if waited < linger {
+                return Err(linger - waited);
+            }
+        }
+        self.linger_since = None;
+        Ok(n)
+    }
+
+    /// Publishes the next `n` buffered rows of `lane` (a batch when `n > 1`).
+    fn publish(&mut self, lane: Lane, n: usize) -> Result<(), Halt> {
+        let cfg = &self.fwd.cfg;
+        let stats = &self.fwd.stats;
+        let i = lane_index(lane);
+        let mut rows: Vec<OutboxRow> = self.buffered[i].drain(..n).collect();
+        let replayed: Vec<bool> = rows.iter().map(|r| r.seq <= self.replay_until).collect();
+        let batch = lane == Lane::Reading && cfg.batch_max_messages > 1;
+        let (topic, payload, content_type) = if !batch {
+            let payload = match lane {
+                Lane::Event => encode::event_payload(&rows[0].payload, replayed[0]),
+                Lane::Reading => std::mem::take(&mut rows[0].payload),
+            };
+            let first = &rows[0];
+            (
+                encode::upstream_topic(&cfg.topic_prefix, &first.topic),
+                payload,
+                encode::content_type(lane, first.format),
+            )
+        } else {
+            let (payload, ct) = match Family::of(rows[0].format) {
+                Family::Json => (
+                    encode::json_batch(&self.gateway_id, &rows, &replayed),
+                    "application/json",
+                ),
+                Family::Cbor => (
+                    encode::cbor_batch(&self.gateway_id, &rows, &replayed),
+                    "application/cbor",
+                ),
+            };
+            (
+                encode::upstream_topic(&cfg.topic_prefix, "batch"),
+                payload,
+                ct,
+            )
+        };
+        let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+        let sendable = !topic.is_empty()
+            && !topic.contains(['+', '#', '\0'])
+            && payload.len() + topic.len() + 128 <= cfg.max_packet_size;
+        if !sendable {
+            stats
+                .rows_dropped_unsendable
+                .fetch_add(n as u64, Ordering::Relaxed);
+            tracing::warn!(%topic, bytes = payload.len(), "row cannot be sent upstream; deleted");
+            self.acks[i].extend_from_slice(&seqs);
+            return Ok(());
+        }
+        let props = encode::properties(
+            encode::message_id(&self.gateway_id, rows[0].seq),
+            replayed[0],
+            content_type,
+        );
+        let received_at = rows.iter().map(|r| r.received_at).min().unwrap_or(0);
+        if let Err(e) = self
+            .client
+            .try_publish_with_properties(topic, self.qos, false, payload, props)
+        {
+            tracing::debug!(error = %e, "could not queue a publish");
+            return Err(Halt::Connection);
+        }
+        let replayed_rows = replayed.iter().filter(|r| **r).count() as u64;
+        stats.published.fetch_add(1, Ordering::Relaxed);
+        stats.rows_sent.fetch_add(n as u64, Ordering::Relaxed);
+        stats
+            .rows_replayed
+            .fetch_add(replayed_rows, Ordering::Relaxed);
+        self.awaiting_pkid.push_back(Sent {
+            lane,
+            seqs,
+            received_at,
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,398 @@
+//! The forwarder against real upstream brokers: rumqttd in process (behind a TCP proxy
+//! that simulates outages) and mosquitto as a child process.
+
+mod forwarder_common;
+
+use std::time::Duration;
+
+use forwarder_common::*;
+use gateway::forwarder::{Forwarder, ForwarderConfig, ForwarderStats};
+use gateway::reading::{now_millis, Format};
+use gateway::store::{OutboxEntry, Store, StoreConfig, StoreHandle};
+use tokio_util::sync::CancellationToken;
+
+const DEVICES: u64 = 10;
+
+fn reading(i: u64) -> OutboxEntry {
+    let device = format!("d{}", i % DEVICES);
+    OutboxEntry::reading(
+        format!("devices/{device}/telemetry"),
+        device,
+        format!("{{\"n\":{i},\"t\":21.5}}").into_bytes(),
+        Format::Json,
+        now_millis(),
+    )
+}
+
+fn device_of(m: &Received) -> String {
+    m.topic.split('/').nth(2).unwrap_or_default().to_owned()
+}
+
+fn config(port: u16) -> ForwarderConfig {
+    ForwarderConfig {
+        url: format!("mqtt://127.0.0.1:{port}"),
+        client_id: format!("gw-{}", free_port()),
+        gateway_id: "gw1".into(),
+        topic_prefix: "up/gw1".into(),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(400),
+        ..ForwarderConfig::default()
+    }
+}
+
+fn long_tests() -> bool {
+    std::env::var("GATEWAY_LONG_TESTS").as_deref() == Ok("1")
+}
+
+/// Appends `per_ms` readings every millisecond until stopped; returns how many.
+fn produce(store: StoreHandle, per_ms: u64) -> (tokio::task::JoinHandle<u64>, CancellationToken) {
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut i = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        while !stopped.is_cancelled() {
+            tick.tick().await;
+            for _ in 0..per_ms {
+                assert!(store.append(reading(i)), "store queue full");
+                i += 1;
+            }
+        }
+        i
+    });
+    (task, stop)
+}
+
+struct Running {
+    store: StoreHandle,
+    stats: std::sync::Arc<ForwarderStats>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+fn start(cfg: ForwarderConfig) -> Running {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("gateway=info")
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("gw.redb"), StoreConfig::default()).unwrap();
+    let fwd = Forwarder::new(cfg, store.clone()).unwrap();
+    let stats = fwd.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(fwd.run(shutdown.clone()));
+    Running {
+        store,
+        stats,
+        shutdown,
+        task,
+        _dir: dir,
+    }
+}
+
+impl Running {
+    /// Waits for `n` distinct messages upstream; on timeout shows both sides' counters.
+    async fn wait_delivered(&self, collector: &Collector, n: usize, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while collector.unique() < n {
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "only {} of {n} arrived; forwarder {:?}; store {:?}",
+                    collector.unique(),
+                    self.stats,
+                    self.store.stats()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_drained(&self, timeout: Duration) {
+        self.store.flush().await.unwrap();
+        let deadline = std::time::Instant::now() + timeout;
+        while self.store.stats().depth() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "outbox not drained: {:?}",
+                self.store.stats()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("forwarder did not stop")
+            .unwrap();
+        self.store.shutdown().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_down_while_readings_arrive_then_up_all_arrive_in_order() {
+    let broker = free_port();
+    start_rumqttd(broker);
+    let proxy = Proxy::start(broker, false).await;
+    let collector = Collector::start(broker, "up/gw1/#").await;
+    let cfg = config(proxy.port);
+    let max_inflight = cfg.max_inflight;
+    let run = start(cfg);
+
+    let n = 50_000u64;
+    for i in 0..n {
+        while !run.store.append(reading(i)) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    run.store.flush().await.unwrap();
+    assert_eq!(run.store.stats().readings.messages, n);
+    assert!(ForwarderStats::get(&run.stats.connection_failures) > 0);
+    assert_eq!(collector.len(), 0);
+
+    proxy.set_up(true);
+    run.wait_delivered(&collector, n as usize, Duration::from_secs(90))
+        .await;
+    run.wait_drained(Duration::from_secs(10)).await;
+    let received = collector.snapshot();
+    let duplicates = check_delivery(&received, n as usize, device_of);
+    assert!(duplicates <= max_inflight, "{duplicates} duplicates");
+    // Everything was in the outbox before the connection came up: all of it is replayed.
+    assert!(received.iter().all(|m| m.replayed == Some(true)));
+    let first = &received[0];
+    assert_eq!(first.topic, "up/gw1/devices/d0/telemetry");
+    assert_eq!(first.payload, b"{\"n\":0,\"t\":21.5}".to_vec());
+    assert_eq!(
+        ForwarderStats::get(&run.stats.rows_acked),
+        n + duplicates as u64
+    );
+    eprintln!("delivered {n} readings, {duplicates} duplicates");
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_outages_under_load_lose_nothing() {
+    let broker = free_port();
+    start_rumqttd(broker);
+    let proxy = Proxy::start(broker, true).await;
+    let collector = Collector::start(broker, "up/gw1/#").await;
+    let cfg = config(proxy.port);
+    let max_inflight = cfg.max_inflight;
+    let run = start(cfg);
+
+    let (producer, stop) = produce(run.store.clone(), 3);
+    // `GATEWAY_LONG_TESTS=1`: an outage every second for 30 s.
+    let (outages, up_ms) = if long_tests() { (30, 800) } else { (8, 300) };
+    for _ in 0..outages {
+        tokio::time::sleep(Duration::from_millis(up_ms)).await;
+        proxy.set_up(false);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        proxy.set_up(true);
+    }
+    stop.cancel();
+    let n = producer.await.unwrap();
+    run.wait_delivered(&collector, n as usize, Duration::from_secs(60))
+        .await;
+    run.wait_drained(Duration::from_secs(10)).await;
+    let received = collector.snapshot();
+    let duplicates = check_delivery_with(&received, n as usize, device_of, false);
+    let reconnects = ForwarderStats::get(&run.stats.connects) as usize;
+    assert!(reconnects > outages / 2, "only {reconnects} connections");
+    assert!(
+        duplicates <= reconnects * max_inflight,
+        "{duplicates} duplicates over {reconnects} connections"
+    );
+    // Live rows are not marked; rows replayed after a cut are.
+    assert!(received.iter().any(|m| m.replayed == Some(false)));
+    assert!(received.iter().any(|m| m.replayed == Some(true)));
+    eprintln!("{n} readings, {outages} outages, {reconnects} connections, {duplicates} duplicates");
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_drain_before_the_readings_backlog() {
+    let broker = free_port();
+    start_rumqttd(broker);
+    let proxy = Proxy::start(broker, false).await;
+    let collector = Collector::start(broker, "up/gw1/#").await;
+    let run = start(config(proxy.port));
+    let readings = 3_000u64;
+    for i in 0..readings {
+        assert!(run.store.append(reading(i)));
+    }
+    let events = 20u64;
+    for i in 0..events {
+        let json = format!("{{\"id\":\"e{i}\",\"type\":\"Hot\",\"subject\":\"d1\"}}");
+        assert!(run.store.append(OutboxEntry::event(
+            "Hot",
+            "d1",
+            json.into_bytes(),
+            now_millis()
+        )));
+    }
+    run.store.flush().await.unwrap();
+    proxy.set_up(true);
+    run.wait_delivered(
+        &collector,
+        (readings + events) as usize,
+        Duration::from_secs(30),
+    )
+    .await;
+    let received = collector.snapshot();
+    let first_events: Vec<_> = received.iter().take(events as usize).collect();
+    assert!(
+        first_events
+            .iter()
+            .all(|m| m.topic == "up/gw1/events/Hot/d1"),
+        "events must come first"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&first_events[0].payload).unwrap();
+    assert_eq!(
+        v["replayed"], true,
+        "replayed events carry the mark in the envelope"
+    );
+    assert_eq!(v["id"], "e0");
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_carry_arrays_with_ids_and_are_deleted_together() {
+    let broker = free_port();
+    start_rumqttd(broker);
+    let collector = Collector::start(broker, "up/gw1/#").await;
+    let cfg = ForwarderConfig {
+        batch_max_messages: 50,
+        batch_linger_ms: 20,
+        ..config(broker)
+    };
+    let run = start(cfg);
+    let n = 2_000u64;
+    for i in 0..n {
+        assert!(run.store.append(reading(i)));
+    }
+    let cbor_n = 120u64;
+    let item = serde_cbor::to_vec(&serde_json::json!({"t": 1.5})).unwrap();
+    for _ in 0..cbor_n {
+        assert!(run.store.append(OutboxEntry::reading(
+            "devices/c1/telemetry".into(),
+            "c1".into(),
+            item.clone(),
+            Format::Cbor,
+            now_millis()
+        )));
+    }
+    let mut ids = std::collections::HashSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (mut json_elems, mut cbor_elems) = (0u64, 0u64);
+    while json_elems + cbor_elems < n + cbor_n {
+        assert!(std::time::Instant::now() < deadline, "batches missing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        (json_elems, cbor_elems) = (0, 0);
+        ids.clear();
+        for m in collector.snapshot() {
+            assert_eq!(m.topic, "up/gw1/batch");
+            let v: serde_json::Value = match serde_json::from_slice::<serde_json::Value>(&m.payload)
+            {
+                Ok(v) => {
+                    json_elems += v.as_array().unwrap().len() as u64;
+                    v
+                }
+                Err(_) => {
+                    let v: serde_json::Value = serde_cbor::from_slice(&m.payload).unwrap();
+                    cbor_elems += v.as_array().unwrap().len() as u64;
+                    v
+                }
+            };
+            for e in v.as_array().unwrap() {
+                assert!(ids.insert(e["id"].as_str().unwrap().to_owned()));
+            }
+        }
+    }
+    assert_eq!((json_elems, cbor_elems), (n, cbor_n));
+    run.wait_drained(Duration::from_secs(10)).await;
+    let published = ForwarderStats::get(&run.stats.published);
+    assert!(
+        published <= (n + cbor_n) / 10,
+        "{published} publishes for {} rows",
+        n + cbor_n
+    );
+    assert_eq!(ForwarderStats::get(&run.stats.rows_acked), n + cbor_n);
+    assert_eq!(run.store.stats().depth(), 0);
+    assert_eq!(
+        run.store.counter(gateway::store::Counter::Acked),
+        n + cbor_n
+    );
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_restarted_repeatedly_under_load_loses_nothing() {
+    if !mosquitto_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut mosquitto = Mosquitto::start(dir.path());
+    let collector = Collector::start(mosquitto.port, "up/gw1/#").await;
+    let cfg = config(mosquitto.port);
+    let max_inflight = cfg.max_inflight;
+    let run = start(cfg);
+    let (producer, stop) = produce(run.store.clone(), 2);
+    // `GATEWAY_LONG_TESTS=1`: a restart every second for 30 s.
+    let (restarts, every_ms) = if long_tests() { (30, 1000) } else { (5, 500) };
+    for _ in 0..restarts {
+        tokio::time::sleep(Duration::from_millis(every_ms)).await;
+        tokio::task::block_in_place(|| mosquitto.restart());
+    }
+    stop.cancel();
+    let n = producer.await.unwrap();
+    run.wait_delivered(&collector, n as usize, Duration::from_secs(60))
+        .await;
+    run.wait_drained(Duration::from_secs(10)).await;
+    let received = collector.snapshot();
+    // Every publish reached a subscriber: the collector's session survived each restart.
+    assert_eq!(ForwarderStats::get(&run.stats.rows_no_subscribers), 0);
+    let duplicates = check_delivery(&received, n as usize, device_of);
+    let connects = ForwarderStats::get(&run.stats.connects) as usize;
+    assert!(connects > restarts, "{connects} connections");
+    assert!(duplicates <= connects * max_inflight);
+    eprintln!("{n} readings, {restarts} mosquitto restarts, {duplicates} duplicates");
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_rate_limit_paces_the_backlog_and_qos0_deletes_on_send() {
+    let broker = free_port();
+    start_rumqttd(broker);
+    let collector = Collector::start(broker, "up/gw1/#").await;
+    let proxy = Proxy::start(broker, false).await;
+    let rate = 2_000u32;
+    let cfg = ForwarderConfig {
+        rate_limit_per_sec: Some(rate),
+        qos: 0,
+        ..config(proxy.port)
+    };
+    let run = start(cfg);
+    let n = 3_000u64;
+    for i in 0..n {
+        assert!(run.store.append(reading(i)));
+    }
+    run.store.flush().await.unwrap();
+    proxy.set_up(true);
+    let started = std::time::Instant::now();
+    run.wait_delivered(&collector, n as usize, Duration::from_secs(30))
+        .await;
+    let took = started.elapsed();
+    // A burst of rate/20 is allowed, the rest is paced.
+    let floor = Duration::from_secs_f64((n as f64 - rate as f64 / 20.0) / rate as f64);
+    assert!(
+        took >= floor,
+        "backlog of {n} drained in {took:?}, limit {rate}/s"
+    );
+    run.wait_drained(Duration::from_secs(10)).await;
+    let received = collector.snapshot();
+    check_delivery(&received, n as usize, device_of);
+    assert_eq!(ForwarderStats::get(&run.stats.rows_acked), n);
+    run.stop().await;
+}
