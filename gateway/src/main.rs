@@ -34,12 +34,24 @@ enum Command {
     Run,
     /// Validate the configuration, report every problem, and exit (64 when invalid).
     CheckConfig,
+    /// Inspect the outbox of messages waiting for upstream.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
     /// Show the newest payloads that did not decode, with the reason (gateway stopped).
     DeadLetters {
         /// How many to show.
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Depth in messages and bytes, oldest age, per-lane counts and drop counters; works
+    /// while the gateway runs (from its stats file) or not (from the database).
+    Stats,
 }
 
 fn main() -> ExitCode {
@@ -62,6 +74,15 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::DeadLetters { limit } => dead_letters(&config, limit),
+        Command::Outbox {
+            command: OutboxCommand::Stats,
+        } => match gateway::store::stats_command(&config.storage.path, &mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("gateway: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

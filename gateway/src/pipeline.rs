@@ -20,10 +20,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::broker::{self, BrokerError};
 use crate::config::{Config, ConfigErrors};
 use crate::counters::Counters;
 use crate::decode::DecodeStage;
+use crate::forwarder::{Forwarder, ForwarderConfig, ForwarderError, ForwarderStats};
 use crate::ingest::{Ingest, RawMessage};
 use crate::store::{Store, StoreConfig, StoreError, StoreHandle};
 
@@ -40,6 +43,8 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error("broker: {0}")]
     Broker(#[from] BrokerError),
+    #[error("upstream: {0}")]
+    Forwarder(#[from] ForwarderError),
     #[error("cannot start a pipeline thread: {0}")]
     Thread(#[from] std::io::Error),
 }
@@ -55,13 +60,37 @@ pub fn store_config(config: &Config) -> StoreConfig {
     }
 }
 
+/// The forwarder settings of a configuration, `None` when forwarding is off.
+pub fn forwarder_config(config: &Config) -> Option<ForwarderConfig> {
+    let up = &config.upstream;
+    let url = up.url.as_ref()?;
+    Some(ForwarderConfig {
+        url: url.to_string(),
+        client_id: up.client_id.clone(),
+        gateway_id: config.gateway.id.clone(),
+        username: up.username.clone(),
+        password: up.password.clone(),
+        keep_alive: up.keep_alive,
+        qos: up.qos,
+        topic_prefix: config.upstream_prefix(),
+        max_inflight: up.max_inflight as usize,
+        rate_limit_per_sec: Some(up.rate_limit).filter(|r| *r > 0),
+        batch_max_messages: up.batch_max_messages,
+        batch_linger_ms: up.batch_linger_ms,
+        max_packet_size: up.max_packet_bytes,
+        backoff_min: up.backoff_min,
+        backoff_max: up.backoff_max,
+        shutdown_grace: (config.gateway.shutdown_grace / 3).min(Duration::from_secs(5)),
+        ..ForwarderConfig::default()
+    })
+}
+
 /// Runs the gateway until `shutdown` completes, then drains and closes it.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     config.check_ports()?;
     let counters = Arc::new(Counters::default());
     let store = Store::open(&config.storage.path, store_config(&config))?;
-    let running = start(&config, counters.clone(), store.clone());
-    let running = match running {
+    let running = match start(&config, counters.clone(), store.clone()) {
         Ok(r) => r,
         Err(e) => {
             let _ = store.shutdown();
@@ -81,12 +110,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "Gateway is up."
     );
 
-    let status = tokio::spawn(log_status(counters.clone()));
+    let status = tokio::spawn(log_status(
+        counters.clone(),
+        store.clone(),
+        running.forwarder_stats.clone(),
+    ));
     shutdown.await;
     status.abort();
     tracing::info!(grace = ?config.gateway.shutdown_grace, "Shutting down.");
-    let drain = tokio::task::spawn_blocking(move || running.stop());
-    match tokio::time::timeout(config.gateway.shutdown_grace, drain).await {
+    match tokio::time::timeout(config.gateway.shutdown_grace, running.stop()).await {
         Ok(_) => tracing::info!(summary = %counters.summary(), "Gateway stopped."),
         Err(_) => tracing::warn!(
             summary = %counters.summary(),
@@ -101,16 +133,34 @@ struct Running {
     stop_ingest: Arc<AtomicBool>,
     ingest: JoinHandle<()>,
     decode: JoinHandle<()>,
+    forwarder: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    forwarder_stats: Option<Arc<ForwarderStats>>,
     store: StoreHandle,
 }
 
 impl Running {
     /// Stops from the front and waits for each stage in turn.
-    fn stop(self) {
-        self.stop_ingest.store(true, Ordering::Relaxed);
-        let _ = self.ingest.join();
-        let _ = self.decode.join();
-        if let Err(e) = self.store.shutdown() {
+    async fn stop(self) {
+        let Running {
+            stop_ingest,
+            ingest,
+            decode,
+            forwarder,
+            store,
+            ..
+        } = self;
+        stop_ingest.store(true, Ordering::Relaxed);
+        let front = tokio::task::spawn_blocking(move || {
+            let _ = ingest.join();
+            let _ = decode.join();
+        });
+        let _ = front.await;
+        if let Some((cancel, task)) = forwarder {
+            cancel.cancel();
+            let _ = task.await;
+        }
+        let closed = tokio::task::spawn_blocking(move || store.shutdown()).await;
+        if let Ok(Err(e)) = closed {
             tracing::error!(error = %e, "Closing the database failed.");
         }
     }
@@ -121,6 +171,9 @@ fn start(
     counters: Arc<Counters>,
     store: StoreHandle,
 ) -> Result<Running, RunError> {
+    let forwarder = forwarder_config(config)
+        .map(|cfg| Forwarder::new(cfg, store.clone()))
+        .transpose()?;
     let filter = config.ingest.topic_pattern.filter();
     let links = broker::start(&config.broker, &filter, EVENTS_FILTER)?;
     let (_ingest_tx, ingest_rx) = links.ingest;
@@ -143,15 +196,27 @@ fn start(
     let decode = std::thread::Builder::new()
         .name("decode".into())
         .spawn(move || decode.run())?;
+
+    let forwarder_stats = forwarder.as_ref().map(Forwarder::stats);
+    let forwarder = forwarder.map(|f| {
+        let cancel = CancellationToken::new();
+        (cancel.clone(), tokio::spawn(f.run(cancel)))
+    });
     Ok(Running {
         stop_ingest,
         ingest,
         decode,
+        forwarder,
+        forwarder_stats,
         store,
     })
 }
 
-async fn log_status(counters: Arc<Counters>) {
+async fn log_status(
+    counters: Arc<Counters>,
+    store: StoreHandle,
+    forwarder: Option<Arc<ForwarderStats>>,
+) {
     let mut last = String::new();
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     tick.tick().await;
@@ -159,7 +224,14 @@ async fn log_status(counters: Arc<Counters>) {
         tick.tick().await;
         let summary = counters.summary();
         if summary != last {
-            tracing::info!(summary = %summary, "Status.");
+            let outbox = store.stats();
+            tracing::info!(
+                summary = %summary,
+                outbox_depth = outbox.depth(),
+                outbox_dropped = outbox.dropped(),
+                upstream_connected = forwarder.as_ref().is_some_and(|f| f.connected()),
+                "Status."
+            );
             last = summary;
         }
     }
