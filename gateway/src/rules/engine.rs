@@ -1,0 +1,563 @@
+//! The rule engine: one state machine per (rule, device), driven by readings and by time.
+//!
+//! Owns [`Engine`] and the persisted form of its state, [`EngineState`].
+//! Input: decoded [`Reading`]s and the current time, always passed in (`now`, Unix ms);
+//! the engine never reads a clock, so every timing rule is testable with controlled time.
+//! Output: [`Event`]s, one per transition to firing and one per transition to resolved.
+//!
+//! States: inactive -> pending (condition holds, waiting `for`) -> firing -> (clear holds,
+//! waiting `keep_firing_for`) -> resolved, which leaves the instance inactive again.
+//!
+//! Invariants:
+//! - Events only on transitions, never one per matching reading.
+//! - Timers that fell due before `now` are applied before a reading at `now`, and an event
+//!   carries the exact time its transition fell due (`since + for`, `clearing + keep_firing_for`,
+//!   `last reading + absent_for`), so results do not depend on how often `tick` runs.
+//! - A reading whose condition cannot be evaluated (missing field, wrong type) changes no
+//!   state: it is counted in [`EngineStats::eval_errors`].
+//! - After a rule resolves, it does not fire again before `cooldown` has passed since the
+//!   resolution; a condition still holding then fires at that moment.
+//! - `snapshot` / `restore` carry every instance, so a restart neither re-fires nor forgets
+//!   a firing instance.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use cel::common::value::CowVal;
+use cel::context::VariableResolver;
+use serde::{Deserialize, Serialize};
+
+use super::load::AGG_VAR;
+use super::rule::{Rule, RuleKind};
+use super::ruleset::RuleSet;
+use super::window::Window;
+use crate::events::{Event, EventState, Transition};
+use crate::reading::{Millis, Reading, Value};
+
+/// The version of [`EngineState`]'s layout.
+pub const STATE_VERSION: u32 = 1;
+/// `data.reason` of a resolution caused by a reload that removed or changed the rule.
+pub const REASON_RULE_REMOVED: &str = "rule-removed";
+
+/// Where one (rule, device) instance stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum InstanceState {
+    Inactive,
+    /// The condition has held since `since`; fires at `since + for` (and not in cooldown).
+    Pending {
+        since: Millis,
+    },
+    /// Firing since `since`; `clearing_since` is when the clear condition began to hold.
+    Firing {
+        since: Millis,
+        clearing_since: Option<Millis>,
+    },
+}
+
+impl InstanceState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            InstanceState::Inactive => "inactive",
+            InstanceState::Pending { .. } => "pending",
+            InstanceState::Firing { .. } => "firing",
+        }
+    }
+}
+
+/// The state of one (rule, device) instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    pub state: InstanceState,
+    /// The time of the last reading the rule applied to.
+    pub last_seen: Millis,
+    /// When it last resolved (for `cooldown`).
+    pub resolved_at: Option<Millis>,
+    /// The values of the last reading (and aggregates as `agg.NAME`), copied into events.
+    pub values: BTreeMap<String, Value>,
+    /// One window per aggregate of the rule, in declaration order.
+    pub windows: Vec<Window>,
+}
+
+impl Instance {
+    fn new(rule: &Rule, now: Millis) -> Instance {
+        Instance {
+            state: InstanceState::Inactive,
+            last_seen: now,
+            resolved_at: None,
+            values: BTreeMap::new(),
+            windows: vec![Window::default(); rule.aggregates.len()],
+        }
+    }
+}
+
+/// One instance in the persisted state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub rule: String,
+    /// The rule's event type and kind when saved: a rule that changed either starts afresh.
+    pub event: String,
+    pub kind: String,
+    pub severity: String,
+    pub device: String,
+    pub instance: Instance,
+}
+
+/// Everything the engine must remember across a restart (serde: store it as JSON or CBOR).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EngineState {
+    pub version: u32,
+    pub instances: Vec<InstanceRecord>,
+}
+
+/// One line of the status listing.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InstanceStatus {
+    pub rule: String,
+    pub device: String,
+    pub state: InstanceState,
+    pub last_seen: Millis,
+}
+
+/// Counters (never reset).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct EngineStats {
+    pub readings: u64,
+    pub evaluations: u64,
+    pub eval_errors: u64,
+    pub events: u64,
+}
+
+/// The rule engine. Not shared: one task owns it and feeds it readings and ticks.
+pub struct Engine {
+    rules: RuleSet,
+    gateway_id: String,
+    /// Instances by rule index, then device.
+    instances: Vec<HashMap<String, Instance>>,
+    stats: EngineStats,
+    scratch: Vec<usize>,
+}
+
+impl Engine {
+    pub fn new(rules: RuleSet, gateway_id: &str) -> Engine {
+        let instances = vec![HashMap::new(); rules.len()];
+        Engine {
+            rules,
+            gateway_id: gateway_id.to_string(),
+            instances,
+            stats: EngineStats::default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Rebuilds an engine from a snapshot. Instances of rules that no longer exist (or whose
+    /// event type or kind changed) are dropped; those that were firing come back as
+    /// `resolved` events at `now` with `data.reason = "rule-removed"`.
+    pub fn restore(
+        rules: RuleSet,
+        gateway_id: &str,
+        state: EngineState,
+        now: Millis,
+    ) -> (Engine, Vec<Event>) {
+        let mut engine = Engine::new(rules, gateway_id);
+        let mut events = Vec::new();
+        for rec in state.instances {
+            let index = engine.rules.rules().iter().position(|r| {
+                r.name == rec.rule && r.event == rec.event && r.kind.name() == rec.kind
+            });
+            match index {
+                Some(i) => {
+                    let mut inst = rec.instance;
+                    let rule = &engine.rules.rules()[i];
+                    if inst.windows.len() != rule.aggregates.len() {
+                        inst.windows = vec![Window::default(); rule.aggregates.len()];
+                    }
+                    engine.instances[i].insert(rec.device, inst);
+                }
+                None => {
+                    if let InstanceState::Firing { since, .. } = rec.instance.state {
+                        events.push(Event::new(Transition {
+                            gateway_id,
+                            rule: &rec.rule,
+                            event_type: &rec.event,
+                            device: &rec.device,
+                            state: EventState::Resolved,
+                            at: now,
+                            firing_since: since,
+                            severity: &rec.severity,
+                            values: rec.instance.values,
+                            labels: BTreeMap::new(),
+                            annotations: BTreeMap::new(),
+                            reason: Some(REASON_RULE_REMOVED.to_string()),
+                        }));
+                    }
+                }
+            }
+        }
+        engine.stats.events += events.len() as u64;
+        (engine, events)
+    }
+
+    /// Everything needed to restore this engine later.
+    pub fn snapshot(&self) -> EngineState {
+        let mut instances = Vec::new();
+        for (rule, map) in self.rules.rules().iter().zip(&self.instances) {
+            let mut devices: Vec<_> = map.iter().collect();
+            devices.sort_by(|a, b| a.0.cmp(b.0));
+            for (device, inst) in devices {
+                instances.push(InstanceRecord {
+                    rule: rule.name.clone(),
+                    event: rule.event.clone(),
+                    kind: rule.kind.name().to_string(),
+                    severity: rule.severity.clone(),
+                    device: device.clone(),
+                    instance: inst.clone(),
+                });
+            }
+        }
+        EngineState {
+            version: STATE_VERSION,
+            instances,
+        }
+    }
+
+    /// Swaps in a new rule set (hot reload). Instances of rules kept under the same name,
+    /// event type and kind keep their state (windows are reset if the aggregates changed).
+    /// Instances of removed or changed rules are dropped; firing ones are resolved at `now`
+    /// with `data.reason = "rule-removed"`, so no consumer is left with a dangling alert.
+    pub fn replace(&mut self, rules: RuleSet, now: Millis) -> Vec<Event> {
+        let mut events = Vec::new();
+        let mut old_instances = std::mem::take(&mut self.instances);
+        let mut instances = vec![HashMap::new(); rules.len()];
+        for (old_i, old_rule) in self.rules.rules().iter().enumerate() {
+            let map = std::mem::take(&mut old_instances[old_i]);
+            let new_i = rules.rules().iter().position(|r| r.same_identity(old_rule));
+            match new_i {
+                Some(i) => {
+                    let reset = rules.rules()[i].aggregates != old_rule.aggregates;
+                    let n = rules.rules()[i].aggregates.len();
+                    instances[i] = map
+                        .into_iter()
+                        .map(|(d, mut inst)| {
+                            if reset {
+                                inst.windows = vec![Window::default(); n];
+                            }
+                            (d, inst)
+                        })
+                        .collect();
+                }
+                None => {
+                    let mut devices: Vec<_> = map.into_iter().collect();
+                    devices.sort_by(|a, b| a.0.cmp(&b.0));
+                    for (device, inst) in devices {
+                        if let InstanceState::Firing { since, .. } = inst.state {
+                            let reason = Some(REASON_RULE_REMOVED.to_string());
+                            events.push(transition_event(
+                                &self.gateway_id,
+                                old_rule,
+                                &device,
+                                &inst,
+                                EventState::Resolved,
+                                now,
+                                since,
+                                reason,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        self.rules = rules;
+        self.instances = instances;
+        self.stats.events += events.len() as u64;
+        events
+    }
+
+    /// Evaluates every rule that applies to `reading`, at time `now`.
+    pub fn on_reading(&mut self, reading: &Reading, now: Millis) -> Vec<Event> {
+        let mut out = Vec::new();
+        self.stats.readings += 1;
+        let mut applicable = std::mem::take(&mut self.scratch);
+        self.rules.applicable(reading, &mut applicable);
+        for &i in &applicable {
+            let rule = &self.rules.rules()[i];
+            let inst = match self.instances[i].get_mut(&reading.device) {
+                Some(inst) => inst,
+                None => self.instances[i]
+                    .entry(reading.device.clone())
+                    .or_insert_with(|| Instance::new(rule, now)),
+            };
+            let cx = Cx {
+                gateway_id: &self.gateway_id,
+                rule,
+                device: &reading.device,
+            };
+            cx.advance(inst, now, &mut out);
+            inst.last_seen = now;
+            let observed = match &rule.kind {
+                RuleKind::Absence { .. } => Some((false, true)),
+                RuleKind::Condition { condition, clear } => {
+                    let aggs = update_windows(rule, inst, reading, now);
+                    let vars = Vars {
+                        reading,
+                        aggs: &aggs,
+                    };
+                    let firing = matches!(inst.state, InstanceState::Firing { .. });
+                    let result = match (firing, clear) {
+                        (true, Some(clear)) => {
+                            eval(self.rules.env(), clear, &vars).map(|c| (true, c))
+                        }
+                        _ => eval(self.rules.env(), condition, &vars).map(|h| (h, !h)),
+                    };
+                    self.stats.evaluations += 1;
+                    if result.is_none() {
+                        self.stats.eval_errors += 1;
+                    }
+                    if result.is_some_and(|(holds, _)| holds) || firing {
+                        inst.values = values_of(reading, &aggs);
+                    }
+                    result
+                }
+            };
+            if matches!(rule.kind, RuleKind::Absence { .. }) {
+                inst.values = values_of(reading, &[]);
+            }
+            if let Some((holds, cleared)) = observed {
+                cx.observe(inst, holds, cleared, now);
+                cx.advance(inst, now, &mut out);
+            }
+        }
+        self.scratch = applicable;
+        self.stats.events += out.len() as u64;
+        out
+    }
+
+    /// Applies every timer due at or before `now`: `for`, `keep_firing_for`, cooldown, absence.
+    pub fn tick(&mut self, now: Millis) -> Vec<Event> {
+        let mut out = Vec::new();
+        for (rule, map) in self.rules.rules().iter().zip(self.instances.iter_mut()) {
+            let start = out.len();
+            for (device, inst) in map.iter_mut() {
+                let cx = Cx {
+                    gateway_id: &self.gateway_id,
+                    rule,
+                    device,
+                };
+                cx.advance(inst, now, &mut out);
+            }
+            // Deterministic order within one rule: by time, then device.
+            out[start..].sort_by(|a, b| (&a.time, &a.subject).cmp(&(&b.time, &b.subject)));
+        }
+        self.stats.events += out.len() as u64;
+        out
+    }
+
+    /// Every instance (rule, device, state), in rule order then device order.
+    pub fn instances(&self) -> Vec<InstanceStatus> {
+        let mut out = Vec::new();
+        for (rule, map) in self.rules.rules().iter().zip(&self.instances) {
+            let start = out.len();
+            out.extend(map.iter().map(|(device, inst)| InstanceStatus {
+                rule: rule.name.clone(),
+                device: device.clone(),
+                state: inst.state,
+                last_seen: inst.last_seen,
+            }));
+            out[start..].sort_by(|a, b| a.device.cmp(&b.device));
+        }
+        out
+    }
+
+    pub fn rules(&self) -> &RuleSet {
+        &self.rules
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+}
+
+/// What one transition needs to know besides the instance.
+struct Cx<'a> {
+    gateway_id: &'a str,
+    rule: &'a Rule,
+    device: &'a str,
+}
+
+impl Cx<'_> {
+    /// Applies an observation at `now`: does the condition hold, does the clear condition hold.
+    fn observe(&self, inst: &mut Instance, holds: bool, cleared: bool, now: Millis) {
+        inst.state = match inst.state {
+            InstanceState::Inactive if holds => InstanceState::Pending { since: now },
+            InstanceState::Pending { .. } if !holds => InstanceState::Inactive,
+            InstanceState::Firing {
+                since,
+                clearing_since,
+            } => InstanceState::Firing {
+                since,
+                clearing_since: if cleared {
+                    Some(clearing_since.unwrap_or(now))
+                } else {
+                    None
+                },
+            },
+            other => other,
+        };
+    }
+
+    /// Applies every timer due at or before `now`, emitting events at their due times.
+    fn advance(&self, inst: &mut Instance, now: Millis, out: &mut Vec<Event>) {
+        let rule = self.rule;
+        loop {
+            match inst.state {
+                InstanceState::Inactive => match rule.kind {
+                    RuleKind::Absence { after } if inst.last_seen + after <= now => {
+                        inst.state = InstanceState::Pending {
+                            since: inst.last_seen + after,
+                        };
+                    }
+                    _ => return,
+                },
+                InstanceState::Pending { since } => {
+                    let cooled = inst
+                        .resolved_at
+                        .map_or(Millis::MIN, |r| r + rule.cooldown_ms);
+                    let due = (since + rule.for_ms).max(cooled);
+                    if due > now {
+                        return;
+                    }
+                    inst.state = InstanceState::Firing {
+                        since: due,
+                        clearing_since: None,
+                    };
+                    out.push(self.event(inst, EventState::Firing, due, due));
+                }
+                InstanceState::Firing {
+                    since,
+                    clearing_since: Some(clearing),
+                } => {
+                    let due = clearing + rule.keep_firing_for_ms;
+                    if due > now {
+                        return;
+                    }
+                    inst.state = InstanceState::Inactive;
+                    inst.resolved_at = Some(due);
+                    out.push(self.event(inst, EventState::Resolved, due, since));
+                }
+                InstanceState::Firing {
+                    clearing_since: None,
+                    ..
+                } => return,
+            }
+        }
+    }
+
+    fn event(&self, inst: &Instance, state: EventState, at: Millis, since: Millis) -> Event {
+        transition_event(
+            self.gateway_id,
+            self.rule,
+            self.device,
+            inst,
+            state,
+            at,
+            since,
+            None,
+        )
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn transition_event(
+    gateway_id: &str,
+    rule: &Rule,
+    device: &str,
+    inst: &Instance,
+    state: EventState,
+    at: Millis,
+    firing_since: Millis,
+    reason: Option<String>,
+) -> Event {
+    Event::new(Transition {
+        gateway_id,
+        rule: &rule.name,
+        event_type: &rule.event,
+        device,
+        state,
+        at,
+        firing_since,
+        severity: &rule.severity,
+        values: inst.values.clone(),
+        labels: rule.labels.clone(),
+        annotations: rule.annotations.clone(),
+        reason,
+    })
+}
+
+/// Pushes the reading's fields into the rule's windows; returns the aggregates with a value.
+fn update_windows(
+    rule: &Rule,
+    inst: &mut Instance,
+    reading: &Reading,
+    now: Millis,
+) -> Vec<(Arc<str>, f64)> {
+    if rule.aggregates.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(rule.aggregates.len());
+    for (agg, window) in rule.aggregates.iter().zip(inst.windows.iter_mut()) {
+        if let Some(v) = reading.fields.get(&agg.field).and_then(Value::as_f64) {
+            window.push(now, v, agg.window);
+        }
+        if let Some(v) = window.value(agg.func) {
+            out.push((Arc::from(agg.name.as_str()), v));
+        }
+    }
+    out
+}
+
+fn values_of(reading: &Reading, aggs: &[(Arc<str>, f64)]) -> BTreeMap<String, Value> {
+    let mut values = reading.fields.clone();
+    for (name, v) in aggs {
+        values.insert(format!("{AGG_VAR}.{name}"), Value::Number(*v));
+    }
+    values
+}
+
+/// Evaluates a condition to a boolean; `None` when it errors or is not boolean.
+fn eval(env: &Arc<cel::Env>, expr: &super::rule::Expr, vars: &Vars<'_>) -> Option<bool> {
+    let mut ctx = cel::Context::with_env(Arc::clone(env));
+    ctx.set_variable_resolver(vars);
+    match expr.program.execute(&ctx) {
+        Ok(cel::Value::Bool(b)) => Some(b),
+        _ => None,
+    }
+}
+
+/// The variables a condition sees: the reading's fields by name, `agg.NAME`, and
+/// `device`, `stream`, `topic` (unless a field has that name).
+struct Vars<'a> {
+    reading: &'a Reading,
+    aggs: &'a [(Arc<str>, f64)],
+}
+
+impl VariableResolver for Vars<'_> {
+    fn resolve<'b>(&'b self, name: &str) -> Option<CowVal<'b, 'b>> {
+        let value = match self.reading.fields.get(name) {
+            Some(Value::Number(n)) => cel::Value::Float(*n),
+            Some(Value::Bool(b)) => cel::Value::Bool(*b),
+            Some(Value::Text(s)) => cel::Value::String(Arc::new(s.clone())),
+            None => match name {
+                AGG_VAR => {
+                    let map: HashMap<String, f64> =
+                        self.aggs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+                    cel::Value::from(map)
+                }
+                "device" => cel::Value::String(Arc::new(self.reading.device.clone())),
+                "stream" => cel::Value::String(Arc::new(self.reading.stream.clone())),
+                "topic" => cel::Value::String(Arc::new(self.reading.topic.clone())),
+                _ => return None,
+            },
+        };
+        value.try_into().ok().map(CowVal::Owned)
+    }
+}
