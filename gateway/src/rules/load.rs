@@ -45,8 +45,16 @@ pub const AGG_VAR: &str = "agg";
 /// Severity when a rule gives none.
 pub const DEFAULT_SEVERITY: &str = "warning";
 
+/// What one file gave: its valid rules, the name (and byte offset of the name's value) of
+/// every rule it declares, valid or not, and every problem.
+pub struct Parsed {
+    pub rules: Vec<Rule>,
+    pub names: Vec<(String, usize)>,
+    pub diags: Vec<Diagnostic>,
+}
+
 /// Parses one rule file. Rules with problems are left out; every problem is returned.
-pub fn parse_file(file: &str, text: &str, env: &cel::Env) -> (Vec<Rule>, Vec<Diagnostic>) {
+pub fn parse_file(file: &str, text: &str, env: &cel::Env) -> Parsed {
     let src = Source::new(file, text);
     let mut cx = Cx {
         src: &src,
@@ -58,10 +66,15 @@ pub fn parse_file(file: &str, text: &str, env: &cel::Env) -> (Vec<Rule>, Vec<Dia
         Err(e) => {
             let at = e.span().map_or(0, |s| s.start);
             let msg = format!("TOML syntax: {}", e.message().trim_end());
-            return (Vec::new(), vec![src.at(at, msg)]);
+            return Parsed {
+                rules: Vec::new(),
+                names: Vec::new(),
+                diags: vec![src.at(at, msg)],
+            };
         }
     };
     let mut rules = Vec::new();
+    let mut names = Vec::new();
     for (key, item) in doc.as_table().iter() {
         if key != "rule" {
             cx.unknown_key(doc.as_table(), key, &["rule"], "at the top level");
@@ -70,6 +83,11 @@ pub fn parse_file(file: &str, text: &str, env: &cel::Env) -> (Vec<Rule>, Vec<Dia
         match item.as_array_of_tables() {
             Some(tables) => {
                 for table in tables.iter() {
+                    if let Some(item) = table.get("name") {
+                        if let (Some(n), Some(span)) = (item.as_str(), item.span()) {
+                            names.push((n.to_string(), span.start));
+                        }
+                    }
                     let before = cx.diags.len();
                     let rule = cx.rule(table, table.span());
                     if let (Some(rule), true) = (rule, cx.diags.len() == before) {
@@ -83,7 +101,11 @@ pub fn parse_file(file: &str, text: &str, env: &cel::Env) -> (Vec<Rule>, Vec<Dia
             ),
         }
     }
-    (rules, cx.diags)
+    Parsed {
+        rules,
+        names,
+        diags: cx.diags,
+    }
 }
 
 struct Cx<'a> {
@@ -233,7 +255,7 @@ impl Cx<'_> {
                 );
             }
         }
-        let aggregates = self.aggregates(table);
+        let (aggregates, declared) = self.aggregates(table);
         let for_ms = self.duration(table, "for").unwrap_or(0);
         let keep_firing_for_ms = self.duration(table, "keep_firing_for").unwrap_or(0);
         let cooldown_ms = self.duration(table, "cooldown").unwrap_or(0);
@@ -242,7 +264,7 @@ impl Cx<'_> {
             .map_or_else(|| DEFAULT_SEVERITY.to_string(), |(s, _)| s);
         let labels = self.string_map(table, "labels");
         let annotations = self.string_map(table, "annotations");
-        let kind = self.kind(table, &at, &aggregates);
+        let kind = self.kind(table, &at, &declared);
         Some(Rule {
             name: name?.0,
             file: self.src.file.to_string(),
@@ -266,7 +288,7 @@ impl Cx<'_> {
         &mut self,
         table: &dyn TableLike,
         at: &Option<Range<usize>>,
-        aggregates: &[Aggregate],
+        aggregates: &[String],
     ) -> Option<RuleKind> {
         let has = |k: &str| table.get(k).is_some();
         let key_span = |k: &str| table.get_key_value(k).and_then(|(k, _)| k.span());
@@ -316,10 +338,12 @@ impl Cx<'_> {
         }
     }
 
-    fn aggregates(&mut self, table: &dyn TableLike) -> Vec<Aggregate> {
+    /// The valid aggregates, and the names of all declared ones (valid or not).
+    fn aggregates(&mut self, table: &dyn TableLike) -> (Vec<Aggregate>, Vec<String>) {
         let mut out: Vec<Aggregate> = Vec::new();
+        let mut declared: Vec<String> = Vec::new();
         let Some(item) = table.get("aggregate") else {
-            return out;
+            return (out, declared);
         };
         let entries: Vec<(&dyn TableLike, Option<Range<usize>>)> =
             if let Some(aot) = item.as_array_of_tables() {
@@ -340,7 +364,7 @@ impl Cx<'_> {
                     item.span(),
                     "`aggregate` must be an array of tables: write `[[rule.aggregate]]`",
                 );
-                return out;
+                return (out, declared);
             };
         for (t, at) in entries {
             self.check_keys(t, AGGREGATE_KEYS, "in [[rule.aggregate]]");
@@ -389,6 +413,7 @@ impl Cx<'_> {
                 }
             };
             if let Some((n, span)) = &name {
+                declared.push(n.clone());
                 let ident = n
                     .chars()
                     .next()
@@ -396,7 +421,7 @@ impl Cx<'_> {
                     && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
                 if !ident {
                     self.error(Some(span.clone()), format!("bad aggregate name {n:?}: it must be an identifier (letters, digits, `_`)"));
-                } else if out.iter().any(|a| &a.name == n) {
+                } else if declared.iter().filter(|d| *d == n).count() > 1 {
                     self.error(
                         Some(span.clone()),
                         format!("aggregate `{n}` is declared twice in this rule"),
@@ -414,17 +439,17 @@ impl Cx<'_> {
                 });
             }
         }
-        out
+        (out, declared)
     }
 
     /// Compiles a CEL string, mapping parse errors and unknown `agg.X` references into the file.
-    fn expr(&mut self, table: &dyn TableLike, key: &str, aggregates: &[Aggregate]) -> Option<Expr> {
+    fn expr(&mut self, table: &dyn TableLike, key: &str, aggregates: &[String]) -> Option<Expr> {
         let (source, span) = self.string(table, key)?;
         let start = content_start(self.src.text, &span);
         match self.env.compile(&source) {
             Ok(program) => {
                 let mut unknown = Vec::new();
-                let known: BTreeSet<&str> = aggregates.iter().map(|a| a.name.as_str()).collect();
+                let known: BTreeSet<&str> = aggregates.iter().map(String::as_str).collect();
                 agg_refs(program.expression(), &mut |id, field| {
                     if !known.contains(field) {
                         unknown.push((id, field.to_string()));

@@ -62,22 +62,22 @@ impl RuleSet {
         let mut rules: Vec<Rule> = Vec::new();
         let mut seen: HashMap<String, String> = HashMap::new();
         for (file, text) in files {
-            let (parsed, problems) = parse_file(file, text, &env);
-            diags.extend(Diagnostics(problems));
+            let parsed = parse_file(file, text, &env);
+            diags.extend(Diagnostics(parsed.diags));
             let src = Source::new(file, text);
-            for rule in parsed {
-                if let Some(first) = seen.get(&rule.name) {
-                    let at = name_offset(text, &rule.name);
-                    let msg = format!(
-                        "duplicate rule name `{}` (first defined in {first})",
-                        rule.name
-                    );
-                    diags.push(src.at(at, msg));
-                    continue;
+            for (name, at) in parsed.names {
+                match seen.get(&name) {
+                    Some(first) => {
+                        let msg =
+                            format!("duplicate rule name `{name}` (first defined in {first})");
+                        diags.push(src.at(at, msg));
+                    }
+                    None => {
+                        seen.insert(name, file.clone());
+                    }
                 }
-                seen.insert(rule.name.clone(), file.clone());
-                rules.push(rule);
             }
+            rules.extend(parsed.rules);
         }
         if !diags.is_empty() {
             diags.sort();
@@ -214,19 +214,6 @@ fn list_files(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<PathBuf>, D
         .collect();
     paths.sort();
     Ok(paths)
-}
-
-/// Byte offset of the value of the `name = "..."` line naming `rule` (0 if not found).
-fn name_offset(text: &str, rule: &str) -> usize {
-    let mut offset = 0;
-    for line in text.split_inclusive('\n') {
-        let t = line.trim_start();
-        if t.starts_with("name") && t.contains(&format!("\"{rule}\"")) {
-            return offset + line.find('"').unwrap_or(0);
-        }
-        offset += line.len();
-    }
-    0
 }
 
 /// MQTT topic filters by level: literal children, `+` and `#`.
