@@ -161,18 +161,23 @@ impl Engine {
     ) -> (Engine, Vec<Event>) {
         let mut engine = Engine::new(rules, gateway_id);
         let mut events = Vec::new();
+        let by_name: HashMap<&str, usize> = (engine.rules.rules().iter().enumerate())
+            .map(|(i, r)| (r.name.as_str(), i))
+            .collect();
+        let mut restored: Vec<(usize, String, Instance)> = Vec::new();
         for rec in state.instances {
-            let index = engine.rules.rules().iter().position(|r| {
-                r.name == rec.rule && r.event == rec.event && r.kind.name() == rec.kind
+            let index = by_name.get(rec.rule.as_str()).copied().filter(|&i| {
+                let r = &engine.rules.rules()[i];
+                r.event == rec.event && r.kind.name() == rec.kind
             });
             match index {
                 Some(i) => {
                     let mut inst = rec.instance;
-                    let rule = &engine.rules.rules()[i];
-                    if inst.windows.len() != rule.aggregates.len() {
-                        inst.windows = vec![Window::default(); rule.aggregates.len()];
+                    let n = engine.rules.rules()[i].aggregates.len();
+                    if inst.windows.len() != n {
+                        inst.windows = vec![Window::default(); n];
                     }
-                    engine.instances[i].insert(rec.device, inst);
+                    restored.push((i, rec.device, inst));
                 }
                 None => {
                     if let InstanceState::Firing { since, .. } = rec.instance.state {
@@ -193,6 +198,10 @@ impl Engine {
                     }
                 }
             }
+        }
+        drop(by_name);
+        for (i, device, inst) in restored {
+            engine.instances[i].insert(device, inst);
         }
         engine.stats.events += events.len() as u64;
         (engine, events)
@@ -229,9 +238,15 @@ impl Engine {
         let mut events = Vec::new();
         let mut old_instances = std::mem::take(&mut self.instances);
         let mut instances = vec![HashMap::new(); rules.len()];
+        let by_name: HashMap<&str, usize> = (rules.rules().iter().enumerate())
+            .map(|(i, r)| (r.name.as_str(), i))
+            .collect();
         for (old_i, old_rule) in self.rules.rules().iter().enumerate() {
             let map = std::mem::take(&mut old_instances[old_i]);
-            let new_i = rules.rules().iter().position(|r| r.same_identity(old_rule));
+            let new_i = by_name
+                .get(old_rule.name.as_str())
+                .copied()
+                .filter(|&i| rules.rules()[i].same_identity(old_rule));
             match new_i {
                 Some(i) => {
                     let reset = rules.rules()[i].aggregates != old_rule.aggregates;
@@ -267,6 +282,7 @@ impl Engine {
                 }
             }
         }
+        drop(by_name);
         self.rules = rules;
         self.instances = instances;
         self.stats.events += events.len() as u64;

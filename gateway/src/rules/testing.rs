@@ -313,7 +313,7 @@ fn reading_of(input: &Input, time: Millis) -> Reading {
 }
 
 fn line(at: Millis, state: EventState, event_type: &str, device: &str, rule: &str) -> String {
-    let offset = humantime::format_duration(Duration::from_millis(at.max(0) as u64));
+    let offset = humantime::format_duration(Duration::from_millis(at.max(0) as u64)).to_string();
     format!("{offset:>8}  {state:<8}  {event_type}  {device}  (rule {rule})")
 }
 
