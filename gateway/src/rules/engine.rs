@@ -27,6 +27,7 @@ use cel::common::value::CowVal;
 use cel::context::VariableResolver;
 use serde::{Deserialize, Serialize};
 
+use super::fast::Outcome;
 use super::load::AGG_VAR;
 use super::rule::{Rule, RuleKind};
 use super::ruleset::RuleSet;
@@ -73,7 +74,9 @@ pub struct Instance {
     pub last_seen: Millis,
     /// When it last resolved (for `cooldown`).
     pub resolved_at: Option<Millis>,
-    /// The values of the last reading (and aggregates as `agg.NAME`), copied into events.
+    /// The values (and aggregates as `agg.NAME`) of the reading that started the current
+    /// state (made the condition hold, or the clear condition hold); for absence rules, of
+    /// the last reading. Copied into events.
     pub values: BTreeMap<String, Value>,
     /// One window per aggregate of the rule, in declaration order.
     pub windows: Vec<Window>,
@@ -310,10 +313,14 @@ impl Engine {
             };
             cx.advance(inst, now, &mut out);
             inst.last_seen = now;
+            let aggs = update_windows(rule, inst, reading, now);
             let observed = match &rule.kind {
-                RuleKind::Absence { .. } => Some((false, true)),
+                RuleKind::Absence { .. } => {
+                    // The last values a device sent are what its offline event shows.
+                    inst.values = values_of(reading, &aggs);
+                    Some((false, true))
+                }
                 RuleKind::Condition { condition, clear } => {
-                    let aggs = update_windows(rule, inst, reading, now);
                     let vars = Vars {
                         reading,
                         aggs: &aggs,
@@ -329,17 +336,17 @@ impl Engine {
                     if result.is_none() {
                         self.stats.eval_errors += 1;
                     }
-                    if result.is_some_and(|(holds, _)| holds) || firing {
-                        inst.values = values_of(reading, &aggs);
-                    }
                     result
                 }
             };
-            if matches!(rule.kind, RuleKind::Absence { .. }) {
-                inst.values = values_of(reading, &[]);
-            }
             if let Some((holds, cleared)) = observed {
+                let before = inst.state;
                 cx.observe(inst, holds, cleared, now);
+                // The reading that started a transition (pending, clearing) is the one whose
+                // values the coming event shows; copying only then keeps the hot path cheap.
+                if inst.state != before {
+                    inst.values = values_of(reading, &aggs);
+                }
                 cx.advance(inst, now, &mut out);
             }
         }
@@ -541,6 +548,18 @@ fn values_of(reading: &Reading, aggs: &[(Arc<str>, f64)]) -> BTreeMap<String, Va
 
 /// Evaluates a condition to a boolean; `None` when it errors or is not boolean.
 fn eval(env: &Arc<cel::Env>, expr: &super::rule::Expr, vars: &Vars<'_>) -> Option<bool> {
+    if let Some(fast) = &expr.fast {
+        match fast.eval(&vars.reading.fields, vars.aggs) {
+            Outcome::Bool(b) => return Some(b),
+            Outcome::Error => return None,
+            Outcome::Fallback => {}
+        }
+    }
+    eval_cel(env, expr, vars)
+}
+
+/// Evaluates with the CEL interpreter only.
+fn eval_cel(env: &Arc<cel::Env>, expr: &super::rule::Expr, vars: &Vars<'_>) -> Option<bool> {
     let mut ctx = cel::Context::with_env(Arc::clone(env));
     ctx.set_variable_resolver(vars);
     match expr.program.execute(&ctx) {
@@ -576,4 +595,25 @@ impl VariableResolver for Vars<'_> {
         };
         value.try_into().ok().map(CowVal::Owned)
     }
+}
+
+/// Both evaluation paths for one expression, for the differential test of the fast path:
+/// (fast result if it did not fall back, CEL result).
+#[cfg(test)]
+pub(super) fn eval_both(
+    env: &Arc<cel::Env>,
+    expr: &super::rule::Expr,
+    reading: &Reading,
+    aggs: &[(Arc<str>, f64)],
+) -> (Option<Option<bool>>, Option<bool>) {
+    let vars = Vars { reading, aggs };
+    let fast = expr
+        .fast
+        .as_ref()
+        .and_then(|f| match f.eval(&reading.fields, aggs) {
+            Outcome::Bool(b) => Some(Some(b)),
+            Outcome::Error => Some(None),
+            Outcome::Fallback => None,
+        });
+    (fast, eval_cel(env, expr, &vars))
 }

@@ -456,7 +456,12 @@ impl Cx<'_> {
                     }
                 });
                 if unknown.is_empty() {
-                    return Some(Expr { source, program });
+                    let fast = super::fast::compile(program.expression());
+                    return Some(Expr {
+                        source,
+                        program,
+                        fast,
+                    });
                 }
                 for (id, field) in unknown {
                     let char_offset = program.source_info().offset_for(id).map_or(0, |(s, _)| s);

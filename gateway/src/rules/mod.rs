@@ -15,6 +15,7 @@
 
 mod diagnostics;
 mod engine;
+mod fast;
 mod load;
 mod rule;
 mod ruleset;

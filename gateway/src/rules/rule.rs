@@ -14,10 +14,19 @@ use std::fmt;
 
 use crate::reading::Millis;
 
-/// A CEL expression compiled once at load.
+/// A CEL expression compiled once at load (and, when it has the common simple shape, also
+/// to native code: see `fast`).
 pub struct Expr {
     pub source: String,
     pub program: cel::Program,
+    pub(crate) fast: Option<super::fast::Fast>,
+}
+
+impl Expr {
+    /// Whether evaluation takes the native fast path (else the CEL interpreter).
+    pub fn is_fast(&self) -> bool {
+        self.fast.is_some()
+    }
 }
 
 impl fmt::Debug for Expr {

@@ -435,3 +435,109 @@ fn event_times_do_not_depend_on_the_tick_cadence() {
     assert_eq!(fine, run(7));
     assert_eq!(fine, run(50));
 }
+
+#[test]
+fn the_fast_path_agrees_with_the_cel_interpreter() {
+    use std::sync::Arc;
+    let fast_shaped = [
+        "temperature > 75.0",
+        "temperature > 75",
+        "75 < temperature",
+        "temperature == 76",
+        "temperature != 76.0",
+        "temperature >= 76.0 && humidity < 30.0",
+        "temperature > 75.0 || humidity < 30.0",
+        "humidity < 30.0 || temperature > 75.0",
+        "humidity < 30.0 && temperature > 75.0",
+        "!(temperature > 75.0)",
+        "has(agg.a) && agg.a > 1.0",
+        "!has(agg.a) || agg.a < 0.5",
+        "agg.a >= 2",
+        "temperature > 75.0 && true",
+        "false || temperature <= 10",
+    ];
+    let cel_only = [
+        "device == 't-1'",
+        "temperature + 1.0 > 2.0",
+        "status == 'ok'",
+    ];
+    let mut text = String::new();
+    for (i, c) in fast_shaped.iter().chain(cel_only.iter()).enumerate() {
+        text.push_str(&format!(
+            "[[rule]]\nname = \"r{i}\"\nevent = \"E\"\ncondition = {c:?}\n\
+             [[rule.aggregate]]\nname = \"a\"\nfield = \"x\"\nfn = \"avg\"\nsamples = 2\n"
+        ));
+    }
+    let set = set(&text);
+    let contexts: Vec<BTreeMap<String, Value>> = vec![
+        [("temperature", Value::Number(80.0))]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        [
+            ("temperature", Value::Number(76.0)),
+            ("humidity", Value::Number(20.0)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+        [("temperature", Value::Number(5.0))]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        BTreeMap::new(),
+        [("humidity", Value::Number(20.0))]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        [("humidity", Value::Number(50.0))]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        [("temperature", Value::Text("hot".into()))]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        [("temperature", Value::Bool(true))]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        [
+            ("agg", Value::Number(1.0)),
+            ("temperature", Value::Number(80.0)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+    ];
+    let agg_sets: Vec<Vec<(Arc<str>, f64)>> = vec![
+        vec![],
+        vec![(Arc::from("a"), 1.5)],
+        vec![(Arc::from("a"), 0.2)],
+        vec![(Arc::from("a"), 2.0)],
+    ];
+    let mut fast_taken = 0;
+    for rule in set.rules() {
+        let RuleKind::Condition { condition, .. } = &rule.kind else {
+            unreachable!()
+        };
+        let shaped = fast_shaped.contains(&condition.source.as_str());
+        assert_eq!(condition.is_fast(), shaped, "{}", condition.source);
+        for fields in &contexts {
+            for aggs in &agg_sets {
+                let mut r = temp("t-1", 0.0);
+                r.fields = fields.clone();
+                let (fast, cel) = engine::eval_both(set.env(), condition, &r, aggs);
+                if let Some(fast) = fast {
+                    fast_taken += 1;
+                    assert_eq!(fast, cel, "{} with {fields:?} {aggs:?}", condition.source);
+                }
+            }
+        }
+    }
+    // Most combinations are decided natively; the rest fell back to CEL.
+    assert!(
+        fast_taken > fast_shaped.len() * contexts.len() * agg_sets.len() / 2,
+        "{fast_taken}"
+    );
+}
