@@ -131,23 +131,48 @@ pub struct EngineStats {
     pub events: u64,
 }
 
+/// The instances of one device, sorted by rule index (parallel arrays). One hash lookup per
+/// reading finds them; the applicable rules then walk one contiguous array.
+#[derive(Debug, Clone, Default)]
+struct DeviceInstances {
+    rules: Vec<u32>,
+    instances: Vec<Instance>,
+}
+
+impl DeviceInstances {
+    fn get_or_insert(&mut self, rule: usize, make: impl FnOnce() -> Instance) -> &mut Instance {
+        let k = match self.rules.binary_search(&(rule as u32)) {
+            Ok(k) => k,
+            Err(k) => {
+                self.rules.insert(k, rule as u32);
+                self.instances.insert(k, make());
+                k
+            }
+        };
+        &mut self.instances[k]
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (usize, &Instance)> {
+        self.rules.iter().map(|&r| r as usize).zip(&self.instances)
+    }
+}
+
 /// The rule engine. Not shared: one task owns it and feeds it readings and ticks.
 pub struct Engine {
     rules: RuleSet,
     gateway_id: String,
-    /// Instances by rule index, then device.
-    instances: Vec<HashMap<String, Instance>>,
+    /// Instances by device, then rule index.
+    devices: HashMap<String, DeviceInstances>,
     stats: EngineStats,
     scratch: Vec<usize>,
 }
 
 impl Engine {
     pub fn new(rules: RuleSet, gateway_id: &str) -> Engine {
-        let instances = vec![HashMap::new(); rules.len()];
         Engine {
             rules,
             gateway_id: gateway_id.to_string(),
-            instances,
+            devices: HashMap::new(),
             stats: EngineStats::default(),
             scratch: Vec::new(),
         }
@@ -204,29 +229,46 @@ impl Engine {
         }
         drop(by_name);
         for (i, device, inst) in restored {
-            engine.instances[i].insert(device, inst);
+            let dev = engine.devices.entry(device).or_default();
+            let mut fresh = Some(inst);
+            let slot = dev.get_or_insert(i, || fresh.take().expect("taken once"));
+            // A duplicate record for the same instance: the later one wins.
+            if let Some(inst) = fresh {
+                *slot = inst;
+            }
         }
         engine.stats.events += events.len() as u64;
         (engine, events)
     }
 
+    /// Every instance as (rule index, device, instance), in rule order then device order.
+    fn sorted(&self) -> Vec<(usize, &String, &Instance)> {
+        let mut all: Vec<(usize, &String, &Instance)> = self
+            .devices
+            .iter()
+            .flat_map(|(device, dev)| dev.iter().map(move |(i, inst)| (i, device, inst)))
+            .collect();
+        all.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        all
+    }
+
     /// Everything needed to restore this engine later.
     pub fn snapshot(&self) -> EngineState {
-        let mut instances = Vec::new();
-        for (rule, map) in self.rules.rules().iter().zip(&self.instances) {
-            let mut devices: Vec<_> = map.iter().collect();
-            devices.sort_by(|a, b| a.0.cmp(b.0));
-            for (device, inst) in devices {
-                instances.push(InstanceRecord {
+        let instances = self
+            .sorted()
+            .into_iter()
+            .map(|(i, device, inst)| {
+                let rule = &self.rules.rules()[i];
+                InstanceRecord {
                     rule: rule.name.clone(),
                     event: rule.event.clone(),
                     kind: rule.kind.name().to_string(),
                     severity: rule.severity.clone(),
                     device: device.clone(),
                     instance: inst.clone(),
-                });
-            }
-        }
+                }
+            })
+            .collect();
         EngineState {
             version: STATE_VERSION,
             instances,
@@ -238,56 +280,60 @@ impl Engine {
     /// Instances of removed or changed rules are dropped; firing ones are resolved at `now`
     /// with `data.reason = "rule-removed"`, so no consumer is left with a dangling alert.
     pub fn replace(&mut self, rules: RuleSet, now: Millis) -> Vec<Event> {
-        let mut events = Vec::new();
-        let mut old_instances = std::mem::take(&mut self.instances);
-        let mut instances = vec![HashMap::new(); rules.len()];
         let by_name: HashMap<&str, usize> = (rules.rules().iter().enumerate())
             .map(|(i, r)| (r.name.as_str(), i))
             .collect();
-        for (old_i, old_rule) in self.rules.rules().iter().enumerate() {
-            let map = std::mem::take(&mut old_instances[old_i]);
-            let new_i = by_name
-                .get(old_rule.name.as_str())
-                .copied()
-                .filter(|&i| rules.rules()[i].same_identity(old_rule));
-            match new_i {
-                Some(i) => {
-                    let reset = rules.rules()[i].aggregates != old_rule.aggregates;
-                    let n = rules.rules()[i].aggregates.len();
-                    instances[i] = map
-                        .into_iter()
-                        .map(|(d, mut inst)| {
-                            if reset {
-                                inst.windows = vec![Window::default(); n];
-                            }
-                            (d, inst)
-                        })
-                        .collect();
-                }
-                None => {
-                    let mut devices: Vec<_> = map.into_iter().collect();
-                    devices.sort_by(|a, b| a.0.cmp(&b.0));
-                    for (device, inst) in devices {
+        // Old rule index -> (new index, reset the windows to this many).
+        let mapping: Vec<Option<(usize, Option<usize>)>> = (self.rules.rules().iter())
+            .map(|old| {
+                let i = by_name
+                    .get(old.name.as_str())
+                    .copied()
+                    .filter(|&i| rules.rules()[i].same_identity(old))?;
+                let new = &rules.rules()[i];
+                let reset = (new.aggregates != old.aggregates).then_some(new.aggregates.len());
+                Some((i, reset))
+            })
+            .collect();
+        drop(by_name);
+        let mut removed: Vec<(usize, String, Event)> = Vec::new();
+        for (device, dev) in self.devices.iter_mut() {
+            let old = std::mem::take(dev);
+            let mut kept: Vec<(u32, Instance)> = Vec::with_capacity(old.rules.len());
+            for (old_i, mut inst) in old.rules.into_iter().zip(old.instances) {
+                match mapping[old_i as usize] {
+                    Some((new_i, reset)) => {
+                        if let Some(n) = reset {
+                            inst.windows = vec![Window::default(); n];
+                        }
+                        kept.push((new_i as u32, inst));
+                    }
+                    None => {
                         if let InstanceState::Firing { since, .. } = inst.state {
+                            let rule = &self.rules.rules()[old_i as usize];
                             let reason = Some(REASON_RULE_REMOVED.to_string());
-                            events.push(transition_event(
+                            let event = transition_event(
                                 &self.gateway_id,
-                                old_rule,
-                                &device,
+                                rule,
+                                device,
                                 &inst,
                                 EventState::Resolved,
                                 now,
                                 since,
                                 reason,
-                            ));
+                            );
+                            removed.push((old_i as usize, device.clone(), event));
                         }
                     }
                 }
             }
+            kept.sort_by_key(|(i, _)| *i);
+            (dev.rules, dev.instances) = kept.into_iter().unzip();
         }
-        drop(by_name);
+        self.devices.retain(|_, dev| !dev.rules.is_empty());
+        removed.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let events: Vec<Event> = removed.into_iter().map(|(_, _, e)| e).collect();
         self.rules = rules;
-        self.instances = instances;
         self.stats.events += events.len() as u64;
         events
     }
@@ -298,14 +344,17 @@ impl Engine {
         self.stats.readings += 1;
         let mut applicable = std::mem::take(&mut self.scratch);
         self.rules.applicable(reading, &mut applicable);
+        if applicable.is_empty() {
+            self.scratch = applicable;
+            return out;
+        }
+        let dev = match self.devices.get_mut(&reading.device) {
+            Some(dev) => dev,
+            None => self.devices.entry(reading.device.clone()).or_default(),
+        };
         for &i in &applicable {
             let rule = &self.rules.rules()[i];
-            let inst = match self.instances[i].get_mut(&reading.device) {
-                Some(inst) => inst,
-                None => self.instances[i]
-                    .entry(reading.device.clone())
-                    .or_insert_with(|| Instance::new(rule, now)),
-            };
+            let inst = dev.get_or_insert(i, || Instance::new(rule, now));
             let cx = Cx {
                 gateway_id: &self.gateway_id,
                 rule,
@@ -356,39 +405,37 @@ impl Engine {
     }
 
     /// Applies every timer due at or before `now`: `for`, `keep_firing_for`, cooldown, absence.
+    /// Events come ordered by time, then rule, then device.
     pub fn tick(&mut self, now: Millis) -> Vec<Event> {
-        let mut out = Vec::new();
-        for (rule, map) in self.rules.rules().iter().zip(self.instances.iter_mut()) {
-            let start = out.len();
-            for (device, inst) in map.iter_mut() {
+        let mut out: Vec<(usize, Event)> = Vec::new();
+        let mut buf = Vec::new();
+        for (device, dev) in self.devices.iter_mut() {
+            for (&i, inst) in dev.rules.iter().zip(dev.instances.iter_mut()) {
                 let cx = Cx {
                     gateway_id: &self.gateway_id,
-                    rule,
+                    rule: &self.rules.rules()[i as usize],
                     device,
                 };
-                cx.advance(inst, now, &mut out);
+                cx.advance(inst, now, &mut buf);
+                out.extend(buf.drain(..).map(|e| (i as usize, e)));
             }
-            // Deterministic order within one rule: by time, then device.
-            out[start..].sort_by(|a, b| (&a.time, &a.subject).cmp(&(&b.time, &b.subject)));
         }
+        out.sort_by(|a, b| (&a.1.time, a.0, &a.1.subject).cmp(&(&b.1.time, b.0, &b.1.subject)));
         self.stats.events += out.len() as u64;
-        out
+        out.into_iter().map(|(_, e)| e).collect()
     }
 
     /// Every instance (rule, device, state), in rule order then device order.
     pub fn instances(&self) -> Vec<InstanceStatus> {
-        let mut out = Vec::new();
-        for (rule, map) in self.rules.rules().iter().zip(&self.instances) {
-            let start = out.len();
-            out.extend(map.iter().map(|(device, inst)| InstanceStatus {
-                rule: rule.name.clone(),
+        self.sorted()
+            .into_iter()
+            .map(|(i, device, inst)| InstanceStatus {
+                rule: self.rules.rules()[i].name.clone(),
                 device: device.clone(),
                 state: inst.state,
                 last_seen: inst.last_seen,
-            }));
-            out[start..].sort_by(|a, b| a.device.cmp(&b.device));
-        }
-        out
+            })
+            .collect()
     }
 
     pub fn rules(&self) -> &RuleSet {
@@ -517,12 +564,12 @@ fn transition_event(
 }
 
 /// Pushes the reading's fields into the rule's windows; returns the aggregates with a value.
-fn update_windows(
-    rule: &Rule,
+fn update_windows<'r>(
+    rule: &'r Rule,
     inst: &mut Instance,
     reading: &Reading,
     now: Millis,
-) -> Vec<(Arc<str>, f64)> {
+) -> Vec<(&'r str, f64)> {
     if rule.aggregates.is_empty() {
         return Vec::new();
     }
@@ -532,13 +579,13 @@ fn update_windows(
             window.push(now, v, agg.window);
         }
         if let Some(v) = window.value(agg.func) {
-            out.push((Arc::from(agg.name.as_str()), v));
+            out.push((agg.name.as_str(), v));
         }
     }
     out
 }
 
-fn values_of(reading: &Reading, aggs: &[(Arc<str>, f64)]) -> BTreeMap<String, Value> {
+fn values_of(reading: &Reading, aggs: &[(&str, f64)]) -> BTreeMap<String, Value> {
     let mut values = reading.fields.clone();
     for (name, v) in aggs {
         values.insert(format!("{AGG_VAR}.{name}"), Value::Number(*v));
@@ -572,7 +619,7 @@ fn eval_cel(env: &Arc<cel::Env>, expr: &super::rule::Expr, vars: &Vars<'_>) -> O
 /// `device`, `stream`, `topic` (unless a field has that name).
 struct Vars<'a> {
     reading: &'a Reading,
-    aggs: &'a [(Arc<str>, f64)],
+    aggs: &'a [(&'a str, f64)],
 }
 
 impl VariableResolver for Vars<'_> {
@@ -604,7 +651,7 @@ pub(super) fn eval_both(
     env: &Arc<cel::Env>,
     expr: &super::rule::Expr,
     reading: &Reading,
-    aggs: &[(Arc<str>, f64)],
+    aggs: &[(&str, f64)],
 ) -> (Option<Option<bool>>, Option<bool>) {
     let vars = Vars { reading, aggs };
     let fast = expr

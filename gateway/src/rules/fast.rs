@@ -12,10 +12,8 @@
 //! - `&&` / `||` follow CEL's commutative error rules: `false && error` is false,
 //!   `true || error` is true, either order.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
 use cel::common::ast::{Expr as Ast, IdedExpr, LiteralValue};
+use std::collections::BTreeMap;
 
 use super::load::AGG_VAR;
 use crate::reading::Value;
@@ -119,14 +117,14 @@ enum Resolved {
 }
 
 impl Fast {
-    pub fn eval(&self, fields: &BTreeMap<String, Value>, aggs: &[(Arc<str>, f64)]) -> Outcome {
+    pub fn eval(&self, fields: &BTreeMap<String, Value>, aggs: &[(&str, f64)]) -> Outcome {
         match self {
             Fast::Lit(b) => Outcome::Bool(*b),
             Fast::HasAgg(name) => {
                 if fields.contains_key(AGG_VAR) {
                     return Outcome::Fallback;
                 }
-                Outcome::Bool(aggs.iter().any(|(n, _)| **n == **name))
+                Outcome::Bool(aggs.iter().any(|(n, _)| *n == name.as_str()))
             }
             Fast::Not(inner) => match inner.eval(fields, aggs) {
                 Outcome::Bool(b) => Outcome::Bool(!b),
@@ -159,7 +157,7 @@ fn logical(
     b: &Fast,
     short: bool,
     fields: &BTreeMap<String, Value>,
-    aggs: &[(Arc<str>, f64)],
+    aggs: &[(&str, f64)],
 ) -> Outcome {
     match a.eval(fields, aggs) {
         Outcome::Fallback => Outcome::Fallback,
@@ -173,7 +171,7 @@ fn logical(
     }
 }
 
-fn resolve(o: &Operand, fields: &BTreeMap<String, Value>, aggs: &[(Arc<str>, f64)]) -> Resolved {
+fn resolve(o: &Operand, fields: &BTreeMap<String, Value>, aggs: &[(&str, f64)]) -> Resolved {
     match o {
         Operand::Num(n) => Resolved::Num(*n),
         Operand::Field(name) => match fields.get(name) {
@@ -186,7 +184,7 @@ fn resolve(o: &Operand, fields: &BTreeMap<String, Value>, aggs: &[(Arc<str>, f64
             if fields.contains_key(AGG_VAR) {
                 return Resolved::Fallback;
             }
-            match aggs.iter().find(|(n, _)| **n == **name) {
+            match aggs.iter().find(|(n, _)| *n == name.as_str()) {
                 Some((_, v)) => Resolved::Num(*v),
                 None => Resolved::Error,
             }

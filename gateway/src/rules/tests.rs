@@ -438,7 +438,6 @@ fn event_times_do_not_depend_on_the_tick_cadence() {
 
 #[test]
 fn the_fast_path_agrees_with_the_cel_interpreter() {
-    use std::sync::Arc;
     let fast_shaped = [
         "temperature > 75.0",
         "temperature > 75",
@@ -510,12 +509,8 @@ fn the_fast_path_agrees_with_the_cel_interpreter() {
         .map(|(k, v)| (k.to_string(), v))
         .collect(),
     ];
-    let agg_sets: Vec<Vec<(Arc<str>, f64)>> = vec![
-        vec![],
-        vec![(Arc::from("a"), 1.5)],
-        vec![(Arc::from("a"), 0.2)],
-        vec![(Arc::from("a"), 2.0)],
-    ];
+    let agg_sets: Vec<Vec<(&str, f64)>> =
+        vec![vec![], vec![("a", 1.5)], vec![("a", 0.2)], vec![("a", 2.0)]];
     let mut fast_taken = 0;
     for rule in set.rules() {
         let RuleKind::Condition { condition, .. } = &rule.kind else {
@@ -540,4 +535,41 @@ fn the_fast_path_agrees_with_the_cel_interpreter() {
         fast_taken > fast_shaped.len() * contexts.len() * agg_sets.len() / 2,
         "{fast_taken}"
     );
+}
+
+#[test]
+fn replace_follows_rules_that_moved_and_resets_changed_windows() {
+    let agg = "[[rule]]\nname = \"avg-high\"\nevent = \"AvgHigh\"\ncondition = \"agg.m > 75.0\"\n\
+               [[rule.aggregate]]\nname = \"m\"\nfield = \"temperature\"\nfn = \"avg\"\nsamples = 3\n";
+    let mut e = Engine::new(set(&format!("{HYSTERESIS}{agg}")), "gw");
+    let mut fired = e.on_reading(&temp("t-1", 80.0), T0);
+    fired.extend(e.tick(T0 + 10 * S));
+    assert_eq!(
+        times(&fired),
+        vec![(0, EventState::Firing), (10, EventState::Firing)]
+    );
+
+    // Reordered, and the aggregate now averages 2 samples: its window starts afresh.
+    let moved = format!("{}{HYSTERESIS}", agg.replace("samples = 3", "samples = 2"));
+    assert!(e.replace(set(&moved), T0 + 11 * S).is_empty());
+    let states: Vec<_> = e
+        .instances()
+        .iter()
+        .map(|i| (i.rule.clone(), i.state.name()))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("avg-high".to_string(), "firing"),
+            ("temperature-high".to_string(), "firing")
+        ]
+    );
+    // 72 alone in the fresh window averages 72: resolved (with the old window, (80 + 72) / 2
+    // would still be above 75). 72 is inside the other rule's hysteresis band: still firing.
+    let events = e.on_reading(&temp("t-1", 72.0), T0 + 12 * S);
+    let rules: Vec<_> = events
+        .iter()
+        .map(|e| (e.data.rule.as_str(), e.data.state))
+        .collect();
+    assert_eq!(rules, vec![("avg-high", EventState::Resolved)]);
 }
