@@ -246,20 +246,25 @@ impl TopicIndex {
         if self.literal.is_empty() && self.plus.is_none() && self.hash.is_empty() {
             return;
         }
-        self.walk(topic.split('/').collect::<Vec<_>>().as_slice(), f);
+        self.walk(Some(topic), f);
     }
 
-    fn walk(&self, levels: &[&str], f: &mut dyn FnMut(usize)) {
+    /// `rest` is the part of the topic not matched yet (`None` once every level is).
+    fn walk(&self, rest: Option<&str>, f: &mut dyn FnMut(usize)) {
         // `a/#` also matches `a`.
         self.hash.iter().for_each(|&i| f(i));
-        match levels.split_first() {
+        match rest {
             None => self.here.iter().for_each(|&i| f(i)),
-            Some((first, rest)) => {
-                if let Some(child) = self.literal.get(*first) {
-                    child.walk(rest, f);
+            Some(rest) => {
+                let (level, next) = match rest.split_once('/') {
+                    Some((level, next)) => (level, Some(next)),
+                    None => (rest, None),
+                };
+                if let Some(child) = self.literal.get(level) {
+                    child.walk(next, f);
                 }
                 if let Some(plus) = &self.plus {
-                    plus.walk(rest, f);
+                    plus.walk(next, f);
                 }
             }
         }

@@ -573,3 +573,47 @@ fn replace_follows_rules_that_moved_and_resets_changed_windows() {
         .collect();
     assert_eq!(rules, vec![("avg-high", EventState::Resolved)]);
 }
+
+#[test]
+fn the_rule_index_finds_exactly_the_rules_a_full_scan_finds() {
+    let filters = [
+        "devices/+/telemetry",
+        "devices/#",
+        "#",
+        "+/+/telemetry",
+        "devices/t-1/telemetry",
+        "devices/+",
+        "site/+/boiler/#",
+        "devices/t-1/telemetry/#",
+    ];
+    let mut text = String::new();
+    for (i, f) in filters.iter().enumerate() {
+        text.push_str(&format!(
+            "[[rule]]\nname = \"topic-{i}\"\nevent = \"E\"\ntopic = \"{f}\"\ncondition = \"x > 1.0\"\n"
+        ));
+    }
+    text.push_str("[[rule]]\nname = \"stream\"\nevent = \"E\"\nstream = \"telemetry\"\ncondition = \"x > 1.0\"\n");
+    text.push_str("[[rule]]\nname = \"all\"\nevent = \"E\"\ncondition = \"x > 1.0\"\n");
+    let set = set(&text);
+    let topics = [
+        ("devices/t-1/telemetry", "telemetry"),
+        ("devices/t-2/telemetry", "telemetry"),
+        ("devices/t-1/status", "status"),
+        ("devices", "x"),
+        ("devices/t-1", "x"),
+        ("site/a/boiler", "boiler"),
+        ("site/a/boiler/x/y", "boiler"),
+        ("other/t-1/telemetry", "telemetry"),
+        ("devices/t-1/telemetry/extra", "telemetry"),
+    ];
+    let mut out = Vec::new();
+    for (topic, stream) in topics {
+        let mut r = reading("t-1", stream, &[]);
+        r.topic = topic.to_string();
+        set.applicable(&r, &mut out);
+        let scan: Vec<usize> = (0..set.len())
+            .filter(|&i| set.rules()[i].applies_to(stream, topic, "t-1"))
+            .collect();
+        assert_eq!(out, scan, "{topic}");
+    }
+}
