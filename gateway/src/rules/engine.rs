@@ -21,115 +21,17 @@
 //!   a firing instance.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 
-use cel::common::value::CowVal;
-use cel::context::VariableResolver;
-use serde::{Deserialize, Serialize};
-
-use super::fast::Outcome;
-use super::load::AGG_VAR;
+use super::eval::{eval, update_windows, values_of, Vars};
 use super::rule::{Rule, RuleKind};
 use super::ruleset::RuleSet;
+use super::state::{
+    EngineState, EngineStats, Instance, InstanceRecord, InstanceState, InstanceStatus,
+    REASON_RULE_REMOVED, STATE_VERSION,
+};
 use super::window::Window;
 use crate::events::{Event, EventState, Transition};
-use crate::reading::{Millis, Reading, Value};
-
-/// The version of [`EngineState`]'s layout.
-pub const STATE_VERSION: u32 = 1;
-/// `data.reason` of a resolution caused by a reload that removed or changed the rule.
-pub const REASON_RULE_REMOVED: &str = "rule-removed";
-
-/// Where one (rule, device) instance stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "lowercase")]
-pub enum InstanceState {
-    Inactive,
-    /// The condition has held since `since`; fires at `since + for` (and not in cooldown).
-    Pending {
-        since: Millis,
-    },
-    /// Firing since `since`; `clearing_since` is when the clear condition began to hold.
-    Firing {
-        since: Millis,
-        clearing_since: Option<Millis>,
-    },
-}
-
-impl InstanceState {
-    pub fn name(&self) -> &'static str {
-        match self {
-            InstanceState::Inactive => "inactive",
-            InstanceState::Pending { .. } => "pending",
-            InstanceState::Firing { .. } => "firing",
-        }
-    }
-}
-
-/// The state of one (rule, device) instance.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Instance {
-    pub state: InstanceState,
-    /// The time of the last reading the rule applied to.
-    pub last_seen: Millis,
-    /// When it last resolved (for `cooldown`).
-    pub resolved_at: Option<Millis>,
-    /// The values (and aggregates as `agg.NAME`) of the reading that started the current
-    /// state (made the condition hold, or the clear condition hold); for absence rules, of
-    /// the last reading. Copied into events.
-    pub values: BTreeMap<String, Value>,
-    /// One window per aggregate of the rule, in declaration order.
-    pub windows: Vec<Window>,
-}
-
-impl Instance {
-    fn new(rule: &Rule, now: Millis) -> Instance {
-        Instance {
-            state: InstanceState::Inactive,
-            last_seen: now,
-            resolved_at: None,
-            values: BTreeMap::new(),
-            windows: vec![Window::default(); rule.aggregates.len()],
-        }
-    }
-}
-
-/// One instance in the persisted state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InstanceRecord {
-    pub rule: String,
-    /// The rule's event type and kind when saved: a rule that changed either starts afresh.
-    pub event: String,
-    pub kind: String,
-    pub severity: String,
-    pub device: String,
-    pub instance: Instance,
-}
-
-/// Everything the engine must remember across a restart (serde: store it as JSON or CBOR).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct EngineState {
-    pub version: u32,
-    pub instances: Vec<InstanceRecord>,
-}
-
-/// One line of the status listing.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct InstanceStatus {
-    pub rule: String,
-    pub device: String,
-    pub state: InstanceState,
-    pub last_seen: Millis,
-}
-
-/// Counters (never reset).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct EngineStats {
-    pub readings: u64,
-    pub evaluations: u64,
-    pub eval_errors: u64,
-    pub events: u64,
-}
+use crate::reading::{Millis, Reading};
 
 /// The instances of one device, sorted by rule index (parallel arrays). One hash lookup per
 /// reading finds them; the applicable rules then walk one contiguous array.
@@ -561,106 +463,4 @@ fn transition_event(
         annotations: rule.annotations.clone(),
         reason,
     })
-}
-
-/// Pushes the reading's fields into the rule's windows; returns the aggregates with a value.
-fn update_windows<'r>(
-    rule: &'r Rule,
-    inst: &mut Instance,
-    reading: &Reading,
-    now: Millis,
-) -> Vec<(&'r str, f64)> {
-    if rule.aggregates.is_empty() {
-        return Vec::new();
-    }
-    let mut out = Vec::with_capacity(rule.aggregates.len());
-    for (agg, window) in rule.aggregates.iter().zip(inst.windows.iter_mut()) {
-        if let Some(v) = reading.fields.get(&agg.field).and_then(Value::as_f64) {
-            window.push(now, v, agg.window);
-        }
-        if let Some(v) = window.value(agg.func) {
-            out.push((agg.name.as_str(), v));
-        }
-    }
-    out
-}
-
-fn values_of(reading: &Reading, aggs: &[(&str, f64)]) -> BTreeMap<String, Value> {
-    let mut values = reading.fields.clone();
-    for (name, v) in aggs {
-        values.insert(format!("{AGG_VAR}.{name}"), Value::Number(*v));
-    }
-    values
-}
-
-/// Evaluates a condition to a boolean; `None` when it errors or is not boolean.
-fn eval(env: &Arc<cel::Env>, expr: &super::rule::Expr, vars: &Vars<'_>) -> Option<bool> {
-    if let Some(fast) = &expr.fast {
-        match fast.eval(&vars.reading.fields, vars.aggs) {
-            Outcome::Bool(b) => return Some(b),
-            Outcome::Error => return None,
-            Outcome::Fallback => {}
-        }
-    }
-    eval_cel(env, expr, vars)
-}
-
-/// Evaluates with the CEL interpreter only.
-fn eval_cel(env: &Arc<cel::Env>, expr: &super::rule::Expr, vars: &Vars<'_>) -> Option<bool> {
-    let mut ctx = cel::Context::with_env(Arc::clone(env));
-    ctx.set_variable_resolver(vars);
-    match expr.program.execute(&ctx) {
-        Ok(cel::Value::Bool(b)) => Some(b),
-        _ => None,
-    }
-}
-
-/// The variables a condition sees: the reading's fields by name, `agg.NAME`, and
-/// `device`, `stream`, `topic` (unless a field has that name).
-struct Vars<'a> {
-    reading: &'a Reading,
-    aggs: &'a [(&'a str, f64)],
-}
-
-impl VariableResolver for Vars<'_> {
-    fn resolve<'b>(&'b self, name: &str) -> Option<CowVal<'b, 'b>> {
-        let value = match self.reading.fields.get(name) {
-            Some(Value::Number(n)) => cel::Value::Float(*n),
-            Some(Value::Bool(b)) => cel::Value::Bool(*b),
-            Some(Value::Text(s)) => cel::Value::String(Arc::new(s.clone())),
-            None => match name {
-                AGG_VAR => {
-                    let map: HashMap<String, f64> =
-                        self.aggs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-                    cel::Value::from(map)
-                }
-                "device" => cel::Value::String(Arc::new(self.reading.device.clone())),
-                "stream" => cel::Value::String(Arc::new(self.reading.stream.clone())),
-                "topic" => cel::Value::String(Arc::new(self.reading.topic.clone())),
-                _ => return None,
-            },
-        };
-        value.try_into().ok().map(CowVal::Owned)
-    }
-}
-
-/// Both evaluation paths for one expression, for the differential test of the fast path:
-/// (fast result if it did not fall back, CEL result).
-#[cfg(test)]
-pub(super) fn eval_both(
-    env: &Arc<cel::Env>,
-    expr: &super::rule::Expr,
-    reading: &Reading,
-    aggs: &[(&str, f64)],
-) -> (Option<Option<bool>>, Option<bool>) {
-    let vars = Vars { reading, aggs };
-    let fast = expr
-        .fast
-        .as_ref()
-        .and_then(|f| match f.eval(&reading.fields, aggs) {
-            Outcome::Bool(b) => Some(Some(b)),
-            Outcome::Error => Some(None),
-            Outcome::Fallback => None,
-        });
-    (fast, eval_cel(env, expr, &vars))
 }

@@ -15,22 +15,25 @@
 
 mod diagnostics;
 mod engine;
+mod eval;
 mod fast;
 mod load;
 mod rule;
 mod ruleset;
+mod state;
 mod testing;
 mod watcher;
 mod window;
 
 pub use diagnostics::{Diagnostic, Diagnostics};
-pub use engine::{
-    Engine, EngineState, EngineStats, Instance, InstanceRecord, InstanceState, InstanceStatus,
-    REASON_RULE_REMOVED, STATE_VERSION,
-};
+pub use engine::Engine;
 pub use load::{AGG_VAR, DEFAULT_SEVERITY};
 pub use rule::{AggFn, Aggregate, DeviceMatch, Rule, RuleKind, TopicFilter, WindowSpec};
 pub use ruleset::{rule_files, test_files, RuleSet, TEST_SUFFIX};
+pub use state::{
+    EngineState, EngineStats, Instance, InstanceRecord, InstanceState, InstanceStatus,
+    REASON_RULE_REMOVED, STATE_VERSION,
+};
 pub use testing::{check_command, run_test_file, test_command, TestOutcome};
 pub use watcher::Watcher;
 pub use window::Window;

@@ -522,7 +522,7 @@ fn the_fast_path_agrees_with_the_cel_interpreter() {
             for aggs in &agg_sets {
                 let mut r = temp("t-1", 0.0);
                 r.fields = fields.clone();
-                let (fast, cel) = engine::eval_both(set.env(), condition, &r, aggs);
+                let (fast, cel) = eval::eval_both(set.env(), condition, &r, aggs);
                 if let Some(fast) = fast {
                     fast_taken += 1;
                     assert_eq!(fast, cel, "{} with {fields:?} {aggs:?}", condition.source);
