@@ -617,3 +617,17 @@ fn the_rule_index_finds_exactly_the_rules_a_full_scan_finds() {
         assert_eq!(out, scan, "{topic}");
     }
 }
+
+#[test]
+fn the_engine_can_move_to_a_task_and_rule_sets_cross_threads() {
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+    send::<Engine>();
+    send_sync::<RuleSet>();
+    send_sync::<Diagnostics>();
+    // A rule set built on a watcher thread is swapped into an engine elsewhere.
+    let built = std::thread::spawn(|| set(HYSTERESIS)).join().unwrap();
+    let mut e = Engine::new(RuleSet::empty(), "gw");
+    assert!(e.replace(built, T0).is_empty());
+    assert_eq!(e.rules().len(), 1);
+}
