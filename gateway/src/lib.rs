@@ -6,10 +6,12 @@ pub mod cbor;
 pub mod config;
 pub mod counters;
 pub mod decode;
+pub mod events;
 pub mod forwarder;
 pub mod ingest;
 pub mod pipeline;
 pub mod reading;
+pub mod rules;
 pub mod store;
 
 pub use pipeline::run;

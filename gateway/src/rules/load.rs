@@ -1,0 +1,588 @@
+//! Loading one rule file: TOML text to compiled [`Rule`]s, with every problem positioned.
+//!
+//! Owns the rule file schema (the keys documented in `rules/README.md`).
+//! Input: a file name and its text. Output: the rules that are valid, and a
+//! [`Diagnostic`] for every problem: TOML syntax, unknown keys, wrong types, bad
+//! durations, CEL syntax errors mapped from the expression into the file, references to
+//! undeclared aggregates, missing or conflicting keys.
+//!
+//! Invariants:
+//! - The whole file is walked even after a problem; one bad rule does not hide another.
+//! - A CEL position is mapped through the TOML string's own span, so it points at the
+//!   character inside the file (exact for strings without escape sequences).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+
+use cel::common::ast::{EntryExpr, Expr as Ast, IdedExpr};
+use toml_edit::{ImDocument, Item, TableLike};
+
+use super::diagnostics::{Diagnostic, Source};
+use super::rule::{AggFn, Aggregate, DeviceMatch, Expr, Rule, RuleKind, TopicFilter, WindowSpec};
+use crate::reading::Millis;
+
+const RULE_KEYS: &[&str] = &[
+    "name",
+    "event",
+    "description",
+    "stream",
+    "topic",
+    "device",
+    "condition",
+    "clear",
+    "absent_for",
+    "for",
+    "keep_firing_for",
+    "cooldown",
+    "severity",
+    "labels",
+    "annotations",
+    "aggregate",
+];
+const AGGREGATE_KEYS: &[&str] = &["name", "field", "fn", "window", "samples"];
+/// The CEL variable aggregates are read from: `agg.NAME`.
+pub const AGG_VAR: &str = "agg";
+/// Severity when a rule gives none.
+pub const DEFAULT_SEVERITY: &str = "warning";
+
+/// What one file gave: its valid rules, the name (and byte offset of the name's value) of
+/// every rule it declares, valid or not, and every problem.
+pub struct Parsed {
+    pub rules: Vec<Rule>,
+    pub names: Vec<(String, usize)>,
+    pub diags: Vec<Diagnostic>,
+}
+
+/// Parses one rule file. Rules with problems are left out; every problem is returned.
+pub fn parse_file(file: &str, text: &str, env: &cel::Env) -> Parsed {
+    let src = Source::new(file, text);
+    let mut cx = Cx {
+        src: &src,
+        env,
+        diags: Vec::new(),
+    };
+    let doc = match ImDocument::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let at = e.span().map_or(0, |s| s.start);
+            let msg = format!("TOML syntax: {}", e.message().trim_end());
+            return Parsed {
+                rules: Vec::new(),
+                names: Vec::new(),
+                diags: vec![src.at(at, msg)],
+            };
+        }
+    };
+    let mut rules = Vec::new();
+    let mut names = Vec::new();
+    for (key, item) in doc.as_table().iter() {
+        if key != "rule" {
+            cx.unknown_key(doc.as_table(), key, &["rule"], "at the top level");
+            continue;
+        }
+        match item.as_array_of_tables() {
+            Some(tables) => {
+                for table in tables.iter() {
+                    if let Some(item) = table.get("name") {
+                        if let (Some(n), Some(span)) = (item.as_str(), item.span()) {
+                            names.push((n.to_string(), span.start));
+                        }
+                    }
+                    let before = cx.diags.len();
+                    let rule = cx.rule(table, table.span());
+                    if let (Some(rule), true) = (rule, cx.diags.len() == before) {
+                        rules.push(rule);
+                    }
+                }
+            }
+            None => cx.error(
+                item.span(),
+                "`rule` must be an array of tables: write `[[rule]]`",
+            ),
+        }
+    }
+    Parsed {
+        rules,
+        names,
+        diags: cx.diags,
+    }
+}
+
+struct Cx<'a> {
+    src: &'a Source<'a>,
+    env: &'a cel::Env,
+    diags: Vec<Diagnostic>,
+}
+
+impl Cx<'_> {
+    fn error(&mut self, span: Option<Range<usize>>, message: impl Into<String>) {
+        let at = span.map_or(0, |s| s.start);
+        self.diags.push(self.src.at(at, message));
+    }
+
+    fn unknown_key(&mut self, table: &dyn TableLike, key: &str, known: &[&str], place: &str) {
+        let span = table.get_key_value(key).and_then(|(k, _)| k.span());
+        self.error(
+            span,
+            format!(
+                "unknown key `{key}` {place} (expected one of: {})",
+                known.join(", ")
+            ),
+        );
+    }
+
+    fn check_keys(&mut self, table: &dyn TableLike, known: &[&str], place: &str) {
+        let unknown: Vec<String> = table
+            .iter()
+            .map(|(k, _)| k.to_string())
+            .filter(|k| !known.contains(&k.as_str()))
+            .collect();
+        for key in unknown {
+            self.unknown_key(table, &key, known, place);
+        }
+    }
+
+    fn string(&mut self, table: &dyn TableLike, key: &str) -> Option<(String, Range<usize>)> {
+        let item = table.get(key)?;
+        let span = item.span().unwrap_or(0..0);
+        match item.as_str() {
+            Some(s) => Some((s.to_string(), span)),
+            None => {
+                let found = item.type_name();
+                self.error(
+                    Some(span),
+                    format!("`{key}` must be a string, found {found}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn required(
+        &mut self,
+        table: &dyn TableLike,
+        key: &str,
+        at: &Option<Range<usize>>,
+        place: &str,
+    ) -> Option<(String, Range<usize>)> {
+        if table.get(key).is_none() {
+            self.error(
+                at.clone(),
+                format!("missing required key `{key}` in {place}"),
+            );
+            return None;
+        }
+        self.string(table, key)
+    }
+
+    fn duration(&mut self, table: &dyn TableLike, key: &str) -> Option<Millis> {
+        let (text, span) = self.string(table, key)?;
+        match humantime::parse_duration(text.trim()) {
+            Ok(d) => Some(d.as_millis() as Millis),
+            Err(e) => {
+                self.error(
+                    Some(span),
+                    format!(
+                        "bad duration {text:?} for `{key}`: {e} (e.g. \"30s\", \"5m\", \"1h 30m\")"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn string_map(&mut self, table: &dyn TableLike, key: &str) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let Some(item) = table.get(key) else {
+            return out;
+        };
+        let Some(map) = item.as_table_like() else {
+            let found = item.type_name();
+            self.error(
+                item.span(),
+                format!("`{key}` must be a table of strings, found {found}"),
+            );
+            return out;
+        };
+        for (k, v) in map.iter() {
+            match v.as_str() {
+                Some(s) => {
+                    out.insert(k.to_string(), s.to_string());
+                }
+                None => {
+                    let found = v.type_name();
+                    self.error(
+                        v.span(),
+                        format!("`{key}.{k}` must be a string, found {found}"),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    fn rule(&mut self, table: &dyn TableLike, at: Option<Range<usize>>) -> Option<Rule> {
+        self.check_keys(table, RULE_KEYS, "in [[rule]]");
+        let name = self.required(table, "name", &at, "[[rule]]");
+        let event = self.required(table, "event", &at, "[[rule]]");
+        let description = self.string(table, "description").map(|(s, _)| s);
+        let stream = self.string(table, "stream").map(|(s, _)| s);
+        let topic = self.string(table, "topic").and_then(|(s, span)| {
+            TopicFilter::parse(&s)
+                .map_err(|e| self.error(Some(span), format!("bad `topic`: {e}")))
+                .ok()
+        });
+        let device = self.string(table, "device").map(|(s, _)| DeviceMatch(s));
+        if let Some((n, span)) = &name {
+            if !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                || n.is_empty()
+            {
+                self.error(
+                    Some(span.clone()),
+                    format!("bad rule name {n:?}: use letters, digits, `-`, `_` and `.`"),
+                );
+            }
+        }
+        if let Some((e, span)) = &event {
+            if e.is_empty() || e.contains(['/', '+', '#']) {
+                self.error(
+                    Some(span.clone()),
+                    format!(
+                        "bad event type {e:?}: it must be non-empty and contain no `/`, `+` or `#`"
+                    ),
+                );
+            }
+        }
+        let (aggregates, declared) = self.aggregates(table);
+        let for_ms = self.duration(table, "for").unwrap_or(0);
+        let keep_firing_for_ms = self.duration(table, "keep_firing_for").unwrap_or(0);
+        let cooldown_ms = self.duration(table, "cooldown").unwrap_or(0);
+        let severity = self
+            .string(table, "severity")
+            .map_or_else(|| DEFAULT_SEVERITY.to_string(), |(s, _)| s);
+        let labels = self.string_map(table, "labels");
+        let annotations = self.string_map(table, "annotations");
+        let kind = self.kind(table, &at, &declared);
+        Some(Rule {
+            name: name?.0,
+            file: self.src.file.to_string(),
+            event: event?.0,
+            description,
+            stream,
+            topic,
+            device,
+            kind: kind?,
+            for_ms,
+            keep_firing_for_ms,
+            cooldown_ms,
+            severity,
+            labels,
+            annotations,
+            aggregates,
+        })
+    }
+
+    fn kind(
+        &mut self,
+        table: &dyn TableLike,
+        at: &Option<Range<usize>>,
+        aggregates: &[String],
+    ) -> Option<RuleKind> {
+        let has = |k: &str| table.get(k).is_some();
+        let key_span = |k: &str| table.get_key_value(k).and_then(|(k, _)| k.span());
+        match (has("condition"), has("absent_for")) {
+            (true, true) => {
+                self.error(
+                    key_span("absent_for"),
+                    "a rule has either `condition` or `absent_for`, not both",
+                );
+                None
+            }
+            (false, false) => {
+                self.error(
+                    at.clone(),
+                    "missing `condition` (or `absent_for` for an absence rule) in [[rule]]",
+                );
+                None
+            }
+            (false, true) => {
+                for k in ["clear", "for", "aggregate"] {
+                    if has(k) {
+                        self.error(key_span(k), format!("`{k}` does not apply to an absence rule (`absent_for` is how long it must hold)"));
+                    }
+                }
+                let after = self.duration(table, "absent_for")?;
+                if after <= 0 {
+                    self.error(
+                        table.get("absent_for").and_then(Item::span),
+                        "`absent_for` must be longer than 0s",
+                    );
+                    return None;
+                }
+                Some(RuleKind::Absence { after })
+            }
+            (true, false) => {
+                let condition = self.expr(table, "condition", aggregates);
+                let clear = if has("clear") {
+                    Some(Box::new(self.expr(table, "clear", aggregates)?))
+                } else {
+                    None
+                };
+                Some(RuleKind::Condition {
+                    condition: Box::new(condition?),
+                    clear,
+                })
+            }
+        }
+    }
+
+    /// The valid aggregates, and the names of all declared ones (valid or not).
+    fn aggregates(&mut self, table: &dyn TableLike) -> (Vec<Aggregate>, Vec<String>) {
+        let mut out: Vec<Aggregate> = Vec::new();
+        let mut declared: Vec<String> = Vec::new();
+        let Some(item) = table.get("aggregate") else {
+            return (out, declared);
+        };
+        let entries: Vec<(&dyn TableLike, Option<Range<usize>>)> =
+            if let Some(aot) = item.as_array_of_tables() {
+                aot.iter()
+                    .map(|t| (t as &dyn TableLike, t.span()))
+                    .collect()
+            } else if let Some(arr) = item.as_array() {
+                let mut v = Vec::new();
+                for value in arr.iter() {
+                    match value.as_inline_table() {
+                        Some(t) => v.push((t as &dyn TableLike, value.span())),
+                        None => self.error(value.span(), "each `aggregate` must be a table"),
+                    }
+                }
+                v
+            } else {
+                self.error(
+                    item.span(),
+                    "`aggregate` must be an array of tables: write `[[rule.aggregate]]`",
+                );
+                return (out, declared);
+            };
+        for (t, at) in entries {
+            self.check_keys(t, AGGREGATE_KEYS, "in [[rule.aggregate]]");
+            let name = self.required(t, "name", &at, "[[rule.aggregate]]");
+            let field = self.required(t, "field", &at, "[[rule.aggregate]]");
+            let func = self
+                .required(t, "fn", &at, "[[rule.aggregate]]")
+                .and_then(|(f, span)| {
+                    AggFn::parse(&f).or_else(|| {
+                        self.error(
+                            Some(span),
+                            format!(
+                                "unknown aggregate function {f:?} (expected one of: {})",
+                                AggFn::NAMES
+                            ),
+                        );
+                        None
+                    })
+                });
+            let window = match (t.get("window").is_some(), t.get("samples")) {
+                (true, None) => self
+                    .duration(t, "window")
+                    .filter(|ms| *ms > 0)
+                    .map(WindowSpec::Time)
+                    .or_else(|| {
+                        self.error(
+                            t.get("window").and_then(Item::span),
+                            "`window` must be a duration longer than 0s",
+                        );
+                        None
+                    }),
+                (false, Some(item)) => match item.as_integer() {
+                    Some(n) if n >= 1 => Some(WindowSpec::Count(n as usize)),
+                    _ => {
+                        self.error(item.span(), "`samples` must be an integer of at least 1");
+                        None
+                    }
+                },
+                (true, Some(item)) => {
+                    self.error(item.span(), "an aggregate has either `window` (a duration) or `samples` (a count), not both");
+                    None
+                }
+                (false, None) => {
+                    self.error(at.clone(), "missing `window` (a duration) or `samples` (a count) in [[rule.aggregate]]");
+                    None
+                }
+            };
+            if let Some((n, span)) = &name {
+                declared.push(n.clone());
+                let ident = n
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !ident {
+                    self.error(Some(span.clone()), format!("bad aggregate name {n:?}: it must be an identifier (letters, digits, `_`)"));
+                } else if declared.iter().filter(|d| *d == n).count() > 1 {
+                    self.error(
+                        Some(span.clone()),
+                        format!("aggregate `{n}` is declared twice in this rule"),
+                    );
+                }
+            }
+            if let (Some((name, _)), Some((field, _)), Some(func), Some(window)) =
+                (name, field, func, window)
+            {
+                out.push(Aggregate {
+                    name,
+                    field,
+                    func,
+                    window,
+                });
+            }
+        }
+        (out, declared)
+    }
+
+    /// Compiles a CEL string, mapping parse errors and unknown `agg.X` references into the file.
+    fn expr(&mut self, table: &dyn TableLike, key: &str, aggregates: &[String]) -> Option<Expr> {
+        let (source, span) = self.string(table, key)?;
+        let start = content_start(self.src.text, &span);
+        match self.env.compile(&source) {
+            Ok(program) => {
+                let mut unknown = Vec::new();
+                let known: BTreeSet<&str> = aggregates.iter().map(String::as_str).collect();
+                agg_refs(program.expression(), &mut |id, field| {
+                    if !known.contains(field) {
+                        unknown.push((id, field.to_string()));
+                    }
+                });
+                if unknown.is_empty() {
+                    let fast = super::fast::compile(program.expression());
+                    return Some(Expr {
+                        source,
+                        program,
+                        fast,
+                    });
+                }
+                for (id, field) in unknown {
+                    let char_offset = program.source_info().offset_for(id).map_or(0, |(s, _)| s);
+                    let (line, col) = char_position(&source, char_offset as usize);
+                    let at = map_position(self.src.text, start, span.end, line, col);
+                    let declared = if known.is_empty() {
+                        "none declared".to_string()
+                    } else {
+                        known.iter().copied().collect::<Vec<_>>().join(", ")
+                    };
+                    self.error(
+                        Some(at..at),
+                        format!("unknown aggregate `{AGG_VAR}.{field}` in `{key}` (declared: {declared})"),
+                    );
+                }
+                None
+            }
+            Err(errors) => {
+                for e in errors.errors {
+                    let (line, col) = (e.pos.0.max(1) as usize, e.pos.1.max(1) as usize);
+                    let at = map_position(self.src.text, start, span.end, line, col);
+                    let msg = e.msg.strip_prefix("Syntax error: ").unwrap_or(&e.msg);
+                    self.error(Some(at..at), format!("CEL syntax error in `{key}`: {msg}"));
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Byte offset of the first content character of a TOML string value at `span`.
+fn content_start(text: &str, span: &Range<usize>) -> usize {
+    let raw = text.get(span.clone()).unwrap_or("");
+    if raw.starts_with("\"\"\"") || raw.starts_with("'''") {
+        let after = span.start + 3;
+        let rest = &text[after..];
+        after
+            + if rest.starts_with("\r\n") {
+                2
+            } else if rest.starts_with('\n') {
+                1
+            } else {
+                0
+            }
+    } else {
+        span.start + 1
+    }
+}
+
+/// 1-based (line, column in characters) of a character offset within `s`.
+fn char_position(s: &str, char_offset: usize) -> (usize, usize) {
+    let (mut line, mut col) = (1, 1);
+    for c in s.chars().take(char_offset) {
+        if c == '\n' {
+            line += 1;
+            col = 1;
+        } else {
+            col += 1;
+        }
+    }
+    (line, col)
+}
+
+/// Walks the file from a string's first content byte to the CEL (line, col), giving the
+/// byte offset in the file; stops at the end of the string value.
+fn map_position(text: &str, start: usize, end: usize, line: usize, col: usize) -> usize {
+    let (mut l, mut c) = (1, 1);
+    for (i, ch) in text[start..end.max(start)].char_indices() {
+        if (l, c) >= (line, col) {
+            return start + i;
+        }
+        if ch == '\n' {
+            l += 1;
+            c = 1;
+        } else {
+            c += 1;
+        }
+    }
+    end.saturating_sub(1).max(start)
+}
+
+/// Calls `f(id, field)` for every `agg.field` in the expression.
+fn agg_refs(e: &IdedExpr, f: &mut dyn FnMut(u64, &str)) {
+    match &e.expr {
+        Ast::Select(sel) => {
+            if matches!(&sel.operand.expr, Ast::Ident(n) if n == AGG_VAR) {
+                f(sel.operand.id, &sel.field);
+            } else {
+                agg_refs(&sel.operand, f);
+            }
+        }
+        Ast::Call(call) => {
+            if let Some(t) = &call.target {
+                agg_refs(t, f);
+            }
+            call.args.iter().for_each(|a| agg_refs(a, f));
+        }
+        Ast::Comprehension(c) => {
+            for x in [
+                &c.iter_range,
+                &c.accu_init,
+                &c.loop_cond,
+                &c.loop_step,
+                &c.result,
+            ] {
+                agg_refs(x, f);
+            }
+        }
+        Ast::List(l) => l.elements.iter().for_each(|x| agg_refs(x, f)),
+        Ast::Map(m) => m.entries.iter().for_each(|x| match &x.expr {
+            EntryExpr::MapEntry(me) => {
+                agg_refs(&me.key, f);
+                agg_refs(&me.value, f);
+            }
+            EntryExpr::StructField(sf) => agg_refs(&sf.value, f),
+        }),
+        Ast::Struct(s) => s.entries.iter().for_each(|x| {
+            if let EntryExpr::StructField(sf) = &x.expr {
+                agg_refs(&sf.value, f);
+            }
+        }),
+        Ast::Ident(_) | Ast::Literal(_) | Ast::Unspecified => {}
+    }
+}
