@@ -39,11 +39,45 @@ enum Command {
         #[command(subcommand)]
         command: OutboxCommand,
     },
+    /// Validate and test operator rule files.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+    /// Query the event log: one CloudEvents JSON document per line, oldest first.
+    Events {
+        /// Only events from this long ago until now, e.g. 30m, 1h, 7d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Only events of this type, e.g. SensorTemperatureExceeded.
+        #[arg(long = "type", value_name = "TYPE")]
+        event_type: Option<String>,
+        /// Only events of this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// At most this many events.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
     /// Show the newest payloads that did not decode, with the reason (gateway stopped).
     DeadLetters {
         /// How many to show.
         #[arg(long, default_value_t = 20)]
         limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Report every error of every rule file as file:line:col: message; exit 1 if any.
+    Check {
+        /// Rules directory; default: rules.dir of the configuration.
+        dir: Option<PathBuf>,
+    },
+    /// Run the rule test files (*.test.toml) and show a diff for each failure; exit 1 if any fails.
+    Test {
+        /// Rules directory; default: rules.dir of the configuration.
+        dir: Option<PathBuf>,
     },
 }
 
@@ -74,6 +108,39 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::DeadLetters { limit } => dead_letters(&config, limit),
+        Command::Rules { command } => {
+            let (dir, check) = match command {
+                RulesCommand::Check { dir } => (dir, true),
+                RulesCommand::Test { dir } => (dir, false),
+            };
+            let dir = dir.unwrap_or_else(|| config.rules.dir.clone());
+            let mut out = std::io::stdout();
+            let ok = if check {
+                gateway::rules::check_command(&dir, &mut out)
+            } else {
+                gateway::rules::test_command(&dir, &mut out)
+            };
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Command::Events { since, event_type, device, limit } => {
+            let since = since.map_or(0, |d| gateway::reading::now_millis() - d.as_millis() as i64);
+            match gateway::store::query_events(&config.storage.path, since, event_type.as_deref(), device.as_deref(), limit) {
+                Ok(events) => {
+                    for e in events {
+                        println!("{}", String::from_utf8_lossy(&e.json));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("gateway: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Outbox {
             command: OutboxCommand::Stats,
         } => match gateway::store::stats_command(&config.storage.path, &mut std::io::stdout()) {

@@ -2,9 +2,12 @@
 //! started here, in order, and stopped from the front.
 //!
 //! ```text
-//! broker --local link--> ingest --RawMessage--> decode --Reading--> (rules)
-//!                                                  |  \
-//!                                       dead letters  outbox (store) --> forwarder --> upstream
+//! broker --local link--> ingest --RawMessage--> decode --Reading--> rules --Event--> local broker
+//!                                                  |  \                  |  \
+//!                                       dead letters   \                 |   event log
+//!                                                        outbox (store) <-'
+//!                                                             |
+//!                                                         forwarder --> upstream
 //! ```
 //!
 //! Invariants:
@@ -28,10 +31,12 @@ use crate::counters::Counters;
 use crate::decode::DecodeStage;
 use crate::forwarder::{Forwarder, ForwarderConfig, ForwarderError, ForwarderStats};
 use crate::ingest::{Ingest, RawMessage};
+use crate::reading::Reading;
+use crate::rules::RulesStage;
 use crate::store::{Store, StoreConfig, StoreError, StoreHandle};
 
-/// Topic filter the gateway's own events are published under on the local broker.
-pub const EVENTS_FILTER: &str = "events/#";
+/// Readings waiting for the rules stage.
+const RULES_QUEUE: usize = 65_536;
 /// How often the counters are logged while the gateway runs.
 const STATUS_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -133,6 +138,7 @@ struct Running {
     stop_ingest: Arc<AtomicBool>,
     ingest: JoinHandle<()>,
     decode: JoinHandle<()>,
+    rules: JoinHandle<()>,
     forwarder: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     forwarder_stats: Option<Arc<ForwarderStats>>,
     store: StoreHandle,
@@ -145,6 +151,7 @@ impl Running {
             stop_ingest,
             ingest,
             decode,
+            rules,
             forwarder,
             store,
             ..
@@ -153,6 +160,7 @@ impl Running {
         let front = tokio::task::spawn_blocking(move || {
             let _ = ingest.join();
             let _ = decode.join();
+            let _ = rules.join();
         });
         let _ = front.await;
         if let Some((cancel, task)) = forwarder {
@@ -175,8 +183,23 @@ fn start(
         .map(|cfg| Forwarder::new(cfg, store.clone()))
         .transpose()?;
     let filter = config.ingest.topic_pattern.filter();
-    let links = broker::start(&config.broker, &filter, EVENTS_FILTER)?;
+    let links = broker::start(&config.broker, &filter, &config.rules.event_filter())?;
     let (_ingest_tx, ingest_rx) = links.ingest;
+    let forwarding = config.upstream.url.is_some();
+
+    let (readings_tx, readings_rx) = flume::bounded::<Reading>(RULES_QUEUE);
+    let rules = RulesStage {
+        gateway_id: config.gateway.id.clone(),
+        dir: config.rules.dir.clone(),
+        input: readings_rx,
+        store: store.clone(),
+        publish: links.publish.0,
+        event_topic: config.rules.event_topic.clone(),
+        forward: forwarding,
+    };
+    let rules = std::thread::Builder::new()
+        .name("rules".into())
+        .spawn(move || rules.run())?;
 
     let (raw_tx, raw_rx) = flume::bounded::<RawMessage>(config.ingest.queue_capacity);
     let stop_ingest = Arc::new(AtomicBool::new(false));
@@ -190,8 +213,8 @@ fn start(
         input: raw_rx,
         counters,
         store: store.clone(),
-        forward_readings: config.upstream.url.is_some() && config.upstream.forward_readings,
-        readings: None,
+        forward_readings: forwarding && config.upstream.forward_readings,
+        readings: Some(readings_tx),
     };
     let decode = std::thread::Builder::new()
         .name("decode".into())
@@ -206,6 +229,7 @@ fn start(
         stop_ingest,
         ingest,
         decode,
+        rules,
         forwarder,
         forwarder_stats,
         store,

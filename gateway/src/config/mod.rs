@@ -56,6 +56,7 @@ pub const KEYS: &[(&str, Default)] = &[
     ("storage.max_age", Default::Str("7d")),
     ("storage.flush_interval", Default::Str("5ms")),
     ("rules.dir", Default::Str("rules")),
+    ("rules.event_topic", Default::Str("events/{type}/{device}")),
     ("upstream.url", Default::Str("")),
     ("upstream.client_id", Default::Str("")),
     ("upstream.username", Default::Str("")),
@@ -125,6 +126,19 @@ pub struct StorageSection {
 #[derive(Debug, Clone)]
 pub struct RulesSection {
     pub dir: PathBuf,
+    /// Local topic of events; `{type}`, `{device}`, `{rule}` and `{state}` are filled in.
+    pub event_topic: String,
+}
+
+impl RulesSection {
+    /// The subscription filter covering every event topic (each placeholder a `+`).
+    pub fn event_filter(&self) -> String {
+        self.event_topic
+            .split('/')
+            .map(|s| if s.starts_with('{') && s.ends_with('}') { "+" } else { s })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -504,6 +518,7 @@ impl Reader {
         };
         let rules = RulesSection {
             dir: PathBuf::from(self.nonempty("rules.dir").unwrap_or_default()),
+            event_topic: self.event_topic().unwrap_or_default(),
         };
         let upstream = self.upstream(&gateway.id);
         let log = LogSection {
@@ -531,6 +546,19 @@ impl Reader {
             return None;
         }
         Some(s)
+    }
+
+    fn event_topic(&mut self) -> Option<String> {
+        let topic = self.nonempty("rules.event_topic")?;
+        let bad_placeholder = topic.split('/').any(|s| {
+            (s.contains(['{', '}']) && !["{type}", "{device}", "{rule}", "{state}"].contains(&s))
+                || s.contains(['+', '#'])
+        });
+        if bad_placeholder || topic.starts_with('$') {
+            self.problem("rules.event_topic", format!("'{topic}': levels are literals or one of {{type}}, {{device}}, {{rule}}, {{state}}; no wildcards"));
+            return None;
+        }
+        Some(topic)
     }
 
     fn gateway_id(&mut self) -> Option<String> {

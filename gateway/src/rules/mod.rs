@@ -20,6 +20,7 @@ mod fast;
 mod load;
 mod rule;
 mod ruleset;
+mod stage;
 mod state;
 mod testing;
 mod watcher;
@@ -30,6 +31,7 @@ pub use engine::Engine;
 pub use load::{AGG_VAR, DEFAULT_SEVERITY};
 pub use rule::{AggFn, Aggregate, DeviceMatch, Rule, RuleKind, TopicFilter, WindowSpec};
 pub use ruleset::{rule_files, test_files, RuleSet, TEST_SUFFIX};
+pub use stage::{load_for_start, RulesStage};
 pub use state::{
     EngineState, EngineStats, Instance, InstanceRecord, InstanceState, InstanceStatus,
     REASON_RULE_REMOVED, STATE_VERSION,

@@ -1,0 +1,167 @@
+//! The rules stage: evaluates decoded readings against the loaded rule set and hands
+//! every event it produces to the local broker, the event log and the outbox.
+//!
+//! Runs on its own OS thread: publishing on the broker's local link is a blocking send.
+//! Time comes from the wall clock here and is passed into the pure [`Engine`].
+//!
+//! Invariants:
+//! - the engine state is restored from the store at start and saved after every batch
+//!   of transitions (and every [`SAVE_INTERVAL`] while readings change windows), so a
+//!   restart neither re-fires nor forgets a firing instance;
+//! - a rule-file edit that does not load keeps the running rules and logs every error;
+//! - the stage ends when its input is closed and empty.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rumqttd::local::LinkTx;
+
+use super::{Engine, EngineState, RuleSet, Watcher};
+use crate::events::Event;
+use crate::reading::{now_millis, Reading};
+use crate::store::{OutboxEntry, StoreHandle};
+
+/// How often timers (`for`, `keep_firing_for`, absence) are evaluated and the rules
+/// directory is checked for edits.
+pub const TICK: Duration = Duration::from_secs(1);
+/// Longest time engine state changed by readings alone stays unsaved.
+pub const SAVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Key of the engine state in the store.
+pub const STATE_KEY: &str = "rules/engine";
+
+/// The rules stage.
+pub struct RulesStage {
+    pub gateway_id: String,
+    pub dir: PathBuf,
+    pub input: flume::Receiver<Reading>,
+    pub store: StoreHandle,
+    /// Where events are published on the embedded broker.
+    pub publish: LinkTx,
+    /// Topic pattern of local events (`{type}`, `{device}`, `{rule}`, `{state}`).
+    pub event_topic: String,
+    /// Hand events to the outbox (forwarding on).
+    pub forward: bool,
+}
+
+/// Loads the rules directory for the running gateway: a missing directory is an empty
+/// rule set; an invalid one too, with every error logged.
+pub fn load_for_start(dir: &std::path::Path) -> RuleSet {
+    if !dir.exists() {
+        tracing::info!(dir = %dir.display(), "No rules directory; running without rules until it appears.");
+        return RuleSet::empty();
+    }
+    match RuleSet::load_dir(dir) {
+        Ok(set) => {
+            tracing::info!(dir = %dir.display(), rules = set.len(), "Rules loaded.");
+            set
+        }
+        Err(diagnostics) => {
+            for d in &diagnostics.0 {
+                tracing::error!("{d}");
+            }
+            tracing::error!(dir = %dir.display(), errors = diagnostics.0.len(), "Rule files are invalid; running without rules until they are fixed.");
+            RuleSet::empty()
+        }
+    }
+}
+
+impl RulesStage {
+    pub fn run(mut self) {
+        let _span = tracing::info_span!("rules").entered();
+        let rules = load_for_start(&self.dir);
+        let mut watcher = Watcher::from_current(&self.dir);
+        let mut engine = match self.saved_state() {
+            Some(state) => {
+                let (engine, events) = Engine::restore(rules, &self.gateway_id, state, now_millis());
+                self.emit(&events);
+                engine
+            }
+            None => Engine::new(rules, &self.gateway_id),
+        };
+        let mut next_tick = Instant::now() + TICK;
+        let mut dirty_since: Option<Instant> = None;
+        loop {
+            let message = self.input.recv_timeout(next_tick.saturating_duration_since(Instant::now()));
+            let mut events = Vec::new();
+            match message {
+                Ok(reading) => {
+                    events = engine.on_reading(&reading, now_millis());
+                    dirty_since.get_or_insert_with(Instant::now);
+                }
+                Err(flume::RecvTimeoutError::Timeout) => {}
+                Err(flume::RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_tick {
+                next_tick = Instant::now() + TICK;
+                events.extend(engine.tick(now_millis()));
+                events.extend(self.reload(&mut watcher, &mut engine));
+            }
+            if !events.is_empty() || dirty_since.is_some_and(|t| t.elapsed() >= SAVE_INTERVAL) {
+                self.emit(&events);
+                self.save(&engine);
+                dirty_since = None;
+            }
+        }
+        self.save(&engine);
+        tracing::debug!("Rules stopped.");
+    }
+
+    fn reload(&self, watcher: &mut Watcher, engine: &mut Engine) -> Vec<Event> {
+        match watcher.poll() {
+            None => Vec::new(),
+            Some(Ok(set)) => {
+                tracing::info!(rules = set.len(), "Rule files changed; new rules in force.");
+                engine.replace(set, now_millis())
+            }
+            Some(Err(diagnostics)) => {
+                for d in &diagnostics.0 {
+                    tracing::error!("{d}");
+                }
+                tracing::error!(errors = diagnostics.0.len(), "Rule files changed but do not load; the previous rules stay in force.");
+                Vec::new()
+            }
+        }
+    }
+
+    fn saved_state(&self) -> Option<EngineState> {
+        let bytes = match self.store.load_state(STATE_KEY) {
+            Ok(b) => b?,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot read the saved rule state; starting fresh.");
+                return None;
+            }
+        };
+        match serde_json::from_slice(&bytes) {
+            Ok(state) => Some(state),
+            Err(e) => {
+                tracing::error!(error = %e, "Saved rule state is unreadable; starting fresh.");
+                None
+            }
+        }
+    }
+
+    fn save(&self, engine: &Engine) {
+        match serde_json::to_vec(&engine.snapshot()) {
+            Ok(bytes) => {
+                self.store.put_state(STATE_KEY.to_string(), bytes);
+            }
+            Err(e) => tracing::error!(error = %e, "Cannot encode the rule state."),
+        }
+    }
+
+    fn emit(&mut self, events: &[Event]) {
+        for event in events {
+            let json = event.to_json();
+            let time = event.time_millis().unwrap_or_else(now_millis);
+            let topic = event.local_topic(&self.event_topic);
+            if let Err(e) = self.publish.publish(topic, json.clone()) {
+                tracing::error!(error = %e, "Cannot publish an event on the local broker.");
+            }
+            self.store.log_event(time, &event.event_type, &event.subject, json.clone());
+            if self.forward {
+                self.store.append(OutboxEntry::event(&event.event_type, &event.subject, json, time));
+            }
+            tracing::info!(event = %event.event_type, device = %event.subject, rule = %event.data.rule, state = %event.data.state, "Event.");
+        }
+    }
+}
