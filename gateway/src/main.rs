@@ -126,9 +126,20 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Events { since, event_type, device, limit } => {
+        Command::Events {
+            since,
+            event_type,
+            device,
+            limit,
+        } => {
             let since = since.map_or(0, |d| gateway::reading::now_millis() - d.as_millis() as i64);
-            match gateway::store::query_events(&config.storage.path, since, event_type.as_deref(), device.as_deref(), limit) {
+            match gateway::store::query_events(
+                &config.storage.path,
+                since,
+                event_type.as_deref(),
+                device.as_deref(),
+                limit,
+            ) {
                 Ok(events) => {
                     for e in events {
                         println!("{}", String::from_utf8_lossy(&e.json));

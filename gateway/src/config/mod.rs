@@ -135,7 +135,13 @@ impl RulesSection {
     pub fn event_filter(&self) -> String {
         self.event_topic
             .split('/')
-            .map(|s| if s.starts_with('{') && s.ends_with('}') { "+" } else { s })
+            .map(|s| {
+                if s.starts_with('{') && s.ends_with('}') {
+                    "+"
+                } else {
+                    s
+                }
+            })
             .collect::<Vec<_>>()
             .join("/")
     }

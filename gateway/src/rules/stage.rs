@@ -72,7 +72,8 @@ impl RulesStage {
         let mut watcher = Watcher::from_current(&self.dir);
         let mut engine = match self.saved_state() {
             Some(state) => {
-                let (engine, events) = Engine::restore(rules, &self.gateway_id, state, now_millis());
+                let (engine, events) =
+                    Engine::restore(rules, &self.gateway_id, state, now_millis());
                 self.emit(&events);
                 engine
             }
@@ -81,7 +82,9 @@ impl RulesStage {
         let mut next_tick = Instant::now() + TICK;
         let mut dirty_since: Option<Instant> = None;
         loop {
-            let message = self.input.recv_timeout(next_tick.saturating_duration_since(Instant::now()));
+            let message = self
+                .input
+                .recv_timeout(next_tick.saturating_duration_since(Instant::now()));
             let mut events = Vec::new();
             match message {
                 Ok(reading) => {
@@ -117,7 +120,10 @@ impl RulesStage {
                 for d in &diagnostics.0 {
                     tracing::error!("{d}");
                 }
-                tracing::error!(errors = diagnostics.0.len(), "Rule files changed but do not load; the previous rules stay in force.");
+                tracing::error!(
+                    errors = diagnostics.0.len(),
+                    "Rule files changed but do not load; the previous rules stay in force."
+                );
                 Vec::new()
             }
         }
@@ -157,9 +163,15 @@ impl RulesStage {
             if let Err(e) = self.publish.publish(topic, json.clone()) {
                 tracing::error!(error = %e, "Cannot publish an event on the local broker.");
             }
-            self.store.log_event(time, &event.event_type, &event.subject, json.clone());
+            self.store
+                .log_event(time, &event.event_type, &event.subject, json.clone());
             if self.forward {
-                self.store.append(OutboxEntry::event(&event.event_type, &event.subject, json, time));
+                self.store.append(OutboxEntry::event(
+                    &event.event_type,
+                    &event.subject,
+                    json,
+                    time,
+                ));
             }
             tracing::info!(event = %event.event_type, device = %event.subject, rule = %event.data.rule, state = %event.data.state, "Event.");
         }

@@ -1,0 +1,191 @@
+//! End-to-end rules: the shipped example rules fire and resolve on readings published by
+//! a real MQTT client; the CloudEvents arrive on the embedded broker and upstream; a
+//! broken edit of a live rule file keeps the old rules working.
+
+mod common;
+#[path = "../../gateway/tests/forwarder_common/mod.rs"]
+mod upstream;
+
+use std::time::{Duration, Instant};
+
+use common::{publish_all, Gateway};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+
+/// Subscribes to `filter` on the gateway's broker; every publish arrives on the channel.
+async fn subscribe(
+    addr: &str,
+    filter: &str,
+) -> mpsc::UnboundedReceiver<(String, serde_json::Value)> {
+    let (host, port) = addr.split_once(':').unwrap();
+    let mut opts = MqttOptions::new(
+        format!("sub-{}", common::free_port()),
+        host,
+        port.parse().unwrap(),
+    );
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut el) = AsyncClient::new(opts, 10);
+    client.subscribe(filter, QoS::AtMostOnce).await.unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, mut ready_rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let _client = client;
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = ready_tx.send(()).await;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let json =
+                        serde_json::from_slice(&p.payload).unwrap_or(serde_json::Value::Null);
+                    if tx.send((p.topic.clone(), json)).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), ready_rx.recv())
+        .await
+        .expect("SUBACK");
+    rx
+}
+
+async fn next_event(
+    rx: &mut mpsc::UnboundedReceiver<(String, serde_json::Value)>,
+    timeout: Duration,
+) -> (String, serde_json::Value) {
+    tokio::time::timeout(timeout, rx.recv())
+        .await
+        .expect("an event in time")
+        .expect("subscriber alive")
+}
+
+fn reading(device: &str, temperature: f64) -> Vec<(String, Vec<u8>)> {
+    vec![(
+        format!("devices/{device}/telemetry"),
+        format!("{{\"temperature\":{temperature}}}").into_bytes(),
+    )]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn example_temperature_rule_fires_and_resolves_locally_and_upstream() {
+    let up_dir = tempfile::tempdir().unwrap();
+    let mosquitto;
+    let up_port = if upstream::mosquitto_available() {
+        mosquitto = upstream::Mosquitto::start(up_dir.path());
+        mosquitto.port
+    } else {
+        let port = upstream::free_port();
+        upstream::start_rumqttd(port);
+        port
+    };
+    let collector = upstream::Collector::start(up_port, "up/events/#").await;
+    let rules_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../rules");
+    let url = format!("mqtt://127.0.0.1:{up_port}");
+    let mut gw = Gateway::start(&[
+        ("GATEWAY__RULES__DIR", rules_dir),
+        ("GATEWAY__UPSTREAM__URL", &url),
+        ("GATEWAY__UPSTREAM__TOPIC_PREFIX", "up"),
+    ]);
+    let mut local = subscribe(&gw.addr(), "events/#").await;
+
+    // 80 °C held for more than the rule's `for = "10s"`: one firing event, not one per reading.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(12) {
+        publish_all(&gw.addr(), "t-hot", &reading("t-hot", 80.0)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (topic, firing) = next_event(&mut local, Duration::from_secs(5)).await;
+    assert_eq!(topic, "events/SensorTemperatureExceeded/t-hot");
+    assert_eq!(firing["specversion"], "1.0");
+    assert_eq!(firing["type"], "SensorTemperatureExceeded");
+    assert_eq!(firing["subject"], "t-hot");
+    assert_eq!(
+        firing["source"],
+        "gateway/edge-gateway/rules/temperature-high"
+    );
+    assert_eq!(firing["datacontenttype"], "application/json");
+    assert_eq!(firing["data"]["state"], "firing");
+    assert_eq!(firing["data"]["values"]["temperature"], 80.0);
+    assert_eq!(firing["data"]["labels"]["team"], "facilities");
+
+    // 72 °C is inside the hysteresis band; 65 °C resolves.
+    publish_all(&gw.addr(), "t-hot", &reading("t-hot", 72.0)).await;
+    publish_all(&gw.addr(), "t-hot", &reading("t-hot", 65.0)).await;
+    let (_, resolved) = next_event(&mut local, Duration::from_secs(5)).await;
+    assert_eq!(resolved["data"]["state"], "resolved");
+    assert_ne!(resolved["id"], firing["id"]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), local.recv())
+            .await
+            .is_err(),
+        "no event per reading"
+    );
+
+    // The same two events reach the upstream broker, ids unchanged.
+    collector.wait_unique(2, Duration::from_secs(10)).await;
+    let upstream_ids: Vec<serde_json::Value> = collector
+        .snapshot()
+        .iter()
+        .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()["id"].clone())
+        .collect();
+    assert_eq!(
+        upstream_ids,
+        vec![firing["id"].clone(), resolved["id"].clone()]
+    );
+    assert!(collector
+        .snapshot()
+        .iter()
+        .all(|m| m.topic == "up/events/SensorTemperatureExceeded/t-hot"));
+
+    gw.stop();
+    // And the event log holds both.
+    let logged = gateway::store::query_events(
+        &gw.db_path(),
+        0,
+        Some("SensorTemperatureExceeded"),
+        Some("t-hot"),
+        10,
+    )
+    .unwrap();
+    assert_eq!(logged.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_edit_keeps_the_old_rules_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    let file = rules.join("hot.toml");
+    std::fs::write(
+        &file,
+        "[[rule]]\nname = \"hot\"\nevent = \"Hot\"\ncondition = \"heat > 10.0\"\n",
+    )
+    .unwrap();
+    let mut gw = Gateway::start_in(dir, &[]);
+    // start_in points rules.dir at <dir>/rules.
+    gw.wait_log("Rules loaded.", Duration::from_secs(5));
+    let mut local = subscribe(&gw.addr(), "events/#").await;
+
+    std::fs::write(
+        &file,
+        "[[rule]]\nname = \"hot\"\nevent = \"Hot\"\ncondition = \"heat >>> 10.0\"\n",
+    )
+    .unwrap();
+    let error = gw.wait_log("hot.toml:4:", Duration::from_secs(10));
+    assert!(error.contains("condition"), "{error}");
+    gw.wait_log("the previous rules stay in force", Duration::from_secs(5));
+
+    let msg = vec![(
+        "devices/h-1/telemetry".to_string(),
+        br#"{"heat":20}"#.to_vec(),
+    )];
+    publish_all(&gw.addr(), "h-1", &msg).await;
+    let (topic, event) = next_event(&mut local, Duration::from_secs(5)).await;
+    assert_eq!(topic, "events/Hot/h-1");
+    assert_eq!(event["data"]["state"], "firing");
+    gw.stop();
+}
