@@ -233,13 +233,13 @@ pub async fn run_until(
     let cfg = Arc::new(cfg);
     let t0 = Instant::now();
     let deadline = cfg.duration.map(|d| t0 + d);
-    let (peak_tx, peak_rx) = watch::channel(0i64);
-    let progress = tokio::spawn(report_progress(
-        cfg.clone(),
-        counters.clone(),
-        peak_tx,
-        shutdown.child_token(),
-    ));
+    let progress = cfg.progress.map(|every| {
+        tokio::spawn(report_progress(
+            every,
+            counters.clone(),
+            shutdown.child_token(),
+        ))
+    });
     info!(
         devices = cfg.devices,
         broker = %cfg.broker,
@@ -269,7 +269,9 @@ pub async fn run_until(
         readings.push((done.id, done.readings));
     }
     let elapsed = t0.elapsed();
-    progress.abort();
+    if let Some(p) = progress {
+        p.abort();
+    }
     let totals = counters.snapshot();
     let publish_s = last_publish.duration_since(t0).as_secs_f64();
     let summary = Summary {
@@ -277,7 +279,9 @@ pub async fn run_until(
         qos: cfg.qos as u8,
         format: cfg.format,
         totals,
-        connected_peak: (*peak_rx.borrow()).max(totals.connected),
+        connected_peak: counters
+            .connected_peak
+            .load(std::sync::atomic::Ordering::Relaxed),
         readings,
         publish_s,
         publish_rate: if publish_s > 0.0 {
@@ -300,13 +304,7 @@ pub async fn run_until(
     Ok(summary)
 }
 
-async fn report_progress(
-    cfg: Arc<FleetConfig>,
-    counters: Arc<Counters>,
-    peak: watch::Sender<i64>,
-    stop: CancellationToken,
-) {
-    let every = cfg.progress.unwrap_or(Duration::from_millis(500));
+async fn report_progress(every: Duration, counters: Arc<Counters>, stop: CancellationToken) {
     let started = Instant::now();
     let mut last = counters.snapshot();
     let mut last_cpu = CpuSample::now();
@@ -318,10 +316,6 @@ async fn report_progress(
             _ = tick.tick() => {}
         }
         let now = counters.snapshot();
-        peak.send_modify(|p| *p = (*p).max(now.connected));
-        if cfg.progress.is_none() {
-            continue;
-        }
         let cpu = CpuSample::now();
         let rate = (now.published - last.published) as f64 / every.as_secs_f64();
         info!(
@@ -743,10 +737,7 @@ impl Driver {
     fn set_connected(&self, up: bool) {
         let was = self.connected.send_replace(up);
         if was != up {
-            let delta = if up { 1 } else { -1 };
-            self.counters
-                .connected
-                .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+            self.counters.connection(if up { 1 } else { -1 });
         }
     }
 }

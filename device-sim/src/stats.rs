@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 pub struct Counters {
     /// Devices with a live connection (gauge).
     pub connected: AtomicI64,
+    /// Highest value `connected` reached.
+    pub connected_peak: AtomicI64,
     /// Successful CONNACKs, including reconnects.
     pub connects: AtomicU64,
     /// Connection errors seen by device event loops.
@@ -54,6 +56,12 @@ pub struct Snapshot {
 }
 
 impl Counters {
+    /// Moves the `connected` gauge by `delta`, keeping the peak.
+    pub fn connection(&self, delta: i64) {
+        let now = self.connected.fetch_add(delta, Relaxed) + delta;
+        self.connected_peak.fetch_max(now, Relaxed);
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             connected: self.connected.load(Relaxed),
