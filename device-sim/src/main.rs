@@ -35,7 +35,7 @@ struct Cli {
 enum Command {
     /// Print two bench reports (from --json) side by side with the ratio A/B, as Markdown.
     Compare {
-        /// Report A (e.g. the gateway).
+        /// Report A (e.g. the gateway); `-` when side A was not measured.
         a: PathBuf,
         /// Report B (e.g. the Mosquitto bridge).
         b: PathBuf,
@@ -307,7 +307,12 @@ fn compare(a: &PathBuf, b: &PathBuf) -> anyhow::Result<String> {
         serde_json::from_str(&text)
             .with_context(|| format!("{} is not a bench report", p.display()))
     };
-    Ok(report::compare(&read(a)?, &read(b)?))
+    let a = if a.as_os_str() == "-" {
+        None
+    } else {
+        Some(read(a)?)
+    };
+    Ok(report::compare(a.as_ref(), &read(b)?))
 }
 
 fn free_ports(n: usize) -> ExitCode {

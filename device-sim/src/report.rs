@@ -73,8 +73,9 @@ pub fn bench(r: &BenchReport) -> String {
     out
 }
 
-/// A Markdown table of `a` and `b` side by side with the ratio A/B.
-pub fn compare(a: &BenchReport, b: &BenchReport) -> String {
+/// A Markdown table of `a` and `b` side by side with the ratio A/B; a
+/// missing `a` (side A failed) shows as `-`.
+pub fn compare(a: Option<&BenchReport>, b: &BenchReport) -> String {
     let mut rows: Vec<(String, f64, f64, usize)> = vec![
         row("devices", |r| r.fleet.devices as f64, a, b, 0),
         row("published", |r| r.fleet.totals.published as f64, a, b, 0),
@@ -91,15 +92,20 @@ pub fn compare(a: &BenchReport, b: &BenchReport) -> String {
         row("latency max ms", |r| r.latency_ms.max as f64, a, b, 0),
         row("device-sim CPU %", |r| r.fleet.cpu.percent, a, b, 1),
     ];
-    let mut names: Vec<&str> = a.processes.iter().map(|p| p.name.as_str()).collect();
+    let mut names: Vec<&str> = a
+        .iter()
+        .flat_map(|a| a.processes.iter().map(|p| p.name.as_str()))
+        .collect();
     for p in &b.processes {
         if !names.contains(&p.name.as_str()) {
             names.push(&p.name);
         }
     }
     for name in names {
-        let find = |r: &BenchReport| r.processes.iter().find(|p| p.name == name).cloned();
-        let (pa, pb) = (find(a), find(b));
+        let find = |r: Option<&BenchReport>| {
+            r.and_then(|r| r.processes.iter().find(|p| p.name == name).cloned())
+        };
+        let (pa, pb) = (find(a), find(Some(b)));
         let get = |p: &Option<crate::stats::ProcessUsage>,
                    f: fn(&crate::stats::ProcessUsage) -> f64| {
             p.as_ref().map_or(f64::NAN, f)
@@ -124,7 +130,8 @@ pub fn compare(a: &BenchReport, b: &BenchReport) -> String {
         ));
     }
     let mut out = String::new();
-    let _ = writeln!(out, "| metric | A: {} | B: {} | A/B |", a.label, b.label);
+    let a_label = a.map_or("(not measured)", |a| a.label.as_str());
+    let _ = writeln!(out, "| metric | A: {a_label} | B: {} | A/B |", b.label);
     let _ = writeln!(out, "|---|---:|---:|---:|");
     for (name, va, vb, decimals) in rows {
         let cell = |v: f64| {
@@ -147,9 +154,9 @@ pub fn compare(a: &BenchReport, b: &BenchReport) -> String {
 fn row(
     name: &str,
     f: impl Fn(&BenchReport) -> f64,
-    a: &BenchReport,
+    a: Option<&BenchReport>,
     b: &BenchReport,
     decimals: usize,
 ) -> (String, f64, f64, usize) {
-    (name.to_owned(), f(a), f(b), decimals)
+    (name.to_owned(), a.map_or(f64::NAN, &f), f(b), decimals)
 }
