@@ -129,6 +129,35 @@ impl FleetConfig {
         }
     }
 
+    /// A config for `scenario`, taking its `[fleet]` defaults (devices, rate
+    /// (0 = max), duration, count, format, qos) over the built-in ones.
+    pub fn from_scenario(broker: impl Into<String>, scenario: Scenario) -> FleetConfig {
+        let mut cfg = FleetConfig::new(broker);
+        let d = &scenario.fleet;
+        if let Some(n) = d.devices {
+            cfg.devices = n;
+        }
+        match d.rate {
+            Some(0.0) => cfg.rate = Rate::Max,
+            Some(r) => cfg.rate = Rate::PerDevice(r),
+            None => {}
+        }
+        if d.duration.is_some() || d.count.is_some() {
+            cfg.duration = d.duration;
+            cfg.count = d.count;
+        }
+        if let Some(f) = d.format {
+            cfg.format = f;
+        }
+        match d.qos {
+            Some(0) => cfg.qos = QoS::AtMostOnce,
+            Some(1) => cfg.qos = QoS::AtLeastOnce,
+            _ => {}
+        }
+        cfg.scenario = scenario;
+        cfg
+    }
+
     pub fn device_id(&self, index: u32) -> String {
         format!("{}{:04}", self.id_prefix, index + 1)
     }

@@ -77,7 +77,7 @@ struct RunArgs {
     /// Stop after this many payloads in total (spread across devices).
     #[arg(long)]
     count: Option<u64>,
-    /// Stop publishing after this long (e.g. 30s, 5m) [default: 60s unless --count is given].
+    /// Stop publishing after this long (e.g. 30s, 5m) [default: 10s unless --count is given, or the scenario's].
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
     /// Scenario file (TOML): field models, events, fleet defaults.
@@ -186,34 +186,35 @@ fn configure(a: RunArgs) -> anyhow::Result<(FleetConfig, Upstream)> {
         Some(path) => Scenario::load(path)?,
         None => Scenario::default(),
     };
-    let d = scenario.fleet.clone();
-    let mut cfg = FleetConfig::new(a.broker);
+    let mut cfg = FleetConfig::from_scenario(a.broker, scenario);
     cfg.username = a.username;
     cfg.password = a.password;
-    cfg.devices = a.devices.or(d.devices).unwrap_or(10);
-    cfg.rate = match (a.total_rate, a.rate.as_deref()) {
-        (Some(total), _) => Rate::Total(total),
-        (None, Some("max")) => Rate::Max,
-        (None, Some(r)) => Rate::PerDevice(
-            r.parse()
-                .with_context(|| format!("--rate `{r}` is not a number or `max`"))?,
-        ),
-        (None, None) => match d.rate {
-            Some(0.0) => Rate::Max,
-            Some(r) => Rate::PerDevice(r),
-            None => Rate::PerDevice(1.0),
-        },
-    };
-    cfg.qos = match a.qos.or(d.qos).unwrap_or(1) {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        q => anyhow::bail!("--qos {q}: only 0 and 1 are supported"),
-    };
-    cfg.format = a.format.or(d.format).unwrap_or(Format::Json);
-    cfg.count = a.count.or(d.count);
-    cfg.duration = a.duration.or(d.duration);
-    if cfg.count.is_none() && cfg.duration.is_none() {
-        cfg.duration = Some(Duration::from_secs(60));
+    if let Some(n) = a.devices {
+        cfg.devices = n;
+    }
+    match (a.total_rate, a.rate.as_deref()) {
+        (Some(total), _) => cfg.rate = Rate::Total(total),
+        (None, Some("max")) => cfg.rate = Rate::Max,
+        (None, Some(r)) => {
+            cfg.rate = Rate::PerDevice(
+                r.parse()
+                    .with_context(|| format!("--rate `{r}` is not a number or `max`"))?,
+            )
+        }
+        (None, None) => {}
+    }
+    match a.qos {
+        Some(0) => cfg.qos = QoS::AtMostOnce,
+        Some(1) => cfg.qos = QoS::AtLeastOnce,
+        Some(q) => anyhow::bail!("--qos {q}: only 0 and 1 are supported"),
+        None => {}
+    }
+    if let Some(f) = a.format {
+        cfg.format = f;
+    }
+    if a.count.is_some() || a.duration.is_some() {
+        cfg.count = a.count;
+        cfg.duration = a.duration;
     }
     cfg.id_prefix = a.id_prefix;
     cfg.stream = a.stream;
@@ -222,7 +223,6 @@ fn configure(a: RunArgs) -> anyhow::Result<(FleetConfig, Upstream)> {
     cfg.progress = (!a.progress.is_zero()).then_some(a.progress);
     cfg.drain = a.drain;
     cfg.inflight = a.inflight;
-    cfg.scenario = scenario;
     let problems = cfg.problems();
     if !problems.is_empty() {
         anyhow::bail!("invalid settings:\n  - {}", problems.join("\n  - "));

@@ -42,6 +42,11 @@ pub enum ScenarioError {
     },
 }
 
+/// The directory of the shipped scenario files.
+pub fn shipped_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios")
+}
+
 /// Fleet settings a scenario may suggest; command-line flags win.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -332,6 +337,12 @@ fn default_fields() -> BTreeMap<String, Model> {
 }
 
 impl Scenario {
+    /// Loads one of the scenarios shipped in `device-sim/scenarios/` by name
+    /// (`overheat`, `offline`, `battery-low`, `rising-fast`, ...).
+    pub fn shipped(name: &str) -> Result<Scenario, ScenarioError> {
+        Scenario::load(&shipped_dir().join(format!("{name}.toml")))
+    }
+
     /// Reads and validates a scenario file.
     pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
         let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {

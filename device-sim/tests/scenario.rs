@@ -36,6 +36,17 @@ fn shipped_scenarios_load_and_fit_their_fleet() {
     }
 }
 
+#[test]
+fn a_shipped_scenario_sets_up_its_fleet() {
+    let cfg = FleetConfig::from_scenario("127.0.0.1:1883", Scenario::shipped("overheat").unwrap());
+    assert_eq!(cfg.devices, 3);
+    assert_eq!(cfg.rate, Rate::PerDevice(1.0));
+    assert_eq!(cfg.duration, Some(Duration::from_secs(100)));
+    assert_eq!(cfg.scenario.name, "overheat");
+    let e = Scenario::shipped("no-such").unwrap_err().to_string();
+    assert!(e.contains("no-such.toml"), "{e}");
+}
+
 fn error_of(text: &str) -> String {
     match Scenario::from_toml(text, "bad.toml") {
         Ok(s) => panic!("accepted: {s:?}"),
