@@ -44,6 +44,8 @@ use crate::stats::{Counters, CpuSample, CpuUse, Snapshot};
 pub const REQUEST_CAPACITY: usize = 16;
 /// A device that falls this far behind its schedule skips ahead.
 const MAX_LAG: Duration = Duration::from_secs(1);
+/// How long a device waits before retrying when its client queue is full.
+const FULL_QUEUE_PAUSE: Duration = Duration::from_millis(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -616,22 +618,25 @@ impl<'d> Publisher<'d> {
                 }
             }
         };
-        let send = self
-            .client
-            .publish(self.topic.as_str(), d.cfg.qos, false, payload);
-        let deadline = async {
-            match d.deadline {
-                Some(dl) => sleep_until(dl).await,
-                None => std::future::pending().await,
+        // try_publish, never a cancelled `publish().await`: a cancelled send can
+        // still hand its message over, and then the counts would lie.
+        let mut payload = payload;
+        loop {
+            match self
+                .client
+                .try_publish(self.topic.as_str(), d.cfg.qos, false, payload)
+            {
+                Ok(()) => break,
+                Err(rumqttc::ClientError::TryRequest(Request::Publish(p))) => {
+                    payload = p.payload.to_vec();
+                }
+                Err(_) => return false,
             }
-        };
-        let sent = tokio::select! {
-            r = send => r.is_ok(),
-            _ = deadline => false,
-            _ = d.shutdown.cancelled() => false,
-        };
-        if !sent {
-            return false;
+            // The device's queue is full: wait a little, unless the run is over.
+            if d.shutdown.is_cancelled() || d.deadline.is_some_and(|dl| Instant::now() >= dl) {
+                return false;
+            }
+            tokio::time::sleep(FULL_QUEUE_PAUSE).await;
         }
         self.published += 1;
         let c = &d.counters;
