@@ -31,9 +31,9 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 say "Building device-sim (release)"
 (cd "$ROOT" && cargo build --release -q -p device-sim) || die "device-sim does not build"
 SIM=$ROOT/target/release/device-sim
-GATEWAY=$ROOT/target/release/gateway
+GATEWAY=${GATEWAY:-$ROOT/target/release/gateway}   # override to test another build
 A_STATUS=""
-if [[ " $SIDES " == *" A "* ]]; then
+if [[ " $SIDES " == *" A "* && "$GATEWAY" == "$ROOT/target/release/gateway" ]]; then
   say "Building the gateway (release)"
   if ! (cd "$ROOT" && cargo build --release -q -p gateway); then
     A_STATUS="the gateway does not build (cargo build --release -p gateway)"
@@ -66,7 +66,7 @@ stop() { # pid
   wait "$1" 2>/dev/null || true
 }
 
-read -r UP_PORT A_PORT B_PORT < <("$SIM" free-ports 3 | tr '\n' ' ')
+read -r UP_PORT A_PORT B_PORT < <("$SIM" free-ports 3 | tr '\n' ' '; echo)
 ME=$(id -un)
 
 say "Upstream Mosquitto on 127.0.0.1:$UP_PORT"
@@ -116,7 +116,13 @@ if [[ " $SIDES " == *" A "* && -z "$A_STATUS" ]]; then
     "$GATEWAY" run > "$WORK/gateway.log" 2>&1 &
   GW_PID=$!; PIDS+=("$GW_PID")
   if ! wait_port "$A_PORT" 15 "$GW_PID"; then
-    A_STATUS="the gateway did not listen on 127.0.0.1:$A_PORT within 15 s; its log ends: $(tail -n 5 "$WORK/gateway.log" | tr '\n' ' ')"
+    if kill -0 "$GW_PID" 2>/dev/null; then
+      A_STATUS="the gateway did not listen on 127.0.0.1:$A_PORT within 15 s"
+    else
+      wait "$GW_PID" && code=0 || code=$?
+      A_STATUS="the gateway exited (status $code) without listening on 127.0.0.1:$A_PORT"
+    fi
+    A_STATUS="$A_STATUS; its log ends: $(tail -n 5 "$WORK/gateway.log" | tr '\n' ' ')"
   elif ! probe A "$A_PORT"; then
     A_STATUS="the gateway accepted readings but forwarded none/too few to upstream bench/devices/# within 10 s (is upstream forwarding implemented, with GATEWAY__UPSTREAM__TOPIC_PREFIX=bench?). Probe: $(grep -m1 'upstream \[' "$WORK/probe-A.txt" || tail -n 2 "$WORK/probe-A.txt")"
   else

@@ -295,12 +295,25 @@ pub async fn run_until(
     let tally = Arc::new(Mutex::new(Tally::default()));
     let stop = CancellationToken::new();
     let (ready_tx, mut ready_rx) = watch::channel(None::<Result<(), String>>);
-    let subscriber = tokio::spawn(subscribe(
-        upstream.clone(),
-        tally.clone(),
-        ready_tx,
-        stop.clone(),
-    ));
+    // The subscriber gets its own thread and runtime so the 2 x N device tasks
+    // do not delay its receive timestamps.
+    let subscriber = {
+        let (up, tally, stop) = (upstream.clone(), tally.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("bench-subscriber".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(subscribe(up, tally, ready_tx, stop)),
+                    Err(e) => {
+                        ready_tx.send_replace(Some(Err(format!("subscriber runtime: {e}"))));
+                    }
+                }
+            })
+            .expect("spawn the bench subscriber thread")
+    };
     let wait = Duration::from_secs(10);
     let ready = tokio::time::timeout(wait, ready_rx.wait_for(|r| matches!(r, Some(Ok(())))));
     if !matches!(ready.await, Ok(Ok(_))) {
@@ -347,7 +360,7 @@ pub async fn run_until(
         .filter_map(|(w, s)| w.usage_since(s))
         .collect();
     stop.cancel();
-    let _ = subscriber.await;
+    let _ = tokio::task::spawn_blocking(move || subscriber.join()).await;
     let tally = tally.lock().expect("tally lock");
     let d = tally.delivery(&summary.readings);
     let span = match (tally.first_rx, tally.last_rx) {
