@@ -165,6 +165,9 @@ elif [ -f "$OUT/B.json" ]; then
   echo "Side A not measured: ${A_STATUS:-not requested}."
   "$SIM" compare - "$OUT/B.json" | tee "$OUT/table.md"
   [ -z "$A_STATUS" ] || exit 3
+elif [ -n "$A_STATUS" ]; then
+  printf 'bench: side A failed (%s) and side B was not requested\n' "$A_STATUS" >&2
+  exit 3
 else
   die "nothing was measured"
 fi
