@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark on one machine, in one run:
+#   upstream: a Mosquitto broker (persistence off) that both sides forward to;
+#   A: the gateway, its upstream set to that broker (topic prefix `bench`);
+#   B: a Mosquitto edge broker with persistence on, bridging QoS 1 to upstream,
+#      topics remapped devices/# -> bench/devices/#.
+# Both sides get the same device-sim load; device-sim subscribes to
+# bench/devices/# upstream and reports delivery, latency, CPU and RSS.
+# Prints a Markdown table with the ratio A/B. See bench/README.md.
+set -euo pipefail
+
+DEVICES=${DEVICES:-1000}       # simulated devices (connections)
+RATE=${RATE:-10}               # readings/s per device, or "max"
+DURATION=${DURATION:-30s}      # publishing time per side
+QOS=${QOS:-1}
+FORMAT=${FORMAT:-json}         # json | cbor | senml-json | senml-cbor
+BATCH=${BATCH:-1}              # gateway: readings per upstream message
+SIDES=${SIDES:-"A B"}          # which sides to run
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT=${OUT:-$ROOT/target/bench}
+MOSQUITTO=${MOSQUITTO:-$(command -v mosquitto || echo /usr/sbin/mosquitto)}
+
+say() { printf '\n== %s\n' "$*" >&2; }
+die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
+
+[ -x "$MOSQUITTO" ] || die "mosquitto not found (apt-get install mosquitto, or set MOSQUITTO=/path)"
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+[ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge $((DEVICES + 200)) ] ||
+  die "open-file limit $(ulimit -n) is too low for $DEVICES connections (raise ulimit -n)"
+
+say "Building device-sim (release)"
+(cd "$ROOT" && cargo build --release -q -p device-sim) || die "device-sim does not build"
+SIM=$ROOT/target/release/device-sim
+GATEWAY=${GATEWAY:-$ROOT/target/release/gateway}   # override to test another build
+A_STATUS=""
+if [[ " $SIDES " == *" A "* && "$GATEWAY" == "$ROOT/target/release/gateway" ]]; then
+  say "Building the gateway (release)"
+  if ! (cd "$ROOT" && cargo build --release -q -p gateway); then
+    A_STATUS="the gateway does not build (cargo build --release -p gateway)"
+  fi
+fi
+
+mkdir -p "$OUT"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/edge-bench.XXXXXX")
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+wait_port() { # port seconds pid
+  local deadline=$((SECONDS + $2))
+  until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do
+    kill -0 "$3" 2>/dev/null || return 1
+    [ $SECONDS -lt $deadline ] || return 1
+    sleep 0.1
+  done
+}
+
+stop() { # pid
+  kill -TERM "$1" 2>/dev/null || return 0
+  for _ in $(seq 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.2; done
+  kill -KILL "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+
+read -r UP_PORT A_PORT B_PORT < <("$SIM" free-ports 3 | tr '\n' ' '; echo)
+ME=$(id -un)
+
+say "Upstream Mosquitto on 127.0.0.1:$UP_PORT"
+cat > "$WORK/upstream.conf" <<EOF
+user $ME
+listener $UP_PORT 127.0.0.1
+allow_anonymous true
+persistence false
+max_queued_messages 1000000
+max_inflight_messages 0
+EOF
+"$MOSQUITTO" -c "$WORK/upstream.conf" > "$WORK/upstream.log" 2>&1 &
+UP_PID=$!; PIDS+=("$UP_PID")
+wait_port "$UP_PORT" 5 "$UP_PID" || { cat "$WORK/upstream.log" >&2; die "upstream mosquitto did not start"; }
+
+LOAD=(--devices "$DEVICES" --rate "$RATE" --duration "$DURATION" --qos "$QOS" --format "$FORMAT"
+      --upstream "127.0.0.1:$UP_PORT" --upstream-topic 'bench/devices/#' --progress 5s)
+
+# probe LABEL PORT: 20 readings from 2 devices must reach upstream within 10 s.
+probe() {
+  "$SIM" --broker "127.0.0.1:$2" --id-prefix "probe-$1-" --devices 2 --count 20 --rate 20 \
+    --upstream "127.0.0.1:$UP_PORT" --upstream-topic 'bench/devices/#' \
+    --settle 5s --max-wait 10s --min-delivered 20 --progress 0s > "$WORK/probe-$1.txt" 2>&1
+}
+
+# measure SIDE LABEL PORT EDGE_PID
+measure() {
+  say "Side $1 ($2): $DEVICES devices x $RATE/s, QoS $QOS, $FORMAT, $DURATION"
+  "$SIM" --broker "127.0.0.1:$3" "${LOAD[@]}" --label "$2" \
+    --watch "edge=$4" --watch "upstream=$UP_PID" --json "$OUT/$1.json" | tee "$OUT/$1.txt"
+}
+
+rm -f "$OUT/A.json" "$OUT/B.json"
+
+if [[ " $SIDES " == *" A "* && -z "$A_STATUS" ]]; then
+  say "Side A: gateway on 127.0.0.1:$A_PORT"
+  mkdir -p "$WORK/gw/rules"
+  [ -d "$ROOT/rules" ] && cp -r "$ROOT/rules/." "$WORK/gw/rules/" 2>/dev/null || true
+  GATEWAY__BROKER__LISTEN=127.0.0.1:$A_PORT \
+  GATEWAY__BROKER__LISTEN_V5= \
+  GATEWAY__STORAGE__PATH=$WORK/gw/gw.redb \
+  GATEWAY__UPSTREAM__URL=mqtt://127.0.0.1:$UP_PORT \
+  GATEWAY__UPSTREAM__TOPIC_PREFIX=bench \
+  GATEWAY__UPSTREAM__BATCH_MAX_MESSAGES=$BATCH \
+  GATEWAY__RULES__DIR=$WORK/gw/rules \
+  GATEWAY__LOG__LEVEL=${GATEWAY_LOG:-info} \
+    "$GATEWAY" run > "$WORK/gateway.log" 2>&1 &
+  GW_PID=$!; PIDS+=("$GW_PID")
+  if ! wait_port "$A_PORT" 15 "$GW_PID"; then
+    if kill -0 "$GW_PID" 2>/dev/null; then
+      A_STATUS="the gateway did not listen on 127.0.0.1:$A_PORT within 15 s"
+    else
+      wait "$GW_PID" && code=0 || code=$?
+      A_STATUS="the gateway exited (status $code) without listening on 127.0.0.1:$A_PORT"
+    fi
+    A_STATUS="$A_STATUS; its log ends: $(tail -n 5 "$WORK/gateway.log" | tr '\n' ' ')"
+  elif ! probe A "$A_PORT"; then
+    A_STATUS="the gateway accepted readings but forwarded none/too few to upstream bench/devices/# within 10 s (is upstream forwarding implemented, with GATEWAY__UPSTREAM__TOPIC_PREFIX=bench?). Probe: $(grep -m1 'upstream \[' "$WORK/probe-A.txt" || tail -n 2 "$WORK/probe-A.txt")"
+  else
+    measure A gateway "$A_PORT" "$GW_PID"
+  fi
+  stop "$GW_PID"
+  [ -z "$A_STATUS" ] || printf '\nSIDE A FAILED: %s\n' "$A_STATUS" >&2
+fi
+
+if [[ " $SIDES " == *" B "* ]]; then
+  say "Side B: Mosquitto edge on 127.0.0.1:$B_PORT, bridge QoS 1 to upstream, persistence on"
+  mkdir -p "$WORK/edge"
+  cat > "$WORK/edge.conf" <<EOF
+user $ME
+listener $B_PORT 127.0.0.1
+allow_anonymous true
+persistence true
+persistence_location $WORK/edge/
+max_queued_messages 1000000
+max_inflight_messages 0
+connection upstream
+address 127.0.0.1:$UP_PORT
+bridge_protocol_version mqttv311
+cleansession false
+remote_clientid edge-bridge
+topic # out 1 devices/ bench/devices/
+EOF
+  "$MOSQUITTO" -c "$WORK/edge.conf" > "$WORK/edge.log" 2>&1 &
+  EDGE_PID=$!; PIDS+=("$EDGE_PID")
+  wait_port "$B_PORT" 5 "$EDGE_PID" || { cat "$WORK/edge.log" >&2; die "edge mosquitto did not start"; }
+  probe B "$B_PORT" || { cat "$WORK/probe-B.txt" "$WORK/edge.log" >&2; die "the Mosquitto bridge did not deliver the probe upstream"; }
+  measure B mosquitto-bridge "$B_PORT" "$EDGE_PID"
+  stop "$EDGE_PID"
+fi
+
+say "Machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -n 1)"
+if [ -f "$OUT/A.json" ] && [ -f "$OUT/B.json" ]; then
+  "$SIM" compare "$OUT/A.json" "$OUT/B.json" | tee "$OUT/table.md"
+elif [ -f "$OUT/B.json" ]; then
+  echo "Side A not measured: ${A_STATUS:-not requested}."
+  "$SIM" compare - "$OUT/B.json" | tee "$OUT/table.md"
+  [ -z "$A_STATUS" ] || exit 3
+elif [ -n "$A_STATUS" ]; then
+  printf 'bench: side A failed (%s) and side B was not requested\n' "$A_STATUS" >&2
+  exit 3
+else
+  die "nothing was measured"
+fi

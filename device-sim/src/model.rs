@@ -1,0 +1,287 @@
+//! Value models: how one field of a simulated device changes over time.
+//!
+//! Inputs: a [`Model`] (from a scenario file or code), the time since the fleet
+//! started, and a per-device random generator. Output: the next value.
+//!
+//! Invariants:
+//! - a model is validated once ([`Model::problems`]) before any device runs;
+//!   a validated model never yields NaN or infinity.
+//! - the generator is seeded per device, so a run with a fixed seed is repeatable.
+
+use std::time::Duration;
+
+use rand::rngs::SmallRng;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// How a field's value evolves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "model", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Model {
+    /// Always `value`.
+    Constant {
+        value: f64,
+        #[serde(default)]
+        unit: Option<String>,
+    },
+    /// Starts at `start`, moves by a uniform step in `[-step, step]` per reading,
+    /// kept inside `[min, max]`.
+    RandomWalk {
+        start: f64,
+        step: f64,
+        min: f64,
+        max: f64,
+        #[serde(default)]
+        unit: Option<String>,
+    },
+    /// `mean + amplitude * sin(2 pi t / period + phase)` plus uniform noise in
+    /// `[-noise, noise]`; each device gets its own random phase.
+    Sine {
+        mean: f64,
+        amplitude: f64,
+        #[serde(with = "humantime_serde")]
+        period: Duration,
+        #[serde(default)]
+        noise: f64,
+        #[serde(default)]
+        unit: Option<String>,
+    },
+    /// `start + by * floor(t / every)`, kept inside `[min, max]` (e.g. a draining battery).
+    Step {
+        start: f64,
+        by: f64,
+        #[serde(with = "humantime_serde")]
+        every: Duration,
+        #[serde(default = "neg_inf")]
+        min: f64,
+        #[serde(default = "pos_inf")]
+        max: f64,
+        #[serde(default)]
+        unit: Option<String>,
+    },
+}
+
+fn neg_inf() -> f64 {
+    f64::NEG_INFINITY
+}
+fn pos_inf() -> f64 {
+    f64::INFINITY
+}
+
+impl Model {
+    pub fn unit(&self) -> Option<&str> {
+        match self {
+            Model::Constant { unit, .. }
+            | Model::RandomWalk { unit, .. }
+            | Model::Sine { unit, .. }
+            | Model::Step { unit, .. } => unit.as_deref(),
+        }
+    }
+
+    /// Everything wrong with this model, as sentences naming the field.
+    pub fn problems(&self, field: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut finite = |name: &str, v: f64| {
+            if !v.is_finite() {
+                out.push(format!("field `{field}`: `{name}` must be a finite number"));
+            }
+        };
+        match self {
+            Model::Constant { value, .. } => finite("value", *value),
+            Model::RandomWalk {
+                start,
+                step,
+                min,
+                max,
+                ..
+            } => {
+                finite("start", *start);
+                finite("step", *step);
+                finite("min", *min);
+                finite("max", *max);
+                if min > max {
+                    out.push(format!(
+                        "field `{field}`: `min` ({min}) is above `max` ({max})"
+                    ));
+                }
+                if *step < 0.0 {
+                    out.push(format!("field `{field}`: `step` must not be negative"));
+                }
+            }
+            Model::Sine {
+                mean,
+                amplitude,
+                period,
+                noise,
+                ..
+            } => {
+                finite("mean", *mean);
+                finite("amplitude", *amplitude);
+                finite("noise", *noise);
+                if period.is_zero() {
+                    out.push(format!("field `{field}`: `period` must be longer than 0s"));
+                }
+            }
+            Model::Step {
+                start,
+                by,
+                every,
+                min,
+                max,
+                ..
+            } => {
+                finite("start", *start);
+                finite("by", *by);
+                if every.is_zero() {
+                    out.push(format!("field `{field}`: `every` must be longer than 0s"));
+                }
+                if min > max {
+                    out.push(format!(
+                        "field `{field}`: `min` ({min}) is above `max` ({max})"
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The running state of one model on one device.
+#[derive(Debug, Clone)]
+pub struct Generator {
+    model: Model,
+    current: f64,
+    phase: f64,
+}
+
+impl Generator {
+    pub fn new(model: Model, rng: &mut SmallRng) -> Self {
+        let current = match &model {
+            Model::RandomWalk { start, .. } => *start,
+            _ => 0.0,
+        };
+        let phase = rng.random_range(0.0..std::f64::consts::TAU);
+        Generator {
+            model,
+            current,
+            phase,
+        }
+    }
+
+    /// The value at `t` since the fleet started.
+    pub fn next(&mut self, t: Duration, rng: &mut SmallRng) -> f64 {
+        let v = match &self.model {
+            Model::Constant { value, .. } => *value,
+            Model::RandomWalk { step, min, max, .. } => {
+                let delta = if *step > 0.0 {
+                    rng.random_range(-*step..=*step)
+                } else {
+                    0.0
+                };
+                self.current = (self.current + delta).clamp(*min, *max);
+                self.current
+            }
+            Model::Sine {
+                mean,
+                amplitude,
+                period,
+                noise,
+                ..
+            } => {
+                let angle = std::f64::consts::TAU * t.as_secs_f64() / period.as_secs_f64();
+                let jitter = if *noise > 0.0 {
+                    rng.random_range(-*noise..=*noise)
+                } else {
+                    0.0
+                };
+                mean + amplitude * (angle + self.phase).sin() + jitter
+            }
+            Model::Step {
+                start,
+                by,
+                every,
+                min,
+                max,
+                ..
+            } => {
+                let steps = (t.as_secs_f64() / every.as_secs_f64()).floor();
+                (start + by * steps).clamp(*min, *max)
+            }
+        };
+        round2(v)
+    }
+}
+
+/// Two decimals keep payloads short and readable.
+pub fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn random_walk_stays_in_bounds() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut g = Generator::new(
+            Model::RandomWalk {
+                start: 20.0,
+                step: 5.0,
+                min: 15.0,
+                max: 25.0,
+                unit: None,
+            },
+            &mut rng,
+        );
+        for i in 0..1000 {
+            let v = g.next(Duration::from_millis(i), &mut rng);
+            assert!((15.0..=25.0).contains(&v), "{v}");
+        }
+    }
+
+    #[test]
+    fn step_moves_every_interval() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut g = Generator::new(
+            Model::Step {
+                start: 100.0,
+                by: -10.0,
+                every: Duration::from_secs(10),
+                min: 0.0,
+                max: 100.0,
+                unit: None,
+            },
+            &mut rng,
+        );
+        assert_eq!(g.next(Duration::from_secs(9), &mut rng), 100.0);
+        assert_eq!(g.next(Duration::from_secs(25), &mut rng), 80.0);
+        assert_eq!(g.next(Duration::from_secs(500), &mut rng), 0.0);
+    }
+
+    #[test]
+    fn sine_stays_within_amplitude_and_noise() {
+        let mut rng = SmallRng::seed_from_u64(3);
+        let mut g = Generator::new(
+            Model::Sine {
+                mean: 45.0,
+                amplitude: 5.0,
+                period: Duration::from_secs(60),
+                noise: 0.5,
+                unit: None,
+            },
+            &mut rng,
+        );
+        let values: Vec<f64> = (0..600)
+            .map(|i| g.next(Duration::from_millis(i * 100), &mut rng))
+            .collect();
+        assert!(values.iter().all(|v| (39.49..=50.51).contains(v)));
+        let spread = values.iter().cloned().fold(f64::MIN, f64::max)
+            - values.iter().cloned().fold(f64::MAX, f64::min);
+        assert!(
+            spread > 8.0,
+            "a full period should swing the value: {spread}"
+        );
+    }
+}

@@ -1,0 +1,142 @@
+//! Bench mode against a real mosquitto: exact delivery through a clean path,
+//! and exact loss and duplicate counts through a forwarder that misbehaves on purpose.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Mosquitto;
+use device_sim::stats::Watch;
+use device_sim::{FleetConfig, Rate, UpstreamConfig};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+
+fn fleet(broker: &str, devices: u32, count: u64) -> FleetConfig {
+    let mut cfg = FleetConfig::new(broker);
+    cfg.devices = devices;
+    cfg.count = Some(count);
+    cfg.duration = Some(Duration::from_secs(30));
+    cfg.rate = Rate::PerDevice(100.0);
+    cfg
+}
+
+fn upstream(broker: &str, topic: &str) -> UpstreamConfig {
+    let mut up = UpstreamConfig::new(broker, topic);
+    up.settle = Duration::from_secs(1);
+    up.max_wait = Duration::from_secs(10);
+    up
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_path_delivers_everything_once() {
+    let mosquitto = Mosquitto::start();
+    let mut up = upstream(&mosquitto.addr, "devices/#");
+    up.watch = vec![Watch {
+        name: "mosquitto".into(),
+        pid: mosquitto.pid(),
+    }];
+    up.label = "direct".into();
+    let r = device_sim::bench::run(fleet(&mosquitto.addr, 10, 300), up)
+        .await
+        .unwrap();
+    assert_eq!(r.fleet.totals.published, 300);
+    assert_eq!(
+        (r.received, r.delivered, r.lost, r.duplicated),
+        (300, 300, 0, 0)
+    );
+    assert_eq!(
+        (r.unexpected, r.undecodable, r.upstream_messages),
+        (0, 0, 300)
+    );
+    let l = r.latency_ms;
+    assert!(l.p50 <= l.p90 && l.p90 <= l.p99 && l.p99 <= l.max, "{l:?}");
+    assert!(r.delivered_rate > 0.0);
+    let p = &r.processes[0];
+    assert_eq!((p.name.as_str(), p.pid), ("mosquitto", mosquitto.pid()));
+    assert!(p.rss_kb > 0 && p.peak_rss_kb >= p.rss_kb);
+    assert!(p.cpu_s > 0.0, "mosquitto moved 600 messages: {p:?}");
+}
+
+/// Republishes `devices/#` to `bench/devices/#`, dropping every 10th message
+/// and sending every 7th twice; returns (forwarded, dropped, doubled) counts.
+async fn lossy_forwarder(
+    broker: String,
+    ready: tokio::sync::oneshot::Sender<()>,
+    stop: tokio_util::sync::CancellationToken,
+) -> (u64, u64, u64) {
+    let (host, port) = broker.rsplit_once(':').unwrap();
+    let o = MqttOptions::new("lossy-forwarder", host, port.parse().unwrap());
+    let (client, mut eventloop) = AsyncClient::new(o, 10_000);
+    client
+        .subscribe("devices/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut ready = Some(ready);
+    let (mut n, mut dropped, mut doubled) = (0u64, 0u64, 0u64);
+    loop {
+        let ev = tokio::select! {
+            _ = stop.cancelled() => break,
+            ev = eventloop.poll() => ev.expect("forwarder connection"),
+        };
+        match ev {
+            Event::Incoming(Incoming::SubAck(_)) => {
+                let _ = ready.take().map(|r| r.send(()));
+            }
+            Event::Incoming(Incoming::Publish(p)) => {
+                n += 1;
+                if n % 10 == 0 {
+                    dropped += 1;
+                    continue;
+                }
+                let copies = if n % 7 == 0 { 2 } else { 1 };
+                doubled += copies - 1;
+                for _ in 0..copies {
+                    client
+                        .try_publish(
+                            format!("bench/{}", p.topic),
+                            QoS::AtLeastOnce,
+                            false,
+                            p.payload.clone(),
+                        )
+                        .unwrap();
+                }
+            }
+            _ => {}
+        }
+    }
+    (n, dropped, doubled)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loss_and_duplicates_are_counted_exactly() {
+    let mosquitto = Mosquitto::start();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let forwarder = tokio::spawn(lossy_forwarder(
+        mosquitto.addr.clone(),
+        ready_tx,
+        stop.clone(),
+    ));
+    tokio::time::timeout(Duration::from_secs(5), ready_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    let r = device_sim::bench::run(
+        fleet(&mosquitto.addr, 5, 200),
+        upstream(&mosquitto.addr, "bench/devices/#"),
+    )
+    .await
+    .unwrap();
+    stop.cancel();
+    let (n, dropped, doubled) = forwarder.await.unwrap();
+    assert_eq!(n, 200);
+    assert_eq!(
+        (dropped, doubled),
+        (20, 26),
+        "every 10th dropped, every 7th (not 70th) doubled"
+    );
+    assert_eq!(r.lost, dropped);
+    assert_eq!(r.duplicated, doubled);
+    assert_eq!(r.delivered, 200 - dropped);
+    assert_eq!(r.received, 200 - dropped + doubled);
+    assert_eq!(r.unexpected, 0);
+}
