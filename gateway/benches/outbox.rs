@@ -323,8 +323,17 @@ fn main() {
         let mosquitto = Mosquitto::start(dir.path());
         let port = mosquitto.port;
 
+        // Memory first, while this process holds nothing else.
+        let rss_start = rss_mb();
+        let (fill, drained, rss_buffered, rss_max) = drain(port, backlog).await;
         let direct = direct_ingest(port, n).await;
         println!("direct ingest, 1 QoS1 client, 100 in flight: {direct:.0} msg/s");
+        println!(
+            "backlog of {backlog}: filled at {fill:.0} rows/s, drained at {drained:.0} rows/s \
+             ({:.2}x direct); RSS {rss_start:.1} MB at start, {rss_buffered:.1} MB buffered, \
+             max {rss_max:.1} MB while draining",
+            drained / direct
+        );
         let (unbatched, _) = e2e(port, n, 1).await;
         println!(
             "gateway e2e unbatched: {unbatched:.0} readings/s ({:.2}x direct)",
@@ -338,12 +347,6 @@ fn main() {
             "gateway e2e batched (100/publish, {publishes} publishes): {batched:.0} readings/s \
              ({:.2}x bridge)",
             batched / bridged
-        );
-        let (fill, drained, rss_buffered, rss_max) = drain(port, backlog).await;
-        println!(
-            "backlog of {backlog}: filled at {fill:.0} rows/s, drained at {drained:.0} rows/s \
-             ({:.2}x direct); RSS {rss_buffered:.1} MB buffered, max {rss_max:.1} MB while draining",
-            drained / direct
         );
         let (p50, p99, max, count) = latency(port, 5).await;
         println!(

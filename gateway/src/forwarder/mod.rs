@@ -113,7 +113,7 @@ impl Default for ForwarderConfig {
             qos: 1,
             topic_prefix: String::new(),
             max_inflight: 100,
-            max_uncommitted_acks: 500,
+            max_uncommitted_acks: 2000,
             rate_limit_per_sec: None,
             batch_max_messages: 1,
             batch_linger_ms: 20,
