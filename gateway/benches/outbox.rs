@@ -3,7 +3,8 @@
 //!
 //! `cargo bench -p gateway --bench outbox` (needs /usr/sbin/mosquitto).
 //! `OUTBOX_BENCH_N` (default 100000) messages per throughput run, `OUTBOX_BENCH_BACKLOG`
-//! (default 1000000) rows for the drain run.
+//! (default 1000000) rows for the drain run, `OUTBOX_BENCH_FLUSH_MS` the store's
+//! flush interval (default: `StoreConfig::default()`).
 
 #[path = "../tests/forwarder_common/mod.rs"]
 mod forwarder_common;
@@ -102,7 +103,14 @@ struct Gateway {
 impl Gateway {
     fn new(port: u16, batch: usize) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("gw.redb"), StoreConfig::default()).unwrap();
+        let mut store_cfg = StoreConfig::default();
+        if let Some(ms) = std::env::var("OUTBOX_BENCH_FLUSH_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            store_cfg.flush_interval = Duration::from_millis(ms);
+        }
+        let store = Store::open(&dir.path().join("gw.redb"), store_cfg).unwrap();
         let cfg = ForwarderConfig {
             url: format!("mqtt://127.0.0.1:{port}"),
             client_id: format!("bench-gw-{}", free_port()),
