@@ -119,6 +119,7 @@ impl Gateway {
             max_inflight: 100,
             batch_max_messages: batch,
             batch_linger_ms: 5,
+            max_uncommitted_acks: env_or("OUTBOX_BENCH_UNCOMMITTED", 2000) as usize,
             ..ForwarderConfig::default()
         };
         let fwd = Forwarder::new(cfg.clone(), store.clone()).unwrap();
