@@ -3,7 +3,8 @@
 //!
 //! `cargo bench -p gateway --bench outbox` (needs /usr/sbin/mosquitto).
 //! `OUTBOX_BENCH_N` (default 100000) messages per throughput run, `OUTBOX_BENCH_BACKLOG`
-//! (default 1000000) rows for the drain run.
+//! (default 1000000) rows for the drain run, `OUTBOX_BENCH_FLUSH_MS` the store's
+//! flush interval (default: `StoreConfig::default()`).
 
 #[path = "../tests/forwarder_common/mod.rs"]
 mod forwarder_common;
@@ -102,7 +103,14 @@ struct Gateway {
 impl Gateway {
     fn new(port: u16, batch: usize) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("gw.redb"), StoreConfig::default()).unwrap();
+        let mut store_cfg = StoreConfig::default();
+        if let Some(ms) = std::env::var("OUTBOX_BENCH_FLUSH_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            store_cfg.flush_interval = Duration::from_millis(ms);
+        }
+        let store = Store::open(&dir.path().join("gw.redb"), store_cfg).unwrap();
         let cfg = ForwarderConfig {
             url: format!("mqtt://127.0.0.1:{port}"),
             client_id: format!("bench-gw-{}", free_port()),
@@ -111,6 +119,7 @@ impl Gateway {
             max_inflight: 100,
             batch_max_messages: batch,
             batch_linger_ms: 5,
+            max_uncommitted_acks: env_or("OUTBOX_BENCH_UNCOMMITTED", 2000) as usize,
             ..ForwarderConfig::default()
         };
         let fwd = Forwarder::new(cfg.clone(), store.clone()).unwrap();
@@ -323,8 +332,17 @@ fn main() {
         let mosquitto = Mosquitto::start(dir.path());
         let port = mosquitto.port;
 
+        // Memory first, while this process holds nothing else.
+        let rss_start = rss_mb();
+        let (fill, drained, rss_buffered, rss_max) = drain(port, backlog).await;
         let direct = direct_ingest(port, n).await;
         println!("direct ingest, 1 QoS1 client, 100 in flight: {direct:.0} msg/s");
+        println!(
+            "backlog of {backlog}: filled at {fill:.0} rows/s, drained at {drained:.0} rows/s \
+             ({:.2}x direct); RSS {rss_start:.1} MB at start, {rss_buffered:.1} MB buffered, \
+             max {rss_max:.1} MB while draining",
+            drained / direct
+        );
         let (unbatched, _) = e2e(port, n, 1).await;
         println!(
             "gateway e2e unbatched: {unbatched:.0} readings/s ({:.2}x direct)",
@@ -338,12 +356,6 @@ fn main() {
             "gateway e2e batched (100/publish, {publishes} publishes): {batched:.0} readings/s \
              ({:.2}x bridge)",
             batched / bridged
-        );
-        let (fill, drained, rss_buffered, rss_max) = drain(port, backlog).await;
-        println!(
-            "backlog of {backlog}: filled at {fill:.0} rows/s, drained at {drained:.0} rows/s \
-             ({:.2}x direct); RSS {rss_buffered:.1} MB buffered, max {rss_max:.1} MB while draining",
-            drained / direct
         );
         let (p50, p99, max, count) = latency(port, 5).await;
         println!(

@@ -22,6 +22,17 @@
 //! - At-least-once: a row is sent again only if its PUBACK was not received on the
 //!   connection it was sent on (the in-flight window, at most `max_inflight` messages).
 //! - Order is kept per lane (so per device): one connection, publishes in seq order.
+//! - Repeats after a crash are bounded: `max_inflight` publishes plus at most
+//!   `max_uncommitted_acks` rows acked upstream whose deletion is not committed yet
+//!   (sending pauses at that bound until the store catches up).
+//!
+//! What consumers get: MQTT 5 user properties `id` (`{gateway_id}:{seq}`, stable across
+//! replays and restarts: the dedup key) and `replayed` (`true`/`false`), a content type;
+//! replayed events also carry `"replayed": true` in their CloudEvents envelope; batches
+//! (`{prefix}/batch`) are arrays whose elements carry `id`, `topic`, `received_at`,
+//! `replayed` and the original `payload`. Only MQTT 5 is implemented; over MQTT 3.1.1
+//! there are no user properties, so an unbatched reading would reach the consumer without
+//! its id (batches and event envelopes would still carry theirs).
 
 mod encode;
 mod session;
@@ -37,6 +48,7 @@ use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::store::StoreHandle;
 
@@ -113,7 +125,7 @@ impl Default for ForwarderConfig {
             qos: 1,
             topic_prefix: String::new(),
             max_inflight: 100,
-            max_uncommitted_acks: 500,
+            max_uncommitted_acks: 2000,
             rate_limit_per_sec: None,
             batch_max_messages: 1,
             batch_linger_ms: 20,
@@ -285,7 +297,10 @@ impl Forwarder {
     /// PUBACKs of messages in flight and disconnects.
     pub async fn run(self, shutdown: CancellationToken) {
         let span = tracing::info_span!("forwarder", upstream = %self.cfg.url);
-        let _enter = span.enter();
+        self.drive(shutdown).instrument(span).await
+    }
+
+    async fn drive(self, shutdown: CancellationToken) {
         let mut state = State::Connecting { attempt: 0 };
         let mut conn: Option<Connection> = None;
         loop {
