@@ -101,6 +101,9 @@ pub struct FleetConfig {
     /// After publishing, wait this long at most for outstanding acks.
     pub drain: Duration,
     pub keep_alive: Duration,
+    /// A device that has not connected this long after its start gives up
+    /// (so a run with only a count still ends when the broker is away).
+    pub connect_timeout: Duration,
     /// Unacked QoS 1 publishes per connection.
     pub inflight: u16,
 }
@@ -127,6 +130,7 @@ impl FleetConfig {
             progress: None,
             drain: Duration::from_secs(10),
             keep_alive: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(30),
             inflight: 100,
         }
     }
@@ -429,6 +433,10 @@ impl Device {
         let connected = tokio::select! {
             r = connected_rx.wait_for(|c| *c) => r.is_ok(),
             _ = until_end => false,
+            _ = tokio::time::sleep(cfg.connect_timeout) => {
+                warn!(device = %self.id, broker = %cfg.broker, "Never connected: giving up.");
+                false
+            }
             _ = self.shutdown.cancelled() => false,
         };
         let published = if connected {

@@ -101,6 +101,9 @@ struct RunArgs {
     /// After publishing, wait at most this long for outstanding acks.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     drain: Duration,
+    /// A device that cannot connect for this long gives up.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    connect_timeout: Duration,
     /// Unacknowledged QoS 1 publishes allowed per connection.
     #[arg(long, default_value_t = 100)]
     inflight: u16,
@@ -222,6 +225,7 @@ fn configure(a: RunArgs) -> anyhow::Result<(FleetConfig, Upstream)> {
     cfg.seed = a.seed;
     cfg.progress = (!a.progress.is_zero()).then_some(a.progress);
     cfg.drain = a.drain;
+    cfg.connect_timeout = a.connect_timeout;
     cfg.inflight = a.inflight;
     let problems = cfg.problems();
     if !problems.is_empty() {

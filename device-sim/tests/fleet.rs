@@ -193,3 +193,22 @@ fn decode(format: Format, device: &str, payload: &[u8]) -> (i64, u64, f64, f64) 
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_count_only_run_ends_when_the_broker_is_away() {
+    // Nothing listens on this port.
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let mut cfg = FleetConfig::new(&addr);
+    cfg.devices = 3;
+    cfg.count = Some(30);
+    cfg.duration = None;
+    cfg.connect_timeout = Duration::from_millis(800);
+    cfg.drain = Duration::from_millis(500);
+    let summary = tokio::time::timeout(Duration::from_secs(10), device_sim::run(cfg))
+        .await
+        .expect("the run ends")
+        .unwrap();
+    assert_eq!(summary.totals.published, 0);
+    assert_eq!(summary.totals.connects, 0);
+    assert!(summary.totals.errors >= 3, "{:?}", summary.totals);
+}
