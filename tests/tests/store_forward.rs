@@ -204,7 +204,10 @@ async fn kill_9_mid_drain_then_restart_loses_nothing_committed() {
     // A repeat is only possible for what was in flight or acked-but-not-yet-deleted at
     // the kill: at most upstream.max_inflight (100) + the forwarder's uncommitted acks.
     let bound = 100 + gateway::forwarder::ForwarderConfig::default().max_uncommitted_acks;
-    assert!(duplicates <= bound, "{duplicates} duplicates after one kill (bound {bound})");
+    assert!(
+        duplicates <= bound,
+        "{duplicates} duplicates after one kill (bound {bound})"
+    );
     eprintln!("kill -9 mid-drain: {at_kill} delivered before the kill, {duplicates} duplicates after restart");
     gw.stop();
 }
