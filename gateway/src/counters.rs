@@ -61,13 +61,14 @@ impl Counters {
     /// One line for logs: `ingested=.. decoded=.. readings=.. dead_lettered=.. ...`.
     pub fn summary(&self) -> String {
         format!(
-            "ingested={} decoded={} readings={} dead_lettered={} ingest_overflow={} link_lost={}",
+            "ingested={} decoded={} readings={} dead_lettered={} ingest_overflow={} link_lost={} rules_overflow={}",
             Self::get(&self.ingested),
             self.decoded_total(),
             Self::get(&self.readings),
             self.dead_lettered_total(),
             Self::get(&self.ingest_overflow),
             Self::get(&self.link_lost),
+            Self::get(&self.rules_overflow),
         )
     }
 }
