@@ -189,3 +189,46 @@ async fn broken_edit_keeps_the_old_rules_running() {
     assert_eq!(event["data"]["state"], "firing");
     gw.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_neither_refires_nor_forgets_a_firing_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    std::fs::write(
+        rules.join("heat.toml"),
+        "[[rule]]\nname = \"heat\"\nevent = \"Heat\"\ncondition = \"heat > 10.0\"\nclear = \"heat < 5.0\"\n",
+    )
+    .unwrap();
+    let mut gw = Gateway::start_in(dir, &[]);
+    let heat = |v: u32| {
+        vec![(
+            "devices/r-1/telemetry".to_string(),
+            format!("{{\"heat\":{v}}}").into_bytes(),
+        )]
+    };
+
+    let mut local = subscribe(&gw.addr(), "events/#").await;
+    publish_all(&gw.addr(), "r-1", &heat(20)).await;
+    let (_, firing) = next_event(&mut local, Duration::from_secs(5)).await;
+    assert_eq!(firing["data"]["state"], "firing");
+    gw.stop();
+
+    gw.spawn();
+    let mut local = subscribe(&gw.addr(), "events/#").await;
+    publish_all(&gw.addr(), "r-1", &heat(20)).await;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), local.recv())
+            .await
+            .is_err(),
+        "still firing after the restart: no second firing event"
+    );
+    publish_all(&gw.addr(), "r-1", &heat(1)).await;
+    let (_, resolved) = next_event(&mut local, Duration::from_secs(5)).await;
+    assert_eq!(resolved["data"]["state"], "resolved");
+    assert_eq!(
+        resolved["data"]["firing_since"],
+        firing["data"]["firing_since"]
+    );
+    gw.stop();
+}

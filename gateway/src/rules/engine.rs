@@ -154,22 +154,37 @@ impl Engine {
         all
     }
 
+    /// The records of one device's instances, for saving that device's state alone.
+    pub fn device_records(&self, device: &str) -> Vec<InstanceRecord> {
+        let Some(dev) = self.devices.get(device) else {
+            return Vec::new();
+        };
+        let mut records: Vec<InstanceRecord> = dev
+            .iter()
+            .map(|(i, inst)| self.record(i, device, inst))
+            .collect();
+        records.sort_by(|a, b| a.rule.cmp(&b.rule));
+        records
+    }
+
+    fn record(&self, i: usize, device: &str, inst: &Instance) -> InstanceRecord {
+        let rule = &self.rules.rules()[i];
+        InstanceRecord {
+            rule: rule.name.clone(),
+            event: rule.event.clone(),
+            kind: rule.kind.name().to_string(),
+            severity: rule.severity.clone(),
+            device: device.to_string(),
+            instance: inst.clone(),
+        }
+    }
+
     /// Everything needed to restore this engine later.
     pub fn snapshot(&self) -> EngineState {
         let instances = self
             .sorted()
             .into_iter()
-            .map(|(i, device, inst)| {
-                let rule = &self.rules.rules()[i];
-                InstanceRecord {
-                    rule: rule.name.clone(),
-                    event: rule.event.clone(),
-                    kind: rule.kind.name().to_string(),
-                    severity: rule.severity.clone(),
-                    device: device.clone(),
-                    instance: inst.clone(),
-                }
-            })
+            .map(|(i, device, inst)| self.record(i, device, inst))
             .collect();
         EngineState {
             version: STATE_VERSION,

@@ -5,18 +5,20 @@
 //! Time comes from the wall clock here and is passed into the pure [`Engine`].
 //!
 //! Invariants:
-//! - the engine state is restored from the store at start and saved after every batch
-//!   of transitions (and every [`SAVE_INTERVAL`] while readings change windows), so a
-//!   restart neither re-fires nor forgets a firing instance;
+//! - the engine state is saved per device (`rules/device/{id}`): a device whose instances
+//!   changed state is saved with the events of the change, a device whose readings only
+//!   moved windows within [`SAVE_INTERVAL`]; at start it is restored from those records,
+//!   so a restart neither re-fires nor forgets a firing instance;
 //! - a rule-file edit that does not load keeps the running rules and logs every error;
 //! - the stage ends when its input is closed and empty.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rumqttd::local::LinkTx;
 
-use super::{Engine, EngineState, RuleSet, Watcher};
+use super::{Engine, EngineState, InstanceRecord, RuleSet, Watcher, STATE_VERSION};
 use crate::events::Event;
 use crate::reading::{now_millis, Reading};
 use crate::store::{OutboxEntry, StoreHandle};
@@ -26,8 +28,8 @@ use crate::store::{OutboxEntry, StoreHandle};
 pub const TICK: Duration = Duration::from_secs(1);
 /// Longest time engine state changed by readings alone stays unsaved.
 pub const SAVE_INTERVAL: Duration = Duration::from_secs(5);
-/// Key of the engine state in the store.
-pub const STATE_KEY: &str = "rules/engine";
+/// Prefix of the per-device engine state in the store.
+pub const STATE_PREFIX: &str = "rules/device/";
 
 /// The rules stage.
 pub struct RulesStage {
@@ -80,7 +82,9 @@ impl RulesStage {
             None => Engine::new(rules, &self.gateway_id),
         };
         let mut next_tick = Instant::now() + TICK;
-        let mut dirty_since: Option<Instant> = None;
+        let mut next_save = Instant::now() + SAVE_INTERVAL;
+        // Devices whose windows moved since the last periodic save.
+        let mut dirty: HashSet<String> = HashSet::new();
         loop {
             let message = self
                 .input
@@ -89,7 +93,9 @@ impl RulesStage {
             match message {
                 Ok(reading) => {
                     events = engine.on_reading(&reading, now_millis());
-                    dirty_since.get_or_insert_with(Instant::now);
+                    if !dirty.contains(&reading.device) {
+                        dirty.insert(reading.device.clone());
+                    }
                 }
                 Err(flume::RecvTimeoutError::Timeout) => {}
                 Err(flume::RecvTimeoutError::Disconnected) => break,
@@ -99,13 +105,24 @@ impl RulesStage {
                 events.extend(engine.tick(now_millis()));
                 events.extend(self.reload(&mut watcher, &mut engine));
             }
-            if !events.is_empty() || dirty_since.is_some_and(|t| t.elapsed() >= SAVE_INTERVAL) {
+            if !events.is_empty() {
                 self.emit(&events);
-                self.save(&engine);
-                dirty_since = None;
+                let changed: HashSet<&str> = events.iter().map(|e| e.subject.as_str()).collect();
+                for device in changed {
+                    self.save(&engine, device);
+                    dirty.remove(device);
+                }
+            }
+            if Instant::now() >= next_save {
+                next_save = Instant::now() + SAVE_INTERVAL;
+                for device in dirty.drain() {
+                    self.save(&engine, &device);
+                }
             }
         }
-        self.save(&engine);
+        for device in dirty.drain() {
+            self.save(&engine, &device);
+        }
         tracing::debug!("Rules stopped.");
     }
 
@@ -130,26 +147,38 @@ impl RulesStage {
     }
 
     fn saved_state(&self) -> Option<EngineState> {
-        let bytes = match self.store.load_state(STATE_KEY) {
-            Ok(b) => b?,
+        let rows = match self.store.load_state_prefix(STATE_PREFIX) {
+            Ok(rows) => rows,
             Err(e) => {
                 tracing::error!(error = %e, "Cannot read the saved rule state; starting fresh.");
                 return None;
             }
         };
-        match serde_json::from_slice(&bytes) {
-            Ok(state) => Some(state),
-            Err(e) => {
-                tracing::error!(error = %e, "Saved rule state is unreadable; starting fresh.");
-                None
+        let mut instances = Vec::new();
+        for (key, bytes) in rows {
+            match serde_json::from_slice::<Vec<InstanceRecord>>(&bytes) {
+                Ok(records) => instances.extend(records),
+                Err(e) => {
+                    tracing::error!(key = %key, error = %e, "Saved rule state of a device is unreadable; that device starts fresh.")
+                }
             }
         }
+        Some(EngineState {
+            version: STATE_VERSION,
+            instances,
+        })
     }
 
-    fn save(&self, engine: &Engine) {
-        match serde_json::to_vec(&engine.snapshot()) {
+    fn save(&self, engine: &Engine, device: &str) {
+        let key = format!("{STATE_PREFIX}{device}");
+        let records = engine.device_records(device);
+        if records.is_empty() {
+            self.store.delete_state(key);
+            return;
+        }
+        match serde_json::to_vec(&records) {
             Ok(bytes) => {
-                self.store.put_state(STATE_KEY.to_string(), bytes);
+                self.store.put_state(key, bytes);
             }
             Err(e) => tracing::error!(error = %e, "Cannot encode the rule state."),
         }
