@@ -59,7 +59,7 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
-    /// Show the newest payloads that did not decode, with the reason (gateway stopped).
+    /// Show the newest payloads that did not decode, with the reason.
     DeadLetters {
         /// How many to show.
         #[arg(long, default_value_t = 20)]
