@@ -3,12 +3,10 @@
 //! broken edit of a live rule file keeps the old rules working.
 
 mod common;
-#[path = "../../gateway/tests/forwarder_common/mod.rs"]
-mod upstream;
 
 use std::time::{Duration, Instant};
 
-use common::{publish_all, Gateway};
+use common::{publish_all, upstream, Gateway};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 

@@ -4,13 +4,11 @@
 //! SIGKILL mid-drain and restarted. Nothing committed may be lost.
 
 mod common;
-#[path = "../../gateway/tests/forwarder_common/mod.rs"]
-mod upstream;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{publish_all, Gateway};
+use common::{publish_all, upstream, Gateway};
 use upstream::{check_delivery, Collector, Mosquitto, Proxy, Received};
 
 /// The upstream broker of a test, and the port the gateway should use for it.

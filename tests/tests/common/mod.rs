@@ -3,20 +3,17 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// Real upstream brokers (rumqttd in process, Mosquitto as a child process), a proxy
+/// that can cut the link, and an upstream collector: shared with the gateway's own tests.
+#[path = "../../../gateway/tests/forwarder_common/mod.rs"]
+pub mod upstream;
+
+pub use upstream::free_port;
 
 /// Path of a binary of this workspace, built by `cargo test --workspace`.
 pub fn workspace_bin(name: &str) -> PathBuf {
