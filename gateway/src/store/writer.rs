@@ -171,13 +171,9 @@ impl Owner {
         }
     }
 
-    /// Blocks for the first command (or the housekeeping tick), then gathers a group.
-    fn collect(&mut self, group: &mut Group) {
-        let first_wait = if group.urgent() {
-            Duration::ZERO
-        } else {
-            HOUSEKEEPING_INTERVAL
-        };
+    /// Waits up to `timeout` for one command of either channel and adds it to the group;
+    /// false when none came in time.
+    fn wait_one(&mut self, group: &mut Group, timeout: Duration) -> bool {
         select! {
             recv(self.ctl_rx) -> m => match m {
                 Ok(cmd) => self.take_ctl(group, cmd),
@@ -187,8 +183,19 @@ impl Owner {
                 Ok(cmd) => group.data.push(cmd),
                 Err(_) => group.shutdown = true,
             },
-            default(first_wait) => {},
+            default(timeout) => return false,
         }
+        true
+    }
+
+    /// Blocks for the first command (or the housekeeping tick), then gathers a group.
+    fn collect(&mut self, group: &mut Group) {
+        let first_wait = if group.urgent() {
+            Duration::ZERO
+        } else {
+            HOUSEKEEPING_INTERVAL
+        };
+        self.wait_one(group, first_wait);
         let deadline = Instant::now() + self.cfg.flush_interval;
         let max = self.cfg.max_batch.max(1);
         loop {
@@ -205,16 +212,8 @@ impl Owner {
             if group.len() >= max || group.urgent() || group.len() == 0 || now >= deadline {
                 break;
             }
-            select! {
-                recv(self.ctl_rx) -> m => match m {
-                    Ok(cmd) => self.take_ctl(group, cmd),
-                    Err(_) => group.shutdown = true,
-                },
-                recv(self.data_rx) -> m => match m {
-                    Ok(cmd) => group.data.push(cmd),
-                    Err(_) => group.shutdown = true,
-                },
-                default(deadline - now) => break,
+            if !self.wait_one(group, deadline - now) {
+                break;
             }
         }
         if group.shutdown {
