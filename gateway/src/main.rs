@@ -182,7 +182,12 @@ fn init_logging(level: &str) {
 
 fn run(config: Config) -> ExitCode {
     init_logging(&config.log.level);
+    // Two async workers: the pipeline's heavy stages run on their own threads (broker,
+    // ingest, decode, rules, store), the runtime only drives the forwarder and timers.
+    // Tokio's default of one worker per core costs a thread and a malloc arena per core
+    // on a 4-core Raspberry Pi for nothing (BENCHMARKS.md, "Footprint").
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
     {
