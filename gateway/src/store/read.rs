@@ -140,7 +140,7 @@ pub(super) fn events(
     Ok(out)
 }
 
-fn open_read_only(path: &Path) -> Result<redb::ReadOnlyDatabase, StoreError> {
+pub(super) fn open_read_only(path: &Path) -> Result<redb::ReadOnlyDatabase, StoreError> {
     Ok(redb::Builder::new()
         .set_concurrency_mode(ConcurrencyMode::SingleWriter)
         .set_cache_size(4 * 1024 * 1024)
