@@ -189,6 +189,10 @@ fn full_disk_degrades_refuses_and_recovers_without_losing_committed_rows() {
     std::thread::sleep(Duration::from_millis(3500));
     assert!(store.is_degraded());
     assert_eq!(all_rows(&store).len(), rows.len());
+    // ... and from the file by another reader, as `gateway outbox stats` does.
+    let from_file = gateway::store::read_stats_file(&path).unwrap();
+    assert_eq!(from_file.readings.messages, rows.len() as u64);
+    assert_eq!(from_file.storage, None);
 
     // Acks while degraded are kept and applied after recovery.
     let acked: Vec<u64> = rows.keys().copied().take(20).collect();

@@ -64,7 +64,7 @@ use crate::reading::{Format, Millis};
 
 use health::{Reader, ReaderSlot};
 
-pub use read::{query_events, read_dead_letters, LoggedEvent};
+pub use read::{query_events, read_dead_letters, read_outbox_file, LoggedEvent};
 pub use stats::{read_stats_file, stats_command, Counter, LaneStats, OutboxStats, StorageHealth};
 
 use stats::Counters;

@@ -165,3 +165,16 @@ pub fn query_events(
 ) -> Result<Vec<LoggedEvent>, StoreError> {
     events(&open_read_only(path)?, since, event_type, device, limit)
 }
+
+/// Up to `limit` committed outbox rows of `lane` with `seq >= from_seq` of the database
+/// file at `path` (for tests and tools; works while the gateway runs, degraded or not).
+pub fn read_outbox_file(
+    path: &Path,
+    lane: Lane,
+    from_seq: u64,
+    limit: usize,
+) -> Result<Vec<OutboxRow>, StoreError> {
+    let mut out = Vec::new();
+    outbox_rows(&open_read_only(path)?, lane, from_seq, limit, &mut out)?;
+    Ok(out)
+}

@@ -87,6 +87,10 @@ pub(super) struct Owner {
     slot: Arc<ReaderSlot>,
     /// Set while writes fail.
     degraded: Option<Degraded>,
+    /// While degraded, the last writable handle whose write failed. Kept open because its
+    /// lock tells read-only opens (ours, `gateway outbox stats`) that the file needs no
+    /// repair; dropped just before each reopen.
+    failed: Option<Arc<Database>>,
     cfg: StoreConfig,
     data_rx: Receiver<DataCmd>,
     ctl_rx: Receiver<CtlCmd>,
@@ -139,6 +143,7 @@ impl Owner {
             path,
             slot,
             degraded: None,
+            failed: None,
             cfg,
             data_rx,
             ctl_rx,
@@ -219,8 +224,9 @@ impl Owner {
         .sum()
     }
 
-    /// A commit failed: drop the writable database (redb fails every later transaction
-    /// on it), keep committed rows readable, keep the group's acks, and say so once.
+    /// A commit failed: stop writing through this handle (redb fails every later
+    /// transaction on it), keep committed rows readable, keep the group's acks, and say so
+    /// once.
     fn enter_degraded(&mut self, error: &StoreError, group: &mut Group) {
         let mut d = Degraded::new(self.refused_total());
         self.keep_acks(&mut d, group);
@@ -229,10 +235,9 @@ impl Owner {
         tracing::error!(
             path = %self.path.display(),
             error = %error,
-            retry_every = ?health::RETRY_MAX,
             "Storage unavailable: a write to the database failed. The outbox is refusing new entries; \
              readings and events are not buffered until space returns. Rules keep running and events are \
-             still published locally; committed rows stay readable and are forwarded. Retrying in the background."
+             still published locally; committed rows stay readable and are forwarded. Retrying every 1 to 5 s."
         );
         self.degraded = Some(d);
         // A read-only handle opens only while the failed writer is still open: once that
@@ -241,7 +246,7 @@ impl Owner {
         if let Ok(mut slot) = self.slot.write() {
             *slot = reader;
         }
-        self.db = None;
+        self.failed = self.db.take();
     }
 
     /// Keeps the group's acks in `d`; acks beyond the bound are given up (those rows are
@@ -277,14 +282,23 @@ impl Owner {
         let Some(d) = self.degraded.as_mut().filter(|d| d.due()) else {
             return;
         };
+        // The file lock of the failed handle must go before the file can be reopened.
+        self.failed = None;
         let opened = Database::builder()
             .set_concurrency_mode(ConcurrencyMode::SingleWriter)
             .set_cache_size(self.cfg.cache_size)
             .open(&self.path)
             .map_err(StoreError::from)
-            .and_then(|db| init(&db, &self.counters, true).map(|()| db));
+            .map(Arc::new)
+            .and_then(|db| match init(&db, &self.counters, true) {
+                Ok(()) => Ok(db),
+                Err(e) => {
+                    self.failed = Some(db);
+                    Err(e)
+                }
+            });
         let db = match opened {
-            Ok(db) => Arc::new(db),
+            Ok(db) => db,
             Err(e) => {
                 tracing::debug!(error = %e, "storage still unavailable");
                 d.retry_later();
