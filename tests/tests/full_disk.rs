@@ -1,8 +1,9 @@
 //! End-to-end full disk: the real gateway with `storage.path` on a small tmpfs and the
 //! upstream down. The disk fills; the gateway keeps running, refuses new readings, still
-//! publishes rule events on its embedded broker; when space returns it recovers by
-//! itself, and once upstream is up every reading committed before the fault arrives
-//! there (none lost), as do readings published after the recovery.
+//! publishes rule events on its embedded broker and forwards what was committed (across
+//! a reconnect); when space returns it recovers by itself: every reading committed
+//! before the fault arrived upstream (none lost), readings published after the recovery
+//! arrive too, and the acks kept meanwhile empty the outbox.
 //!
 //! Needs `mount` (root): skipped with a message when mounting is not permitted, unless
 //! `GATEWAY_REQUIRE_MOUNT=1` (CI), which makes that a failure.
@@ -239,6 +240,34 @@ async fn full_disk_keeps_the_gateway_running_and_loses_nothing_committed() {
         "nothing committed while degraded"
     );
 
+    // Upstream comes up while the storage is still down: committed rows are forwarded
+    // (read through a read-only handle; their acks wait in memory).
+    proxy.set_up(true);
+    let arrived = || -> BTreeSet<u64> {
+        collector
+            .snapshot()
+            .iter()
+            .filter_map(|m| n_of(&m.payload))
+            .collect()
+    };
+    wait_for(
+        "committed readings forwarded while degraded",
+        Duration::from_secs(20),
+        || before_fault.is_subset(&arrived()),
+    )
+    .await;
+    // A reconnect while degraded: the forwarder cannot commit its acks, replays and goes on.
+    let connects = || gw.log().matches("connected upstream").count();
+    let before = connects();
+    proxy.set_up(false);
+    gw.wait_log("upstream connection lost", Duration::from_secs(10));
+    proxy.set_up(true);
+    wait_for("reconnect while degraded", Duration::from_secs(10), || {
+        connects() > before
+    })
+    .await;
+    assert!(!gw.log().contains("Storage recovered"));
+
     // Space returns: the gateway recovers by itself.
     std::fs::remove_file(&filler).unwrap();
     let line = gw.wait_log("Storage recovered", Duration::from_secs(15));
@@ -248,16 +277,8 @@ async fn full_disk_keeps_the_gateway_running_and_loses_nothing_committed() {
     let after: Vec<u64> = (next..next + 50).collect();
     publish_all(&gw.addr(), "t-1", &readings(next..next + 50)).await;
 
-    // Upstream comes back: every committed reading arrives, and the new ones.
-    proxy.set_up(true);
+    // Every committed reading arrived upstream, and the new ones.
     let expected: BTreeSet<u64> = before_fault.iter().copied().chain(after).collect();
-    let arrived = || -> BTreeSet<u64> {
-        collector
-            .snapshot()
-            .iter()
-            .filter_map(|m| n_of(&m.payload))
-            .collect()
-    };
     wait_for(
         "every committed reading upstream",
         Duration::from_secs(20),
@@ -281,6 +302,11 @@ async fn full_disk_keeps_the_gateway_running_and_loses_nothing_committed() {
     for line in gw.log().lines().filter(|l| l.contains("Storage")) {
         eprintln!("gateway: {line}");
     }
+    // The acks kept while degraded were applied: the outbox drains to empty.
+    wait_for("outbox empty", Duration::from_secs(10), || {
+        read_stats_file(&db).is_ok_and(|s| s.depth() == 0)
+    })
+    .await;
     let stats = read_stats_file(&db).unwrap();
     assert_eq!(stats.get(Counter::StorageErrors), 1);
     assert!(stats.get(Counter::DropRefusedReadings) >= 100);
