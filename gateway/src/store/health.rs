@@ -14,10 +14,15 @@
 //!   failed, or after shutdown.
 //! - Retries back off from [`RETRY_MIN`] to [`RETRY_MAX`]; none of them logs, only the
 //!   entry into the degraded state and the recovery do (one line each).
+//! - A retry reopens the file only when its filesystem has [`RECOVERY_HEADROOM`] free
+//!   (when that can be told): a few freed pages must not make the store flap between
+//!   recovered and degraded.
 //! - Acks received while degraded are kept, at most [`PENDING_ACKS_MAX`] seqs; beyond that
 //!   they are discarded and counted (`storage.acks_discarded`): those rows stay in the
 //!   outbox and are sent again, a duplicate, never a loss.
 
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -31,6 +36,8 @@ use crate::reading::{now_millis, Millis};
 pub const RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest wait between two retries.
 pub const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Least free space on the database's filesystem before a reopen is tried.
+pub const RECOVERY_HEADROOM: u64 = 1024 * 1024;
 /// Most acked seqs kept in memory while degraded.
 pub const PENDING_ACKS_MAX: usize = 100_000;
 
@@ -126,5 +133,54 @@ pub fn is_unavailable(e: &StoreError) -> bool {
                 | Error::DatabaseAlreadyOpen
         ),
         _ => false,
+    }
+}
+
+/// Bytes available to unprivileged writers on the filesystem holding `path`; `None`
+/// when that cannot be told.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `dir` is a valid NUL-terminated string and `st` a properly sized, writable
+    // statvfs that the call fills in; nothing is retained after it returns.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(dir.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_up_to_the_maximum() {
+        let mut d = Degraded::new(0);
+        assert!(d.next_try <= Instant::now() + RETRY_MIN);
+        for _ in 0..10 {
+            d.retry_later();
+        }
+        assert_eq!(d.backoff, RETRY_MAX);
+        assert!(!d.due());
+    }
+
+    #[test]
+    fn acks_beyond_the_bound_are_discarded_and_counted() {
+        let mut d = Degraded::new(0);
+        assert_eq!(d.keep_acks([(Lane::Reading, vec![1, 2, 3])]), 0);
+        let big = vec![7; PENDING_ACKS_MAX];
+        assert_eq!(d.keep_acks([(Lane::Event, big)]), PENDING_ACKS_MAX as u64);
+        assert_eq!(d.ack_count, 3);
+        assert_eq!(d.acks.len(), 1);
+    }
+
+    #[test]
+    fn free_bytes_of_a_temp_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(free_bytes(&dir.path().join("x.redb")).is_some_and(|b| b > 0));
     }
 }

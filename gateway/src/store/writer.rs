@@ -282,6 +282,10 @@ impl Owner {
         let Some(d) = self.degraded.as_mut().filter(|d| d.due()) else {
             return;
         };
+        if health::free_bytes(&self.path).is_some_and(|free| free < health::RECOVERY_HEADROOM) {
+            d.retry_later();
+            return;
+        }
         // The file lock of the failed handle must go before the file can be reopened.
         self.failed = None;
         let opened = Database::builder()
