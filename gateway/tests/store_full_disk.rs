@@ -255,3 +255,23 @@ fn full_disk_degrades_refuses_and_recovers_without_losing_committed_rows() {
     );
     store.shutdown().unwrap();
 }
+
+#[test]
+fn opening_on_a_full_disk_fails_with_the_path_then_works_once_space_returns() {
+    let Some(fs) = Tmpfs::mount("2m") else { return };
+    let filler = fill(fs.path());
+    let path = fs.path().join("gateway.redb");
+    let err = match Store::open(&path, StoreConfig::default()) {
+        Ok(_) => panic!("the store opened on a full filesystem"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("No space left"), "{err}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let store = Store::open(&path, StoreConfig::default()).unwrap();
+    assert!(store.append(entry(1)));
+    store.flush_blocking().unwrap();
+    assert_eq!(all_rows(&store).len(), 1);
+    store.shutdown().unwrap();
+}

@@ -299,9 +299,17 @@ impl Store {
                 source,
             })?;
         }
-        let open_error = |source: redb::Error| StoreError::Open {
-            path: path.to_owned(),
-            source,
+        // A database that could not be created (e.g. no space) must not leave a partial
+        // file behind: it would fail every later start as "not a redb database".
+        let existed = path.exists();
+        let open_error = |source: redb::Error| {
+            if !existed {
+                let _ = std::fs::remove_file(path);
+            }
+            StoreError::Open {
+                path: path.to_owned(),
+                source,
+            }
         };
         let db = Database::builder()
             .set_concurrency_mode(ConcurrencyMode::SingleWriter)
@@ -310,10 +318,13 @@ impl Store {
             .map_err(|e| open_error(e.into()))?;
         let db = Arc::new(db);
         let counters = Arc::new(Counters::default());
-        writer::init(&db, &counters, false).map_err(|e| match e {
-            StoreError::Db(e) => open_error(e),
-            e => e,
-        })?;
+        if let Err(e) = writer::init(&db, &counters, false) {
+            drop(db);
+            return Err(match e {
+                StoreError::Db(e) => open_error(e),
+                e => e,
+            });
+        }
         let slot = Arc::new(ReaderSlot::new(Some(Reader::Writer(db.clone()))));
         let (data_tx, data_rx) = crossbeam_channel::bounded(cfg.channel_capacity.max(1));
         let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
