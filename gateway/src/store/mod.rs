@@ -334,8 +334,7 @@ impl Store {
             path.to_owned(),
             slot.clone(),
             cfg,
-            data_rx,
-            ctl_rx,
+            (data_rx, ctl_rx),
             counters.clone(),
             new_rows.clone(),
         );

@@ -131,8 +131,7 @@ impl Owner {
         path: PathBuf,
         slot: Arc<ReaderSlot>,
         cfg: StoreConfig,
-        data_rx: Receiver<DataCmd>,
-        ctl_rx: Receiver<CtlCmd>,
+        (data_rx, ctl_rx): (Receiver<DataCmd>, Receiver<CtlCmd>),
         counters: Arc<Counters>,
         new_rows: Arc<Notify>,
     ) -> Self {
