@@ -157,7 +157,10 @@ fn main() -> ExitCode {
         } => match gateway::store::stats_command(&config.storage.path, &mut std::io::stdout()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("gateway: {e}");
+                eprintln!(
+                    "gateway: cannot read the outbox at {}: {e}",
+                    config.storage.path.display()
+                );
                 ExitCode::FAILURE
             }
         },

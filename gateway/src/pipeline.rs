@@ -33,7 +33,7 @@ use crate::forwarder::{Forwarder, ForwarderConfig, ForwarderError, ForwarderStat
 use crate::ingest::{Ingest, RawMessage};
 use crate::reading::Reading;
 use crate::rules::RulesStage;
-use crate::store::{Store, StoreConfig, StoreError, StoreHandle};
+use crate::store::{Counter, Store, StoreConfig, StoreError, StoreHandle};
 
 /// Readings waiting for the rules stage.
 const RULES_QUEUE: usize = 65_536;
@@ -247,12 +247,16 @@ async fn log_status(
     loop {
         tick.tick().await;
         let summary = counters.summary();
-        if summary != last {
-            let outbox = store.stats();
+        let outbox = store.stats();
+        if summary != last || outbox.storage_degraded() == 1 {
             tracing::info!(
                 summary = %summary,
                 outbox_depth = outbox.depth(),
                 outbox_dropped = outbox.dropped(),
+                storage_degraded = outbox.storage_degraded(),
+                storage_errors = outbox.get(Counter::StorageErrors),
+                outbox_refused_readings = outbox.get(Counter::DropRefusedReadings),
+                outbox_refused_events = outbox.get(Counter::DropRefusedEvents),
                 upstream_connected = forwarder.as_ref().is_some_and(|f| f.connected()),
                 "Status."
             );

@@ -143,9 +143,11 @@ impl<'a> Session<'a> {
         shutdown: &CancellationToken,
     ) -> State {
         // Acks of the previous connection must be committed before replaying, or rows acked
-        // upstream would be sent again.
-        if self.fwd.store.flush().await.is_err() {
-            return State::Stopped;
+        // upstream would be sent again. While the storage is unavailable the flush fails and
+        // the acks wait in the store's memory: replay anyway (repeats, never a loss).
+        match self.fwd.store.flush().await {
+            Ok(()) | Err(crate::store::StoreError::CommitFailed) => {}
+            Err(_) => return State::Stopped,
         }
         self.replay_until = self.fwd.store.last_committed_seq();
         let mut grace_until: Option<tokio::time::Instant> = None;

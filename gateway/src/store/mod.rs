@@ -24,14 +24,34 @@
 //!   and every retention drop is counted by reason and lane.
 //! - The file is opened in redb's `SingleWriter` concurrency mode, so `gateway outbox
 //!   stats` can open it read-only while the gateway runs.
+//!
+//! Storage faults (disk full, I/O errors): redb latches the first I/O error of a
+//! `Database` and fails every later transaction, reads included, with `PreviousIo` until
+//! the handle is dropped and the file opened again. So a failed commit puts the store in
+//! a degraded state ([`health`]) instead of failing one group after another:
+//! - it logs one error naming the path and the cause, sets the `storage_degraded` gauge
+//!   and counts `storage.errors`; the group that failed is counted as `commit_failed`;
+//! - new entries are refused on the caller's thread without touching the disk or the
+//!   queue, counted by kind (`drop.refused.readings`, `drop.refused.events`,
+//!   `refused.dead_letters`, `refused.state`, `refused.event_log`);
+//! - committed rows stay readable through a read-only handle, so the forwarder keeps
+//!   draining them; if even that cannot be opened, outbox reads return nothing until
+//!   recovery (never an error that would stop the forwarder);
+//! - acks are kept in memory (bounded) and applied by the first commit after recovery;
+//!   acks beyond the bound, or still pending at shutdown, mean those rows are sent again
+//!   (a duplicate, never a loss);
+//! - the owner retries with backoff (1 s to 5 s): it reopens the file, reloads the
+//!   counters from it (the file is the truth about what was committed) and commits them;
+//!   when that works it logs one "storage recovered" line and resumes.
 
+mod health;
 mod read;
 mod stats;
 mod tables;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -42,8 +62,10 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::reading::{Format, Millis};
 
-pub use read::{query_events, read_dead_letters, LoggedEvent};
-pub use stats::{read_stats_file, stats_command, Counter, LaneStats, OutboxStats};
+use health::{Reader, ReaderSlot};
+
+pub use read::{query_events, read_dead_letters, read_outbox_file, LoggedEvent};
+pub use stats::{read_stats_file, stats_command, Counter, LaneStats, OutboxStats, StorageHealth};
 
 use stats::Counters;
 
@@ -52,6 +74,10 @@ use stats::Counters;
 pub enum StoreError {
     #[error("database: {0}")]
     Db(#[from] redb::Error),
+    #[error("cannot open the database {path}: {source}")]
+    Open { path: PathBuf, source: redb::Error },
+    #[error("the storage is unavailable (writes failed; see the log); retrying")]
+    Unavailable,
     #[error("io on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -244,10 +270,21 @@ struct Shared {
     path: PathBuf,
     data_tx: Sender<DataCmd>,
     ctl_tx: Sender<CtlCmd>,
-    db: RwLock<Option<Arc<Database>>>,
+    db: Arc<ReaderSlot>,
     counters: Arc<Counters>,
     new_rows: Arc<Notify>,
     thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Runs a read on whichever reader the store has now.
+macro_rules! with_reader {
+    ($self:ident, |$db:ident| $body:expr) => {
+        match $self.reader() {
+            Ok(Reader::Writer($db)) => $body,
+            Ok(Reader::ReadOnly($db)) => $body,
+            Err(e) => Err(e),
+        }
+    };
 }
 
 /// The store: [`Store::open`] starts its owner thread and returns a handle.
@@ -262,21 +299,42 @@ impl Store {
                 source,
             })?;
         }
+        // A database that could not be created (e.g. no space) must not leave a partial
+        // file behind: it would fail every later start as "not a redb database".
+        let existed = path.exists();
+        let open_error = |source: redb::Error| {
+            if !existed {
+                let _ = std::fs::remove_file(path);
+            }
+            StoreError::Open {
+                path: path.to_owned(),
+                source,
+            }
+        };
         let db = Database::builder()
             .set_concurrency_mode(ConcurrencyMode::SingleWriter)
             .set_cache_size(cfg.cache_size)
-            .create(path)?;
+            .create(path)
+            .map_err(|e| open_error(e.into()))?;
         let db = Arc::new(db);
         let counters = Arc::new(Counters::default());
-        writer::init(&db, &counters)?;
+        if let Err(e) = writer::init(&db, &counters, false) {
+            drop(db);
+            return Err(match e {
+                StoreError::Db(e) => open_error(e),
+                e => e,
+            });
+        }
+        let slot = Arc::new(ReaderSlot::new(Some(Reader::Writer(db.clone()))));
         let (data_tx, data_rx) = crossbeam_channel::bounded(cfg.channel_capacity.max(1));
         let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
         let new_rows = Arc::new(Notify::new());
         let owner = writer::Owner::new(
-            db.clone(),
+            db,
+            path.to_owned(),
+            slot.clone(),
             cfg,
-            data_rx,
-            ctl_rx,
+            (data_rx, ctl_rx),
             counters.clone(),
             new_rows.clone(),
         );
@@ -293,7 +351,7 @@ impl Store {
                 path: path.to_owned(),
                 data_tx,
                 ctl_tx,
-                db: RwLock::new(Some(db)),
+                db: slot,
                 counters,
                 new_rows,
                 thread: Mutex::new(Some(thread)),
@@ -309,7 +367,11 @@ pub struct StoreHandle {
 }
 
 impl StoreHandle {
-    fn send_data(&self, cmd: DataCmd, overflow: Counter) -> bool {
+    fn send_data(&self, cmd: DataCmd, overflow: Counter, refused: Counter) -> bool {
+        if self.shared.counters.degraded() {
+            self.shared.counters.add(refused, 1);
+            return false;
+        }
         match self.shared.data_tx.try_send(cmd) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -319,26 +381,40 @@ impl StoreHandle {
         }
     }
 
-    /// Queues a message for upstream. Never blocks; returns false (and counts
-    /// `store_overflow`) when the queue is full or the store is shut down.
+    /// Queues a message for upstream. Never blocks; returns false and counts
+    /// `store_overflow` when the queue is full or the store is shut down, or
+    /// `drop.refused.{lane}` while the storage is unavailable.
     pub fn append(&self, entry: OutboxEntry) -> bool {
-        self.send_data(DataCmd::Append(entry), Counter::DropStoreOverflow)
+        let refused = Counter::refused(entry.lane);
+        self.send_data(DataCmd::Append(entry), Counter::DropStoreOverflow, refused)
     }
 
     /// Keeps a payload that did not decode. Never blocks; counts `dead_letter_overflow`
-    /// when it cannot be queued.
+    /// when it cannot be queued (`refused.dead_letters` while the storage is unavailable).
     pub fn dead_letter(&self, dl: DeadLetter) -> bool {
-        self.send_data(DataCmd::DeadLetter(dl), Counter::DropDeadLetterOverflow)
+        self.send_data(
+            DataCmd::DeadLetter(dl),
+            Counter::DropDeadLetterOverflow,
+            Counter::RefusedDeadLetters,
+        )
     }
 
     /// Stores a rule-engine state value under `key` (replacing any older value).
     pub fn put_state(&self, key: String, value: Vec<u8>) -> bool {
-        self.send_data(DataCmd::PutState(key, value), Counter::DropStateOverflow)
+        self.send_data(
+            DataCmd::PutState(key, value),
+            Counter::DropStateOverflow,
+            Counter::RefusedState,
+        )
     }
 
     /// Removes a rule-engine state value.
     pub fn delete_state(&self, key: String) -> bool {
-        self.send_data(DataCmd::DeleteState(key), Counter::DropStateOverflow)
+        self.send_data(
+            DataCmd::DeleteState(key),
+            Counter::DropStateOverflow,
+            Counter::RefusedState,
+        )
     }
 
     /// Appends an event to the event log (not the outbox; use [`append`](Self::append) for that).
@@ -349,7 +425,7 @@ impl StoreHandle {
             device: device.to_owned(),
             json,
         };
-        self.send_data(cmd, Counter::DropEventLogOverflow)
+        self.send_data(cmd, Counter::DropEventLogOverflow, Counter::RefusedEventLog)
     }
 
     /// Deletes forwarded rows of `lane` (upstream acked them). Unknown seqs are ignored.
@@ -359,7 +435,8 @@ impl StoreHandle {
         }
     }
 
-    /// Waits until everything queued before this call is committed.
+    /// Waits until everything queued before this call is committed; `CommitFailed` when
+    /// that commit failed or the storage is unavailable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         self.shared
@@ -406,7 +483,9 @@ impl StoreHandle {
         joined.map_err(|_| StoreError::ThreadPanicked)
     }
 
-    /// Live counters of the outbox, as of the last commit (queue drops are live).
+    /// Live counters of the outbox, as of the last commit (queue drops, refusals and
+    /// storage errors are live), with the storage health (`stats().storage`,
+    /// `stats().storage_degraded()`).
     pub fn stats(&self) -> OutboxStats {
         self.shared.counters.snapshot()
     }
@@ -414,6 +493,11 @@ impl StoreHandle {
     /// A live counter.
     pub fn counter(&self, c: Counter) -> u64 {
         self.shared.counters.get(c)
+    }
+
+    /// True while the storage is unavailable: new entries are refused until a retry works.
+    pub fn is_degraded(&self) -> bool {
+        self.shared.counters.degraded()
     }
 
     /// The highest sequence number committed so far (0 when none).
@@ -438,18 +522,30 @@ impl StoreHandle {
         &self.shared.path
     }
 
-    /// The shared database for read transactions; `Closed` after shutdown.
+    /// The current reader: the writable database, or a read-only handle while degraded.
+    fn reader(&self) -> Result<Reader, StoreError> {
+        match self.shared.db.read().ok().and_then(|db| db.clone()) {
+            Some(r) => Ok(r),
+            None if self.shared.counters.degraded() => Err(StoreError::Unavailable),
+            None => Err(StoreError::Closed),
+        }
+    }
+
+    /// The shared writable database for read transactions; `Closed` after shutdown,
+    /// `Unavailable` while the storage is degraded.
     pub fn database(&self) -> Result<Arc<Database>, StoreError> {
-        self.shared
-            .db
-            .read()
-            .ok()
-            .and_then(|db| db.clone())
-            .ok_or(StoreError::Closed)
+        match self.reader()? {
+            Reader::Writer(db) => Ok(db),
+            Reader::ReadOnly(_) => Err(StoreError::Unavailable),
+        }
     }
 
     /// Reads up to `limit` committed rows of `lane` with `seq >= from_seq`, in seq order,
     /// into `out` (cleared first).
+    ///
+    /// While the storage is unavailable and not even readable, this reads nothing and
+    /// returns `Ok`: the caller waits for [`rows_added`](Self::rows_added), which fires
+    /// again on recovery. Errors are only for shutdown and corrupt rows.
     pub fn read_outbox(
         &self,
         lane: Lane,
@@ -457,22 +553,36 @@ impl StoreHandle {
         limit: usize,
         out: &mut Vec<OutboxRow>,
     ) -> Result<(), StoreError> {
-        read::outbox_rows(&*self.database()?, lane, from_seq, limit, out)
+        let res = with_reader!(self, |db| read::outbox_rows(
+            &*db, lane, from_seq, limit, out
+        ));
+        match res {
+            Err(StoreError::Closed) => Err(StoreError::Closed),
+            Err(e) if health::is_unavailable(&e) && self.thread_running() => {
+                out.clear();
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    fn thread_running(&self) -> bool {
+        self.shared.thread.lock().is_ok_and(|t| t.is_some())
     }
 
     /// The newest `limit` dead letters, newest first.
     pub fn read_dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        read::dead_letters(&*self.database()?, limit)
+        with_reader!(self, |db| read::dead_letters(&*db, limit))
     }
 
     /// One rule-engine state value.
     pub fn load_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        read::state(&*self.database()?, key)
+        with_reader!(self, |db| read::state(&*db, key))
     }
 
     /// Every rule-engine state value whose key starts with `prefix`.
     pub fn load_state_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        read::state_prefix(&*self.database()?, prefix)
+        with_reader!(self, |db| read::state_prefix(&*db, prefix))
     }
 
     /// Logged events with `time >= since`, oldest first, filtered by type and device.
@@ -483,7 +593,9 @@ impl StoreHandle {
         device: Option<&str>,
         limit: usize,
     ) -> Result<Vec<LoggedEvent>, StoreError> {
-        read::events(&*self.database()?, since, event_type, device, limit)
+        with_reader!(self, |db| read::events(
+            &*db, since, event_type, device, limit
+        ))
     }
 }
 

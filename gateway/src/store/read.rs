@@ -140,7 +140,7 @@ pub(super) fn events(
     Ok(out)
 }
 
-fn open_read_only(path: &Path) -> Result<redb::ReadOnlyDatabase, StoreError> {
+pub(super) fn open_read_only(path: &Path) -> Result<redb::ReadOnlyDatabase, StoreError> {
     Ok(redb::Builder::new()
         .set_concurrency_mode(ConcurrencyMode::SingleWriter)
         .set_cache_size(4 * 1024 * 1024)
@@ -164,4 +164,17 @@ pub fn query_events(
     limit: usize,
 ) -> Result<Vec<LoggedEvent>, StoreError> {
     events(&open_read_only(path)?, since, event_type, device, limit)
+}
+
+/// Up to `limit` committed outbox rows of `lane` with `seq >= from_seq` of the database
+/// file at `path` (for tests and tools; works while the gateway runs, degraded or not).
+pub fn read_outbox_file(
+    path: &Path,
+    lane: Lane,
+    from_seq: u64,
+    limit: usize,
+) -> Result<Vec<OutboxRow>, StoreError> {
+    let mut out = Vec::new();
+    outbox_rows(&open_read_only(path)?, lane, from_seq, limit, &mut out)?;
+    Ok(out)
 }

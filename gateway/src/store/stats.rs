@@ -4,8 +4,12 @@
 //! Invariants:
 //! - Every [`Counter`] is persisted under its name in `META` at each commit, so the file
 //!   alone tells depth, totals and drops, whether or not the gateway runs.
-//! - Queue drops (`*_overflow`) are counted by the caller's thread, live; everything else
-//!   is published to the atomics only after the commit that made it true.
+//! - Live counters ([`Counter::is_live`]: queue drops `*_overflow`, refusals while the
+//!   storage is unavailable `*refused*`, `storage.errors`) are counted on the thread that
+//!   saw them, at once, and persisted with the next commit; everything else is published
+//!   to the atomics only after the commit that made it true.
+//! - `storage_degraded` is a gauge of this process only: it is never persisted (a
+//!   degraded store cannot write), so the report of a file does not show it.
 
 use std::io::Write;
 use std::path::Path;
@@ -58,18 +62,41 @@ counters! {
     EventLogNext => "event_log.next",
     EventLogRows => "event_log.rows",
     EventLogEvicted => "event_log.evicted",
+    DropRefusedReadings => "drop.refused.readings",
+    DropRefusedEvents => "drop.refused.events",
+    RefusedDeadLetters => "refused.dead_letters",
+    RefusedState => "refused.state",
+    RefusedEventLog => "refused.event_log",
+    StorageErrors => "storage.errors",
+    AcksDiscarded => "storage.acks_discarded",
 }
 
 impl Counter {
-    /// Counted on the caller's thread when the command queue is full.
-    pub fn is_queue_drop(self) -> bool {
+    /// Counted live where it happens (a full queue, a refusal while the storage is
+    /// unavailable, a storage error), not by a commit; a failed commit does not revert it.
+    pub fn is_live(self) -> bool {
         matches!(
             self,
             Counter::DropStoreOverflow
                 | Counter::DropDeadLetterOverflow
                 | Counter::DropStateOverflow
                 | Counter::DropEventLogOverflow
+                | Counter::DropRefusedReadings
+                | Counter::DropRefusedEvents
+                | Counter::RefusedDeadLetters
+                | Counter::RefusedState
+                | Counter::RefusedEventLog
+                | Counter::StorageErrors
+                | Counter::AcksDiscarded
         )
+    }
+
+    /// Outbox appends refused while the storage is unavailable, by lane.
+    pub fn refused(lane: Lane) -> Counter {
+        match lane {
+            Lane::Reading => Counter::DropRefusedReadings,
+            Lane::Event => Counter::DropRefusedEvents,
+        }
     }
 
     pub fn messages(lane: Lane) -> Counter {
@@ -97,6 +124,8 @@ pub struct Counters {
     acks_committed: AtomicU64,
     last_commit_micros: AtomicU64,
     max_commit_micros: AtomicU64,
+    /// Wall-clock millis since the storage is unavailable; 0 while it works.
+    degraded_since: AtomicI64,
 }
 
 impl Default for Counters {
@@ -108,6 +137,7 @@ impl Default for Counters {
             acks_committed: AtomicU64::new(0),
             last_commit_micros: AtomicU64::new(0),
             max_commit_micros: AtomicU64::new(0),
+            degraded_since: AtomicI64::new(0),
         }
     }
 }
@@ -138,6 +168,14 @@ impl Counters {
     pub fn acks_committed(&self) -> u64 {
         self.acks_committed.load(Ordering::Acquire)
     }
+    /// True while the storage is unavailable and writes are refused.
+    pub fn degraded(&self) -> bool {
+        self.degraded_since.load(Ordering::Acquire) != 0
+    }
+    pub fn set_degraded(&self, since: Option<Millis>) {
+        self.degraded_since
+            .store(since.map_or(0, |t| t.max(1)), Ordering::Release);
+    }
     pub fn record_commit(&self, micros: u64) {
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.last_commit_micros.store(micros, Ordering::Relaxed);
@@ -162,8 +200,27 @@ impl Counters {
             commits: self.commits.load(Ordering::Relaxed),
             last_commit_micros: self.last_commit_micros.load(Ordering::Relaxed),
             max_commit_micros: self.max_commit_micros.load(Ordering::Relaxed),
+            storage: Some(match self.degraded_since.load(Ordering::Acquire) {
+                0 => StorageHealth::Ok,
+                since => StorageHealth::Degraded {
+                    since,
+                    for_ms: (now - since).max(0) as u64,
+                },
+            }),
         }
     }
+}
+
+/// Whether the store can write, as this process sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageHealth {
+    Ok,
+    /// Writes failed (disk full, I/O error): new entries are refused until a retry works.
+    Degraded {
+        /// Wall-clock millis of the failure.
+        since: Millis,
+        for_ms: u64,
+    },
 }
 
 /// Depth of one lane.
@@ -186,6 +243,8 @@ pub struct OutboxStats {
     pub commits: u64,
     pub last_commit_micros: u64,
     pub max_commit_micros: u64,
+    /// Storage health of the running store; `None` when read from the file.
+    pub storage: Option<StorageHealth>,
 }
 
 impl OutboxStats {
@@ -203,6 +262,11 @@ impl OutboxStats {
             .filter(|(c, _)| c.name().starts_with("drop."))
             .map(|(_, v)| v)
             .sum()
+    }
+
+    /// 1 while the running store refuses writes (storage unavailable), else 0.
+    pub fn storage_degraded(&self) -> u64 {
+        u64::from(matches!(self.storage, Some(StorageHealth::Degraded { .. })))
     }
 
     /// Messages waiting in both lanes.
@@ -238,6 +302,23 @@ impl OutboxStats {
             .flatten()
             .max();
         writeln!(out, "oldest age: {}", age(oldest))?;
+        match self.storage {
+            Some(StorageHealth::Ok) => writeln!(out, "storage: ok")?,
+            Some(StorageHealth::Degraded { for_ms, .. }) => writeln!(
+                out,
+                "storage: DEGRADED for {}: new entries are refused",
+                age(Some(for_ms))
+            )?,
+            None => {}
+        }
+        let errors = self.get(Counter::StorageErrors);
+        let refused = self.get(Counter::DropRefusedReadings) + self.get(Counter::DropRefusedEvents);
+        if errors > 0 {
+            writeln!(
+                out,
+                "storage errors: {errors} (outbox entries refused while unavailable: {refused})"
+            )?;
+        }
         writeln!(out, "counters:")?;
         for (c, v) in &self.counters {
             writeln!(out, "  {:<28} {v}", c.name())?;
@@ -274,7 +355,9 @@ pub(crate) fn read_stats(db: &impl ReadableDatabase) -> Result<OutboxStats, Stor
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(counters.snapshot())
+    let mut stats = counters.snapshot();
+    stats.storage = None;
+    Ok(stats)
 }
 
 /// Opens `path` read-only (allowed while the gateway holds it: both use redb's

@@ -7,16 +7,24 @@
 //!   or `flush_interval` after the first; a flush request or shutdown commits at once.
 //! - Counters are published to the shared atomics only after a successful commit; a failed
 //!   commit reverts them from the atomics and counts its appends as `commit_failed`.
+//! - A failed commit makes the store degraded (see [`super::health`]): the writable
+//!   database is dropped, data commands are refused and counted, acks are kept, and a
+//!   reopen is retried with backoff; acks count as committed only once their deletion is.
 //! - Drops are logged at most once per `DROP_LOG_INTERVAL` with the counts since the last
 //!   line, so a burst gives one warning, not one per row.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver};
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
+use redb::{
+    ConcurrencyMode, Database, Durability, ReadableTable, ReadableTableMetadata, Table,
+    WriteTransaction,
+};
 use tokio::sync::{oneshot, Notify};
 
+use super::health::{self, Degraded, Reader, ReaderSlot};
 use super::stats::{Counter, Counters};
 use super::tables::{self, DEAD_LETTERS, EVENT_LOG, META, RULE_STATE};
 use super::{CtlCmd, DataCmd, Lane, OverflowPolicy, StoreConfig, StoreError};
@@ -30,15 +38,30 @@ const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 const KEY_BYTES: u64 = 8;
 
 /// Creates the tables and loads the persisted counters into `counters`.
-pub(super) fn init(db: &Database, counters: &Counters) -> Result<(), StoreError> {
-    let txn = db.begin_write()?;
+///
+/// With `reopen` (recovery after a storage fault) the live counters keep their values,
+/// which have grown since the last commit, everything else is taken from the file (the
+/// truth about what was committed), and all of them are written back: a real write that
+/// proves the storage works again.
+pub(super) fn init(db: &Database, counters: &Counters, reopen: bool) -> Result<(), StoreError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(redb::Error::from)?;
     {
-        let meta = txn.open_table(META)?;
+        let mut meta = txn.open_table(META)?;
         for &c in Counter::ALL {
-            counters.set(c, meta.get(c.name())?.map_or(0, |v| v.value()));
+            let stored = meta.get(c.name())?.map_or(0, |v| v.value());
+            if !(reopen && c.is_live()) {
+                counters.set(c, stored);
+            }
         }
         if counters.get(Counter::NextSeq) == 0 {
             counters.set(Counter::NextSeq, 1);
+        }
+        if reopen {
+            for &c in Counter::ALL {
+                meta.insert(c.name(), counters.get(c))?;
+            }
         }
         for lane in [Lane::Reading, Lane::Event] {
             let t = txn.open_table(tables::lane_table(lane))?;
@@ -57,7 +80,17 @@ pub(super) fn init(db: &Database, counters: &Counters) -> Result<(), StoreError>
 }
 
 pub(super) struct Owner {
-    db: Arc<Database>,
+    /// The writable database; `None` while degraded.
+    db: Option<Arc<Database>>,
+    path: PathBuf,
+    /// What handles read from (see [`super::health`]).
+    slot: Arc<ReaderSlot>,
+    /// Set while writes fail.
+    degraded: Option<Degraded>,
+    /// While degraded, the last writable handle whose write failed. Kept open because its
+    /// lock tells read-only opens (ours, `gateway outbox stats`) that the file needs no
+    /// repair; dropped just before each reopen.
+    failed: Option<Arc<Database>>,
     cfg: StoreConfig,
     data_rx: Receiver<DataCmd>,
     ctl_rx: Receiver<CtlCmd>,
@@ -95,16 +128,21 @@ impl Group {
 impl Owner {
     pub(super) fn new(
         db: Arc<Database>,
+        path: PathBuf,
+        slot: Arc<ReaderSlot>,
         cfg: StoreConfig,
-        data_rx: Receiver<DataCmd>,
-        ctl_rx: Receiver<CtlCmd>,
+        (data_rx, ctl_rx): (Receiver<DataCmd>, Receiver<CtlCmd>),
         counters: Arc<Counters>,
         new_rows: Arc<Notify>,
     ) -> Self {
         let meta: Vec<u64> = Counter::ALL.iter().map(|&c| counters.get(c)).collect();
         let drops_logged = meta.clone();
         Owner {
-            db,
+            db: Some(db),
+            path,
+            slot,
+            degraded: None,
+            failed: None,
             cfg,
             data_rx,
             ctl_rx,
@@ -124,15 +162,25 @@ impl Owner {
         let mut group = Group::default();
         loop {
             self.collect(&mut group);
-            let appended = group.data.iter().any(|c| matches!(c, DataCmd::Append(_)));
-            let acks: u64 = group.acks.iter().map(|(_, s)| s.len() as u64).sum();
-            let ok = match self.commit(&mut group) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::error!(error = %e, "store commit failed");
-                    false
+            if self.degraded.is_some() {
+                self.refuse(&mut group);
+                self.try_recover(&mut group);
+            }
+            let mut ok = false;
+            if self.degraded.is_none() {
+                let appended = group.data.iter().any(|c| matches!(c, DataCmd::Append(_)));
+                let acks: u64 = group.acks.iter().map(|(_, s)| s.len() as u64).sum();
+                match self.commit(&mut group) {
+                    Ok(()) => {
+                        ok = true;
+                        self.counters.add_acks_committed(acks);
+                        if appended || acks > 0 {
+                            self.new_rows.notify_one();
+                        }
+                    }
+                    Err(e) => self.enter_degraded(&e, &mut group),
                 }
-            };
+            }
             let taken = self.data_taken;
             let shutdown = group.shutdown;
             let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut group.flushes)
@@ -142,21 +190,153 @@ impl Owner {
             for (_, tx) in done {
                 let _ = tx.send(ok);
             }
-            // Counted even when the commit failed: those rows are simply sent again.
-            self.counters.add_acks_committed(acks);
-            if appended || acks > 0 {
-                self.new_rows.notify_one();
-            }
             self.log_drops(group.shutdown);
             if group.shutdown {
                 break;
             }
+        }
+        if let Some(d) = &self.degraded {
+            tracing::warn!(
+                path = %self.path.display(),
+                acks_pending = d.ack_count,
+                "store closed while the storage is unavailable; rows acked meanwhile stay in the outbox and are sent again"
+            );
         }
         tracing::info!(
             messages = self.counters.get(Counter::ReadingsMessages)
                 + self.counters.get(Counter::EventsMessages),
             "store closed"
         );
+    }
+
+    /// Entries refused so far, of every kind.
+    fn refused_total(&self) -> u64 {
+        [
+            Counter::DropRefusedReadings,
+            Counter::DropRefusedEvents,
+            Counter::RefusedDeadLetters,
+            Counter::RefusedState,
+            Counter::RefusedEventLog,
+        ]
+        .iter()
+        .map(|&c| self.counters.get(c))
+        .sum()
+    }
+
+    /// A commit failed: stop writing through this handle (redb fails every later
+    /// transaction on it), keep committed rows readable, keep the group's acks, and say so
+    /// once.
+    fn enter_degraded(&mut self, error: &StoreError, group: &mut Group) {
+        let mut d = Degraded::new(self.refused_total());
+        self.keep_acks(&mut d, group);
+        self.counters.add(Counter::StorageErrors, 1);
+        self.counters.set_degraded(Some(d.since));
+        tracing::error!(
+            path = %self.path.display(),
+            error = %error,
+            "Storage unavailable: a write to the database failed. The outbox is refusing new entries; \
+             readings and events are not buffered until space returns. Rules keep running and events are \
+             still published locally; committed rows stay readable and are forwarded. Retrying every 1 to 5 s."
+        );
+        self.degraded = Some(d);
+        // A read-only handle opens only while the failed writer is still open: once that
+        // is dropped the file needs a repair, which only a writable open can do.
+        let reader = health::open_reader(&self.path);
+        if let Ok(mut slot) = self.slot.write() {
+            *slot = reader;
+        }
+        self.failed = self.db.take();
+    }
+
+    /// Keeps the group's acks in `d`; acks beyond the bound are given up (those rows are
+    /// sent again) and counted as committed so the forwarder does not wait for them.
+    fn keep_acks(&self, d: &mut Degraded, group: &mut Group) {
+        let discarded = d.keep_acks(group.acks.drain(..));
+        if discarded > 0 {
+            self.counters.add(Counter::AcksDiscarded, discarded);
+            self.counters.add_acks_committed(discarded);
+        }
+    }
+
+    /// While degraded: counts the group's data commands as refused, keeps its acks.
+    fn refuse(&mut self, group: &mut Group) {
+        for cmd in group.data.drain(..) {
+            let c = match cmd {
+                DataCmd::Append(e) => Counter::refused(e.lane),
+                DataCmd::DeadLetter(_) => Counter::RefusedDeadLetters,
+                DataCmd::PutState(..) | DataCmd::DeleteState(_) => Counter::RefusedState,
+                DataCmd::LogEvent { .. } => Counter::RefusedEventLog,
+            };
+            self.counters.add(c, 1);
+        }
+        if let Some(mut d) = self.degraded.take() {
+            self.keep_acks(&mut d, group);
+            self.degraded = Some(d);
+        }
+    }
+
+    /// When a retry is due: reopens the file and commits the counters to it. On success
+    /// the store is healthy again and the kept acks join `group`, to be committed now.
+    fn try_recover(&mut self, group: &mut Group) {
+        let Some(d) = self.degraded.as_mut().filter(|d| d.due()) else {
+            return;
+        };
+        if health::free_bytes(&self.path).is_some_and(|free| free < health::RECOVERY_HEADROOM) {
+            d.retry_later();
+            return;
+        }
+        // The file lock of the failed handle must go before the file can be reopened.
+        self.failed = None;
+        let opened = Database::builder()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .set_cache_size(self.cfg.cache_size)
+            .open(&self.path)
+            .map_err(StoreError::from)
+            .map(Arc::new)
+            .and_then(|db| match init(&db, &self.counters, true) {
+                Ok(()) => Ok(db),
+                Err(e) => {
+                    self.failed = Some(db);
+                    Err(e)
+                }
+            });
+        let db = match opened {
+            Ok(db) => db,
+            Err(e) => {
+                tracing::debug!(error = %e, "storage still unavailable");
+                d.retry_later();
+                let missing = self.slot.read().map_or(true, |s| s.is_none());
+                if missing {
+                    let reader = health::open_reader(&self.path);
+                    if let Ok(mut slot) = self.slot.write() {
+                        *slot = reader;
+                    }
+                }
+                return;
+            }
+        };
+        let Some(d) = self.degraded.take() else {
+            return;
+        };
+        for &c in Counter::ALL {
+            self.meta[c as usize] = self.counters.get(c);
+        }
+        if let Ok(mut slot) = self.slot.write() {
+            *slot = Some(Reader::Writer(db.clone()));
+        }
+        self.db = Some(db);
+        self.counters.set_degraded(None);
+        let refused = self.refused_total().saturating_sub(d.refused_before);
+        let after = humantime::format_duration(Duration::from_secs(d.started.elapsed().as_secs()));
+        tracing::info!(
+            path = %self.path.display(),
+            refused,
+            acks_pending = d.ack_count,
+            "Storage recovered after {after}, {refused} entries refused; the outbox accepts new entries again."
+        );
+        group.acks.extend(d.acks);
+        // The forwarder may have read nothing meanwhile: let it read again.
+        self.new_rows.notify_one();
     }
 
     fn take_ctl(&mut self, group: &mut Group, cmd: CtlCmd) {
@@ -192,6 +372,10 @@ impl Owner {
     fn collect(&mut self, group: &mut Group) {
         let first_wait = if group.urgent() {
             Duration::ZERO
+        } else if let Some(d) = &self.degraded {
+            d.next_try
+                .saturating_duration_since(Instant::now())
+                .min(HOUSEKEEPING_INTERVAL)
         } else {
             HOUSEKEEPING_INTERVAL
         };
@@ -249,11 +433,11 @@ impl Owner {
             .count() as u64;
         let result = self.write_group(group);
         group.data.clear();
-        group.acks.clear();
         match result {
             Ok(()) => {
+                group.acks.clear();
                 for &c in Counter::ALL {
-                    if !c.is_queue_drop() {
+                    if !c.is_live() {
                         self.counters.set(c, self.get(c));
                     }
                 }
@@ -273,7 +457,8 @@ impl Owner {
     }
 
     fn write_group(&mut self, group: &mut Group) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write()?;
+        let db = self.db.clone().ok_or(StoreError::Unavailable)?;
+        let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate)
             .map_err(redb::Error::from)?;
         self.apply(&txn, group)?;
@@ -288,17 +473,18 @@ impl Owner {
         let mut state = txn.open_table(RULE_STATE)?;
         let mut log = txn.open_table(EVENT_LOG)?;
 
-        for (lane, seqs) in group.acks.drain(..) {
+        // Not drained: a failed commit keeps them for after recovery.
+        for (lane, seqs) in &group.acks {
             let table = match lane {
                 Lane::Reading => &mut readings,
                 Lane::Event => &mut events,
             };
-            for seq in seqs {
+            for &seq in seqs {
                 if let Some(v) = table.remove(seq)? {
                     let len = v.value().len() as u64 + KEY_BYTES;
                     drop(v);
-                    self.sub(Counter::messages(lane), 1);
-                    self.sub(Counter::bytes(lane), len);
+                    self.sub(Counter::messages(*lane), 1);
+                    self.sub(Counter::bytes(*lane), len);
                     self.add(Counter::Acked, 1);
                 }
             }
@@ -384,7 +570,7 @@ impl Owner {
 
         let mut meta = txn.open_table(META)?;
         for &c in Counter::ALL {
-            let v = if c.is_queue_drop() {
+            let v = if c.is_live() {
                 self.counters.get(c)
             } else {
                 self.get(c)
@@ -457,7 +643,8 @@ impl Owner {
         }
         let mut parts = Vec::new();
         for &c in Counter::ALL {
-            if !c.name().starts_with("drop.") {
+            // Refusals while degraded are told by the recovery line, not every 10 s.
+            if !c.name().starts_with("drop.") || c.name().starts_with("drop.refused.") {
                 continue;
             }
             let now = self.counters.get(c);

@@ -1,0 +1,277 @@
+//! The store on a real, full filesystem: a small tmpfs is filled with a filler file until
+//! ENOSPC; the store degrades (refuses appends, counts them, stays alive, keeps committed
+//! rows readable, keeps acks), and recovers by itself once the filler is deleted, with no
+//! committed row lost.
+//!
+//! Needs `mount` (root). Skipped with a message when mounting is not permitted, unless
+//! `GATEWAY_REQUIRE_MOUNT=1`, which makes that a failure (CI sets it).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use gateway::reading::Format;
+use gateway::store::{Counter, Lane, OutboxEntry, OutboxRow, Store, StoreConfig, StoreHandle};
+
+/// A tmpfs mounted on a temp dir; unmounted (lazily, so it never fails) when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. "8m"); `None` when not permitted and not required.
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        let error = match out {
+            Ok(o) if o.status.success() => return Some(Tmpfs { dir }),
+            Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+            Err(e) => e.to_string(),
+        };
+        if std::env::var("GATEWAY_REQUIRE_MOUNT").as_deref() == Ok("1") {
+            panic!("GATEWAY_REQUIRE_MOUNT=1 but mounting a tmpfs failed: {error}");
+        }
+        eprintln!("SKIPPED: cannot mount a tmpfs ({error}); run as root or set GATEWAY_REQUIRE_MOUNT=1 to make this a failure");
+        None
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Writes a filler file until the filesystem is full; returns its path.
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0xA5u8; 64 * 1024];
+    for _ in 0..100_000 {
+        match f.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return path,
+            Err(e) => panic!("filler: unexpected error {e}"),
+        }
+    }
+    panic!("the filesystem never filled up");
+}
+
+fn entry(i: u64) -> OutboxEntry {
+    let payload = format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(1500)).into_bytes();
+    OutboxEntry::reading(
+        format!("devices/d-{}/telemetry", i % 7),
+        format!("d-{}", i % 7),
+        payload,
+        Format::Json,
+        gateway::reading::now_millis(),
+    )
+}
+
+fn n_of(row: &OutboxRow) -> u64 {
+    let v: serde_json::Value = serde_json::from_slice(&row.payload).unwrap();
+    v["n"].as_u64().unwrap()
+}
+
+/// Every committed reading, by seq.
+fn all_rows(store: &StoreHandle) -> BTreeMap<u64, OutboxRow> {
+    let mut out = BTreeMap::new();
+    let mut buf = Vec::new();
+    let mut from = 0;
+    loop {
+        store
+            .read_outbox(Lane::Reading, from, 1000, &mut buf)
+            .unwrap();
+        let Some(last) = buf.last() else { break };
+        from = last.seq + 1;
+        out.extend(buf.drain(..).map(|r| (r.seq, r)));
+    }
+    out
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn full_disk_degrades_refuses_and_recovers_without_losing_committed_rows() {
+    let Some(fs) = Tmpfs::mount("8m") else { return };
+    let path = fs.path().join("gateway.redb");
+    let cfg = StoreConfig {
+        flush_interval: Duration::from_millis(1),
+        cache_size: 1024 * 1024,
+        ..StoreConfig::default()
+    };
+    let store = Store::open(&path, cfg.clone()).unwrap();
+
+    // Some rows before the disk fills.
+    let mut committed: Vec<u64> = Vec::new();
+    let mut next = 0u64;
+    for _ in 0..200 {
+        assert!(store.append(entry(next)));
+        committed.push(next);
+        next += 1;
+    }
+    store.flush_blocking().unwrap();
+
+    let filler = fill(fs.path());
+
+    // Keep appending in batches until a commit fails; a batch whose flush succeeded is
+    // committed in full.
+    let mut failed = false;
+    for _ in 0..2000 {
+        let batch: Vec<u64> = (next..next + 50).collect();
+        next += 50;
+        for &i in &batch {
+            assert!(store.append(entry(i)));
+        }
+        if store.flush_blocking().is_ok() {
+            committed.extend(batch);
+        } else {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "no commit failed on a full filesystem");
+    assert!(store.is_degraded());
+    let stats = store.stats();
+    assert_eq!(stats.storage_degraded(), 1);
+    assert_eq!(stats.get(Counter::StorageErrors), 1);
+
+    // Refused at once, counted per lane, without blocking.
+    let refused_before = store.counter(Counter::DropRefusedReadings);
+    let started = Instant::now();
+    for i in 0..1000 {
+        assert!(!store.append(entry(1_000_000 + i)));
+    }
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(
+        store.counter(Counter::DropRefusedReadings) - refused_before,
+        1000
+    );
+    assert!(!store.append(OutboxEntry::event("E", "d-1", b"{}".to_vec(), 1)));
+    assert_eq!(store.counter(Counter::DropRefusedEvents), 1);
+    assert!(!store.put_state("k".into(), b"v".to_vec()));
+    assert_eq!(store.counter(Counter::RefusedState), 1);
+
+    // The owner thread is alive: it answers a flush (with a failure) promptly.
+    let started = Instant::now();
+    assert!(store.flush_blocking().is_err());
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // Committed rows stay readable while degraded (through a read-only handle).
+    let rows = all_rows(&store);
+    let present: Vec<u64> = rows.values().map(n_of).collect();
+    for n in &committed {
+        assert!(
+            present.contains(n),
+            "committed reading {n} not readable while degraded"
+        );
+    }
+
+    // Still readable after failed retries (each reopens the file and fails to write).
+    std::thread::sleep(Duration::from_millis(3500));
+    assert!(store.is_degraded());
+    assert_eq!(all_rows(&store).len(), rows.len());
+    // ... and from the file by another reader, as `gateway outbox stats` does.
+    let from_file = gateway::store::read_stats_file(&path).unwrap();
+    assert_eq!(from_file.readings.messages, rows.len() as u64);
+    assert_eq!(from_file.storage, None);
+
+    // Acks while degraded are kept and applied after recovery.
+    let acked: Vec<u64> = rows.keys().copied().take(20).collect();
+    store.ack(Lane::Reading, acked.clone());
+
+    // Space returns: the store recovers by itself.
+    std::fs::remove_file(&filler).unwrap();
+    wait_until("recovery", Duration::from_secs(15), || !store.is_degraded());
+    assert_eq!(store.stats().storage_degraded(), 0);
+
+    // New appends are accepted and committed again.
+    for i in 0..100 {
+        assert!(store.append(entry(2_000_000 + i)));
+    }
+    store.flush_blocking().unwrap();
+    assert_eq!(store.acks_committed(), acked.len() as u64);
+
+    let all_rows_before = rows;
+    let check = |store: &StoreHandle| {
+        let rows = all_rows(store);
+        let present: Vec<u64> = rows.values().map(n_of).collect();
+        for (seq, row) in &rows {
+            assert!(!acked.contains(seq), "acked row {seq} still present");
+            assert_eq!(row.payload, entry(n_of(row)).payload);
+        }
+        let acked_ns: Vec<u64> = acked.iter().map(|s| n_of(&all_rows_before[s])).collect();
+        for n in &committed {
+            assert!(
+                present.contains(n) || acked_ns.contains(n),
+                "committed reading {n} was lost"
+            );
+        }
+        for i in 0..100 {
+            assert!(
+                present.contains(&(2_000_000 + i)),
+                "reading after recovery missing"
+            );
+        }
+        assert!(!present.iter().any(|n| (1_000_000..2_000_000).contains(n)));
+        let stats = store.stats();
+        assert_eq!(stats.readings.messages, rows.len() as u64);
+    };
+    check(&store);
+    let stats = store.stats();
+    assert_eq!(
+        stats.get(Counter::DropRefusedReadings),
+        refused_before + 1000
+    );
+    store.shutdown().unwrap();
+    drop(store);
+
+    // The file alone says the same after a restart, counters included.
+    let store = Store::open(&path, cfg).unwrap();
+    check(&store);
+    let stats = store.stats();
+    assert_eq!(stats.get(Counter::StorageErrors), 1);
+    assert_eq!(
+        stats.get(Counter::DropRefusedReadings),
+        refused_before + 1000
+    );
+    store.shutdown().unwrap();
+}
+
+#[test]
+fn opening_on_a_full_disk_fails_with_the_path_then_works_once_space_returns() {
+    let Some(fs) = Tmpfs::mount("2m") else { return };
+    let filler = fill(fs.path());
+    let path = fs.path().join("gateway.redb");
+    let err = match Store::open(&path, StoreConfig::default()) {
+        Ok(_) => panic!("the store opened on a full filesystem"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("No space left"), "{err}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let store = Store::open(&path, StoreConfig::default()).unwrap();
+    assert!(store.append(entry(1)));
+    store.flush_blocking().unwrap();
+    assert_eq!(all_rows(&store).len(), 1);
+    store.shutdown().unwrap();
+}

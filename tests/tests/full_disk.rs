@@ -1,0 +1,315 @@
+//! End-to-end full disk: the real gateway with `storage.path` on a small tmpfs and the
+//! upstream down. The disk fills; the gateway keeps running, refuses new readings, still
+//! publishes rule events on its embedded broker and forwards what was committed (across
+//! a reconnect); when space returns it recovers by itself: every reading committed
+//! before the fault arrived upstream (none lost), readings published after the recovery
+//! arrive too, and the acks kept meanwhile empty the outbox.
+//!
+//! Needs `mount` (root): skipped with a message when mounting is not permitted, unless
+//! `GATEWAY_REQUIRE_MOUNT=1` (CI), which makes that a failure.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{publish_all, upstream, Gateway};
+use gateway::store::{read_outbox_file, read_stats_file, Counter, Lane};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+
+/// A tmpfs mounted on a temp dir; unmounted (lazily, so it never fails) when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        let error = match out {
+            Ok(o) if o.status.success() => return Some(Tmpfs { dir }),
+            Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+            Err(e) => e.to_string(),
+        };
+        if std::env::var("GATEWAY_REQUIRE_MOUNT").as_deref() == Ok("1") {
+            panic!("GATEWAY_REQUIRE_MOUNT=1 but mounting a tmpfs failed: {error}");
+        }
+        eprintln!("SKIPPED: cannot mount a tmpfs ({error}); run as root or set GATEWAY_REQUIRE_MOUNT=1 to make this a failure");
+        None
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Writes a filler file until the filesystem is full; returns its path.
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0xA5u8; 64 * 1024];
+    for _ in 0..100_000 {
+        match f.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return path,
+            Err(e) => panic!("filler: unexpected error {e}"),
+        }
+    }
+    panic!("the filesystem never filled up");
+}
+
+/// Readings `range` of device t-1, each about 1.5 KB, numbered by `n`.
+fn readings(range: std::ops::Range<u64>) -> Vec<(String, Vec<u8>)> {
+    range
+        .map(|n| {
+            let payload = format!(
+                "{{\"temperature\":21.5,\"n\":{n},\"pad\":\"{}\"}}",
+                "x".repeat(1500)
+            );
+            ("devices/t-1/telemetry".to_string(), payload.into_bytes())
+        })
+        .collect()
+}
+
+fn n_of(payload: &[u8]) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    v["n"].as_u64()
+}
+
+/// The `n` of every reading committed in the outbox file.
+fn committed(db: &Path) -> BTreeSet<u64> {
+    let mut out = BTreeSet::new();
+    let mut from = 0;
+    loop {
+        let rows = read_outbox_file(db, Lane::Reading, from, 1000).unwrap();
+        let Some(last) = rows.last() else { break };
+        from = last.seq + 1;
+        out.extend(rows.iter().filter_map(|r| n_of(&r.payload)));
+    }
+    out
+}
+
+/// Subscribes to `filter` on the gateway's broker; every publish's topic arrives on the channel.
+async fn subscribe(addr: &str, filter: &str) -> mpsc::UnboundedReceiver<String> {
+    let (host, port) = addr.split_once(':').unwrap();
+    let mut opts = MqttOptions::new(
+        format!("sub-{}", common::free_port()),
+        host,
+        port.parse().unwrap(),
+    );
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut el) = AsyncClient::new(opts, 10);
+    client.subscribe(filter, QoS::AtMostOnce).await.unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, mut ready_rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let _client = client;
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = ready_tx.send(()).await;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send(p.topic.clone()).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), ready_rx.recv())
+        .await
+        .expect("SUBACK");
+    rx
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const BATTERY_RULE: &str = r#"
+[[rule]]
+name = "battery-low"
+event = "BatteryLow"
+stream = "telemetry"
+condition = "battery < 20.0"
+clear = "battery >= 25.0"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_disk_keeps_the_gateway_running_and_loses_nothing_committed() {
+    let Some(fs) = Tmpfs::mount("8m") else { return };
+    let db = fs.path().join("gateway.redb");
+
+    // Upstream: a real broker with a subscriber, behind a proxy that is down for now.
+    let up_port = upstream::free_port();
+    upstream::start_rumqttd(up_port);
+    let collector = upstream::Collector::start(up_port, "up/devices/#").await;
+    let proxy = upstream::Proxy::start(up_port, false).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("rules")).unwrap();
+    std::fs::write(dir.path().join("rules/battery.toml"), BATTERY_RULE).unwrap();
+    let url = format!("mqtt://127.0.0.1:{}", proxy.port);
+    let db_str = db.display().to_string();
+    let gw = Gateway::start_in(
+        dir,
+        &[
+            ("GATEWAY__STORAGE__PATH", &db_str),
+            ("GATEWAY__UPSTREAM__URL", &url),
+            ("GATEWAY__UPSTREAM__TOPIC_PREFIX", "up"),
+            ("GATEWAY__UPSTREAM__BACKOFF_MAX", "1s"),
+        ],
+    );
+    let mut events = subscribe(&gw.addr(), "events/#").await;
+
+    // Readings before the fault, committed.
+    let mut next = 0u64;
+    publish_all(&gw.addr(), "t-1", &readings(0..200)).await;
+    next += 200;
+    wait_for("first readings committed", Duration::from_secs(10), || {
+        read_stats_file(&db).is_ok_and(|s| s.get(Counter::AppendedReadings) == 200)
+    })
+    .await;
+
+    // The disk fills up; keep publishing until the gateway says the storage failed.
+    let filler = fill(fs.path());
+    let degraded = "Storage unavailable";
+    for _ in 0..200 {
+        if gw.log().contains(degraded) {
+            break;
+        }
+        publish_all(&gw.addr(), "t-1", &readings(next..next + 50)).await;
+        next += 50;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let line = gw.wait_log(degraded, Duration::from_secs(5));
+    assert!(line.contains(&db_str), "the error names the path: {line}");
+    assert!(
+        line.contains("No space left"),
+        "the error names the cause: {line}"
+    );
+
+    // What is committed now is what must arrive upstream later.
+    let before_fault = committed(&db);
+    assert!(before_fault.len() >= 200);
+    assert!((0..200).all(|n| before_fault.contains(&n)));
+
+    // Still degraded: more readings are accepted by the broker and refused by the outbox.
+    publish_all(&gw.addr(), "t-1", &readings(next..next + 100)).await;
+    next += 100;
+    let refused_from = next - 100;
+
+    // Rules keep running: an event is published locally while the storage is down.
+    let battery = vec![(
+        "devices/b-1/telemetry".to_string(),
+        b"{\"battery\":10.0}".to_vec(),
+    )];
+    publish_all(&gw.addr(), "b-1", &battery).await;
+    let topic = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("a local event while the storage is degraded")
+        .unwrap();
+    assert_eq!(topic, "events/BatteryLow/b-1");
+    assert!(!gw.log().contains("Storage recovered"));
+    assert_eq!(
+        committed(&db),
+        before_fault,
+        "nothing committed while degraded"
+    );
+
+    // Upstream comes up while the storage is still down: committed rows are forwarded
+    // (read through a read-only handle; their acks wait in memory).
+    proxy.set_up(true);
+    let arrived = || -> BTreeSet<u64> {
+        collector
+            .snapshot()
+            .iter()
+            .filter_map(|m| n_of(&m.payload))
+            .collect()
+    };
+    wait_for(
+        "committed readings forwarded while degraded",
+        Duration::from_secs(20),
+        || before_fault.is_subset(&arrived()),
+    )
+    .await;
+    // A reconnect while degraded: the forwarder cannot commit its acks, replays and goes on.
+    let connects = || gw.log().matches("connected upstream").count();
+    let before = connects();
+    proxy.set_up(false);
+    gw.wait_log("upstream connection lost", Duration::from_secs(10));
+    proxy.set_up(true);
+    wait_for("reconnect while degraded", Duration::from_secs(10), || {
+        connects() > before
+    })
+    .await;
+    assert!(!gw.log().contains("Storage recovered"));
+
+    // Space returns: the gateway recovers by itself.
+    std::fs::remove_file(&filler).unwrap();
+    let line = gw.wait_log("Storage recovered", Duration::from_secs(15));
+    assert!(line.contains("entries refused"), "{line}");
+
+    // Readings after the recovery are stored again.
+    let after: Vec<u64> = (next..next + 50).collect();
+    publish_all(&gw.addr(), "t-1", &readings(next..next + 50)).await;
+
+    // Every committed reading arrived upstream, and the new ones.
+    let expected: BTreeSet<u64> = before_fault.iter().copied().chain(after).collect();
+    wait_for(
+        "every committed reading upstream",
+        Duration::from_secs(20),
+        || expected.is_subset(&arrived()),
+    )
+    .await;
+    let arrived = arrived();
+    let lost: Vec<_> = expected.difference(&arrived).collect();
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    // Readings refused while degraded were never stored, so never forwarded.
+    assert!(arrived
+        .iter()
+        .all(|n| !(refused_from..refused_from + 100).contains(n)));
+
+    eprintln!(
+        "committed before the fault: {}, arrived upstream: {}, refused while degraded: {}",
+        before_fault.len(),
+        arrived.len(),
+        read_stats_file(&db).map_or(0, |s| s.get(Counter::DropRefusedReadings))
+    );
+    for line in gw.log().lines().filter(|l| l.contains("Storage")) {
+        eprintln!("gateway: {line}");
+    }
+    // The acks kept while degraded were applied: the outbox drains to empty.
+    wait_for("outbox empty", Duration::from_secs(10), || {
+        read_stats_file(&db).is_ok_and(|s| s.depth() == 0)
+    })
+    .await;
+    let stats = read_stats_file(&db).unwrap();
+    assert_eq!(stats.get(Counter::StorageErrors), 1);
+    assert!(stats.get(Counter::DropRefusedReadings) >= 100);
+    assert!(stats.get(Counter::DropRefusedEvents) >= 1);
+    drop(gw);
+}
