@@ -15,6 +15,7 @@ use redb::{ConcurrencyMode, ReadableDatabase, ReadableTable};
 
 use super::tables::{self, META};
 use super::{Lane, StoreError};
+use crate::counters::{Histogram, HistogramSnapshot};
 use crate::reading::{now_millis, Millis};
 
 macro_rules! counters {
@@ -97,6 +98,7 @@ pub struct Counters {
     acks_committed: AtomicU64,
     last_commit_micros: AtomicU64,
     max_commit_micros: AtomicU64,
+    commit_seconds: Histogram,
 }
 
 impl Default for Counters {
@@ -108,6 +110,7 @@ impl Default for Counters {
             acks_committed: AtomicU64::new(0),
             last_commit_micros: AtomicU64::new(0),
             max_commit_micros: AtomicU64::new(0),
+            commit_seconds: Histogram::default(),
         }
     }
 }
@@ -142,6 +145,7 @@ impl Counters {
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.last_commit_micros.store(micros, Ordering::Relaxed);
         self.max_commit_micros.fetch_max(micros, Ordering::Relaxed);
+        self.commit_seconds.observe_micros(micros);
     }
 
     pub fn snapshot(&self) -> OutboxStats {
@@ -162,6 +166,7 @@ impl Counters {
             commits: self.commits.load(Ordering::Relaxed),
             last_commit_micros: self.last_commit_micros.load(Ordering::Relaxed),
             max_commit_micros: self.max_commit_micros.load(Ordering::Relaxed),
+            commit_seconds: self.commit_seconds.snapshot(),
         }
     }
 }
@@ -186,6 +191,8 @@ pub struct OutboxStats {
     pub commits: u64,
     pub last_commit_micros: u64,
     pub max_commit_micros: u64,
+    /// Durations of this process's commits.
+    pub commit_seconds: HistogramSnapshot,
 }
 
 impl OutboxStats {
