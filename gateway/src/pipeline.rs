@@ -148,6 +148,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             rules: views.rules.clone(),
             broker_listeners: broker_listeners(&config),
             broker_listening: broker_listening.clone(),
+            ingest_samples: Default::default(),
         };
         tokio::spawn(http::serve(listener, sources, stop_http.clone()))
     });

@@ -60,6 +60,7 @@ async fn status(State(s): State<Sources>) -> Json<JsonValue> {
         },
         "ingest": {
             "messages": Counters::get(&c.ingested),
+            "rate_per_second": s.ingest_rate(),
             "decoded": c.decoded_total(),
             "readings": Counters::get(&c.readings),
             "dead_letters": c.dead_lettered_total(),

@@ -23,9 +23,11 @@ mod api;
 mod metrics;
 mod process;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -45,6 +47,10 @@ pub use metrics::{render as render_metrics, Encoder, Kind};
 
 /// The status page, served at `/`.
 const STATUS_PAGE: &str = include_str!("status.html");
+/// How often the ingest counter is sampled for the ingest rate, and how many samples the
+/// rate spans (a 10 s window).
+const RATE_SAMPLE: Duration = Duration::from_secs(1);
+const RATE_SAMPLES: usize = 11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -70,6 +76,8 @@ pub struct Sources {
     pub broker_listeners: Vec<SocketAddr>,
     /// True once the broker accepts connections, false again when shutdown begins.
     pub broker_listening: Arc<AtomicBool>,
+    /// Samples of the ingest counter, for the ingest rate (filled by [`serve`]).
+    pub ingest_samples: Arc<Mutex<VecDeque<(Instant, u64)>>>,
 }
 
 impl Sources {
@@ -79,6 +87,30 @@ impl Sources {
             None => "off",
             Some(f) if f.connected() => "connected",
             Some(_) => "offline",
+        }
+    }
+
+    /// Messages ingested per second over the last samples (up to 10 s); 0 until two
+    /// samples exist.
+    pub fn ingest_rate(&self) -> f64 {
+        let Ok(samples) = self.ingest_samples.lock() else {
+            return 0.0;
+        };
+        match (samples.front(), samples.back()) {
+            (Some((t0, n0)), Some((t1, n1))) if t1 > t0 => {
+                (n1 - n0) as f64 / t1.duration_since(*t0).as_secs_f64()
+            }
+            _ => 0.0,
+        }
+    }
+
+    fn sample_ingest(&self) {
+        let n = Counters::get(&self.counters.ingested);
+        if let Ok(mut samples) = self.ingest_samples.lock() {
+            samples.push_back((Instant::now(), n));
+            while samples.len() > RATE_SAMPLES {
+                samples.pop_front();
+            }
         }
     }
 
@@ -121,10 +153,20 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(listen = %addr, "HTTP server is up.");
     }
-    axum::serve(listener, router(sources))
+    let sampled = sources.clone();
+    let sampler = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RATE_SAMPLE);
+        loop {
+            tick.tick().await;
+            sampled.sample_ingest();
+        }
+    });
+    let served = axum::serve(listener, router(sources))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
-        .map_err(HttpError::Serve)
+        .map_err(HttpError::Serve);
+    sampler.abort();
+    served
 }
 
 async fn metrics_handler(axum::extract::State(sources): axum::extract::State<Sources>) -> Response {
