@@ -8,6 +8,10 @@
 //!                                                        outbox (store) <-'
 //!                                                             |
 //!                                                         forwarder --> upstream
+//!
+//! decode --> device read model --\
+//! rules  --> rules snapshot ------+--> http (metrics, API, status page; read-only)
+//! counters, store stats, forwarder stats --/
 //! ```
 //!
 //! Invariants:
@@ -18,6 +22,7 @@
 //!   by `gateway.shutdown_grace`.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -29,10 +34,12 @@ use crate::broker::{self, BrokerError};
 use crate::config::{Config, ConfigErrors};
 use crate::counters::Counters;
 use crate::decode::DecodeStage;
+use crate::devices::Devices;
 use crate::forwarder::{Forwarder, ForwarderConfig, ForwarderError, ForwarderStats};
+use crate::http::{self, HttpError, Sources};
 use crate::ingest::{Ingest, RawMessage};
-use crate::reading::Reading;
-use crate::rules::RulesStage;
+use crate::reading::{now_millis, Reading};
+use crate::rules::{RulesStage, SharedRules};
 use crate::store::{Counter, Store, StoreConfig, StoreError, StoreHandle};
 
 /// Readings waiting for the rules stage.
@@ -52,6 +59,8 @@ pub enum RunError {
     Forwarder(#[from] ForwarderError),
     #[error("cannot start a pipeline thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("http: {0}")]
+    Http(#[from] HttpError),
 }
 
 /// The outbox settings of a configuration.
@@ -93,9 +102,15 @@ pub fn forwarder_config(config: &Config) -> Option<ForwarderConfig> {
 /// Runs the gateway until `shutdown` completes, then drains and closes it.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     config.check_ports()?;
+    let started_at = now_millis();
     let counters = Arc::new(Counters::default());
+    let http_listener = match config.http.listen {
+        Some(addr) => Some(http::bind(addr).await?),
+        None => None,
+    };
     let store = Store::open(&config.storage.path, store_config(&config))?;
-    let running = match start(&config, counters.clone(), store.clone()) {
+    let views = Views::default();
+    let running = match start(&config, counters.clone(), store.clone(), &views) {
         Ok(r) => r,
         Err(e) => {
             let _ = store.shutdown();
@@ -120,8 +135,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         store.clone(),
         running.forwarder_stats.clone(),
     ));
+    let broker_listening = Arc::new(AtomicBool::new(true));
+    let stop_http = CancellationToken::new();
+    let http_server = http_listener.map(|listener| {
+        let sources = Sources {
+            gateway_id: config.gateway.id.clone(),
+            started_at,
+            counters: counters.clone(),
+            store: store.clone(),
+            forwarder: running.forwarder_stats.clone(),
+            devices: views.devices.clone(),
+            rules: views.rules.clone(),
+            broker_listeners: broker_listeners(&config),
+            broker_listening: broker_listening.clone(),
+            ingest_samples: Default::default(),
+        };
+        tokio::spawn(http::serve(listener, sources, stop_http.clone()))
+    });
     shutdown.await;
     status.abort();
+    broker_listening.store(false, Ordering::Relaxed);
     tracing::info!(grace = ?config.gateway.shutdown_grace, "Shutting down.");
     match tokio::time::timeout(config.gateway.shutdown_grace, running.stop()).await {
         Ok(_) => tracing::info!(summary = %counters.summary(), "Gateway stopped."),
@@ -130,7 +163,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             "Shutdown grace period over; exiting with the pipeline still draining (committed data is safe)."
         ),
     }
+    stop_http.cancel();
+    if let Some(server) = http_server {
+        if let Ok(Err(e)) = server.await {
+            tracing::error!(error = %e, "HTTP server failed.");
+        }
+    }
     Ok(())
+}
+
+/// Read models the stages keep for the HTTP server.
+#[derive(Default)]
+struct Views {
+    devices: Arc<Devices>,
+    rules: SharedRules,
+}
+
+fn broker_listeners(config: &Config) -> Vec<SocketAddr> {
+    std::iter::once(config.broker.listen)
+        .chain(config.broker.listen_v5)
+        .collect()
 }
 
 /// The running stages, in pipeline order.
@@ -178,6 +230,7 @@ fn start(
     config: &Config,
     counters: Arc<Counters>,
     store: StoreHandle,
+    views: &Views,
 ) -> Result<Running, RunError> {
     let forwarder = forwarder_config(config)
         .map(|cfg| Forwarder::new(cfg, store.clone()))
@@ -196,6 +249,8 @@ fn start(
         publish: links.publish.0,
         event_topic: config.rules.event_topic.clone(),
         forward: forwarding,
+        counters: counters.clone(),
+        snapshot: views.rules.clone(),
     };
     let rules = std::thread::Builder::new()
         .name("rules".into())
@@ -215,6 +270,7 @@ fn start(
         store: store.clone(),
         forward_readings: forwarding && config.upstream.forward_readings,
         readings: Some(readings_tx),
+        devices: views.devices.clone(),
     };
     let decode = std::thread::Builder::new()
         .name("decode".into())

@@ -76,6 +76,7 @@ pub const KEYS: &[(&str, Default)] = &[
     ("upstream.backoff_min", Default::Str("500ms")),
     ("upstream.backoff_max", Default::Str("30s")),
     ("log.level", Default::Str("info")),
+    ("http.listen", Default::Str("127.0.0.1:8080")),
 ];
 
 /// The whole, validated configuration.
@@ -88,6 +89,14 @@ pub struct Config {
     pub rules: RulesSection,
     pub upstream: UpstreamSection,
     pub log: LogSection,
+    pub http: HttpSection,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpSection {
+    /// Address of the metrics, API and status-page server; `None` when it is off
+    /// (`http.listen = ""` or `"off"`).
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -299,6 +308,7 @@ impl Config {
         let listeners = [
             ("broker.listen", Some(self.broker.listen)),
             ("broker.listen_v5", self.broker.listen_v5),
+            ("http.listen", self.http.listen),
         ];
         for (key, addr) in listeners {
             let Some(addr) = addr else { continue };
@@ -530,6 +540,21 @@ impl Reader {
         let log = LogSection {
             level: self.log_level().unwrap_or_default(),
         };
+        let http = HttpSection {
+            listen: match self.merged.get::<String>("http.listen") {
+                Ok(s) if s.trim() == "off" => None,
+                _ => self
+                    .optional("http.listen", |r| r.addr("http.listen"))
+                    .flatten(),
+            },
+        };
+        let broker_ports = [Some(broker.listen), broker.listen_v5].map(|a| a.map(|a| a.port()));
+        if http
+            .listen
+            .is_some_and(|a| a.port() != 0 && broker_ports.contains(&Some(a.port())))
+        {
+            self.problem("http.listen", "must differ from the broker's listeners");
+        }
         if self.problems.is_empty() {
             Ok(Config {
                 gateway,
@@ -539,6 +564,7 @@ impl Reader {
                 rules,
                 upstream,
                 log,
+                http,
             })
         } else {
             Err(ConfigErrors(self.problems))

@@ -8,13 +8,15 @@
 //! - every message is counted exactly once as decoded or dead-lettered;
 //! - a bad payload never stops the stage; the log says so at most once per
 //!   [`WARN_INTERVAL`], with the latest reason;
-//! - the stage ends when the ingest queue is closed and empty.
+//! - the stage ends when the ingest queue is closed and empty;
+//! - every decoded message updates the device read model ([`Devices`]) once.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{decode, TopicPattern};
 use crate::counters::Counters;
+use crate::devices::Devices;
 use crate::ingest::RawMessage;
 use crate::reading::Reading;
 use crate::store::{DeadLetter, OutboxEntry, StoreHandle};
@@ -32,6 +34,8 @@ pub struct DecodeStage {
     pub forward_readings: bool,
     /// Where decoded readings go next (the rules stage), when anything listens.
     pub readings: Option<flume::Sender<Reading>>,
+    /// The device read model (last values, last seen).
+    pub devices: Arc<Devices>,
 }
 
 impl DecodeStage {
@@ -56,6 +60,7 @@ impl DecodeStage {
                 Ok(readings) => {
                     let format = readings[0].format;
                     self.counters.count_decoded(format, readings.len());
+                    self.devices.observe(&readings, received_at);
                     if self.forward_readings {
                         let device = readings[0].device.clone();
                         self.store.append(OutboxEntry::reading(

@@ -50,6 +50,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::counters::Histogram;
 use crate::store::StoreHandle;
 
 pub use encode::{message_id, upstream_topic};
@@ -237,6 +238,10 @@ pub struct ForwarderStats {
     /// Milliseconds from `received_at` to the PUBACK of the last acked row, and the maximum.
     pub last_latency_ms: AtomicU64,
     pub max_latency_ms: AtomicU64,
+    /// Outbox append (`received_at`) to PUBACK, one observation per acked row.
+    pub latency: Histogram,
+    /// Rows acked upstream, by lane (`[events, readings]`, the order of the session).
+    pub acked_by_lane: [AtomicU64; 2],
 }
 
 impl ForwarderStats {

@@ -281,6 +281,11 @@ impl<'a> Session<'a> {
         let latency = (now_millis() - sent.received_at).max(0) as u64;
         stats.last_latency_ms.store(latency, Ordering::Relaxed);
         stats.max_latency_ms.fetch_max(latency, Ordering::Relaxed);
+        stats.acked_by_lane[lane_index(sent.lane)]
+            .fetch_add(sent.seqs.len() as u64, Ordering::Relaxed);
+        stats
+            .latency
+            .observe_micros_n(latency * 1000, sent.seqs.len() as u64);
         self.acks[lane_index(sent.lane)].extend_from_slice(&sent.seqs);
     }
 

@@ -20,6 +20,7 @@ mod fast;
 mod load;
 mod rule;
 mod ruleset;
+mod snapshot;
 mod stage;
 mod state;
 mod testing;
@@ -31,6 +32,7 @@ pub use engine::Engine;
 pub use load::{AGG_VAR, DEFAULT_SEVERITY};
 pub use rule::{AggFn, Aggregate, DeviceMatch, Rule, RuleKind, TopicFilter, WindowSpec};
 pub use ruleset::{rule_files, test_files, RuleSet, TEST_SUFFIX};
+pub use snapshot::{InstanceView, ReloadView, RuleView, RulesSnapshot, SharedRules};
 pub use stage::{load_for_start, RulesStage};
 pub use state::{
     EngineState, EngineStats, Instance, InstanceRecord, InstanceState, InstanceStatus,

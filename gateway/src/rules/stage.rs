@@ -10,15 +10,20 @@
 //!   moved windows within [`SAVE_INTERVAL`]; at start it is restored from those records,
 //!   so a restart neither re-fires nor forgets a firing instance;
 //! - a rule-file edit that does not load keeps the running rules and logs every error;
-//! - the stage ends when its input is closed and empty.
+//! - the stage ends when its input is closed and empty;
+//! - readers see the rules, live instances and the last reload through [`SharedRules`],
+//!   refreshed on every transition, reload and save tick, never by locking the engine.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttd::local::LinkTx;
 
-use super::{Engine, EngineState, InstanceRecord, RuleSet, Watcher, STATE_VERSION};
+use super::snapshot::{ReloadView, SharedRules};
+use super::{Diagnostics, Engine, EngineState, InstanceRecord, RuleSet, Watcher, STATE_VERSION};
+use crate::counters::Counters;
 use crate::events::Event;
 use crate::reading::{now_millis, Reading};
 use crate::store::{OutboxEntry, StoreHandle};
@@ -43,26 +48,48 @@ pub struct RulesStage {
     pub event_topic: String,
     /// Hand events to the outbox (forwarding on).
     pub forward: bool,
+    /// Where rule evaluations are counted.
+    pub counters: Arc<Counters>,
+    /// Published for readers (the HTTP API).
+    pub snapshot: SharedRules,
+}
+
+fn reload_view(result: Result<usize, &Diagnostics>) -> ReloadView {
+    ReloadView {
+        at: now_millis(),
+        ok: result.is_ok(),
+        rules: *result.as_ref().unwrap_or(&0),
+        errors: result
+            .err()
+            .map(|d| d.0.iter().map(ToString::to_string).collect())
+            .unwrap_or_default(),
+    }
 }
 
 /// Loads the rules directory for the running gateway: a missing directory is an empty
 /// rule set; an invalid one too, with every error logged.
 pub fn load_for_start(dir: &std::path::Path) -> RuleSet {
+    load_with_report(dir).0
+}
+
+/// [`load_for_start`], also saying how the load went.
+fn load_with_report(dir: &std::path::Path) -> (RuleSet, ReloadView) {
     if !dir.exists() {
         tracing::info!(dir = %dir.display(), "No rules directory; running without rules until it appears.");
-        return RuleSet::empty();
+        return (RuleSet::empty(), reload_view(Ok(0)));
     }
     match RuleSet::load_dir(dir) {
         Ok(set) => {
             tracing::info!(dir = %dir.display(), rules = set.len(), "Rules loaded.");
-            set
+            let view = reload_view(Ok(set.len()));
+            (set, view)
         }
         Err(diagnostics) => {
             for d in &diagnostics.0 {
                 tracing::error!("{d}");
             }
             tracing::error!(dir = %dir.display(), errors = diagnostics.0.len(), "Rule files are invalid; running without rules until they are fixed.");
-            RuleSet::empty()
+            (RuleSet::empty(), reload_view(Err(&diagnostics)))
         }
     }
 }
@@ -70,7 +97,8 @@ pub fn load_for_start(dir: &std::path::Path) -> RuleSet {
 impl RulesStage {
     pub fn run(mut self) {
         let _span = tracing::info_span!("rules").entered();
-        let rules = load_for_start(&self.dir);
+        let (rules, loaded) = load_with_report(&self.dir);
+        self.snapshot.update(|s| s.last_reload = Some(loaded));
         let mut watcher = Watcher::from_current(&self.dir);
         let mut engine = match self.saved_state() {
             Some(state) => {
@@ -81,6 +109,8 @@ impl RulesStage {
             }
             None => Engine::new(rules, &self.gateway_id),
         };
+        self.snapshot.update(|s| s.refresh(&engine));
+        let mut evaluations = engine.stats().evaluations;
         let mut next_tick = Instant::now() + TICK;
         let mut next_save = Instant::now() + SAVE_INTERVAL;
         // Devices whose windows moved since the last periodic save.
@@ -93,6 +123,9 @@ impl RulesStage {
             match message {
                 Ok(reading) => {
                     events = engine.on_reading(&reading, now_millis());
+                    let now_evaluated = engine.stats().evaluations;
+                    Counters::add(&self.counters.rule_evaluations, now_evaluated - evaluations);
+                    evaluations = now_evaluated;
                     if !dirty.contains(&reading.device) {
                         dirty.insert(reading.device.clone());
                     }
@@ -112,9 +145,11 @@ impl RulesStage {
                     self.save(&engine, device);
                     dirty.remove(device);
                 }
+                self.snapshot.update(|s| s.refresh(&engine));
             }
             if Instant::now() >= next_save {
                 next_save = Instant::now() + SAVE_INTERVAL;
+                self.snapshot.update(|s| s.refresh(&engine));
                 for device in dirty.drain() {
                     self.save(&engine, &device);
                 }
@@ -131,7 +166,13 @@ impl RulesStage {
             None => Vec::new(),
             Some(Ok(set)) => {
                 tracing::info!(rules = set.len(), "Rule files changed; new rules in force.");
-                engine.replace(set, now_millis())
+                let view = reload_view(Ok(set.len()));
+                let events = engine.replace(set, now_millis());
+                self.snapshot.update(|s| {
+                    s.last_reload = Some(view);
+                    s.refresh(engine);
+                });
+                events
             }
             Some(Err(diagnostics)) => {
                 for d in &diagnostics.0 {
@@ -141,6 +182,8 @@ impl RulesStage {
                     errors = diagnostics.0.len(),
                     "Rule files changed but do not load; the previous rules stay in force."
                 );
+                let view = reload_view(Err(&diagnostics));
+                self.snapshot.update(|s| s.last_reload = Some(view));
                 Vec::new()
             }
         }
@@ -185,6 +228,7 @@ impl RulesStage {
     }
 
     fn emit(&mut self, events: &[Event]) {
+        self.snapshot.update(|s| s.count_events(events));
         for event in events {
             let json = event.to_json();
             let time = event.time_millis().unwrap_or_else(now_millis);

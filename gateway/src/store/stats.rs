@@ -19,6 +19,7 @@ use redb::{ConcurrencyMode, ReadableDatabase, ReadableTable};
 
 use super::tables::{self, META};
 use super::{Lane, StoreError};
+use crate::counters::{Histogram, HistogramSnapshot};
 use crate::reading::{now_millis, Millis};
 
 macro_rules! counters {
@@ -126,6 +127,8 @@ pub struct Counters {
     max_commit_micros: AtomicU64,
     /// Wall-clock millis since the storage is unavailable; 0 while it works.
     degraded_since: AtomicI64,
+
+    commit_seconds: Histogram,
 }
 
 impl Default for Counters {
@@ -138,6 +141,8 @@ impl Default for Counters {
             last_commit_micros: AtomicU64::new(0),
             max_commit_micros: AtomicU64::new(0),
             degraded_since: AtomicI64::new(0),
+
+            commit_seconds: Histogram::default(),
         }
     }
 }
@@ -180,6 +185,7 @@ impl Counters {
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.last_commit_micros.store(micros, Ordering::Relaxed);
         self.max_commit_micros.fetch_max(micros, Ordering::Relaxed);
+        self.commit_seconds.observe_micros(micros);
     }
 
     pub fn snapshot(&self) -> OutboxStats {
@@ -207,6 +213,8 @@ impl Counters {
                     for_ms: (now - since).max(0) as u64,
                 },
             }),
+
+            commit_seconds: self.commit_seconds.snapshot(),
         }
     }
 }
@@ -245,6 +253,9 @@ pub struct OutboxStats {
     pub max_commit_micros: u64,
     /// Storage health of the running store; `None` when read from the file.
     pub storage: Option<StorageHealth>,
+
+    /// Durations of this process's commits.
+    pub commit_seconds: HistogramSnapshot,
 }
 
 impl OutboxStats {

@@ -32,6 +32,8 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 pub struct Gateway {
     pub child: Option<Child>,
     pub port: u16,
+    /// Port of the HTTP server (metrics, API, status page).
+    pub http_port: u16,
     pub dir: tempfile::TempDir,
     pub env: Vec<(String, String)>,
     log: Arc<Mutex<Vec<String>>>,
@@ -47,7 +49,12 @@ impl Gateway {
 
     pub fn start_in(dir: tempfile::TempDir, extra: &[(&str, &str)]) -> Gateway {
         let port = free_port();
+        let http_port = free_port();
         let mut env: Vec<(String, String)> = vec![
+            (
+                "GATEWAY__HTTP__LISTEN".into(),
+                format!("127.0.0.1:{http_port}"),
+            ),
             (
                 "GATEWAY__BROKER__LISTEN".into(),
                 format!("127.0.0.1:{port}"),
@@ -69,6 +76,7 @@ impl Gateway {
         let mut gw = Gateway {
             child: None,
             port,
+            http_port,
             dir,
             env,
             log: Default::default(),
@@ -104,6 +112,16 @@ impl Gateway {
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `127.0.0.1:PORT` of the HTTP server.
+    pub fn http_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.http_port)
+    }
+
+    /// `GET path` on the HTTP server: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(&self.http_addr(), path)
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -178,6 +196,29 @@ impl Drop for Gateway {
             let _ = child.wait();
         }
     }
+}
+
+/// `GET path` over HTTP/1.0 (so the body is never chunked): (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP server");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the HTTP response");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP header end in {response:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    (status, body.to_string())
 }
 
 /// The value of `key=N` in a summary log line.

@@ -1,0 +1,219 @@
+//! The device read model: for each device, its last values, when it was last seen and how
+//! many messages it sent. Derived from the decoded stream (CQRS: the write path is the
+//! outbox and the event log; this is a query side kept in memory), served by the HTTP API.
+//!
+//! Input: [`Devices::observe`], called by the decode stage once per decoded message.
+//! Output: [`Devices::list`], a sorted copy for readers.
+//!
+//! Invariants:
+//! - bounded: at most `max` devices; beyond it the least recently seen tenth is evicted in
+//!   one pass, so a flood of new ids costs amortised O(1) per message, not a scan each;
+//! - cheap on the hot path: one short mutex hold per message; a known device's known fields
+//!   are updated in place (numbers and booleans without allocating);
+//! - volatile: a restart starts empty and fills again as devices publish.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use crate::reading::{Millis, Reading, Value};
+
+/// Devices kept by default.
+pub const DEFAULT_MAX_DEVICES: usize = 10_000;
+
+/// What the read model knows about one device.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceView {
+    pub device: String,
+    /// When the gateway last received a message from it (Unix ms).
+    pub last_seen: Millis,
+    /// Messages decoded since the gateway started (or since it was evicted).
+    pub messages: u64,
+    /// The stream and time of the last reading.
+    pub stream: String,
+    pub time: Millis,
+    /// The last value of every field seen, across streams.
+    pub values: BTreeMap<String, Value>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    last_seen: Millis,
+    messages: u64,
+    stream: String,
+    time: Millis,
+    values: BTreeMap<String, Value>,
+}
+
+/// The shared read model; put it in an `Arc`.
+#[derive(Debug)]
+pub struct Devices {
+    max: usize,
+    map: Mutex<HashMap<String, Entry>>,
+}
+
+impl Default for Devices {
+    fn default() -> Self {
+        Devices::new(DEFAULT_MAX_DEVICES)
+    }
+}
+
+impl Devices {
+    pub fn new(max: usize) -> Devices {
+        Devices {
+            max: max.max(1),
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records one decoded message (all its readings are from one device).
+    pub fn observe(&self, readings: &[Reading], received_at: Millis) {
+        let Some(first) = readings.first() else {
+            return;
+        };
+        let Ok(mut map) = self.map.lock() else {
+            return;
+        };
+        if !map.contains_key(&first.device) {
+            if map.len() >= self.max {
+                evict_oldest(&mut map, self.max / 10 + 1);
+            }
+            map.insert(
+                first.device.clone(),
+                Entry {
+                    last_seen: received_at,
+                    messages: 0,
+                    stream: String::new(),
+                    time: 0,
+                    values: BTreeMap::new(),
+                },
+            );
+        }
+        let entry = map.get_mut(&first.device).expect("inserted above");
+        entry.last_seen = received_at;
+        entry.messages += 1;
+        for reading in readings {
+            if entry.stream != reading.stream {
+                entry.stream.clone_from(&reading.stream);
+            }
+            entry.time = reading.time;
+            for (name, value) in &reading.fields {
+                match entry.values.get_mut(name) {
+                    Some(slot) => set_value(slot, value),
+                    None => {
+                        entry.values.insert(name.clone(), value.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every device, most recently seen first.
+    pub fn list(&self) -> Vec<DeviceView> {
+        let Ok(map) = self.map.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<DeviceView> = map
+            .iter()
+            .map(|(id, e)| DeviceView {
+                device: id.clone(),
+                last_seen: e.last_seen,
+                messages: e.messages,
+                stream: e.stream.clone(),
+                time: e.time,
+                values: e.values.clone(),
+            })
+            .collect();
+        drop(map);
+        out.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(a.device.cmp(&b.device)));
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().map_or(0, |m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Overwrites a value without allocating when the kinds match.
+fn set_value(slot: &mut Value, value: &Value) {
+    match (slot, value) {
+        (Value::Text(old), Value::Text(new)) => old.clone_from(new),
+        (slot, value) => *slot = value.clone(),
+    }
+}
+
+/// Removes the `n` least recently seen devices.
+fn evict_oldest(map: &mut HashMap<String, Entry>, n: usize) {
+    let mut seen: Vec<Millis> = map.values().map(|e| e.last_seen).collect();
+    let n = n.min(seen.len());
+    if n == 0 {
+        return;
+    }
+    let (_, cutoff, _) = seen.select_nth_unstable(n - 1);
+    let cutoff = *cutoff;
+    let mut removed = 0;
+    map.retain(|_, e| {
+        if removed < n && e.last_seen <= cutoff {
+            removed += 1;
+            false
+        } else {
+            true
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reading::Format;
+
+    fn reading(device: &str, temp: f64, time: Millis) -> Reading {
+        Reading {
+            device: device.into(),
+            stream: "telemetry".into(),
+            topic: format!("devices/{device}/telemetry"),
+            time,
+            fields: BTreeMap::from([("temp".to_string(), Value::Number(temp))]),
+            units: BTreeMap::new(),
+            format: Format::Json,
+        }
+    }
+
+    #[test]
+    fn keeps_the_last_values_and_counts_messages() {
+        let devices = Devices::new(10);
+        devices.observe(&[reading("a", 1.0, 10)], 100);
+        devices.observe(&[reading("a", 2.0, 20)], 200);
+        devices.observe(&[reading("b", 5.0, 30)], 150);
+        let list = devices.list();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].device, "a");
+        assert_eq!(list[0].messages, 2);
+        assert_eq!(list[0].last_seen, 200);
+        assert_eq!(list[0].time, 20);
+        assert_eq!(list[0].values["temp"], Value::Number(2.0));
+        assert_eq!(list[1].device, "b");
+    }
+
+    #[test]
+    fn evicts_the_least_recently_seen_beyond_the_bound() {
+        let devices = Devices::new(20);
+        for i in 0..20 {
+            devices.observe(&[reading(&format!("d{i}"), 1.0, i)], 1000 + i);
+        }
+        // d0 is seen again, so it is no longer the oldest.
+        devices.observe(&[reading("d0", 1.0, 99)], 2000);
+        devices.observe(&[reading("new", 1.0, 100)], 3000);
+        let ids: Vec<String> = devices.list().into_iter().map(|d| d.device).collect();
+        assert!(ids.len() <= 20, "{ids:?}");
+        assert!(ids.contains(&"new".to_string()));
+        assert!(ids.contains(&"d0".to_string()));
+        assert!(!ids.contains(&"d1".to_string()), "{ids:?}");
+        assert!(ids.contains(&"d19".to_string()));
+    }
+}
