@@ -86,6 +86,14 @@ pub fn forwarder_config(config: &Config) -> Option<ForwarderConfig> {
         backoff_min: up.backoff_min,
         backoff_max: up.backoff_max,
         shutdown_grace: (config.gateway.shutdown_grace / 3).min(Duration::from_secs(5)),
+        tls: up.tls.as_ref().and_then(|t| match t.client_config() {
+            Ok(c) => Some(c),
+            // Checked when the configuration was loaded; the forwarder refuses to start.
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot load the upstream TLS files.");
+                None
+            }
+        }),
         ..ForwarderConfig::default()
     })
 }
