@@ -112,6 +112,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let listeners = std::iter::once(config.broker.listen.to_string())
         .chain(config.broker.listen_v5.map(|a| format!("{a} (MQTT 5)")))
+        .chain(config.broker.tls.as_ref().map(|t| match t.client_ca {
+            Some(_) => format!("{} (TLS, client certificates required)", t.listen),
+            None => format!("{} (TLS)", t.listen),
+        }))
         .collect::<Vec<_>>()
         .join(", ");
     tracing::info!(
