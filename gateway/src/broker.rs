@@ -1,6 +1,7 @@
 //! The embedded MQTT broker (rumqttd) that devices connect to.
 //!
-//! Owns the rumqttd router and listener threads. The router is configured on purpose:
+//! Owns the rumqttd router and listener threads, and the TLS listener
+//! (`broker.listen_tls`, see [`crate::tls_listener`]) in front of a loopback relay listener. The router is configured on purpose:
 //! rumqttd's defaults panic (`max_segment_size: 0`) or refuse everyone
 //! (`max_connections: 0`), and its example keeps gigabytes per filter.
 //!
@@ -12,12 +13,14 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{ConnectionSettings, RouterConfig, ServerSettings};
 
 use crate::config::BrokerSection;
+use crate::tls_listener::TlsListener;
 
 /// Messages the router hands a link per scheduling round.
 const MAX_OUTGOING_PACKET_COUNT: u64 = 500;
@@ -32,6 +35,8 @@ pub enum BrokerError {
     Thread(#[from] std::io::Error),
     #[error("listener {0} did not start accepting connections within {1:?}")]
     NotListening(SocketAddr, Duration),
+    #[error("TLS listener: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl From<rumqttd::local::LinkError> for BrokerError {
@@ -96,10 +101,11 @@ pub fn start(
     ingest_filter: &str,
     events_filter: &str,
 ) -> Result<Links, BrokerError> {
-    let config = rumqttd_config(
+    let mut config = rumqttd_config(
         section,
         vec![ingest_filter.to_string(), events_filter.to_string()],
     );
+    let tls = tls_relay(section, &mut config)?;
     let mut broker = rumqttd::Broker::new(config);
     let (mut ingest_tx, ingest_rx) = broker.link("gateway-ingest")?;
     ingest_tx.subscribe(ingest_filter)?;
@@ -115,10 +121,64 @@ pub fn start(
     for addr in std::iter::once(section.listen).chain(section.listen_v5) {
         wait_listening(addr, timeout)?;
     }
+    if let Some((listen, server_config, relay)) = tls {
+        wait_listening(relay, timeout)?;
+        // Bound before this returns: no probe (it would count as a failed handshake).
+        start_tls_listener(listen, server_config, relay)?;
+    }
     Ok(Links {
         ingest: (ingest_tx, ingest_rx),
         publish,
     })
+}
+
+/// With `broker.listen_tls`: adds the loopback relay listener the TLS listener hands its
+/// connections to (a copy of the `broker.listen` settings on a free 127.0.0.1 port) and
+/// loads the certificates. Returns the TLS address, its server config and the relay.
+#[allow(clippy::type_complexity)]
+fn tls_relay(
+    section: &BrokerSection,
+    config: &mut rumqttd::Config,
+) -> Result<Option<(SocketAddr, Arc<rustls::ServerConfig>, SocketAddr)>, BrokerError> {
+    let Some(tls) = &section.tls else {
+        return Ok(None);
+    };
+    let server_config = tls.server_config()?;
+    let relay = std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?;
+    let v4 = config.v4.get_or_insert_with(HashMap::new);
+    if let Some(plain) = v4.values().next().cloned() {
+        v4.insert(
+            "tls-relay".to_string(),
+            ServerSettings {
+                name: "mqtt-tls-relay".to_string(),
+                listen: relay,
+                tls: None,
+                ..plain
+            },
+        );
+    }
+    Ok(Some((tls.listen, server_config, relay)))
+}
+
+/// Runs the TLS listener on its own thread (like rumqttd's listeners, until the process
+/// ends).
+fn start_tls_listener(
+    listen: SocketAddr,
+    server_config: Arc<rustls::ServerConfig>,
+    relay: SocketAddr,
+) -> Result<(), BrokerError> {
+    let listener = TlsListener::bind(listen, server_config, relay)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("broker-tls".into())
+        .spawn(move || {
+            if let Err(e) = runtime.block_on(listener.serve()) {
+                tracing::error!(error = %e, "TLS listener stopped.");
+            }
+        })?;
+    Ok(())
 }
 
 fn wait_listening(addr: SocketAddr, timeout: Duration) -> Result<(), BrokerError> {

@@ -15,5 +15,7 @@ pub mod pipeline;
 pub mod reading;
 pub mod rules;
 pub mod store;
+pub mod tls;
+pub mod tls_listener;
 
 pub use pipeline::run;

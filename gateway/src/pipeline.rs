@@ -95,6 +95,14 @@ pub fn forwarder_config(config: &Config) -> Option<ForwarderConfig> {
         backoff_min: up.backoff_min,
         backoff_max: up.backoff_max,
         shutdown_grace: (config.gateway.shutdown_grace / 3).min(Duration::from_secs(5)),
+        tls: up.tls.as_ref().and_then(|t| match t.client_config() {
+            Ok(c) => Some(c),
+            // Checked when the configuration was loaded; the forwarder refuses to start.
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot load the upstream TLS files.");
+                None
+            }
+        }),
         ..ForwarderConfig::default()
     })
 }
@@ -119,6 +127,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let listeners = std::iter::once(config.broker.listen.to_string())
         .chain(config.broker.listen_v5.map(|a| format!("{a} (MQTT 5)")))
+        .chain(config.broker.tls.as_ref().map(|t| match t.client_ca {
+            Some(_) => format!("{} (TLS, client certificates required)", t.listen),
+            None => format!("{} (TLS)", t.listen),
+        }))
         .collect::<Vec<_>>()
         .join(", ");
     tracing::info!(

@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use config::{Environment, File, FileFormat, ValueKind};
@@ -45,6 +46,10 @@ pub const KEYS: &[(&str, Default)] = &[
     ("broker.connection_timeout", Default::Str("5s")),
     ("broker.segment_bytes", Default::Int(4 * 1024 * 1024)),
     ("broker.segment_count", Default::Int(3)),
+    ("broker.listen_tls", Default::Str("")),
+    ("broker.tls_cert", Default::Str("")),
+    ("broker.tls_key", Default::Str("")),
+    ("broker.tls_client_ca", Default::Str("")),
     (
         "ingest.topic_pattern",
         Default::Str("devices/{device}/{stream}"),
@@ -75,6 +80,9 @@ pub const KEYS: &[(&str, Default)] = &[
     ("upstream.batch_linger_ms", Default::Int(5)),
     ("upstream.backoff_min", Default::Str("500ms")),
     ("upstream.backoff_max", Default::Str("30s")),
+    ("upstream.ca_file", Default::Str("")),
+    ("upstream.client_cert", Default::Str("")),
+    ("upstream.client_key", Default::Str("")),
     ("log.level", Default::Str("info")),
     ("http.listen", Default::Str("127.0.0.1:8080")),
 ];
@@ -115,6 +123,25 @@ pub struct BrokerSection {
     pub connection_timeout: Duration,
     pub segment_bytes: usize,
     pub segment_count: usize,
+    /// The TLS listener for devices, `None` when `broker.listen_tls` is empty.
+    pub tls: Option<BrokerTls>,
+}
+
+/// `broker.listen_tls` and its certificate files (checked to load when configured).
+#[derive(Debug, Clone)]
+pub struct BrokerTls {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, devices must present a certificate issued by this CA.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl BrokerTls {
+    /// The rustls server configuration of these files.
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, crate::tls::TlsError> {
+        crate::tls::server_config(&self.cert, &self.key, self.client_ca.as_deref())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -174,18 +201,47 @@ pub struct UpstreamSection {
     pub batch_linger_ms: u64,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Trust and identity for `mqtts://`; `None` for `mqtt://`.
+    pub tls: Option<UpstreamTls>,
 }
 
-/// `mqtt://host:port` (port defaults to 1883).
+/// `mqtt://host:port` (port defaults to 1883) or `mqtts://host:port` (TLS, port 8883).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
     pub host: String,
     pub port: u16,
+    pub tls: bool,
 }
 
 impl fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "mqtt://{}:{}", self.host, self.port)
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        write!(f, "{scheme}://{host}:{}", self.port)
+    }
+}
+
+/// `upstream.ca_file`, `upstream.client_cert` and `upstream.client_key` (checked to load).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// The CA the upstream server's certificate must chain to; the system store if `None`.
+    pub ca_file: Option<PathBuf>,
+    /// Certificate (chain) and key presented to the upstream broker (mutual TLS).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl UpstreamTls {
+    /// The rustls client configuration of these files.
+    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, crate::tls::TlsError> {
+        let client = self
+            .client_cert
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()));
+        crate::tls::client_config(self.ca_file.as_deref(), client)
     }
 }
 
@@ -309,6 +365,10 @@ impl Config {
             ("broker.listen", Some(self.broker.listen)),
             ("broker.listen_v5", self.broker.listen_v5),
             ("http.listen", self.http.listen),
+            (
+                "broker.listen_tls",
+                self.broker.tls.as_ref().map(|t| t.listen),
+            ),
         ];
         for (key, addr) in listeners {
             let Some(addr) = addr else { continue };
@@ -508,6 +568,11 @@ impl Reader {
                 .uint("broker.segment_bytes", 64 * 1024, 1 << 30)
                 .unwrap_or(1) as usize,
             segment_count: self.uint("broker.segment_count", 1, 1000).unwrap_or(1) as usize,
+            tls: None,
+        };
+        let broker = BrokerSection {
+            tls: self.broker_tls(&broker),
+            ..broker
         };
         if broker.listen_v5 == Some(broker.listen) {
             self.problem("broker.listen_v5", "must differ from broker.listen");
@@ -673,6 +738,11 @@ impl Reader {
                 .unwrap_or(0),
             backoff_min: self.duration("upstream.backoff_min").unwrap_or_default(),
             backoff_max: self.duration("upstream.backoff_max").unwrap_or_default(),
+            tls: None,
+        };
+        let section = UpstreamSection {
+            tls: self.upstream_tls(section.url.as_ref()),
+            ..section
         };
         if section.keep_alive < Duration::from_secs(5) {
             self.problem("upstream.keep_alive", "must be at least 5s");
@@ -692,9 +762,9 @@ impl Reader {
     fn upstream_url(&mut self) -> Option<UpstreamUrl> {
         let text = self.string("upstream.url")?;
         let parsed = match text.split_once("://") {
-            Some(("mqtt", rest)) => parse_host_port(rest),
-            Some(("mqtts", _)) => Err("TLS upstreams (mqtts://) are not supported yet".to_string()),
-            _ => Err("expected mqtt://host:port".to_string()),
+            Some(("mqtt", rest)) => parse_host_port(rest, false),
+            Some(("mqtts", rest)) => parse_host_port(rest, true),
+            _ => Err("expected mqtt://host:port or mqtts://host:port".to_string()),
         };
         match parsed {
             Ok(url) => Some(url),
@@ -706,23 +776,25 @@ impl Reader {
     }
 }
 
-fn parse_host_port(rest: &str) -> Result<UpstreamUrl, String> {
+fn parse_host_port(rest: &str, tls: bool) -> Result<UpstreamUrl, String> {
+    let default_port = if tls { 8883 } else { 1883 };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+        Some((h, p)) if rest.starts_with('[') == h.ends_with(']') => (
             h,
             p.parse::<u16>()
                 .map_err(|_| format!("'{p}' is not a port"))?,
         ),
-        _ => (rest, 1883),
+        _ => (rest, default_port),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() || rest.contains('/') {
-        return Err("expected mqtt://host:port".into());
+        return Err("expected mqtt://host:port or mqtts://host:port".into());
     }
     Ok(UpstreamUrl {
         host: host.to_string(),
         port,
+        tls,
     })
 }
 
@@ -750,6 +822,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
     }
     row[b.len()]
 }
+
+mod tls;
 
 #[cfg(test)]
 mod tests;

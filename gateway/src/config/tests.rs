@@ -48,7 +48,8 @@ fn file_then_environment_override_defaults() {
         c.upstream.url,
         Some(UpstreamUrl {
             host: "up.example".into(),
-            port: 2883
+            port: 2883,
+            tls: false
         })
     );
     assert_eq!(c.upstream.client_id, "gw-9");
@@ -104,19 +105,21 @@ fn port_in_use_names_the_key() {
 #[test]
 fn upstream_urls() {
     assert_eq!(
-        parse_host_port("h").unwrap(),
+        parse_host_port("h", false).unwrap(),
         UpstreamUrl {
             host: "h".into(),
-            port: 1883
+            port: 1883,
+            tls: false
         }
     );
     assert_eq!(
-        parse_host_port("[::1]:1884").unwrap(),
+        parse_host_port("[::1]:1884", false).unwrap(),
         UpstreamUrl {
             host: "::1".into(),
-            port: 1884
+            port: 1884,
+            tls: false
         }
     );
-    assert!(parse_host_port("h:x").is_err());
-    assert!(parse_host_port("").is_err());
+    assert!(parse_host_port("h:x", false).is_err());
+    assert!(parse_host_port("", false).is_err());
 }

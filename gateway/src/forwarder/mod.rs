@@ -64,6 +64,10 @@ pub enum ForwarderError {
     BadQos(u8),
     #[error("upstream.max_inflight must be between 1 and 65535, got {0}")]
     BadInflight(usize),
+    #[error(
+        "upstream.url {0:?}: mqtts:// needs a TLS client configuration, mqtt:// must not have one"
+    )]
+    TlsMismatch(String),
 }
 
 /// MQTT protocol spoken upstream.
@@ -79,7 +83,7 @@ pub enum Protocol {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ForwarderConfig {
-    /// `mqtt://host:port` (TLS comes with the security work).
+    /// `mqtt://host:port`, or `mqtts://host:port` with [`ForwarderConfig::tls`].
     pub url: String,
     pub client_id: String,
     /// Prefix of message ids (`{gateway_id}:{seq}`); the client id when empty.
@@ -112,6 +116,10 @@ pub struct ForwarderConfig {
     /// How long shutdown waits for PUBACKs of messages in flight.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Trust anchors and optional client certificate for `mqtts://` (see `crate::tls`);
+    /// the server name verified is the host of `url`.
+    #[serde(skip)]
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for ForwarderConfig {
@@ -135,6 +143,7 @@ impl Default for ForwarderConfig {
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(2),
+            tls: None,
         }
     }
 }
@@ -146,15 +155,22 @@ impl ForwarderConfig {
             url: self.url.clone(),
             reason,
         };
-        let rest = self
-            .url
-            .strip_prefix("mqtt://")
-            .or_else(|| self.url.strip_prefix("tcp://"))
-            .ok_or_else(|| bad("only mqtt://host:port is supported"))?;
+        let (rest, default_port) = match self.url.strip_prefix("mqtts://") {
+            Some(rest) => (rest, 8883),
+            None => (
+                self.url
+                    .strip_prefix("mqtt://")
+                    .or_else(|| self.url.strip_prefix("tcp://"))
+                    .ok_or_else(|| bad("expected mqtt://host:port or mqtts://host:port"))?,
+                1883,
+            ),
+        };
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse().map_err(|_| bad("bad port"))?),
-            None => (rest, 1883),
+            Some((h, p)) if rest.starts_with('[') == h.ends_with(']') => {
+                (h, p.parse().map_err(|_| bad("bad port"))?)
+            }
+            _ => (rest, default_port),
         };
         if host.is_empty() {
             return Err(bad("missing host"));
@@ -162,8 +178,16 @@ impl ForwarderConfig {
         Ok((host.trim_matches(['[', ']']).to_owned(), port))
     }
 
+    /// True for `mqtts://`.
+    pub fn is_tls(&self) -> bool {
+        self.url.starts_with("mqtts://")
+    }
+
     fn validate(&self) -> Result<(), ForwarderError> {
         self.host_port()?;
+        if self.is_tls() != self.tls.is_some() {
+            return Err(ForwarderError::TlsMismatch(self.url.clone()));
+        }
         if self.qos > 1 {
             return Err(ForwarderError::BadQos(self.qos));
         }
@@ -295,6 +319,11 @@ impl Forwarder {
         if let Some(user) = &self.cfg.username {
             o.set_credentials(user.clone(), self.cfg.password.clone().unwrap_or_default());
         }
+        if let Some(tls) = &self.cfg.tls {
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
+        }
         o
     }
 
@@ -363,7 +392,12 @@ impl Forwarder {
                     self.stats
                         .connection_failures
                         .fetch_add(1, Ordering::Relaxed);
-                    if attempt == 0 {
+                    if matches!(e, ConnectionError::Tls(_)) {
+                        // Rarely fixed by retrying: say so at once, then on attempts 1, 2, 4, 8..
+                        if attempt == 0 || attempt.is_power_of_two() {
+                            tracing::error!(error = %e, attempt, "Upstream TLS handshake failed: check upstream.ca_file (it must hold the CA of the upstream server's certificate), the host name in upstream.url, and upstream.client_cert; retrying with backoff, data stays in the outbox.");
+                        }
+                    } else if attempt == 0 {
                         tracing::warn!(error = %e, "upstream connection failed; retrying with backoff");
                     }
                     return State::BackingOff {
@@ -467,7 +501,12 @@ mod tests {
             ("h".into(), 1884)
         );
         assert_eq!(cfg("mqtt://h").host_port().unwrap(), ("h".into(), 1883));
-        assert!(cfg("mqtts://h:8883").host_port().is_err());
+        assert_eq!(cfg("mqtts://h").host_port().unwrap(), ("h".into(), 8883));
+        assert_eq!(
+            cfg("mqtts://[::1]").host_port().unwrap(),
+            ("::1".into(), 8883)
+        );
+        assert!(cfg("http://h:8883").host_port().is_err());
         assert!(cfg("mqtt://:1").host_port().is_err());
     }
 }

@@ -361,3 +361,98 @@ pub fn check_delivery_with(
     assert_eq!(seen.len(), expected, "distinct messages");
     received.len() - seen.len()
 }
+
+/// A throwaway certificate authority for TLS tests (rcgen), writing PEM files into a dir.
+pub struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        TestCa { cert, key }
+    }
+
+    pub fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// Writes the CA certificate to `dir/{name}.pem`.
+    pub fn write(&self, dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(format!("{name}.pem"));
+        std::fs::write(&path, self.pem()).unwrap();
+        path
+    }
+
+    /// Issues a certificate for `sans` (DNS names or IP addresses; none for a client)
+    /// and writes `dir/{name}.pem` and `dir/{name}.key`; returns both PEM texts too.
+    pub fn issue(&self, dir: &Path, name: &str, sans: &[&str]) -> Issued {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        let issued = Issued {
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        };
+        std::fs::write(&issued.cert, &issued.cert_pem).unwrap();
+        std::fs::write(&issued.key, &issued.key_pem).unwrap();
+        issued
+    }
+}
+
+/// A certificate and key issued by a [`TestCa`], as files and as PEM text.
+pub struct Issued {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Mosquitto {
+    /// Mosquitto with a plaintext listener (`port`, for collectors) and a TLS listener
+    /// (the returned port) whose server certificate for 127.0.0.1 is issued by `ca`;
+    /// with `require_certificate`, TLS clients must present a certificate from `ca`.
+    pub fn start_tls(dir: &Path, ca: &TestCa, require_certificate: bool) -> (Mosquitto, u16) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let (port, tls_port) = (free_port(), free_port());
+        let ca_file = ca.write(dir, "mosquitto-ca");
+        let server = ca.issue(dir, "mosquitto-server", &["127.0.0.1"]);
+        std::fs::write(
+            dir.join("mosquitto.conf"),
+            format!(
+                "allow_anonymous true\npersistence false\nmax_queued_messages 0\n\
+                 max_inflight_messages 0\nlog_dest none\n\
+                 listener {port} 127.0.0.1\n\
+                 listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
+                 require_certificate {require_certificate}\n",
+                ca_file.display(),
+                server.cert.display(),
+                server.key.display()
+            ),
+        )
+        .unwrap();
+        let mut m = Mosquitto {
+            port,
+            dir: dir.to_owned(),
+            child: None,
+        };
+        m.spawn();
+        wait_port(tls_port, Duration::from_secs(5));
+        (m, tls_port)
+    }
+}
