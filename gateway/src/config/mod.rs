@@ -76,6 +76,11 @@ pub const KEYS: &[(&str, Default)] = &[
     ("upstream.backoff_min", Default::Str("500ms")),
     ("upstream.backoff_max", Default::Str("30s")),
     ("log.level", Default::Str("info")),
+    ("auth.anonymous", Default::Bool(true)),
+    (
+        "auth.credentials_file",
+        Default::Str("config/devices.passwd"),
+    ),
 ];
 
 /// The whole, validated configuration.
@@ -88,6 +93,16 @@ pub struct Config {
     pub rules: RulesSection,
     pub upstream: UpstreamSection,
     pub log: LogSection,
+    pub auth: AuthSection,
+}
+
+/// Device authentication on the embedded broker (see `auth.rs`).
+#[derive(Debug, Clone)]
+pub struct AuthSection {
+    /// `true`: any client may connect without credentials (nothing is checked).
+    pub anonymous: bool,
+    /// Device id -> argon2 hash file; read (and watched) only when `anonymous` is false.
+    pub credentials_file: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -530,6 +545,18 @@ impl Reader {
         let log = LogSection {
             level: self.log_level().unwrap_or_default(),
         };
+        let auth = AuthSection {
+            anonymous: self.boolean("auth.anonymous").unwrap_or(true),
+            credentials_file: PathBuf::from(
+                self.string("auth.credentials_file").unwrap_or_default(),
+            ),
+        };
+        if !auth.anonymous && auth.credentials_file.as_os_str().is_empty() {
+            self.problem(
+                "auth.credentials_file",
+                "must not be empty when auth.anonymous is false",
+            );
+        }
         if self.problems.is_empty() {
             Ok(Config {
                 gateway,
@@ -539,6 +566,7 @@ impl Reader {
                 rules,
                 upstream,
                 log,
+                auth,
             })
         } else {
             Err(ConfigErrors(self.problems))
