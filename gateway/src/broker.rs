@@ -26,6 +26,8 @@ use crate::config::{AuthSection, BrokerSection};
 
 /// Messages the router hands a link per scheduling round.
 const MAX_OUTGOING_PACKET_COUNT: u64 = 500;
+/// Router connections the gateway itself holds (the ingest and publish links).
+const GATEWAY_LINKS: usize = 2;
 /// Delay between accepting two connections on one listener (a crude flood limit).
 const NEXT_CONNECTION_DELAY_MS: u64 = 1;
 
@@ -88,8 +90,9 @@ pub fn rumqttd_config(
     rumqttd::Config {
         id: 0,
         router: RouterConfig {
-            // The gateway's own links count as connections too.
-            max_connections: section.max_connections + 4,
+            // The gateway's own links count as connections too; devices get exactly
+            // broker.max_connections.
+            max_connections: section.max_connections + GATEWAY_LINKS,
             max_outgoing_packet_count: MAX_OUTGOING_PACKET_COUNT,
             max_segment_size: section.segment_bytes,
             max_segment_count: section.segment_count,
