@@ -8,6 +8,10 @@
 //! Invariants:
 //! - the ingest link is created (and subscribed) before any listener accepts a device,
 //!   so nothing a device publishes after its CONNACK is missed;
+//! - devices authenticate through [`Authenticator`] unless `auth.anonymous` is on; the
+//!   client id must equal the username (a device id);
+//! - a publish on a topic no filter matches is refused and its client disconnected
+//!   (`dynamic_filters = false`), so publishers cannot create per-topic logs at will;
 //! - `rumqttd::Broker::start` blocks forever, so it runs on its own OS thread; rumqttd
 //!   has no way to stop listeners, they end with the process.
 
@@ -19,11 +23,14 @@ use std::time::{Duration, Instant};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{ConnectionSettings, RouterConfig, ServerSettings};
 
-use crate::config::BrokerSection;
+use crate::auth::{AuthError, Authenticator};
+use crate::config::{AuthSection, BrokerSection};
 use crate::tls_listener::TlsListener;
 
 /// Messages the router hands a link per scheduling round.
 const MAX_OUTGOING_PACKET_COUNT: u64 = 500;
+/// Router connections the gateway itself holds (the ingest and publish links).
+const GATEWAY_LINKS: usize = 2;
 /// Delay between accepting two connections on one listener (a crude flood limit).
 const NEXT_CONNECTION_DELAY_MS: u64 = 1;
 
@@ -37,6 +44,8 @@ pub enum BrokerError {
     NotListening(SocketAddr, Duration),
     #[error("TLS listener: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("device authentication: {0}")]
+    Auth(#[from] AuthError),
 }
 
 impl From<rumqttd::local::LinkError> for BrokerError {
@@ -49,21 +58,28 @@ impl From<rumqttd::local::LinkError> for BrokerError {
 pub struct Links {
     pub ingest: (LinkTx, LinkRx),
     pub publish: (LinkTx, LinkRx),
+    /// `None` when anonymous access is on.
+    pub auth: Option<Authenticator>,
 }
 
 /// The rumqttd configuration for the gateway's broker section.
+///
+/// `initialized_filters` are the only topics devices may publish to (plus whatever some
+/// client subscribed to): `dynamic_filters` is off, so a publish on a topic no filter
+/// matches disconnects the publisher instead of creating a new in-memory log of up to
+/// `segment_bytes x (segment_count + 1)` per topic (a memory exhaustion vector).
 pub fn rumqttd_config(
     section: &BrokerSection,
     initialized_filters: Vec<String>,
+    auth: Option<&Authenticator>,
 ) -> rumqttd::Config {
     let connections = ConnectionSettings {
         connection_timeout_ms: section.connection_timeout.as_millis().min(u16::MAX as u128) as u16,
         max_payload_size: section.max_payload_bytes,
         max_inflight_count: section.max_inflight,
         auth: None,
-        external_auth: None,
-        // Topics nobody subscribed to get their own bounded log instead of a disconnect.
-        dynamic_filters: true,
+        external_auth: auth.map(Authenticator::handler),
+        dynamic_filters: false,
     };
     let server = |name: &str, listen: SocketAddr| ServerSettings {
         name: name.to_string(),
@@ -79,8 +95,9 @@ pub fn rumqttd_config(
     rumqttd::Config {
         id: 0,
         router: RouterConfig {
-            // The gateway's own links count as connections too.
-            max_connections: section.max_connections + 4,
+            // The gateway's own links count as connections too; devices get exactly
+            // broker.max_connections.
+            max_connections: section.max_connections + GATEWAY_LINKS,
             max_outgoing_packet_count: MAX_OUTGOING_PACKET_COUNT,
             max_segment_size: section.segment_bytes,
             max_segment_count: section.segment_count,
@@ -94,16 +111,27 @@ pub fn rumqttd_config(
     }
 }
 
-/// Starts the router, creates the gateway's links, subscribes the ingest link to
-/// `ingest_filter`, then starts the listeners and waits until they accept connections.
+/// Loads the device credentials (unless anonymous access is on), starts the router,
+/// creates the gateway's links, subscribes the ingest link to `ingest_filter`, then
+/// starts the listeners and waits until they accept connections.
 pub fn start(
     section: &BrokerSection,
+    auth: &AuthSection,
     ingest_filter: &str,
     events_filter: &str,
 ) -> Result<Links, BrokerError> {
+    let authenticator = if auth.anonymous {
+        tracing::warn!(
+            "Anonymous access is on (auth.anonymous = true): any client that reaches the broker port can publish as any device. Set auth.anonymous = false and add devices with `gateway devices add ID` in production."
+        );
+        None
+    } else {
+        Some(Authenticator::start(&auth.credentials_file)?)
+    };
     let mut config = rumqttd_config(
         section,
         vec![ingest_filter.to_string(), events_filter.to_string()],
+        authenticator.as_ref(),
     );
     let tls = tls_relay(section, &mut config)?;
     let mut broker = rumqttd::Broker::new(config);
@@ -129,6 +157,7 @@ pub fn start(
     Ok(Links {
         ingest: (ingest_tx, ingest_rx),
         publish,
+        auth: authenticator,
     })
 }
 

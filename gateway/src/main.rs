@@ -59,6 +59,11 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
+    /// Manage device credentials (auth.credentials_file); a running gateway reloads them.
+    Devices {
+        #[command(subcommand)]
+        command: DevicesCommand,
+    },
     /// Show the newest payloads that did not decode, with the reason.
     DeadLetters {
         /// How many to show.
@@ -79,6 +84,19 @@ enum RulesCommand {
         /// Rules directory; default: rules.dir of the configuration.
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum DevicesCommand {
+    /// Create a credential for a device and print its password (shown this once only).
+    Add {
+        /// Device id: the MQTT client id and username the device connects with.
+        id: String,
+    },
+    /// List the devices that have a credential.
+    List,
+    /// Remove a device's credential; its next connection attempt is refused.
+    Remove { id: String },
 }
 
 #[derive(Subcommand)]
@@ -108,6 +126,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::DeadLetters { limit } => dead_letters(&config, limit),
+        Command::Devices { command } => devices(&config, command),
         Command::Rules { command } => {
             let (dir, check) = match command {
                 RulesCommand::Check { dir } => (dir, true),
@@ -226,6 +245,49 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received."),
         _ = int.recv() => tracing::info!("SIGINT received."),
+    }
+}
+
+fn devices(config: &Config, command: DevicesCommand) -> ExitCode {
+    use gateway::auth::Credentials;
+    let path = &config.auth.credentials_file;
+    let result = Credentials::load_or_empty(path).and_then(|mut creds| match command {
+        DevicesCommand::Add { id } => {
+            let password = creds.add(&id)?;
+            creds.save(path)?;
+            eprintln!(
+                "Device '{id}' added to {}. Its password follows; it is not stored and is shown only this once.",
+                path.display()
+            );
+            println!("{password}");
+            if config.auth.anonymous {
+                eprintln!("Note: auth.anonymous is true, so the gateway does not check credentials yet.");
+            }
+            Ok(true)
+        }
+        DevicesCommand::List => {
+            for id in creds.ids() {
+                println!("{id}");
+            }
+            Ok(true)
+        }
+        DevicesCommand::Remove { id } => {
+            if !creds.remove(&id) {
+                eprintln!("gateway: no device '{id}' in {}", path.display());
+                return Ok(false);
+            }
+            creds.save(path)?;
+            eprintln!("Device '{id}' removed from {}.", path.display());
+            Ok(true)
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -248,7 +248,12 @@ fn start(
         .map(|cfg| Forwarder::new(cfg, store.clone()))
         .transpose()?;
     let filter = config.ingest.topic_pattern.filter();
-    let links = broker::start(&config.broker, &filter, &config.rules.event_filter())?;
+    let links = broker::start(
+        &config.broker,
+        &config.auth,
+        &filter,
+        &config.rules.event_filter(),
+    )?;
     let (_ingest_tx, ingest_rx) = links.ingest;
     let forwarding = config.upstream.url.is_some();
 

@@ -85,6 +85,11 @@ pub const KEYS: &[(&str, Default)] = &[
     ("upstream.client_key", Default::Str("")),
     ("log.level", Default::Str("info")),
     ("http.listen", Default::Str("127.0.0.1:8080")),
+    ("auth.anonymous", Default::Bool(true)),
+    (
+        "auth.credentials_file",
+        Default::Str("config/devices.passwd"),
+    ),
 ];
 
 /// The whole, validated configuration.
@@ -98,6 +103,7 @@ pub struct Config {
     pub upstream: UpstreamSection,
     pub log: LogSection,
     pub http: HttpSection,
+    pub auth: AuthSection,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +111,15 @@ pub struct HttpSection {
     /// Address of the metrics, API and status-page server; `None` when it is off
     /// (`http.listen = ""` or `"off"`).
     pub listen: Option<SocketAddr>,
+}
+
+/// Device authentication on the embedded broker (see `auth.rs`).
+#[derive(Debug, Clone)]
+pub struct AuthSection {
+    /// `true`: any client may connect without credentials (nothing is checked).
+    pub anonymous: bool,
+    /// Device id -> argon2 hash file; read (and watched) only when `anonymous` is false.
+    pub credentials_file: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -620,6 +635,18 @@ impl Reader {
         {
             self.problem("http.listen", "must differ from the broker's listeners");
         }
+        let auth = AuthSection {
+            anonymous: self.boolean("auth.anonymous").unwrap_or(true),
+            credentials_file: PathBuf::from(
+                self.string("auth.credentials_file").unwrap_or_default(),
+            ),
+        };
+        if !auth.anonymous && auth.credentials_file.as_os_str().is_empty() {
+            self.problem(
+                "auth.credentials_file",
+                "must not be empty when auth.anonymous is false",
+            );
+        }
         if self.problems.is_empty() {
             Ok(Config {
                 gateway,
@@ -630,6 +657,7 @@ impl Reader {
                 upstream,
                 log,
                 http,
+                auth,
             })
         } else {
             Err(ConfigErrors(self.problems))
