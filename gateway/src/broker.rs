@@ -124,7 +124,7 @@ pub fn start(
     if let Some((listen, server_config, relay)) = tls {
         wait_listening(relay, timeout)?;
         // Bound before this returns: no probe (it would count as a failed handshake).
-        start_tls_listener(listen, server_config, relay)?;
+        start_tls_listener(listen, server_config, relay, section.max_connections)?;
     }
     Ok(Links {
         ingest: (ingest_tx, ingest_rx),
@@ -166,8 +166,9 @@ fn start_tls_listener(
     listen: SocketAddr,
     server_config: Arc<rustls::ServerConfig>,
     relay: SocketAddr,
+    max_connections: usize,
 ) -> Result<(), BrokerError> {
-    let listener = TlsListener::bind(listen, server_config, relay)?;
+    let listener = TlsListener::bind(listen, server_config, relay, max_connections)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
