@@ -146,7 +146,7 @@ fn tls_relay(
     let server_config = tls.server_config()?;
     let relay = std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?;
     let v4 = config.v4.get_or_insert_with(HashMap::new);
-    if let Some(plain) = v4.values().next().cloned() {
+    if let Some(plain) = v4.get("v4").cloned() {
         v4.insert(
             "tls-relay".to_string(),
             ServerSettings {
