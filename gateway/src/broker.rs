@@ -152,7 +152,7 @@ pub fn start(
     if let Some((listen, server_config, relay)) = tls {
         wait_listening(relay, timeout)?;
         // Bound before this returns: no probe (it would count as a failed handshake).
-        start_tls_listener(listen, server_config, relay)?;
+        start_tls_listener(listen, server_config, relay, section.max_connections)?;
     }
     Ok(Links {
         ingest: (ingest_tx, ingest_rx),
@@ -175,7 +175,7 @@ fn tls_relay(
     let server_config = tls.server_config()?;
     let relay = std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?;
     let v4 = config.v4.get_or_insert_with(HashMap::new);
-    if let Some(plain) = v4.values().next().cloned() {
+    if let Some(plain) = v4.get("v4").cloned() {
         v4.insert(
             "tls-relay".to_string(),
             ServerSettings {
@@ -195,8 +195,9 @@ fn start_tls_listener(
     listen: SocketAddr,
     server_config: Arc<rustls::ServerConfig>,
     relay: SocketAddr,
+    max_connections: usize,
 ) -> Result<(), BrokerError> {
-    let listener = TlsListener::bind(listen, server_config, relay)?;
+    let listener = TlsListener::bind(listen, server_config, relay, max_connections)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -19,6 +19,9 @@
 //!   client certificate when `broker.tls_client_ca` is set);
 //! - a handshake that does not finish within [`HANDSHAKE_TIMEOUT`] is dropped, and never
 //!   delays another connection;
+//! - at most `max_connections` TLS connections (handshaking or relayed) at once: beyond
+//!   that a new connection is closed at once and counted, so a flood of idle sockets
+//!   cannot grow tasks and file descriptors without bound;
 //! - failed handshakes are counted and logged at most once per [`FAILURE_LOG_INTERVAL`].
 
 use std::net::SocketAddr;
@@ -27,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 /// How long a device has to complete the TLS handshake.
@@ -41,20 +45,37 @@ pub struct TlsListenerStats {
     pub accepted: AtomicU64,
     /// Handshakes that failed or timed out (plaintext clients, unknown CAs, scanners).
     pub handshake_failures: AtomicU64,
+    /// Connections closed unread because `max_connections` TLS connections were open.
+    pub refused_over_limit: AtomicU64,
     last_failure_log: Mutex<Option<Instant>>,
 }
 
 impl TlsListenerStats {
     fn handshake_failed(&self, peer: SocketAddr, error: &dyn std::fmt::Display) {
         let total = self.handshake_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.may_log() {
+            tracing::warn!(%peer, %error, failures = total, "TLS handshake with a device failed.");
+        }
+    }
+
+    fn over_limit(&self, peer: SocketAddr) {
+        let total = self.refused_over_limit.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.may_log() {
+            tracing::warn!(%peer, refused = total, "TLS listener is at max_connections; closing new connections.");
+        }
+    }
+
+    /// True at most once per [`FAILURE_LOG_INTERVAL`] (shared by both warnings).
+    fn may_log(&self) -> bool {
         let mut last = self
             .last_failure_log
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if last.is_none_or(|t| t.elapsed() >= FAILURE_LOG_INTERVAL) {
+        let due = last.is_none_or(|t| t.elapsed() >= FAILURE_LOG_INTERVAL);
+        if due {
             *last = Some(Instant::now());
-            tracing::warn!(%peer, %error, failures = total, "TLS handshake with a device failed.");
         }
+        due
     }
 }
 
@@ -63,15 +84,18 @@ pub struct TlsListener {
     listener: std::net::TcpListener,
     acceptor: TlsAcceptor,
     relay: SocketAddr,
+    slots: Arc<Semaphore>,
     stats: Arc<TlsListenerStats>,
 }
 
 impl TlsListener {
-    /// Binds `listen` (no runtime needed); every completed handshake is relayed to `relay`.
+    /// Binds `listen` (no runtime needed); every completed handshake is relayed to `relay`;
+    /// at most `max_connections` at once.
     pub fn bind(
         listen: SocketAddr,
         config: Arc<rustls::ServerConfig>,
         relay: SocketAddr,
+        max_connections: usize,
     ) -> std::io::Result<TlsListener> {
         let listener = std::net::TcpListener::bind(listen)?;
         listener.set_nonblocking(true)?;
@@ -79,6 +103,7 @@ impl TlsListener {
             listener,
             acceptor: TlsAcceptor::from(config),
             relay,
+            slots: Arc::new(Semaphore::new(max_connections.max(1))),
             stats: Arc::default(),
         })
     }
@@ -105,10 +130,16 @@ impl TlsListener {
                     continue;
                 }
             };
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                self.stats.over_limit(peer);
+                drop(tcp);
+                continue;
+            };
             let acceptor = self.acceptor.clone();
             let stats = self.stats.clone();
             let relay = self.relay;
             tokio::spawn(async move {
+                let _slot = slot;
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
                 {
                     Ok(Ok(tls)) => tls,

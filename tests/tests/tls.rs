@@ -200,6 +200,46 @@ async fn client_certificates_are_required_and_verified_when_configured() {
     assert_eq!(counter(&summary, "decoded"), 1, "{summary}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_beyond_max_connections_are_closed_not_queued() {
+    let pki = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("gateway test CA");
+    let server = ca.issue(pki.path(), "gateway", &["127.0.0.1"]);
+    let mut env = tls_env(&server, None);
+    env.push(("GATEWAY__BROKER__MAX_CONNECTIONS".into(), "2".into()));
+    let port = tls_port(&env);
+    let mut gw = start(&env);
+    let device = || Device::Tls {
+        ca: &ca,
+        client: None,
+    };
+
+    let idle: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    // Give the listener time to take both before the device comes.
+    std::thread::sleep(Duration::from_millis(300));
+    publish_one(port, device(), "devices/full-1/telemetry")
+        .await
+        .expect_err("the third TLS connection is closed while two are open");
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match publish_one(port, device(), "devices/full-2/telemetry").await {
+            Ok(()) => break,
+            Err(e) => assert!(Instant::now() < deadline, "slots were not freed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let summary = gw.stop();
+    assert_eq!(counter(&summary, "decoded"), 1, "{summary}");
+    assert!(
+        gw.log().contains("TLS listener is at max_connections"),
+        "{}",
+        gw.log()
+    );
+}
+
 #[test]
 fn unusable_tls_files_exit_64_naming_the_key() {
     let pki = tempfile::tempdir().unwrap();
