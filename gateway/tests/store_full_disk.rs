@@ -256,6 +256,14 @@ fn full_disk_degrades_refuses_and_recovers_without_losing_committed_rows() {
         stats.get(Counter::DropRefusedReadings),
         refused_before + 1000
     );
+    // Every append is accounted for: committed, lost with the failed group, or refused.
+    assert_eq!(stats.get(Counter::DropStoreOverflow), 0);
+    assert_eq!(
+        stats.get(Counter::AppendedReadings)
+            + stats.get(Counter::DropCommitFailed)
+            + stats.get(Counter::DropRefusedReadings),
+        next + 1000 + 100
+    );
     store.shutdown().unwrap();
 }
 

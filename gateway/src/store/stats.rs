@@ -4,10 +4,10 @@
 //! Invariants:
 //! - Every [`Counter`] is persisted under its name in `META` at each commit, so the file
 //!   alone tells depth, totals and drops, whether or not the gateway runs.
-//! - Live counters ([`Counter::is_live`]: queue drops `*_overflow`, refusals while the
-//!   storage is unavailable `*refused*`, `storage.errors`) are counted on the thread that
-//!   saw them, at once, and persisted with the next commit; everything else is published
-//!   to the atomics only after the commit that made it true.
+//! - Live counters ([`Counter::is_live`]: queue drops `*_overflow`, `commit_failed`,
+//!   refusals while the storage is unavailable `*refused*`, `storage.*`) are counted on
+//!   the thread that saw them, at once, and persisted with the next commit; everything
+//!   else is published to the atomics only after the commit that made it true.
 //! - `storage_degraded` is a gauge of this process only: it is never persisted (a
 //!   degraded store cannot write), so the report of a file does not show it.
 
@@ -81,6 +81,7 @@ impl Counter {
                 | Counter::DropDeadLetterOverflow
                 | Counter::DropStateOverflow
                 | Counter::DropEventLogOverflow
+                | Counter::DropCommitFailed
                 | Counter::DropRefusedReadings
                 | Counter::DropRefusedEvents
                 | Counter::RefusedDeadLetters
