@@ -380,3 +380,42 @@ pub fn stats_command(path: &Path, out: &mut dyn Write) -> Result<(), StoreError>
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(stats: &OutboxStats) -> String {
+        let mut out = Vec::new();
+        stats.write_report(&mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn the_report_tells_storage_health_and_refusals() {
+        let counters = Counters::default();
+        let healthy = counters.snapshot();
+        assert_eq!(healthy.storage, Some(StorageHealth::Ok));
+        assert_eq!(healthy.storage_degraded(), 0);
+        assert!(report(&healthy).contains("storage: ok"));
+        assert!(!report(&healthy).contains("storage errors"));
+
+        counters.set_degraded(Some(now_millis() - 2000));
+        counters.add(Counter::StorageErrors, 1);
+        counters.add(Counter::DropRefusedReadings, 5);
+        counters.add(Counter::DropRefusedEvents, 2);
+        let degraded = counters.snapshot();
+        assert_eq!(degraded.storage_degraded(), 1);
+        let text = report(&degraded);
+        assert!(text.contains("storage: DEGRADED for 2s"), "{text}");
+        assert!(
+            text.contains("storage errors: 1 (outbox entries refused while unavailable: 7)"),
+            "{text}"
+        );
+        assert!(text.contains("drop.refused.readings"));
+        assert_eq!(degraded.dropped(), 7);
+
+        counters.set_degraded(None);
+        assert_eq!(counters.snapshot().storage_degraded(), 0);
+    }
+}
