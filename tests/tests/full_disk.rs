@@ -307,6 +307,9 @@ async fn full_disk_keeps_the_gateway_running_and_loses_nothing_committed() {
         read_stats_file(&db).is_ok_and(|s| s.depth() == 0)
     })
     .await;
+    // One error line for the whole period, one recovery line.
+    assert_eq!(gw.log().matches("Storage unavailable").count(), 1);
+    assert_eq!(gw.log().matches("Storage recovered").count(), 1);
     let stats = read_stats_file(&db).unwrap();
     assert_eq!(stats.get(Counter::StorageErrors), 1);
     assert!(stats.get(Counter::DropRefusedReadings) >= 100);

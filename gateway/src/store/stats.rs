@@ -4,10 +4,10 @@
 //! Invariants:
 //! - Every [`Counter`] is persisted under its name in `META` at each commit, so the file
 //!   alone tells depth, totals and drops, whether or not the gateway runs.
-//! - Live counters ([`Counter::is_live`]: queue drops `*_overflow`, refusals while the
-//!   storage is unavailable `*refused*`, `storage.errors`) are counted on the thread that
-//!   saw them, at once, and persisted with the next commit; everything else is published
-//!   to the atomics only after the commit that made it true.
+//! - Live counters ([`Counter::is_live`]: queue drops `*_overflow`, `commit_failed`,
+//!   refusals while the storage is unavailable `*refused*`, `storage.*`) are counted on
+//!   the thread that saw them, at once, and persisted with the next commit; everything
+//!   else is published to the atomics only after the commit that made it true.
 //! - `storage_degraded` is a gauge of this process only: it is never persisted (a
 //!   degraded store cannot write), so the report of a file does not show it.
 
@@ -82,6 +82,7 @@ impl Counter {
                 | Counter::DropDeadLetterOverflow
                 | Counter::DropStateOverflow
                 | Counter::DropEventLogOverflow
+                | Counter::DropCommitFailed
                 | Counter::DropRefusedReadings
                 | Counter::DropRefusedEvents
                 | Counter::RefusedDeadLetters
@@ -389,4 +390,43 @@ pub fn stats_command(path: &Path, out: &mut dyn Write) -> Result<(), StoreError>
         path: path.to_owned(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(stats: &OutboxStats) -> String {
+        let mut out = Vec::new();
+        stats.write_report(&mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn the_report_tells_storage_health_and_refusals() {
+        let counters = Counters::default();
+        let healthy = counters.snapshot();
+        assert_eq!(healthy.storage, Some(StorageHealth::Ok));
+        assert_eq!(healthy.storage_degraded(), 0);
+        assert!(report(&healthy).contains("storage: ok"));
+        assert!(!report(&healthy).contains("storage errors"));
+
+        counters.set_degraded(Some(now_millis() - 2000));
+        counters.add(Counter::StorageErrors, 1);
+        counters.add(Counter::DropRefusedReadings, 5);
+        counters.add(Counter::DropRefusedEvents, 2);
+        let degraded = counters.snapshot();
+        assert_eq!(degraded.storage_degraded(), 1);
+        let text = report(&degraded);
+        assert!(text.contains("storage: DEGRADED for 2s"), "{text}");
+        assert!(
+            text.contains("storage errors: 1 (outbox entries refused while unavailable: 7)"),
+            "{text}"
+        );
+        assert!(text.contains("drop.refused.readings"));
+        assert_eq!(degraded.dropped(), 7);
+
+        counters.set_degraded(None);
+        assert_eq!(counters.snapshot().storage_degraded(), 0);
+    }
 }

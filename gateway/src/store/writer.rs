@@ -7,9 +7,10 @@
 //!   or `flush_interval` after the first; a flush request or shutdown commits at once.
 //! - Counters are published to the shared atomics only after a successful commit; a failed
 //!   commit reverts them from the atomics and counts its appends as `commit_failed`.
-//! - A failed commit makes the store degraded (see [`super::health`]): the writable
-//!   database is dropped, data commands are refused and counted, acks are kept, and a
-//!   reopen is retried with backoff; acks count as committed only once their deletion is.
+//! - A failed commit makes the store degraded (see [`super::health`]): nothing more is
+//!   written through that handle (it stays open only until the next reopen), data
+//!   commands are refused and counted, acks are kept, and a reopen is retried with
+//!   backoff; acks count as committed only once their deletion is.
 //! - Drops are logged at most once per `DROP_LOG_INTERVAL` with the counts since the last
 //!   line, so a burst gives one warning, not one per row.
 
@@ -450,7 +451,6 @@ impl Owner {
                     self.meta[c as usize] = self.counters.get(c);
                 }
                 self.counters.add(Counter::DropCommitFailed, appends);
-                self.meta[Counter::DropCommitFailed as usize] += appends;
                 Err(e)
             }
         }
