@@ -126,7 +126,8 @@ impl<P: Protocol> RemoteLink<P> {
             network,
             link_tx,
             link_rx,
-            notifications: VecDeque::with_capacity(100),
+            // PATCH(gateway): grows on demand (was with_capacity(100) per connection).
+            notifications: VecDeque::new(),
             will_delay_interval,
             authorizer,
         })
