@@ -9,9 +9,12 @@
 //! - the ingest link is created (and subscribed) before any listener accepts a device,
 //!   so nothing a device publishes after its CONNACK is missed;
 //! - devices authenticate through [`Authenticator`] unless `auth.anonymous` is on; the
-//!   client id must equal the username (a device id);
-//! - a publish on a topic no filter matches is refused and its client disconnected
-//!   (`dynamic_filters = false`), so publishers cannot create per-topic logs at will;
+//!   client id must equal the username (a device id); with authentication on, a device
+//!   may publish only on its own ingest topics and subscribe only to its own events
+//!   ([`auth::topic_authorizer`]), or it is disconnected;
+//! - a publish on a topic no subscription filter matches is acknowledged and dropped:
+//!   it creates no log (`dynamic_filters = false`; rumqttd 0.20 also never creates one
+//!   for such a topic, `DataLog::matches` returns an empty list rather than `None`);
 //! - `rumqttd::Broker::start` blocks forever, so it runs on its own OS thread; rumqttd
 //!   has no way to stop listeners, they end with the process.
 
@@ -23,8 +26,9 @@ use std::time::{Duration, Instant};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{ConnectionSettings, RouterConfig, ServerSettings};
 
-use crate::auth::{AuthError, Authenticator};
-use crate::config::{AuthSection, BrokerSection};
+use crate::auth::{self, AuthError, Authenticator};
+use crate::config::{AuthSection, BrokerSection, RulesSection};
+use crate::decode::TopicPattern;
 use crate::tls_listener::TlsListener;
 
 /// Messages the router hands a link per scheduling round.
@@ -64,10 +68,10 @@ pub struct Links {
 
 /// The rumqttd configuration for the gateway's broker section.
 ///
-/// `initialized_filters` are the only topics devices may publish to (plus whatever some
-/// client subscribed to): `dynamic_filters` is off, so a publish on a topic no filter
-/// matches disconnects the publisher instead of creating a new in-memory log of up to
-/// `segment_bytes x (segment_count + 1)` per topic (a memory exhaustion vector).
+/// `initialized_filters` get their in-memory logs up front; a publish on a topic that no
+/// filter matches is dropped. `dynamic_filters` stays off so that no rumqttd version can
+/// turn such publishes into a new log of up to `segment_bytes x (segment_count + 1)`
+/// per topic (a memory exhaustion vector).
 pub fn rumqttd_config(
     section: &BrokerSection,
     initialized_filters: Vec<String>,
@@ -117,9 +121,11 @@ pub fn rumqttd_config(
 pub fn start(
     section: &BrokerSection,
     auth: &AuthSection,
-    ingest_filter: &str,
-    events_filter: &str,
+    ingest: &TopicPattern,
+    rules: &RulesSection,
 ) -> Result<Links, BrokerError> {
+    let ingest_filter = &ingest.filter();
+    let events_filter = &rules.event_filter();
     let authenticator = if auth.anonymous {
         tracing::warn!(
             "Anonymous access is on (auth.anonymous = true): any client that reaches the broker port can publish as any device. Set auth.anonymous = false and add devices with `gateway devices add ID` in production."
@@ -135,6 +141,9 @@ pub fn start(
     );
     let tls = tls_relay(section, &mut config)?;
     let mut broker = rumqttd::Broker::new(config);
+    if authenticator.is_some() {
+        broker.set_authorizer(auth::topic_authorizer(ingest.clone(), &rules.event_topic));
+    }
     let (mut ingest_tx, ingest_rx) = broker.link("gateway-ingest")?;
     ingest_tx.subscribe(ingest_filter)?;
     let publish = broker.link("gateway-publish")?;

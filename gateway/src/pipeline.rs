@@ -247,12 +247,11 @@ fn start(
     let forwarder = forwarder_config(config)
         .map(|cfg| Forwarder::new(cfg, store.clone()))
         .transpose()?;
-    let filter = config.ingest.topic_pattern.filter();
     let links = broker::start(
         &config.broker,
         &config.auth,
-        &filter,
-        &config.rules.event_filter(),
+        &config.ingest.topic_pattern,
+        &config.rules,
     )?;
     let (_ingest_tx, ingest_rx) = links.ingest;
     let forwarding = config.upstream.url.is_some();

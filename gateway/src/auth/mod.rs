@@ -35,6 +35,8 @@ use sha2::{Digest, Sha256};
 
 pub use credentials::{hash_password, validate_device_id, Credentials};
 
+use crate::decode::TopicPattern;
+
 /// Threads running argon2 verifications.
 pub const VERIFIER_THREADS: usize = 2;
 /// Verifications waiting for a thread; beyond it a CONNECT is refused as `busy`.
@@ -338,6 +340,31 @@ impl Inner {
         log.last = Some(Instant::now());
         log.since_last = 0;
     }
+}
+
+/// Topic authorization of authenticated devices (rumqttd's `Authorizer`, a patch of the
+/// vendored rumqttd): a device may publish only on ingest topics whose `{device}` is its
+/// own id, and subscribe only to its own events (`event_topic` with `{device}` = its id
+/// and every other placeholder `+`). Anything else disconnects it.
+pub fn topic_authorizer(pattern: TopicPattern, event_topic: &str) -> rumqttd::Authorizer {
+    let event_topic = event_topic.to_string();
+    Arc::new(move |client_id, access, topic| match access {
+        rumqttd::Access::Publish => pattern
+            .matches(topic)
+            .is_some_and(|m| m.device == client_id),
+        rumqttd::Access::Subscribe => {
+            let own_events = event_topic
+                .split('/')
+                .map(|level| match level {
+                    "{device}" => client_id,
+                    l if l.starts_with('{') => "+",
+                    l => l,
+                })
+                .collect::<Vec<_>>()
+                .join("/");
+            topic == own_events
+        }
+    })
 }
 
 /// What identifies a version of the file: modification time, length and inode (a

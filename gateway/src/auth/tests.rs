@@ -122,3 +122,24 @@ async fn a_flood_of_bad_passwords_is_bounded_and_does_not_delay_cached_devices()
         busy as u64
     );
 }
+
+#[test]
+fn a_device_may_publish_on_its_own_topics_and_subscribe_to_its_own_events() {
+    use rumqttd::Access::{Publish, Subscribe};
+    let pattern = TopicPattern::parse("site/{device}/{stream}").unwrap();
+    let allow = topic_authorizer(pattern, "events/{type}/{device}");
+    assert!(allow("t-1", Publish, "site/t-1/telemetry"));
+    assert!(allow("t-1", Publish, "site/t-1/status"));
+    assert!(!allow("t-1", Publish, "site/t-2/telemetry"));
+    assert!(!allow("t-1", Publish, "site/t-1"));
+    assert!(!allow(
+        "t-1",
+        Publish,
+        "events/SensorTemperatureExceeded/t-1"
+    ));
+    assert!(!allow("t-1", Publish, "elsewhere"));
+    assert!(allow("t-1", Subscribe, "events/+/t-1"));
+    assert!(!allow("t-1", Subscribe, "events/+/t-2"));
+    assert!(!allow("t-1", Subscribe, "events/#"));
+    assert!(!allow("t-1", Subscribe, "site/+/telemetry"));
+}

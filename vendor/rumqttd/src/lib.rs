@@ -51,6 +51,21 @@ pub type AuthHandler = Arc<
         + Sync,
 >;
 
+/// PATCH(gateway): what a client asks to do, for [`Authorizer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Publish on this topic.
+    Publish,
+    /// Subscribe to this filter.
+    Subscribe,
+}
+
+/// PATCH(gateway): decides whether the client with this client id (as sent in its
+/// CONNECT) may publish on a topic or subscribe to a filter. Called on the connection's
+/// task for every PUBLISH and every SUBSCRIBE filter of remote clients, before the
+/// router sees them; a refusal disconnects the client and drops the packets of that read.
+pub type Authorizer = Arc<dyn Fn(&str, Access, &str) -> bool + Send + Sync>;
+
 #[derive(Debug, Default, Serialize, Deserialize, Clone)]
 pub struct Config {
     pub id: usize,

@@ -47,6 +47,9 @@ pub enum Error {
     TrySend(#[from] TrySendError<(ConnectionId, Event)>),
     #[error("Link error = {0}")]
     Link(#[from] LinkError),
+    // PATCH(gateway)
+    #[error("Not authorized to {0:?} {1}")]
+    NotAuthorized(crate::Access, String),
 }
 
 /// Orchestrates between Router and Network.
@@ -58,6 +61,8 @@ pub struct RemoteLink<P> {
     link_rx: LinkRx,
     notifications: VecDeque<Notification>,
     pub(crate) will_delay_interval: u32,
+    // PATCH(gateway)
+    authorizer: Option<crate::Authorizer>,
 }
 
 impl<P: Protocol> RemoteLink<P> {
@@ -68,6 +73,7 @@ impl<P: Protocol> RemoteLink<P> {
         connect_packet: Packet,
         dynamic_filters: bool,
         assigned_client_id: Option<String>,
+        authorizer: Option<crate::Authorizer>,
     ) -> Result<RemoteLink<P>, Error> {
         let Packet::Connect(connect, props, lastwill, lastwill_props, _) = connect_packet else {
             return Err(Error::NotConnectPacket(connect_packet));
@@ -120,8 +126,10 @@ impl<P: Protocol> RemoteLink<P> {
             network,
             link_tx,
             link_rx,
-            notifications: VecDeque::with_capacity(100),
+            // PATCH(gateway): grows on demand (was with_capacity(100) per connection).
+            notifications: VecDeque::new(),
             will_delay_interval,
+            authorizer,
         })
     }
 
@@ -136,8 +144,22 @@ impl<P: Protocol> RemoteLink<P> {
                     let packet = o?;
                     let len = {
                         let mut buffer = self.link_tx.buffer();
+                        let start = buffer.len();
                         buffer.push_back(packet);
                         self.network.readv(&mut buffer)?;
+                        // PATCH(gateway): refuse the whole read if any packet is not
+                        // authorized; the client is disconnected.
+                        if let Some(authorize) = &self.authorizer {
+                            let client_id = &self.connect.client_id;
+                            let refused = buffer
+                                .iter()
+                                .skip(start)
+                                .find_map(|p| refused(authorize, client_id, p));
+                            if let Some((access, topic)) = refused {
+                                buffer.truncate(start);
+                                return Err(Error::NotAuthorized(access, topic));
+                            }
+                        }
                         buffer.len()
                     };
 
@@ -166,6 +188,29 @@ impl<P: Protocol> RemoteLink<P> {
                 }
             }
         }
+    }
+}
+
+/// PATCH(gateway): the first publish topic or subscribe filter of `packet` that
+/// `authorize` refuses. A publish whose topic is not UTF-8 or empty (an MQTT 5 topic
+/// alias) is refused too.
+fn refused(
+    authorize: &crate::Authorizer,
+    client_id: &str,
+    packet: &Packet,
+) -> Option<(crate::Access, String)> {
+    match packet {
+        Packet::Publish(publish, _) => {
+            let topic = std::str::from_utf8(&publish.topic).unwrap_or("");
+            (topic.is_empty() || !authorize(client_id, crate::Access::Publish, topic))
+                .then(|| (crate::Access::Publish, topic.to_string()))
+        }
+        Packet::Subscribe(subscribe, _) => subscribe
+            .filters
+            .iter()
+            .find(|f| !authorize(client_id, crate::Access::Subscribe, &f.path))
+            .map(|f| (crate::Access::Subscribe, f.path.clone())),
+        _ => None,
     }
 }
 
