@@ -23,6 +23,7 @@
 //! - memory is bounded: each client's request channel holds
 //!   [`REQUEST_CAPACITY`] publishes; devices wait when it is full.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,6 +80,10 @@ pub struct FleetConfig {
     pub broker: String,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// Per-device passwords (device id -> password), for a gateway that authenticates
+    /// devices: a device listed here connects with user name = client id = its id and
+    /// its own password, instead of `username`/`password`.
+    pub credentials: Option<Arc<HashMap<String, String>>>,
     pub devices: u32,
     /// Device ids are `{id_prefix}{n:04}`, n from 1.
     pub id_prefix: String,
@@ -116,6 +121,7 @@ impl FleetConfig {
             broker: broker.into(),
             username: None,
             password: None,
+            credentials: None,
             devices: 10,
             id_prefix: "t-".into(),
             stream: "telemetry".into(),
@@ -465,7 +471,10 @@ impl Device {
             .set_clean_session(true)
             .set_inflight(self.cfg.inflight.max(1))
             .set_max_packet_size(64 * 1024, 64 * 1024);
-        if let Some(user) = &self.cfg.username {
+        let own = self.cfg.credentials.as_ref().and_then(|c| c.get(&self.id));
+        if let Some(password) = own {
+            o.set_credentials(self.id.clone(), password.clone());
+        } else if let Some(user) = &self.cfg.username {
             o.set_credentials(user.clone(), self.cfg.password.clone().unwrap_or_default());
         }
         o
@@ -781,5 +790,41 @@ impl Driver {
         if was != up {
             self.counters.connection(if up { 1 } else { -1 });
         }
+    }
+}
+
+/// Parses a credentials file: one `device-id:password` line per device; blank lines
+/// and lines starting with `#` are ignored. Errors name the line.
+pub fn parse_credentials(text: &str) -> Result<HashMap<String, String>, String> {
+    let mut out = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.split_once(':') {
+            Some((id, pw)) if !id.is_empty() && !pw.is_empty() => {
+                out.insert(id.to_owned(), pw.to_owned());
+            }
+            _ => return Err(format!("line {}: expected DEVICE-ID:PASSWORD", n + 1)),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_credentials;
+
+    #[test]
+    fn credentials_file_lines_parse_and_errors_name_the_line() {
+        let c = parse_credentials("# fleet\nt-0001:abc\n\nt-0002:x:y\n").unwrap();
+        assert_eq!(c["t-0001"], "abc");
+        assert_eq!(c["t-0002"], "x:y", "only the first colon separates");
+        assert_eq!(
+            parse_credentials("t-1:ok\nnocolon\n").unwrap_err(),
+            "line 2: expected DEVICE-ID:PASSWORD"
+        );
+        assert!(parse_credentials("t-1:\n").is_err());
     }
 }

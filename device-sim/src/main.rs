@@ -59,6 +59,10 @@ struct RunArgs {
     /// MQTT password for the devices.
     #[arg(long, env = "DEVICE_SIM_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// File of per-device credentials, one `DEVICE-ID:PASSWORD` line each (e.g. from
+    /// `gateway devices add`): each listed device connects as itself.
+    #[arg(long, value_name = "FILE")]
+    credentials: Option<PathBuf>,
     /// Number of simulated devices, each its own connection [default: 10, or the scenario's].
     #[arg(long)]
     devices: Option<u32>,
@@ -192,6 +196,13 @@ fn configure(a: RunArgs) -> anyhow::Result<(FleetConfig, Upstream)> {
     let mut cfg = FleetConfig::from_scenario(a.broker, scenario);
     cfg.username = a.username;
     cfg.password = a.password;
+    if let Some(path) = &a.credentials {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let creds = device_sim::fleet::parse_credentials(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        cfg.credentials = Some(std::sync::Arc::new(creds));
+    }
     if let Some(n) = a.devices {
         cfg.devices = n;
     }
