@@ -31,8 +31,12 @@ use super::tables::{self, DEAD_LETTERS, EVENT_LOG, META, RULE_STATE};
 use super::{CtlCmd, DataCmd, Lane, OverflowPolicy, StoreConfig, StoreError};
 use crate::reading::{now_millis, Millis};
 
-/// Without commands the thread still wakes this often to apply age retention.
+/// Without commands the thread still wakes this often (storage retries, drop logs).
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+/// An idle store commits (age retention, counters of drops counted by callers) at most
+/// this often: every commit rewrites pages with an fsync, and on an SD card an idle
+/// gateway must not wear the flash (a commit every second wrote 32 KB/s).
+const IDLE_COMMIT_INTERVAL: Duration = Duration::from_secs(60);
 /// Drop warnings are at most this frequent.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Key bytes counted per outbox row on top of the encoded value.
@@ -93,7 +97,7 @@ pub(super) struct Owner {
     /// repair; dropped just before each reopen.
     failed: Option<Arc<Database>>,
     cfg: StoreConfig,
-    data_rx: Receiver<DataCmd>,
+    data_rx: Receiver<Box<DataCmd>>,
     ctl_rx: Receiver<CtlCmd>,
     counters: Arc<Counters>,
     new_rows: Arc<Notify>,
@@ -104,6 +108,9 @@ pub(super) struct Owner {
     last_drop_log: Option<Instant>,
     /// Data commands taken off the queue since start.
     data_taken: u64,
+    /// When the last transaction committed (idle commits are spaced by
+    /// [`IDLE_COMMIT_INTERVAL`]).
+    last_commit: Instant,
 }
 
 /// What one collection round gathered.
@@ -120,6 +127,10 @@ impl Group {
     fn len(&self) -> usize {
         self.data.len() + self.acks.len()
     }
+    /// Nothing to write: only housekeeping would commit.
+    fn idle(&self) -> bool {
+        self.len() == 0 && !self.shutdown
+    }
     /// Flushes and shutdown are answered now rather than after the interval.
     fn urgent(&self) -> bool {
         self.shutdown || !self.flushes.is_empty()
@@ -132,7 +143,7 @@ impl Owner {
         path: PathBuf,
         slot: Arc<ReaderSlot>,
         cfg: StoreConfig,
-        (data_rx, ctl_rx): (Receiver<DataCmd>, Receiver<CtlCmd>),
+        (data_rx, ctl_rx): (Receiver<Box<DataCmd>>, Receiver<CtlCmd>),
         counters: Arc<Counters>,
         new_rows: Arc<Notify>,
     ) -> Self {
@@ -154,6 +165,7 @@ impl Owner {
             drops_logged,
             last_drop_log: None,
             data_taken: 0,
+            last_commit: Instant::now(),
         }
     }
 
@@ -168,7 +180,12 @@ impl Owner {
                 self.try_recover(&mut group);
             }
             let mut ok = false;
-            if self.degraded.is_none() {
+            if self.degraded.is_none()
+                && group.idle()
+                && self.last_commit.elapsed() < IDLE_COMMIT_INTERVAL
+            {
+                ok = true;
+            } else if self.degraded.is_none() {
                 let appended = group.data.iter().any(|c| matches!(c, DataCmd::Append(_)));
                 let acks: u64 = group.acks.iter().map(|(_, s)| s.len() as u64).sum();
                 match self.commit(&mut group) {
@@ -361,7 +378,7 @@ impl Owner {
                 Err(_) => group.shutdown = true,
             },
             recv(self.data_rx) -> m => match m {
-                Ok(cmd) => group.data.push(cmd),
+                Ok(cmd) => group.data.push(*cmd),
                 Err(_) => group.shutdown = true,
             },
             default(timeout) => return false,
@@ -389,7 +406,7 @@ impl Owner {
             }
             while group.data.len() < max {
                 match self.data_rx.try_recv() {
-                    Ok(cmd) => group.data.push(cmd),
+                    Ok(cmd) => group.data.push(*cmd),
                     Err(_) => break,
                 }
             }
@@ -403,7 +420,7 @@ impl Owner {
         }
         if group.shutdown {
             // Commit everything already queued before closing.
-            group.data.extend(self.data_rx.try_iter());
+            group.data.extend(self.data_rx.try_iter().map(|cmd| *cmd));
             let rest: Vec<CtlCmd> = self.ctl_rx.try_iter().collect();
             for cmd in rest {
                 self.take_ctl(group, cmd);
@@ -436,6 +453,7 @@ impl Owner {
         group.data.clear();
         match result {
             Ok(()) => {
+                self.last_commit = Instant::now();
                 group.acks.clear();
                 for &c in Counter::ALL {
                     if !c.is_live() {
