@@ -44,6 +44,8 @@ use crate::store::{Counter, Store, StoreConfig, StoreError, StoreHandle};
 
 /// Readings waiting for the rules stage.
 const RULES_QUEUE: usize = 65_536;
+/// Longest wait for open HTTP connections to finish at shutdown.
+const HTTP_GRACE: Duration = Duration::from_secs(2);
 /// How often the counters are logged while the gateway runs.
 const STATUS_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -176,9 +178,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ),
     }
     stop_http.cancel();
-    if let Some(server) = http_server {
-        if let Ok(Err(e)) = server.await {
-            tracing::error!(error = %e, "HTTP server failed.");
+    if let Some(mut server) = http_server {
+        // Open keep-alive connections (a status page left open) must not hold the exit.
+        match tokio::time::timeout(HTTP_GRACE, &mut server).await {
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "HTTP server failed."),
+            Ok(_) => {}
+            Err(_) => server.abort(),
         }
     }
     Ok(())

@@ -458,4 +458,18 @@ fn http_listen_off_serves_nothing_and_a_taken_port_is_a_config_error() {
         stderr.contains(&format!("http.listen: cannot listen on {addr}")),
         "{stderr}"
     );
+
+    let out = Command::new(common::workspace_bin("gateway"))
+        .arg("check-config")
+        .current_dir(dir.path())
+        .env("GATEWAY__BROKER__LISTEN", "0.0.0.0:1883")
+        .env("GATEWAY__HTTP__LISTEN", "127.0.0.1:1883")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("http.listen: must differ from the broker's listeners"),
+        "{stderr}"
+    );
 }

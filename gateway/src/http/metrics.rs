@@ -221,8 +221,9 @@ pub fn render(s: &Sources) -> String {
             n as f64,
         );
     }
-    // The full-disk work adds `gateway_storage_degraded` and
-    // `gateway_outbox_refused_total{lane}` here, from the store's counters.
+    // Not yet measured by the gateway, so not exported (no made-up zeros): the full-disk
+    // work adds `gateway_storage_degraded` and `gateway_outbox_refused_total{lane}` here
+    // from the store's counters, the device-auth work `gateway_auth_failures_total`.
     if let Some(rss) = process::resident_memory_bytes() {
         e.single(
             "process_resident_memory_bytes",
