@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Authenticator;
 use crate::broker::{self, BrokerError};
 use crate::config::{Config, ConfigErrors};
 use crate::counters::Counters;
@@ -161,6 +162,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             devices: views.devices.clone(),
             rules: views.rules.clone(),
             broker_listeners: broker_listeners(&config),
+            auth: running.auth.clone(),
             broker_listening: broker_listening.clone(),
             ingest_samples: Default::default(),
         };
@@ -199,6 +201,7 @@ struct Views {
 fn broker_listeners(config: &Config) -> Vec<SocketAddr> {
     std::iter::once(config.broker.listen)
         .chain(config.broker.listen_v5)
+        .chain(config.broker.tls.as_ref().map(|t| t.listen))
         .collect()
 }
 
@@ -210,6 +213,8 @@ struct Running {
     rules: JoinHandle<()>,
     forwarder: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     forwarder_stats: Option<Arc<ForwarderStats>>,
+    /// Device authentication; `None` with anonymous access.
+    auth: Option<Authenticator>,
     store: StoreHandle,
 }
 
@@ -259,6 +264,7 @@ fn start(
         &config.rules,
     )?;
     let (_ingest_tx, ingest_rx) = links.ingest;
+    let auth = links.auth;
     let forwarding = config.upstream.url.is_some();
 
     let (readings_tx, readings_rx) = flume::bounded::<Reading>(RULES_QUEUE);
@@ -309,6 +315,7 @@ fn start(
         rules,
         forwarder,
         forwarder_stats,
+        auth,
         store,
     })
 }

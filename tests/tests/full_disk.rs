@@ -234,6 +234,17 @@ async fn full_disk_keeps_the_gateway_running_and_loses_nothing_committed() {
         .unwrap();
     assert_eq!(topic, "events/BatteryLow/b-1");
     assert!(!gw.log().contains("Storage recovered"));
+    // Operators see it in the metrics too.
+    let (status, metrics) = gw.http_get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("\ngateway_storage_degraded 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "gateway_outbox_refused_total{lane=\"readings\"}") >= 100.0,
+        "{metrics}"
+    );
     assert_eq!(
         committed(&db),
         before_fault,
@@ -272,6 +283,11 @@ async fn full_disk_keeps_the_gateway_running_and_loses_nothing_committed() {
     std::fs::remove_file(&filler).unwrap();
     let line = gw.wait_log("Storage recovered", Duration::from_secs(15));
     assert!(line.contains("entries refused"), "{line}");
+    let (_, metrics) = gw.http_get("/metrics");
+    assert!(
+        metrics.contains("\ngateway_storage_degraded 0\n"),
+        "{metrics}"
+    );
 
     // Readings after the recovery are stored again.
     let after: Vec<u64> = (next..next + 50).collect();
@@ -315,4 +331,12 @@ async fn full_disk_keeps_the_gateway_running_and_loses_nothing_committed() {
     assert!(stats.get(Counter::DropRefusedReadings) >= 100);
     assert!(stats.get(Counter::DropRefusedEvents) >= 1);
     drop(gw);
+}
+
+/// The value of one sample line (`name{labels} value`) of a Prometheus scrape.
+fn metric(scrape: &str, sample: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {sample}"))
 }

@@ -152,6 +152,15 @@ async fn only_a_device_with_its_own_password_gets_in_and_its_reading_is_decoded(
         "client id differing from the username admitted"
     );
     gw.wait_log("Devices failed to authenticate", Duration::from_secs(5));
+    let (_, metrics) = gw.http_get("/metrics");
+    for reason in ["password", "client_id"] {
+        let sample = format!("gateway_auth_failures_total{{reason=\"{reason}\"}} ");
+        let n: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(sample.as_str())?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {sample} in {metrics}"));
+        assert!(n >= 1, "{reason}: {n}");
+    }
 
     let (client, mut el) = connect(&addr, "t-1", Some(("t-1", &pw[0]))).await.unwrap();
     publish(&client, &mut el, "devices/t-1/telemetry", READING.to_vec())

@@ -15,7 +15,7 @@ use std::fmt::Write;
 use super::{process, Sources};
 use crate::counters::{Counters, HistogramSnapshot, HISTOGRAM_BOUNDS};
 use crate::reading::Format;
-use crate::store::Lane;
+use crate::store::{Counter, Lane};
 
 /// The Prometheus type of a family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,9 +221,33 @@ pub fn render(s: &Sources) -> String {
             n as f64,
         );
     }
-    // Not yet measured by the gateway, so not exported (no made-up zeros): the full-disk
-    // work adds `gateway_storage_degraded` and `gateway_outbox_refused_total{lane}` here
-    // from the store's counters, the device-auth work `gateway_auth_failures_total`.
+    storage(&mut e, s);
+    if let Some(auth) = &s.auth {
+        let a = auth.stats();
+        e.family(
+            "gateway_auth_failures_total",
+            "Device CONNECTs refused by authentication, by reason.",
+            Kind::Counter,
+        );
+        for (reason, n) in [
+            ("client_id", &a.refused_client_id),
+            ("unknown_device", &a.refused_unknown),
+            ("password", &a.refused_password),
+            ("busy", &a.refused_busy),
+        ] {
+            e.sample(
+                "gateway_auth_failures_total",
+                &[("reason", reason)],
+                get(n) as f64,
+            );
+        }
+        e.single(
+            "gateway_auth_accepted_total",
+            "Device CONNECTs accepted by authentication.",
+            Kind::Counter,
+            get(&a.accepted) as f64,
+        );
+    }
     if let Some(rss) = process::resident_memory_bytes() {
         e.single(
             "process_resident_memory_bytes",
@@ -247,6 +271,38 @@ pub fn render(s: &Sources) -> String {
         s.started_at as f64 / 1000.0,
     );
     e.finish()
+}
+
+/// Storage health: degraded while the database cannot be written (full disk, I/O errors).
+fn storage(e: &mut Encoder, s: &Sources) {
+    let stats = s.store.stats();
+    e.single(
+        "gateway_storage_degraded",
+        "1 while the database cannot be written and the outbox refuses new entries.",
+        Kind::Gauge,
+        stats.storage_degraded() as f64,
+    );
+    e.single(
+        "gateway_storage_errors_total",
+        "Writes to the database that failed.",
+        Kind::Counter,
+        stats.get(Counter::StorageErrors) as f64,
+    );
+    e.family(
+        "gateway_outbox_refused_total",
+        "Entries refused while the storage was degraded, by lane.",
+        Kind::Counter,
+    );
+    for (lane, c) in [
+        ("readings", Counter::DropRefusedReadings),
+        ("events", Counter::DropRefusedEvents),
+    ] {
+        e.sample(
+            "gateway_outbox_refused_total",
+            &[("lane", lane)],
+            stats.get(c) as f64,
+        );
+    }
 }
 
 fn outbox(e: &mut Encoder, s: &Sources) {
