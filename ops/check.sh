@@ -2,16 +2,20 @@
 # Checks the ops files: alert rules (promtool check + unit tests), the Prometheus
 # example config, the Grafana dashboard (valid JSON, regenerated = committed), the
 # metric names both use against ops/metrics.txt, and the systemd unit
-# (systemd-analyze verify). Installs promtool (Debian package prometheus) when missing.
+# (systemd-analyze verify). Installs promtool (Debian package prometheus) and python3
+# when missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if ! command -v promtool >/dev/null; then
-  echo "--- installing promtool (prometheus)"
+need=()
+command -v promtool >/dev/null || need+=(prometheus)
+command -v python3 >/dev/null || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "--- installing ${need[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
   $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-    --no-install-recommends prometheus >/dev/null
+    --no-install-recommends "${need[@]}" >/dev/null
 fi
 
 echo "--- promtool"

@@ -14,8 +14,8 @@ cd "$(dirname "$0")/../.."
 
 arch=${1:-aarch64}
 case "$arch" in
-  aarch64) triple=aarch64-unknown-linux-gnu; qemu=qemu-aarch64-static; sysroot=/usr/aarch64-linux-gnu ;;
-  armv7) triple=armv7-unknown-linux-gnueabihf; qemu=qemu-arm-static; sysroot=/usr/arm-linux-gnueabihf ;;
+  aarch64) triple=aarch64-unknown-linux-gnu; qemu=qemu-aarch64-static; sysroot=/usr/aarch64-linux-gnu; loader=/lib/ld-linux-aarch64.so.1 ;;
+  armv7) triple=armv7-unknown-linux-gnueabihf; qemu=qemu-arm-static; sysroot=/usr/arm-linux-gnueabihf; loader=/lib/ld-linux-armhf.so.3 ;;
   *) echo "usage: $0 [aarch64|armv7] [BINARY]" >&2; exit 2 ;;
 esac
 bin=${2:-target/$triple/${PROFILE:-release}/gateway}
@@ -71,7 +71,12 @@ url = "mqtt://127.0.0.1:$up_port"
 backoff_min = "100ms"
 backoff_max = "1s"
 TOML
-run_gw() { "$qemu" -L "$sysroot" "$bin" --config "$tmp/gateway.toml" "$@"; }
+# The target's C library: the multiarch libc6:arm64 (or :armhf) that build.sh's
+# libstd-rust-web-dev pulls in, when present. Do not mix it with the cross sysroot
+# (-L): libc6-arm64-cross is an older 2.36 build, and its ld.so with the multiarch
+# libc.so hangs in the first pthread_create.
+if [ -e "$loader" ]; then qemu_args=(); else qemu_args=(-L "$sysroot"); fi
+run_gw() { "$qemu" "${qemu_args[@]}" "$bin" --config "$tmp/gateway.toml" "$@"; }
 # Gateways with an HTTP server would take 127.0.0.1:8080 by default: give it a free
 # port when this build knows the key.
 printf '[http]\nlisten = "127.0.0.1:%s"\n' "$(free_port)" >>"$tmp/gateway.toml"
@@ -82,7 +87,9 @@ echo "--- $("$qemu" --version | head -1); $(file -b "$bin" | cut -d, -f1-2)"
 run_gw --version
 run_gw check-config
 started=$(date +%s.%N)
-run_gw run >"$tmp/gateway.log" 2>&1 &
+# Not through run_gw: a backgrounded function is a subshell, and killing it would
+# leave qemu running.
+"$qemu" "${qemu_args[@]}" "$bin" --config "$tmp/gateway.toml" run >"$tmp/gateway.log" 2>&1 &
 pids+=($!)
 
 # Subscribe upstream first, then publish once the embedded broker accepts connections.
