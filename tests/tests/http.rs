@@ -265,6 +265,28 @@ async fn metrics_pass_promtool_and_the_backlog_rises_while_upstream_is_down_then
     collector.wait_unique(N + 2, Duration::from_secs(10)).await;
     let (text, _) = scrape(&gw);
     promtool_check(&text);
+    assert_ops_contract(&text);
+}
+
+/// Every metric the ops/ dashboard and alert rules are written against
+/// (`ops/metrics.txt`) is in the scrape; the authentication ones only exist when
+/// devices authenticate, so this gateway (anonymous access) has none.
+fn assert_ops_contract(scrape: &str) {
+    let contract = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/metrics.txt");
+    let contract = std::fs::read_to_string(contract).unwrap();
+    let families: Vec<&str> = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let missing: Vec<&str> = contract
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter(|name| !name.starts_with("gateway_auth_"))
+        .filter(|name| !families.contains(name))
+        .collect();
+    assert!(missing.is_empty(), "not in /metrics: {missing:?}");
 }
 
 /// Holds one MQTT connection to the gateway until dropped.
