@@ -239,6 +239,34 @@ fn the_deepest_cel_of_every_kind_that_loads_also_evaluates() {
     }
 }
 
+#[test]
+fn the_longest_expressions_accepted_parse_on_the_compile_thread() {
+    // The densest nesting per byte, filling MAX_EXPR_BYTES: the parser's recursion is
+    // bounded by the length, and must fit the compile thread's stack.
+    let fill = |unit: &str, tail: &str| {
+        let n = (MAX_EXPR_BYTES - tail.len()) / unit.len();
+        format!("{}{tail}", unit.repeat(n))
+    };
+    for condition in [
+        fill("1+", "1>x"),
+        fill("-", "1>x"),
+        fill("!", "x"),
+        fill("x.", "x"),
+        fill("(", "x"),
+        fill("[", "1"),
+        format!("x{}", "[0]".repeat((MAX_EXPR_BYTES - 1) / 3)),
+        format!("x{}", "?x:x".repeat((MAX_EXPR_BYTES - 1) / 4)),
+    ] {
+        assert!(condition.len() <= MAX_EXPR_BYTES);
+        let head: String = condition.chars().take(12).collect();
+        let (result, took) = load_and_evaluate(rule_with_condition(&condition));
+        if let Err(d) = &result {
+            assert!(!d.to_string().contains("longer than"), "{head}...");
+        }
+        assert!(took < Duration::from_secs(20), "{head}... took {took:?}");
+    }
+}
+
 fn sum_condition(terms: usize) -> String {
     format!("x{} > 0", " + x".repeat(terms - 1))
 }
