@@ -152,6 +152,17 @@ fn resolve(
         }),
         (None, None) => None,
     };
+    // Two finite numbers can add up to infinity (`bv` 1e308 and `v` 1e308; found by the
+    // decoder tests): refused like any other non-finite number.
+    if let Some(RecordValue {
+        value: Value::Number(n),
+        ..
+    }) = &value
+    {
+        if !n.is_finite() {
+            return Err("value plus base value is not a finite number".into());
+        }
+    }
     Ok((full_name, millis, unit.or_else(|| base.unit.clone()), value))
 }
 

@@ -10,6 +10,11 @@
 //! - The whole file is walked even after a problem; one bad rule does not hide another.
 //! - A CEL position is mapped through the TOML string's own span, so it points at the
 //!   character inside the file (exact for strings without escape sequences).
+//! - A CEL expression is at most [`MAX_EXPR_BYTES`] long and its syntax tree at most
+//!   [`MAX_EXPR_DEPTH`] deep, so evaluating and dropping it cannot overflow the rules
+//!   thread's stack; it is parsed on a short-lived thread with a large stack, because
+//!   the CEL parser recurses once or more per operator (`1+1+...+1`, `!!!...x`,
+//!   `((...))`) and an overflow aborts the process.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
@@ -44,6 +49,14 @@ const AGGREGATE_KEYS: &[&str] = &["name", "field", "fn", "window", "samples"];
 pub const AGG_VAR: &str = "agg";
 /// Severity when a rule gives none.
 pub const DEFAULT_SEVERITY: &str = "warning";
+/// Longest CEL expression accepted, in bytes (far more than any real condition).
+pub const MAX_EXPR_BYTES: usize = 4096;
+/// Deepest CEL syntax tree accepted: evaluation and drop recurse over the tree. An
+/// unoptimized build overflows a 2 MiB stack evaluating `x + x + ... > 0` some 55 deep.
+pub const MAX_EXPR_DEPTH: usize = 32;
+/// Stack of the thread a CEL expression is parsed on: enough for [`MAX_EXPR_BYTES`] of
+/// the most deeply recursing syntax in an unoptimized build. Reserved, not committed.
+const COMPILE_STACK: usize = 64 << 20;
 
 /// What one file gave: its valid rules, the name (and byte offset of the name's value) of
 /// every rule it declares, valid or not, and every problem.
@@ -446,7 +459,31 @@ impl Cx<'_> {
     fn expr(&mut self, table: &dyn TableLike, key: &str, aggregates: &[String]) -> Option<Expr> {
         let (source, span) = self.string(table, key)?;
         let start = content_start(self.src.text, &span);
-        match self.env.compile(&source) {
+        let at = Some(start..start);
+        match compile_guarded(self.env, &source) {
+            Err(Refused::TooLong) => {
+                self.error(
+                    at,
+                    format!("CEL expression in `{key}` is longer than {MAX_EXPR_BYTES} bytes"),
+                );
+                None
+            }
+            Err(Refused::TooDeep) => {
+                self.error(
+                    at,
+                    format!(
+                        "CEL expression in `{key}` is nested deeper than {MAX_EXPR_DEPTH} levels"
+                    ),
+                );
+                None
+            }
+            Err(Refused::NoThread(e)) => {
+                self.error(
+                    at,
+                    format!("cannot compile `{key}`: no thread to parse it on: {e}"),
+                );
+                None
+            }
             Ok(program) => {
                 let mut unknown = Vec::new();
                 let known: BTreeSet<&str> = aggregates.iter().map(String::as_str).collect();
@@ -479,16 +516,103 @@ impl Cx<'_> {
                 }
                 None
             }
-            Err(errors) => {
-                for e in errors.errors {
-                    let (line, col) = (e.pos.0.max(1) as usize, e.pos.1.max(1) as usize);
+            Err(Refused::Syntax(errors)) => {
+                for (pos, msg) in errors {
+                    let (line, col) = (pos.0.max(1) as usize, pos.1.max(1) as usize);
                     let at = map_position(self.src.text, start, span.end, line, col);
-                    let msg = e.msg.strip_prefix("Syntax error: ").unwrap_or(&e.msg);
+                    let msg = msg.strip_prefix("Syntax error: ").unwrap_or(&msg);
                     self.error(Some(at..at), format!("CEL syntax error in `{key}`: {msg}"));
                 }
                 None
             }
         }
+    }
+}
+
+/// Why [`compile_guarded`] gave no program.
+enum Refused {
+    /// CEL syntax errors: (line, column) and message of each.
+    Syntax(Vec<((isize, isize), String)>),
+    TooLong,
+    TooDeep,
+    NoThread(std::io::Error),
+}
+
+/// Compiles a CEL expression within [`MAX_EXPR_BYTES`] and [`MAX_EXPR_DEPTH`]. Parsing,
+/// the depth check and dropping a refused tree all happen on a thread with a
+/// [`COMPILE_STACK`] stack; what it returns is shallow enough for any thread.
+fn compile_guarded(env: &cel::Env, source: &str) -> Result<cel::Program, Refused> {
+    if source.len() > MAX_EXPR_BYTES {
+        return Err(Refused::TooLong);
+    }
+    std::thread::scope(|scope| {
+        let parse = std::thread::Builder::new()
+            .name("cel-compile".into())
+            .stack_size(COMPILE_STACK)
+            .spawn_scoped(scope, || match env.compile(source) {
+                Ok(program) if depth(program.expression()) > MAX_EXPR_DEPTH => {
+                    Err(Refused::TooDeep)
+                }
+                Ok(program) => Ok(program),
+                Err(errors) => Err(Refused::Syntax(
+                    errors.errors.into_iter().map(|e| (e.pos, e.msg)).collect(),
+                )),
+            })
+            .map_err(Refused::NoThread)?;
+        // The parser does not panic on any input (fuzzed); if it ever does, the loader
+        // panics as it would have without the thread.
+        parse
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// The depth of a CEL syntax tree (a leaf is 1), without recursion.
+fn depth(root: &IdedExpr) -> usize {
+    let mut deepest = 0;
+    let mut todo = vec![(root, 1)];
+    while let Some((e, d)) = todo.pop() {
+        deepest = deepest.max(d);
+        todo.extend(children(e).into_iter().map(|c| (c, d + 1)));
+    }
+    deepest
+}
+
+/// The direct subexpressions of a CEL expression.
+fn children(e: &IdedExpr) -> Vec<&IdedExpr> {
+    match &e.expr {
+        Ast::Select(sel) => vec![&*sel.operand],
+        Ast::Call(call) => call
+            .target
+            .as_deref()
+            .into_iter()
+            .chain(&call.args)
+            .collect(),
+        Ast::Comprehension(c) => vec![
+            &c.iter_range,
+            &c.accu_init,
+            &c.loop_cond,
+            &c.loop_step,
+            &c.result,
+        ],
+        Ast::List(l) => l.elements.iter().collect(),
+        Ast::Map(m) => m
+            .entries
+            .iter()
+            .flat_map(|x| match &x.expr {
+                EntryExpr::MapEntry(me) => vec![&me.key, &me.value],
+                EntryExpr::StructField(sf) => vec![&sf.value],
+            })
+            .collect(),
+        Ast::Struct(s) => s
+            .entries
+            .iter()
+            .filter_map(|x| match &x.expr {
+                EntryExpr::StructField(sf) => Some(&sf.value),
+                EntryExpr::MapEntry(_) => None,
+            })
+            .collect(),
+        Ast::Ident(_) | Ast::Literal(_) | Ast::Unspecified => Vec::new(),
     }
 }
 

@@ -29,7 +29,7 @@ mod window;
 
 pub use diagnostics::{Diagnostic, Diagnostics};
 pub use engine::Engine;
-pub use load::{AGG_VAR, DEFAULT_SEVERITY};
+pub use load::{AGG_VAR, DEFAULT_SEVERITY, MAX_EXPR_BYTES, MAX_EXPR_DEPTH};
 pub use rule::{AggFn, Aggregate, DeviceMatch, Rule, RuleKind, TopicFilter, WindowSpec};
 pub use ruleset::{rule_files, test_files, RuleSet, TEST_SUFFIX};
 pub use snapshot::{InstanceView, ReloadView, RuleView, RulesSnapshot, SharedRules};

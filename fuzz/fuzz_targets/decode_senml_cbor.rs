@@ -1,0 +1,10 @@
+//! The senml_cbor decoder through the real entry point, with content type `application/senml+cbor`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+mod common;
+
+fuzz_target!(|data: &[u8]| {
+    common::check(data, Some("application/senml+cbor"));
+});
