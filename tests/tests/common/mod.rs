@@ -272,5 +272,11 @@ pub async fn publish_all(addr: &str, client_id: &str, messages: &[(String, Vec<u
         .expect("PUBACKs within 20s")
         .unwrap();
     client.disconnect().await.ok();
-    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    // Wait until the broker has closed this connection: a next publish_all with the same
+    // client id must not overtake it (rumqttd then drops the previous connection, and a
+    // late close of the old one can take the new one down with it).
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
 }
