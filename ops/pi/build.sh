@@ -7,7 +7,7 @@
 # target; Debian ships the target std as an ordinary multiarch package
 # (libstd-rust-web-dev:arm64 / :armhf) that matches its rustc-web (/usr/bin/rustc).
 # Installs what is missing (as root, or with sudo): the foreign architecture, rustc-web,
-# the target std, the cross C compiler (for the C code in ring and aws-lc-sys).
+# the target std, the cross C compiler (for the C code in ring).
 # Prints the binary's path and size. Profile: PROFILE (default release).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
