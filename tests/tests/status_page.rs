@@ -179,6 +179,7 @@ async fn status_page_shows_devices_upstream_backlog_and_firing_alert() {
     assert_eq!(text_of(&dom, "upstream-state"), "connected", "{dom}");
     assert_eq!(text_of(&dom, "device-count"), "3");
     assert_eq!(text_of(&dom, "firing-count"), "1");
+    assert_eq!(text_of(&dom, "firing-noun"), "alert");
     assert_eq!(text_of(&dom, "gateway-id"), "edge-gateway");
     let backlog: u64 = text_of(&dom, "backlog-messages")
         .parse()
