@@ -9,70 +9,18 @@
 //! `GATEWAY_REQUIRE_MOUNT=1` (CI), which makes that a failure.
 
 mod common;
+#[path = "../../gateway/tests/tmpfs/mod.rs"]
+mod tmpfs;
 
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{publish_all, upstream, Gateway};
 use gateway::store::{read_outbox_file, read_stats_file, Counter, Lane};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tmpfs::{fill, Tmpfs};
 use tokio::sync::mpsc;
-
-/// A tmpfs mounted on a temp dir; unmounted (lazily, so it never fails) when dropped.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output();
-        let error = match out {
-            Ok(o) if o.status.success() => return Some(Tmpfs { dir }),
-            Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
-            Err(e) => e.to_string(),
-        };
-        if std::env::var("GATEWAY_REQUIRE_MOUNT").as_deref() == Ok("1") {
-            panic!("GATEWAY_REQUIRE_MOUNT=1 but mounting a tmpfs failed: {error}");
-        }
-        eprintln!("SKIPPED: cannot mount a tmpfs ({error}); run as root or set GATEWAY_REQUIRE_MOUNT=1 to make this a failure");
-        None
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
-/// Writes a filler file until the filesystem is full; returns its path.
-fn fill(dir: &Path) -> PathBuf {
-    let path = dir.join("filler");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let chunk = vec![0xA5u8; 64 * 1024];
-    for _ in 0..100_000 {
-        match f.write_all(&chunk) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return path,
-            Err(e) => panic!("filler: unexpected error {e}"),
-        }
-    }
-    panic!("the filesystem never filled up");
-}
 
 /// Readings `range` of device t-1, each about 1.5 KB, numbered by `n`.
 fn readings(range: std::ops::Range<u64>) -> Vec<(String, Vec<u8>)> {
