@@ -16,11 +16,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{publish_all, upstream, Gateway};
+use common::{publish_all, subscribe, upstream, Gateway};
 use gateway::store::{read_outbox_file, read_stats_file, Counter, Lane};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tmpfs::{fill, Tmpfs};
-use tokio::sync::mpsc;
 
 /// Readings `range` of device t-1, each about 1.5 KB, numbered by `n`.
 fn readings(range: std::ops::Range<u64>) -> Vec<(String, Vec<u8>)> {
@@ -51,42 +49,6 @@ fn committed(db: &Path) -> BTreeSet<u64> {
         out.extend(rows.iter().filter_map(|r| n_of(&r.payload)));
     }
     out
-}
-
-/// Subscribes to `filter` on the gateway's broker; every publish's topic arrives on the channel.
-async fn subscribe(addr: &str, filter: &str) -> mpsc::UnboundedReceiver<String> {
-    let (host, port) = addr.split_once(':').unwrap();
-    let mut opts = MqttOptions::new(
-        format!("sub-{}", common::free_port()),
-        host,
-        port.parse().unwrap(),
-    );
-    opts.set_keep_alive(Duration::from_secs(10));
-    let (client, mut el) = AsyncClient::new(opts, 10);
-    client.subscribe(filter, QoS::AtMostOnce).await.unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (ready_tx, mut ready_rx) = mpsc::channel(1);
-    tokio::spawn(async move {
-        let _client = client;
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = ready_tx.send(()).await;
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if tx.send(p.topic.clone()).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(10), ready_rx.recv())
-        .await
-        .expect("SUBACK");
-    rx
 }
 
 async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -176,7 +138,7 @@ async fn full_disk_keeps_the_gateway_running_and_loses_nothing_committed() {
         b"{\"battery\":10.0}".to_vec(),
     )];
     publish_all(&gw.addr(), "b-1", &battery).await;
-    let topic = tokio::time::timeout(Duration::from_secs(5), events.recv())
+    let (topic, _) = tokio::time::timeout(Duration::from_secs(5), events.recv())
         .await
         .expect("a local event while the storage is degraded")
         .unwrap();

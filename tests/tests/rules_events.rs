@@ -6,59 +6,19 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{publish_all, upstream, Gateway};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use common::{publish_all, subscribe, upstream, Gateway};
 use tokio::sync::mpsc;
 
-/// Subscribes to `filter` on the gateway's broker; every publish arrives on the channel.
-async fn subscribe(
-    addr: &str,
-    filter: &str,
-) -> mpsc::UnboundedReceiver<(String, serde_json::Value)> {
-    let (host, port) = addr.split_once(':').unwrap();
-    let mut opts = MqttOptions::new(
-        format!("sub-{}", common::free_port()),
-        host,
-        port.parse().unwrap(),
-    );
-    opts.set_keep_alive(Duration::from_secs(10));
-    let (client, mut el) = AsyncClient::new(opts, 10);
-    client.subscribe(filter, QoS::AtMostOnce).await.unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (ready_tx, mut ready_rx) = mpsc::channel(1);
-    tokio::spawn(async move {
-        let _client = client;
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = ready_tx.send(()).await;
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let json =
-                        serde_json::from_slice(&p.payload).unwrap_or(serde_json::Value::Null);
-                    if tx.send((p.topic.clone(), json)).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(10), ready_rx.recv())
-        .await
-        .expect("SUBACK");
-    rx
-}
-
 async fn next_event(
-    rx: &mut mpsc::UnboundedReceiver<(String, serde_json::Value)>,
+    rx: &mut mpsc::UnboundedReceiver<(String, Vec<u8>)>,
     timeout: Duration,
 ) -> (String, serde_json::Value) {
-    tokio::time::timeout(timeout, rx.recv())
+    let (topic, payload) = tokio::time::timeout(timeout, rx.recv())
         .await
         .expect("an event in time")
-        .expect("subscriber alive")
+        .expect("subscriber alive");
+    let json = serde_json::from_slice(&payload).unwrap_or(serde_json::Value::Null);
+    (topic, json)
 }
 
 fn reading(device: &str, temperature: f64) -> Vec<(String, Vec<u8>)> {

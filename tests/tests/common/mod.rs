@@ -280,3 +280,40 @@ pub async fn publish_all(addr: &str, client_id: &str, messages: &[(String, Vec<u
     })
     .await;
 }
+
+/// Subscribes to `filter` on the gateway's embedded broker and waits for the SUBACK;
+/// every publish's (topic, payload) then arrives on the channel.
+pub async fn subscribe(
+    addr: &str,
+    filter: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let (host, port) = addr.split_once(':').unwrap();
+    let mut opts = MqttOptions::new(format!("sub-{}", free_port()), host, port.parse().unwrap());
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut el) = AsyncClient::new(opts, 10);
+    client.subscribe(filter, QoS::AtMostOnce).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let _client = client;
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = ready_tx.send(()).await;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), ready_rx.recv())
+        .await
+        .expect("SUBACK");
+    rx
+}
