@@ -15,7 +15,7 @@ use std::fmt::Write;
 use super::{process, Sources};
 use crate::counters::{Counters, HistogramSnapshot, HISTOGRAM_BOUNDS};
 use crate::reading::Format;
-use crate::store::{Counter, Lane};
+use crate::store::{Counter, Lane, OutboxStats};
 
 /// The Prometheus type of a family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,7 +211,10 @@ pub fn render(s: &Sources) -> String {
             *n as f64,
         );
     }
-    outbox(&mut e, s);
+    // One snapshot of the store's counters serves the outbox and storage families, so a
+    // scrape is consistent across them.
+    let store = s.store.stats();
+    outbox(&mut e, &store);
     upstream(&mut e, s);
     if let Some(n) = process::established_connections(&s.broker_listeners) {
         e.single(
@@ -221,7 +224,7 @@ pub fn render(s: &Sources) -> String {
             n as f64,
         );
     }
-    storage(&mut e, s);
+    storage(&mut e, &store);
     if let Some(auth) = &s.auth {
         let a = auth.stats();
         e.family(
@@ -274,8 +277,7 @@ pub fn render(s: &Sources) -> String {
 }
 
 /// Storage health: degraded while the database cannot be written (full disk, I/O errors).
-fn storage(e: &mut Encoder, s: &Sources) {
-    let stats = s.store.stats();
+fn storage(e: &mut Encoder, stats: &OutboxStats) {
     e.single(
         "gateway_storage_degraded",
         "1 while the database cannot be written and the outbox refuses new entries.",
@@ -305,8 +307,7 @@ fn storage(e: &mut Encoder, s: &Sources) {
     }
 }
 
-fn outbox(e: &mut Encoder, s: &Sources) {
-    let stats = s.store.stats();
+fn outbox(e: &mut Encoder, stats: &OutboxStats) {
     let lanes = [
         (Lane::Reading, &stats.readings),
         (Lane::Event, &stats.events),
