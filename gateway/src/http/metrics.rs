@@ -295,29 +295,22 @@ fn storage(e: &mut Encoder, stats: &OutboxStats) {
         "Entries refused while the storage was degraded, by lane.",
         Kind::Counter,
     );
-    for (lane, c) in [
-        ("readings", Counter::DropRefusedReadings),
-        ("events", Counter::DropRefusedEvents),
-    ] {
+    for lane in Lane::ALL {
         e.sample(
             "gateway_outbox_refused_total",
-            &[("lane", lane)],
-            stats.get(c) as f64,
+            &[("lane", lane.as_str())],
+            stats.get(Counter::refused(lane)) as f64,
         );
     }
 }
 
 fn outbox(e: &mut Encoder, stats: &OutboxStats) {
-    let lanes = [
-        (Lane::Reading, &stats.readings),
-        (Lane::Event, &stats.events),
-    ];
     e.family(
         "gateway_outbox_messages",
         "Messages waiting in the outbox, by lane.",
         Kind::Gauge,
     );
-    for (lane, l) in lanes {
+    for (lane, l) in stats.lanes.iter() {
         e.sample(
             "gateway_outbox_messages",
             &[("lane", lane.as_str())],
@@ -329,7 +322,7 @@ fn outbox(e: &mut Encoder, stats: &OutboxStats) {
         "Bytes waiting in the outbox (keys and rows), by lane.",
         Kind::Gauge,
     );
-    for (lane, l) in lanes {
+    for (lane, l) in stats.lanes.iter() {
         e.sample(
             "gateway_outbox_bytes",
             &[("lane", lane.as_str())],
@@ -341,7 +334,7 @@ fn outbox(e: &mut Encoder, stats: &OutboxStats) {
         "Age of the oldest message in the outbox, by lane; 0 when the lane is empty.",
         Kind::Gauge,
     );
-    for (lane, l) in lanes {
+    for (lane, l) in stats.lanes.iter() {
         e.sample(
             "gateway_outbox_oldest_age_seconds",
             &[("lane", lane.as_str())],
@@ -354,10 +347,10 @@ fn outbox(e: &mut Encoder, stats: &OutboxStats) {
         Kind::Counter,
     );
     for (counter, v) in &stats.counters {
-        if let Some(reason) = counter.name().strip_prefix("drop.") {
+        if let Some(reason) = counter.drop_reason() {
             e.sample(
                 "gateway_outbox_dropped_total",
-                &[("reason", &reason.replace('.', "_"))],
+                &[("reason", &reason)],
                 *v as f64,
             );
         }
@@ -395,8 +388,8 @@ fn upstream(e: &mut Encoder, s: &Sources) {
         "Outbox rows acknowledged by the upstream broker, by lane.",
         Kind::Counter,
     );
-    for (lane, i) in [(Lane::Reading, 1), (Lane::Event, 0)] {
-        let v = f.map_or(0, |f| Counters::get(&f.acked_by_lane[i]));
+    for lane in Lane::ALL {
+        let v = f.map_or(0, |f| Counters::get(&f.acked_by_lane[lane]));
         e.sample(
             "gateway_upstream_forwarded_total",
             &[("lane", lane.as_str())],
