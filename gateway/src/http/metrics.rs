@@ -11,9 +11,10 @@
 //!   with `_sum` and `_count`.
 
 use std::fmt::Write;
+use std::sync::atomic::AtomicU64;
 
 use super::{process, Sources};
-use crate::counters::{Counters, HistogramSnapshot, HISTOGRAM_BOUNDS};
+use crate::counters::{ByFormat, Counters, HistogramSnapshot, HISTOGRAM_BOUNDS};
 use crate::reading::Format;
 use crate::store::{Counter, Lane, OutboxStats};
 
@@ -156,13 +157,12 @@ pub fn render(s: &Sources) -> String {
         Kind::Counter,
         get(&c.link_lost) as f64,
     );
-    let by_format =
-        |e: &mut Encoder, name: &str, help: &str, values: &[std::sync::atomic::AtomicU64]| {
-            e.family(name, help, Kind::Counter);
-            for (f, v) in Format::ALL.iter().zip(values) {
-                e.sample(name, &[("format", &format_label(*f))], get(v) as f64);
-            }
-        };
+    let by_format = |e: &mut Encoder, name: &str, help: &str, values: &ByFormat<AtomicU64>| {
+        e.family(name, help, Kind::Counter);
+        for (f, v) in values.iter() {
+            e.sample(name, &[("format", &format_label(f))], get(v) as f64);
+        }
+    };
     by_format(
         &mut e,
         "gateway_messages_decoded_total",
@@ -179,12 +179,12 @@ pub fn render(s: &Sources) -> String {
         &mut e,
         "gateway_dead_letters_total",
         "Messages that did not decode, by payload format (unknown when none was recognised).",
-        &c.dead_lettered[..4],
+        &c.dead_lettered,
     );
     e.sample(
         "gateway_dead_letters_total",
         &[("format", "unknown")],
-        get(&c.dead_lettered[4]) as f64,
+        get(&c.dead_lettered_unknown) as f64,
     );
     e.single(
         "gateway_rule_evaluations_total",
