@@ -20,20 +20,47 @@ pub struct Counters {
     pub ingest_overflow: AtomicU64,
     /// Readings dropped because the rules queue was full.
     pub rules_overflow: AtomicU64,
-    /// Messages decoded, by format (index of [`Format::ALL`]).
-    pub decoded: [AtomicU64; 4],
+    /// Messages decoded, by format.
+    pub decoded: ByFormat<AtomicU64>,
     /// Readings produced (a SenML pack may hold several).
     pub readings: AtomicU64,
-    /// Readings produced, by format (index of [`Format::ALL`]).
-    pub readings_by_format: [AtomicU64; 4],
-    /// Messages that did not decode, by format when one was recognised; `[4]` = none.
-    pub dead_lettered: [AtomicU64; 5],
+    /// Readings produced, by format.
+    pub readings_by_format: ByFormat<AtomicU64>,
+    /// Messages that did not decode, by the format they were taken for.
+    pub dead_lettered: ByFormat<AtomicU64>,
+    /// Messages that did not decode and whose format was not recognised.
+    pub dead_lettered_unknown: AtomicU64,
     /// Rule conditions evaluated (published by the rules stage).
     pub rule_evaluations: AtomicU64,
 }
 
-fn index(format: Format) -> usize {
-    Format::ALL.iter().position(|f| *f == format).unwrap_or(0)
+/// One value per payload format, read and written by [`Format`] (`by_format[Format::Cbor]`),
+/// so no code depends on an order of the formats.
+#[derive(Debug, Default)]
+pub struct ByFormat<T> {
+    json: T,
+    cbor: T,
+    senml_json: T,
+    senml_cbor: T,
+}
+
+impl<T> ByFormat<T> {
+    /// Each format with its value, in [`Format::ALL`] order.
+    pub fn iter(&self) -> impl Iterator<Item = (Format, &T)> {
+        Format::ALL.into_iter().map(move |f| (f, &self[f]))
+    }
+}
+
+impl<T> std::ops::Index<Format> for ByFormat<T> {
+    type Output = T;
+    fn index(&self, format: Format) -> &T {
+        match format {
+            Format::Json => &self.json,
+            Format::Cbor => &self.cbor,
+            Format::SenmlJson => &self.senml_json,
+            Format::SenmlCbor => &self.senml_cbor,
+        }
+    }
 }
 
 impl Counters {
@@ -46,21 +73,30 @@ impl Counters {
     }
 
     pub fn count_decoded(&self, format: Format, readings: usize) {
-        Self::add(&self.decoded[index(format)], 1);
+        Self::add(&self.decoded[format], 1);
         Self::add(&self.readings, readings as u64);
-        Self::add(&self.readings_by_format[index(format)], readings as u64);
+        Self::add(&self.readings_by_format[format], readings as u64);
     }
 
     pub fn count_dead_letter(&self, format: Option<Format>) {
-        Self::add(&self.dead_lettered[format.map_or(4, index)], 1);
+        Self::add(self.dead_lettered_as(format), 1);
+    }
+
+    /// Dead letters of `format`; `None`: of no recognised format.
+    pub fn dead_lettered_as(&self, format: Option<Format>) -> &AtomicU64 {
+        match format {
+            Some(format) => &self.dead_lettered[format],
+            None => &self.dead_lettered_unknown,
+        }
     }
 
     pub fn decoded_total(&self) -> u64 {
-        self.decoded.iter().map(Self::get).sum()
+        self.decoded.iter().map(|(_, n)| Self::get(n)).sum()
     }
 
     pub fn dead_lettered_total(&self) -> u64 {
-        self.dead_lettered.iter().map(Self::get).sum()
+        let known: u64 = self.dead_lettered.iter().map(|(_, n)| Self::get(n)).sum();
+        known + Self::get(&self.dead_lettered_unknown)
     }
 
     /// One line for logs: `ingested=.. decoded=.. readings=.. dead_lettered=.. ...`.

@@ -148,7 +148,10 @@ async fn upstream_down_while_readings_arrive_then_up_all_arrive_in_order() {
         }
     }
     run.store.flush().await.unwrap();
-    assert_eq!(run.store.stats().readings.messages, n);
+    assert_eq!(
+        run.store.stats().lanes[gateway::store::Lane::Reading].messages,
+        n
+    );
     assert!(ForwarderStats::get(&run.stats.connection_failures) > 0);
     assert_eq!(collector.len(), 0);
 

@@ -99,7 +99,10 @@ fn kill_9_while_appending_loses_nothing_committed() {
             "round {round}: rows out of order or missing"
         );
         assert!(rows.windows(2).all(|w| w[1].seq == w[0].seq + 1));
-        assert_eq!(store.stats().readings.messages, numbers.len() as u64);
+        assert_eq!(
+            store.stats().lanes[Lane::Reading].messages,
+            numbers.len() as u64
+        );
         expected_next = numbers.len() as u64;
         eprintln!(
             "round {round}: reported committed up to {committed}, found {} rows",

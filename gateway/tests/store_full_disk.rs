@@ -140,7 +140,7 @@ fn full_disk_degrades_refuses_and_recovers_without_losing_committed_rows() {
     assert_eq!(all_rows(&store).len(), rows.len());
     // ... and from the file by another reader, as `gateway outbox stats` does.
     let from_file = gateway::store::read_stats_file(&path).unwrap();
-    assert_eq!(from_file.readings.messages, rows.len() as u64);
+    assert_eq!(from_file.lanes[Lane::Reading].messages, rows.len() as u64);
     assert_eq!(from_file.storage, None);
 
     // Acks while degraded are kept and applied after recovery.
@@ -182,7 +182,7 @@ fn full_disk_degrades_refuses_and_recovers_without_losing_committed_rows() {
         }
         assert!(!present.iter().any(|n| (1_000_000..2_000_000).contains(n)));
         let stats = store.stats();
-        assert_eq!(stats.readings.messages, rows.len() as u64);
+        assert_eq!(stats.lanes[Lane::Reading].messages, rows.len() as u64);
     };
     check(&store);
     let stats = store.stats();

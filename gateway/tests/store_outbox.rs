@@ -41,7 +41,7 @@ fn group_commit_persists_and_survives_reopen() {
     }
     h.flush_blocking().unwrap();
     let stats = h.stats();
-    assert_eq!(stats.readings.messages, n);
+    assert_eq!(stats.lanes[Lane::Reading].messages, n);
     assert!(
         stats.commits < n / 10,
         "expected grouped commits, got {} commits for {n} appends",
@@ -58,7 +58,7 @@ fn group_commit_persists_and_survives_reopen() {
         assert_eq!(row.device, format!("d{}", i % 7));
     }
     assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
-    assert_eq!(h.stats().readings.messages, n);
+    assert_eq!(h.stats().lanes[Lane::Reading].messages, n);
 }
 
 #[test]
@@ -178,11 +178,15 @@ fn retention_by_bytes_drops_oldest_readings_keeps_events() {
     }
     h.flush_blocking().unwrap();
     let s = h.stats();
-    assert!(s.readings.bytes + s.events.bytes <= max_bytes);
-    assert_eq!(s.events.messages, events, "events are kept");
+    assert!(s.bytes() <= max_bytes);
+    assert_eq!(s.lanes[Lane::Event].messages, events, "events are kept");
     let dropped = s.get(Counter::DropMaxBytesReadings);
     assert!(dropped > 0);
-    assert_eq!(dropped + s.readings.messages, n, "every drop is counted");
+    assert_eq!(
+        dropped + s.lanes[Lane::Reading].messages,
+        n,
+        "every drop is counted"
+    );
     let rows = all_rows(&h, Lane::Reading);
     // The survivors are the newest readings.
     assert_eq!(
@@ -227,8 +231,8 @@ fn retention_by_age_drops_old_rows() {
     h.flush_blocking().unwrap();
     let s = h.stats();
     assert_eq!(s.get(Counter::DropMaxAgeReadings), 10);
-    assert_eq!(s.readings.messages, 5);
-    assert!(s.readings.oldest_age_ms.unwrap() < 60_000);
+    assert_eq!(s.lanes[Lane::Reading].messages, 5);
+    assert!(s.lanes[Lane::Reading].oldest_age_ms.unwrap() < 60_000);
 }
 
 #[test]
@@ -248,7 +252,7 @@ fn reject_new_policy_keeps_old_rows() {
     let s = h.stats();
     let rejected = s.get(Counter::DropRejectedFull);
     assert!(rejected > 0);
-    assert_eq!(rejected + s.readings.messages, n);
+    assert_eq!(rejected + s.lanes[Lane::Reading].messages, n);
     assert_eq!(
         all_rows(&h, Lane::Reading)[0].payload,
         b"{\"n\":0}".to_vec()
@@ -311,7 +315,7 @@ fn stats_command_reads_a_closed_file() {
     h.shutdown().unwrap();
     drop(h);
     let s = store::read_stats_file(&path).unwrap();
-    assert_eq!(s.readings.messages, 10);
+    assert_eq!(s.lanes[Lane::Reading].messages, 10);
     assert_eq!(s.get(Counter::AppendedReadings), 10);
-    assert!(s.readings.oldest_age_ms.is_some());
+    assert!(s.lanes[Lane::Reading].oldest_age_ms.is_some());
 }

@@ -51,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::counters::Histogram;
-use crate::store::StoreHandle;
+use crate::store::{ByLane, StoreHandle};
 
 pub use encode::{message_id, upstream_topic};
 
@@ -264,8 +264,8 @@ pub struct ForwarderStats {
     pub max_latency_ms: AtomicU64,
     /// Outbox append (`received_at`) to PUBACK, one observation per acked row.
     pub latency: Histogram,
-    /// Rows acked upstream, by lane (`[events, readings]`, the order of the session).
-    pub acked_by_lane: [AtomicU64; 2],
+    /// Rows acked upstream, by lane.
+    pub acked_by_lane: ByLane<AtomicU64>,
 }
 
 impl ForwarderStats {

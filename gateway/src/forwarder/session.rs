@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::encode::{self, Family};
 use super::{Forwarder, PumpEvent, State};
 use crate::reading::now_millis;
-use crate::store::{Lane, OutboxRow};
+use crate::store::{ByLane, Lane, OutboxRow};
 
 /// Rows read from the outbox per read transaction.
 const READ_CHUNK: usize = 1024;
@@ -84,14 +84,8 @@ impl Bucket {
     }
 }
 
-fn lane_index(lane: Lane) -> usize {
-    match lane {
-        Lane::Event => 0,
-        Lane::Reading => 1,
-    }
-}
-
-const LANES: [Lane; 2] = [Lane::Event, Lane::Reading];
+/// Events first: they drain before readings.
+const DRAIN_ORDER: [Lane; 2] = [Lane::Event, Lane::Reading];
 
 pub(super) struct Session<'a> {
     fwd: &'a Forwarder,
@@ -100,14 +94,14 @@ pub(super) struct Session<'a> {
     qos: QoS,
     /// Rows with `seq <= replay_until` were in the outbox when this connection came up.
     replay_until: u64,
-    /// Next seq to read per lane (events, readings).
-    next_seq: [u64; 2],
-    buffered: [VecDeque<OutboxRow>; 2],
+    /// Next seq to read per lane.
+    next_seq: ByLane<u64>,
+    buffered: ByLane<VecDeque<OutboxRow>>,
     /// The last read of the lane came back short: wait for new rows before reading again.
-    exhausted: [bool; 2],
+    exhausted: ByLane<bool>,
     awaiting_pkid: VecDeque<Sent>,
     by_pkid: HashMap<u16, Sent>,
-    acks: [Vec<u64>; 2],
+    acks: ByLane<Vec<u64>>,
     bucket: Option<Bucket>,
     linger_since: Option<Instant>,
     scratch: Vec<OutboxRow>,
@@ -121,12 +115,12 @@ impl<'a> Session<'a> {
             gateway_id: fwd.cfg.gateway_id().to_owned(),
             qos: fwd.cfg.mqtt_qos(),
             replay_until: 0,
-            next_seq: [0; 2],
-            buffered: [VecDeque::new(), VecDeque::new()],
-            exhausted: [false; 2],
+            next_seq: ByLane::default(),
+            buffered: ByLane::default(),
+            exhausted: ByLane::default(),
             awaiting_pkid: VecDeque::new(),
             by_pkid: HashMap::new(),
-            acks: [Vec::new(), Vec::new()],
+            acks: ByLane::default(),
             bucket: fwd.cfg.rate_limit_per_sec.map(Bucket::new),
             linger_since: None,
             scratch: Vec::with_capacity(READ_CHUNK),
@@ -201,7 +195,7 @@ impl<'a> Session<'a> {
                     self.hand_acks();
                 }
                 _ = self.fwd.store.rows_added(), if want_rows => {
-                    self.exhausted = [false; 2];
+                    self.exhausted = ByLane::default();
                 }
                 _ = tokio::time::sleep_until(grace_sleep), if matches!(idle, Idle::Wait(_)) || grace_until.is_some() => {}
             }
@@ -221,8 +215,8 @@ impl<'a> Session<'a> {
     }
 
     fn hand_acks(&mut self) {
-        for lane in LANES {
-            let seqs = &mut self.acks[lane_index(lane)];
+        for lane in DRAIN_ORDER {
+            let seqs = &mut self.acks[lane];
             if !seqs.is_empty() {
                 self.fwd
                     .stats
@@ -281,32 +275,30 @@ impl<'a> Session<'a> {
         let latency = (now_millis() - sent.received_at).max(0) as u64;
         stats.last_latency_ms.store(latency, Ordering::Relaxed);
         stats.max_latency_ms.fetch_max(latency, Ordering::Relaxed);
-        stats.acked_by_lane[lane_index(sent.lane)]
-            .fetch_add(sent.seqs.len() as u64, Ordering::Relaxed);
+        stats.acked_by_lane[sent.lane].fetch_add(sent.seqs.len() as u64, Ordering::Relaxed);
         stats
             .latency
             .observe_micros_n(latency * 1000, sent.seqs.len() as u64);
-        self.acks[lane_index(sent.lane)].extend_from_slice(&sent.seqs);
+        self.acks[sent.lane].extend_from_slice(&sent.seqs);
     }
 
     /// Reads the next chunk of `lane` into the buffer.
     fn refill(&mut self, lane: Lane) -> Result<(), Halt> {
-        let i = lane_index(lane);
         let mut rows = std::mem::take(&mut self.scratch);
         let res = self
             .fwd
             .store
-            .read_outbox(lane, self.next_seq[i], READ_CHUNK, &mut rows);
+            .read_outbox(lane, self.next_seq[lane], READ_CHUNK, &mut rows);
         if let Err(e) = res {
             tracing::error!(error = %e, "reading the outbox failed");
             self.scratch = rows;
             return Err(Halt::Store);
         }
-        self.exhausted[i] = rows.len() < READ_CHUNK;
+        self.exhausted[lane] = rows.len() < READ_CHUNK;
         if let Some(last) = rows.last() {
-            self.next_seq[i] = last.seq + 1;
+            self.next_seq[lane] = last.seq + 1;
         }
-        self.buffered[i].extend(rows.drain(..));
+        self.buffered[lane].extend(rows.drain(..));
         self.scratch = rows;
         Ok(())
     }
@@ -320,8 +312,8 @@ impl<'a> Session<'a> {
             if uncommitted >= cfg.max_uncommitted_acks.max(1) as u64 {
                 return Ok(Idle::Wait(ACK_COMMIT_POLL));
             }
-            let ev = lane_index(Lane::Event);
-            let rd = lane_index(Lane::Reading);
+            let ev = Lane::Event;
+            let rd = Lane::Reading;
             if self.buffered[ev].is_empty() && !self.exhausted[ev] {
                 self.refill(Lane::Event)?;
             }
@@ -338,11 +330,10 @@ impl<'a> Session<'a> {
                 }
                 Lane::Reading
             };
-            let i = lane_index(lane);
-            let replayed = self.buffered[i].front().map(|r| r.seq) <= Some(self.replay_until);
+            let replayed = self.buffered[lane].front().map(|r| r.seq) <= Some(self.replay_until);
             let batching = lane == Lane::Reading && cfg.batch_max_messages > 1;
             let n = if batching {
-                if self.buffered[i].len() < cfg.batch_max_messages && !self.exhausted[i] {
+                if self.buffered[lane].len() < cfg.batch_max_messages && !self.exhausted[lane] {
                     self.refill(lane)?;
                 }
                 match self.batch_len(replayed) {
@@ -367,7 +358,7 @@ impl<'a> Session<'a> {
     /// How many buffered readings go into the next batch, or how long to linger for more.
     fn batch_len(&mut self, replayed: bool) -> Result<usize, Duration> {
         let cfg = &self.fwd.cfg;
-        let rows = &self.buffered[lane_index(Lane::Reading)];
+        let rows = &self.buffered[Lane::Reading];
         let family = Family::of(rows[0].format);
         let mut size = 16;
         let mut n = 0;
@@ -396,8 +387,7 @@ impl<'a> Session<'a> {
     fn publish(&mut self, lane: Lane, n: usize) -> Result<(), Halt> {
         let cfg = &self.fwd.cfg;
         let stats = &self.fwd.stats;
-        let i = lane_index(lane);
-        let mut rows: Vec<OutboxRow> = self.buffered[i].drain(..n).collect();
+        let mut rows: Vec<OutboxRow> = self.buffered[lane].drain(..n).collect();
         let replayed: Vec<bool> = rows.iter().map(|r| r.seq <= self.replay_until).collect();
         let batch = lane == Lane::Reading && cfg.batch_max_messages > 1;
         let (topic, payload, content_type) = if !batch {
@@ -437,7 +427,7 @@ impl<'a> Session<'a> {
                 .rows_dropped_unsendable
                 .fetch_add(n as u64, Ordering::Relaxed);
             tracing::warn!(%topic, bytes = payload.len(), "row cannot be sent upstream; deleted");
-            self.acks[i].extend_from_slice(&seqs);
+            self.acks[lane].extend_from_slice(&seqs);
             return Ok(());
         }
         let props = encode::properties(

@@ -44,11 +44,7 @@ async fn status(State(s): State<Sources>) -> Json<JsonValue> {
     let outbox = s.store.stats();
     let rules = s.rules.get();
     let now = now_millis();
-    let oldest = [outbox.readings.oldest_age_ms, outbox.events.oldest_age_ms]
-        .into_iter()
-        .flatten()
-        .max()
-        .unwrap_or(0);
+    let oldest = outbox.oldest_age_ms().unwrap_or(0);
     Json(json!({
         "gateway_id": s.gateway_id,
         "version": env!("CARGO_PKG_VERSION"),
@@ -67,7 +63,7 @@ async fn status(State(s): State<Sources>) -> Json<JsonValue> {
         },
         "outbox": {
             "messages": outbox.depth(),
-            "bytes": outbox.readings.bytes + outbox.events.bytes,
+            "bytes": outbox.bytes(),
             "oldest_age_seconds": oldest as f64 / 1000.0,
             "dropped": outbox.dropped(),
         },
@@ -170,17 +166,13 @@ async fn outbox(State(s): State<Sources>) -> Json<JsonValue> {
     let dropped: BTreeMap<String, u64> = o
         .counters
         .iter()
-        .filter_map(|(c, v)| {
-            c.name()
-                .strip_prefix("drop.")
-                .map(|r| (r.replace('.', "_"), *v))
-        })
+        .filter_map(|(c, v)| c.drop_reason().map(|reason| (reason, *v)))
         .collect();
     let counters: BTreeMap<&str, u64> = o.counters.iter().map(|(c, v)| (c.name(), *v)).collect();
     Json(json!({
         "messages": o.depth(),
-        "bytes": o.readings.bytes + o.events.bytes,
-        "lanes": { "readings": lane_json(&o.readings), "events": lane_json(&o.events) },
+        "bytes": o.bytes(),
+        "lanes": o.lanes.iter().map(|(lane, l)| (lane.as_str(), lane_json(l))).collect::<BTreeMap<_, _>>(),
         "dropped": dropped,
         "commits": o.commits,
         "last_commit_micros": o.last_commit_micros,

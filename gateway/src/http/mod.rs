@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! GET /            status page (one HTML file, inline CSS/JS, polls /api/status etc.)
-//! GET /metrics     Prometheus text format 0.0.4          (metrics.rs)
+//! GET /metrics     Prometheus text format 0.0.4          (metrics.rs, exposition.rs)
 //! GET /healthz     200 while the process serves requests
 //! GET /readyz      200 when the broker listens and the store is open, else 503
 //! GET /api/status | /api/devices | /api/events | /api/outbox | /api/rules   (api.rs)
@@ -20,6 +20,7 @@
 //! - the server runs on the gateway's tokio runtime and stops with the gateway.
 
 mod api;
+mod exposition;
 mod metrics;
 mod process;
 
@@ -43,7 +44,8 @@ use crate::reading::Millis;
 use crate::rules::SharedRules;
 use crate::store::StoreHandle;
 
-pub use metrics::{render as render_metrics, Encoder, Kind};
+pub use exposition::{Encoder, Family, Kind, Label, Labels};
+pub use metrics::render as render_metrics;
 
 /// The status page, served at `/`.
 const STATUS_PAGE: &str = include_str!("status.html");

@@ -9,6 +9,11 @@
 //! interval that saw a publish, so the figure goes stale while devices are idle; it also
 //! counts the gateway's own local links. The kernel's socket table is exact and costs
 //! nothing between scrapes.
+//!
+//! Why not the `procfs` crate: it would replace about 35 lines of parsing (two fields of
+//! `statm`/`stat`, two columns of `/proc/net/tcp`) with `procfs`, `procfs-core` and `rustix`
+//! in the Pi binary, whose size is tracked; `libc` stays anyway (`statvfs` in the store),
+//! and the filter by listener port would still be ours.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

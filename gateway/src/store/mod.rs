@@ -171,10 +171,55 @@ pub enum Lane {
 }
 
 impl Lane {
+    /// Both lanes, readings first: the order of reports and metrics (the forwarder's
+    /// drain order is its own).
+    pub const ALL: [Lane; 2] = [Lane::Reading, Lane::Event];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Lane::Reading => "readings",
             Lane::Event => "events",
+        }
+    }
+}
+
+/// One value per lane, read and written by [`Lane`] (`by_lane[Lane::Event]`), so no code
+/// depends on an order of the lanes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ByLane<T> {
+    readings: T,
+    events: T,
+}
+
+impl<T> ByLane<T> {
+    pub fn from_fn(mut f: impl FnMut(Lane) -> T) -> Self {
+        ByLane {
+            readings: f(Lane::Reading),
+            events: f(Lane::Event),
+        }
+    }
+
+    /// Each lane with its value, in [`Lane::ALL`] order.
+    pub fn iter(&self) -> impl Iterator<Item = (Lane, &T)> {
+        Lane::ALL.into_iter().map(move |lane| (lane, &self[lane]))
+    }
+}
+
+impl<T> std::ops::Index<Lane> for ByLane<T> {
+    type Output = T;
+    fn index(&self, lane: Lane) -> &T {
+        match lane {
+            Lane::Reading => &self.readings,
+            Lane::Event => &self.events,
+        }
+    }
+}
+
+impl<T> std::ops::IndexMut<Lane> for ByLane<T> {
+    fn index_mut(&mut self, lane: Lane) -> &mut T {
+        match lane {
+            Lane::Reading => &mut self.readings,
+            Lane::Event => &mut self.events,
         }
     }
 }

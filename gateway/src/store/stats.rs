@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use redb::{ConcurrencyMode, ReadableDatabase, ReadableTable};
 
 use super::tables::{self, META};
-use super::{Lane, StoreError};
+use super::{ByLane, Lane, StoreError};
 use crate::counters::{Histogram, HistogramSnapshot};
 use crate::reading::{now_millis, Millis};
 
@@ -114,13 +114,21 @@ impl Counter {
             Lane::Event => Counter::EventsBytes,
         }
     }
+
+    /// The `reason` of a drop counter (`drop.max_bytes.readings` -> `max_bytes_readings`),
+    /// `None` for the others; the label of `gateway_outbox_dropped_total`.
+    pub fn drop_reason(self) -> Option<String> {
+        self.name()
+            .strip_prefix("drop.")
+            .map(|reason| reason.replace('.', "_"))
+    }
 }
 
 /// The live counters shared by the owner thread and every handle.
 pub struct Counters {
     values: Vec<AtomicU64>,
     /// `received_at` of the oldest row per lane, `i64::MIN` when the lane is empty.
-    oldest: [AtomicI64; 2],
+    oldest: ByLane<AtomicI64>,
     commits: AtomicU64,
     /// Acked seqs applied by committed transactions since open (found or not).
     acks_committed: AtomicU64,
@@ -136,7 +144,7 @@ impl Default for Counters {
     fn default() -> Self {
         Counters {
             values: Counter::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
-            oldest: [AtomicI64::new(i64::MIN), AtomicI64::new(i64::MIN)],
+            oldest: ByLane::from_fn(|_| AtomicI64::new(i64::MIN)),
             commits: AtomicU64::new(0),
             acks_committed: AtomicU64::new(0),
             last_commit_micros: AtomicU64::new(0),
@@ -145,13 +153,6 @@ impl Default for Counters {
 
             commit_seconds: Histogram::default(),
         }
-    }
-}
-
-fn lane_index(lane: Lane) -> usize {
-    match lane {
-        Lane::Reading => 0,
-        Lane::Event => 1,
     }
 }
 
@@ -166,7 +167,7 @@ impl Counters {
         self.values[c as usize].fetch_add(v, Ordering::Relaxed);
     }
     pub fn set_oldest(&self, lane: Lane, at: Option<Millis>) {
-        self.oldest[lane_index(lane)].store(at.unwrap_or(i64::MIN), Ordering::Relaxed);
+        self.oldest[lane].store(at.unwrap_or(i64::MIN), Ordering::Relaxed);
     }
     pub fn add_acks_committed(&self, n: u64) {
         self.acks_committed.fetch_add(n, Ordering::Release);
@@ -192,7 +193,7 @@ impl Counters {
     pub fn snapshot(&self) -> OutboxStats {
         let now = now_millis();
         let lane = |l: Lane| {
-            let oldest = self.oldest[lane_index(l)].load(Ordering::Relaxed);
+            let oldest = self.oldest[l].load(Ordering::Relaxed);
             LaneStats {
                 messages: self.get(Counter::messages(l)),
                 bytes: self.get(Counter::bytes(l)),
@@ -201,8 +202,7 @@ impl Counters {
             }
         };
         OutboxStats {
-            readings: lane(Lane::Reading),
-            events: lane(Lane::Event),
+            lanes: ByLane::from_fn(lane),
             counters: Counter::ALL.iter().map(|&c| (c, self.get(c))).collect(),
             commits: self.commits.load(Ordering::Relaxed),
             last_commit_micros: self.last_commit_micros.load(Ordering::Relaxed),
@@ -244,8 +244,8 @@ pub struct LaneStats {
 /// A snapshot of the store's counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxStats {
-    pub readings: LaneStats,
-    pub events: LaneStats,
+    /// Depth of each lane.
+    pub lanes: ByLane<LaneStats>,
     /// Every persisted counter (totals, drops by reason, table sizes).
     pub counters: Vec<(Counter, u64)>,
     /// Commits since this process opened the store (0 when read from the file).
@@ -283,7 +283,17 @@ impl OutboxStats {
 
     /// Messages waiting in both lanes.
     pub fn depth(&self) -> u64 {
-        self.readings.messages + self.events.messages
+        self.lanes.iter().map(|(_, l)| l.messages).sum()
+    }
+
+    /// Bytes waiting in both lanes.
+    pub fn bytes(&self) -> u64 {
+        self.lanes.iter().map(|(_, l)| l.bytes).sum()
+    }
+
+    /// Age of the oldest message of either lane; `None` when both are empty.
+    pub fn oldest_age_ms(&self) -> Option<u64> {
+        self.lanes.iter().filter_map(|(_, l)| l.oldest_age_ms).max()
     }
 
     /// Writes the human-readable report of `gateway outbox stats`.
@@ -298,22 +308,19 @@ impl OutboxStats {
             out,
             "depth: {} messages, {} bytes",
             self.depth(),
-            self.readings.bytes + self.events.bytes
+            self.bytes()
         )?;
-        for (name, l) in [("readings", &self.readings), ("events", &self.events)] {
+        for (lane, l) in self.lanes.iter() {
             writeln!(
                 out,
-                "  {name:<9} {:>10} messages {:>12} bytes  oldest age {}",
+                "  {:<9} {:>10} messages {:>12} bytes  oldest age {}",
+                lane.as_str(),
                 l.messages,
                 l.bytes,
                 age(l.oldest_age_ms)
             )?;
         }
-        let oldest = [self.readings.oldest_age_ms, self.events.oldest_age_ms]
-            .into_iter()
-            .flatten()
-            .max();
-        writeln!(out, "oldest age: {}", age(oldest))?;
+        writeln!(out, "oldest age: {}", age(self.oldest_age_ms()))?;
         match self.storage {
             Some(StorageHealth::Ok) => writeln!(out, "storage: ok")?,
             Some(StorageHealth::Degraded { for_ms, .. }) => writeln!(
@@ -324,7 +331,10 @@ impl OutboxStats {
             None => {}
         }
         let errors = self.get(Counter::StorageErrors);
-        let refused = self.get(Counter::DropRefusedReadings) + self.get(Counter::DropRefusedEvents);
+        let refused: u64 = Lane::ALL
+            .iter()
+            .map(|&lane| self.get(Counter::refused(lane)))
+            .sum();
         if errors > 0 {
             writeln!(
                 out,
@@ -354,7 +364,7 @@ pub(crate) fn read_stats(db: &impl ReadableDatabase) -> Result<OutboxStats, Stor
         Err(redb::TableError::TableDoesNotExist(_)) => {}
         Err(e) => return Err(e.into()),
     }
-    for lane in [Lane::Reading, Lane::Event] {
+    for lane in Lane::ALL {
         match txn.open_table(tables::lane_table(lane)) {
             Ok(t) => {
                 let first = t.first()?;
