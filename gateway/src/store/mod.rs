@@ -44,8 +44,10 @@
 //!   counters from it (the file is the truth about what was committed) and commits them;
 //!   when that works it logs one "storage recovered" line and resumes.
 
+mod degraded;
 mod health;
 mod read;
+mod retention;
 mod stats;
 mod tables;
 mod writer;
