@@ -11,24 +11,25 @@
 //!   after a few hundred messages;
 //! - detects what the broker dropped before ingest read it (a jump in the log offset)
 //!   and counts it as `link_lost`;
-//! - once `stop` is set, keeps reading until the link has been quiet for [`POLL`]
-//!   (at most [`DRAIN_MAX`]), so what the broker acknowledged before the stop is not
-//!   left behind; then closes the queue.
+//! - once its cancellation token is cancelled (the gateway is stopping, or decode is
+//!   gone), keeps reading until the link has been quiet for [`POLL`] (at most
+//!   [`DRAIN_MAX`]), so what the broker acknowledged before the stop is not left behind;
+//!   then closes the queue, which is how the later stages learn to stop.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttd::local::{LinkError, LinkRx};
 use rumqttd::Notification;
+use tokio_util::sync::CancellationToken;
 
 use crate::counters::Counters;
 use crate::reading::{now_millis, Millis};
 
-/// How often the loop looks at its stop flag while the broker is quiet.
+/// How often the loop looks at its cancellation token while the broker is quiet.
 const POLL: Duration = Duration::from_millis(50);
-/// Longest time spent draining the link after `stop` is set.
+/// Longest time spent draining the link once cancelled.
 const DRAIN_MAX: Duration = Duration::from_secs(2);
 /// Least time between two warnings about lost or dropped messages.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
@@ -48,7 +49,7 @@ pub struct Ingest {
     link: LinkRx,
     queue: flume::Sender<RawMessage>,
     counters: Arc<Counters>,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     last_offset: Option<u64>,
     last_warning: Option<Instant>,
 }
@@ -58,7 +59,7 @@ impl Ingest {
         link: LinkRx,
         queue: flume::Sender<RawMessage>,
         counters: Arc<Counters>,
-        stop: Arc<AtomicBool>,
+        stop: CancellationToken,
     ) -> Ingest {
         Ingest {
             link,
@@ -70,12 +71,12 @@ impl Ingest {
         }
     }
 
-    /// Runs until `stop` is set (then drains) or the broker goes away.
+    /// Runs until `stop` is cancelled (then drains) or the broker goes away.
     pub fn run(mut self) {
         let _span = tracing::info_span!("ingest").entered();
         let mut drain_until = None;
         loop {
-            if drain_until.is_none() && self.stop.load(Ordering::Relaxed) {
+            if drain_until.is_none() && self.stop.is_cancelled() {
                 drain_until = Some(Instant::now() + DRAIN_MAX);
             }
             if drain_until.is_some_and(|t| Instant::now() >= t) {
@@ -120,7 +121,7 @@ impl Ingest {
                 }
                 flume::TrySendError::Disconnected(_) => {
                     tracing::error!("Decode stage is gone; ingest stops.");
-                    self.stop.store(true, Ordering::Relaxed);
+                    self.stop.cancel();
                 }
             }
         }

@@ -15,6 +15,7 @@ pub mod ingest;
 pub mod pipeline;
 pub mod reading;
 pub mod rules;
+mod stage_threads;
 pub mod store;
 pub mod tls;
 pub mod tls_listener;

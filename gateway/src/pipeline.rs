@@ -1,5 +1,6 @@
 //! The pipeline, wired in one place: every channel is created here and every stage is
-//! started here, in order, and stopped from the front.
+//! started here, from the back (each consumer before its producer), and stopped from the
+//! front.
 //!
 //! ```text
 //! broker --local link--> ingest --RawMessage--> decode --Reading--> rules --Event--> local broker
@@ -14,20 +15,42 @@
 //! counters, store stats, forwarder stats --/
 //! ```
 //!
+//! Start: the HTTP port is bound and the store opens, then the broker with its local
+//! links; then the forwarder task, the rules, decode and ingest threads (in that order);
+//! then the status logger and the HTTP server.
+//!
+//! Stop: one [`CancellationToken`] tree, owned by [`run`]. Its child `front` is cancelled
+//! when the `shutdown` future completes; the root once the front has drained:
+//! 1. `front`: ingest (a thread; it checks `is_cancelled`) reads what the broker still
+//!    holds, then drops the decode queue; the status logger stops; `/readyz` turns 503.
+//! 2. Decode ends when its queue is closed and empty, and drops the rules queue; rules end
+//!    the same way after saving their state. That is the drain: no stage is told to stop
+//!    while data is still queued in front of it.
+//! 3. The root: the forwarder (a child token) waits for the PUBACKs in flight and stops,
+//!    handing its last acks to the store; the HTTP server (a child token) stops accepting.
+//! 4. The store commits everything queued and closes the file. It is stopped by a command
+//!    on its own channel rather than a token, so the stop is ordered after every command
+//!    sent before it (see the store's module header).
+//!
 //! Invariants:
 //! - nothing binds a port or opens the database before the configuration is valid and
 //!   the ports are known to be free;
-//! - shutdown stops ingest first; each later stage ends when its input closes; the
-//!   store commits what it holds and closes the file last; the whole drain is bounded
-//!   by `gateway.shutdown_grace`.
+//! - the stop is bounded by `gateway.shutdown_grace`: steps 1 to 3 share one deadline,
+//!   and closing the store gets at least `STORE_CLOSE_MIN` after it, so what the stages
+//!   handed over is committed even when a stage is stuck; a stage still running then is
+//!   left behind (named in the log, [`RunError::GraceExpired`]); `run` never leaves work on
+//!   the blocking pool, so returning from it does not wait for a stuck stage;
+//! - `run` waits for the stage threads without blocking a runtime worker
+//!   (`stage_threads.rs`).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
+use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
@@ -41,14 +64,15 @@ use crate::http::{self, HttpError, Sources};
 use crate::ingest::{Ingest, RawMessage};
 use crate::reading::{now_millis, Reading};
 use crate::rules::{RulesStage, SharedRules};
+use crate::stage_threads::StageThreads;
 use crate::store::{Counter, Store, StoreConfig, StoreError, StoreHandle};
 
 /// Readings waiting for the rules stage.
 const RULES_QUEUE: usize = 65_536;
-/// Longest wait for open HTTP connections to finish at shutdown.
-const HTTP_GRACE: Duration = Duration::from_secs(2);
 /// How often the counters are logged while the gateway runs.
 const STATUS_INTERVAL: Duration = Duration::from_secs(60);
+/// Least time given to closing the store, even when the drain used up the grace.
+const STORE_CLOSE_MIN: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -64,6 +88,16 @@ pub enum RunError {
     Thread(#[from] std::io::Error),
     #[error("http: {0}")]
     Http(#[from] HttpError),
+    /// The stop took longer than `gateway.shutdown_grace`; these stages were left running.
+    #[error(
+        "the shutdown grace period ({}) ran out with {} still running",
+        humantime::format_duration(*.grace),
+        .still_running.join(", ")
+    )]
+    GraceExpired {
+        grace: Duration,
+        still_running: Vec<String>,
+    },
 }
 
 /// The outbox settings of a configuration.
@@ -110,8 +144,29 @@ pub fn forwarder_config(config: &Config) -> Option<ForwarderConfig> {
     })
 }
 
-/// Runs the gateway until `shutdown` completes, then drains and closes it.
+/// A fault injected into a real gateway by the test that the shutdown grace holds (the
+/// binary reads it from `GATEWAY_TEST_FAULT`); nothing else sets one.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The rules stage never returns once its input has closed, as a stage stuck in a
+    /// blocking call would.
+    StuckRules,
+}
+
+/// Runs the gateway until `shutdown` completes, then drains and closes it within
+/// `gateway.shutdown_grace` (the module header has the sequence).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    run_with_fault(config, shutdown, None).await
+}
+
+/// [`run`] with a [`Fault`], for tests of the shutdown.
+#[doc(hidden)]
+pub async fn run_with_fault(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    fault: Option<Fault>,
+) -> Result<(), RunError> {
     config.check_ports()?;
     let started_at = now_millis();
     let counters = Arc::new(Counters::default());
@@ -121,9 +176,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let store = Store::open(&config.storage.path, store_config(&config))?;
     let views = Views::default();
-    let running = match start(&config, counters.clone(), store.clone(), &views) {
+    let stop = CancellationToken::new();
+    let running = match start(
+        &config,
+        counters.clone(),
+        store.clone(),
+        &views,
+        &stop,
+        fault,
+    ) {
         Ok(r) => r,
         Err(e) => {
+            stop.cancel();
             let _ = store.shutdown();
             return Err(e);
         }
@@ -145,13 +209,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "Gateway is up."
     );
 
-    let status = tokio::spawn(log_status(
+    tokio::spawn(log_status(
         counters.clone(),
         store.clone(),
         running.forwarder_stats.clone(),
+        running.front.child_token(),
     ));
     let broker_listening = Arc::new(AtomicBool::new(true));
-    let stop_http = CancellationToken::new();
     let http_server = http_listener.map(|listener| {
         let sources = Sources {
             gateway_id: config.gateway.id.clone(),
@@ -166,29 +230,36 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             broker_listening: broker_listening.clone(),
             ingest_samples: Default::default(),
         };
-        tokio::spawn(http::serve(listener, sources, stop_http.clone()))
+        tokio::spawn(http::serve(listener, sources, stop.child_token()))
     });
     shutdown.await;
-    status.abort();
+    let grace = config.gateway.shutdown_grace;
+    let deadline = Instant::now() + grace;
     broker_listening.store(false, Ordering::Relaxed);
-    tracing::info!(grace = ?config.gateway.shutdown_grace, "Shutting down.");
-    match tokio::time::timeout(config.gateway.shutdown_grace, running.stop()).await {
-        Ok(_) => tracing::info!(summary = %counters.summary(), "Gateway stopped."),
-        Err(_) => tracing::warn!(
-            summary = %counters.summary(),
-            "Shutdown grace period over; exiting with the pipeline still draining (committed data is safe)."
-        ),
-    }
-    stop_http.cancel();
-    if let Some(mut server) = http_server {
-        // Open keep-alive connections (a status page left open) must not hold the exit.
-        match tokio::time::timeout(HTTP_GRACE, &mut server).await {
+    tracing::info!(grace = ?grace, "Shutting down.");
+    let still_running = running.stop(deadline).await;
+    if let Some(server) = http_server {
+        // Not part of the drain: connections still open at the deadline close with the
+        // runtime.
+        match tokio::time::timeout_at(deadline, server).await {
             Ok(Ok(Err(e))) => tracing::error!(error = %e, "HTTP server failed."),
             Ok(_) => {}
-            Err(_) => server.abort(),
+            Err(_) => tracing::debug!("HTTP connections still open at the end of the grace."),
         }
     }
-    Ok(())
+    if still_running.is_empty() {
+        tracing::info!(summary = %counters.summary(), "Gateway stopped.");
+        return Ok(());
+    }
+    tracing::warn!(
+        summary = %counters.summary(),
+        still_running = %still_running.join(", "),
+        "Shutdown grace period over; exiting without waiting for what is still running (committed data is safe)."
+    );
+    Err(RunError::GraceExpired {
+        grace,
+        still_running,
+    })
 }
 
 /// Read models the stages keep for the HTTP server.
@@ -205,13 +276,14 @@ fn broker_listeners(config: &Config) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// The running stages, in pipeline order.
+/// The running stages.
 struct Running {
-    stop_ingest: Arc<AtomicBool>,
-    ingest: JoinHandle<()>,
-    decode: JoinHandle<()>,
-    rules: JoinHandle<()>,
-    forwarder: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    /// Cancelled first: ingest and the status logger watch it.
+    front: CancellationToken,
+    /// The root, cancelled once the front has drained: the forwarder and HTTP watch it.
+    stop: CancellationToken,
+    threads: StageThreads,
+    forwarder: Option<tokio::task::JoinHandle<()>>,
     forwarder_stats: Option<Arc<ForwarderStats>>,
     /// Device authentication; `None` with anonymous access.
     auth: Option<Authenticator>,
@@ -219,32 +291,43 @@ struct Running {
 }
 
 impl Running {
-    /// Stops from the front and waits for each stage in turn.
-    async fn stop(self) {
-        let Running {
-            stop_ingest,
-            ingest,
-            decode,
-            rules,
-            forwarder,
-            store,
-            ..
-        } = self;
-        stop_ingest.store(true, Ordering::Relaxed);
-        let front = tokio::task::spawn_blocking(move || {
-            let _ = ingest.join();
-            let _ = decode.join();
-            let _ = rules.join();
+    /// Stops from the front (steps 1 to 4 of the module header); returns the names of the
+    /// stages still running when `deadline` passed.
+    async fn stop(self, deadline: Instant) -> Vec<String> {
+        self.front.cancel();
+        let mut still_running = self.threads.wait(deadline).await;
+        self.stop.cancel();
+        if let Some(task) = self.forwarder {
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                still_running.push("forwarder".into());
+            }
+        }
+        let close_by = deadline.max(Instant::now() + STORE_CLOSE_MIN);
+        match close_store(self.store, close_by).await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => tracing::error!(error = %e, "Closing the database failed."),
+            None => still_running.push("store".into()),
+        }
+        still_running
+    }
+}
+
+/// Commits what the store holds and closes it, waiting until `deadline` at most; `None`
+/// when it had not closed by then.
+async fn close_store(store: StoreHandle, deadline: Instant) -> Option<Result<(), StoreError>> {
+    let (tx, rx) = oneshot::channel();
+    let closing = store.clone();
+    // A thread of its own rather than the blocking pool: if the store is stuck, nothing
+    // must wait for this thread when the runtime shuts down.
+    let closer = std::thread::Builder::new()
+        .name("store-close".into())
+        .spawn(move || {
+            let _ = tx.send(closing.shutdown());
         });
-        let _ = front.await;
-        if let Some((cancel, task)) = forwarder {
-            cancel.cancel();
-            let _ = task.await;
-        }
-        let closed = tokio::task::spawn_blocking(move || store.shutdown()).await;
-        if let Ok(Err(e)) = closed {
-            tracing::error!(error = %e, "Closing the database failed.");
-        }
+    match closer {
+        Ok(_) => tokio::time::timeout_at(deadline, rx).await.ok()?.ok(),
+        // No thread to spare: close it here.
+        Err(_) => Some(store.shutdown()),
     }
 }
 
@@ -253,6 +336,8 @@ fn start(
     counters: Arc<Counters>,
     store: StoreHandle,
     views: &Views,
+    stop: &CancellationToken,
+    fault: Option<Fault>,
 ) -> Result<Running, RunError> {
     let forwarder = forwarder_config(config)
         .map(|cfg| Forwarder::new(cfg, store.clone()))
@@ -266,6 +351,11 @@ fn start(
     let (_ingest_tx, ingest_rx) = links.ingest;
     let auth = links.auth;
     let forwarding = config.upstream.url.is_some();
+    let front = stop.child_token();
+    let mut threads = StageThreads::new();
+
+    let forwarder_stats = forwarder.as_ref().map(Forwarder::stats);
+    let forwarder = forwarder.map(|f| tokio::spawn(f.run(stop.child_token())));
 
     let (readings_tx, readings_rx) = flume::bounded::<Reading>(RULES_QUEUE);
     let rules = RulesStage {
@@ -279,40 +369,35 @@ fn start(
         counters: counters.clone(),
         snapshot: views.rules.clone(),
     };
-    let rules = std::thread::Builder::new()
-        .name("rules".into())
-        .spawn(move || rules.run())?;
+    threads.spawn("rules", move || {
+        rules.run();
+        if fault == Some(Fault::StuckRules) {
+            tracing::warn!("Injected fault: the rules stage hangs.");
+            loop {
+                std::thread::park();
+            }
+        }
+    })?;
 
     let (raw_tx, raw_rx) = flume::bounded::<RawMessage>(config.ingest.queue_capacity);
-    let stop_ingest = Arc::new(AtomicBool::new(false));
-    let ingest = Ingest::new(ingest_rx, raw_tx, counters.clone(), stop_ingest.clone());
-    let ingest = std::thread::Builder::new()
-        .name("ingest".into())
-        .spawn(move || ingest.run())?;
-
     let decode = DecodeStage {
         pattern: config.ingest.topic_pattern.clone(),
         input: raw_rx,
-        counters,
+        counters: counters.clone(),
         store: store.clone(),
         forward_readings: forwarding && config.upstream.forward_readings,
         readings: Some(readings_tx),
         devices: views.devices.clone(),
     };
-    let decode = std::thread::Builder::new()
-        .name("decode".into())
-        .spawn(move || decode.run())?;
+    threads.spawn("decode", move || decode.run())?;
 
-    let forwarder_stats = forwarder.as_ref().map(Forwarder::stats);
-    let forwarder = forwarder.map(|f| {
-        let cancel = CancellationToken::new();
-        (cancel.clone(), tokio::spawn(f.run(cancel)))
-    });
+    let ingest = Ingest::new(ingest_rx, raw_tx, counters, front.child_token());
+    threads.spawn("ingest", move || ingest.run())?;
+
     Ok(Running {
-        stop_ingest,
-        ingest,
-        decode,
-        rules,
+        front,
+        stop: stop.clone(),
+        threads,
         forwarder,
         forwarder_stats,
         auth,
@@ -324,12 +409,16 @@ async fn log_status(
     counters: Arc<Counters>,
     store: StoreHandle,
     forwarder: Option<Arc<ForwarderStats>>,
+    stop: CancellationToken,
 ) {
     let mut last = String::new();
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     tick.tick().await;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
         let summary = counters.summary();
         let outbox = store.stats();
         if summary != last || outbox.storage_degraded() == 1 {

@@ -242,3 +242,47 @@ async fn sigint_drains_and_closes_the_database() {
     gw.spawn();
     gw.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_stage_does_not_hold_the_exit_beyond_the_grace() {
+    // The hidden fault makes the rules stage hang once its input closes, as a stage stuck
+    // in a blocking call would.
+    let grace = Duration::from_secs(1);
+    let mut gw = Gateway::start(&[
+        ("GATEWAY__GATEWAY__SHUTDOWN_GRACE", "1s"),
+        ("GATEWAY_TEST_FAULT", "stuck-rules"),
+    ]);
+    let messages = vec![
+        ("devices/s-0/telemetry".to_string(), b"{\"n\":1}".to_vec()),
+        ("devices/s-0/telemetry".to_string(), b"{bad".to_vec()),
+    ];
+    publish_all(&gw.addr(), "e2e-stuck", &messages).await;
+    let sent = std::time::Instant::now();
+    let status = gw.signal_and_wait(libc::SIGTERM, Duration::from_secs(15));
+    let took = sent.elapsed();
+    let log = gw.log();
+    assert_eq!(status.code(), Some(1), "exit {status}; log:\n{log}");
+    // The grace is waited out for the stuck stage, and not much more: closing the store
+    // and the runtime get at most a second after it.
+    assert!(
+        took >= grace - Duration::from_millis(100),
+        "{took:?}; log:\n{log}"
+    );
+    assert!(
+        took < grace + Duration::from_millis(1500),
+        "{took:?}; log:\n{log}"
+    );
+    assert!(
+        log.contains("Injected fault: the rules stage hangs."),
+        "{log}"
+    );
+    let over = gw.wait_log("Shutdown grace period over", Duration::from_secs(1));
+    assert!(over.contains("still_running=rules"), "{over}");
+    assert!(
+        log.contains("shutdown grace period (1s) ran out with rules still running"),
+        "{log}"
+    );
+    // What decode handed to the store before the grace ran out is committed.
+    let letters = gateway::store::read_dead_letters(&gw.db_path(), 10).unwrap();
+    assert_eq!(letters.len(), 1);
+}

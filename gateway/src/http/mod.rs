@@ -17,7 +17,8 @@
 //! - a request never locks a pipeline stage: every source is atomics, a short-held
 //!   snapshot mutex, or a redb read transaction (run on the blocking pool);
 //! - upstream being offline is a normal state: reported, never "not ready";
-//! - the server runs on the gateway's tokio runtime and stops with the gateway.
+//! - the server runs on the gateway's tokio runtime and stops when its cancellation token
+//!   (a child of the pipeline's) is cancelled, at most `DRAIN_MAX` later.
 
 mod api;
 mod exposition;
@@ -25,6 +26,7 @@ mod metrics;
 mod process;
 
 use std::collections::VecDeque;
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -53,6 +55,8 @@ const STATUS_PAGE: &str = include_str!("status.html");
 /// rate spans (a 10 s window).
 const RATE_SAMPLE: Duration = Duration::from_secs(1);
 const RATE_SAMPLES: usize = 11;
+/// Longest wait for open connections to finish once the server is told to stop.
+const DRAIN_MAX: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -148,7 +152,8 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, HttpError
         .map_err(|e| HttpError::Bind(addr, e))
 }
 
-/// Serves until `shutdown` is cancelled.
+/// Serves until `shutdown` is cancelled, then lets open requests finish for at most
+/// `DRAIN_MAX`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     sources: Sources,
@@ -158,19 +163,31 @@ pub async fn serve(
         tracing::info!(listen = %addr, "HTTP server is up.");
     }
     let sampled = sources.clone();
-    let sampler = tokio::spawn(async move {
+    let sample = async move {
         let mut tick = tokio::time::interval(RATE_SAMPLE);
         loop {
             tick.tick().await;
             sampled.sample_ingest();
         }
-    });
+    };
+    let stopped = shutdown.clone();
     let served = axum::serve(listener, router(sources))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(HttpError::Serve);
-    sampler.abort();
-    served
+        .with_graceful_shutdown(async move { stopped.cancelled().await })
+        .into_future();
+    // Open keep-alive connections (a status page left open) must not hold the exit.
+    let drained = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(DRAIN_MAX).await;
+    };
+    tokio::select! {
+        served = served => served.map_err(HttpError::Serve),
+        // The sampler loops for ever: only the other two branches end the server.
+        () = sample => Ok(()),
+        () = drained => {
+            tracing::debug!("HTTP connections still open; the server stops without them.");
+            Ok(())
+        }
+    }
 }
 
 async fn metrics_handler(axum::extract::State(sources): axum::extract::State<Sources>) -> Response {

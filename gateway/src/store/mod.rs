@@ -24,11 +24,17 @@
 //!   and every retention drop is counted by reason and lane.
 //! - The file is opened in redb's `SingleWriter` concurrency mode, so `gateway outbox
 //!   stats` can open it read-only while the gateway runs.
+//! - The owner thread stops on a `Shutdown` command ([`StoreHandle::shutdown`]), not on
+//!   the pipeline's cancellation token: the command is ordered after every command sent
+//!   before it, so "commit what was queued, then close" needs nothing else, and the
+//!   thread, blocked on its channels, wakes for it at once (a token would be noticed
+//!   only at its next timeout). The pipeline sends it once the producers have stopped, or
+//!   when the shutdown grace is over.
 //!
 //! Storage faults (disk full, I/O errors): redb latches the first I/O error of a
 //! `Database` and fails every later transaction, reads included, with `PreviousIo` until
 //! the handle is dropped and the file opened again. So a failed commit puts the store in
-//! a degraded state ([`health`]) instead of failing one group after another:
+//! a degraded state (`degraded.rs`, [`health`]) instead of failing one group after another:
 //! - it logs one error naming the path and the cause, sets the `storage_degraded` gauge
 //!   and counts `storage.errors`; the group that failed is counted as `commit_failed`;
 //! - new entries are refused on the caller's thread without touching the disk or the
@@ -44,8 +50,10 @@
 //!   counters from it (the file is the truth about what was committed) and commits them;
 //!   when that works it logs one "storage recovered" line and resumes.
 
+mod degraded;
 mod health;
 mod read;
+mod retention;
 mod stats;
 mod tables;
 mod writer;

@@ -1,5 +1,6 @@
 //! The owner thread of the database: takes commands, applies them in groups, one write
-//! transaction per group, and enforces retention.
+//! transaction per group. Retention ([`super::retention`]) runs inside each transaction;
+//! after a failed commit the thread runs in degraded mode ([`super::degraded`]).
 //!
 //! Invariants:
 //! - The only place that opens write transactions.
@@ -7,29 +8,23 @@
 //!   or `flush_interval` after the first; a flush request or shutdown commits at once.
 //! - Counters are published to the shared atomics only after a successful commit; a failed
 //!   commit reverts them from the atomics and counts its appends as `commit_failed`.
-//! - A failed commit makes the store degraded (see [`super::health`]): nothing more is
-//!   written through that handle (it stays open only until the next reopen), data
-//!   commands are refused and counted, acks are kept, and a reopen is retried with
-//!   backoff; acks count as committed only once their deletion is.
-//! - Drops are logged at most once per `DROP_LOG_INTERVAL` with the counts since the last
-//!   line, so a burst gives one warning, not one per row.
+//! - A failed commit makes the store degraded; acks count as committed only once their
+//!   deletion is.
+//! - The thread ends on the `Shutdown` command, after committing everything queued
+//!   before it (see the store's module header for why this is a command).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver};
-use redb::{
-    ConcurrencyMode, Database, Durability, ReadableTable, ReadableTableMetadata, Table,
-    WriteTransaction,
-};
+use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use tokio::sync::{oneshot, Notify};
 
-use super::health::{self, Degraded, Reader, ReaderSlot};
+use super::health::{Degraded, ReaderSlot};
 use super::stats::{Counter, Counters};
 use super::tables::{self, DEAD_LETTERS, EVENT_LOG, META, RULE_STATE};
 use super::{CtlCmd, DataCmd, Lane, OverflowPolicy, StoreConfig, StoreError};
-use crate::reading::{now_millis, Millis};
 
 /// Without commands the thread still wakes this often (storage retries, drop logs).
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
@@ -37,10 +32,8 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 /// this often: every commit rewrites pages with an fsync, and on an SD card an idle
 /// gateway must not wear the flash (a commit every second wrote 32 KB/s).
 const IDLE_COMMIT_INTERVAL: Duration = Duration::from_secs(60);
-/// Drop warnings are at most this frequent.
-const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Key bytes counted per outbox row on top of the encoded value.
-const KEY_BYTES: u64 = 8;
+pub(super) const KEY_BYTES: u64 = 8;
 
 /// Creates the tables and loads the persisted counters into `counters`.
 ///
@@ -86,41 +79,41 @@ pub(super) fn init(db: &Database, counters: &Counters, reopen: bool) -> Result<(
 
 pub(super) struct Owner {
     /// The writable database; `None` while degraded.
-    db: Option<Arc<Database>>,
-    path: PathBuf,
+    pub(super) db: Option<Arc<Database>>,
+    pub(super) path: PathBuf,
     /// What handles read from (see [`super::health`]).
-    slot: Arc<ReaderSlot>,
+    pub(super) slot: Arc<ReaderSlot>,
     /// Set while writes fail.
-    degraded: Option<Degraded>,
+    pub(super) degraded: Option<Degraded>,
     /// While degraded, the last writable handle whose write failed. Kept open because its
     /// lock tells read-only opens (ours, `gateway outbox stats`) that the file needs no
     /// repair; dropped just before each reopen.
-    failed: Option<Arc<Database>>,
-    cfg: StoreConfig,
-    data_rx: Receiver<Box<DataCmd>>,
-    ctl_rx: Receiver<CtlCmd>,
-    counters: Arc<Counters>,
-    new_rows: Arc<Notify>,
+    pub(super) failed: Option<Arc<Database>>,
+    pub(super) cfg: StoreConfig,
+    pub(super) data_rx: Receiver<Box<DataCmd>>,
+    pub(super) ctl_rx: Receiver<CtlCmd>,
+    pub(super) counters: Arc<Counters>,
+    pub(super) new_rows: Arc<Notify>,
     /// Counter values of the transaction being built.
-    meta: Vec<u64>,
-    scratch: Vec<u8>,
-    drops_logged: Vec<u64>,
-    last_drop_log: Option<Instant>,
+    pub(super) meta: Vec<u64>,
+    pub(super) scratch: Vec<u8>,
+    pub(super) drops_logged: Vec<u64>,
+    pub(super) last_drop_log: Option<Instant>,
     /// Data commands taken off the queue since start.
-    data_taken: u64,
+    pub(super) data_taken: u64,
     /// When the last transaction committed (idle commits are spaced by
     /// [`IDLE_COMMIT_INTERVAL`]).
-    last_commit: Instant,
+    pub(super) last_commit: Instant,
 }
 
 /// What one collection round gathered.
 #[derive(Default)]
-struct Group {
-    data: Vec<DataCmd>,
-    acks: Vec<(Lane, Vec<u64>)>,
+pub(super) struct Group {
+    pub(super) data: Vec<DataCmd>,
+    pub(super) acks: Vec<(Lane, Vec<u64>)>,
     /// Flush requests with the count of data commands that must be committed first.
-    flushes: Vec<(u64, oneshot::Sender<bool>)>,
-    shutdown: bool,
+    pub(super) flushes: Vec<(u64, oneshot::Sender<bool>)>,
+    pub(super) shutdown: bool,
 }
 
 impl Group {
@@ -227,136 +220,6 @@ impl Owner {
         );
     }
 
-    /// Entries refused so far, of every kind.
-    fn refused_total(&self) -> u64 {
-        [
-            Counter::DropRefusedReadings,
-            Counter::DropRefusedEvents,
-            Counter::RefusedDeadLetters,
-            Counter::RefusedState,
-            Counter::RefusedEventLog,
-        ]
-        .iter()
-        .map(|&c| self.counters.get(c))
-        .sum()
-    }
-
-    /// A commit failed: stop writing through this handle (redb fails every later
-    /// transaction on it), keep committed rows readable, keep the group's acks, and say so
-    /// once.
-    fn enter_degraded(&mut self, error: &StoreError, group: &mut Group) {
-        let mut d = Degraded::new(self.refused_total());
-        self.keep_acks(&mut d, group);
-        self.counters.add(Counter::StorageErrors, 1);
-        self.counters.set_degraded(Some(d.since));
-        tracing::error!(
-            path = %self.path.display(),
-            error = %error,
-            "Storage unavailable: a write to the database failed. The outbox is refusing new entries; \
-             readings and events are not buffered until space returns. Rules keep running and events are \
-             still published locally; committed rows stay readable and are forwarded. Retrying every 1 to 5 s."
-        );
-        self.degraded = Some(d);
-        // A read-only handle opens only while the failed writer is still open: once that
-        // is dropped the file needs a repair, which only a writable open can do.
-        let reader = health::open_reader(&self.path);
-        if let Ok(mut slot) = self.slot.write() {
-            *slot = reader;
-        }
-        self.failed = self.db.take();
-    }
-
-    /// Keeps the group's acks in `d`; acks beyond the bound are given up (those rows are
-    /// sent again) and counted as committed so the forwarder does not wait for them.
-    fn keep_acks(&self, d: &mut Degraded, group: &mut Group) {
-        let discarded = d.keep_acks(group.acks.drain(..));
-        if discarded > 0 {
-            self.counters.add(Counter::AcksDiscarded, discarded);
-            self.counters.add_acks_committed(discarded);
-        }
-    }
-
-    /// While degraded: counts the group's data commands as refused, keeps its acks.
-    fn refuse(&mut self, group: &mut Group) {
-        for cmd in group.data.drain(..) {
-            let c = match cmd {
-                DataCmd::Append(e) => Counter::refused(e.lane),
-                DataCmd::DeadLetter(_) => Counter::RefusedDeadLetters,
-                DataCmd::PutState(..) | DataCmd::DeleteState(_) => Counter::RefusedState,
-                DataCmd::LogEvent { .. } => Counter::RefusedEventLog,
-            };
-            self.counters.add(c, 1);
-        }
-        if let Some(mut d) = self.degraded.take() {
-            self.keep_acks(&mut d, group);
-            self.degraded = Some(d);
-        }
-    }
-
-    /// When a retry is due: reopens the file and commits the counters to it. On success
-    /// the store is healthy again and the kept acks join `group`, to be committed now.
-    fn try_recover(&mut self, group: &mut Group) {
-        let Some(d) = self.degraded.as_mut().filter(|d| d.due()) else {
-            return;
-        };
-        if health::free_bytes(&self.path).is_some_and(|free| free < health::RECOVERY_HEADROOM) {
-            d.retry_later();
-            return;
-        }
-        // The file lock of the failed handle must go before the file can be reopened.
-        self.failed = None;
-        let opened = Database::builder()
-            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
-            .set_cache_size(self.cfg.cache_size)
-            .open(&self.path)
-            .map_err(StoreError::from)
-            .map(Arc::new)
-            .and_then(|db| match init(&db, &self.counters, true) {
-                Ok(()) => Ok(db),
-                Err(e) => {
-                    self.failed = Some(db);
-                    Err(e)
-                }
-            });
-        let db = match opened {
-            Ok(db) => db,
-            Err(e) => {
-                tracing::debug!(error = %e, "storage still unavailable");
-                d.retry_later();
-                let missing = self.slot.read().map_or(true, |s| s.is_none());
-                if missing {
-                    let reader = health::open_reader(&self.path);
-                    if let Ok(mut slot) = self.slot.write() {
-                        *slot = reader;
-                    }
-                }
-                return;
-            }
-        };
-        let Some(d) = self.degraded.take() else {
-            return;
-        };
-        for &c in Counter::ALL {
-            self.meta[c as usize] = self.counters.get(c);
-        }
-        if let Ok(mut slot) = self.slot.write() {
-            *slot = Some(Reader::Writer(db.clone()));
-        }
-        self.db = Some(db);
-        self.counters.set_degraded(None);
-        let refused = self.refused_total().saturating_sub(d.refused_before);
-        let after = humantime::format_duration(Duration::from_secs(d.started.elapsed().as_secs()));
-        tracing::info!(
-            path = %self.path.display(),
-            refused,
-            acks_pending = d.ack_count,
-            "Storage recovered after {after}, {refused} entries refused; the outbox accepts new entries again."
-        );
-        group.acks.extend(d.acks);
-        // The forwarder may have read nothing meanwhile: let it read again.
-        self.new_rows.notify_one();
-    }
-
     fn take_ctl(&mut self, group: &mut Group, cmd: CtlCmd) {
         match cmd {
             CtlCmd::Ack(lane, seqs) => group.acks.push((lane, seqs)),
@@ -429,16 +292,16 @@ impl Owner {
         self.data_taken += group.data.len() as u64;
     }
 
-    fn get(&self, c: Counter) -> u64 {
+    pub(super) fn get(&self, c: Counter) -> u64 {
         self.meta[c as usize]
     }
-    fn set(&mut self, c: Counter, v: u64) {
+    pub(super) fn set(&mut self, c: Counter, v: u64) {
         self.meta[c as usize] = v;
     }
-    fn add(&mut self, c: Counter, v: u64) {
+    pub(super) fn add(&mut self, c: Counter, v: u64) {
         self.meta[c as usize] += v;
     }
-    fn sub(&mut self, c: Counter, v: u64) {
+    pub(super) fn sub(&mut self, c: Counter, v: u64) {
         self.meta[c as usize] = self.meta[c as usize].saturating_sub(v);
     }
 
@@ -565,18 +428,7 @@ impl Owner {
         }
         self.scratch = scratch;
 
-        self.enforce_age(&mut readings, Lane::Reading)?;
-        self.enforce_age(&mut events, Lane::Event)?;
-        self.enforce_bytes(&mut readings, Lane::Reading)?;
-        if self.cfg.overflow_policy == OverflowPolicy::DropOldestReadings {
-            self.enforce_bytes(&mut events, Lane::Event)?;
-        }
-        let evicted = trim(&mut dead, self.cfg.dead_letter_max)?;
-        self.add(Counter::DeadLettersEvicted, evicted);
-        self.set(Counter::DeadLetterRows, dead.len()?);
-        let evicted = trim(&mut log, self.cfg.event_log_max)?;
-        self.add(Counter::EventLogEvicted, evicted);
-        self.set(Counter::EventLogRows, log.len()?);
+        self.enforce_retention(&mut readings, &mut events, &mut dead, &mut log)?;
 
         for (lane, table) in [(Lane::Reading, &readings), (Lane::Event, &events)] {
             let first = table.first()?;
@@ -598,92 +450,7 @@ impl Owner {
         Ok(())
     }
 
-    fn depth_bytes(&self) -> u64 {
+    pub(super) fn depth_bytes(&self) -> u64 {
         self.get(Counter::ReadingsBytes) + self.get(Counter::EventsBytes)
     }
-
-    /// Drops rows of `lane` older than `max_age`, oldest first.
-    fn enforce_age(&mut self, table: &mut Table<u64, &[u8]>, lane: Lane) -> Result<(), StoreError> {
-        let Some(max_age) = self.cfg.max_age else {
-            return Ok(());
-        };
-        let cutoff: Millis = now_millis() - max_age.as_millis() as Millis;
-        let reason = match lane {
-            Lane::Reading => Counter::DropMaxAgeReadings,
-            Lane::Event => Counter::DropMaxAgeEvents,
-        };
-        loop {
-            let len = match table.first()? {
-                Some((_, v)) if tables::outbox_received_at(v.value()).unwrap_or(0) < cutoff => {
-                    v.value().len() as u64 + KEY_BYTES
-                }
-                _ => return Ok(()),
-            };
-            table.pop_first()?;
-            self.drop_row(lane, len, reason);
-        }
-    }
-
-    /// Drops the oldest rows of `lane` while the outbox is over `max_bytes`.
-    fn enforce_bytes(
-        &mut self,
-        table: &mut Table<u64, &[u8]>,
-        lane: Lane,
-    ) -> Result<(), StoreError> {
-        let reason = match lane {
-            Lane::Reading => Counter::DropMaxBytesReadings,
-            Lane::Event => Counter::DropMaxBytesEvents,
-        };
-        while self.depth_bytes() > self.cfg.max_bytes {
-            let Some((_, v)) = table.pop_first()? else {
-                return Ok(());
-            };
-            let len = v.value().len() as u64 + KEY_BYTES;
-            drop(v);
-            self.drop_row(lane, len, reason);
-        }
-        Ok(())
-    }
-
-    fn drop_row(&mut self, lane: Lane, len: u64, reason: Counter) {
-        self.sub(Counter::messages(lane), 1);
-        self.sub(Counter::bytes(lane), len);
-        self.add(reason, 1);
-    }
-
-    /// One warning per burst of drops: the counts by reason since the last warning.
-    fn log_drops(&mut self, force: bool) {
-        let due = self
-            .last_drop_log
-            .is_none_or(|t| t.elapsed() >= DROP_LOG_INTERVAL);
-        if !(due || force) {
-            return;
-        }
-        let mut parts = Vec::new();
-        for &c in Counter::ALL {
-            // Refusals while degraded are told by the recovery line, not every 10 s.
-            if !c.name().starts_with("drop.") || c.name().starts_with("drop.refused.") {
-                continue;
-            }
-            let now = self.counters.get(c);
-            let before = std::mem::replace(&mut self.drops_logged[c as usize], now);
-            if now > before {
-                parts.push(format!("{}={}", c.name(), now - before));
-            }
-        }
-        if !parts.is_empty() {
-            tracing::warn!(drops = %parts.join(" "), "outbox dropped messages");
-            self.last_drop_log = Some(Instant::now());
-        }
-    }
-}
-
-/// Removes the oldest rows of `table` beyond `max` rows; returns how many.
-fn trim<K: redb::Key + 'static>(table: &mut Table<K, &[u8]>, max: u64) -> Result<u64, StoreError> {
-    let len = table.len()?;
-    let excess = len.saturating_sub(max);
-    for _ in 0..excess {
-        table.pop_first()?;
-    }
-    Ok(excess)
 }
