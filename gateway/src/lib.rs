@@ -3,7 +3,6 @@
 
 pub mod auth;
 pub mod broker;
-pub mod cbor;
 pub mod config;
 pub mod counters;
 pub mod decode;
