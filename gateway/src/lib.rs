@@ -1,7 +1,6 @@
 //! The edge gateway as a library: every stage of the pipeline, and [`run`] that wires
 //! them (see `pipeline.rs` for the data flow).
 
-pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod counters;
@@ -16,6 +15,5 @@ pub mod reading;
 pub mod rules;
 pub mod store;
 pub mod tls;
-pub mod tls_listener;
 
 pub use pipeline::run;

@@ -249,7 +249,7 @@ async fn shutdown_signal() {
 }
 
 fn devices(config: &Config, command: DevicesCommand) -> ExitCode {
-    use gateway::auth::Credentials;
+    use gateway::broker::auth::Credentials;
     let path = &config.auth.credentials_file;
     let result = Credentials::load_or_empty(path).and_then(|mut creds| match command {
         DevicesCommand::Add { id } => {

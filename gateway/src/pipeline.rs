@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Authenticator;
+use crate::broker::auth::Authenticator;
 use crate::broker::{self, BrokerError};
 use crate::config::{Config, ConfigErrors};
 use crate::counters::Counters;
