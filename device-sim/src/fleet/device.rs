@@ -48,7 +48,7 @@ pub(super) struct DeviceDone {
 /// Messages from a device's publisher to its driver.
 pub(super) enum Control {
     /// Drop the connection now; connect again at the instant given.
-    Drop { until: Instant },
+    Disconnect { until: Instant },
     /// No more publishes: `published` in total; drain and disconnect.
     Finish { published: u64 },
 }
@@ -198,7 +198,7 @@ impl<'d> Publisher<'d> {
     /// Publishes until quota, deadline or shutdown; returns payloads published.
     async fn run(&mut self) -> u64 {
         let d = self.device;
-        let mut drops = self.plan.drops().into_iter().peekable();
+        let mut disconnects = self.plan.disconnects().into_iter().peekable();
         let mut next = Instant::now();
         loop {
             if self.quota.is_some_and(|q| self.published >= q) || d.shutdown.is_cancelled() {
@@ -210,10 +210,10 @@ impl<'d> Publisher<'d> {
             }
             let t = now.duration_since(d.t0);
             // Planned connection drops that are due.
-            if let Some(drop) = drops.next_if(|drop| drop.at <= t) {
-                let until = d.t0 + drop.until;
-                let _ = self.ctrl.send(Control::Drop { until }).await;
-                if drop.silent && !self.pause_until(until).await {
+            if let Some(planned) = disconnects.next_if(|p| p.at <= t) {
+                let until = d.t0 + planned.until;
+                let _ = self.ctrl.send(Control::Disconnect { until }).await;
+                if planned.silent && !self.pause_until(until).await {
                     break;
                 }
                 next = next.max(Instant::now());
@@ -227,9 +227,9 @@ impl<'d> Publisher<'d> {
                 continue;
             }
             // Wait for the next reading (or the next planned drop).
-            let wake = drops
+            let wake = disconnects
                 .peek()
-                .map(|drop| next.min(d.t0 + drop.at))
+                .map(|p| next.min(d.t0 + p.at))
                 .unwrap_or(next);
             if wake > now {
                 if !self.pause_until(wake).await {

@@ -74,7 +74,7 @@ impl Driver {
             tokio::select! {
                 biased;
                 ctrl = self.ctrl.recv(), if finish.is_none() => match ctrl {
-                    Some(Control::Drop { until }) => {
+                    Some(Control::Disconnect { until }) => {
                         self.set_connected(false);
                         self.eventloop.network = None;
                         self.eventloop.clean();
