@@ -1,6 +1,7 @@
 //! The edge gateway as a library: every stage of the pipeline, and [`run`] that wires
 //! them (see `pipeline.rs` for the data flow).
 
+pub mod backoff;
 pub mod broker;
 pub mod config;
 pub mod counters;

@@ -26,7 +26,9 @@ use tokio_util::sync::CancellationToken;
 use super::device::Control;
 use crate::stats::Counters;
 
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// Wait before the first reconnect after a connection error.
+const BACKOFF_MIN: Duration = Duration::from_millis(400);
+/// Longest wait between two reconnects.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// The connection half of a device: drives the event loop.
@@ -40,6 +42,18 @@ pub(super) struct Driver {
     pub drain: Duration,
     pub shutdown: CancellationToken,
     pub rng: SmallRng,
+}
+
+/// The wait before reconnect `attempt` (1 is the first): `BACKOFF_MIN * 2^(attempt-1)`,
+/// at most [`BACKOFF_MAX`], with equal jitter (a random point in the upper half). The
+/// same shape as the gateway's `Backoff::delay`, drawn from the device's seeded `rng` so
+/// a run repeats.
+fn backoff(attempt: u32, rng: &mut impl Rng) -> Duration {
+    let ceiling = BACKOFF_MIN
+        .saturating_mul(1 << attempt.saturating_sub(1).min(20))
+        .min(BACKOFF_MAX);
+    let half = ceiling / 2;
+    half + rng.random_range(Duration::ZERO..=half)
 }
 
 impl Driver {
@@ -114,10 +128,7 @@ impl Driver {
                         self.set_connected(false);
                         dropped += self.discard_pending();
                         failures += 1;
-                        let backoff = BACKOFF_MIN
-                            .saturating_mul(1 << failures.min(5))
-                            .min(BACKOFF_MAX)
-                            .mul_f64(self.rng.random_range(0.5..1.0));
+                        let backoff = backoff(failures, &mut self.rng);
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
                             _ = self.shutdown.cancelled() => {}
@@ -149,6 +160,25 @@ impl Driver {
         let was = self.connected.send_replace(up);
         if was != up {
             self.counters.connection(if up { 1 } else { -1 });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+
+    #[test]
+    fn reconnects_back_off_with_jitter_up_to_the_maximum() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        for attempt in 1..10 {
+            let cap = (BACKOFF_MIN * (1 << (attempt - 1))).min(BACKOFF_MAX);
+            for _ in 0..20 {
+                let d = backoff(attempt, &mut rng);
+                assert!(d >= cap / 2 && d <= cap, "attempt {attempt}: {d:?}");
+            }
         }
     }
 }
