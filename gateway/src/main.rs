@@ -102,7 +102,7 @@ enum DevicesCommand {
 #[derive(Subcommand)]
 enum OutboxCommand {
     /// Depth in messages and bytes, oldest age, per-lane counts and drop counters; works
-    /// while the gateway runs (from its stats file) or not (from the database).
+    /// whether or not the gateway runs (it opens the database read-only).
     Stats,
 }
 
