@@ -66,7 +66,21 @@ stop() { # pid
   wait "$1" 2>/dev/null || true
 }
 
-read -r UP_PORT A_PORT B_PORT < <("$SIM" free-ports 3 | tr '\n' ' '; echo)
+# free_ports N: N distinct loopback ports nothing listens on, picked at random in
+# 20000-29999, below Linux's ephemeral range (32768-60999), so an outgoing connection
+# does not take one meanwhile.
+free_ports() {
+  local picked=() port
+  while [ ${#picked[@]} -lt "$1" ]; do
+    port=$((20000 + RANDOM % 10000))
+    [[ " ${picked[*]} " == *" $port "* ]] && continue
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && continue
+    picked+=("$port")
+  done
+  echo "${picked[@]}"
+}
+
+read -r UP_PORT A_PORT B_PORT < <(free_ports 3)
 ME=$(id -un)
 
 say "Upstream Mosquitto on 127.0.0.1:$UP_PORT"

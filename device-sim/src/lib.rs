@@ -11,7 +11,7 @@
 //! - [`payload`]: encode readings; find `(device, seq, ts)` in what arrives.
 //! - [`model`]: value models (constant, random walk, sine, step).
 //! - [`scenario`]: TOML scenario files and the per-device plan.
-//! - [`fleet`]: the device tasks; [`fleet::run`] returns a [`Summary`].
+//! - [`fleet`]: its config and the device tasks; [`fleet::run`] returns a [`Summary`].
 //! - [`bench`]: the upstream subscriber; [`bench::run`] returns a [`BenchReport`].
 //! - [`stats`]: counters, own CPU and RSS, watched processes.
 //! - [`report`]: text summaries and the A/B comparison table.

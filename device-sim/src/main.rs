@@ -1,8 +1,7 @@
 //! The `device-sim` command: a thin CLI over the library.
 //!
 //! `device-sim [FLAGS]` runs a fleet (bench mode when `--upstream` is given);
-//! `device-sim compare A.json B.json` prints two bench reports side by side;
-//! `device-sim free-ports N` prints N free loopback ports (for scripts).
+//! `device-sim compare A.json B.json` prints two bench reports side by side.
 //! Exit codes: 0 done, 1 runtime failure, 2 `--min-delivered` not met, 64 bad flags or scenario.
 
 use std::path::PathBuf;
@@ -39,12 +38,6 @@ enum Command {
         a: PathBuf,
         /// Report B (e.g. the Mosquitto bridge).
         b: PathBuf,
-    },
-    /// Print N free TCP ports on 127.0.0.1, one per line.
-    FreePorts {
-        /// How many ports.
-        #[arg(default_value_t = 1)]
-        n: usize,
     },
 }
 
@@ -163,7 +156,6 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Some(Command::FreePorts { n }) => free_ports(n),
         None => {
             let (fleet, upstream) = match configure(cli.run) {
                 Ok(c) => c,
@@ -328,25 +320,4 @@ fn compare(a: &PathBuf, b: &PathBuf) -> anyhow::Result<String> {
         Some(read(a)?)
     };
     Ok(report::compare(a.as_ref(), &read(b)?))
-}
-
-fn free_ports(n: usize) -> ExitCode {
-    // Hold every listener until all are chosen so the ports differ.
-    let listeners: Result<Vec<_>, _> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect();
-    match listeners {
-        Ok(ls) => {
-            for l in &ls {
-                if let Ok(addr) = l.local_addr() {
-                    println!("{}", addr.port());
-                }
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("device-sim free-ports: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }

@@ -450,7 +450,7 @@ pub struct Plan {
 
 /// A connection drop planned for one device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Drop {
+pub struct Disconnect {
     pub at: Duration,
     /// When the device may connect again, from the fleet start.
     pub until: Duration,
@@ -547,7 +547,7 @@ impl Plan {
     }
 
     /// Every planned connection drop, in time order.
-    pub fn drops(&self) -> Vec<Drop> {
+    pub fn disconnects(&self) -> Vec<Disconnect> {
         let mut out = Vec::new();
         for e in &self.events {
             match e {
@@ -556,7 +556,7 @@ impl Plan {
                     duration,
                     disconnect: true,
                     ..
-                } => out.push(Drop {
+                } => out.push(Disconnect {
                     at: *at,
                     until: *at + *duration,
                     silent: true,
@@ -570,7 +570,7 @@ impl Plan {
                 } => {
                     for k in 0..*times {
                         let start = *at + *every * k;
-                        out.push(Drop {
+                        out.push(Disconnect {
                             at: start,
                             until: start + *down,
                             silent: false,
@@ -637,12 +637,15 @@ mod tests {
             "inline",
         )
         .unwrap();
-        let drops = s.plan_for(0, "a").drops();
+        let disconnects = s.plan_for(0, "a").disconnects();
         assert_eq!(
-            drops.iter().map(|d| d.at.as_secs()).collect::<Vec<_>>(),
+            disconnects
+                .iter()
+                .map(|d| d.at.as_secs())
+                .collect::<Vec<_>>(),
             [5, 15, 25]
         );
-        assert!(drops
+        assert!(disconnects
             .iter()
             .all(|d| d.until - d.at == Duration::from_secs(1)));
     }

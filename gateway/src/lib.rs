@@ -1,9 +1,8 @@
 //! The edge gateway as a library: every stage of the pipeline, and [`run`] that wires
 //! them (see `pipeline.rs` for the data flow).
 
-pub mod auth;
+pub mod backoff;
 pub mod broker;
-pub mod cbor;
 pub mod config;
 pub mod counters;
 pub mod decode;
@@ -18,6 +17,5 @@ pub mod rules;
 mod stage_threads;
 pub mod store;
 pub mod tls;
-pub mod tls_listener;
 
 pub use pipeline::run;

@@ -115,7 +115,7 @@ enum DevicesCommand {
 #[derive(Subcommand)]
 enum OutboxCommand {
     /// Depth in messages and bytes, oldest age, per-lane counts and drop counters; works
-    /// while the gateway runs (from its stats file) or not (from the database).
+    /// whether or not the gateway runs (it opens the database read-only).
     Stats,
 }
 
@@ -273,7 +273,7 @@ async fn shutdown_signal() {
 }
 
 fn devices(config: &Config, command: DevicesCommand) -> ExitCode {
-    use gateway::auth::Credentials;
+    use gateway::broker::auth::Credentials;
     let path = &config.auth.credentials_file;
     let result = Credentials::load_or_empty(path).and_then(|mut creds| match command {
         DevicesCommand::Add { id } => {

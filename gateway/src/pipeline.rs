@@ -53,7 +53,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Authenticator;
+use crate::broker::auth::Authenticator;
 use crate::broker::{self, BrokerError};
 use crate::config::{Config, ConfigErrors};
 use crate::counters::Counters;

@@ -2,8 +2,8 @@
 //!
 //! Inputs are the paths of the configuration (`broker.tls_*` for the device listener,
 //! `upstream.ca_file`, `upstream.client_cert`, `upstream.client_key` for the upstream
-//! connection); outputs are a [`rustls::ServerConfig`] for [`crate::tls_listener`] and a
-//! [`rustls::ClientConfig`] for the forwarder (rumqttc's `TlsConfiguration::Rustls`).
+//! connection); outputs are a [`rustls::ServerConfig`] for [`crate::broker::tls_listener`]
+//! and a [`rustls::ClientConfig`] for the forwarder (rumqttc's `TlsConfiguration::Rustls`).
 //!
 //! Invariants:
 //! - every problem names the file and says what is wrong with it (missing, unreadable,

@@ -11,6 +11,7 @@
 //! - a reading always has at least one field;
 //! - the device id and stream always come from the topic, never from the payload.
 
+mod cbor;
 mod node;
 mod object;
 mod senml;
@@ -25,7 +26,7 @@ pub use topic::TopicPattern;
 
 use crate::reading::{Format, Millis, Reading};
 
-/// Deepest nesting accepted in a payload.
+/// Deepest nesting accepted in a payload, JSON or CBOR.
 pub const MAX_DEPTH: usize = 32;
 
 /// Why a message could not be decoded.
@@ -135,7 +136,7 @@ fn parse(format: Format, payload: &[u8]) -> Result<Node, String> {
                 serde_json::from_slice(payload).map_err(|e| format!("invalid JSON: {e}"))?;
             Node::from_json(value, MAX_DEPTH)
         }
-        Format::Cbor | Format::SenmlCbor => crate::cbor::decode(payload),
+        Format::Cbor | Format::SenmlCbor => cbor::decode(payload),
     }
 }
 

@@ -41,7 +41,6 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
@@ -50,6 +49,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::backoff::Backoff;
 use crate::counters::Histogram;
 use crate::store::{ByLane, StoreHandle};
 
@@ -413,26 +413,15 @@ impl Forwarder {
         }
     }
 
-    /// Sleeps `backoff(attempt)` (exponential, with jitter) unless shut down meanwhile.
+    /// Sleeps the backoff delay of `attempt` (exponential, with jitter) unless shut down
+    /// meanwhile.
     async fn backing_off(&self, attempt: u32, shutdown: &CancellationToken) -> State {
-        let delay = backoff(self.cfg.backoff_min, self.cfg.backoff_max, attempt);
+        let delay = Backoff::new(self.cfg.backoff_min, self.cfg.backoff_max).delay(attempt);
         tokio::select! {
             _ = shutdown.cancelled() => State::Stopped,
             _ = tokio::time::sleep(delay) => State::Connecting { attempt },
         }
     }
-}
-
-/// Exponential backoff with "equal jitter": a random delay in `[d/2, d]` where
-/// `d = min(max, min * 2^(attempt-1))`.
-pub fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
-    let exp = attempt.saturating_sub(1).min(20);
-    let d = min
-        .saturating_mul(1 << exp)
-        .min(max)
-        .max(Duration::from_millis(1));
-    let half = d / 2;
-    half + rand::rng().random_range(Duration::ZERO..=half)
 }
 
 /// One upstream connection: a fresh rumqttc client and event loop per attempt, so nothing
@@ -477,18 +466,6 @@ async fn pump(mut eventloop: EventLoop, events: mpsc::Sender<PumpEvent>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_and_is_capped() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_secs(2));
-        for attempt in 1..12 {
-            let cap = (min * (1 << (attempt - 1))).min(max);
-            for _ in 0..50 {
-                let d = backoff(min, max, attempt);
-                assert!(d >= cap / 2 && d <= cap, "attempt {attempt}: {d:?}");
-            }
-        }
-    }
 
     #[test]
     fn urls_parse() {

@@ -81,7 +81,7 @@ pub struct Sources {
     /// The broker's MQTT listeners (to count connected devices).
     pub broker_listeners: Vec<SocketAddr>,
     /// Device authentication; `None` with anonymous access.
-    pub auth: Option<crate::auth::Authenticator>,
+    pub auth: Option<crate::broker::auth::Authenticator>,
     /// True once the broker accepts connections, false again when shutdown begins.
     pub broker_listening: Arc<AtomicBool>,
     /// Samples of the ingest counter, for the ingest rate (filled by [`serve`]).

@@ -1,6 +1,7 @@
 //! Diagnostics: every problem found in rule and rule-test files, as `file:line:col: message`.
 //!
-//! Owns [`Diagnostic`], [`Diagnostics`] and the byte-offset to line/column mapping.
+//! Owns [`Diagnostic`], [`Diagnostics`], the byte-offset to line/column mapping, and the
+//! mapping of a position inside a TOML string value (a CEL error) back into the file.
 //! Input: a file name, its text and byte offsets (spans from the TOML parser, positions
 //! from the CEL parser). Output: positioned messages an operator can jump to.
 //!
@@ -9,6 +10,7 @@
 //! - A loader never stops at the first problem: it pushes every one it finds.
 
 use std::fmt;
+use std::ops::Range;
 
 /// One problem at one place in one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +110,57 @@ impl<'a> Source<'a> {
             message: message.into(),
         }
     }
+}
+
+/// Byte offset of the first content character of a TOML string value at `span`.
+pub(super) fn content_start(text: &str, span: &Range<usize>) -> usize {
+    let raw = text.get(span.clone()).unwrap_or("");
+    if raw.starts_with("\"\"\"") || raw.starts_with("'''") {
+        let after = span.start + 3;
+        let rest = &text[after..];
+        after
+            + if rest.starts_with("\r\n") {
+                2
+            } else if rest.starts_with('\n') {
+                1
+            } else {
+                0
+            }
+    } else {
+        span.start + 1
+    }
+}
+
+/// 1-based (line, column in characters) of a character offset within `s`.
+pub(super) fn char_position(s: &str, char_offset: usize) -> (usize, usize) {
+    let (mut line, mut col) = (1, 1);
+    for c in s.chars().take(char_offset) {
+        if c == '\n' {
+            line += 1;
+            col = 1;
+        } else {
+            col += 1;
+        }
+    }
+    (line, col)
+}
+
+/// Walks the file from a string's first content byte to the CEL (line, col), giving the
+/// byte offset in the file; stops at the end of the string value.
+pub(super) fn map_position(text: &str, start: usize, end: usize, line: usize, col: usize) -> usize {
+    let (mut l, mut c) = (1, 1);
+    for (i, ch) in text[start..end.max(start)].char_indices() {
+        if (l, c) >= (line, col) {
+            return start + i;
+        }
+        if ch == '\n' {
+            l += 1;
+            c = 1;
+        } else {
+            c += 1;
+        }
+    }
+    end.saturating_sub(1).max(start)
 }
 
 #[cfg(test)]

@@ -10,19 +10,17 @@
 //! - The whole file is walked even after a problem; one bad rule does not hide another.
 //! - A CEL position is mapped through the TOML string's own span, so it points at the
 //!   character inside the file (exact for strings without escape sequences).
-//! - A CEL expression is at most [`MAX_EXPR_BYTES`] long and its syntax tree at most
-//!   [`MAX_EXPR_DEPTH`] deep, so evaluating and dropping it cannot overflow the rules
-//!   thread's stack; it is parsed on a short-lived thread with a large stack, because
-//!   the CEL parser recurses once or more per operator (`1+1+...+1`, `!!!...x`,
-//!   `((...))`) and an overflow aborts the process.
+//! - A CEL expression is compiled only through [`cel_guard::compile`], within
+//!   [`MAX_EXPR_BYTES`] and [`MAX_EXPR_DEPTH`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
-use cel::common::ast::{EntryExpr, Expr as Ast, IdedExpr};
+use cel::common::ast::{Expr as Ast, IdedExpr};
 use toml_edit::{ImDocument, Item, TableLike};
 
-use super::diagnostics::{Diagnostic, Source};
+use super::cel_guard::{self, Refused, MAX_EXPR_BYTES, MAX_EXPR_DEPTH};
+use super::diagnostics::{char_position, content_start, map_position, Diagnostic, Source};
 use super::rule::{AggFn, Aggregate, DeviceMatch, Expr, Rule, RuleKind, TopicFilter, WindowSpec};
 use crate::reading::Millis;
 
@@ -49,14 +47,6 @@ const AGGREGATE_KEYS: &[&str] = &["name", "field", "fn", "window", "samples"];
 pub const AGG_VAR: &str = "agg";
 /// Severity when a rule gives none.
 pub const DEFAULT_SEVERITY: &str = "warning";
-/// Longest CEL expression accepted, in bytes (far more than any real condition).
-pub const MAX_EXPR_BYTES: usize = 4096;
-/// Deepest CEL syntax tree accepted: evaluation and drop recurse over the tree. An
-/// unoptimized build overflows a 2 MiB stack evaluating `x + x + ... > 0` some 55 deep.
-pub const MAX_EXPR_DEPTH: usize = 32;
-/// Stack of the thread a CEL expression is parsed on: enough for [`MAX_EXPR_BYTES`] of
-/// the most deeply recursing syntax in an unoptimized build. Reserved, not committed.
-const COMPILE_STACK: usize = 64 << 20;
 
 /// What one file gave: its valid rules, the name (and byte offset of the name's value) of
 /// every rule it declares, valid or not, and every problem.
@@ -460,7 +450,7 @@ impl Cx<'_> {
         let (source, span) = self.string(table, key)?;
         let start = content_start(self.src.text, &span);
         let at = Some(start..start);
-        match compile_guarded(self.env, &source) {
+        match cel_guard::compile(self.env, &source) {
             Err(Refused::TooLong) => {
                 self.error(
                     at,
@@ -529,184 +519,14 @@ impl Cx<'_> {
     }
 }
 
-/// Why [`compile_guarded`] gave no program.
-enum Refused {
-    /// CEL syntax errors: (line, column) and message of each.
-    Syntax(Vec<((isize, isize), String)>),
-    TooLong,
-    TooDeep,
-    NoThread(std::io::Error),
-}
-
-/// Compiles a CEL expression within [`MAX_EXPR_BYTES`] and [`MAX_EXPR_DEPTH`]. Parsing,
-/// the depth check and dropping a refused tree all happen on a thread with a
-/// [`COMPILE_STACK`] stack; what it returns is shallow enough for any thread.
-fn compile_guarded(env: &cel::Env, source: &str) -> Result<cel::Program, Refused> {
-    if source.len() > MAX_EXPR_BYTES {
-        return Err(Refused::TooLong);
-    }
-    std::thread::scope(|scope| {
-        let parse = std::thread::Builder::new()
-            .name("cel-compile".into())
-            .stack_size(COMPILE_STACK)
-            .spawn_scoped(scope, || match env.compile(source) {
-                Ok(program) if depth(program.expression()) > MAX_EXPR_DEPTH => {
-                    Err(Refused::TooDeep)
-                }
-                Ok(program) => Ok(program),
-                Err(errors) => Err(Refused::Syntax(
-                    errors.errors.into_iter().map(|e| (e.pos, e.msg)).collect(),
-                )),
-            })
-            .map_err(Refused::NoThread)?;
-        // The parser does not panic on any input (fuzzed); if it ever does, the loader
-        // panics as it would have without the thread.
-        parse
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
-}
-
-/// The depth of a CEL syntax tree (a leaf is 1), without recursion.
-fn depth(root: &IdedExpr) -> usize {
-    let mut deepest = 0;
-    let mut todo = vec![(root, 1)];
-    while let Some((e, d)) = todo.pop() {
-        deepest = deepest.max(d);
-        todo.extend(children(e).into_iter().map(|c| (c, d + 1)));
-    }
-    deepest
-}
-
-/// The direct subexpressions of a CEL expression.
-fn children(e: &IdedExpr) -> Vec<&IdedExpr> {
-    match &e.expr {
-        Ast::Select(sel) => vec![&*sel.operand],
-        Ast::Call(call) => call
-            .target
-            .as_deref()
-            .into_iter()
-            .chain(&call.args)
-            .collect(),
-        Ast::Comprehension(c) => vec![
-            &c.iter_range,
-            &c.accu_init,
-            &c.loop_cond,
-            &c.loop_step,
-            &c.result,
-        ],
-        Ast::List(l) => l.elements.iter().collect(),
-        Ast::Map(m) => m
-            .entries
-            .iter()
-            .flat_map(|x| match &x.expr {
-                EntryExpr::MapEntry(me) => vec![&me.key, &me.value],
-                EntryExpr::StructField(sf) => vec![&sf.value],
-            })
-            .collect(),
-        Ast::Struct(s) => s
-            .entries
-            .iter()
-            .filter_map(|x| match &x.expr {
-                EntryExpr::StructField(sf) => Some(&sf.value),
-                EntryExpr::MapEntry(_) => None,
-            })
-            .collect(),
-        Ast::Ident(_) | Ast::Literal(_) | Ast::Unspecified => Vec::new(),
-    }
-}
-
-/// Byte offset of the first content character of a TOML string value at `span`.
-fn content_start(text: &str, span: &Range<usize>) -> usize {
-    let raw = text.get(span.clone()).unwrap_or("");
-    if raw.starts_with("\"\"\"") || raw.starts_with("'''") {
-        let after = span.start + 3;
-        let rest = &text[after..];
-        after
-            + if rest.starts_with("\r\n") {
-                2
-            } else if rest.starts_with('\n') {
-                1
-            } else {
-                0
-            }
-    } else {
-        span.start + 1
-    }
-}
-
-/// 1-based (line, column in characters) of a character offset within `s`.
-fn char_position(s: &str, char_offset: usize) -> (usize, usize) {
-    let (mut line, mut col) = (1, 1);
-    for c in s.chars().take(char_offset) {
-        if c == '\n' {
-            line += 1;
-            col = 1;
-        } else {
-            col += 1;
-        }
-    }
-    (line, col)
-}
-
-/// Walks the file from a string's first content byte to the CEL (line, col), giving the
-/// byte offset in the file; stops at the end of the string value.
-fn map_position(text: &str, start: usize, end: usize, line: usize, col: usize) -> usize {
-    let (mut l, mut c) = (1, 1);
-    for (i, ch) in text[start..end.max(start)].char_indices() {
-        if (l, c) >= (line, col) {
-            return start + i;
-        }
-        if ch == '\n' {
-            l += 1;
-            c = 1;
-        } else {
-            c += 1;
-        }
-    }
-    end.saturating_sub(1).max(start)
-}
-
 /// Calls `f(id, field)` for every `agg.field` in the expression.
 fn agg_refs(e: &IdedExpr, f: &mut dyn FnMut(u64, &str)) {
     match &e.expr {
-        Ast::Select(sel) => {
-            if matches!(&sel.operand.expr, Ast::Ident(n) if n == AGG_VAR) {
-                f(sel.operand.id, &sel.field);
-            } else {
-                agg_refs(&sel.operand, f);
-            }
+        Ast::Select(sel) if matches!(&sel.operand.expr, Ast::Ident(n) if n == AGG_VAR) => {
+            f(sel.operand.id, &sel.field);
         }
-        Ast::Call(call) => {
-            if let Some(t) = &call.target {
-                agg_refs(t, f);
-            }
-            call.args.iter().for_each(|a| agg_refs(a, f));
-        }
-        Ast::Comprehension(c) => {
-            for x in [
-                &c.iter_range,
-                &c.accu_init,
-                &c.loop_cond,
-                &c.loop_step,
-                &c.result,
-            ] {
-                agg_refs(x, f);
-            }
-        }
-        Ast::List(l) => l.elements.iter().for_each(|x| agg_refs(x, f)),
-        Ast::Map(m) => m.entries.iter().for_each(|x| match &x.expr {
-            EntryExpr::MapEntry(me) => {
-                agg_refs(&me.key, f);
-                agg_refs(&me.value, f);
-            }
-            EntryExpr::StructField(sf) => agg_refs(&sf.value, f),
-        }),
-        Ast::Struct(s) => s.entries.iter().for_each(|x| {
-            if let EntryExpr::StructField(sf) = &x.expr {
-                agg_refs(&sf.value, f);
-            }
-        }),
-        Ast::Ident(_) | Ast::Literal(_) | Ast::Unspecified => {}
+        _ => cel_guard::children(e)
+            .into_iter()
+            .for_each(|c| agg_refs(c, f)),
     }
 }

@@ -13,6 +13,7 @@
 //! - A rule set is swapped whole: an invalid edit never replaces a valid set.
 //! - File format: `rules/README.md`.
 
+mod cel_guard;
 mod diagnostics;
 mod engine;
 mod eval;
@@ -27,9 +28,10 @@ mod testing;
 mod watcher;
 mod window;
 
+pub use cel_guard::{MAX_EXPR_BYTES, MAX_EXPR_DEPTH};
 pub use diagnostics::{Diagnostic, Diagnostics};
 pub use engine::Engine;
-pub use load::{AGG_VAR, DEFAULT_SEVERITY, MAX_EXPR_BYTES, MAX_EXPR_DEPTH};
+pub use load::{AGG_VAR, DEFAULT_SEVERITY};
 pub use rule::{AggFn, Aggregate, DeviceMatch, Rule, RuleKind, TopicFilter, WindowSpec};
 pub use ruleset::{rule_files, test_files, RuleSet, TEST_SUFFIX};
 pub use snapshot::{InstanceView, ReloadView, RuleView, RulesSnapshot, SharedRules};

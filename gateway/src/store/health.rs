@@ -30,12 +30,15 @@ use std::time::{Duration, Instant};
 use redb::{Database, ReadOnlyDatabase};
 
 use super::{read, Lane, StoreError};
+use crate::backoff::Backoff;
 use crate::reading::{now_millis, Millis};
 
 /// First retry after a failed write.
 pub const RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest wait between two retries.
 pub const RETRY_MAX: Duration = Duration::from_secs(5);
+/// The retry schedule: no jitter, one owner thread retries alone.
+const RETRY: Backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
 /// Least free space on the database's filesystem before a reopen is tried.
 pub const RECOVERY_HEADROOM: u64 = 1024 * 1024;
 /// Most acked seqs kept in memory while degraded.
@@ -73,7 +76,8 @@ pub struct Degraded {
     /// Refused entries counted before the period began (to report the period's share).
     pub refused_before: u64,
     pub next_try: Instant,
-    backoff: Duration,
+    /// Retries so far, counting the one scheduled at the start as 1.
+    attempt: u32,
     /// Acks received while degraded, applied by the first commit after recovery.
     pub acks: Vec<(Lane, Vec<u64>)>,
     pub ack_count: usize,
@@ -86,8 +90,8 @@ impl Degraded {
             started: now,
             since: now_millis(),
             refused_before,
-            next_try: now + RETRY_MIN,
-            backoff: RETRY_MIN,
+            next_try: now + RETRY.ceiling(1),
+            attempt: 1,
             acks: Vec::new(),
             ack_count: 0,
         }
@@ -95,8 +99,8 @@ impl Degraded {
 
     /// Schedules the next retry, waiting longer each time up to [`RETRY_MAX`].
     pub fn retry_later(&mut self) {
-        self.backoff = (self.backoff * 2).min(RETRY_MAX);
-        self.next_try = Instant::now() + self.backoff;
+        self.attempt += 1;
+        self.next_try = Instant::now() + RETRY.ceiling(self.attempt);
     }
 
     pub fn due(&self) -> bool {
@@ -164,7 +168,7 @@ mod tests {
         for _ in 0..10 {
             d.retry_later();
         }
-        assert_eq!(d.backoff, RETRY_MAX);
+        assert_eq!(RETRY.ceiling(d.attempt), RETRY_MAX);
         assert!(!d.due());
     }
 

@@ -7,21 +7,13 @@
 //! Invariants:
 //! - decoding never panics on any input; nesting deeper than [`MAX_DEPTH`] is an error.
 
-use crate::decode::Node;
-
-/// Deepest nesting accepted in a CBOR payload.
-pub const MAX_DEPTH: usize = 32;
+use super::{Node, MAX_DEPTH};
 
 /// Decodes one CBOR data item into a [`Node`] tree.
 pub fn decode(bytes: &[u8]) -> Result<Node, String> {
     let value: serde_cbor::Value =
         serde_cbor::from_slice(bytes).map_err(|e| format!("invalid CBOR: {e}"))?;
     to_node(value, 0)
-}
-
-/// Encodes a serializable value as CBOR.
-pub fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, String> {
-    serde_cbor::to_vec(value).map_err(|e| format!("CBOR encoding failed: {e}"))
 }
 
 fn to_node(value: serde_cbor::Value, depth: usize) -> Result<Node, String> {

@@ -1,9 +1,10 @@
 //! The embedded MQTT broker (rumqttd) that devices connect to.
 //!
-//! Owns the rumqttd router and listener threads, and the TLS listener
-//! (`broker.listen_tls`, see [`crate::tls_listener`]) in front of a loopback relay listener. The router is configured on purpose:
-//! rumqttd's defaults panic (`max_segment_size: 0`) or refuse everyone
-//! (`max_connections: 0`), and its example keeps gigabytes per filter.
+//! Owns the rumqttd router and listener threads, the TLS listener (`broker.listen_tls`,
+//! see [`tls_listener`]) in front of a loopback relay listener, and device
+//! authentication ([`auth`]). The router is configured on purpose: rumqttd's defaults
+//! panic (`max_segment_size: 0`) or refuse everyone (`max_connections: 0`), and its
+//! example keeps gigabytes per filter.
 //!
 //! Invariants:
 //! - the ingest link is created (and subscribed) before any listener accepts a device,
@@ -18,6 +19,9 @@
 //! - `rumqttd::Broker::start` blocks forever, so it runs on its own OS thread; rumqttd
 //!   has no way to stop listeners, they end with the process.
 
+pub mod auth;
+pub mod tls_listener;
+
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -26,10 +30,11 @@ use std::time::{Duration, Instant};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{ConnectionSettings, RouterConfig, ServerSettings};
 
-use crate::auth::{self, AuthError, Authenticator};
 use crate::config::{AuthSection, BrokerSection, RulesSection};
 use crate::decode::TopicPattern;
-use crate::tls_listener::TlsListener;
+
+use auth::{AuthError, Authenticator};
+use tls_listener::TlsListener;
 
 /// Messages the router hands a link per scheduling round.
 const MAX_OUTGOING_PACKET_COUNT: u64 = 500;
