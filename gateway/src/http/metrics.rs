@@ -19,7 +19,7 @@ use std::sync::atomic::AtomicU64;
 
 use super::exposition::{Encoder, Kind, Label};
 use super::{process, Sources};
-use crate::auth::AuthStats;
+use crate::broker::auth::AuthStats;
 use crate::counters::Counters;
 use crate::reading::Format;
 use crate::store::{Counter, Lane, OutboxStats};
