@@ -4,7 +4,8 @@
 //! `cargo bench -p gateway --bench outbox` (needs /usr/sbin/mosquitto).
 //! `OUTBOX_BENCH_N` (default 100000) messages per throughput run, `OUTBOX_BENCH_BACKLOG`
 //! (default 1000000) rows for the drain run, `OUTBOX_BENCH_FLUSH_MS` the store's
-//! flush interval (default: `StoreConfig::default()`).
+//! flush interval (default: `storage.flush_interval`); `OUTBOX_BENCH_UNCOMMITTED` the
+//! forwarder's `max_uncommitted_acks`. Every other setting is the gateway's default.
 
 #[path = "../tests/forwarder_common/mod.rs"]
 mod forwarder_common;
@@ -14,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use forwarder_common::*;
-use gateway::forwarder::{Forwarder, ForwarderConfig, ForwarderStats};
+use gateway::config::{Config, UpstreamUrl};
+use gateway::forwarder::{Forwarder, ForwarderConfig, ForwarderStats, MAX_UNCOMMITTED_ACKS};
 use gateway::reading::{now_millis, Format};
 use gateway::store::{OutboxEntry, Store, StoreConfig, StoreHandle};
 use rumqttc::v5::mqttbytes::v5::Packet;
@@ -103,24 +105,31 @@ struct Gateway {
 impl Gateway {
     fn new(port: u16, batch: usize) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
-        let mut store_cfg = StoreConfig::default();
+        let mut config = Config::defaults();
         if let Some(ms) = std::env::var("OUTBOX_BENCH_FLUSH_MS")
             .ok()
             .and_then(|v| v.parse().ok())
         {
-            store_cfg.flush_interval = Duration::from_millis(ms);
+            config.storage.flush_interval = Duration::from_millis(ms);
         }
-        let store = Store::open(&dir.path().join("gw.redb"), store_cfg).unwrap();
+        config.gateway.id = "gw".into();
+        config.upstream.url = Some(UpstreamUrl {
+            host: "127.0.0.1".into(),
+            port,
+            tls: false,
+        });
+        config.upstream.client_id = format!("bench-gw-{}", free_port());
+        config.upstream.topic_prefix = "bench/{gateway_id}".into();
+        config.upstream.batch_max_messages = batch;
+        let store = Store::open(
+            &dir.path().join("gw.redb"),
+            StoreConfig::from_config(&config),
+        )
+        .unwrap();
         let cfg = ForwarderConfig {
-            url: format!("mqtt://127.0.0.1:{port}"),
-            client_id: format!("bench-gw-{}", free_port()),
-            gateway_id: "gw".into(),
-            topic_prefix: "bench/gw".into(),
-            max_inflight: 100,
-            batch_max_messages: batch,
-            batch_linger_ms: 5,
-            max_uncommitted_acks: env_or("OUTBOX_BENCH_UNCOMMITTED", 2000) as usize,
-            ..ForwarderConfig::default()
+            max_uncommitted_acks: env_or("OUTBOX_BENCH_UNCOMMITTED", MAX_UNCOMMITTED_ACKS as u64)
+                as usize,
+            ..ForwarderConfig::from_config(&config).expect("upstream.url is set")
         };
         let fwd = Forwarder::new(cfg.clone(), store.clone()).unwrap();
         Gateway {

@@ -100,50 +100,6 @@ pub enum RunError {
     },
 }
 
-/// The outbox settings of a configuration.
-pub fn store_config(config: &Config) -> StoreConfig {
-    StoreConfig {
-        flush_interval: config.storage.flush_interval,
-        max_bytes: config.storage.max_bytes,
-        max_age: Some(config.storage.max_age).filter(|d| !d.is_zero()),
-        dead_letter_max: config.storage.dead_letter_max as u64,
-        ..StoreConfig::default()
-    }
-}
-
-/// The forwarder settings of a configuration, `None` when forwarding is off.
-pub fn forwarder_config(config: &Config) -> Option<ForwarderConfig> {
-    let up = &config.upstream;
-    let url = up.url.as_ref()?;
-    Some(ForwarderConfig {
-        url: url.to_string(),
-        client_id: up.client_id.clone(),
-        gateway_id: config.gateway.id.clone(),
-        username: up.username.clone(),
-        password: up.password.clone(),
-        keep_alive: up.keep_alive,
-        qos: up.qos,
-        topic_prefix: config.upstream_prefix(),
-        max_inflight: up.max_inflight as usize,
-        rate_limit_per_sec: Some(up.rate_limit).filter(|r| *r > 0),
-        batch_max_messages: up.batch_max_messages,
-        batch_linger_ms: up.batch_linger_ms,
-        max_packet_size: up.max_packet_bytes,
-        backoff_min: up.backoff_min,
-        backoff_max: up.backoff_max,
-        shutdown_grace: (config.gateway.shutdown_grace / 3).min(Duration::from_secs(5)),
-        tls: up.tls.as_ref().and_then(|t| match t.client_config() {
-            Ok(c) => Some(c),
-            // Checked when the configuration was loaded; the forwarder refuses to start.
-            Err(e) => {
-                tracing::error!(error = %e, "Cannot load the upstream TLS files.");
-                None
-            }
-        }),
-        ..ForwarderConfig::default()
-    })
-}
-
 /// A fault injected into a real gateway by the test that the shutdown grace holds (the
 /// binary reads it from `GATEWAY_TEST_FAULT`); nothing else sets one.
 #[doc(hidden)]
@@ -174,7 +130,7 @@ pub async fn run_with_fault(
         Some(addr) => Some(http::bind(addr).await?),
         None => None,
     };
-    let store = Store::open(&config.storage.path, store_config(&config))?;
+    let store = Store::open(&config.storage.path, StoreConfig::from_config(&config))?;
     let views = Views::default();
     let stop = CancellationToken::new();
     let running = match start(
@@ -339,7 +295,7 @@ fn start(
     stop: &CancellationToken,
     fault: Option<Fault>,
 ) -> Result<Running, RunError> {
-    let forwarder = forwarder_config(config)
+    let forwarder = ForwarderConfig::from_config(config)
         .map(|cfg| Forwarder::new(cfg, store.clone()))
         .transpose()?;
     let links = broker::start(

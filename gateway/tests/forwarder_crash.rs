@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use forwarder_common::*;
+use gateway::config::{Config, UpstreamUrl};
 use gateway::forwarder::{Forwarder, ForwarderConfig};
 use gateway::reading::{now_millis, Format};
 use gateway::store::{OutboxEntry, Store, StoreConfig};
@@ -26,16 +27,21 @@ async fn drain_child() {
         return;
     };
     let port: u16 = std::env::var("OUTBOX_DRAIN_PORT").unwrap().parse().unwrap();
-    let store = Store::open(path.as_ref(), StoreConfig::default()).unwrap();
+    let mut config = Config::defaults();
+    config.gateway.id = "gw1".into();
+    config.upstream.url = Some(UpstreamUrl {
+        host: "127.0.0.1".into(),
+        port,
+        tls: false,
+    });
+    config.upstream.client_id = "gw-crash".into();
+    config.upstream.topic_prefix = "up".into();
+    config.upstream.max_inflight = MAX_INFLIGHT as u16;
+    config.upstream.backoff_min = Duration::from_millis(20);
+    let store = Store::open(path.as_ref(), StoreConfig::from_config(&config)).unwrap();
     let cfg = ForwarderConfig {
-        url: format!("mqtt://127.0.0.1:{port}"),
-        client_id: "gw-crash".into(),
-        gateway_id: "gw1".into(),
-        topic_prefix: "up".into(),
-        max_inflight: MAX_INFLIGHT,
         max_uncommitted_acks: MAX_UNCOMMITTED_ACKS,
-        backoff_min: Duration::from_millis(20),
-        ..ForwarderConfig::default()
+        ..ForwarderConfig::from_config(&config).expect("upstream.url is set")
     };
     Forwarder::new(cfg, store)
         .unwrap()
@@ -63,7 +69,7 @@ async fn kill_9_mid_drain_then_restart_loses_nothing() {
     let path = dir.path().join("gw.redb");
     let n = 20_000u64;
     {
-        let store = Store::open(&path, StoreConfig::default()).unwrap();
+        let store = Store::open(&path, StoreConfig::from_config(&Config::defaults())).unwrap();
         for i in 0..n {
             let device = format!("d{}", i % 10);
             assert!(store.append(OutboxEntry::reading(

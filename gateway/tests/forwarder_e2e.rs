@@ -6,6 +6,7 @@ mod forwarder_common;
 use std::time::Duration;
 
 use forwarder_common::*;
+use gateway::config::{Config, UpstreamUrl};
 use gateway::forwarder::{Forwarder, ForwarderConfig, ForwarderStats};
 use gateway::reading::{now_millis, Format};
 use gateway::store::{OutboxEntry, Store, StoreConfig, StoreHandle};
@@ -28,16 +29,21 @@ fn device_of(m: &Received) -> String {
     m.topic.split('/').nth(2).unwrap_or_default().to_owned()
 }
 
+/// The gateway's defaults, forwarding to `127.0.0.1:port` under `up/gw1`, with a short
+/// reconnect backoff.
 fn config(port: u16) -> ForwarderConfig {
-    ForwarderConfig {
-        url: format!("mqtt://127.0.0.1:{port}"),
-        client_id: format!("gw-{}", free_port()),
-        gateway_id: "gw1".into(),
-        topic_prefix: "up/gw1".into(),
-        backoff_min: Duration::from_millis(50),
-        backoff_max: Duration::from_millis(400),
-        ..ForwarderConfig::default()
-    }
+    let mut config = Config::defaults();
+    config.gateway.id = "gw1".into();
+    config.upstream.url = Some(UpstreamUrl {
+        host: "127.0.0.1".into(),
+        port,
+        tls: false,
+    });
+    config.upstream.client_id = format!("gw-{}", free_port());
+    config.upstream.topic_prefix = "up/{gateway_id}".into();
+    config.upstream.backoff_min = Duration::from_millis(50);
+    config.upstream.backoff_max = Duration::from_millis(400);
+    ForwarderConfig::from_config(&config).expect("upstream.url is set")
 }
 
 fn long_tests() -> bool {
@@ -77,7 +83,11 @@ fn start(cfg: ForwarderConfig) -> Running {
         .with_env_filter("gateway=info")
         .try_init();
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("gw.redb"), StoreConfig::default()).unwrap();
+    let store = Store::open(
+        &dir.path().join("gw.redb"),
+        StoreConfig::from_config(&Config::defaults()),
+    )
+    .unwrap();
     let fwd = Forwarder::new(cfg, store.clone()).unwrap();
     let stats = fwd.stats();
     let shutdown = CancellationToken::new();

@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use gateway::config::Config;
 use gateway::reading::{now_millis, Format};
 use gateway::store::{Lane, OutboxEntry, Store, StoreConfig};
 
@@ -19,7 +20,7 @@ fn crash_child() {
     let Ok(path) = std::env::var(CHILD_ENV) else {
         return;
     };
-    let store = Store::open(path.as_ref(), StoreConfig::default()).unwrap();
+    let store = Store::open(path.as_ref(), StoreConfig::from_config(&Config::defaults())).unwrap();
     let start: u64 = std::env::var("OUTBOX_CRASH_START")
         .unwrap()
         .parse()
@@ -83,7 +84,7 @@ fn kill_9_while_appending_loses_nothing_committed() {
         child.wait().unwrap();
         let committed = committed.expect("child reported no commit");
 
-        let store = Store::open(&path, StoreConfig::default()).unwrap();
+        let store = Store::open(&path, StoreConfig::from_config(&Config::defaults())).unwrap();
         let mut rows = Vec::new();
         store
             .read_outbox(Lane::Reading, 0, usize::MAX, &mut rows)

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 mod tmpfs;
 
+use gateway::config::Config;
 use gateway::reading::Format;
 use gateway::store::{Counter, Lane, OutboxEntry, OutboxRow, Store, StoreConfig, StoreHandle};
 use tmpfs::{fill, Tmpfs};
@@ -59,10 +60,11 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 fn full_disk_degrades_refuses_and_recovers_without_losing_committed_rows() {
     let Some(fs) = Tmpfs::mount("8m") else { return };
     let path = fs.path().join("gateway.redb");
+    let mut config = Config::defaults();
+    config.storage.flush_interval = Duration::from_millis(1);
     let cfg = StoreConfig {
-        flush_interval: Duration::from_millis(1),
         cache_size: 1024 * 1024,
-        ..StoreConfig::default()
+        ..StoreConfig::from_config(&config)
     };
     let store = Store::open(&path, cfg.clone()).unwrap();
 
@@ -218,7 +220,7 @@ fn opening_on_a_full_disk_fails_with_the_path_then_works_once_space_returns() {
     let Some(fs) = Tmpfs::mount("2m") else { return };
     let filler = fill(fs.path());
     let path = fs.path().join("gateway.redb");
-    let err = match Store::open(&path, StoreConfig::default()) {
+    let err = match Store::open(&path, StoreConfig::from_config(&Config::defaults())) {
         Ok(_) => panic!("the store opened on a full filesystem"),
         Err(e) => e.to_string(),
     };
@@ -226,7 +228,7 @@ fn opening_on_a_full_disk_fails_with_the_path_then_works_once_space_returns() {
     assert!(err.contains("No space left"), "{err}");
 
     std::fs::remove_file(&filler).unwrap();
-    let store = Store::open(&path, StoreConfig::default()).unwrap();
+    let store = Store::open(&path, StoreConfig::from_config(&Config::defaults())).unwrap();
     assert!(store.append(entry(1)));
     store.flush_blocking().unwrap();
     assert_eq!(all_rows(&store).len(), 1);

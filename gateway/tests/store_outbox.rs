@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use gateway::config::{Config, StorageSection};
 use gateway::reading::{now_millis, Format};
 use gateway::store::{
     self, Counter, DeadLetter, Lane, OutboxEntry, OutboxRow, OverflowPolicy, Store, StoreConfig,
@@ -26,6 +27,13 @@ fn all_rows(h: &StoreHandle, lane: Lane) -> Vec<OutboxRow> {
     out
 }
 
+/// The store settings a user gets, with `[storage]` changed by `change`.
+fn settings(change: impl FnOnce(&mut StorageSection)) -> StoreConfig {
+    let mut config = Config::defaults();
+    change(&mut config.storage);
+    StoreConfig::from_config(&config)
+}
+
 fn open(path: &Path, cfg: StoreConfig) -> StoreHandle {
     Store::open(path, cfg).unwrap()
 }
@@ -34,7 +42,7 @@ fn open(path: &Path, cfg: StoreConfig) -> StoreHandle {
 fn group_commit_persists_and_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gw.redb");
-    let h = open(&path, StoreConfig::default());
+    let h = open(&path, settings(|_| {}));
     let n = 5_000u64;
     for i in 0..n {
         assert!(h.append(reading(&format!("d{}", i % 7), i, now_millis())));
@@ -50,7 +58,7 @@ fn group_commit_persists_and_survives_reopen() {
     h.shutdown().unwrap();
     drop(h);
 
-    let h = open(&path, StoreConfig::default());
+    let h = open(&path, settings(|_| {}));
     let rows = all_rows(&h, Lane::Reading);
     assert_eq!(rows.len() as u64, n);
     for (i, row) in rows.iter().enumerate() {
@@ -67,7 +75,7 @@ fn seq_is_monotonic_across_restarts_and_lanes() {
     let path = dir.path().join("gw.redb");
     let mut last = 0;
     for round in 0..3u64 {
-        let h = open(&path, StoreConfig::default());
+        let h = open(&path, settings(|_| {}));
         h.append(reading("a", round, now_millis()));
         h.append(OutboxEntry::event(
             "Hot",
@@ -97,10 +105,7 @@ fn seq_is_monotonic_across_restarts_and_lanes() {
 fn dead_letters_are_bounded_oldest_removed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gw.redb");
-    let cfg = StoreConfig {
-        dead_letter_max: 50,
-        ..StoreConfig::default()
-    };
+    let cfg = settings(|s| s.dead_letter_max = 50);
     let h = open(&path, cfg);
     for i in 0..120 {
         assert!(h.dead_letter(DeadLetter {
@@ -126,8 +131,7 @@ fn dead_letter_queue_overflow_is_counted_not_blocking() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = StoreConfig {
         channel_capacity: 4,
-        flush_interval: Duration::from_millis(50),
-        ..StoreConfig::default()
+        ..settings(|s| s.flush_interval = Duration::from_millis(50))
     };
     let h = open(&dir.path().join("gw.redb"), cfg);
     let tries = 10_000u64;
@@ -158,10 +162,7 @@ fn retention_by_bytes_drops_oldest_readings_keeps_events() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gw.redb");
     let max_bytes = 20_000;
-    let cfg = StoreConfig {
-        max_bytes,
-        ..StoreConfig::default()
-    };
+    let cfg = settings(|s| s.max_bytes = max_bytes);
     let h = open(&path, cfg);
     let events = 20u64;
     for i in 0..events {
@@ -216,10 +217,7 @@ fn retention_by_bytes_drops_oldest_readings_keeps_events() {
 #[test]
 fn retention_by_age_drops_old_rows() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = StoreConfig {
-        max_age: Some(Duration::from_secs(60)),
-        ..StoreConfig::default()
-    };
+    let cfg = settings(|s| s.max_age = Duration::from_secs(60));
     let h = open(&dir.path().join("gw.redb"), cfg);
     let now = now_millis();
     for i in 0..10 {
@@ -239,9 +237,8 @@ fn retention_by_age_drops_old_rows() {
 fn reject_new_policy_keeps_old_rows() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = StoreConfig {
-        max_bytes: 5_000,
         overflow_policy: OverflowPolicy::RejectNew,
-        ..StoreConfig::default()
+        ..settings(|s| s.max_bytes = 5_000)
     };
     let h = open(&dir.path().join("gw.redb"), cfg);
     let n = 500;
@@ -265,7 +262,7 @@ fn rule_state_and_event_log() {
     let path = dir.path().join("gw.redb");
     let cfg = StoreConfig {
         event_log_max: 100,
-        ..StoreConfig::default()
+        ..settings(|_| {})
     };
     let h = open(&path, cfg.clone());
     h.put_state("rule/a/d1".into(), b"firing".to_vec());
@@ -308,7 +305,7 @@ fn rule_state_and_event_log() {
 fn stats_command_reads_a_closed_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gw.redb");
-    let h = open(&path, StoreConfig::default());
+    let h = open(&path, settings(|_| {}));
     for i in 0..10 {
         h.append(reading("d", i, now_millis()));
     }

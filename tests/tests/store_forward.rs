@@ -201,7 +201,7 @@ async fn kill_9_mid_drain_then_restart_loses_nothing_committed() {
     let duplicates = check_delivery(&received, TOTAL, device_of);
     // A repeat is only possible for what was in flight or acked-but-not-yet-deleted at
     // the kill: at most upstream.max_inflight (100) + the forwarder's uncommitted acks.
-    let bound = 100 + gateway::forwarder::ForwarderConfig::default().max_uncommitted_acks;
+    let bound = 100 + gateway::forwarder::MAX_UNCOMMITTED_ACKS;
     assert!(
         duplicates <= bound,
         "{duplicates} duplicates after one kill (bound {bound})"

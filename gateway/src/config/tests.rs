@@ -1,3 +1,6 @@
+use std::path::Path;
+
+use super::validate::parse_host_port;
 use super::*;
 
 fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigErrors> {

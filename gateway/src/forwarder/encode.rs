@@ -261,23 +261,3 @@ mod tests {
         assert_eq!(upstream_topic("", "devices/a"), "devices/a");
     }
 }
-
-#[cfg(test)]
-mod config_tests {
-    use crate::forwarder::ForwarderConfig;
-    use std::time::Duration;
-
-    #[test]
-    fn forwarder_config_reads_from_toml() {
-        let cfg: ForwarderConfig = toml::from_str(
-            "url = \"mqtt://up:1884\"\nclient_id = \"gw-7\"\nkeep_alive = \"10s\"\n\
-             rate_limit_per_sec = 500\nbatch_max_messages = 20\nprotocol = \"5\"\n",
-        )
-        .unwrap();
-        assert_eq!(cfg.host_port().unwrap(), ("up".to_string(), 1884));
-        assert_eq!(cfg.keep_alive, Duration::from_secs(10));
-        assert_eq!(cfg.rate_limit_per_sec, Some(500));
-        assert_eq!(cfg.batch_max_messages, 20);
-        assert_eq!(cfg.qos, 1);
-    }
-}

@@ -44,53 +44,50 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
-use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
+use crate::config::{Config, UpstreamTls, UpstreamUrl};
 use crate::counters::Histogram;
 use crate::store::{ByLane, StoreHandle};
+use crate::tls::TlsError;
 
 pub use encode::{message_id, upstream_topic};
 
 /// Errors of the forwarder's configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwarderError {
-    #[error("upstream.url {url:?}: {reason}")]
-    BadUrl { url: String, reason: &'static str },
     #[error("upstream.qos must be 0 or 1, got {0}")]
     BadQos(u8),
     #[error("upstream.max_inflight must be between 1 and 65535, got {0}")]
     BadInflight(usize),
-    #[error(
-        "upstream.url {0:?}: mqtts:// needs a TLS client configuration, mqtt:// must not have one"
-    )]
-    TlsMismatch(String),
+    #[error("upstream.url {0}: mqtts:// needs the upstream TLS files, mqtt:// must not have them")]
+    TlsMismatch(UpstreamUrl),
+    #[error("upstream TLS files: {0}")]
+    Tls(#[from] TlsError),
 }
 
-/// MQTT protocol spoken upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-pub enum Protocol {
-    /// MQTT 5: ids and the replay mark travel as user properties.
-    #[default]
-    #[serde(rename = "5", alias = "v5")]
-    V5,
-}
+/// Rows acked upstream whose deletion is not committed yet, at most (see
+/// [`ForwarderConfig::max_uncommitted_acks`]).
+pub const MAX_UNCOMMITTED_ACKS: usize = 2000;
+/// Longest wait at shutdown for the PUBACKs of messages in flight; a third of
+/// `gateway.shutdown_grace` when that is shorter.
+pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Upstream settings (`[upstream]` in the config file).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// The forwarder's settings: the `[upstream]` section of a [`Config`] with the gateway
+/// id and the filled-in topic prefix. Built only by [`ForwarderConfig::from_config`]; a
+/// test that wants other values changes the `Config` (or a field) before or after.
+#[derive(Debug, Clone)]
 pub struct ForwarderConfig {
-    /// `mqtt://host:port`, or `mqtts://host:port` with [`ForwarderConfig::tls`].
-    pub url: String,
+    /// Where to connect; `tls` tells `mqtts://` (with [`ForwarderConfig::tls`]).
+    pub url: UpstreamUrl,
     pub client_id: String,
-    /// Prefix of message ids (`{gateway_id}:{seq}`); the client id when empty.
+    /// Prefix of message ids (`{gateway_id}:{seq}`).
     pub gateway_id: String,
     pub username: Option<String>,
     pub password: Option<String>,
-    #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
     /// 1 (default, deletes on PUBACK) or 0 (deletes once written to the socket).
     pub qos: u8,
@@ -99,6 +96,7 @@ pub struct ForwarderConfig {
     pub max_inflight: usize,
     /// Rows acked upstream whose deletion is not committed yet, at most: sending pauses
     /// beyond it. Bounds the repeats after a crash to `max_inflight` publishes plus this.
+    /// Not an operator setting: [`MAX_UNCOMMITTED_ACKS`].
     pub max_uncommitted_acks: usize,
     /// Messages per second while replaying a backlog; live traffic is not limited.
     pub rate_limit_per_sec: Option<u32>,
@@ -106,86 +104,46 @@ pub struct ForwarderConfig {
     pub batch_max_messages: usize,
     /// How long a partial batch of live readings waits for more.
     pub batch_linger_ms: u64,
-    pub protocol: Protocol,
     /// Largest packet sent or accepted; bigger rows are dropped and counted.
     pub max_packet_size: usize,
-    #[serde(with = "humantime_serde")]
     pub backoff_min: Duration,
-    #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
     /// How long shutdown waits for PUBACKs of messages in flight.
-    #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// Trust anchors and optional client certificate for `mqtts://` (see `crate::tls`);
-    /// the server name verified is the host of `url`.
-    #[serde(skip)]
-    pub tls: Option<Arc<rustls::ClientConfig>>,
-}
-
-impl Default for ForwarderConfig {
-    fn default() -> Self {
-        ForwarderConfig {
-            url: "mqtt://127.0.0.1:1883".into(),
-            client_id: "gateway".into(),
-            gateway_id: String::new(),
-            username: None,
-            password: None,
-            keep_alive: Duration::from_secs(30),
-            qos: 1,
-            topic_prefix: String::new(),
-            max_inflight: 100,
-            max_uncommitted_acks: 2000,
-            rate_limit_per_sec: None,
-            batch_max_messages: 1,
-            batch_linger_ms: 20,
-            protocol: Protocol::V5,
-            max_packet_size: 256 * 1024,
-            backoff_min: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(30),
-            shutdown_grace: Duration::from_secs(2),
-            tls: None,
-        }
-    }
+    /// Trust anchors and optional client certificate for `mqtts://`, loaded by
+    /// [`Forwarder::new`]; the server name verified is the host of `url`.
+    pub tls: Option<UpstreamTls>,
 }
 
 impl ForwarderConfig {
-    /// `(host, port)` of `url`.
-    pub fn host_port(&self) -> Result<(String, u16), ForwarderError> {
-        let bad = |reason| ForwarderError::BadUrl {
-            url: self.url.clone(),
-            reason,
-        };
-        let (rest, default_port) = match self.url.strip_prefix("mqtts://") {
-            Some(rest) => (rest, 8883),
-            None => (
-                self.url
-                    .strip_prefix("mqtt://")
-                    .or_else(|| self.url.strip_prefix("tcp://"))
-                    .ok_or_else(|| bad("expected mqtt://host:port or mqtts://host:port"))?,
-                1883,
-            ),
-        };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if rest.starts_with('[') == h.ends_with(']') => {
-                (h, p.parse().map_err(|_| bad("bad port"))?)
-            }
-            _ => (rest, default_port),
-        };
-        if host.is_empty() {
-            return Err(bad("missing host"));
-        }
-        Ok((host.trim_matches(['[', ']']).to_owned(), port))
-    }
-
-    /// True for `mqtts://`.
-    pub fn is_tls(&self) -> bool {
-        self.url.starts_with("mqtts://")
+    /// The forwarder settings of a configuration, `None` when forwarding is off
+    /// (`upstream.url` empty).
+    pub fn from_config(config: &Config) -> Option<ForwarderConfig> {
+        let up = &config.upstream;
+        Some(ForwarderConfig {
+            url: up.url.clone()?,
+            client_id: up.client_id.clone(),
+            gateway_id: config.gateway.id.clone(),
+            username: up.username.clone(),
+            password: up.password.clone(),
+            keep_alive: up.keep_alive,
+            qos: up.qos,
+            topic_prefix: config.upstream_prefix(),
+            max_inflight: up.max_inflight as usize,
+            max_uncommitted_acks: MAX_UNCOMMITTED_ACKS,
+            rate_limit_per_sec: Some(up.rate_limit).filter(|r| *r > 0),
+            batch_max_messages: up.batch_max_messages,
+            batch_linger_ms: up.batch_linger_ms,
+            max_packet_size: up.max_packet_bytes,
+            backoff_min: up.backoff_min,
+            backoff_max: up.backoff_max,
+            shutdown_grace: (config.gateway.shutdown_grace / 3).min(MAX_SHUTDOWN_GRACE),
+            tls: up.tls.clone(),
+        })
     }
 
     fn validate(&self) -> Result<(), ForwarderError> {
-        self.host_port()?;
-        if self.is_tls() != self.tls.is_some() {
+        if self.url.tls != self.tls.is_some() {
             return Err(ForwarderError::TlsMismatch(self.url.clone()));
         }
         if self.qos > 1 {
@@ -195,14 +153,6 @@ impl ForwarderConfig {
             return Err(ForwarderError::BadInflight(self.max_inflight));
         }
         Ok(())
-    }
-
-    fn gateway_id(&self) -> &str {
-        if self.gateway_id.is_empty() {
-            &self.client_id
-        } else {
-            &self.gateway_id
-        }
     }
 
     fn mqtt_qos(&self) -> QoS {
@@ -286,15 +236,24 @@ type PumpEvent = Result<Event, ConnectionError>;
 /// The forwarder; build it with [`Forwarder::new`], then drive it with [`Forwarder::run`].
 pub struct Forwarder {
     cfg: ForwarderConfig,
+    /// The rustls client configuration of `cfg.tls`.
+    tls: Option<Arc<rustls::ClientConfig>>,
     store: StoreHandle,
     stats: Arc<ForwarderStats>,
 }
 
 impl Forwarder {
+    /// Checks the settings and loads the upstream TLS files.
     pub fn new(cfg: ForwarderConfig, store: StoreHandle) -> Result<Self, ForwarderError> {
         cfg.validate()?;
+        let tls = cfg
+            .tls
+            .as_ref()
+            .map(UpstreamTls::client_config)
+            .transpose()?;
         Ok(Forwarder {
             cfg,
+            tls,
             store,
             stats: Arc::new(ForwarderStats::default()),
         })
@@ -306,11 +265,8 @@ impl Forwarder {
     }
 
     fn mqtt_options(&self) -> MqttOptions {
-        let (host, port) = self
-            .cfg
-            .host_port()
-            .unwrap_or_else(|_| ("127.0.0.1".into(), 1883));
-        let mut o = MqttOptions::new(self.cfg.client_id.clone(), host, port);
+        let url = &self.cfg.url;
+        let mut o = MqttOptions::new(self.cfg.client_id.clone(), url.host.clone(), url.port);
         o.set_keep_alive(self.cfg.keep_alive.max(Duration::from_secs(1)))
             .set_clean_start(true)
             .set_connection_timeout(5)
@@ -319,7 +275,7 @@ impl Forwarder {
         if let Some(user) = &self.cfg.username {
             o.set_credentials(user.clone(), self.cfg.password.clone().unwrap_or_default());
         }
-        if let Some(tls) = &self.cfg.tls {
+        if let Some(tls) = &self.tls {
             o.set_transport(rumqttc::Transport::tls_with_config(
                 rumqttc::TlsConfiguration::Rustls(tls.clone()),
             ));
@@ -468,22 +424,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_parse() {
-        let cfg = |url: &str| ForwarderConfig {
-            url: url.into(),
-            ..ForwarderConfig::default()
-        };
-        assert_eq!(
-            cfg("mqtt://h:1884").host_port().unwrap(),
-            ("h".into(), 1884)
+    fn settings_come_from_the_configuration() {
+        let mut config = Config::defaults();
+        assert!(
+            ForwarderConfig::from_config(&config).is_none(),
+            "forwarding is off"
         );
-        assert_eq!(cfg("mqtt://h").host_port().unwrap(), ("h".into(), 1883));
-        assert_eq!(cfg("mqtts://h").host_port().unwrap(), ("h".into(), 8883));
-        assert_eq!(
-            cfg("mqtts://[::1]").host_port().unwrap(),
-            ("::1".into(), 8883)
-        );
-        assert!(cfg("http://h:8883").host_port().is_err());
-        assert!(cfg("mqtt://:1").host_port().is_err());
+        config.upstream.url = Some(UpstreamUrl {
+            host: "up.example".into(),
+            port: 2883,
+            tls: false,
+        });
+        let cfg = ForwarderConfig::from_config(&config).unwrap();
+        assert_eq!(cfg.url, config.upstream.url.clone().unwrap());
+        assert_eq!(cfg.gateway_id, "edge-gateway");
+        assert_eq!(cfg.topic_prefix, "gateways/edge-gateway");
+        assert_eq!(cfg.backoff_min, config.upstream.backoff_min);
+        assert_eq!(cfg.batch_linger_ms, config.upstream.batch_linger_ms);
+        assert_eq!(cfg.max_packet_size, config.upstream.max_packet_bytes);
+        assert_eq!(cfg.rate_limit_per_sec, None);
+        assert_eq!(cfg.max_uncommitted_acks, MAX_UNCOMMITTED_ACKS);
+        assert_eq!(cfg.shutdown_grace, config.gateway.shutdown_grace / 3);
+        cfg.validate().unwrap();
+
+        config.upstream.url.as_mut().unwrap().tls = true;
+        let cfg = ForwarderConfig::from_config(&config).unwrap();
+        assert!(matches!(
+            cfg.validate(),
+            Err(ForwarderError::TlsMismatch(_))
+        ));
     }
 }

@@ -112,7 +112,7 @@ impl<'a> Session<'a> {
         Session {
             fwd,
             client,
-            gateway_id: fwd.cfg.gateway_id().to_owned(),
+            gateway_id: fwd.cfg.gateway_id.clone(),
             qos: fwd.cfg.mqtt_qos(),
             replay_until: 0,
             next_seq: ByLane::default(),

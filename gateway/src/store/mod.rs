@@ -65,9 +65,9 @@ use std::time::Duration;
 
 use crossbeam_channel::{Sender, TrySendError};
 use redb::{ConcurrencyMode, Database};
-use serde::Deserialize;
 use tokio::sync::{oneshot, Notify};
 
+use crate::config::Config;
 use crate::reading::{Format, Millis};
 
 use health::{Reader, ReaderSlot};
@@ -119,54 +119,63 @@ redb_error_from!(
 );
 
 /// What to do when the outbox exceeds `max_bytes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OverflowPolicy {
     /// Drop the oldest readings; events are kept. Only when no reading is left are the
     /// oldest events dropped (counted as `max_bytes_events`).
-    #[default]
     DropOldestReadings,
     /// Keep everything stored; refuse new rows of either lane while full (`rejected_full`).
     RejectNew,
 }
 
-/// Store settings (`[storage]` in the config file).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// Most commands applied in one write transaction.
+pub const MAX_BATCH: usize = 8192;
+/// Capacity of the command channel; appends beyond it are dropped and counted.
+pub const CHANNEL_CAPACITY: usize = 65_536;
+/// Event-log rows kept; the oldest are removed beyond it.
+pub const EVENT_LOG_MAX: u64 = 100_000;
+/// redb page cache in bytes (redb's default of 1 GiB is far too much for an edge box).
+pub const CACHE_SIZE: usize = 16 * 1024 * 1024;
+
+/// The store's settings: the `[storage]` section of a [`Config`] plus the internal
+/// knobs above. Built only by [`StoreConfig::from_config`]; a test that wants other
+/// values changes the `Config` (or an internal knob) before or after building it.
+#[derive(Debug, Clone)]
 pub struct StoreConfig {
     /// Longest wait after the first queued command before committing the group.
-    #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
-    /// Most commands applied in one write transaction.
+    /// Most commands applied in one write transaction ([`MAX_BATCH`]).
     pub max_batch: usize,
-    /// Capacity of the command channel; appends beyond it are dropped and counted.
+    /// Capacity of the command channel ([`CHANNEL_CAPACITY`]).
     pub channel_capacity: usize,
     /// Outbox budget in row bytes (keys + encoded rows, both lanes).
     pub max_bytes: u64,
     /// Rows older than this (by `received_at`) are dropped; `None` keeps them forever.
-    #[serde(with = "humantime_serde")]
     pub max_age: Option<Duration>,
+    /// Always [`OverflowPolicy::DropOldestReadings`] in the gateway.
     pub overflow_policy: OverflowPolicy,
     /// Dead-letter rows kept; the oldest are removed beyond it.
     pub dead_letter_max: u64,
-    /// Event-log rows kept; the oldest are removed beyond it.
+    /// Event-log rows kept ([`EVENT_LOG_MAX`]).
     pub event_log_max: u64,
-    /// redb page cache in bytes (redb's default of 1 GiB is far too much for an edge box).
+    /// redb page cache in bytes ([`CACHE_SIZE`]).
     pub cache_size: usize,
 }
 
-impl Default for StoreConfig {
-    fn default() -> Self {
+impl StoreConfig {
+    /// The store settings of a configuration (`storage.max_age = "0s"` keeps rows forever).
+    pub fn from_config(config: &Config) -> StoreConfig {
+        let storage = &config.storage;
         StoreConfig {
-            flush_interval: Duration::from_millis(5),
-            max_batch: 8192,
-            channel_capacity: 65_536,
-            max_bytes: 512 * 1024 * 1024,
-            max_age: Some(Duration::from_secs(7 * 24 * 3600)),
+            flush_interval: storage.flush_interval,
+            max_batch: MAX_BATCH,
+            channel_capacity: CHANNEL_CAPACITY,
+            max_bytes: storage.max_bytes,
+            max_age: Some(storage.max_age).filter(|d| !d.is_zero()),
             overflow_policy: OverflowPolicy::DropOldestReadings,
-            dead_letter_max: 10_000,
-            event_log_max: 100_000,
-            cache_size: 16 * 1024 * 1024,
+            dead_letter_max: storage.dead_letter_max as u64,
+            event_log_max: EVENT_LOG_MAX,
+            cache_size: CACHE_SIZE,
         }
     }
 }

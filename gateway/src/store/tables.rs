@@ -207,24 +207,3 @@ mod tests {
         assert_eq!(f.payload, b"{}");
     }
 }
-
-#[cfg(test)]
-mod config_tests {
-    use crate::store::{OverflowPolicy, StoreConfig};
-    use std::time::Duration;
-
-    #[test]
-    fn store_config_reads_from_toml() {
-        let cfg: StoreConfig = toml::from_str(
-            "flush_interval = \"2ms\"\nmax_bytes = 1000\nmax_age = \"1h\"\n\
-             overflow_policy = \"reject_new\"\ndead_letter_max = 5\n",
-        )
-        .unwrap();
-        assert_eq!(cfg.flush_interval, Duration::from_millis(2));
-        assert_eq!(cfg.max_age, Some(Duration::from_secs(3600)));
-        assert_eq!(cfg.overflow_policy, OverflowPolicy::RejectNew);
-        assert_eq!(cfg.dead_letter_max, 5);
-        assert_eq!(cfg.max_batch, StoreConfig::default().max_batch);
-        assert!(toml::from_str::<StoreConfig>("max_bites = 1").is_err());
-    }
-}

@@ -1,0 +1,175 @@
+//! The section types of a validated configuration: one struct per `[section]` of the
+//! file, holding typed values (addresses parsed, durations read, empty strings turned
+//! into `None`).
+//!
+//! Invariants:
+//! - a value here has passed every check of the reader (`validate.rs`, `tls.rs`), so
+//!   the stages use it as it is and never default or re-parse it;
+//! - the upstream URL is parsed once, into [`UpstreamUrl`], and handed on in that form.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::decode::TopicPattern;
+
+#[derive(Debug, Clone)]
+pub struct HttpSection {
+    /// Address of the metrics, API and status-page server; `None` when it is off
+    /// (`http.listen = ""` or `"off"`).
+    pub listen: Option<SocketAddr>,
+}
+
+/// Device authentication on the embedded broker (see `auth.rs`).
+#[derive(Debug, Clone)]
+pub struct AuthSection {
+    /// `true`: any client may connect without credentials (nothing is checked).
+    pub anonymous: bool,
+    /// Device id -> argon2 hash file; read (and watched) only when `anonymous` is false.
+    pub credentials_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewaySection {
+    pub id: String,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerSection {
+    pub listen: SocketAddr,
+    pub listen_v5: Option<SocketAddr>,
+    pub max_connections: usize,
+    pub max_payload_bytes: usize,
+    pub max_inflight: usize,
+    pub connection_timeout: Duration,
+    pub segment_bytes: usize,
+    pub segment_count: usize,
+    /// The TLS listener for devices, `None` when `broker.listen_tls` is empty.
+    pub tls: Option<BrokerTls>,
+}
+
+/// `broker.listen_tls` and its certificate files (checked to load when configured).
+#[derive(Debug, Clone)]
+pub struct BrokerTls {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, devices must present a certificate issued by this CA.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl BrokerTls {
+    /// The rustls server configuration of these files.
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, crate::tls::TlsError> {
+        crate::tls::server_config(&self.cert, &self.key, self.client_ca.as_deref())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct IngestSection {
+    pub topic_pattern: TopicPattern,
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageSection {
+    pub path: PathBuf,
+    pub dead_letter_max: usize,
+    pub max_bytes: u64,
+    pub max_age: Duration,
+    pub flush_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RulesSection {
+    pub dir: PathBuf,
+    /// Local topic of events; `{type}`, `{device}`, `{rule}` and `{state}` are filled in.
+    pub event_topic: String,
+}
+
+impl RulesSection {
+    /// The subscription filter covering every event topic (each placeholder a `+`).
+    pub fn event_filter(&self) -> String {
+        self.event_topic
+            .split('/')
+            .map(|s| {
+                if s.starts_with('{') && s.ends_with('}') {
+                    "+"
+                } else {
+                    s
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamSection {
+    /// `None` when forwarding is off (`upstream.url = ""`).
+    pub url: Option<UpstreamUrl>,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub topic_prefix: String,
+    pub keep_alive: Duration,
+    pub qos: u8,
+    pub forward_readings: bool,
+    pub max_inflight: u16,
+    pub max_packet_bytes: usize,
+    pub rate_limit: u32,
+    pub batch_max_messages: usize,
+    pub batch_linger_ms: u64,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Trust and identity for `mqtts://`; `None` for `mqtt://`.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// `mqtt://host:port` (port defaults to 1883) or `mqtts://host:port` (TLS, port 8883).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        write!(f, "{scheme}://{host}:{}", self.port)
+    }
+}
+
+/// `upstream.ca_file`, `upstream.client_cert` and `upstream.client_key` (checked to load).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// The CA the upstream server's certificate must chain to; the system store if `None`.
+    pub ca_file: Option<PathBuf>,
+    /// Certificate (chain) and key presented to the upstream broker (mutual TLS).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl UpstreamTls {
+    /// The rustls client configuration of these files.
+    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, crate::tls::TlsError> {
+        let client = self
+            .client_cert
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()));
+        crate::tls::client_config(self.ca_file.as_deref(), client)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSection {
+    pub level: String,
+}
