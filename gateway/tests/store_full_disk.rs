@@ -9,11 +9,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-mod tmpfs;
-
 use gateway::reading::Format;
 use gateway::store::{Counter, Lane, OutboxEntry, OutboxRow, Store, StoreConfig, StoreHandle};
-use tmpfs::{fill, Tmpfs};
+use test_support::tmpfs::{fill, Tmpfs};
+use test_support::wait_until;
 
 fn entry(i: u64) -> OutboxEntry {
     let payload = format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(1500)).into_bytes();
@@ -45,14 +44,6 @@ fn all_rows(store: &StoreHandle) -> BTreeMap<u64, OutboxRow> {
         out.extend(buf.drain(..).map(|r| (r.seq, r)));
     }
     out
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

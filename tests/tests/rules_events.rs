@@ -2,11 +2,9 @@
 //! a real MQTT client; the CloudEvents arrive on the embedded broker and upstream; a
 //! broken edit of a live rule file keeps the old rules working.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{publish_all, subscribe, upstream, Gateway};
+use test_support::{publish_all, subscribe, Collector, Gateway, Mosquitto, Rumqttd};
 use tokio::sync::mpsc;
 
 async fn next_event(
@@ -30,17 +28,12 @@ fn reading(device: &str, temperature: f64) -> Vec<(String, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn example_temperature_rule_fires_and_resolves_locally_and_upstream() {
-    let up_dir = tempfile::tempdir().unwrap();
-    let mosquitto;
-    let up_port = if upstream::mosquitto_available() {
-        mosquitto = upstream::Mosquitto::start(up_dir.path());
-        mosquitto.port
-    } else {
-        let port = upstream::free_port();
-        upstream::start_rumqttd(port);
-        port
+    let mosquitto = Mosquitto::start();
+    let up_port = match &mosquitto {
+        Some(m) => m.port,
+        None => Rumqttd::start().port,
     };
-    let collector = upstream::Collector::start(up_port, "up/events/#").await;
+    let collector = Collector::start(up_port, "up/events/#").await;
     let rules_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../rules");
     let url = format!("mqtt://127.0.0.1:{up_port}");
     let mut gw = Gateway::start(&[
