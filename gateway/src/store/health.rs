@@ -12,8 +12,9 @@
 //!   read-only open fails (`RepairAborted`); a writable open repairs it. So the reader is
 //!   opened before the failed writer is dropped; the slot is empty only if that open
 //!   failed, or after shutdown.
-//! - Retries back off from [`RETRY_MIN`] to [`RETRY_MAX`]; none of them logs, only the
-//!   entry into the degraded state and the recovery do (one line each).
+//! - Retries back off from the first to the longest wait of `StoreConfig::health_retry`
+//!   ([`RETRY_MIN`] to [`RETRY_MAX`] unless a test shortens them); none of them logs,
+//!   only the entry into the degraded state and the recovery do (one line each).
 //! - A retry reopens the file only when its filesystem has [`RECOVERY_HEADROOM`] free
 //!   (when that can be told): a few freed pages must not make the store flap between
 //!   recovered and degraded.
@@ -74,28 +75,32 @@ pub struct Degraded {
     pub refused_before: u64,
     pub next_try: Instant,
     backoff: Duration,
+    backoff_max: Duration,
     /// Acks received while degraded, applied by the first commit after recovery.
     pub acks: Vec<(Lane, Vec<u64>)>,
     pub ack_count: usize,
 }
 
 impl Degraded {
-    pub fn new(refused_before: u64) -> Self {
+    /// A period beginning now; `retry` is the first and the longest wait between retries.
+    pub fn new(refused_before: u64, retry: (Duration, Duration)) -> Self {
         let now = Instant::now();
+        let (first, longest) = retry;
         Degraded {
             started: now,
             since: now_millis(),
             refused_before,
-            next_try: now + RETRY_MIN,
-            backoff: RETRY_MIN,
+            next_try: now + first,
+            backoff: first,
+            backoff_max: longest,
             acks: Vec::new(),
             ack_count: 0,
         }
     }
 
-    /// Schedules the next retry, waiting longer each time up to [`RETRY_MAX`].
+    /// Schedules the next retry, waiting longer each time up to the longest wait.
     pub fn retry_later(&mut self) {
-        self.backoff = (self.backoff * 2).min(RETRY_MAX);
+        self.backoff = (self.backoff * 2).min(self.backoff_max);
         self.next_try = Instant::now() + self.backoff;
     }
 
@@ -159,7 +164,7 @@ mod tests {
 
     #[test]
     fn retries_back_off_up_to_the_maximum() {
-        let mut d = Degraded::new(0);
+        let mut d = Degraded::new(0, (RETRY_MIN, RETRY_MAX));
         assert!(d.next_try <= Instant::now() + RETRY_MIN);
         for _ in 0..10 {
             d.retry_later();
@@ -170,7 +175,7 @@ mod tests {
 
     #[test]
     fn acks_beyond_the_bound_are_discarded_and_counted() {
-        let mut d = Degraded::new(0);
+        let mut d = Degraded::new(0, (RETRY_MIN, RETRY_MAX));
         assert_eq!(d.keep_acks([(Lane::Reading, vec![1, 2, 3])]), 0);
         let big = vec![7; PENDING_ACKS_MAX];
         assert_eq!(d.keep_acks([(Lane::Event, big)]), PENDING_ACKS_MAX as u64);

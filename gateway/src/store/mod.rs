@@ -145,6 +145,10 @@ pub struct StoreConfig {
     pub event_log_max: u64,
     /// redb page cache in bytes (redb's default of 1 GiB is far too much for an edge box).
     pub cache_size: usize,
+    /// While degraded: the first and the longest wait between reopen retries. Not a
+    /// setting of the config file; tests shorten it.
+    #[serde(skip)]
+    pub health_retry: (Duration, Duration),
 }
 
 impl Default for StoreConfig {
@@ -159,6 +163,7 @@ impl Default for StoreConfig {
             dead_letter_max: 10_000,
             event_log_max: 100_000,
             cache_size: 16 * 1024 * 1024,
+            health_retry: (health::RETRY_MIN, health::RETRY_MAX),
         }
     }
 }
