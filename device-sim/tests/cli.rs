@@ -1,12 +1,10 @@
 //! The `device-sim` binary: exit codes, summary output, the comparison table.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::Mosquitto;
 use device_sim::Scenario;
+use test_support::Mosquitto;
 
 fn sim() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_device-sim"));
@@ -34,13 +32,15 @@ fn a_bad_scenario_exits_64_naming_the_problem() {
 
 #[test]
 fn a_run_prints_its_summary_and_bench_mode_enforces_min_delivered() {
-    let m = Mosquitto::start();
+    let Some(m) = Mosquitto::start() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.json");
     let out = sim()
         .args([
             "--broker",
-            &m.addr,
+            &m.addr(),
             "--devices",
             "3",
             "--count",
@@ -50,7 +50,7 @@ fn a_run_prints_its_summary_and_bench_mode_enforces_min_delivered() {
         ])
         .args([
             "--upstream",
-            &m.addr,
+            &m.addr(),
             "--upstream-topic",
             "devices/#",
             "--settle",
@@ -95,7 +95,7 @@ fn a_run_prints_its_summary_and_bench_mode_enforces_min_delivered() {
     let out = sim()
         .args([
             "--broker",
-            &m.addr,
+            &m.addr(),
             "--devices",
             "1",
             "--count",
@@ -105,7 +105,7 @@ fn a_run_prints_its_summary_and_bench_mode_enforces_min_delivered() {
         ])
         .args([
             "--upstream",
-            &m.addr,
+            &m.addr(),
             "--upstream-topic",
             "nowhere/#",
             "--settle",

@@ -1,12 +1,10 @@
 //! The fleet against real brokers: exact counts, payloads that decode back.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{start_rumqttd, Collector, Mosquitto};
 use device_sim::{FleetConfig, Format, QoS, Rate};
+use test_support::{free_port, Collector, Mosquitto, Received, Rumqttd};
 
 fn config(broker: &str, devices: u32, count: u64) -> FleetConfig {
     let mut cfg = FleetConfig::new(broker);
@@ -18,7 +16,7 @@ fn config(broker: &str, devices: u32, count: u64) -> FleetConfig {
 }
 
 /// Sequence numbers per device, from JSON payloads.
-fn seqs_by_device(got: &[common::Got]) -> BTreeMap<String, Vec<u64>> {
+fn seqs_by_device(got: &[Received]) -> BTreeMap<String, Vec<u64>> {
     let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for g in got {
         let device = g.topic.split('/').nth(1).unwrap().to_owned();
@@ -32,15 +30,16 @@ fn seqs_by_device(got: &[common::Got]) -> BTreeMap<String, Vec<u64>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn count_is_exact_against_rumqttd() {
-    let broker = start_rumqttd();
-    let sub = Collector::start(&broker, "devices/#").await;
+    let rumqttd = Rumqttd::start();
+    let broker = rumqttd.v311_addr();
+    let sub = Collector::start(rumqttd.port, "devices/#").await;
     // 7 devices, 100 payloads: 2 devices publish 15, 5 publish 14.
     let summary = device_sim::run(config(&broker, 7, 100)).await.unwrap();
     assert_eq!(summary.totals.published, 100);
     assert_eq!(summary.totals.acked, 100);
     assert_eq!(summary.totals.dropped, 0);
     assert_eq!(summary.connected_peak, 7);
-    let got = sub.wait_for(100, Duration::from_secs(10)).await;
+    let got = sub.wait_settled(100, Duration::from_secs(10)).await;
     assert_eq!(
         got.len(),
         100,
@@ -62,22 +61,26 @@ async fn count_is_exact_against_rumqttd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos0_count_is_exact_against_mosquitto() {
-    let mosquitto = Mosquitto::start();
-    let sub = Collector::start(&mosquitto.addr, "devices/#").await;
-    let mut cfg = config(&mosquitto.addr, 5, 50);
+    let Some(mosquitto) = Mosquitto::start() else {
+        return;
+    };
+    let sub = Collector::start(mosquitto.port, "devices/#").await;
+    let mut cfg = config(&mosquitto.addr(), 5, 50);
     cfg.qos = QoS::AtMostOnce;
     let summary = device_sim::run(cfg).await.unwrap();
     assert_eq!(summary.totals.published, 50);
     assert_eq!(summary.totals.sent, 50);
     assert_eq!(summary.totals.acked, 0, "QoS 0 has no acks");
-    let got = sub.wait_for(50, Duration::from_secs(10)).await;
+    let got = sub.wait_settled(50, Duration::from_secs(10)).await;
     assert_eq!(got.len(), 50);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duration_bounds_a_run_and_rate_is_kept() {
-    let mosquitto = Mosquitto::start();
-    let mut cfg = FleetConfig::new(&mosquitto.addr);
+    let Some(mosquitto) = Mosquitto::start() else {
+        return;
+    };
+    let mut cfg = FleetConfig::new(mosquitto.addr());
     cfg.devices = 4;
     cfg.rate = Rate::Total(40.0);
     cfg.duration = Some(Duration::from_secs(2));
@@ -93,17 +96,19 @@ async fn duration_bounds_a_run_and_rate_is_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_format_decodes_back() {
-    let mosquitto = Mosquitto::start();
+    let Some(mosquitto) = Mosquitto::start() else {
+        return;
+    };
     for format in Format::ALL {
         let stream = format.as_str();
-        let sub = Collector::start(&mosquitto.addr, &format!("devices/+/{stream}")).await;
-        let mut cfg = config(&mosquitto.addr, 2, 10);
+        let sub = Collector::start(mosquitto.port, &format!("devices/+/{stream}")).await;
+        let mut cfg = config(&mosquitto.addr(), 2, 10);
         cfg.format = format;
         cfg.stream = stream.to_owned();
         let before = device_sim::now_millis();
         device_sim::run(cfg).await.unwrap();
         let after = device_sim::now_millis();
-        let got = sub.wait_for(10, Duration::from_secs(10)).await;
+        let got = sub.wait_settled(10, Duration::from_secs(10)).await;
         assert_eq!(got.len(), 10, "{format}");
         for g in &got {
             let device = g.topic.split('/').nth(1).unwrap();
@@ -197,7 +202,7 @@ fn decode(format: Format, device: &str, payload: &[u8]) -> (i64, u64, f64, f64) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_count_only_run_ends_when_the_broker_is_away() {
     // Nothing listens on this port.
-    let addr = format!("127.0.0.1:{}", common::free_port());
+    let addr = format!("127.0.0.1:{}", free_port());
     let mut cfg = FleetConfig::new(&addr);
     cfg.devices = 3;
     cfg.count = Some(30);

@@ -1,13 +1,11 @@
 //! Scenario files: the shipped ones load, bad ones say what is wrong, and
 //! events happen on the wire (against a real mosquitto).
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Collector, Mosquitto};
 use device_sim::{FleetConfig, Rate, Scenario, ScenarioError};
+use test_support::{Collector, Mosquitto, Received};
 
 fn shipped() -> Vec<std::path::PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
@@ -183,9 +181,11 @@ every = "1s"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_happen_on_the_wire() {
-    let mosquitto = Mosquitto::start();
-    let sub = Collector::start(&mosquitto.addr, "devices/#").await;
-    let mut cfg = FleetConfig::new(&mosquitto.addr);
+    let Some(mosquitto) = Mosquitto::start() else {
+        return;
+    };
+    let sub = Collector::start(mosquitto.port, "devices/#").await;
+    let mut cfg = FleetConfig::new(mosquitto.addr());
     cfg.devices = 3;
     cfg.rate = Rate::PerDevice(20.0);
     cfg.duration = Some(Duration::from_secs(3));
@@ -195,13 +195,13 @@ async fn events_happen_on_the_wire() {
     let got = sub
         // A publish caught unacked by a planned drop is counted as dropped
         // (whether or not the broker got it): wait for the rest.
-        .wait_for(
+        .wait_settled(
             (summary.totals.published - summary.totals.dropped) as usize,
             Duration::from_secs(10),
         )
         .await;
-    let secs = |g: &common::Got| g.at.duration_since(start).as_secs_f64();
-    let of = |d: &str| -> Vec<&common::Got> {
+    let secs = |g: &Received| g.at.duration_since(start).as_secs_f64();
+    let of = |d: &str| -> Vec<&Received> {
         got.iter()
             .filter(|g| g.topic == format!("devices/{d}/telemetry"))
             .collect()

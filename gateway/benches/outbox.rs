@@ -7,14 +7,10 @@
 //! flush interval (default: `storage.flush_interval`); `OUTBOX_BENCH_UNCOMMITTED` the
 //! forwarder's `max_uncommitted_acks`. Every other setting is the gateway's default.
 
-#[path = "../tests/forwarder_common/mod.rs"]
-mod forwarder_common;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use forwarder_common::*;
 use gateway::config::{Config, UpstreamUrl};
 use gateway::forwarder::{Forwarder, ForwarderConfig, ForwarderStats, MAX_UNCOMMITTED_ACKS};
 use gateway::reading::{now_millis, Format};
@@ -22,6 +18,8 @@ use gateway::store::{OutboxEntry, Store, StoreConfig, StoreHandle};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use test_support::mosquitto::MOSQUITTO;
+use test_support::{free_port, wait_port, Collector, Mosquitto};
 use tokio_util::sync::CancellationToken;
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -325,10 +323,10 @@ async fn latency(port: u16, secs: u64) -> (f64, f64, f64, u64) {
 }
 
 fn main() {
-    if !std::path::Path::new(MOSQUITTO).exists() {
-        eprintln!("{MOSQUITTO} not found; nothing to compare against");
+    let Some(mosquitto) = Mosquitto::start() else {
+        eprintln!("nothing to compare against");
         return;
-    }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -337,8 +335,6 @@ fn main() {
     rt.block_on(async {
         let n = env_or("OUTBOX_BENCH_N", 100_000);
         let backlog = env_or("OUTBOX_BENCH_BACKLOG", 1_000_000);
-        let dir = tempfile::tempdir().unwrap();
-        let mosquitto = Mosquitto::start(dir.path());
         let port = mosquitto.port;
 
         // Memory first, while this process holds nothing else.

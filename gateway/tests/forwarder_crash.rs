@@ -3,16 +3,14 @@
 //!
 //! The test re-runs this test binary as the child (`drain_child`, ignored in normal runs).
 
-mod forwarder_common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use forwarder_common::*;
 use gateway::config::{Config, UpstreamUrl};
 use gateway::forwarder::{Forwarder, ForwarderConfig};
 use gateway::reading::{now_millis, Format};
 use gateway::store::{OutboxEntry, Store, StoreConfig};
+use test_support::{check_delivery, Collector, Rumqttd};
 use tokio_util::sync::CancellationToken;
 
 const CHILD_ENV: &str = "OUTBOX_DRAIN_CHILD_DB";
@@ -62,8 +60,7 @@ fn spawn_child(path: &std::path::Path, port: u16) -> std::process::Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_drain_then_restart_loses_nothing() {
-    let broker = free_port();
-    start_rumqttd(broker);
+    let broker = Rumqttd::start().port;
     let collector = Collector::start(broker, "up/#").await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gw.redb");

@@ -1,15 +1,15 @@
 //! The forwarder against real upstream brokers: rumqttd in process (behind a TCP proxy
 //! that simulates outages) and mosquitto as a child process.
 
-mod forwarder_common;
-
 use std::time::Duration;
 
-use forwarder_common::*;
 use gateway::config::{Config, UpstreamUrl};
 use gateway::forwarder::{Forwarder, ForwarderConfig, ForwarderStats};
 use gateway::reading::{now_millis, Format};
 use gateway::store::{OutboxEntry, Store, StoreConfig, StoreHandle};
+use test_support::{
+    check_delivery, check_delivery_with, free_port, Collector, Mosquitto, Proxy, Received, Rumqttd,
+};
 use tokio_util::sync::CancellationToken;
 
 const DEVICES: u64 = 10;
@@ -143,8 +143,7 @@ impl Running {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_while_readings_arrive_then_up_all_arrive_in_order() {
-    let broker = free_port();
-    start_rumqttd(broker);
+    let broker = Rumqttd::start().port;
     let proxy = Proxy::start(broker, false).await;
     let collector = Collector::start(broker, "up/gw1/#").await;
     let cfg = config(proxy.port);
@@ -187,8 +186,7 @@ async fn upstream_down_while_readings_arrive_then_up_all_arrive_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_outages_under_load_lose_nothing() {
-    let broker = free_port();
-    start_rumqttd(broker);
+    let broker = Rumqttd::start().port;
     let proxy = Proxy::start(broker, true).await;
     let collector = Collector::start(broker, "up/gw1/#").await;
     let cfg = config(proxy.port);
@@ -226,8 +224,7 @@ async fn upstream_outages_under_load_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_drain_before_the_readings_backlog() {
-    let broker = free_port();
-    start_rumqttd(broker);
+    let broker = Rumqttd::start().port;
     let proxy = Proxy::start(broker, false).await;
     let collector = Collector::start(broker, "up/gw1/#").await;
     let run = start(config(proxy.port));
@@ -272,8 +269,7 @@ async fn events_drain_before_the_readings_backlog() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_carry_arrays_with_ids_and_are_deleted_together() {
-    let broker = free_port();
-    start_rumqttd(broker);
+    let broker = Rumqttd::start().port;
     let collector = Collector::start(broker, "up/gw1/#").await;
     let cfg = ForwarderConfig {
         batch_max_messages: 50,
@@ -342,11 +338,9 @@ async fn batches_carry_arrays_with_ids_and_are_deleted_together() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_restarted_repeatedly_under_load_loses_nothing() {
-    if !mosquitto_available() {
+    let Some(mut mosquitto) = Mosquitto::start() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let mut mosquitto = Mosquitto::start(dir.path());
+    };
     let collector = Collector::start(mosquitto.port, "up/gw1/#").await;
     let cfg = config(mosquitto.port);
     let max_inflight = cfg.max_inflight;
@@ -376,8 +370,7 @@ async fn mosquitto_restarted_repeatedly_under_load_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_rate_limit_paces_the_backlog_and_qos0_deletes_on_send() {
-    let broker = free_port();
-    start_rumqttd(broker);
+    let broker = Rumqttd::start().port;
     let collector = Collector::start(broker, "up/gw1/#").await;
     let proxy = Proxy::start(broker, false).await;
     let rate = 2_000u32;

@@ -1,1 +1,2 @@
-//! End-to-end tests live in `tests/`.
+//! End-to-end tests live in `tests/`; their brokers, ports, fixtures and the gateway
+//! process come from the workspace's `test-support` crate.

@@ -2,12 +2,10 @@
 //! shipped example rules gives one `SensorTemperatureExceeded` firing and one resolved
 //! event for the overheating device, and none for the others.
 
-mod common;
-
 use std::time::Duration;
 
-use common::Gateway;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use test_support::{counter, Gateway};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -78,9 +76,5 @@ async fn overheat_scenario_fires_and_resolves_the_temperature_rule() {
         .unwrap();
     assert_eq!(summary.totals.errors, 0);
     let gw_summary = gw.stop();
-    assert_eq!(
-        common::counter(&gw_summary, "dead_lettered"),
-        0,
-        "{gw_summary}"
-    );
+    assert_eq!(counter(&gw_summary, "dead_lettered"), 0, "{gw_summary}");
 }

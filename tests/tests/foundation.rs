@@ -1,12 +1,10 @@
 //! End-to-end: the real gateway binary, real MQTT clients, every payload format,
 //! malformed input, bad configuration and shutdown.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::{counter, publish_all, workspace_bin, Gateway};
+use test_support::{counter, free_port, publish_all, workspace_bin, Gateway};
 
 fn senml_cbor() -> Vec<u8> {
     use serde_cbor::Value as V;
@@ -87,7 +85,7 @@ async fn mqtt5_content_type_selects_the_format() {
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::{AsyncClient, Event, Incoming, MqttOptions};
 
-    let v5_port = common::free_port();
+    let v5_port = free_port();
     let v5 = format!("127.0.0.1:{v5_port}");
     let mut gw = Gateway::start(&[("GATEWAY__BROKER__LISTEN_V5", &v5)]);
     let mut opts = MqttOptions::new("e2e-v5", "127.0.0.1", v5_port);

@@ -8,17 +8,13 @@
 //! Needs `mount` (root): skipped with a message when mounting is not permitted, unless
 //! `GATEWAY_REQUIRE_MOUNT=1` (CI), which makes that a failure.
 
-mod common;
-#[path = "../../gateway/tests/tmpfs/mod.rs"]
-mod tmpfs;
-
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{publish_all, subscribe, upstream, Gateway};
 use gateway::store::{read_outbox_file, read_stats_file, Counter, Lane};
-use tmpfs::{fill, Tmpfs};
+use test_support::tmpfs::{fill, Tmpfs};
+use test_support::{publish_all, subscribe, wait_until_async, Collector, Gateway, Proxy, Rumqttd};
 
 /// Readings `range` of device t-1, each about 1.5 KB, numbered by `n`.
 fn readings(range: std::ops::Range<u64>) -> Vec<(String, Vec<u8>)> {
@@ -51,14 +47,6 @@ fn committed(db: &Path) -> BTreeSet<u64> {
     out
 }
 
-async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 const BATTERY_RULE: &str = r#"
 [[rule]]
 name = "battery-low"
@@ -74,10 +62,9 @@ async fn full_disk_keeps_the_gateway_running_and_loses_nothing_committed() {
     let db = fs.path().join("gateway.redb");
 
     // Upstream: a real broker with a subscriber, behind a proxy that is down for now.
-    let up_port = upstream::free_port();
-    upstream::start_rumqttd(up_port);
-    let collector = upstream::Collector::start(up_port, "up/devices/#").await;
-    let proxy = upstream::Proxy::start(up_port, false).await;
+    let up_port = Rumqttd::start().port;
+    let collector = Collector::start(up_port, "up/devices/#").await;
+    let proxy = Proxy::start(up_port, false).await;
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("rules")).unwrap();
@@ -99,7 +86,7 @@ async fn full_disk_keeps_the_gateway_running_and_loses_nothing_committed() {
     let mut next = 0u64;
     publish_all(&gw.addr(), "t-1", &readings(0..200)).await;
     next += 200;
-    wait_for("first readings committed", Duration::from_secs(10), || {
+    wait_until_async("first readings committed", Duration::from_secs(10), || {
         read_stats_file(&db).is_ok_and(|s| s.get(Counter::AppendedReadings) == 200)
     })
     .await;
@@ -171,7 +158,7 @@ async fn full_disk_keeps_the_gateway_running_and_loses_nothing_committed() {
             .filter_map(|m| n_of(&m.payload))
             .collect()
     };
-    wait_for(
+    wait_until_async(
         "committed readings forwarded while degraded",
         Duration::from_secs(20),
         || before_fault.is_subset(&arrived()),
@@ -183,7 +170,7 @@ async fn full_disk_keeps_the_gateway_running_and_loses_nothing_committed() {
     proxy.set_up(false);
     gw.wait_log("upstream connection lost", Duration::from_secs(10));
     proxy.set_up(true);
-    wait_for("reconnect while degraded", Duration::from_secs(10), || {
+    wait_until_async("reconnect while degraded", Duration::from_secs(10), || {
         connects() > before
     })
     .await;
@@ -205,7 +192,7 @@ async fn full_disk_keeps_the_gateway_running_and_loses_nothing_committed() {
 
     // Every committed reading arrived upstream, and the new ones.
     let expected: BTreeSet<u64> = before_fault.iter().copied().chain(after).collect();
-    wait_for(
+    wait_until_async(
         "every committed reading upstream",
         Duration::from_secs(20),
         || expected.is_subset(&arrived()),
@@ -229,7 +216,7 @@ async fn full_disk_keeps_the_gateway_running_and_loses_nothing_committed() {
         eprintln!("gateway: {line}");
     }
     // The acks kept while degraded were applied: the outbox drains to empty.
-    wait_for("outbox empty", Duration::from_secs(10), || {
+    wait_until_async("outbox empty", Duration::from_secs(10), || {
         read_stats_file(&db).is_ok_and(|s| s.depth() == 0)
     })
     .await;

@@ -6,16 +6,15 @@
 //! promtool (Debian's `prometheus` package) is optional locally: without it the check is
 //! skipped with a message, unless `GATEWAY_REQUIRE_BROWSER=1` (CI) makes it mandatory.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{publish_all, upstream, Gateway};
 use serde_json::Value;
-use upstream::{Collector, Mosquitto, Proxy};
+use test_support::{
+    free_port, publish_all, workspace_bin, Collector, Gateway, Mosquitto, Proxy, Rumqttd,
+};
 
 const HOT_RULE: &str = r#"
 [[rule]]
@@ -143,15 +142,10 @@ fn readings(device: &str, n: usize, temperature: f64) -> Vec<(String, Vec<u8>)> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_pass_promtool_and_the_backlog_rises_while_upstream_is_down_then_drains() {
     const N: usize = 300;
-    let up_dir = tempfile::tempdir().unwrap();
-    let (up_port, _mosquitto) = if upstream::mosquitto_available() {
-        let m = Mosquitto::start(up_dir.path());
-        (m.port, Some(m))
-    } else {
-        let port = upstream::free_port();
-        upstream::start_rumqttd(port);
-        upstream::wait_port(port, Duration::from_secs(5));
-        (port, None)
+    let mosquitto = Mosquitto::start();
+    let up_port = match &mosquitto {
+        Some(m) => m.port,
+        None => Rumqttd::start().port,
     };
     let proxy = Proxy::start(up_port, false).await;
     let collector = Collector::start(up_port, "up/#").await;
@@ -463,12 +457,12 @@ fn http_listen_off_serves_nothing_and_a_taken_port_is_a_config_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(common::workspace_bin("gateway"))
+    let out = Command::new(workspace_bin("gateway"))
         .arg("run")
         .current_dir(dir.path())
         .env(
             "GATEWAY__BROKER__LISTEN",
-            format!("127.0.0.1:{}", upstream::free_port()),
+            format!("127.0.0.1:{}", free_port()),
         )
         .env("GATEWAY__HTTP__LISTEN", &addr)
         .env("GATEWAY__STORAGE__PATH", dir.path().join("g.redb"))
@@ -481,7 +475,7 @@ fn http_listen_off_serves_nothing_and_a_taken_port_is_a_config_error() {
         "{stderr}"
     );
 
-    let out = Command::new(common::workspace_bin("gateway"))
+    let out = Command::new(workspace_bin("gateway"))
         .arg("check-config")
         .current_dir(dir.path())
         .env("GATEWAY__BROKER__LISTEN", "0.0.0.0:1883")

@@ -1,12 +1,14 @@
-//! End-to-end rules: the shipped example rules fire and resolve on readings published by
-//! a real MQTT client; the CloudEvents arrive on the embedded broker and upstream; a
-//! broken edit of a live rule file keeps the old rules working.
+//! End-to-end rules: the shipped example temperature rule fires and resolves on readings
+//! published by a real MQTT client; the CloudEvents arrive on the embedded broker and
+//! upstream; a broken edit of a live rule file keeps the old rules working.
+//!
+//! Rule durations are short (the example rule's `for` is cut from 10 s to 500 ms) so the
+//! transitions happen within a second or two of real time.
 
-mod common;
-
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{publish_all, subscribe, upstream, Gateway};
+use test_support::{publish_all, subscribe, Collector, Gateway, Mosquitto, Rumqttd};
 use tokio::sync::mpsc;
 
 async fn next_event(
@@ -21,6 +23,19 @@ async fn next_event(
     (topic, json)
 }
 
+/// The shipped `rules/temperature.toml` with `for = "500ms"` instead of 10 s, written
+/// into `dir`: the same condition, hysteresis, labels and event, quicker.
+fn quick_temperature_rule(dir: &Path) {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../rules/temperature.toml");
+    let rule = std::fs::read_to_string(shipped).unwrap();
+    assert!(
+        rule.contains("for = \"10s\""),
+        "{shipped} changed its `for`"
+    );
+    let quick = rule.replace("for = \"10s\"", "for = \"500ms\"");
+    std::fs::write(dir.join("temperature.toml"), quick).unwrap();
+}
+
 fn reading(device: &str, temperature: f64) -> Vec<(String, Vec<u8>)> {
     vec![(
         format!("devices/{device}/telemetry"),
@@ -30,31 +45,28 @@ fn reading(device: &str, temperature: f64) -> Vec<(String, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn example_temperature_rule_fires_and_resolves_locally_and_upstream() {
-    let up_dir = tempfile::tempdir().unwrap();
-    let mosquitto;
-    let up_port = if upstream::mosquitto_available() {
-        mosquitto = upstream::Mosquitto::start(up_dir.path());
-        mosquitto.port
-    } else {
-        let port = upstream::free_port();
-        upstream::start_rumqttd(port);
-        port
+    let mosquitto = Mosquitto::start();
+    let up_port = match &mosquitto {
+        Some(m) => m.port,
+        None => Rumqttd::start().port,
     };
-    let collector = upstream::Collector::start(up_port, "up/events/#").await;
-    let rules_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../rules");
+    let collector = Collector::start(up_port, "up/events/#").await;
+    let rules = tempfile::tempdir().unwrap();
+    quick_temperature_rule(rules.path());
     let url = format!("mqtt://127.0.0.1:{up_port}");
     let mut gw = Gateway::start(&[
-        ("GATEWAY__RULES__DIR", rules_dir),
+        ("GATEWAY__RULES__DIR", rules.path().to_str().unwrap()),
         ("GATEWAY__UPSTREAM__URL", &url),
         ("GATEWAY__UPSTREAM__TOPIC_PREFIX", "up"),
     ]);
     let mut local = subscribe(&gw.addr(), "events/#").await;
 
-    // 80 °C held for more than the rule's `for = "10s"`: one firing event, not one per reading.
+    // 80 °C held for more than the rule's `for`, and readings at 80 °C go on after it
+    // fired: one firing event, not one per reading.
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(12) {
+    while started.elapsed() < Duration::from_millis(1200) {
         publish_all(&gw.addr(), "t-hot", &reading("t-hot", 80.0)).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (topic, firing) = next_event(&mut local, Duration::from_secs(5)).await;
     assert_eq!(topic, "events/SensorTemperatureExceeded/t-hot");
@@ -77,7 +89,7 @@ async fn example_temperature_rule_fires_and_resolves_locally_and_upstream() {
     assert_eq!(resolved["data"]["state"], "resolved");
     assert_ne!(resolved["id"], firing["id"]);
     assert!(
-        tokio::time::timeout(Duration::from_millis(1500), local.recv())
+        tokio::time::timeout(Duration::from_millis(1000), local.recv())
             .await
             .is_err(),
         "no event per reading"
@@ -176,7 +188,7 @@ async fn restart_neither_refires_nor_forgets_a_firing_instance() {
     let mut local = subscribe(&gw.addr(), "events/#").await;
     publish_all(&gw.addr(), "r-1", &heat(20)).await;
     assert!(
-        tokio::time::timeout(Duration::from_secs(2), local.recv())
+        tokio::time::timeout(Duration::from_secs(1), local.recv())
             .await
             .is_err(),
         "still firing after the restart: no second firing event"

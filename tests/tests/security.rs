@@ -1,14 +1,12 @@
 //! End-to-end: device authentication, topic restrictions and connection limits of the
 //! real gateway binary, with real MQTT clients and raw TCP floods on loopback.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{counter, workspace_bin, Gateway};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use test_support::{counter, workspace_bin, Gateway};
 
 /// Runs `gateway devices ARGS` in `dir` with its credentials file; returns (ok, stdout).
 fn devices(dir: &Path, args: &[&str]) -> (bool, String) {

@@ -6,13 +6,11 @@
 //! Chromium (Debian's `chromium`) is optional locally: without it the test is skipped with
 //! a message, unless `GATEWAY_REQUIRE_BROWSER=1` (CI) makes it mandatory.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{upstream, Gateway};
+use test_support::{Gateway, Rumqttd};
 use tokio_util::sync::CancellationToken;
 
 const RULE: &str = r#"
@@ -128,9 +126,7 @@ fn text_of<'a>(dom: &'a str, id: &str) -> &'a str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_page_shows_devices_upstream_backlog_and_firing_alert() {
     let Some(browser) = chromium() else { return };
-    let up_port = upstream::free_port();
-    upstream::start_rumqttd(up_port);
-    upstream::wait_port(up_port, Duration::from_secs(5));
+    let up_port = Rumqttd::start().port;
     let rules = tempfile::tempdir().unwrap();
     std::fs::write(rules.path().join("temperature.toml"), RULE).unwrap();
     let url = format!("mqtt://127.0.0.1:{up_port}");

@@ -3,39 +3,26 @@
 //! this process) is unreachable; then it comes back, or the gateway is killed with
 //! SIGKILL mid-drain and restarted. Nothing committed may be lost.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{publish_all, upstream, Gateway};
-use upstream::{check_delivery, Collector, Mosquitto, Proxy, Received};
+use test_support::{
+    check_delivery, counter, publish_all, Collector, Gateway, Mosquitto, Proxy, Received, Rumqttd,
+};
 
 /// The upstream broker of a test, and the port the gateway should use for it.
 struct Upstream {
     port: u16,
     _mosquitto: Option<Mosquitto>,
-    _dir: tempfile::TempDir,
 }
 
 fn upstream() -> Upstream {
-    let dir = tempfile::tempdir().unwrap();
-    if upstream::mosquitto_available() {
-        let m = Mosquitto::start(dir.path());
-        Upstream {
-            port: m.port,
-            _mosquitto: Some(m),
-            _dir: dir,
-        }
-    } else {
-        let port = upstream::free_port();
-        upstream::start_rumqttd(port);
-        upstream::wait_port(port, Duration::from_secs(5));
-        Upstream {
-            port,
-            _mosquitto: None,
-            _dir: dir,
-        }
+    let mosquitto = Mosquitto::start();
+    Upstream {
+        port: mosquitto
+            .as_ref()
+            .map_or_else(|| Rumqttd::start().port, |m| m.port),
+        _mosquitto: mosquitto,
     }
 }
 
@@ -161,7 +148,7 @@ async fn upstream_down_while_50k_readings_arrive_then_every_one_arrives_in_order
     );
     let summary = gw.stop();
     assert_eq!(
-        common::counter(&summary, "decoded"),
+        counter(&summary, "decoded"),
         (DEVICES * PER_DEVICE) as u64,
         "{summary}"
     );

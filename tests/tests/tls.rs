@@ -2,15 +2,14 @@
 //! without client certificates) and forwarding over mqtts:// to a real Mosquitto with a
 //! TLS listener (mutual TLS, and a wrong CA). Certificates come from throwaway CAs.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::upstream::{mosquitto_available, Collector, Issued, Mosquitto, TestCa};
-use common::{counter, free_port, publish_all, workspace_bin, Gateway};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use test_support::{
+    counter, free_port, publish_all, workspace_bin, Collector, Gateway, Issued, Mosquitto, TestCa,
+};
 
 /// How a test device connects.
 enum Device<'a> {
@@ -304,13 +303,12 @@ fn readings(n: usize) -> Vec<(String, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_over_mutual_tls_to_mosquitto() {
-    if !mosquitto_available() {
-        return;
-    }
     const N: usize = 20;
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("upstream CA");
-    let (upstream, tls_port) = Mosquitto::start_tls(dir.path(), &ca, true);
+    let Some((upstream, tls_port)) = Mosquitto::start_tls(&ca, true) else {
+        return;
+    };
     let collector = Collector::start(upstream.port, "gateways/#").await;
     let gateway_cert = ca.issue(dir.path(), "edge-gateway", &[]);
     let ca_file = ca.write(dir.path(), "upstream-ca");
@@ -332,12 +330,11 @@ async fn forwards_over_mutual_tls_to_mosquitto() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_that_needs_a_client_certificate_refuses_a_gateway_without_one() {
-    if !mosquitto_available() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("upstream CA");
-    let (_upstream, tls_port) = Mosquitto::start_tls(dir.path(), &ca, true);
+    let Some((_upstream, tls_port)) = Mosquitto::start_tls(&ca, true) else {
+        return;
+    };
     let ca_file = ca.write(dir.path(), "upstream-ca");
     let mut gw = start(&upstream_env(tls_port, &ca_file, None));
     publish_all(&gw.addr(), "no-cert-dev", &readings(3)).await;
@@ -351,13 +348,12 @@ async fn upstream_that_needs_a_client_certificate_refuses_a_gateway_without_one(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_upstream_ca_is_a_clear_error_and_data_stays_in_the_outbox() {
-    if !mosquitto_available() {
-        return;
-    }
     const N: usize = 5;
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("upstream CA");
-    let (_upstream, tls_port) = Mosquitto::start_tls(dir.path(), &ca, false);
+    let Some((_upstream, tls_port)) = Mosquitto::start_tls(&ca, false) else {
+        return;
+    };
     let wrong = TestCa::new("not the upstream's CA");
     let wrong_file = wrong.write(dir.path(), "wrong-ca");
     let mut gw = start(&upstream_env(tls_port, &wrong_file, None));

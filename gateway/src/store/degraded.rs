@@ -42,7 +42,7 @@ impl Owner {
     /// transaction on it), keep committed rows readable, keep the group's acks, and say so
     /// once.
     pub(super) fn enter_degraded(&mut self, error: &StoreError, group: &mut Group) {
-        let mut d = Degraded::new(self.refused_total());
+        let mut d = Degraded::new(self.refused_total(), self.cfg.health_retry);
         self.keep_acks(&mut d, group);
         self.counters.add(Counter::StorageErrors, 1);
         self.counters.set_degraded(Some(d.since));

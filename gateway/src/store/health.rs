@@ -12,8 +12,9 @@
 //!   read-only open fails (`RepairAborted`); a writable open repairs it. So the reader is
 //!   opened before the failed writer is dropped; the slot is empty only if that open
 //!   failed, or after shutdown.
-//! - Retries back off from [`RETRY_MIN`] to [`RETRY_MAX`]; none of them logs, only the
-//!   entry into the degraded state and the recovery do (one line each).
+//! - Retries back off from the first to the longest wait of `StoreConfig::health_retry`
+//!   ([`RETRY_MIN`] to [`RETRY_MAX`] unless a test shortens them); none of them logs,
+//!   only the entry into the degraded state and the recovery do (one line each).
 //! - A retry reopens the file only when its filesystem has [`RECOVERY_HEADROOM`] free
 //!   (when that can be told): a few freed pages must not make the store flap between
 //!   recovered and degraded.
@@ -38,7 +39,7 @@ pub const RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest wait between two retries.
 pub const RETRY_MAX: Duration = Duration::from_secs(5);
 /// The retry schedule: no jitter, one owner thread retries alone.
-const RETRY: Backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
+pub const RETRY: Backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
 /// Least free space on the database's filesystem before a reopen is tried.
 pub const RECOVERY_HEADROOM: u64 = 1024 * 1024;
 /// Most acked seqs kept in memory while degraded.
@@ -76,6 +77,8 @@ pub struct Degraded {
     /// Refused entries counted before the period began (to report the period's share).
     pub refused_before: u64,
     pub next_try: Instant,
+    /// The schedule of retries ([`StoreConfig::health_retry`](super::StoreConfig::health_retry)).
+    retry: Backoff,
     /// Retries so far, counting the one scheduled at the start as 1.
     attempt: u32,
     /// Acks received while degraded, applied by the first commit after recovery.
@@ -84,23 +87,25 @@ pub struct Degraded {
 }
 
 impl Degraded {
-    pub fn new(refused_before: u64) -> Self {
+    /// A period beginning now; `retry` spaces the reopen attempts.
+    pub fn new(refused_before: u64, retry: Backoff) -> Self {
         let now = Instant::now();
         Degraded {
             started: now,
             since: now_millis(),
             refused_before,
-            next_try: now + RETRY.ceiling(1),
+            next_try: now + retry.ceiling(1),
+            retry,
             attempt: 1,
             acks: Vec::new(),
             ack_count: 0,
         }
     }
 
-    /// Schedules the next retry, waiting longer each time up to [`RETRY_MAX`].
+    /// Schedules the next retry, waiting longer each time up to the longest wait.
     pub fn retry_later(&mut self) {
         self.attempt += 1;
-        self.next_try = Instant::now() + RETRY.ceiling(self.attempt);
+        self.next_try = Instant::now() + self.retry.ceiling(self.attempt);
     }
 
     pub fn due(&self) -> bool {
@@ -163,7 +168,7 @@ mod tests {
 
     #[test]
     fn retries_back_off_up_to_the_maximum() {
-        let mut d = Degraded::new(0);
+        let mut d = Degraded::new(0, RETRY);
         assert!(d.next_try <= Instant::now() + RETRY_MIN);
         for _ in 0..10 {
             d.retry_later();
@@ -174,7 +179,7 @@ mod tests {
 
     #[test]
     fn acks_beyond_the_bound_are_discarded_and_counted() {
-        let mut d = Degraded::new(0);
+        let mut d = Degraded::new(0, RETRY);
         assert_eq!(d.keep_acks([(Lane::Reading, vec![1, 2, 3])]), 0);
         let big = vec![7; PENDING_ACKS_MAX];
         assert_eq!(d.keep_acks([(Lane::Event, big)]), PENDING_ACKS_MAX as u64);

@@ -67,6 +67,7 @@ use crossbeam_channel::{Sender, TrySendError};
 use redb::{ConcurrencyMode, Database};
 use tokio::sync::{oneshot, Notify};
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::reading::{Format, Millis};
 
@@ -160,6 +161,9 @@ pub struct StoreConfig {
     pub event_log_max: u64,
     /// redb page cache in bytes ([`CACHE_SIZE`]).
     pub cache_size: usize,
+    /// While degraded: the first and the longest wait between reopen retries. Not a
+    /// setting of the config file; tests shorten it.
+    pub health_retry: Backoff,
 }
 
 impl StoreConfig {
@@ -176,6 +180,7 @@ impl StoreConfig {
             dead_letter_max: storage.dead_letter_max as u64,
             event_log_max: EVENT_LOG_MAX,
             cache_size: CACHE_SIZE,
+            health_retry: health::RETRY,
         }
     }
 }

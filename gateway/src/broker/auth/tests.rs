@@ -1,4 +1,5 @@
 use super::*;
+use test_support::wait_until;
 
 fn setup(devices: &[&str]) -> (tempfile::TempDir, PathBuf, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
@@ -7,14 +8,6 @@ fn setup(devices: &[&str]) -> (tempfile::TempDir, PathBuf, Vec<String>) {
     let passwords = devices.iter().map(|d| creds.add(d).unwrap()).collect();
     creds.save(&path).unwrap();
     (dir, path, passwords)
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[tokio::test]
@@ -67,7 +60,7 @@ async fn file_changes_are_picked_up_and_a_removed_device_loses_its_cache() {
     let new_pw = creds.add("t-2").unwrap();
     assert!(creds.remove("t-1"));
     creds.save(&path).unwrap();
-    wait_until("reload", || {
+    wait_until("reload", Duration::from_secs(10), || {
         auth.device_count() == 1 && auth.stats().reloads.load(Ordering::Relaxed) == 1
     });
     assert_eq!(auth.check("t-2", "t-2", &new_pw).await, Ok(()));
@@ -96,7 +89,7 @@ async fn a_flood_of_bad_passwords_is_bounded_and_does_not_delay_cached_devices()
         })
         .collect();
     // Let the flood fill the queue, then a known device reconnects.
-    wait_until("the flood to queue", || {
+    wait_until("the flood to queue", Duration::from_secs(10), || {
         auth.stats().refused_busy.load(Ordering::Relaxed) > 0
     });
     assert_eq!(auth.check("t-1", "t-1", &pw[0]).await, Ok(()));

@@ -1,6 +1,5 @@
 //! A small real filesystem for full-disk tests: a tmpfs mounted on a temp dir, and a
-//! filler file that fills it. Shared by `store_full_disk.rs` and the end-to-end
-//! `tests/tests/full_disk.rs`.
+//! filler file that fills it (gateway's `store_full_disk` and the end-to-end `full_disk`).
 //!
 //! Needs `mount` (root). `Tmpfs::mount` returns `None` with a message when mounting is
 //! not permitted, unless `GATEWAY_REQUIRE_MOUNT=1` (CI), which makes that a failure.

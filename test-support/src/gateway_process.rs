@@ -1,6 +1,12 @@
-//! Shared helpers of the end-to-end tests: free ports, the real `gateway` binary
-//! started with its own temp dir and environment, and a real MQTT client.
-#![allow(dead_code)]
+//! The real `gateway` binary as a child process: its own temp dir (database, rules),
+//! loopback ports chosen at run time, its log captured, and helpers to read what it says
+//! (log lines, the summary's counters, HTTP responses).
+//!
+//! Invariants:
+//! - The binary is the one `cargo test --workspace` built next to the test binary
+//!   ([`workspace_bin`]); a missing one is a failure that says how to build it.
+//! - Every wait on the process (start, log line, exit) has a timeout and panics with
+//!   the log; the process is killed when the [`Gateway`] is dropped.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -8,12 +14,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Real upstream brokers (rumqttd in process, Mosquitto as a child process), a proxy
-/// that can cut the link, and an upstream collector: shared with the gateway's own tests.
-#[path = "../../../gateway/tests/forwarder_common/mod.rs"]
-pub mod upstream;
-
-pub use upstream::free_port;
+use crate::ports::free_port;
 
 /// Path of a binary of this workspace, built by `cargo test --workspace`.
 pub fn workspace_bin(name: &str) -> PathBuf {
@@ -35,7 +36,7 @@ pub struct Gateway {
     /// Port of the HTTP server (metrics, API, status page).
     pub http_port: u16,
     pub dir: tempfile::TempDir,
-    pub env: Vec<(String, String)>,
+    env: Vec<(String, String)>,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -199,7 +200,7 @@ impl Drop for Gateway {
 }
 
 /// `GET path` over HTTP/1.0 (so the body is never chunked): (status code, body).
-pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+fn http_get(addr: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP server");
     stream
@@ -234,86 +235,4 @@ pub fn counter(summary: &str, key: &str) -> u64 {
         .collect::<String>()
         .parse()
         .unwrap()
-}
-
-/// Publishes each (topic, payload) with QoS 1 through a real MQTT 3.1.1 client and waits
-/// for every PUBACK.
-pub async fn publish_all(addr: &str, client_id: &str, messages: &[(String, Vec<u8>)]) {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-    let (host, port) = addr.split_once(':').unwrap();
-    let mut opts = MqttOptions::new(client_id, host, port.parse().unwrap());
-    opts.set_keep_alive(Duration::from_secs(10));
-    let (client, mut eventloop) = AsyncClient::new(opts, 100);
-    let expected = messages.len();
-    let acks = tokio::spawn(async move {
-        let mut acked = 0;
-        while acked < expected {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
-                Ok(_) => {}
-                Err(e) => panic!("MQTT client error: {e}"),
-            }
-        }
-        eventloop
-    });
-    let publish = async {
-        for (topic, payload) in messages {
-            client
-                .publish(topic, QoS::AtLeastOnce, false, payload.clone())
-                .await
-                .unwrap();
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), publish)
-        .await
-        .expect("publishes queued within 20s");
-    let mut eventloop = tokio::time::timeout(Duration::from_secs(20), acks)
-        .await
-        .expect("PUBACKs within 20s")
-        .unwrap();
-    client.disconnect().await.ok();
-    // Wait until the broker has closed this connection: a next publish_all with the same
-    // client id must not overtake it (rumqttd then drops the previous connection, and a
-    // late close of the old one can take the new one down with it).
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while eventloop.poll().await.is_ok() {}
-    })
-    .await;
-}
-
-/// Subscribes to `filter` on the gateway's embedded broker and waits for the SUBACK;
-/// every publish's (topic, payload) then arrives on the channel.
-pub async fn subscribe(
-    addr: &str,
-    filter: &str,
-) -> tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)> {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-    let (host, port) = addr.split_once(':').unwrap();
-    let mut opts = MqttOptions::new(format!("sub-{}", free_port()), host, port.parse().unwrap());
-    opts.set_keep_alive(Duration::from_secs(10));
-    let (client, mut el) = AsyncClient::new(opts, 10);
-    client.subscribe(filter, QoS::AtMostOnce).await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(1);
-    tokio::spawn(async move {
-        let _client = client;
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = ready_tx.send(()).await;
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(10), ready_rx.recv())
-        .await
-        .expect("SUBACK");
-    rx
 }

@@ -1,0 +1,91 @@
+//! A device-like MQTT 3.1.1 client for a broker under test (the gateway's embedded
+//! broker): publish a batch and wait for every PUBACK, or subscribe and receive.
+//!
+//! Invariants: every wait has a timeout; a client is disconnected (and the broker has
+//! closed its connection) before [`publish_all`] returns.
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+use crate::ports::free_port;
+
+/// Publishes each (topic, payload) with QoS 1 through a real MQTT 3.1.1 client and waits
+/// for every PUBACK.
+pub async fn publish_all(addr: &str, client_id: &str, messages: &[(String, Vec<u8>)]) {
+    let (host, port) = addr.split_once(':').unwrap();
+    let mut opts = MqttOptions::new(client_id, host, port.parse().unwrap());
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut eventloop) = AsyncClient::new(opts, 100);
+    let expected = messages.len();
+    let acks = tokio::spawn(async move {
+        let mut acked = 0;
+        while acked < expected {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                Ok(_) => {}
+                Err(e) => panic!("MQTT client error: {e}"),
+            }
+        }
+        eventloop
+    });
+    let publish = async {
+        for (topic, payload) in messages {
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload.clone())
+                .await
+                .unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), publish)
+        .await
+        .expect("publishes queued within 20s");
+    let mut eventloop = tokio::time::timeout(Duration::from_secs(20), acks)
+        .await
+        .expect("PUBACKs within 20s")
+        .unwrap();
+    client.disconnect().await.ok();
+    // Wait until the broker has closed this connection: a next publish_all with the same
+    // client id must not overtake it (rumqttd then drops the previous connection, and a
+    // late close of the old one can take the new one down with it).
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+}
+
+/// Subscribes to `filter` on the gateway's embedded broker and waits for the SUBACK;
+/// every publish's (topic, payload) then arrives on the channel.
+pub async fn subscribe(
+    addr: &str,
+    filter: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)> {
+    let (host, port) = addr.split_once(':').unwrap();
+    let mut opts = MqttOptions::new(format!("sub-{}", free_port()), host, port.parse().unwrap());
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut el) = AsyncClient::new(opts, 10);
+    client.subscribe(filter, QoS::AtMostOnce).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let _client = client;
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = ready_tx.send(()).await;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), ready_rx.recv())
+        .await
+        .expect("SUBACK");
+    rx
+}
