@@ -53,7 +53,10 @@ async fn clean_path_delivers_everything_once() {
     let p = &r.processes[0];
     assert_eq!((p.name.as_str(), p.pid), ("mosquitto", mosquitto.pid()));
     assert!(p.rss_kb > 0 && p.peak_rss_kb >= p.rss_kb);
-    assert!(p.cpu_s > 0.0, "mosquitto moved 600 messages: {p:?}");
+    // Mosquitto's CPU for 600 small messages is often less than one clock tick (10 ms),
+    // so it may read 0 here; the CPU figures themselves are checked against a busy loop
+    // in `stats::tests::own_cpu_is_measured`.
+    assert!(p.cpu_s.is_finite() && p.cpu_s >= 0.0, "{p:?}");
 }
 
 /// Republishes `devices/#` to `bench/devices/#`, dropping every 10th message
