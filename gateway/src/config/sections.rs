@@ -137,6 +137,17 @@ pub struct UpstreamUrl {
     pub tls: bool,
 }
 
+impl UpstreamUrl {
+    /// `mqtt://host:port`, without TLS.
+    pub fn mqtt(host: impl Into<String>, port: u16) -> Self {
+        UpstreamUrl {
+            host: host.into(),
+            port,
+            tls: false,
+        }
+    }
+}
+
 impl fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = if self.tls { "mqtts" } else { "mqtt" };

@@ -430,11 +430,7 @@ mod tests {
             ForwarderConfig::from_config(&config).is_none(),
             "forwarding is off"
         );
-        config.upstream.url = Some(UpstreamUrl {
-            host: "up.example".into(),
-            port: 2883,
-            tls: false,
-        });
+        config.upstream.url = Some(UpstreamUrl::mqtt("up.example", 2883));
         let cfg = ForwarderConfig::from_config(&config).unwrap();
         assert_eq!(cfg.url, config.upstream.url.clone().unwrap());
         assert_eq!(cfg.gateway_id, "edge-gateway");
