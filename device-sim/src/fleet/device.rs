@@ -24,7 +24,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::driver::Driver;
+use super::driver::{Control, Driver};
 use super::FleetConfig;
 use crate::model::Generator;
 use crate::payload::{self, Field, Sample};
@@ -43,14 +43,6 @@ pub(super) struct DeviceDone {
     pub id: String,
     pub readings: u64,
     pub stopped: Instant,
-}
-
-/// Messages from a device's publisher to its driver.
-pub(super) enum Control {
-    /// Drop the connection now; connect again at the instant given.
-    Disconnect { until: Instant },
-    /// No more publishes: `published` in total; drain and disconnect.
-    Finish { published: u64 },
 }
 
 /// One device of the fleet, until it is started.

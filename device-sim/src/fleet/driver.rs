@@ -23,13 +23,20 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::device::Control;
 use crate::stats::Counters;
 
 /// Wait before the first reconnect after a connection error.
 const BACKOFF_MIN: Duration = Duration::from_millis(400);
 /// Longest wait between two reconnects.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Messages from a device's publisher to its driver.
+pub(super) enum Control {
+    /// Drop the connection now; connect again at the instant given.
+    Disconnect { until: Instant },
+    /// No more publishes: `published` in total; drain and disconnect.
+    Finish { published: u64 },
+}
 
 /// The connection half of a device: drives the event loop.
 pub(super) struct Driver {

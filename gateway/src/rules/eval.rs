@@ -16,8 +16,7 @@ use std::sync::Arc;
 use cel::common::value::CowVal;
 use cel::context::VariableResolver;
 
-use super::fast::Outcome;
-use super::load::AGG_VAR;
+use super::fast::{Outcome, AGG_VAR};
 use super::rule::Rule;
 use super::state::Instance;
 use crate::reading::{Millis, Reading, Value};

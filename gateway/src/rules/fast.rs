@@ -15,8 +15,10 @@
 use cel::common::ast::{Expr as Ast, IdedExpr, LiteralValue};
 use std::collections::BTreeMap;
 
-use super::load::AGG_VAR;
 use crate::reading::Value;
+
+/// The CEL variable aggregates are read from: `agg.NAME`.
+pub const AGG_VAR: &str = "agg";
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum CmpOp {

@@ -21,6 +21,7 @@ use toml_edit::{ImDocument, Item, TableLike};
 
 use super::cel_guard::{self, Refused, MAX_EXPR_BYTES, MAX_EXPR_DEPTH};
 use super::diagnostics::{char_position, content_start, map_position, Diagnostic, Source};
+use super::fast::AGG_VAR;
 use super::rule::{AggFn, Aggregate, DeviceMatch, Expr, Rule, RuleKind, TopicFilter, WindowSpec};
 use crate::reading::Millis;
 
@@ -43,8 +44,6 @@ const RULE_KEYS: &[&str] = &[
     "aggregate",
 ];
 const AGGREGATE_KEYS: &[&str] = &["name", "field", "fn", "window", "samples"];
-/// The CEL variable aggregates are read from: `agg.NAME`.
-pub const AGG_VAR: &str = "agg";
 /// Severity when a rule gives none.
 pub const DEFAULT_SEVERITY: &str = "warning";
 
