@@ -16,6 +16,11 @@
 //! - a publish on a topic no subscription filter matches is acknowledged and dropped:
 //!   it creates no log (`dynamic_filters = false`; rumqttd 0.20 also never creates one
 //!   for such a topic, `DataLog::matches` returns an empty list rather than `None`);
+//! - keep alive 0 is accepted on both listeners and never timed out; every accepted
+//!   device socket has TCP keepalive on (`rumqttd::enable_tcp_keepalive`), so a device
+//!   that vanished is still disconnected;
+//! - a message reaches a subscriber at the lower of its publish QoS and the granted QoS;
+//!   the gateway's events are published at QoS 1 (`LinkTx::publish_at_least_once`);
 //! - `rumqttd::Broker::start` blocks forever, so it runs on its own OS thread; rumqttd
 //!   has no way to stop listeners, they end with the process.
 

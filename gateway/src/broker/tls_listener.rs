@@ -22,6 +22,8 @@
 //! - at most `max_connections` TLS connections (handshaking or relayed) at once: beyond
 //!   that a new connection is closed at once and counted, so a flood of idle sockets
 //!   cannot grow tasks and file descriptors without bound;
+//! - every accepted device socket has TCP keepalive on ([`rumqttd::enable_tcp_keepalive`]),
+//!   so a vanished device is detected even with MQTT keep alive 0;
 //! - failed handshakes are counted and logged at most once per [`FAILURE_LOG_INTERVAL`].
 
 use std::net::SocketAddr;
@@ -135,6 +137,11 @@ impl TlsListener {
                 drop(tcp);
                 continue;
             };
+            // A device with MQTT keep alive 0 is never timed out by the broker; TCP
+            // keepalive ends the relay of one that vanished (the relay then closes).
+            if let Err(e) = rumqttd::enable_tcp_keepalive(&tcp) {
+                tracing::debug!(error = %e, %peer, "Cannot enable TCP keepalive.");
+            }
             let acceptor = self.acceptor.clone();
             let stats = self.stats.clone();
             let relay = self.relay;

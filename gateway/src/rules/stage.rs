@@ -233,7 +233,8 @@ impl RulesStage {
             let json = event.to_json();
             let time = event.time_millis().unwrap_or_else(now_millis);
             let topic = event.local_topic(&self.event_topic);
-            if let Err(e) = self.publish.publish(topic, json.clone()) {
+            // At QoS 1, so a subscriber gets events at the QoS it subscribed with.
+            if let Err(e) = self.publish.publish_at_least_once(topic, json.clone()) {
                 tracing::error!(error = %e, "Cannot publish an event on the local broker.");
             }
             self.store

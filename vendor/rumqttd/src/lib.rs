@@ -66,6 +66,26 @@ pub enum Access {
 /// router sees them; a refusal disconnects the client and drops the packets of that read.
 pub type Authorizer = Arc<dyn Fn(&str, Access, &str) -> bool + Send + Sync>;
 
+/// PATCH(gateway): idle time before the first TCP keepalive probe on an accepted socket.
+pub const TCP_KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+/// PATCH(gateway): time between two unanswered TCP keepalive probes.
+pub const TCP_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// PATCH(gateway): unanswered probes after which the kernel closes the socket.
+pub const TCP_KEEPALIVE_PROBES: u32 = 6;
+
+/// PATCH(gateway): turns on TCP keepalive (SO_KEEPALIVE) on an accepted socket, so a
+/// peer that vanished without closing (power cut, lost route) is detected after about
+/// `TCP_KEEPALIVE_IDLE + TCP_KEEPALIVE_PROBES x TCP_KEEPALIVE_INTERVAL` (2 minutes) of
+/// silence, also for clients with MQTT keep alive 0, which the broker never times out.
+pub fn enable_tcp_keepalive(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL);
+    #[cfg(any(target_os = "linux", target_os = "android", target_vendor = "apple"))]
+    let keepalive = keepalive.with_retries(TCP_KEEPALIVE_PROBES);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}
+
 #[derive(Debug, Default, Serialize, Deserialize, Clone)]
 pub struct Config {
     pub id: usize,

@@ -230,6 +230,28 @@ impl LinkTx {
         Ok(len)
     }
 
+    /// PATCH(gateway): sends a QoS 1 publish to the router, which stores it as QoS 1
+    /// (subscribers get it at their granted QoS, the lower of the two being 1 or 0) and
+    /// sends the local link no PUBACK for it (its packet id is 0, which the network
+    /// parsers refuse for QoS > 0, so only a local link can send one).
+    pub fn publish_at_least_once<S, V>(&mut self, topic: S, payload: V) -> Result<usize, LinkError>
+    where
+        S: Into<Bytes>,
+        V: Into<Bytes>,
+    {
+        let publish = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: topic.into(),
+            pkid: 0,
+            payload: payload.into(),
+        };
+
+        let len = self.push(Packet::Publish(publish, None))?;
+        Ok(len)
+    }
+
     /// Sends a MQTT Publish to the router
     pub fn try_publish<S, V>(&mut self, topic: S, payload: V) -> Result<usize, LinkError>
     where

@@ -36,8 +36,8 @@ pub struct Network<P> {
     max_incoming_size: usize,
     /// Maximum connection buffer count. TODO: Change this to use bytes for deterministicness
     max_connection_buffer_len: usize,
-    /// Keep alive timeout
-    keepalive: Duration,
+    /// Keep alive timeout. PATCH(gateway): `None` for keep alive 0 (no timeout).
+    keepalive: Option<Duration>,
     /// Protocol
     protocol: P,
 }
@@ -58,14 +58,18 @@ impl<P: Protocol> Network<P> {
             // Overwritten by keepalive value in connect packet, otherwise we
             // would wait indefinitely until we get a packet / network error
             // when we call read.
-            keepalive: Duration::MAX,
+            keepalive: None,
             protocol,
         }
     }
 
+    /// PATCH(gateway): keep alive 0 means no keep alive (MQTT 3.1.1 and 5.0 section
+    /// 3.1.2.10): reads then wait without a timeout. Otherwise the limit is 1.5 x keep alive.
     pub fn set_keepalive(&mut self, keepalive: u16) {
-        let keepalive = Duration::from_secs(keepalive as u64);
-        self.keepalive = keepalive + keepalive.mul_f32(0.5);
+        self.keepalive = (keepalive > 0).then(|| {
+            let keepalive = Duration::from_secs(keepalive as u64);
+            keepalive + keepalive.mul_f32(0.5)
+        });
     }
 
     /// Reads more than 'required' bytes to frame a packet into self.read buffer
@@ -106,7 +110,10 @@ impl<P: Protocol> Network<P> {
 
             // read more packets until a frame can be created. This function
             // blocks until a frame can be created. Use this in a select! branch
-            timeout(self.keepalive, self.read_bytes(required)).await??;
+            match self.keepalive {
+                Some(keepalive) => timeout(keepalive, self.read_bytes(required)).await??,
+                None => self.read_bytes(required).await?,
+            };
         }
     }
 

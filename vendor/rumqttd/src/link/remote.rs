@@ -242,11 +242,9 @@ where
 
     handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
 
-    // When keep_alive feature is disabled client can live forever, which is not good in
-    // distributed broker context so currenlty we don't allow it.
-    if connect.keep_alive == 0 {
-        return Err(Error::ZeroKeepAlive);
-    }
+    // PATCH(gateway): keep alive 0 is valid ("no keep alive", MQTT 3.1.1 and 5.0
+    // section 3.1.2.10) and accepted: such a connection has no read timeout (see
+    // `Network::set_keepalive`); TCP keepalive on the accepted socket detects a dead peer.
 
     let empty_client_id = connect.client_id.is_empty();
     let clean_session = connect.clean_session;

@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 use tracing::{error, warn};
 
 use crate::{
-    protocol::Packet,
+    protocol::{Packet, QoS},
     router::{FilterIdx, MAX_CHANNEL_CAPACITY},
     Cursor, Notification,
 };
@@ -133,6 +133,14 @@ impl Outgoing {
         }
 
         for mut p in publishes {
+            // PATCH(gateway): a QoS 0 publish forwarded on a QoS > 0 subscription is
+            // delivered at QoS 0 (routing.rs): no packet id, nothing inflight.
+            if p.publish.qos == QoS::AtMostOnce {
+                self.meter.publish_count += 1;
+                buffer.push_back(Notification::Forward(p));
+                continue;
+            }
+
             // Index and pkid of current outgoing packet
             self.last_pkid += 1;
             p.publish.pkid = self.last_pkid;

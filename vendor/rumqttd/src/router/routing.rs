@@ -579,6 +579,10 @@ impl Router {
                     // multiple commit logs.
 
                     match qos {
+                        // PATCH(gateway): a QoS 1 publish with packet id 0 comes from
+                        // a local link (`LinkTx::publish_at_least_once`; the network
+                        // parsers refuse packet id 0): stored as QoS 1, not acknowledged.
+                        QoS::AtLeastOnce if pkid == 0 => {}
                         QoS::AtLeastOnce => {
                             let puback = PubAck {
                                 pkid,
@@ -1561,7 +1565,13 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            publish.qos = protocol::qos(qos).unwrap();
+            // PATCH(gateway): deliver at the lower of the publish QoS and the granted
+            // QoS (MQTT 3.1.1 section 3.3.5, 5.0 section 3.8.4), not always at the
+            // granted one. `push_forwards` gives packet ids only to QoS > 0 forwards.
+            publish.qos = protocol::qos(qos.min(publish.qos as u8)).unwrap();
+            if publish.qos == QoS::AtMostOnce {
+                publish.pkid = 0;
+            }
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {

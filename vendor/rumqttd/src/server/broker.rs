@@ -422,6 +422,12 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
+            // PATCH(gateway): a client may connect with keep alive 0 (no MQTT-level
+            // timeout); TCP keepalive still detects a peer that vanished.
+            if let Err(e) = crate::enable_tcp_keepalive(&stream) {
+                warn!(error = ?e, ?addr, "Cannot enable TCP keepalive.");
+            }
+
             let (network, tenant_id) = match self.tls_accept(stream).await {
                 Ok(o) => o,
                 Err(e) => {
