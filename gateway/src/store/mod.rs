@@ -12,6 +12,9 @@
 //!   read transactions on the shared `Database`.
 //! - Sequence numbers are assigned at commit, are strictly increasing across both lanes,
 //!   and survive restarts (`META.next_seq` is committed with the rows).
+//! - Every file has an epoch ([`StoreHandle::epoch`]), random and fixed when the file is
+//!   created (or first opened, for a file from before epochs): a new file restarts the
+//!   sequence at 1, so only (epoch, seq) identifies a row across database lifetimes.
 //! - Callers never block: appends and dead letters go through a bounded channel with
 //!   `try_send`; what cannot be queued is counted (`store_overflow`,
 //!   `dead_letter_overflow`), never silently lost. Acks and flushes go through a separate
@@ -75,6 +78,7 @@ use health::{Reader, ReaderSlot};
 
 pub use read::{query_events, read_dead_letters, read_outbox_file, LoggedEvent};
 pub use stats::{read_stats_file, stats_command, Counter, LaneStats, OutboxStats, StorageHealth};
+pub use tables::epoch_hex;
 
 use stats::Counters;
 
@@ -567,6 +571,13 @@ impl StoreHandle {
     /// True while the storage is unavailable: new entries are refused until a retry works.
     pub fn is_degraded(&self) -> bool {
         self.shared.counters.degraded()
+    }
+
+    /// The epoch of this database file: set when the file was created, never changed, and
+    /// different for every file (see `tables::new_epoch`). Message ids carry it so they
+    /// stay unique when a wiped data directory starts the sequence at 1 again.
+    pub fn epoch(&self) -> u64 {
+        self.shared.counters.epoch()
     }
 
     /// The highest sequence number committed so far (0 when none).

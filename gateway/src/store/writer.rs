@@ -35,7 +35,9 @@ const IDLE_COMMIT_INTERVAL: Duration = Duration::from_secs(60);
 /// Key bytes counted per outbox row on top of the encoded value.
 pub(super) const KEY_BYTES: u64 = 8;
 
-/// Creates the tables and loads the persisted counters into `counters`.
+/// Creates the tables, loads the persisted counters and the database epoch into
+/// `counters`, and gives the file an epoch if it has none (a new file, or one from
+/// before epochs).
 ///
 /// With `reopen` (recovery after a storage fault) the live counters keep their values,
 /// which have grown since the last commit, everything else is taken from the file (the
@@ -56,6 +58,21 @@ pub(super) fn init(db: &Database, counters: &Counters, reopen: bool) -> Result<(
         if counters.get(Counter::NextSeq) == 0 {
             counters.set(Counter::NextSeq, 1);
         }
+        let stored_epoch = meta.get(tables::EPOCH)?.map(|v| v.value());
+        let epoch = match stored_epoch {
+            Some(epoch) => epoch,
+            None => {
+                let epoch = tables::new_epoch();
+                meta.insert(tables::EPOCH, epoch)?;
+                tracing::info!(
+                    epoch = %tables::epoch_hex(epoch),
+                    next_seq = counters.get(Counter::NextSeq),
+                    "new database epoch; message ids are {{gateway id}}:{{epoch}}:{{seq}}"
+                );
+                epoch
+            }
+        };
+        counters.set_epoch(epoch);
         if reopen {
             for &c in Counter::ALL {
                 meta.insert(c.name(), counters.get(c))?;
