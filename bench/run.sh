@@ -59,6 +59,9 @@ wait_port() { # port seconds pid
   done
 }
 
+# write_bytes PID: bytes the process caused to be written to storage so far.
+write_bytes() { awk '$1 == "write_bytes:" {print $2}' "/proc/$1/io"; }
+
 stop() { # pid
   kill -TERM "$1" 2>/dev/null || return 0
   for _ in $(seq 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.2; done
@@ -113,7 +116,7 @@ measure() {
     --watch "edge=$4" --watch "upstream=$UP_PID" --json "$OUT/$1.json" | tee "$OUT/$1.txt"
 }
 
-rm -f "$OUT/A.json" "$OUT/B.json"
+rm -f "$OUT/A.json" "$OUT/B.json" "$OUT/A-disk.txt"
 
 if [[ " $SIDES " == *" A "* && -z "$A_STATUS" ]]; then
   say "Side A: gateway on 127.0.0.1:$A_PORT"
@@ -140,7 +143,12 @@ if [[ " $SIDES " == *" A "* && -z "$A_STATUS" ]]; then
   elif ! probe A "$A_PORT"; then
     A_STATUS="the gateway accepted readings but forwarded none/too few to upstream bench/devices/# within 10 s (is upstream forwarding implemented, with GATEWAY__UPSTREAM__TOPIC_PREFIX=bench?). Probe: $(grep -m1 'upstream \[' "$WORK/probe-A.txt" || tail -n 2 "$WORK/probe-A.txt")"
   else
+    w0=$(write_bytes "$GW_PID")
     measure A gateway "$A_PORT" "$GW_PID"
+    w1=$(write_bytes "$GW_PID")
+    acked=$(grep -o '"acked": *[0-9]*' "$OUT/A.json" | head -n 1 | grep -o '[0-9]*$')
+    echo "gateway disk writes (/proc/PID/io write_bytes, over the measured run): $((w1 - w0)) bytes," \
+      "$(( (w1 - w0) / (acked > 0 ? acked : 1) )) bytes per acked reading ($acked)" | tee "$OUT/A-disk.txt"
   fi
   stop "$GW_PID"
   [ -z "$A_STATUS" ] || printf '\nSIDE A FAILED: %s\n' "$A_STATUS" >&2
@@ -179,6 +187,8 @@ elif [ -f "$OUT/B.json" ]; then
   echo "Side A not measured: ${A_STATUS:-not requested}."
   "$SIM" compare - "$OUT/B.json" | tee "$OUT/table.md"
   [ -z "$A_STATUS" ] || exit 3
+elif [ -f "$OUT/A.json" ]; then
+  echo "Side B not measured (SIDES=$SIDES); side A's report is above and in $OUT/A.txt."
 elif [ -n "$A_STATUS" ]; then
   printf 'bench: side A failed (%s) and side B was not requested\n' "$A_STATUS" >&2
   exit 3

@@ -2,7 +2,7 @@
 //! rule state, event log and the stats report.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gateway::config::{Config, StorageSection};
 use gateway::reading::{now_millis, Format};
@@ -10,6 +10,7 @@ use gateway::store::{
     self, Counter, DeadLetter, Lane, OutboxEntry, OutboxRow, OverflowPolicy, Store, StoreConfig,
     StoreHandle,
 };
+use test_support::wait_until;
 
 fn reading(device: &str, n: u64, received_at: i64) -> OutboxEntry {
     OutboxEntry::reading(
@@ -67,6 +68,44 @@ fn group_commit_persists_and_survives_reopen() {
     }
     assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
     assert_eq!(h.stats().lanes[Lane::Reading].messages, n);
+}
+
+/// Appends one reading and waits (up to 5 s) until it is committed; returns how long that
+/// took. No flush: a flush request commits at once and would hide a wait.
+fn append_and_time_commit(h: &StoreHandle, n: u64) -> Duration {
+    let started = Instant::now();
+    assert!(h.append(reading("a", n, now_millis())));
+    wait_until("the append is committed", Duration::from_secs(5), || {
+        h.last_committed_seq() == n
+    });
+    started.elapsed()
+}
+
+#[test]
+fn group_commit_starts_at_once_after_a_quiet_spell_and_spaces_commits_by_flush_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.redb");
+    let interval = Duration::from_secs(1);
+    let h = open(&path, settings(|s| s.flush_interval = interval));
+    let first = Instant::now();
+    let took = append_and_time_commit(&h, 1);
+    assert!(
+        took < interval / 2,
+        "a lone append took {took:?} to commit: it must not wait for more"
+    );
+    append_and_time_commit(&h, 2);
+    let spacing = first.elapsed();
+    assert!(
+        spacing >= interval,
+        "the next commit started {spacing:?} after the previous one, before flush_interval"
+    );
+    // Quiet for longer than flush_interval: the next lone append commits at once again.
+    std::thread::sleep(interval);
+    let took = append_and_time_commit(&h, 3);
+    assert!(
+        took < interval / 2,
+        "an append after a quiet spell took {took:?} to commit"
+    );
 }
 
 #[test]

@@ -24,7 +24,7 @@ use crate::ports::free_port;
 #[derive(Debug, Clone)]
 pub struct Received {
     pub topic: String,
-    /// The `id` user property (`{gateway}:{seq}` from the gateway's forwarder).
+    /// The `id` user property (`{gateway}:{epoch}:{seq}` from the gateway's forwarder).
     pub id: Option<String>,
     /// The `replayed` user property.
     pub replayed: Option<bool>,

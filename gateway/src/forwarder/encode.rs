@@ -1,9 +1,11 @@
 //! What one upstream publish looks like: topic, MQTT 5 properties, and the batch payloads.
 //!
 //! Invariants:
-//! - Every message carries its stable id `{gateway_id}:{seq}` (user property `id`), the
-//!   same on every replay; a batch carries the id of its first row and every element of
-//!   the batch carries its own id.
+//! - Every message carries its id `{gateway_id}:{epoch}:{seq}` (user property `id`): the
+//!   database epoch as 16 lowercase hex digits and the row's outbox seq in decimal, e.g.
+//!   `edge-1:65f1a2b3c4d5e6f7:42`. It is the same on every replay of the row and never
+//!   repeats for another row, not even after the database is created anew. A batch
+//!   carries the id of its first row and every element of the batch carries its own id.
 //! - `replayed` is `true` for rows that were already in the outbox when the current
 //!   connection came up (backlog and the previous connection's in-flight window).
 //! - Batches never mix encodings: JSON and SenML-JSON rows go into a JSON array, CBOR and
@@ -16,7 +18,7 @@ use std::fmt::Write as _;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 
 use crate::reading::Format;
-use crate::store::{Lane, OutboxRow};
+use crate::store::{self, Lane, OutboxRow};
 
 /// Encoding family of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,9 +60,15 @@ pub fn upstream_topic(prefix: &str, topic: &str) -> String {
     }
 }
 
-pub fn message_id(gateway_id: &str, seq: u64) -> String {
-    let mut id = String::with_capacity(gateway_id.len() + 21);
-    id.push_str(gateway_id);
+/// The part of every message id before the seq: `{gateway_id}:{epoch}`.
+pub fn id_prefix(gateway_id: &str, epoch: u64) -> String {
+    format!("{gateway_id}:{}", store::epoch_hex(epoch))
+}
+
+/// `{id_prefix}:{seq}` (see [`id_prefix`]).
+pub fn message_id(id_prefix: &str, seq: u64) -> String {
+    let mut id = String::with_capacity(id_prefix.len() + 21);
+    id.push_str(id_prefix);
     id.push(':');
     let _ = write!(id, "{seq}");
     id
@@ -99,15 +107,15 @@ pub fn event_payload(payload: &[u8], replayed: bool) -> Vec<u8> {
 }
 
 /// Bytes a row adds to a batch besides its payload (an upper bound).
-pub fn batch_overhead(gateway_id: &str, row: &OutboxRow) -> usize {
-    64 + gateway_id.len() + 2 * row.topic.len()
+pub fn batch_overhead(id_prefix: &str, row: &OutboxRow) -> usize {
+    64 + id_prefix.len() + 2 * row.topic.len()
 }
 
 /// One JSON array: `[{"id":..,"topic":..,"received_at":..,"replayed":..,"payload":<raw>},..]`.
-pub fn json_batch(gateway_id: &str, rows: &[OutboxRow], replayed: &[bool]) -> Vec<u8> {
+pub fn json_batch(id_prefix: &str, rows: &[OutboxRow], replayed: &[bool]) -> Vec<u8> {
     let size: usize = rows
         .iter()
-        .map(|r| r.payload.len() + batch_overhead(gateway_id, r))
+        .map(|r| r.payload.len() + batch_overhead(id_prefix, r))
         .sum();
     let mut out = Vec::with_capacity(size + 2);
     out.push(b'[');
@@ -116,7 +124,7 @@ pub fn json_batch(gateway_id: &str, rows: &[OutboxRow], replayed: &[bool]) -> Ve
             out.push(b',');
         }
         out.extend_from_slice(b"{\"id\":");
-        let id = message_id(gateway_id, row.seq);
+        let id = message_id(id_prefix, row.seq);
         let _ = serde_json::to_writer(&mut out, &id);
         out.extend_from_slice(b",\"topic\":");
         let _ = serde_json::to_writer(&mut out, &row.topic);
@@ -135,17 +143,17 @@ pub fn json_batch(gateway_id: &str, rows: &[OutboxRow], replayed: &[bool]) -> Ve
 
 /// One CBOR array of maps with the same keys as [`json_batch`]; `payload` is the row's
 /// CBOR item embedded as it is.
-pub fn cbor_batch(gateway_id: &str, rows: &[OutboxRow], replayed: &[bool]) -> Vec<u8> {
+pub fn cbor_batch(id_prefix: &str, rows: &[OutboxRow], replayed: &[bool]) -> Vec<u8> {
     let size: usize = rows
         .iter()
-        .map(|r| r.payload.len() + batch_overhead(gateway_id, r))
+        .map(|r| r.payload.len() + batch_overhead(id_prefix, r))
         .sum();
     let mut out = Vec::with_capacity(size + 9);
     cbor_head(&mut out, 4, rows.len() as u64);
     for (row, replayed) in rows.iter().zip(replayed) {
         cbor_head(&mut out, 5, 5);
         cbor_text(&mut out, "id");
-        cbor_text(&mut out, &message_id(gateway_id, row.seq));
+        cbor_text(&mut out, &message_id(id_prefix, row.seq));
         cbor_text(&mut out, "topic");
         cbor_text(&mut out, &row.topic);
         cbor_text(&mut out, "received_at");
@@ -219,12 +227,12 @@ mod tests {
             row(7, Format::Json, b"{\"t\":1}"),
             row(9, Format::SenmlJson, b"[{\"n\":\"t\",\"v\":2}]"),
         ];
-        let out = json_batch("gw", &rows, &[false, true]);
+        let out = json_batch(&id_prefix("gw", 0x1a), &rows, &[false, true]);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v[0]["id"], "gw:7");
+        assert_eq!(v[0]["id"], "gw:000000000000001a:7");
         assert_eq!(v[0]["topic"], "devices/d\"1/t");
         assert_eq!(v[0]["payload"]["t"], 1);
-        assert_eq!(v[1]["id"], "gw:9");
+        assert_eq!(v[1]["id"], "gw:000000000000001a:9");
         assert_eq!(v[1]["replayed"], true);
         assert_eq!(v[1]["payload"][0]["v"], 2);
     }
@@ -233,10 +241,10 @@ mod tests {
     fn cbor_batch_decodes_with_a_cbor_library() {
         let item = serde_cbor::to_vec(&serde_json::json!({"t": 21.5})).unwrap();
         let rows: Vec<OutboxRow> = (0..30).map(|i| row(300 + i, Format::Cbor, &item)).collect();
-        let out = cbor_batch("gw", &rows, &[true; 30]);
+        let out = cbor_batch(&id_prefix("gw", u64::MAX), &rows, &[true; 30]);
         let v: serde_json::Value = serde_cbor::from_slice(&out).unwrap();
         assert_eq!(v.as_array().unwrap().len(), 30);
-        assert_eq!(v[29]["id"], "gw:329");
+        assert_eq!(v[29]["id"], "gw:ffffffffffffffff:329");
         assert_eq!(v[0]["payload"]["t"], 21.5);
         assert_eq!(v[0]["received_at"], 1_700_000_000_000i64);
         assert_eq!(v[0]["replayed"], true);

@@ -26,8 +26,9 @@
 //!   `max_uncommitted_acks` rows acked upstream whose deletion is not committed yet
 //!   (sending pauses at that bound until the store catches up).
 //!
-//! What consumers get: MQTT 5 user properties `id` (`{gateway_id}:{seq}`, stable across
-//! replays and restarts: the dedup key) and `replayed` (`true`/`false`), a content type;
+//! What consumers get: MQTT 5 user properties `id` (`{gateway_id}:{epoch}:{seq}`, the
+//! database epoch in 16 hex digits and the outbox seq; stable across replays and restarts,
+//! unique across database files: the dedup key) and `replayed` (`true`/`false`), a content type;
 //! replayed events also carry `"replayed": true` in their CloudEvents envelope; batches
 //! (`{prefix}/batch`) are arrays whose elements carry `id`, `topic`, `received_at`,
 //! `replayed` and the original `payload`. Only MQTT 5 is implemented; over MQTT 3.1.1
@@ -54,7 +55,7 @@ use crate::counters::Histogram;
 use crate::store::{ByLane, StoreHandle};
 use crate::tls::TlsError;
 
-pub use encode::{message_id, upstream_topic};
+pub use encode::{id_prefix, message_id, upstream_topic};
 
 /// Errors of the forwarder's configuration.
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +85,7 @@ pub struct ForwarderConfig {
     /// Where to connect; `tls` tells `mqtts://` (with [`ForwarderConfig::tls`]).
     pub url: UpstreamUrl,
     pub client_id: String,
-    /// Prefix of message ids (`{gateway_id}:{seq}`).
+    /// First part of message ids (`{gateway_id}:{epoch}:{seq}`).
     pub gateway_id: String,
     pub username: Option<String>,
     pub password: Option<String>,

@@ -90,7 +90,8 @@ const DRAIN_ORDER: [Lane; 2] = [Lane::Event, Lane::Reading];
 pub(super) struct Session<'a> {
     fwd: &'a Forwarder,
     client: &'a AsyncClient,
-    gateway_id: String,
+    /// `{gateway_id}:{epoch}`: every message id starts with it.
+    id_prefix: String,
     qos: QoS,
     /// Rows with `seq <= replay_until` were in the outbox when this connection came up.
     replay_until: u64,
@@ -112,7 +113,7 @@ impl<'a> Session<'a> {
         Session {
             fwd,
             client,
-            gateway_id: fwd.cfg.gateway_id.clone(),
+            id_prefix: encode::id_prefix(&fwd.cfg.gateway_id, fwd.store.epoch()),
             qos: fwd.cfg.mqtt_qos(),
             replay_until: 0,
             next_seq: ByLane::default(),
@@ -363,7 +364,7 @@ impl<'a> Session<'a> {
         let mut size = 16;
         let mut n = 0;
         for row in rows.iter().take(cfg.batch_max_messages) {
-            let add = row.payload.len() + encode::batch_overhead(&self.gateway_id, row);
+            let add = row.payload.len() + encode::batch_overhead(&self.id_prefix, row);
             if Family::of(row.format) != family || (n > 0 && size + add > cfg.max_packet_size) {
                 self.linger_since = None;
                 return Ok(n);
@@ -404,11 +405,11 @@ impl<'a> Session<'a> {
         } else {
             let (payload, ct) = match Family::of(rows[0].format) {
                 Family::Json => (
-                    encode::json_batch(&self.gateway_id, &rows, &replayed),
+                    encode::json_batch(&self.id_prefix, &rows, &replayed),
                     "application/json",
                 ),
                 Family::Cbor => (
-                    encode::cbor_batch(&self.gateway_id, &rows, &replayed),
+                    encode::cbor_batch(&self.id_prefix, &rows, &replayed),
                     "application/cbor",
                 ),
             };
@@ -431,7 +432,7 @@ impl<'a> Session<'a> {
             return Ok(());
         }
         let props = encode::properties(
-            encode::message_id(&self.gateway_id, rows[0].seq),
+            encode::message_id(&self.id_prefix, rows[0].seq),
             replayed[0],
             content_type,
         );

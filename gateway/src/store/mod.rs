@@ -8,18 +8,23 @@
 //!
 //! Invariants:
 //! - All writes happen on the owner thread ([`writer`]), grouped: many commands per write
-//!   transaction, committed with `Durability::Immediate`. Other threads only read, through
+//!   transaction, committed with `Durability::Immediate`, at once after a quiet spell and
+//!   at least `flush_interval` apart under load. Other threads only read, through
 //!   read transactions on the shared `Database`.
 //! - Sequence numbers are assigned at commit, are strictly increasing across both lanes,
 //!   and survive restarts (`META.next_seq` is committed with the rows).
+//! - Every file has an epoch ([`StoreHandle::epoch`]), random and fixed when the file is
+//!   created (or first opened, for a file from before epochs): a new file restarts the
+//!   sequence at 1, so only (epoch, seq) identifies a row across database lifetimes.
 //! - Callers never block: appends and dead letters go through a bounded channel with
 //!   `try_send`; what cannot be queued is counted (`store_overflow`,
 //!   `dead_letter_overflow`), never silently lost. Acks and flushes go through a separate
 //!   unbounded control channel (bounded in practice by the forwarder's in-flight window).
 //! - Crash window: a row exists on disk once its group commit returns. Between the broker's
-//!   PUBACK to a device and that commit lies the queue wait plus at most `flush_interval`
-//!   plus one commit (an fsync); a `kill -9` inside that window loses those rows, nothing
-//!   committed is ever lost (redb commits are atomic).
+//!   PUBACK to a device and that commit lies the queue wait, at most `flush_interval` (or
+//!   a commit in progress) until its group's commit starts, plus that commit (an fsync); a
+//!   `kill -9` inside that window loses those rows, nothing committed is ever lost (redb
+//!   commits are atomic).
 //! - Rows leave the outbox only by an upstream ack or by retention (`max_bytes`, `max_age`),
 //!   and every retention drop is counted by reason and lane.
 //! - The file is opened in redb's `SingleWriter` concurrency mode, so `gateway outbox
@@ -75,6 +80,7 @@ use health::{Reader, ReaderSlot};
 
 pub use read::{query_events, read_dead_letters, read_outbox_file, LoggedEvent};
 pub use stats::{read_stats_file, stats_command, Counter, LaneStats, OutboxStats, StorageHealth};
+pub use tables::epoch_hex;
 
 use stats::Counters;
 
@@ -143,7 +149,8 @@ pub const CACHE_SIZE: usize = 16 * 1024 * 1024;
 /// values changes the `Config` (or an internal knob) before or after building it.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// Longest wait after the first queued command before committing the group.
+    /// Shortest time between the starts of two commits, and so the longest a command
+    /// waits before its commit starts (beyond a commit in progress); see [`writer`].
     pub flush_interval: Duration,
     /// Most commands applied in one write transaction ([`MAX_BATCH`]).
     pub max_batch: usize,
@@ -567,6 +574,13 @@ impl StoreHandle {
     /// True while the storage is unavailable: new entries are refused until a retry works.
     pub fn is_degraded(&self) -> bool {
         self.shared.counters.degraded()
+    }
+
+    /// The epoch of this database file: set when the file was created, never changed, and
+    /// different for every file (see `tables::new_epoch`). Message ids carry it so they
+    /// stay unique when a wiped data directory starts the sequence at 1 again.
+    pub fn epoch(&self) -> u64 {
+        self.shared.counters.epoch()
     }
 
     /// The highest sequence number committed so far (0 when none).

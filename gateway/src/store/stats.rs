@@ -3,7 +3,8 @@
 //!
 //! Invariants:
 //! - Every [`Counter`] is persisted under its name in `META` at each commit, so the file
-//!   alone tells depth, totals and drops, whether or not the gateway runs.
+//!   alone tells depth, totals and drops, whether or not the gateway runs. The database
+//!   epoch (`META.epoch`, not a counter) is loaded and reported with them.
 //! - Live counters ([`Counter::is_live`]: queue drops `*_overflow`, `commit_failed`,
 //!   refusals while the storage is unavailable `*refused*`, `storage.*`) are counted on
 //!   the thread that saw them, at once, and persisted with the next commit; everything
@@ -136,6 +137,8 @@ pub struct Counters {
     max_commit_micros: AtomicU64,
     /// Wall-clock millis since the storage is unavailable; 0 while it works.
     degraded_since: AtomicI64,
+    /// The database epoch (`META.epoch`); 0 until it is read.
+    epoch: AtomicU64,
 
     commit_seconds: Histogram,
 }
@@ -150,6 +153,7 @@ impl Default for Counters {
             last_commit_micros: AtomicU64::new(0),
             max_commit_micros: AtomicU64::new(0),
             degraded_since: AtomicI64::new(0),
+            epoch: AtomicU64::new(0),
 
             commit_seconds: Histogram::default(),
         }
@@ -183,6 +187,12 @@ impl Counters {
         self.degraded_since
             .store(since.map_or(0, |t| t.max(1)), Ordering::Release);
     }
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Relaxed)
+    }
     pub fn record_commit(&self, micros: u64) {
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.last_commit_micros.store(micros, Ordering::Relaxed);
@@ -201,7 +211,9 @@ impl Counters {
                 oldest_age_ms: (oldest != i64::MIN).then(|| (now - oldest).max(0) as u64),
             }
         };
+        let epoch = self.epoch();
         OutboxStats {
+            epoch: (epoch != 0).then_some(epoch),
             lanes: ByLane::from_fn(lane),
             counters: Counter::ALL.iter().map(|&c| (c, self.get(c))).collect(),
             commits: self.commits.load(Ordering::Relaxed),
@@ -244,6 +256,9 @@ pub struct LaneStats {
 /// A snapshot of the store's counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxStats {
+    /// The database epoch, the middle part of every message id; `None` for a file from
+    /// before epochs that no gateway has opened since.
+    pub epoch: Option<u64>,
     /// Depth of each lane.
     pub lanes: ByLane<LaneStats>,
     /// Every persisted counter (totals, drops by reason, table sizes).
@@ -321,6 +336,9 @@ impl OutboxStats {
             )?;
         }
         writeln!(out, "oldest age: {}", age(self.oldest_age_ms()))?;
+        if let Some(epoch) = self.epoch {
+            writeln!(out, "database epoch: {}", tables::epoch_hex(epoch))?;
+        }
         match self.storage {
             Some(StorageHealth::Ok) => writeln!(out, "storage: ok")?,
             Some(StorageHealth::Degraded { for_ms, .. }) => writeln!(
@@ -359,6 +377,9 @@ pub(crate) fn read_stats(db: &impl ReadableDatabase) -> Result<OutboxStats, Stor
                 if let Some(v) = meta.get(c.name())? {
                     counters.set(c, v.value());
                 }
+            }
+            if let Some(v) = meta.get(tables::EPOCH)? {
+                counters.set_epoch(v.value());
             }
         }
         Err(redb::TableError::TableDoesNotExist(_)) => {}

@@ -7,6 +7,10 @@
 //! - Row values are a small fixed header followed by raw bytes: no serde on the hot path.
 //! - `META` holds every counter that `gateway outbox stats` prints; it is written in the
 //!   same transaction as the rows it counts, so counters and rows never disagree.
+//! - `META.epoch` names this database file: written once, in the first write transaction
+//!   that finds it missing (the file's creation, or the first open of a file from before
+//!   epochs), and never changed. Sequences restart with a new file; (epoch, seq) does not
+//!   repeat.
 
 use redb::TableDefinition;
 
@@ -25,6 +29,26 @@ pub const RULE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("rule_
 pub const EVENT_LOG: TableDefinition<(i64, u64), &[u8]> = TableDefinition::new("event_log");
 /// Counters and cursors: name -> value.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// `META` key of the database epoch ([`new_epoch`]).
+pub const EPOCH: &str = "epoch";
+
+/// A new database epoch: the creation time in seconds since the Unix epoch in the high
+/// 32 bits (so a later database usually has a larger epoch) and 32 random bits in the low
+/// half (so two databases created in the same second, or under a clock that is wrong
+/// after a boot without network time, still differ). Never 0.
+pub fn new_epoch() -> u64 {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let random = rand::random::<u32>();
+    ((secs as u32 as u64) << 32 | random as u64).max(1)
+}
+
+/// An epoch as written in message ids and reports: 16 lowercase hex digits.
+pub fn epoch_hex(epoch: u64) -> String {
+    format!("{epoch:016x}")
+}
 
 /// The table that holds one lane of the outbox.
 pub fn lane_table(lane: Lane) -> TableDefinition<'static, u64, &'static [u8]> {
@@ -195,6 +219,25 @@ mod tests {
         );
         assert_eq!(outbox_received_at(&buf), Some(42));
         assert!(decode_outbox(&buf[..10]).is_none());
+    }
+
+    #[test]
+    fn epochs_differ_and_print_as_16_hex_digits() {
+        let (a, b) = (new_epoch(), new_epoch());
+        assert_ne!(
+            a, b,
+            "two epochs of the same second differ in their random half"
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(
+            (a >> 32).abs_diff(now) <= 5,
+            "the high half is the creation second"
+        );
+        assert_eq!(epoch_hex(0x1a), "000000000000001a");
+        assert_eq!(epoch_hex(a).len(), 16);
     }
 
     #[test]

@@ -4,8 +4,16 @@
 //!
 //! Invariants:
 //! - The only place that opens write transactions.
-//! - A group is: the first command, then whatever else arrives until `max_batch` commands
-//!   or `flush_interval` after the first; a flush request or shutdown commits at once.
+//! - Group commit: a group is the first command plus whatever else is queued, and it is
+//!   committed as soon as the previous commit has ended, but commits start at least
+//!   `storage.flush_interval` apart. So a command that arrives after a quiet spell is
+//!   committed at once (no fixed wait at low rates); under load, what arrives while a
+//!   commit runs, or within `flush_interval` of its start, forms the next group. A command
+//!   waits at most `flush_interval` (or a longer commit in progress) before its commit
+//!   starts. The spacing bounds the commits per second, and so the bytes written per
+//!   reading (flash wear): without it the writer commits back to back under any steady
+//!   load (BENCHMARKS.md, "Group commit"). `max_batch` commands, a flush request or
+//!   shutdown end the group at once.
 //! - Counters are published to the shared atomics only after a successful commit; a failed
 //!   commit reverts them from the atomics and counts its appends as `commit_failed`.
 //! - A failed commit makes the store degraded; acks count as committed only once their
@@ -35,7 +43,9 @@ const IDLE_COMMIT_INTERVAL: Duration = Duration::from_secs(60);
 /// Key bytes counted per outbox row on top of the encoded value.
 pub(super) const KEY_BYTES: u64 = 8;
 
-/// Creates the tables and loads the persisted counters into `counters`.
+/// Creates the tables, loads the persisted counters and the database epoch into
+/// `counters`, and gives the file an epoch if it has none (a new file, or one from
+/// before epochs).
 ///
 /// With `reopen` (recovery after a storage fault) the live counters keep their values,
 /// which have grown since the last commit, everything else is taken from the file (the
@@ -56,6 +66,21 @@ pub(super) fn init(db: &Database, counters: &Counters, reopen: bool) -> Result<(
         if counters.get(Counter::NextSeq) == 0 {
             counters.set(Counter::NextSeq, 1);
         }
+        let stored_epoch = meta.get(tables::EPOCH)?.map(|v| v.value());
+        let epoch = match stored_epoch {
+            Some(epoch) => epoch,
+            None => {
+                let epoch = tables::new_epoch();
+                meta.insert(tables::EPOCH, epoch)?;
+                tracing::info!(
+                    epoch = %tables::epoch_hex(epoch),
+                    next_seq = counters.get(Counter::NextSeq),
+                    "new database epoch; message ids are {{gateway id}}:{{epoch}}:{{seq}}"
+                );
+                epoch
+            }
+        };
+        counters.set_epoch(epoch);
         if reopen {
             for &c in Counter::ALL {
                 meta.insert(c.name(), counters.get(c))?;
@@ -104,6 +129,8 @@ pub(super) struct Owner {
     /// When the last transaction committed (idle commits are spaced by
     /// [`IDLE_COMMIT_INTERVAL`]).
     pub(super) last_commit: Instant,
+    /// When the last commit started (commits start `flush_interval` apart at least).
+    pub(super) last_commit_start: Option<Instant>,
 }
 
 /// What one collection round gathered.
@@ -159,6 +186,7 @@ impl Owner {
             last_drop_log: None,
             data_taken: 0,
             last_commit: Instant::now(),
+            last_commit_start: None,
         }
     }
 
@@ -249,7 +277,9 @@ impl Owner {
         true
     }
 
-    /// Blocks for the first command (or the housekeeping tick), then gathers a group.
+    /// Blocks for the first command (or the housekeeping tick), then gathers a group: what
+    /// is queued already, and what arrives until `flush_interval` after the start of the
+    /// previous commit (at once when that is past). See the module header.
     fn collect(&mut self, group: &mut Group) {
         let first_wait = if group.urgent() {
             Duration::ZERO
@@ -261,7 +291,7 @@ impl Owner {
             HOUSEKEEPING_INTERVAL
         };
         self.wait_one(group, first_wait);
-        let deadline = Instant::now() + self.cfg.flush_interval;
+        let not_before = self.last_commit_start.map(|t| t + self.cfg.flush_interval);
         let max = self.cfg.max_batch.max(1);
         loop {
             while let Ok(cmd) = self.ctl_rx.try_recv() {
@@ -274,10 +304,11 @@ impl Owner {
                 }
             }
             let now = Instant::now();
-            if group.len() >= max || group.urgent() || group.len() == 0 || now >= deadline {
+            let wait = not_before.map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
+            if group.len() >= max || group.urgent() || group.len() == 0 || wait.is_zero() {
                 break;
             }
-            if !self.wait_one(group, deadline - now) {
+            if !self.wait_one(group, wait) {
                 break;
             }
         }
@@ -307,6 +338,7 @@ impl Owner {
 
     fn commit(&mut self, group: &mut Group) -> Result<(), StoreError> {
         let started = Instant::now();
+        self.last_commit_start = Some(started);
         let appends = group
             .data
             .iter()
