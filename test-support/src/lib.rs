@@ -13,6 +13,7 @@
 //! - [`client`]: a device-like MQTT client (publish and subscribe) for a broker under test.
 //! - [`gateway_process`]: the real `gateway` binary as a child process.
 //! - [`tmpfs`]: a small real filesystem that can be filled up.
+//! - [`upstream`]: the upstream broker of a forwarding test (Mosquitto, else rumqttd).
 //!
 //! Invariants:
 //! - Everything listens on and connects to 127.0.0.1 only; ports are chosen at run time.
@@ -28,6 +29,7 @@ pub mod proxy;
 pub mod rumqttd;
 pub mod tls;
 pub mod tmpfs;
+pub mod upstream;
 pub mod wait;
 
 pub use client::{publish_all, subscribe};
@@ -38,4 +40,5 @@ pub use ports::{free_port, wait_port};
 pub use proxy::Proxy;
 pub use rumqttd::Rumqttd;
 pub use tls::{Issued, TestCa};
+pub use upstream::UpstreamBroker;
 pub use wait::{wait_until, wait_until_async};

@@ -7,26 +7,10 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use test_support::{
-    publish_all, wait_until_async, Collector, Gateway, Mosquitto, Proxy, Received, Rumqttd,
+    publish_all, wait_until_async, Collector, Gateway, Proxy, Received, UpstreamBroker,
 };
 
 const GATEWAY_ID: &str = "gw-ids";
-
-/// The upstream broker of a test, and the port the gateway should use for it.
-struct Upstream {
-    port: u16,
-    _mosquitto: Option<Mosquitto>,
-}
-
-fn upstream() -> Upstream {
-    let mosquitto = Mosquitto::start();
-    Upstream {
-        port: mosquitto
-            .as_ref()
-            .map_or_else(|| Rumqttd::start().port, |m| m.port),
-        _mosquitto: mosquitto,
-    }
-}
 
 fn start_gateway(upstream_port: u16) -> Gateway {
     let url = format!("mqtt://127.0.0.1:{upstream_port}");
@@ -89,7 +73,7 @@ fn round_of(m: &Received) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_created_anew_never_repeats_an_old_id() {
     const N: usize = 30;
-    let up = upstream();
+    let up = UpstreamBroker::start();
     let collector = Collector::start(up.port, "up/#").await;
     let mut gw = start_gateway(up.port);
 
@@ -142,7 +126,7 @@ async fn a_database_created_anew_never_repeats_an_old_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_sent_after_a_restart_keeps_its_id() {
     const N: usize = 30;
-    let up = upstream();
+    let up = UpstreamBroker::start();
     let proxy = Proxy::start(up.port, false).await;
     let collector = Collector::start(up.port, "up/#").await;
     let mut gw = start_gateway(proxy.port);

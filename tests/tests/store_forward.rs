@@ -7,24 +7,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use test_support::{
-    check_delivery, counter, publish_all, Collector, Gateway, Mosquitto, Proxy, Received, Rumqttd,
+    check_delivery, counter, publish_all, Collector, Gateway, Proxy, Received, UpstreamBroker,
 };
-
-/// The upstream broker of a test, and the port the gateway should use for it.
-struct Upstream {
-    port: u16,
-    _mosquitto: Option<Mosquitto>,
-}
-
-fn upstream() -> Upstream {
-    let mosquitto = Mosquitto::start();
-    Upstream {
-        port: mosquitto
-            .as_ref()
-            .map_or_else(|| Rumqttd::start().port, |m| m.port),
-        _mosquitto: mosquitto,
-    }
-}
 
 fn device_of(m: &Received) -> String {
     m.topic.split('/').nth(2).unwrap_or_default().to_string()
@@ -121,7 +105,7 @@ fn start_gateway(env: &[(String, String)]) -> Gateway {
 async fn upstream_down_while_50k_readings_arrive_then_every_one_arrives_in_order() {
     const DEVICES: usize = 5;
     const PER_DEVICE: usize = 10_000;
-    let up = upstream();
+    let up = UpstreamBroker::start();
     let proxy = Proxy::start(up.port, false).await;
     let collector = Collector::start(up.port, "up/#").await;
     let mut gw = start_gateway(&gateway_env(proxy.port));
@@ -161,7 +145,7 @@ async fn kill_9_mid_drain_then_restart_loses_nothing_committed() {
     const DEVICES: usize = 4;
     const PER_DEVICE: usize = 5_000;
     const TOTAL: usize = DEVICES * PER_DEVICE;
-    let up = upstream();
+    let up = UpstreamBroker::start();
     let proxy = Proxy::start(up.port, false).await;
     let collector = Collector::start(up.port, "up/#").await;
     let mut env = gateway_env(proxy.port);
