@@ -62,7 +62,7 @@ use crate::devices::Devices;
 use crate::forwarder::{Forwarder, ForwarderConfig, ForwarderError, ForwarderStats};
 use crate::http::{self, HttpError, Sources};
 use crate::ingest::{Ingest, RawMessage};
-use crate::reading::{now_millis, Reading};
+use crate::reading::{now_millis, Millis, Reading};
 use crate::rules::{RulesStage, SharedRules};
 use crate::stage_threads::StageThreads;
 use crate::store::{Counter, Store, StoreConfig, StoreError, StoreHandle};
@@ -135,6 +135,7 @@ pub async fn run_with_fault(
     let stop = CancellationToken::new();
     let running = match start(
         &config,
+        started_at,
         counters.clone(),
         store.clone(),
         &views,
@@ -289,6 +290,7 @@ async fn close_store(store: StoreHandle, deadline: Instant) -> Option<Result<(),
 
 fn start(
     config: &Config,
+    started_at: Millis,
     counters: Arc<Counters>,
     store: StoreHandle,
     views: &Views,
@@ -296,7 +298,7 @@ fn start(
     fault: Option<Fault>,
 ) -> Result<Running, RunError> {
     let forwarder = ForwarderConfig::from_config(config)
-        .map(|cfg| Forwarder::new(cfg, store.clone()))
+        .map(|cfg| Forwarder::new(ForwarderConfig { started_at, ..cfg }, store.clone()))
         .transpose()?;
     let links = broker::start(
         &config.broker,

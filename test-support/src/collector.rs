@@ -8,6 +8,9 @@
 //! - It is subscribed when [`Collector::start`] returns; it reconnects after errors and
 //!   stops when the last clone is dropped.
 //! - The gateway's `id` and `replayed` user properties are kept with each message.
+//! - The gateway's presence status (a message on a topic whose last level is `status`,
+//!   without an `id`: not an outbox row) is kept apart, in [`Collector::status`], so the
+//!   counts and the delivery checks see only forwarded rows and device messages.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -29,10 +32,17 @@ pub struct Received {
     /// The `replayed` user property.
     pub replayed: Option<bool>,
     pub payload: Vec<u8>,
+    /// The RETAIN flag: set when the broker delivered a retained message on subscribe.
+    pub retain: bool,
     pub at: Instant,
 }
 
 impl Received {
+    /// True for the gateway's presence status: `.../status` without an `id`.
+    pub fn is_status(&self) -> bool {
+        self.id.is_none() && self.topic.rsplit('/').next() == Some("status")
+    }
+
     /// The outbox seq at the end of the `id` property; panics without one.
     pub fn seq(&self) -> u64 {
         self.id
@@ -48,6 +58,8 @@ impl Received {
 #[derive(Clone)]
 pub struct Collector {
     received: Arc<Mutex<Vec<Received>>>,
+    /// Presence status messages ([`Received::is_status`]), in arrival order.
+    status: Arc<Mutex<Vec<Received>>>,
     _stop: Arc<DropGuard>,
 }
 
@@ -55,6 +67,7 @@ impl Collector {
     /// Connects, subscribes to `filter` and waits (up to 10 s) for the SUBACK.
     pub async fn start(port: u16, filter: &str) -> Collector {
         let received = Arc::new(Mutex::new(Vec::new()));
+        let status = Arc::new(Mutex::new(Vec::new()));
         let mut opts = MqttOptions::new(format!("collector-{}", free_port()), "127.0.0.1", port);
         opts.set_clean_start(false)
             .set_session_expiry_interval(Some(3600))
@@ -63,6 +76,7 @@ impl Collector {
         let (client, mut el) = AsyncClient::new(opts, 100);
         let (subscribed_tx, mut subscribed_rx) = tokio::sync::mpsc::channel(1);
         let sink = received.clone();
+        let status_sink = status.clone();
         let filter = filter.to_owned();
         let stop = CancellationToken::new();
         let stopped = stop.clone();
@@ -92,13 +106,19 @@ impl Collector {
                                 .find(|(name, _)| name == k)
                                 .map(|(_, v)| v.clone())
                         };
-                        sink.lock().unwrap().push(Received {
+                        let m = Received {
                             topic: String::from_utf8_lossy(&p.topic).into_owned(),
                             id: prop("id"),
                             replayed: prop("replayed").map(|v| v == "true"),
                             payload: p.payload.to_vec(),
+                            retain: p.retain,
                             at: Instant::now(),
-                        });
+                        };
+                        if m.is_status() {
+                            status_sink.lock().unwrap().push(m);
+                        } else {
+                            sink.lock().unwrap().push(m);
+                        }
                     }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -110,11 +130,12 @@ impl Collector {
             .expect("collector did not subscribe");
         Collector {
             received,
+            status,
             _stop: Arc::new(stop.drop_guard()),
         }
     }
 
-    /// Messages received so far, repeats included.
+    /// Rows received so far, repeats included.
     pub fn len(&self) -> usize {
         self.received.lock().unwrap().len()
     }
@@ -125,6 +146,11 @@ impl Collector {
 
     pub fn snapshot(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
+    }
+
+    /// Presence status messages received so far ([`Received::is_status`]).
+    pub fn status(&self) -> Vec<Received> {
+        self.status.lock().unwrap().clone()
     }
 
     /// Distinct message ids received so far.

@@ -34,8 +34,16 @@
 //! `replayed` and the original `payload`. Only MQTT 5 is implemented; over MQTT 3.1.1
 //! there are no user properties, so an unbatched reading would reach the consumer without
 //! its id (batches and event envelopes would still carry theirs).
+//!
+//! Presence (`presence.rs`): every connection carries a retained `offline` last will on
+//! `{topic_prefix}/status`; the session publishes the retained `online` message right after
+//! the ConnAck, before the replay, and a retained `offline` before a clean stop. Those
+//! publishes are entries of the same packet-id FIFO as the rows, so they never shift the
+//! correlation; the client's inflight limit is `max_inflight + 1` so that the stop message
+//! finds a slot even when the window is full of rows.
 
 mod encode;
+mod presence;
 mod session;
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -52,10 +60,12 @@ use tracing::Instrument;
 use crate::backoff::Backoff;
 use crate::config::{Config, UpstreamTls, UpstreamUrl};
 use crate::counters::Histogram;
+use crate::reading::{now_millis, Millis};
 use crate::store::{ByLane, StoreHandle};
 use crate::tls::TlsError;
 
 pub use encode::{id_prefix, message_id, upstream_topic};
+pub use presence::STATUS_TOPIC;
 
 /// Errors of the forwarder's configuration.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +124,9 @@ pub struct ForwarderConfig {
     /// Trust anchors and optional client certificate for `mqtts://`, loaded by
     /// [`Forwarder::new`]; the server name verified is the host of `url`.
     pub tls: Option<UpstreamTls>,
+    /// Unix ms when the gateway started, as its presence messages say: `from_config`
+    /// takes the current time; the pipeline sets the start it also reports on the API.
+    pub started_at: Millis,
 }
 
 impl ForwarderConfig {
@@ -140,6 +153,7 @@ impl ForwarderConfig {
             backoff_max: up.backoff_max,
             shutdown_grace: (config.gateway.shutdown_grace / 3).min(MAX_SHUTDOWN_GRACE),
             tls: up.tls.clone(),
+            started_at: now_millis(),
         })
     }
 
@@ -241,6 +255,7 @@ pub struct Forwarder {
     tls: Option<Arc<rustls::ClientConfig>>,
     store: StoreHandle,
     stats: Arc<ForwarderStats>,
+    presence: presence::Presence,
 }
 
 impl Forwarder {
@@ -252,9 +267,11 @@ impl Forwarder {
             .as_ref()
             .map(UpstreamTls::client_config)
             .transpose()?;
+        let presence = presence::Presence::new(&cfg.topic_prefix, &cfg.gateway_id, cfg.started_at);
         Ok(Forwarder {
             cfg,
             tls,
+            presence,
             store,
             stats: Arc::new(ForwarderStats::default()),
         })
@@ -272,7 +289,11 @@ impl Forwarder {
             .set_clean_start(true)
             .set_connection_timeout(5)
             .set_max_packet_size(Some(self.cfg.max_packet_size as u32))
-            .set_outgoing_inflight_upper_limit(self.cfg.max_inflight as u16);
+            // One more than the rows' window: room for the presence message at a stop.
+            .set_outgoing_inflight_upper_limit(
+                (self.cfg.max_inflight + 1).min(u16::MAX as usize) as u16
+            )
+            .set_last_will(self.presence.last_will(now_millis()));
         if let Some(user) = &self.cfg.username {
             o.set_credentials(user.clone(), self.cfg.password.clone().unwrap_or_default());
         }
@@ -285,7 +306,8 @@ impl Forwarder {
     }
 
     /// Forwards until `shutdown` is cancelled; then waits up to `shutdown_grace` for the
-    /// PUBACKs of messages in flight and disconnects.
+    /// PUBACKs of messages in flight, publishes the retained `offline` status (waiting
+    /// for its PUBACK at most [`session::OFFLINE_ACK_WAIT`]) and disconnects.
     pub async fn run(self, shutdown: CancellationToken) {
         let span = tracing::info_span!("forwarder", upstream = %self.cfg.url);
         self.drive(shutdown).instrument(span).await

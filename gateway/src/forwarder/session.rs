@@ -4,6 +4,11 @@
 //! (`awaiting_pkid`, FIFO), what awaits a PUBACK (`by_pkid`), the read cursors per lane and
 //! the rows read but not yet sent. All of it is dropped with the connection: the next
 //! session replays from the outbox.
+//!
+//! The session also announces the gateway's presence (`presence.rs`): the retained `online`
+//! status first thing after the ConnAck, before any row, and the retained `offline` status
+//! at a clean stop, once the rows in flight are acked or the grace is over. Both are
+//! [`InFlight::Status`] entries of the packet-id FIFO, so the rows' correlation is unchanged.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -17,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::encode::{self, Family};
+use super::presence::Status;
 use super::{Forwarder, PumpEvent, State};
 use crate::reading::now_millis;
 use crate::store::{ByLane, Lane, OutboxRow};
@@ -27,6 +33,9 @@ const READ_CHUNK: usize = 1024;
 const ACK_COMMIT_POLL: Duration = Duration::from_millis(2);
 /// Events handled per wake-up before acks are handed to the store.
 const EVENTS_PER_TURN: usize = 2048;
+/// Longest wait at a clean stop for the PUBACK of the `offline` status; the forwarder's
+/// `shutdown_grace` when that is shorter.
+pub(super) const OFFLINE_ACK_WAIT: Duration = Duration::from_secs(1);
 
 /// One upstream publish in flight: the rows it carries.
 struct Sent {
@@ -35,7 +44,15 @@ struct Sent {
     received_at: i64,
 }
 
+/// One publish of this connection awaiting its packet id or its PUBACK.
+enum InFlight {
+    Rows(Sent),
+    /// A presence message: acked by the upstream, it concerns no outbox row.
+    Status(Status),
+}
+
 /// Why filling the window cannot go on.
+#[derive(Debug)]
 enum Halt {
     Store,
     Connection,
@@ -100,9 +117,11 @@ pub(super) struct Session<'a> {
     buffered: ByLane<VecDeque<OutboxRow>>,
     /// The last read of the lane came back short: wait for new rows before reading again.
     exhausted: ByLane<bool>,
-    awaiting_pkid: VecDeque<Sent>,
-    by_pkid: HashMap<u16, Sent>,
+    awaiting_pkid: VecDeque<InFlight>,
+    by_pkid: HashMap<u16, InFlight>,
     acks: ByLane<Vec<u64>>,
+    /// The presence status the upstream acked last on this connection.
+    acked_status: Option<Status>,
     bucket: Option<Bucket>,
     linger_since: Option<Instant>,
     scratch: Vec<OutboxRow>,
@@ -122,6 +141,7 @@ impl<'a> Session<'a> {
             awaiting_pkid: VecDeque::new(),
             by_pkid: HashMap::new(),
             acks: ByLane::default(),
+            acked_status: None,
             bucket: fwd.cfg.rate_limit_per_sec.map(Bucket::new),
             linger_since: None,
             scratch: Vec::with_capacity(READ_CHUNK),
@@ -137,12 +157,16 @@ impl<'a> Session<'a> {
         events: &mut mpsc::Receiver<PumpEvent>,
         shutdown: &CancellationToken,
     ) -> State {
+        // First in the FIFO, before any row: consumers learn at once that the gateway is up.
+        if self.announce(Status::Online).is_err() {
+            return self.lost();
+        }
         // Acks of the previous connection must be committed before replaying, or rows acked
         // upstream would be sent again. While the storage is unavailable the flush fails and
         // the acks wait in the store's memory: replay anyway (repeats, never a loss).
         match self.fwd.store.flush().await {
             Ok(()) | Err(crate::store::StoreError::CommitFailed) => {}
-            Err(_) => return State::Stopped,
+            Err(_) => return self.stop(events).await,
         }
         self.replay_until = self.fwd.store.last_committed_seq();
         let mut grace_until: Option<tokio::time::Instant> = None;
@@ -155,16 +179,12 @@ impl<'a> Session<'a> {
                     // The event loop of this connection ended (its error is on the way).
                     Err(Halt::Connection) => return self.lost(),
                     // The store is closed: nothing more can be done.
-                    Err(Halt::Store) => {
-                        self.hand_acks();
-                        return State::Stopped;
-                    }
+                    Err(Halt::Store) => return self.stop(events).await,
                 }
             };
             if let Some(until) = grace_until {
                 if self.in_flight() == 0 || tokio::time::Instant::now() >= until {
-                    self.hand_acks();
-                    return State::Stopped;
+                    return self.stop(events).await;
                 }
             }
             let wait = match idle {
@@ -203,6 +223,51 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// A clean stop: hands over the acks, publishes the retained `offline` status and waits
+    /// for its PUBACK (at most [`OFFLINE_ACK_WAIT`]), still taking late PUBACKs of rows.
+    async fn stop(&mut self, events: &mut mpsc::Receiver<PumpEvent>) -> State {
+        self.hand_acks();
+        if self.announce(Status::Shutdown).is_err() {
+            return State::Stopped;
+        }
+        let wait = OFFLINE_ACK_WAIT.min(self.fwd.cfg.shutdown_grace);
+        let _ = tokio::time::timeout(wait, async {
+            while self.acked_status != Some(Status::Shutdown) {
+                let Some(ev) = events.recv().await else {
+                    return;
+                };
+                if !self.handle(ev) {
+                    return;
+                }
+            }
+        })
+        .await;
+        self.hand_acks();
+        if self.acked_status != Some(Status::Shutdown) {
+            tracing::debug!(?wait, "the offline status was not acked in time");
+        }
+        State::Stopped
+    }
+
+    /// Queues the retained presence `status`: an entry of the packet-id FIFO like a row.
+    fn announce(&mut self, status: Status) -> Result<(), Halt> {
+        let presence = &self.fwd.presence;
+        let payload = presence.payload(status, now_millis());
+        let queued = self.client.try_publish_with_properties(
+            presence.topic(),
+            QoS::AtLeastOnce,
+            true,
+            payload,
+            presence.properties(),
+        );
+        if let Err(e) = queued {
+            tracing::debug!(error = %e, ?status, "could not queue the presence status");
+            return Err(Halt::Connection);
+        }
+        self.awaiting_pkid.push_back(InFlight::Status(status));
+        Ok(())
+    }
+
     /// The connection is gone: hand over the acks already received and back off.
     fn lost(&mut self) -> State {
         self.hand_acks();
@@ -233,39 +298,54 @@ impl<'a> Session<'a> {
         match ev {
             Err(_) => false,
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                if let Some(sent) = self.awaiting_pkid.pop_front() {
-                    if self.qos == QoS::AtMostOnce {
-                        self.acked(sent);
-                    } else {
-                        self.by_pkid.insert(pkid, sent);
+                match self.awaiting_pkid.pop_front() {
+                    Some(InFlight::Rows(sent)) if self.qos == QoS::AtMostOnce => self.acked(sent),
+                    Some(entry) => {
+                        self.by_pkid.insert(pkid, entry);
                     }
+                    None => {}
                 }
                 true
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                if let Some(sent) = self.by_pkid.remove(&ack.pkid) {
-                    if ack.reason == PubAckReason::NoMatchingSubscribers {
-                        self.fwd
-                            .stats
-                            .rows_no_subscribers
-                            .fetch_add(sent.seqs.len() as u64, Ordering::Relaxed);
+                match self.by_pkid.remove(&ack.pkid) {
+                    Some(InFlight::Rows(sent)) => self.rows_acked(sent, ack.reason),
+                    Some(InFlight::Status(status)) => {
+                        if matches!(
+                            ack.reason,
+                            PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                        ) {
+                            tracing::debug!(?status, "upstream acked the presence status");
+                        } else {
+                            tracing::warn!(reason = ?ack.reason, ?status, "upstream refused the presence status");
+                        }
+                        self.acked_status = Some(status);
                     }
-                    if !matches!(
-                        ack.reason,
-                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers
-                    ) {
-                        self.fwd
-                            .stats
-                            .rows_rejected_upstream
-                            .fetch_add(sent.seqs.len() as u64, Ordering::Relaxed);
-                        tracing::warn!(reason = ?ack.reason, rows = sent.seqs.len(), "upstream refused a publish; rows deleted");
-                    }
-                    self.acked(sent);
+                    None => {}
                 }
                 true
             }
             Ok(_) => true,
         }
+    }
+
+    /// The PUBACK of a publish of rows: counted by its reason, the rows are acked.
+    fn rows_acked(&mut self, sent: Sent, reason: PubAckReason) {
+        let stats = &self.fwd.stats;
+        let rows = sent.seqs.len() as u64;
+        match reason {
+            PubAckReason::Success => {}
+            PubAckReason::NoMatchingSubscribers => {
+                stats.rows_no_subscribers.fetch_add(rows, Ordering::Relaxed);
+            }
+            _ => {
+                stats
+                    .rows_rejected_upstream
+                    .fetch_add(rows, Ordering::Relaxed);
+                tracing::warn!(?reason, rows, "upstream refused a publish; rows deleted");
+            }
+        }
+        self.acked(sent);
     }
 
     fn acked(&mut self, sent: Sent) {
@@ -450,11 +530,14 @@ impl<'a> Session<'a> {
         stats
             .rows_replayed
             .fetch_add(replayed_rows, Ordering::Relaxed);
-        self.awaiting_pkid.push_back(Sent {
+        self.awaiting_pkid.push_back(InFlight::Rows(Sent {
             lane,
             seqs,
             received_at,
-        });
+        }));
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

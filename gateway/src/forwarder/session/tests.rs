@@ -1,0 +1,92 @@
+//! The packet-id FIFO of a session with presence messages in it: rumqttc's events are fed
+//! to [`Session::handle`] by hand, in the order a connection would produce them.
+
+use rumqttc::v5::mqttbytes::v5::PubAck;
+use rumqttc::v5::MqttOptions;
+
+use super::*;
+use crate::config::{Config, UpstreamUrl};
+use crate::forwarder::{ForwarderConfig, ForwarderStats};
+use crate::store::{Store, StoreConfig};
+
+fn forwarder(dir: &std::path::Path, qos: u8) -> Forwarder {
+    let mut config = Config::defaults();
+    config.upstream.url = Some(UpstreamUrl::mqtt("127.0.0.1", 1883));
+    config.upstream.qos = qos;
+    let store = Store::open(&dir.join("gw.redb"), StoreConfig::from_config(&config)).unwrap();
+    Forwarder::new(ForwarderConfig::from_config(&config).unwrap(), store).unwrap()
+}
+
+/// A client whose requests are queued but never sent (its event loop is not polled).
+fn client() -> (AsyncClient, rumqttc::v5::EventLoop) {
+    AsyncClient::new(MqttOptions::new("session-test", "127.0.0.1", 1883), 16)
+}
+
+fn row(seq: u64) -> InFlight {
+    InFlight::Rows(Sent {
+        lane: Lane::Reading,
+        seqs: vec![seq],
+        received_at: now_millis(),
+    })
+}
+
+fn sent(pkid: u16) -> PumpEvent {
+    Ok(Event::Outgoing(Outgoing::Publish(pkid)))
+}
+
+fn puback(pkid: u16) -> PumpEvent {
+    Ok(Event::Incoming(Packet::PubAck(PubAck::new(pkid, None))))
+}
+
+#[test]
+fn presence_publishes_take_their_own_place_in_the_packet_id_fifo() {
+    let dir = tempfile::tempdir().unwrap();
+    let fwd = forwarder(dir.path(), 1);
+    let (client, _eventloop) = client();
+    let mut s = Session::new(&fwd, &client);
+    s.announce(Status::Online).unwrap();
+    s.awaiting_pkid.push_back(row(1));
+    s.awaiting_pkid.push_back(row(2));
+    for pkid in 1..=3 {
+        assert!(s.handle(sent(pkid)));
+    }
+    assert_eq!(s.in_flight(), 3);
+
+    // Packet id 1 is the status's: its PUBACK acks no row.
+    assert!(s.handle(puback(1)));
+    assert_eq!(s.acked_status, Some(Status::Online));
+    assert!(s.acks[Lane::Reading].is_empty());
+    // Each row is acked by its own PUBACK, in whatever order they come.
+    assert!(s.handle(puback(3)));
+    assert_eq!(s.acks[Lane::Reading], [2]);
+    assert!(s.handle(puback(2)));
+    assert_eq!(s.acks[Lane::Reading], [2, 1]);
+    assert_eq!(ForwarderStats::get(&fwd.stats.rows_acked), 2);
+
+    s.announce(Status::Shutdown).unwrap();
+    assert!(s.handle(sent(4)));
+    assert_eq!(s.in_flight(), 1, "the offline status awaits its PUBACK");
+    assert!(s.handle(puback(4)));
+    assert_eq!(s.acked_status, Some(Status::Shutdown));
+    assert_eq!(s.in_flight(), 0);
+    assert_eq!(ForwarderStats::get(&fwd.stats.rows_acked), 2);
+    fwd.store.shutdown().unwrap();
+}
+
+#[test]
+fn with_qos_0_rows_are_done_on_send_and_the_status_still_awaits_its_puback() {
+    let dir = tempfile::tempdir().unwrap();
+    let fwd = forwarder(dir.path(), 0);
+    let (client, _eventloop) = client();
+    let mut s = Session::new(&fwd, &client);
+    s.announce(Status::Online).unwrap();
+    s.awaiting_pkid.push_back(row(1));
+    assert!(s.handle(sent(1)));
+    assert!(s.handle(sent(0)));
+    assert_eq!(s.acks[Lane::Reading], [1], "a QoS 0 row is done once sent");
+    assert_eq!(s.in_flight(), 1);
+    assert!(s.handle(puback(1)));
+    assert_eq!(s.acked_status, Some(Status::Online));
+    assert_eq!(s.in_flight(), 0);
+    fwd.store.shutdown().unwrap();
+}
