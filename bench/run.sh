@@ -16,6 +16,7 @@ QOS=${QOS:-1}
 FORMAT=${FORMAT:-json}         # json | cbor | senml-json | senml-cbor
 BATCH=${BATCH:-1}              # gateway: readings per upstream message
 SIDES=${SIDES:-"A B"}          # which sides to run
+SETTLE=${SETTLE:-60}           # seconds the edge is watched after the devices left (0: not)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$ROOT/target/bench}
 MOSQUITTO=${MOSQUITTO:-$(command -v mosquitto || echo /usr/sbin/mosquitto)}
@@ -61,6 +62,49 @@ wait_port() { # port seconds pid
 
 # write_bytes PID: bytes the process caused to be written to storage so far.
 write_bytes() { awk '$1 == "write_bytes:" {print $2}' "/proc/$1/io"; }
+rss_kb() { awk '$1 == "VmRSS:" {print $2}' "/proc/$1/status"; }
+cpu_ticks() { awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$1/stat"; }
+mb() { awk -v v="$1" 'BEGIN {printf "%.1f", v / 1024}'; }
+
+# settle SIDE PID: the edge once the devices have left (device-sim has ended): its RSS at
+# once and SETTLE s later (sampled every second), and its CPU over that time. Prints a
+# line and writes "rss_at_once_kb rss_after_kb cpu_percent" to $OUT/SIDE-settle.
+settle() {
+  [ "$SETTLE" -gt 0 ] || return 0
+  say "Side $1: the edge for $SETTLE s after the devices left"
+  local r0 r c0 c1 t0 t1 lowest
+  r0=$(rss_kb "$2"); lowest=$r0; c0=$(cpu_ticks "$2"); t0=$(date +%s%N)
+  for _ in $(seq "$SETTLE"); do
+    sleep 1
+    r=$(rss_kb "$2"); [ "$r" -lt "$lowest" ] && lowest=$r
+  done
+  c1=$(cpu_ticks "$2"); t1=$(date +%s%N)
+  local cpu
+  cpu=$(awk -v c=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" -v ns=$((t1 - t0)) \
+    'BEGIN {printf "%.1f", 100 * c / hz / (ns / 1e9)}')
+  echo "edge RSS after the devices left: $(mb "$r0") MB at once, $(mb "$r") MB after $SETTLE s" \
+    "(lowest $(mb "$lowest") MB); edge CPU over those $SETTLE s: $cpu% of one core" | tee "$OUT/$1-settle.txt"
+  echo "$r0 $r $cpu" > "$OUT/$1-settle"
+}
+
+# settle_rows: the settle figures of both sides as rows of the comparison table.
+settle_rows() {
+  [ "$SETTLE" -gt 0 ] || return 0
+  local a b
+  a=$(cat "$OUT/A-settle" 2>/dev/null || echo "- - -")
+  b=$(cat "$OUT/B-settle" 2>/dev/null || echo "- - -")
+  awk -v a="$a" -v b="$b" -v s="$SETTLE" 'BEGIN {
+    split(a, x, " "); split(b, y, " ")
+    row("edge RSS MB (devices just left)", x[1], y[1], 1024)
+    row("edge RSS MB (" s " s after the devices left)", x[2], y[2], 1024)
+    row("edge CPU % (those " s " s)", x[3], y[3], 1)
+  }
+  function cell(v, d) { return v == "-" ? "-" : sprintf("%.1f", v / d) }
+  function row(name, va, vb, d,   r) {
+    r = (va == "-" || vb == "-" || vb + 0 == 0) ? "-" : sprintf("%.2f", va / vb)
+    printf "| %s | %s | %s | %s |\n", name, cell(va, d), cell(vb, d), r
+  }'
+}
 
 stop() { # pid
   kill -TERM "$1" 2>/dev/null || return 0
@@ -83,7 +127,7 @@ free_ports() {
   echo "${picked[@]}"
 }
 
-read -r UP_PORT A_PORT B_PORT < <(free_ports 3)
+read -r UP_PORT A_PORT B_PORT HTTP_PORT < <(free_ports 4)
 ME=$(id -un)
 
 say "Upstream Mosquitto on 127.0.0.1:$UP_PORT"
@@ -116,7 +160,7 @@ measure() {
     --watch "edge=$4" --watch "upstream=$UP_PID" --json "$OUT/$1.json" | tee "$OUT/$1.txt"
 }
 
-rm -f "$OUT/A.json" "$OUT/B.json" "$OUT/A-disk.txt"
+rm -f "$OUT/A.json" "$OUT/B.json" "$OUT/A-disk.txt" "$OUT"/[AB]-settle "$OUT"/[AB]-settle.txt
 
 if [[ " $SIDES " == *" A "* && -z "$A_STATUS" ]]; then
   say "Side A: gateway on 127.0.0.1:$A_PORT"
@@ -124,6 +168,7 @@ if [[ " $SIDES " == *" A "* && -z "$A_STATUS" ]]; then
   [ -d "$ROOT/rules" ] && cp -r "$ROOT/rules/." "$WORK/gw/rules/" 2>/dev/null || true
   GATEWAY__BROKER__LISTEN=127.0.0.1:$A_PORT \
   GATEWAY__BROKER__LISTEN_V5= \
+  GATEWAY__HTTP__LISTEN=127.0.0.1:$HTTP_PORT \
   GATEWAY__STORAGE__PATH=$WORK/gw/gw.redb \
   GATEWAY__UPSTREAM__URL=mqtt://127.0.0.1:$UP_PORT \
   GATEWAY__UPSTREAM__TOPIC_PREFIX=bench \
@@ -149,6 +194,7 @@ if [[ " $SIDES " == *" A "* && -z "$A_STATUS" ]]; then
     acked=$(grep -o '"acked": *[0-9]*' "$OUT/A.json" | head -n 1 | grep -o '[0-9]*$')
     echo "gateway disk writes (/proc/PID/io write_bytes, over the measured run): $((w1 - w0)) bytes," \
       "$(( (w1 - w0) / (acked > 0 ? acked : 1) )) bytes per acked reading ($acked)" | tee "$OUT/A-disk.txt"
+    settle A "$GW_PID"
   fi
   stop "$GW_PID"
   [ -z "$A_STATUS" ] || printf '\nSIDE A FAILED: %s\n' "$A_STATUS" >&2
@@ -177,15 +223,16 @@ EOF
   wait_port "$B_PORT" 5 "$EDGE_PID" || { cat "$WORK/edge.log" >&2; die "edge mosquitto did not start"; }
   probe B "$B_PORT" || { cat "$WORK/probe-B.txt" "$WORK/edge.log" >&2; die "the Mosquitto bridge did not deliver the probe upstream"; }
   measure B mosquitto-bridge "$B_PORT" "$EDGE_PID"
+  settle B "$EDGE_PID"
   stop "$EDGE_PID"
 fi
 
 say "Machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -n 1)"
 if [ -f "$OUT/A.json" ] && [ -f "$OUT/B.json" ]; then
-  "$SIM" compare "$OUT/A.json" "$OUT/B.json" | tee "$OUT/table.md"
+  { "$SIM" compare "$OUT/A.json" "$OUT/B.json"; settle_rows; } | tee "$OUT/table.md"
 elif [ -f "$OUT/B.json" ]; then
   echo "Side A not measured: ${A_STATUS:-not requested}."
-  "$SIM" compare - "$OUT/B.json" | tee "$OUT/table.md"
+  { "$SIM" compare - "$OUT/B.json"; settle_rows; } | tee "$OUT/table.md"
   [ -z "$A_STATUS" ] || exit 3
 elif [ -f "$OUT/A.json" ]; then
   echo "Side B not measured (SIDES=$SIDES); side A's report is above and in $OUT/A.txt."

@@ -11,6 +11,7 @@ pub mod events;
 pub mod forwarder;
 pub mod http;
 pub mod ingest;
+pub mod memory;
 pub mod pipeline;
 pub mod reading;
 pub mod rules;

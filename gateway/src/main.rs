@@ -120,6 +120,8 @@ enum OutboxCommand {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: fewer malloc arenas keep less memory after a burst.
+    gateway::memory::limit_arenas();
     let cli = Cli::parse();
     let source = match &cli.config {
         Some(path) => Source::Explicit(path),

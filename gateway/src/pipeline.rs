@@ -62,6 +62,7 @@ use crate::devices::Devices;
 use crate::forwarder::{Forwarder, ForwarderConfig, ForwarderError, ForwarderStats};
 use crate::http::{self, HttpError, Sources};
 use crate::ingest::{Ingest, RawMessage};
+use crate::memory::Trim;
 use crate::reading::{now_millis, Millis, Reading};
 use crate::rules::{RulesStage, SharedRules};
 use crate::stage_threads::StageThreads;
@@ -326,6 +327,7 @@ fn start(
         forward: forwarding,
         counters: counters.clone(),
         snapshot: views.rules.clone(),
+        trim: Trim::new(),
     };
     threads.spawn("rules", move || {
         rules.run();

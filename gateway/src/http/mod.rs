@@ -48,6 +48,7 @@ use crate::store::StoreHandle;
 
 pub use exposition::{Encoder, Family, Kind, Label, Labels};
 pub use metrics::render as render_metrics;
+pub use process::resident_memory_bytes;
 
 /// The status page, served at `/`.
 const STATUS_PAGE: &str = include_str!("status.html");

@@ -2,7 +2,9 @@
 //! every event it produces to the local broker, the event log and the outbox.
 //!
 //! Runs on its own OS thread: publishing on the broker's local link is a blocking send.
-//! Time comes from the wall clock here and is passed into the pure [`Engine`].
+//! Time comes from the wall clock here and is passed into the pure [`Engine`]. Its 1 s
+//! tick, which runs whether or not readings come, also drives the gateway's memory trim
+//! after a burst ([`crate::memory::Trim`]), so that needs no timer of its own.
 //!
 //! Invariants:
 //! - the engine state is saved per device (`rules/device/{id}`): a device whose instances
@@ -25,6 +27,7 @@ use super::snapshot::{ReloadView, SharedRules};
 use super::{Diagnostics, Engine, EngineState, InstanceRecord, RuleSet, Watcher, STATE_VERSION};
 use crate::counters::Counters;
 use crate::events::Event;
+use crate::memory::Trim;
 use crate::reading::{now_millis, Reading};
 use crate::store::{OutboxEntry, StoreHandle};
 
@@ -52,6 +55,9 @@ pub struct RulesStage {
     pub counters: Arc<Counters>,
     /// Published for readers (the HTTP API).
     pub snapshot: SharedRules,
+    /// Returns free memory to the OS once a burst is over; this stage's tick is the
+    /// gateway's one timer that always runs, so it drives it (see `memory.rs`).
+    pub trim: Trim,
 }
 
 fn reload_view(result: Result<usize, &Diagnostics>) -> ReloadView {
@@ -137,6 +143,7 @@ impl RulesStage {
                 next_tick = Instant::now() + TICK;
                 events.extend(engine.tick(now_millis()));
                 events.extend(self.reload(&mut watcher, &mut engine));
+                self.trim.on_tick(Counters::get(&self.counters.ingested));
             }
             if !events.is_empty() {
                 self.emit(&events);

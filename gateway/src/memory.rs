@@ -1,0 +1,216 @@
+//! Memory given back to the operating system after a burst of traffic.
+//!
+//! The gateway runs on glibc's malloc. Under load it takes memory in arenas: the main
+//! heap and, for threads that allocate at the same time, further arenas of up to 64 MiB
+//! each (by default up to 8 per core). Freed memory stays in the arena for reuse; glibc
+//! only shrinks an arena from its top, so what a burst freed elsewhere stays resident:
+//! 1000 devices at 10 readings/s for 30 s left 143 MB resident a minute after they had
+//! gone, three arenas holding 30 + 39 + 23 MiB; with the two measures below, 106 MB, the
+//! rest being memory still in use, mostly the broker's in-memory log (BENCHMARKS.md,
+//! "Memory after a burst"). Both measures come without a new dependency:
+//!
+//! - [`limit_arenas`], once at start: at most [`ARENA_MAX`] arenas, so fewer heaps keep
+//!   free memory between bursts. `MALLOC_ARENA_MAX` in the environment still wins.
+//! - [`Trim`], driven once a second by the rules stage's tick (the gateway's one timer
+//!   that always runs, so this adds no wake-up): it watches the ingest counter and, when a
+//!   burst is over, calls `malloc_trim(0)`, which hands every free page of every arena
+//!   back to the kernel (`madvise(MADV_DONTNEED)`).
+//!
+//! Invariants:
+//! - never trims while traffic flows: only after the rate has stayed at or below a
+//!   quarter of the burst's peak for [`QUIET_TICKS`] ticks, and only after at least
+//!   [`BURST_MIN`] messages since the previous trim;
+//! - trims at most twice per burst: when it has gone quiet, and once more after
+//!   [`LATE_QUIET_TICKS`] quiet ticks, for memory freed after the last message
+//!   (connections that close later, queues that drain);
+//! - elsewhere than Linux with glibc (musl, other systems) both measures do nothing.
+
+/// Most malloc arenas the gateway uses (glibc's default: 8 per core).
+pub const ARENA_MAX: i32 = 2;
+/// Messages since the previous trim below which there is nothing worth trimming.
+pub const BURST_MIN: u64 = 10_000;
+/// Quiet ticks (seconds) after which a burst is over.
+pub const QUIET_TICKS: u32 = 3;
+/// Quiet ticks after which a burst's memory is trimmed a second and last time.
+pub const LATE_QUIET_TICKS: u32 = 30;
+
+/// Caps the number of malloc arenas at [`ARENA_MAX`], unless `MALLOC_ARENA_MAX` is set
+/// (glibc reads it itself). Call once, first thing in `main`, before threads start.
+pub fn limit_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a malloc tunable; it has no memory-safety preconditions.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, ARENA_MAX);
+    }
+}
+
+/// Returns the free memory of every malloc arena to the kernel; true if any was.
+pub fn release() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes the arenas' locks itself and only releases free pages.
+    unsafe {
+        libc::malloc_trim(0) == 1
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    false
+}
+
+/// Decides, from the ingest counter read once per tick, when a burst is over.
+#[derive(Debug, Default)]
+pub struct Trim {
+    /// The ingest counter at the previous tick; the counter starts at 0 with the process,
+    /// so a burst that comes before the first tick counts too.
+    last_total: u64,
+    /// Messages since the previous trim.
+    since_trim: u64,
+    /// Highest messages per tick since the previous burst ended.
+    peak: u64,
+    /// Consecutive quiet ticks.
+    quiet: u32,
+    /// A burst was trimmed and its late trim is still to come.
+    late_pending: bool,
+}
+
+impl Trim {
+    pub fn new() -> Trim {
+        Trim::default()
+    }
+
+    /// [`Trim::tick`], and when it says so, [`release`], logging the resident memory
+    /// before and after.
+    pub fn on_tick(&mut self, ingested_total: u64) {
+        if !self.tick(ingested_total) {
+            return;
+        }
+        let before = crate::http::resident_memory_bytes();
+        let started = std::time::Instant::now();
+        release();
+        let mb = |b: Option<u64>| b.map_or(f64::NAN, |b| (b as f64 / 1e6 * 10.0).round() / 10.0);
+        tracing::info!(
+            rss_before_mb = mb(before),
+            rss_after_mb = mb(crate::http::resident_memory_bytes()),
+            took_ms = started.elapsed().as_millis() as u64,
+            "Traffic went quiet; free memory returned to the operating system."
+        );
+    }
+
+    /// Takes the ingest counter at a tick (about a second after the previous one); true
+    /// when memory should be trimmed now.
+    pub fn tick(&mut self, ingested_total: u64) -> bool {
+        let delta = ingested_total.saturating_sub(self.last_total);
+        self.last_total = ingested_total;
+        self.since_trim += delta;
+        self.peak = self.peak.max(delta);
+        if delta > self.peak / 4 {
+            self.quiet = 0;
+            return false;
+        }
+        self.quiet = self.quiet.saturating_add(1);
+        if self.since_trim >= BURST_MIN && self.quiet >= QUIET_TICKS {
+            // The burst is over: trim now, and once more later with what it has left.
+            self.since_trim = 0;
+            self.peak = delta;
+            self.late_pending = true;
+            return true;
+        }
+        if self.late_pending && self.quiet >= LATE_QUIET_TICKS {
+            self.late_pending = false;
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds per-tick message counts; returns the ticks (0-based) at which it trims.
+    fn trims(per_tick: impl IntoIterator<Item = u64>) -> Vec<usize> {
+        let mut trim = Trim::new();
+        let mut total = 0;
+        per_tick
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, n)| {
+                total += n;
+                trim.tick(total).then_some(i)
+            })
+            .collect()
+    }
+
+    fn burst(secs: usize, rate: u64) -> impl Iterator<Item = u64> {
+        std::iter::repeat_n(rate, secs)
+    }
+
+    #[test]
+    fn trims_once_when_a_burst_is_over_and_once_more_later() {
+        let ticks = burst(30, 10_000).chain(burst(60, 0));
+        assert_eq!(
+            trims(ticks),
+            vec![
+                30 + QUIET_TICKS as usize - 1,
+                30 + LATE_QUIET_TICKS as usize - 1
+            ]
+        );
+    }
+
+    #[test]
+    fn a_burst_before_the_first_tick_counts() {
+        // The whole burst between the start and the first tick: the counter starts at 0.
+        assert_eq!(
+            trims(burst(1, 2 * BURST_MIN).chain(burst(5, 0))),
+            vec![QUIET_TICKS as usize]
+        );
+    }
+
+    #[test]
+    fn never_trims_while_busy() {
+        // A steady rate, and one that wobbles by half: neither is a burst that ended.
+        assert_eq!(trims(burst(120, 10_000)), Vec::<usize>::new());
+        let wobble = (0..120).map(|i| if i % 2 == 0 { 10_000 } else { 5_000 });
+        assert_eq!(trims(wobble), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn a_short_lull_inside_a_burst_is_not_its_end() {
+        let lull = burst(10, 10_000)
+            .chain(burst(QUIET_TICKS as usize - 1, 0))
+            .chain(burst(10, 10_000));
+        assert_eq!(trims(lull), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn trims_when_the_rate_drops_to_a_lower_steady_level() {
+        let ticks = burst(10, 10_000).chain(burst(100, 1_000));
+        // Once when it dropped; the lower rate is then the new normal, not quiet, so
+        // there is no late trim while it lasts.
+        assert_eq!(trims(ticks), vec![10 + QUIET_TICKS as usize - 1]);
+    }
+
+    #[test]
+    fn too_little_traffic_is_not_worth_a_trim() {
+        let small = burst(1, BURST_MIN - 1).chain(burst(60, 0));
+        assert_eq!(trims(small), Vec::<usize>::new());
+        // Small bursts add up until they are worth one.
+        let mut ticks = Vec::new();
+        for _ in 0..2 {
+            ticks.extend(burst(1, BURST_MIN / 2));
+            ticks.extend(burst(5, 0));
+        }
+        assert_eq!(trims(ticks), vec![6 + QUIET_TICKS as usize]);
+    }
+
+    #[test]
+    fn each_burst_is_trimmed() {
+        let ticks = burst(10, 10_000)
+            .chain(burst(10, 0))
+            .chain(burst(10, 10_000))
+            .chain(burst(10, 0));
+        let q = QUIET_TICKS as usize - 1;
+        assert_eq!(trims(ticks), vec![10 + q, 30 + q]);
+    }
+}
