@@ -27,6 +27,33 @@ fn start_gateway(upstream_port: u16) -> Gateway {
     ])
 }
 
+/// A gateway forwarding to `gateway_upstream`, watched by a collector of `filter` on the
+/// broker at `broker_port`, once its `online` status has arrived.
+struct Online {
+    live: Collector,
+    gw: Gateway,
+    /// The first `online` message.
+    status: Value,
+    /// Unix ms just before and just after the process was started.
+    before: i64,
+    after: i64,
+}
+
+async fn online(broker_port: u16, filter: &str, gateway_upstream: u16) -> Online {
+    let live = Collector::start(broker_port, filter).await;
+    let before = unix_millis();
+    let gw = start_gateway(gateway_upstream);
+    let after = unix_millis();
+    let status = wait_state(&live, "online", 1, Duration::from_secs(10)).await;
+    Online {
+        live,
+        gw,
+        status,
+        before,
+        after,
+    }
+}
+
 fn unix_millis() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -93,11 +120,13 @@ async fn a_subscriber_arriving_later_gets_the_retained_online_status() {
     let Some(mosquitto) = Mosquitto::start() else {
         return;
     };
-    let live = Collector::start(mosquitto.port, STATUS).await;
-    let before = unix_millis();
-    let mut gw = start_gateway(mosquitto.port);
-    let after = unix_millis();
-    let online = wait_state(&live, "online", 1, Duration::from_secs(10)).await;
+    let Online {
+        mut gw,
+        status: online,
+        before,
+        after,
+        ..
+    } = online(mosquitto.port, STATUS, mosquitto.port).await;
     assert_identity(&online, before, after);
     let time = online["time"].as_i64().expect("time in Unix ms");
     assert!(
@@ -120,11 +149,13 @@ async fn kill_9_leaves_the_retained_will_offline_within_the_keep_alive() {
     let Some(mosquitto) = Mosquitto::start() else {
         return;
     };
-    let live = Collector::start(mosquitto.port, STATUS).await;
-    let before = unix_millis();
-    let mut gw = start_gateway(mosquitto.port);
-    let after = unix_millis();
-    wait_state(&live, "online", 1, Duration::from_secs(10)).await;
+    let Online {
+        live,
+        mut gw,
+        before,
+        after,
+        ..
+    } = online(mosquitto.port, STATUS, mosquitto.port).await;
 
     let killed = Instant::now();
     gw.kill();
@@ -160,11 +191,13 @@ async fn a_clean_stop_publishes_a_retained_offline_and_no_will() {
     let Some(mosquitto) = Mosquitto::start() else {
         return;
     };
-    let live = Collector::start(mosquitto.port, "up/#").await;
-    let before = unix_millis();
-    let mut gw = start_gateway(mosquitto.port);
-    let after = unix_millis();
-    wait_state(&live, "online", 1, Duration::from_secs(10)).await;
+    let Online {
+        live,
+        mut gw,
+        before,
+        after,
+        ..
+    } = online(mosquitto.port, "up/#", mosquitto.port).await;
 
     gw.stop();
     let offline = wait_state(&live, "offline", 1, Duration::from_secs(5)).await;
@@ -199,9 +232,12 @@ async fn a_cut_link_gives_the_will_then_online_again_on_reconnect() {
         return;
     };
     let proxy = Proxy::start(mosquitto.port, true).await;
-    let live = Collector::start(mosquitto.port, STATUS).await;
-    let mut gw = start_gateway(proxy.port);
-    let first = wait_state(&live, "online", 1, Duration::from_secs(10)).await;
+    let Online {
+        live,
+        mut gw,
+        status: first,
+        ..
+    } = online(mosquitto.port, STATUS, proxy.port).await;
 
     proxy.set_up(false);
     let lost = wait_state(
