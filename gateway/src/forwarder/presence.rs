@@ -62,19 +62,27 @@ impl Presence {
         &self.topic
     }
 
-    /// The payload of `status` sent at `now`.
-    pub fn payload(&self, status: Status, now: Millis) -> Vec<u8> {
-        let mut body = json!({
-            "state": "online",
+    /// The fields every presence message carries, with its `state`.
+    fn body(&self, state: &str) -> serde_json::Value {
+        json!({
+            "state": state,
             "gateway_id": self.gateway_id,
             "version": VERSION,
             "started_at": self.started_at,
-            "time": now,
-        });
-        if status == Status::Shutdown {
-            body["state"] = "offline".into();
-            body["reason"] = "shutdown".into();
-        }
+        })
+    }
+
+    /// The payload of `status` sent at `now`.
+    pub fn payload(&self, status: Status, now: Millis) -> Vec<u8> {
+        let mut body = match status {
+            Status::Online => self.body("online"),
+            Status::Shutdown => {
+                let mut body = self.body("offline");
+                body["reason"] = "shutdown".into();
+                body
+            }
+        };
+        body["time"] = now.into();
         body.to_string().into_bytes()
     }
 
@@ -88,14 +96,9 @@ impl Presence {
 
     /// The last will of a connection opened at `connected_at`.
     pub fn last_will(&self, connected_at: Millis) -> LastWill {
-        let body = json!({
-            "state": "offline",
-            "gateway_id": self.gateway_id,
-            "version": VERSION,
-            "started_at": self.started_at,
-            "connected_at": connected_at,
-            "reason": "connection lost",
-        });
+        let mut body = self.body("offline");
+        body["connected_at"] = connected_at.into();
+        body["reason"] = "connection lost".into();
         let properties = LastWillProperties {
             delay_interval: None,
             payload_format_indicator: None,
