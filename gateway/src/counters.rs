@@ -1,9 +1,10 @@
 //! Live counters of the pipeline, shared by every stage and read by the status output.
 //!
-//! Invariants: counters only grow; a message is counted once where it is accepted,
-//! once where it is decoded or dead-lettered, and once more wherever it is dropped, with
-//! the reason, so that `ingested == decoded + dead_lettered + dropped` once the pipeline
-//! is idle.
+//! Invariants: counters only grow (the gauges named so excepted); a message is counted
+//! once where it is accepted and once as decoded, dead-lettered or unrouted, so that
+//! `ingested == decoded + dead_lettered + unrouted` once the pipeline is idle. Nothing
+//! between the broker and the store drops a message: a stage that is behind makes the
+//! one before it wait (`blocked_micros`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -12,14 +13,16 @@ use crate::reading::Format;
 /// Counters of one stage or format; all relaxed atomics.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Messages the ingest link received from the broker.
+    /// Publishes the broker's connections handed over.
     pub ingested: AtomicU64,
-    /// Messages the broker dropped before ingest read them (its in-memory log overran).
-    pub link_lost: AtomicU64,
-    /// Messages dropped because the decode queue was full.
-    pub ingest_overflow: AtomicU64,
-    /// Readings dropped because the rules queue was full.
-    pub rules_overflow: AtomicU64,
+    /// Publishes on topics outside `ingest.topic_pattern` (kept as dead letters).
+    pub unrouted: AtomicU64,
+    /// Time the decode stage waited for room in the rules queue or the store's queue, in
+    /// microseconds: the backpressure that slows devices down.
+    pub blocked_micros: AtomicU64,
+    /// Gauge: publishes waiting in the broker's hand-off channel (at the end of the last
+    /// batch).
+    pub intake_queued: AtomicU64,
     /// Messages decoded, by format.
     pub decoded: ByFormat<AtomicU64>,
     /// Readings produced (a SenML pack may hold several).
@@ -68,6 +71,11 @@ impl Counters {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Sets a gauge.
+    pub fn set(counter: &AtomicU64, n: u64) {
+        counter.store(n, Ordering::Relaxed);
+    }
+
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
@@ -102,14 +110,13 @@ impl Counters {
     /// One line for logs: `ingested=.. decoded=.. readings=.. dead_lettered=.. ...`.
     pub fn summary(&self) -> String {
         format!(
-            "ingested={} decoded={} readings={} dead_lettered={} ingest_overflow={} link_lost={} rules_overflow={}",
+            "ingested={} decoded={} readings={} dead_lettered={} unrouted={} blocked_ms={}",
             Self::get(&self.ingested),
             self.decoded_total(),
             Self::get(&self.readings),
             self.dead_lettered_total(),
-            Self::get(&self.ingest_overflow),
-            Self::get(&self.link_lost),
-            Self::get(&self.rules_overflow),
+            Self::get(&self.unrouted),
+            Self::get(&self.blocked_micros) / 1000,
         )
     }
 }

@@ -1,150 +1,125 @@
-//! Ingest: the broker's local link, subscribed to the device topics, turned into
-//! [`RawMessage`]s on the decode queue.
+//! Ingest: the publishes of devices, as the embedded broker's connections hand them over
+//! (`rumqttd::IngestHook`, `vendor/rumqttd/src/link/ingest.rs`), each QoS 1 or 2 publish
+//! with its acknowledgement held as a [`Receipt`].
 //!
-//! Runs on its own OS thread because `LinkRx::recv` blocks.
+//! Acknowledged means stored: a device gets its PUBACK only when the store releases the
+//! receipt, after committing what the publish became (an outbox row or a dead letter), or
+//! after everything before it when the publish needs no write. The receipts of one
+//! connection are released in the order of its publishes because one FIFO path carries
+//! them: the hook's channel, the decode stage (one thread) and the store's queue.
 //!
-//! Invariants:
-//! - never waits on downstream work: a full decode queue drops the message and counts
-//!   it (`ingest_overflow`), because waiting here would make the broker overrun its
-//!   in-memory log and lose messages silently;
-//! - answers every `Unschedule` with `ready()`, without which the router stops sending
-//!   after a few hundred messages;
-//! - detects what the broker dropped before ingest read it (a jump in the log offset)
-//!   and counts it as `link_lost`;
-//! - once its cancellation token is cancelled (the gateway is stopping, or decode is
-//!   gone), keeps reading until the link has been quiet for [`POLL`] (at most
-//!   [`DRAIN_MAX`]), so what the broker acknowledged before the stop is not left behind;
-//!   then closes the queue, which is how the later stages learn to stop.
+//! Backpressure instead of drops: the hook's channel is bounded by
+//! `ingest.queue_capacity`; the decode stage waits when the rules queue or the store's
+//! queue is full; a full channel stops the broker from reading the devices' sockets, so
+//! devices slow down (their inflight window, then TCP) and nothing acknowledged is lost.
+//!
+//! [`Intake`] is the receiving end, read by the decode stage. Invariants:
+//! - hands out messages in the order the channel holds them, in batches of what is
+//!   queued (one wake-up per batch under load);
+//! - once its cancellation token is cancelled (the gateway is stopping) it hands out what
+//!   is queued at that moment, then ends; dropping it afterwards drops what arrived
+//!   later, unacknowledged: those devices' connections close without a PUBACK and the
+//!   devices send those messages again after the restart.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttd::local::{LinkError, LinkRx};
-use rumqttd::Notification;
+use rumqttd::Ingested;
 use tokio_util::sync::CancellationToken;
 
-use crate::counters::Counters;
 use crate::reading::{now_millis, Millis};
 
-/// How often the loop looks at its cancellation token while the broker is quiet.
+/// How often the intake looks at its cancellation token while no device publishes.
 const POLL: Duration = Duration::from_millis(50);
-/// Longest time spent draining the link once cancelled.
-const DRAIN_MAX: Duration = Duration::from_secs(2);
-/// Least time between two warnings about lost or dropped messages.
-const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
-/// One message as the broker delivered it.
-#[derive(Debug, Clone)]
+/// The acknowledgement a device waits for (QoS 1 and 2); see the module header.
+/// Dropping it unreleased closes the device's connection without acknowledging it.
+pub type Receipt = rumqttd::PendingAck;
+
+/// One publish as a device sent it.
+#[derive(Debug)]
 pub struct RawMessage {
+    /// The publishing connection's client id.
+    pub client_id: Arc<str>,
     pub topic: String,
     pub payload: Bytes,
     /// The MQTT 5 content type, when the publisher set one.
     pub content_type: Option<String>,
     pub received_at: Millis,
+    /// `None` for QoS 0.
+    pub receipt: Option<Receipt>,
 }
 
-/// The ingest stage.
-pub struct Ingest {
-    link: LinkRx,
-    queue: flume::Sender<RawMessage>,
-    counters: Arc<Counters>,
+impl RawMessage {
+    fn new(ingested: Ingested, received_at: Millis) -> RawMessage {
+        RawMessage {
+            client_id: ingested.client_id,
+            topic: String::from_utf8_lossy(&ingested.topic).into_owned(),
+            payload: ingested.payload,
+            content_type: ingested.properties.and_then(|p| p.content_type),
+            received_at,
+            receipt: ingested.ack,
+        }
+    }
+}
+
+/// The receiving end of the broker's hand-off.
+pub struct Intake {
+    input: flume::Receiver<Ingested>,
     stop: CancellationToken,
-    last_offset: Option<u64>,
-    last_warning: Option<Instant>,
+    /// Set once stopping: how many messages are still to be handed out.
+    remaining: Option<usize>,
 }
 
-impl Ingest {
-    pub fn new(
-        link: LinkRx,
-        queue: flume::Sender<RawMessage>,
-        counters: Arc<Counters>,
-        stop: CancellationToken,
-    ) -> Ingest {
-        Ingest {
-            link,
-            queue,
-            counters,
+impl Intake {
+    pub fn new(input: flume::Receiver<Ingested>, stop: CancellationToken) -> Intake {
+        Intake {
+            input,
             stop,
-            last_offset: None,
-            last_warning: None,
+            remaining: None,
         }
     }
 
-    /// Runs until `stop` is cancelled (then drains) or the broker goes away.
-    pub fn run(mut self) {
-        let _span = tracing::info_span!("ingest").entered();
-        let mut drain_until = None;
+    /// Fills `batch` with what is queued (at most `max`), waiting for the first message;
+    /// `false` once the intake is over (stopped and drained, or the broker gone).
+    pub fn next_batch(&mut self, batch: &mut Vec<RawMessage>, max: usize) -> bool {
         loop {
-            if drain_until.is_none() && self.stop.is_cancelled() {
-                drain_until = Some(Instant::now() + DRAIN_MAX);
+            if self.remaining.is_none() && self.stop.is_cancelled() {
+                self.remaining = Some(self.input.len());
             }
-            if drain_until.is_some_and(|t| Instant::now() >= t) {
-                break;
+            if self.remaining == Some(0) {
+                return false;
             }
-            match self.link.recv_deadline(Instant::now() + POLL) {
-                Ok(Some(Notification::Forward(forward))) => {
-                    self.track_offset(forward.cursor.map(|c| c.1));
-                    let message = RawMessage {
-                        topic: String::from_utf8_lossy(&forward.publish.topic).into_owned(),
-                        payload: forward.publish.payload,
-                        content_type: forward.properties.and_then(|p| p.content_type),
-                        received_at: now_millis(),
-                    };
-                    self.accept(message);
-                }
-                Ok(Some(Notification::Unschedule)) => {
-                    if let Err(e) = self.link.ready() {
-                        tracing::error!(error = %e, "Broker link closed.");
-                        break;
-                    }
-                }
-                Ok(_) => {}
-                Err(LinkError::RecvTimeout(_)) if drain_until.is_some() => break,
-                Err(LinkError::RecvTimeout(_)) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "Broker link closed.");
-                    break;
+            let first = match self.remaining {
+                Some(_) => self.input.try_recv().ok(),
+                None => match self.input.recv_timeout(POLL) {
+                    Ok(m) => Some(m),
+                    Err(flume::RecvTimeoutError::Timeout) => continue,
+                    Err(flume::RecvTimeoutError::Disconnected) => None,
+                },
+            };
+            let Some(first) = first else {
+                return false;
+            };
+            let received_at = now_millis();
+            let limit = self.remaining.map_or(max, |r| r.min(max)).max(1);
+            batch.push(RawMessage::new(first, received_at));
+            while batch.len() < limit {
+                match self.input.try_recv() {
+                    Ok(m) => batch.push(RawMessage::new(m, received_at)),
+                    Err(_) => break,
                 }
             }
-        }
-        tracing::debug!("Ingest stopped.");
-    }
-
-    fn accept(&mut self, message: RawMessage) {
-        Counters::add(&self.counters.ingested, 1);
-        if let Err(e) = self.queue.try_send(message) {
-            match e {
-                flume::TrySendError::Full(_) => {
-                    Counters::add(&self.counters.ingest_overflow, 1);
-                    self.warn("Decode queue full: dropping messages (counted as ingest_overflow).");
-                }
-                flume::TrySendError::Disconnected(_) => {
-                    tracing::error!("Decode stage is gone; ingest stops.");
-                    self.stop.cancel();
-                }
+            if let Some(r) = &mut self.remaining {
+                *r = r.saturating_sub(batch.len());
             }
+            return true;
         }
     }
 
-    fn track_offset(&mut self, offset: Option<u64>) {
-        let Some(offset) = offset else { return };
-        if let Some(last) = self.last_offset {
-            if offset > last + 1 {
-                Counters::add(&self.counters.link_lost, offset - last - 1);
-                self.warn("The broker dropped messages before ingest read them (counted as link_lost); raise broker.segment_bytes.");
-            }
-        }
-        self.last_offset = Some(offset);
-    }
-
-    fn warn(&mut self, message: &str) {
-        if self
-            .last_warning
-            .is_none_or(|t| t.elapsed() >= WARN_INTERVAL)
-        {
-            self.last_warning = Some(Instant::now());
-            tracing::warn!(summary = %self.counters.summary(), "{message}");
-        }
+    /// Messages waiting in the hand-off channel.
+    pub fn queued(&self) -> usize {
+        self.input.len()
     }
 }

@@ -61,7 +61,7 @@ use crate::decode::DecodeStage;
 use crate::devices::Devices;
 use crate::forwarder::{Forwarder, ForwarderConfig, ForwarderError, ForwarderStats};
 use crate::http::{self, HttpError, Sources};
-use crate::ingest::{Ingest, RawMessage};
+use crate::ingest::Intake;
 use crate::memory::Trim;
 use crate::reading::{now_millis, Millis, Reading};
 use crate::rules::{RulesStage, SharedRules};
@@ -69,7 +69,7 @@ use crate::stage_threads::StageThreads;
 use crate::store::{Counter, Store, StoreConfig, StoreError, StoreHandle};
 
 /// Readings waiting for the rules stage.
-const RULES_QUEUE: usize = 65_536;
+const RULES_QUEUE: usize = 8_192;
 /// How often the counters are logged while the gateway runs.
 const STATUS_INTERVAL: Duration = Duration::from_secs(60);
 /// Least time given to closing the store, even when the drain used up the grace.
@@ -301,13 +301,7 @@ fn start(
     let forwarder = ForwarderConfig::from_config(config)
         .map(|cfg| Forwarder::new(ForwarderConfig { started_at, ..cfg }, store.clone()))
         .transpose()?;
-    let links = broker::start(
-        &config.broker,
-        &config.auth,
-        &config.ingest.topic_pattern,
-        &config.rules,
-    )?;
-    let (_ingest_tx, ingest_rx) = links.ingest;
+    let links = broker::start(&config.broker, &config.auth, &config.ingest, &config.rules)?;
     let auth = links.auth;
     let forwarding = config.upstream.url.is_some();
     let front = stop.child_token();
@@ -339,10 +333,9 @@ fn start(
         }
     })?;
 
-    let (raw_tx, raw_rx) = flume::bounded::<RawMessage>(config.ingest.queue_capacity);
     let decode = DecodeStage {
         pattern: config.ingest.topic_pattern.clone(),
-        input: raw_rx,
+        input: Intake::new(links.ingest, front.child_token()),
         counters: counters.clone(),
         store: store.clone(),
         forward_readings: forwarding && config.upstream.forward_readings,
@@ -350,9 +343,6 @@ fn start(
         devices: views.devices.clone(),
     };
     threads.spawn("decode", move || decode.run())?;
-
-    let ingest = Ingest::new(ingest_rx, raw_tx, counters, front.child_token());
-    threads.spawn("ingest", move || ingest.run())?;
 
     Ok(Running {
         front,

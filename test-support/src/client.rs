@@ -54,6 +54,46 @@ pub async fn publish_all(addr: &str, client_id: &str, messages: &[(String, Vec<u
     .await;
 }
 
+/// Publishes each (topic, payload) with QoS 1 in order, as [`publish_all`], but a
+/// connection closed by the broker is not an error: returns how many publishes were
+/// acknowledged (acknowledgements come in publish order, so the first N). A device does
+/// exactly this when the gateway cannot store what it sends: it keeps the rest.
+pub async fn publish_acked(addr: &str, client_id: &str, messages: &[(String, Vec<u8>)]) -> usize {
+    let (host, port) = addr.split_once(':').unwrap();
+    let mut opts = MqttOptions::new(client_id, host, port.parse().unwrap());
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut eventloop) = AsyncClient::new(opts, 100);
+    let expected = messages.len();
+    let acks = tokio::spawn(async move {
+        let mut acked = 0;
+        while acked < expected {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        acked
+    });
+    for (topic, payload) in messages {
+        let queued = tokio::time::timeout(
+            Duration::from_secs(20),
+            client.publish(topic, QoS::AtLeastOnce, false, payload.clone()),
+        )
+        .await
+        .expect("publish queued within 20s");
+        if queued.is_err() {
+            break;
+        }
+    }
+    let acked = tokio::time::timeout(Duration::from_secs(20), acks)
+        .await
+        .expect("PUBACKs or a closed connection within 20s")
+        .unwrap();
+    client.disconnect().await.ok();
+    acked
+}
+
 /// Subscribes to `filter` on the gateway's embedded broker and waits for the SUBACK;
 /// every publish's (topic, payload) then arrives on the channel.
 pub async fn subscribe(

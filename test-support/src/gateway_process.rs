@@ -6,7 +6,8 @@
 //! - The binary is the one `cargo test --workspace` built next to the test binary
 //!   ([`workspace_bin`]); a missing one is a failure that says how to build it.
 //! - Every wait on the process (start, log line, exit) has a timeout and panics with
-//!   the log; the process is killed when the [`Gateway`] is dropped.
+//!   the log; the process is killed when the [`Gateway`] is dropped, and its log is
+//!   printed when that happens because the test panicked.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -192,6 +193,13 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The test failed: its gateway's log is the first thing to read.
+            eprintln!(
+                "--- gateway log ---\n{}\n--- end of gateway log ---",
+                self.log()
+            );
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

@@ -32,7 +32,7 @@ pub mod tmpfs;
 pub mod upstream;
 pub mod wait;
 
-pub use client::{publish_all, subscribe};
+pub use client::{publish_acked, publish_all, subscribe};
 pub use collector::{check_delivery, check_delivery_with, Collector, Received};
 pub use gateway_process::{counter, workspace_bin, Gateway};
 pub use mosquitto::Mosquitto;

@@ -7,15 +7,20 @@
 //! example keeps gigabytes per filter.
 //!
 //! Invariants:
-//! - the ingest link is created (and subscribed) before any listener accepts a device,
-//!   so nothing a device publishes after its CONNACK is missed;
+//! - the ingest hook (`rumqttd::IngestHook`, `vendor/rumqttd/src/link/ingest.rs`) is set
+//!   before any listener accepts a device: every publish of every device connection is
+//!   handed to the gateway over one bounded channel (`ingest.queue_capacity`), its
+//!   QoS 1/2 acknowledgement held until the gateway has stored it (see `ingest.rs`);
+//!   a full channel stops the connection from reading its socket;
+//! - the router keeps no log for the ingest topics unless a local app subscribes to
+//!   them: the gateway does not read device data through the router;
 //! - devices authenticate through [`Authenticator`] unless `auth.anonymous` is on; the
 //!   client id must equal the username (a device id); with authentication on, a device
 //!   may publish only on its own ingest topics and subscribe only to its own events
 //!   ([`auth::topic_authorizer`]), or it is disconnected;
-//! - a publish on a topic no subscription filter matches is acknowledged and dropped:
-//!   it creates no log (`dynamic_filters = false`; rumqttd 0.20 also never creates one
-//!   for such a topic, `DataLog::matches` returns an empty list rather than `None`);
+//! - a publish on a topic no subscription filter matches creates no log in the router
+//!   (`dynamic_filters = false`; rumqttd 0.20 also never creates one for such a topic,
+//!   `DataLog::matches` returns an empty list rather than `None`);
 //! - keep alive 0 is accepted on both listeners and never timed out; every accepted
 //!   device socket has TCP keepalive on (`rumqttd::enable_tcp_keepalive`), so a device
 //!   that vanished is still disconnected;
@@ -35,16 +40,15 @@ use std::time::{Duration, Instant};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{ConnectionSettings, RouterConfig, ServerSettings};
 
-use crate::config::{AuthSection, BrokerSection, RulesSection};
-use crate::decode::TopicPattern;
+use crate::config::{AuthSection, BrokerSection, IngestSection, RulesSection};
 
 use auth::{AuthError, Authenticator};
 use tls_listener::TlsListener;
 
 /// Messages the router hands a link per scheduling round.
 const MAX_OUTGOING_PACKET_COUNT: u64 = 500;
-/// Router connections the gateway itself holds (the ingest and publish links).
-const GATEWAY_LINKS: usize = 2;
+/// Router connections the gateway itself holds (the publish link).
+const GATEWAY_LINKS: usize = 1;
 /// Delay between accepting two connections on one listener (a crude flood limit).
 const NEXT_CONNECTION_DELAY_MS: u64 = 1;
 
@@ -70,7 +74,8 @@ impl From<rumqttd::local::LinkError> for BrokerError {
 
 /// The links the gateway uses on its own broker.
 pub struct Links {
-    pub ingest: (LinkTx, LinkRx),
+    /// Device publishes, as the connections hand them over.
+    pub ingest: flume::Receiver<rumqttd::Ingested>,
     pub publish: (LinkTx, LinkRx),
     /// `None` when anonymous access is on.
     pub auth: Option<Authenticator>,
@@ -126,15 +131,14 @@ pub fn rumqttd_config(
 }
 
 /// Loads the device credentials (unless anonymous access is on), starts the router,
-/// creates the gateway's links, subscribes the ingest link to `ingest_filter`, then
-/// starts the listeners and waits until they accept connections.
+/// sets the ingest hook and creates the publish link, then starts the listeners and
+/// waits until they accept connections.
 pub fn start(
     section: &BrokerSection,
     auth: &AuthSection,
-    ingest: &TopicPattern,
+    ingest: &IngestSection,
     rules: &RulesSection,
 ) -> Result<Links, BrokerError> {
-    let ingest_filter = &ingest.filter();
     let events_filter = &rules.event_filter();
     let authenticator = if auth.anonymous {
         tracing::warn!(
@@ -146,16 +150,19 @@ pub fn start(
     };
     let mut config = rumqttd_config(
         section,
-        vec![ingest_filter.to_string(), events_filter.to_string()],
+        vec![events_filter.to_string()],
         authenticator.as_ref(),
     );
     let tls = tls_relay(section, &mut config)?;
     let mut broker = rumqttd::Broker::new(config);
     if authenticator.is_some() {
-        broker.set_authorizer(auth::topic_authorizer(ingest.clone(), &rules.event_topic));
+        broker.set_authorizer(auth::topic_authorizer(
+            ingest.topic_pattern.clone(),
+            &rules.event_topic,
+        ));
     }
-    let (mut ingest_tx, ingest_rx) = broker.link("gateway-ingest")?;
-    ingest_tx.subscribe(ingest_filter)?;
+    let (hook, ingest_rx) = rumqttd::IngestHook::bounded(ingest.queue_capacity);
+    broker.set_ingest(hook);
     let publish = broker.link("gateway-publish")?;
     std::thread::Builder::new()
         .name("broker".into())
@@ -174,7 +181,7 @@ pub fn start(
         start_tls_listener(listen, server_config, relay, section.max_connections)?;
     }
     Ok(Links {
-        ingest: (ingest_tx, ingest_rx),
+        ingest: ingest_rx,
         publish,
         auth: authenticator,
     })

@@ -1,14 +1,23 @@
-//! The decode stage: takes [`RawMessage`]s off the ingest queue, decodes them, hands
-//! readings on and keeps what does not decode in the dead-letter table.
+//! The decode stage: takes batches of [`RawMessage`]s from the broker's hand-off
+//! ([`Intake`]), decodes them, hands readings on and keeps what does not decode in the
+//! dead-letter table.
 //!
-//! Runs on its own OS thread (decoding is CPU work, and the store and rule hand-offs are
-//! non-blocking channel sends).
+//! Runs on its own OS thread (decoding is CPU work, and the hand-offs after it wait when
+//! the next stage is full).
 //!
 //! Invariants:
-//! - every message is counted exactly once as decoded or dead-lettered;
-//! - a bad payload never stops the stage; the log says so at most once per
-//!   [`WARN_INTERVAL`], with the latest reason;
-//! - the stage ends when the ingest queue is closed and empty;
+//! - every message is counted exactly once as decoded, dead-lettered or unrouted (a topic
+//!   outside `ingest.topic_pattern`, also kept as a dead letter with the client id);
+//! - every receipt goes to the store with what its message became (an outbox row, a
+//!   dead letter) or on its own when nothing is stored, in message order, so devices are
+//!   acknowledged in the order they published and only for what is committed;
+//! - no drop paths: a full rules queue or store queue makes the stage wait, which stops
+//!   the broker from reading devices' sockets (see `ingest.rs`); the time spent waiting is
+//!   counted (`blocked_micros`);
+//! - a bad payload or an unrouted topic never stops the stage; each is logged at most
+//!   once per [`WARN_INTERVAL`], with the latest topic, reason and client id;
+//! - the stage ends when the intake ends (the gateway is stopping and what was queued is
+//!   handled), then drops the rules queue;
 //! - every decoded message updates the device read model ([`Devices`]) once.
 
 use std::sync::Arc;
@@ -17,17 +26,19 @@ use std::time::{Duration, Instant};
 use super::{decode, TopicPattern};
 use crate::counters::Counters;
 use crate::devices::Devices;
-use crate::ingest::RawMessage;
+use crate::ingest::{Intake, RawMessage};
 use crate::reading::Reading;
 use crate::store::{DeadLetter, OutboxEntry, StoreHandle};
 
-/// Least time between two log lines about dead letters.
+/// Least time between two log lines about dead letters (and about unrouted topics).
 pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
+/// Most messages taken from the intake at once.
+const BATCH: usize = 256;
 
 /// The decode stage.
 pub struct DecodeStage {
     pub pattern: TopicPattern,
-    pub input: flume::Receiver<RawMessage>,
+    pub input: Intake,
     pub counters: Arc<Counters>,
     pub store: StoreHandle,
     /// Append decoded readings to the outbox (forwarding on and `forward_readings`).
@@ -38,67 +49,132 @@ pub struct DecodeStage {
     pub devices: Arc<Devices>,
 }
 
+/// A rate-limited warning: at most one line per [`WARN_INTERVAL`], with a count of the
+/// occurrences since the last line.
+#[derive(Default)]
+struct Warning {
+    last: Option<Instant>,
+    unreported: u64,
+}
+
+impl Warning {
+    /// Counts one occurrence; true when a line is due now (with `self.unreported` since
+    /// the last one).
+    fn due(&mut self) -> bool {
+        self.unreported += 1;
+        self.last.is_none_or(|t| t.elapsed() >= WARN_INTERVAL)
+    }
+
+    fn reported(&mut self) {
+        self.last = Some(Instant::now());
+        self.unreported = 0;
+    }
+}
+
 impl DecodeStage {
-    pub fn run(self) {
+    pub fn run(mut self) {
         let _span = tracing::info_span!("decode").entered();
-        let mut last_warning: Option<Instant> = None;
-        let mut unreported = 0u64;
-        for message in self.input.iter() {
-            let RawMessage {
-                topic,
-                payload,
-                content_type,
-                received_at,
-            } = message;
-            match decode(
-                &self.pattern,
-                &topic,
-                &payload,
-                content_type.as_deref(),
-                received_at,
-            ) {
-                Ok(readings) => {
-                    let format = readings[0].format;
-                    self.counters.count_decoded(format, readings.len());
-                    self.devices.observe(&readings, received_at);
-                    if self.forward_readings {
-                        let device = readings[0].device.clone();
-                        self.store.append(OutboxEntry::reading(
-                            topic,
-                            device,
-                            payload.to_vec(),
-                            format,
-                            received_at,
-                        ));
-                    }
-                    if let Some(next) = &self.readings {
-                        for reading in readings {
-                            // The rules stage keeps up or its queue fills; a full queue
-                            // must not stall decoding, so the reading is counted and skipped.
-                            if next.try_send(reading).is_err() {
-                                Counters::add(&self.counters.rules_overflow, 1);
-                            }
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut dead = Warning::default();
+        let mut unrouted = Warning::default();
+        while self.input.next_batch(&mut batch, BATCH) {
+            Counters::add(&self.counters.ingested, batch.len() as u64);
+            for message in batch.drain(..) {
+                if self.pattern.matches(&message.topic).is_some() {
+                    self.handle(message, &mut dead);
+                } else {
+                    self.unrouted(message, &mut unrouted);
+                }
+            }
+            Counters::set(&self.counters.intake_queued, self.input.queued() as u64);
+        }
+        tracing::debug!("Decode stopped.");
+    }
+
+    fn handle(&self, message: RawMessage, warning: &mut Warning) {
+        let RawMessage {
+            client_id,
+            topic,
+            payload,
+            content_type,
+            received_at,
+            receipt,
+        } = message;
+        match decode(
+            &self.pattern,
+            &topic,
+            &payload,
+            content_type.as_deref(),
+            received_at,
+        ) {
+            Ok(readings) => {
+                let format = readings[0].format;
+                self.counters.count_decoded(format, readings.len());
+                self.devices.observe(&readings, received_at);
+                if self.forward_readings {
+                    let device = readings[0].device.clone();
+                    let entry =
+                        OutboxEntry::reading(topic, device, payload.to_vec(), format, received_at);
+                    self.waiting(|| self.store.append_acked(entry, receipt));
+                } else if let Some(receipt) = receipt {
+                    self.waiting(|| self.store.release(receipt));
+                }
+                if let Some(next) = &self.readings {
+                    for reading in readings {
+                        // Waits while the rules stage is behind: every reading is evaluated.
+                        if self.waiting(|| next.send(reading).is_err()) {
+                            break;
                         }
                     }
                 }
-                Err(error) => {
-                    self.counters.count_dead_letter(error.format());
-                    unreported += 1;
-                    let reason = error.to_string();
-                    if last_warning.is_none_or(|t| t.elapsed() >= WARN_INTERVAL) {
-                        tracing::warn!(topic = %topic, reason = %reason, count = unreported, "Payloads did not decode; kept as dead letters.");
-                        last_warning = Some(Instant::now());
-                        unreported = 0;
-                    }
-                    self.store.dead_letter(DeadLetter {
-                        topic,
-                        payload: payload.to_vec(),
-                        reason,
-                        received_at,
-                    });
+            }
+            Err(error) => {
+                self.counters.count_dead_letter(error.format());
+                let reason = error.to_string();
+                if warning.due() {
+                    tracing::warn!(topic = %topic, client_id = %client_id, reason = %reason, count = warning.unreported, "Payloads did not decode; kept as dead letters.");
+                    warning.reported();
                 }
+                let dl = DeadLetter {
+                    topic,
+                    payload: payload.to_vec(),
+                    reason,
+                    received_at,
+                };
+                self.waiting(|| self.store.dead_letter(dl, receipt));
             }
         }
-        tracing::debug!("Decode stopped.");
+    }
+
+    /// A publish on a topic outside the ingest pattern: counted, logged, kept as a dead
+    /// letter with the client id (local subscribers got it from the broker anyway).
+    fn unrouted(&self, message: RawMessage, warning: &mut Warning) {
+        Counters::add(&self.counters.unrouted, 1);
+        let reason = format!(
+            "unrouted: topic matches no ingest.topic_pattern ('{}'); published by client '{}'",
+            self.pattern, message.client_id
+        );
+        if warning.due() {
+            tracing::warn!(topic = %message.topic, client_id = %message.client_id, pattern = %self.pattern, count = warning.unreported, "Publishes on topics outside ingest.topic_pattern; kept as dead letters.");
+            warning.reported();
+        }
+        let dl = DeadLetter {
+            topic: message.topic,
+            payload: message.payload.to_vec(),
+            reason,
+            received_at: message.received_at,
+        };
+        self.waiting(|| self.store.dead_letter(dl, message.receipt));
+    }
+
+    /// Runs a hand-off that may wait for room downstream, counting the time it took.
+    fn waiting<T>(&self, hand_off: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let result = hand_off();
+        let waited = started.elapsed();
+        if waited >= Duration::from_micros(50) {
+            Counters::add(&self.counters.blocked_micros, waited.as_micros() as u64);
+        }
+        result
     }
 }

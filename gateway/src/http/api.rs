@@ -60,6 +60,9 @@ async fn status(State(s): State<Sources>) -> Json<JsonValue> {
             "decoded": c.decoded_total(),
             "readings": Counters::get(&c.readings),
             "dead_letters": c.dead_lettered_total(),
+            "unrouted": Counters::get(&c.unrouted),
+            "queued": Counters::get(&c.intake_queued),
+            "backpressure_seconds": Counters::get(&c.blocked_micros) as f64 / 1e6,
         },
         "outbox": {
             "messages": outbox.depth(),

@@ -173,22 +173,28 @@ fn pipeline(e: &mut Encoder, s: &Sources) {
     let c = &s.counters;
     e.family(
         "gateway_messages_ingested_total",
-        "MQTT messages taken from the embedded broker.",
+        "MQTT messages devices published to the embedded broker.",
         Kind::Counter,
     )
     .value(get(&c.ingested));
     e.family(
-        "gateway_ingest_overflow_total",
-        "Messages dropped because the decode queue was full.",
+        "gateway_unrouted_total",
+        "Publishes on topics outside ingest.topic_pattern (kept as dead letters).",
         Kind::Counter,
     )
-    .value(get(&c.ingest_overflow));
+    .value(get(&c.unrouted));
     e.family(
-        "gateway_link_lost_total",
-        "Messages the broker dropped before ingest read them.",
+        "gateway_ingest_queued",
+        "Publishes waiting between the broker's connections and the decode stage.",
+        Kind::Gauge,
+    )
+    .value(get(&c.intake_queued));
+    e.family(
+        "gateway_backpressure_seconds_total",
+        "Time the decode stage waited for the rules stage or the store (devices are slowed meanwhile).",
         Kind::Counter,
     )
-    .value(get(&c.link_lost));
+    .value(get(&c.blocked_micros) / 1e6);
     let mut decoded = e.family(
         "gateway_messages_decoded_total",
         "Messages decoded, by payload format.",
@@ -219,12 +225,6 @@ fn pipeline(e: &mut Encoder, s: &Sources) {
         Kind::Counter,
     )
     .value(get(&c.rule_evaluations));
-    e.family(
-        "gateway_rules_overflow_total",
-        "Readings dropped because the rules queue was full.",
-        Kind::Counter,
-    )
-    .value(get(&c.rules_overflow));
     let rules = s.rules.get();
     let mut events = e.family(
         "gateway_events_total",

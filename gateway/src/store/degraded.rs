@@ -6,7 +6,7 @@
 //! Invariants:
 //! - A failed commit makes the store degraded: nothing more is written through that
 //!   handle (it stays open only until the next reopen), data commands are refused and
-//!   counted by kind, acks are kept (bounded), and a reopen is retried with backoff.
+//!   counted by kind (their receipts dropped unreleased: no device is acknowledged), acks are kept (bounded), and a reopen is retried with backoff.
 //! - Entering and leaving the state log one line each; the retries in between do not.
 //! - A read-only handle is opened before the failed writer is dropped, so committed rows
 //!   stay readable (the forwarder keeps draining them).
@@ -77,8 +77,10 @@ impl Owner {
     pub(super) fn refuse(&mut self, group: &mut Group) {
         for cmd in group.data.drain(..) {
             let c = match cmd {
-                DataCmd::Append(e) => Counter::refused(e.lane),
-                DataCmd::DeadLetter(_) => Counter::RefusedDeadLetters,
+                DataCmd::Append(e, _) => Counter::refused(e.lane),
+                DataCmd::DeadLetter(..) => Counter::RefusedDeadLetters,
+                // Dropped unreleased: the device is not acknowledged and sends it again.
+                DataCmd::Receipt(_) => continue,
                 DataCmd::PutState(..) | DataCmd::DeleteState(_) => Counter::RefusedState,
                 DataCmd::LogEvent { .. } => Counter::RefusedEventLog,
             };

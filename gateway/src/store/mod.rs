@@ -16,15 +16,18 @@
 //! - Every file has an epoch ([`StoreHandle::epoch`]), random and fixed when the file is
 //!   created (or first opened, for a file from before epochs): a new file restarts the
 //!   sequence at 1, so only (epoch, seq) identifies a row across database lifetimes.
-//! - Callers never block: appends and dead letters go through a bounded channel with
-//!   `try_send`; what cannot be queued is counted (`store_overflow`,
-//!   `dead_letter_overflow`), never silently lost. Acks and flushes go through a separate
-//!   unbounded control channel (bounded in practice by the forwarder's in-flight window).
-//! - Crash window: a row exists on disk once its group commit returns. Between the broker's
-//!   PUBACK to a device and that commit lies the queue wait, at most `flush_interval` (or
-//!   a commit in progress) until its group's commit starts, plus that commit (an fsync); a
-//!   `kill -9` inside that window loses those rows, nothing committed is ever lost (redb
-//!   commits are atomic).
+//! - Data commands (appends, dead letters, state, the event log) go through a bounded
+//!   channel; a full channel makes the sending stage wait (backpressure that reaches the
+//!   devices, see `ingest.rs`). Acks and flushes go through a separate unbounded control
+//!   channel (bounded in practice by the forwarder's in-flight window).
+//! - A device is acknowledged only for what is committed: appends and dead letters carry
+//!   the [`Receipt`] of the publish they came from, and the owner releases receipts only
+//!   after the commit that holds them (or, for a publish that needs no write, after
+//!   everything queued before it), in queue order. A receipt whose data is refused or lost
+//!   (degraded storage, a failed commit, an outbox full under `reject_new`) is dropped
+//!   unreleased, which closes the device's connection without a PUBACK: the device keeps
+//!   the message and sends it again. So `kill -9` at any moment loses nothing a device
+//!   was acknowledged for (redb commits are atomic).
 //! - Rows leave the outbox only by an upstream ack or by retention (`max_bytes`, `max_age`),
 //!   and every retention drop is counted by reason and lane.
 //! - The file is opened in redb's `SingleWriter` concurrency mode, so `gateway outbox
@@ -68,12 +71,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::Sender;
 use redb::{ConcurrencyMode, Database};
 use tokio::sync::{oneshot, Notify};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::ingest::Receipt;
 use crate::reading::{Format, Millis};
 
 use health::{Reader, ReaderSlot};
@@ -321,8 +325,11 @@ pub struct DeadLetter {
 
 /// Commands that carry data; sent with `try_send`, dropped and counted when the queue is full.
 enum DataCmd {
-    Append(OutboxEntry),
-    DeadLetter(DeadLetter),
+    /// With the receipt of the device publish it came from, released once committed.
+    Append(OutboxEntry, Option<Receipt>),
+    DeadLetter(DeadLetter, Option<Receipt>),
+    /// A device publish that needs no write, acknowledged in order with the others.
+    Receipt(Receipt),
     PutState(String, Vec<u8>),
     DeleteState(String),
     LogEvent {
@@ -443,36 +450,63 @@ pub struct StoreHandle {
 }
 
 impl StoreHandle {
+    /// Queues `cmd`, waiting while the queue is full (backpressure on the stage that
+    /// sends it). Refused at once, and counted as `refused`, while the storage is
+    /// unavailable; counted as `overflow` when the store has shut down.
     fn send_data(&self, cmd: DataCmd, overflow: Counter, refused: Counter) -> bool {
         if self.shared.counters.degraded() {
             self.shared.counters.add(refused, 1);
             return false;
         }
-        match self.shared.data_tx.try_send(Box::new(cmd)) {
+        match self.shared.data_tx.send(Box::new(cmd)) {
             Ok(()) => true,
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            Err(_) => {
                 self.shared.counters.add(overflow, 1);
                 false
             }
         }
     }
 
-    /// Queues a message for upstream. Never blocks; returns false and counts
-    /// `store_overflow` when the queue is full or the store is shut down, or
-    /// `drop.refused.{lane}` while the storage is unavailable.
+    /// Queues a message for upstream, waiting while the queue is full. Returns false and
+    /// counts `drop.refused.{lane}` while the storage is unavailable, or `store_overflow`
+    /// once the store has shut down.
     pub fn append(&self, entry: OutboxEntry) -> bool {
-        let refused = Counter::refused(entry.lane);
-        self.send_data(DataCmd::Append(entry), Counter::DropStoreOverflow, refused)
+        self.append_acked(entry, None)
     }
 
-    /// Keeps a payload that did not decode. Never blocks; counts `dead_letter_overflow`
-    /// when it cannot be queued (`refused.dead_letters` while the storage is unavailable).
-    pub fn dead_letter(&self, dl: DeadLetter) -> bool {
+    /// [`append`](Self::append), releasing `receipt` once the entry is committed. When the
+    /// entry is refused or dropped the receipt is dropped unreleased: the device is not
+    /// acknowledged.
+    pub fn append_acked(&self, entry: OutboxEntry, receipt: Option<Receipt>) -> bool {
+        let refused = Counter::refused(entry.lane);
         self.send_data(
-            DataCmd::DeadLetter(dl),
+            DataCmd::Append(entry, receipt),
+            Counter::DropStoreOverflow,
+            refused,
+        )
+    }
+
+    /// Keeps a payload that did not decode, releasing `receipt` once it is committed;
+    /// waits while the queue is full. Counts `refused.dead_letters` while the storage is
+    /// unavailable, `dead_letter_overflow` once the store has shut down.
+    pub fn dead_letter(&self, dl: DeadLetter, receipt: Option<Receipt>) -> bool {
+        self.send_data(
+            DataCmd::DeadLetter(dl, receipt),
             Counter::DropDeadLetterOverflow,
             Counter::RefusedDeadLetters,
         )
+    }
+
+    /// Releases `receipt` in order with the commits of what was queued before it (a
+    /// device publish that is not stored, such as a reading with forwarding off). While
+    /// the storage is unavailable it is dropped unreleased.
+    pub fn release(&self, receipt: Receipt) {
+        if !self.shared.counters.degraded() {
+            let _ = self
+                .shared
+                .data_tx
+                .send(Box::new(DataCmd::Receipt(receipt)));
+        }
     }
 
     /// Stores a rule-engine state value under `key` (replacing any older value).

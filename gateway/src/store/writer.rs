@@ -33,6 +33,7 @@ use super::health::{Degraded, ReaderSlot};
 use super::stats::{Counter, Counters};
 use super::tables::{self, DEAD_LETTERS, EVENT_LOG, META, RULE_STATE};
 use super::{CtlCmd, DataCmd, Lane, OverflowPolicy, StoreConfig, StoreError};
+use crate::ingest::Receipt;
 
 /// Without commands the thread still wakes this often (storage retries, drop logs).
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
@@ -141,15 +142,19 @@ pub(super) struct Group {
     /// Flush requests with the count of data commands that must be committed first.
     pub(super) flushes: Vec<(u64, oneshot::Sender<bool>)>,
     pub(super) shutdown: bool,
+    /// Receipts of what the group's commit stores, in queue order.
+    pub(super) receipts: Vec<Receipt>,
 }
 
 impl Group {
     fn len(&self) -> usize {
         self.data.len() + self.acks.len()
     }
-    /// Nothing to write: only housekeeping would commit.
+    /// Nothing to write (receipts alone need no commit): only housekeeping would commit.
     fn idle(&self) -> bool {
-        self.len() == 0 && !self.shutdown
+        !self.shutdown
+            && self.acks.is_empty()
+            && self.data.iter().all(|c| matches!(c, DataCmd::Receipt(_)))
     }
     /// Flushes and shutdown are answered now rather than after the interval.
     fn urgent(&self) -> bool {
@@ -206,8 +211,9 @@ impl Owner {
                 && self.last_commit.elapsed() < IDLE_COMMIT_INTERVAL
             {
                 ok = true;
+                take_receipts(&mut group);
             } else if self.degraded.is_none() {
-                let appended = group.data.iter().any(|c| matches!(c, DataCmd::Append(_)));
+                let appended = group.data.iter().any(|c| matches!(c, DataCmd::Append(..)));
                 let acks: u64 = group.acks.iter().map(|(_, s)| s.len() as u64).sum();
                 match self.commit(&mut group) {
                     Ok(()) => {
@@ -219,6 +225,11 @@ impl Owner {
                     }
                     Err(e) => self.enter_degraded(&e, &mut group),
                 }
+            }
+            // After the commit that holds them, in queue order; a failed commit dropped
+            // them unreleased.
+            for receipt in group.receipts.drain(..) {
+                receipt.release();
             }
             let taken = self.data_taken;
             let shutdown = group.shutdown;
@@ -342,10 +353,14 @@ impl Owner {
         let appends = group
             .data
             .iter()
-            .filter(|c| matches!(c, DataCmd::Append(_)))
+            .filter(|c| matches!(c, DataCmd::Append(..)))
             .count() as u64;
         let result = self.write_group(group);
         group.data.clear();
+        if result.is_err() {
+            // Not stored: the devices are not acknowledged and send them again.
+            group.receipts.clear();
+        }
         match result {
             Ok(()) => {
                 self.last_commit = Instant::now();
@@ -406,7 +421,7 @@ impl Owner {
         let mut scratch = std::mem::take(&mut self.scratch);
         for cmd in group.data.drain(..) {
             match cmd {
-                DataCmd::Append(e) => {
+                DataCmd::Append(e, receipt) => {
                     tables::encode_outbox(
                         &mut scratch,
                         e.received_at,
@@ -420,6 +435,9 @@ impl Owner {
                         && self.depth_bytes() + len > self.cfg.max_bytes
                     {
                         self.add(Counter::DropRejectedFull, 1);
+                        // Not stored: the device is not acknowledged (its connection
+                        // closes and it sends the reading again).
+                        drop(receipt);
                         continue;
                     }
                     let seq = self.get(Counter::NextSeq);
@@ -429,16 +447,19 @@ impl Owner {
                         Lane::Event => (&mut events, Counter::AppendedEvents),
                     };
                     table.insert(seq, scratch.as_slice())?;
+                    group.receipts.extend(receipt);
                     self.add(appended, 1);
                     self.add(Counter::messages(e.lane), 1);
                     self.add(Counter::bytes(e.lane), len);
                 }
-                DataCmd::DeadLetter(dl) => {
+                DataCmd::DeadLetter(dl, receipt) => {
                     tables::encode_dead_letter(&mut scratch, &dl);
                     let id = self.get(Counter::DeadLetterNext);
                     self.set(Counter::DeadLetterNext, id + 1);
                     dead.insert(id, scratch.as_slice())?;
+                    group.receipts.extend(receipt);
                 }
+                DataCmd::Receipt(receipt) => group.receipts.push(receipt),
                 DataCmd::PutState(k, v) => {
                     state.insert(k.as_str(), v.as_slice())?;
                 }
@@ -484,5 +505,14 @@ impl Owner {
 
     pub(super) fn depth_bytes(&self) -> u64 {
         self.get(Counter::ReadingsBytes) + self.get(Counter::EventsBytes)
+    }
+}
+
+/// A group with nothing to write: its receipts are released without a commit.
+fn take_receipts(group: &mut Group) {
+    for cmd in group.data.drain(..) {
+        if let DataCmd::Receipt(receipt) = cmd {
+            group.receipts.push(receipt);
+        }
     }
 }

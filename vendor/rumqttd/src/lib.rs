@@ -19,6 +19,9 @@ use tracing_subscriber::{
 };
 
 pub use link::alerts;
+// PATCH(gateway)
+pub use link::ingest;
+pub use link::ingest::{IngestHook, Ingested, PendingAck};
 pub use link::local;
 pub use link::meters;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
@@ -65,6 +68,15 @@ pub enum Access {
 /// task for every PUBLISH and every SUBSCRIBE filter of remote clients, before the
 /// router sees them; a refusal disconnects the client and drops the packets of that read.
 pub type Authorizer = Arc<dyn Fn(&str, Access, &str) -> bool + Send + Sync>;
+
+/// PATCH(gateway): what the application hooks into every remote connection: topic
+/// authorization, and the hand-off of publishes with held acknowledgements
+/// (`link/ingest.rs`).
+#[derive(Clone, Default)]
+pub struct Hooks {
+    pub authorizer: Option<Authorizer>,
+    pub ingest: Option<IngestHook>,
+}
 
 /// PATCH(gateway): idle time before the first TCP keepalive probe on an accepted socket.
 pub const TCP_KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(60);

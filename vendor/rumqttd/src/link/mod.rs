@@ -1,6 +1,8 @@
 pub mod alerts;
 pub mod bridge;
 pub mod console;
+// PATCH(gateway)
+pub mod ingest;
 pub mod local;
 pub mod meters;
 pub mod network;

@@ -1,3 +1,4 @@
+use crate::link::ingest::HeldAcks;
 use crate::link::local::{LinkError, LinkRx, LinkTx};
 use crate::link::network;
 use crate::link::network::Network;
@@ -50,6 +51,9 @@ pub enum Error {
     // PATCH(gateway)
     #[error("Not authorized to {0:?} {1}")]
     NotAuthorized(crate::Access, String),
+    // PATCH(gateway)
+    #[error("A publish could not be stored; it and later ones are not acknowledged")]
+    NotStored,
 }
 
 /// Orchestrates between Router and Network.
@@ -63,6 +67,8 @@ pub struct RemoteLink<P> {
     pub(crate) will_delay_interval: u32,
     // PATCH(gateway)
     authorizer: Option<crate::Authorizer>,
+    /// PATCH(gateway): the hand-off to the application and its held acks.
+    held: Option<HeldAcks>,
 }
 
 impl<P: Protocol> RemoteLink<P> {
@@ -73,7 +79,7 @@ impl<P: Protocol> RemoteLink<P> {
         connect_packet: Packet,
         dynamic_filters: bool,
         assigned_client_id: Option<String>,
-        authorizer: Option<crate::Authorizer>,
+        hooks: crate::Hooks,
     ) -> Result<RemoteLink<P>, Error> {
         let Packet::Connect(connect, props, lastwill, lastwill_props, _) = connect_packet else {
             return Err(Error::NotConnectPacket(connect_packet));
@@ -110,6 +116,8 @@ impl<P: Protocol> RemoteLink<P> {
 
         let id = link_rx.id();
         Span::current().record("connection_id", id);
+        // PATCH(gateway)
+        let held = hooks.ingest.map(|hook| HeldAcks::new(hook, client_id));
 
         if let Some(mut packet) = notification.into() {
             if let Packet::ConnAck(_ack, props) = &mut packet {
@@ -129,7 +137,8 @@ impl<P: Protocol> RemoteLink<P> {
             // PATCH(gateway): grows on demand (was with_capacity(100) per connection).
             notifications: VecDeque::new(),
             will_delay_interval,
-            authorizer,
+            authorizer: hooks.authorizer,
+            held,
         })
     }
 
@@ -142,11 +151,15 @@ impl<P: Protocol> RemoteLink<P> {
             select! {
                 o = self.network.read() => {
                     let packet = o?;
-                    let len = {
+                    let (len, ingested) = {
                         let mut buffer = self.link_tx.buffer();
                         let start = buffer.len();
                         buffer.push_back(packet);
                         self.network.readv(&mut buffer)?;
+                        // PATCH(gateway): topic aliases resolved before authorization.
+                        if let Some(held) = &mut self.held {
+                            buffer.iter_mut().skip(start).for_each(|p| held.resolve_alias(p));
+                        }
                         // PATCH(gateway): refuse the whole read if any packet is not
                         // authorized; the client is disconnected.
                         if let Some(authorize) = &self.authorizer {
@@ -160,11 +173,42 @@ impl<P: Protocol> RemoteLink<P> {
                                 return Err(Error::NotAuthorized(access, topic));
                             }
                         }
-                        buffer.len()
+                        // PATCH(gateway): publishes go to the application too, their
+                        // acks held (`link/ingest.rs`).
+                        let ingested = match &mut self.held {
+                            Some(held) => {
+                                let mut read: Vec<Packet> = buffer.drain(start..).collect();
+                                let ingested = held.take(&mut read);
+                                buffer.extend(read);
+                                ingested
+                            }
+                            None => Vec::new(),
+                        };
+                        (buffer.len(), ingested)
                     };
 
                     trace!("Packets read from network, count = {}", len);
                     self.link_tx.notify().await?;
+                    // PATCH(gateway): waits while the application's queue is full, so
+                    // this socket is not read meanwhile (backpressure).
+                    if let Some(held) = &mut self.held {
+                        if !held.hand_over(ingested).await {
+                            return Err(Error::NotStored);
+                        }
+                        if held.has_ready() {
+                            let acks = held.ready().map_err(|_| Error::NotStored)?;
+                            self.network.writev(acks).await?;
+                        }
+                    }
+                }
+                // PATCH(gateway): acks released by the application.
+                () = held_changed(&self.held) => {
+                    if let Some(held) = &mut self.held {
+                        let acks = held.ready().map_err(|_| Error::NotStored)?;
+                        if !acks.is_empty() {
+                            self.network.writev(acks).await?;
+                        }
+                    }
                 }
                 // Receive from router when previous when state isn't in collision
                 // due to previously received data request
@@ -188,6 +232,15 @@ impl<P: Protocol> RemoteLink<P> {
                 }
             }
         }
+    }
+}
+
+/// PATCH(gateway): completes when the application may have released or refused acks;
+/// never without a hand-off.
+async fn held_changed(held: &Option<HeldAcks>) {
+    match held {
+        Some(held) => held.changed().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -68,7 +68,7 @@ pub struct Broker {
     config: Arc<Config>,
     router_tx: Sender<(ConnectionId, Event)>,
     // PATCH(gateway): topic authorization of remote clients.
-    authorizer: Option<crate::Authorizer>,
+    hooks: crate::Hooks,
 }
 
 impl Broker {
@@ -92,7 +92,7 @@ impl Broker {
                 Broker {
                     config,
                     router_tx,
-                    authorizer: None,
+                    hooks: crate::Hooks::default(),
                 }
             }
             None => {
@@ -100,7 +100,7 @@ impl Broker {
                 Broker {
                     config,
                     router_tx,
-                    authorizer: None,
+                    hooks: crate::Hooks::default(),
                 }
             }
         }
@@ -168,7 +168,14 @@ impl Broker {
     /// PATCH(gateway): every PUBLISH topic and SUBSCRIBE filter of remote clients must
     /// pass `authorizer`; call before [`Broker::start`].
     pub fn set_authorizer(&mut self, authorizer: crate::Authorizer) {
-        self.authorizer = Some(authorizer);
+        self.hooks.authorizer = Some(authorizer);
+    }
+
+    /// PATCH(gateway): every PUBLISH of remote clients is also sent to `hook`, and a
+    /// QoS 1 or 2 publish is acknowledged only once the application releases its ack
+    /// (`link/ingest.rs`); call before [`Broker::start`].
+    pub fn set_ingest(&mut self, hook: crate::IngestHook) {
+        self.hooks.ingest = Some(hook);
     }
 
     #[tracing::instrument(skip(self))]
@@ -222,7 +229,7 @@ impl Broker {
             for (_, config) in v4_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
                 let mut server = Server::new(config, self.router_tx.clone(), V4);
-                server.authorizer = self.authorizer.clone();
+                server.hooks = self.hooks.clone();
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -241,7 +248,7 @@ impl Broker {
             for (_, config) in v5_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
                 let mut server = Server::new(config, self.router_tx.clone(), V5);
-                server.authorizer = self.authorizer.clone();
+                server.hooks = self.hooks.clone();
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -267,7 +274,7 @@ impl Broker {
                 let server_thread = thread::Builder::new().name(config.name.clone());
                 //TODO: Add support for V5 procotol with websockets. Registered in config or on ServerSettings
                 let mut server = Server::new(config, self.router_tx.clone(), V4);
-                server.authorizer = self.authorizer.clone();
+                server.hooks = self.hooks.clone();
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -369,7 +376,7 @@ pub struct Server<P> {
     protocol: P,
     awaiting_will_handler: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
     // PATCH(gateway)
-    authorizer: Option<crate::Authorizer>,
+    hooks: crate::Hooks,
 }
 
 impl<P: Protocol + Clone + Send + 'static> Server<P> {
@@ -383,7 +390,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             router_tx,
             protocol,
             awaiting_will_handler: Arc::new(Mutex::new(HashMap::default())),
-            authorizer: None,
+            hooks: crate::Hooks::default(),
         }
     }
 
@@ -463,7 +470,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                             stream,
                             protocol,
                             self.awaiting_will_handler.clone(),
-                            self.authorizer.clone(),
+                            self.hooks.clone(),
                         )
                         .instrument(tracing::info_span!(
                             "websocket_link",
@@ -480,7 +487,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                         network,
                         protocol,
                         self.awaiting_will_handler.clone(),
-                        self.authorizer.clone(),
+                        self.hooks.clone(),
                     )
                     .instrument(tracing::error_span!(
                         "remote_link",
@@ -526,7 +533,7 @@ async fn remote<P: Protocol>(
     stream: Box<dyn N>,
     protocol: P,
     will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
-    authorizer: Option<crate::Authorizer>,
+    hooks: crate::Hooks,
 ) {
     let mut network = Network::new(
         stream,
@@ -592,7 +599,7 @@ async fn remote<P: Protocol>(
         connect_packet,
         dynamic_filters,
         assigned_client_id,
-        authorizer,
+        hooks,
     )
     .await
     {

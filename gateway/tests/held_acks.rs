@@ -1,0 +1,142 @@
+//! The embedded broker's held acknowledgements (`vendor/rumqttd/src/link/ingest.rs`,
+//! PATCHES.md): the order acks leave a connection in, a refused ack, QoS 2 completed on
+//! the connection, and MQTT 5 topic aliases resolved before the application sees them.
+
+use std::collections::VecDeque;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use rumqttd::ingest::HeldAcks;
+use rumqttd::protocol::{Packet, PubRel, PubRelReason, Publish, PublishProperties};
+use rumqttd::IngestHook;
+
+/// A PUBLISH as the network parser yields it (`Publish::deserialize` is the one public
+/// constructor that sets QoS and packet id).
+fn publish(qos: u8, pkid: u16, topic: &str) -> Packet {
+    let mut b = BytesMut::new();
+    b.put_u8(0b0011_0000 | (qos << 1));
+    b.put_u16(pkid);
+    b.put_u16(topic.len() as u16);
+    b.extend_from_slice(topic.as_bytes());
+    b.extend_from_slice(b"1");
+    Packet::Publish(Publish::deserialize(b.freeze()), None)
+}
+
+fn acks(packets: &VecDeque<Packet>) -> Vec<(char, u16)> {
+    packets
+        .iter()
+        .map(|p| match p {
+            Packet::PubAck(a, _) => ('a', a.pkid),
+            Packet::PubRec(r, _) => ('r', r.pkid),
+            Packet::PubComp(c, _) => ('c', c.pkid),
+            _ => panic!("not an ack: {p:?}"),
+        })
+        .collect()
+}
+
+/// Packet id and QoS of a publish the router gets (read back through `serialize`).
+fn router_view(packet: &Packet) -> (u8, u16) {
+    let Packet::Publish(p, _) = packet else {
+        panic!("not a publish: {packet:?}")
+    };
+    let bytes = p.serialize();
+    (
+        (bytes[0] >> 1) & 0b11,
+        u16::from_be_bytes([bytes[1], bytes[2]]),
+    )
+}
+
+#[test]
+fn acks_leave_in_publish_order_once_released() {
+    let (hook, _rx) = IngestHook::bounded(8);
+    let mut held = HeldAcks::new(hook, "d");
+    let mut packets = vec![
+        publish(1, 1, "devices/d/t"),
+        publish(0, 0, "devices/d/t"),
+        publish(1, 2, "devices/d/t"),
+    ];
+    let mut taken = held.take(&mut packets);
+    assert_eq!(taken.len(), 3);
+    assert_eq!(&*taken[0].client_id, "d");
+    // The router keeps every publish, with no packet id it would acknowledge.
+    let seen: Vec<_> = packets.iter().map(router_view).collect();
+    assert_eq!(seen, vec![(1, 0), (0, 0), (1, 0)]);
+    assert!(taken[1].ack.is_none());
+    assert!(acks(&held.ready().unwrap()).is_empty());
+    let second = taken[2].ack.take().unwrap();
+    let first = taken[0].ack.take().unwrap();
+    second.release();
+    // Releasing the later one releases the earlier one too, in publish order.
+    assert_eq!(acks(&held.ready().unwrap()), vec![('a', 1), ('a', 2)]);
+    first.release();
+    assert!(acks(&held.ready().unwrap()).is_empty());
+}
+
+#[test]
+fn an_ack_dropped_unreleased_refuses_the_connection() {
+    let (hook, _rx) = IngestHook::bounded(8);
+    let mut held = HeldAcks::new(hook, "d");
+    let mut packets = vec![publish(1, 1, "devices/d/t")];
+    let taken = held.take(&mut packets);
+    assert!(held.ready().is_ok());
+    drop(taken);
+    assert!(held.ready().is_err());
+}
+
+#[test]
+fn qos2_is_handed_over_once_and_completed_on_the_connection() {
+    let (hook, _rx) = IngestHook::bounded(8);
+    let mut held = HeldAcks::new(hook, "d");
+    let mut packets = vec![publish(2, 7, "devices/d/t"), publish(2, 7, "devices/d/t")];
+    let mut taken = held.take(&mut packets);
+    assert_eq!(taken.len(), 1, "the repeat is not handed over again");
+    assert_eq!(taken[0].qos, 2);
+    assert_eq!(
+        packets.iter().map(router_view).collect::<Vec<_>>(),
+        vec![(1, 0)]
+    );
+    taken[0].ack.take().unwrap().release();
+    assert_eq!(acks(&held.ready().unwrap()), vec![('r', 7), ('r', 7)]);
+    let pubrel = PubRel {
+        pkid: 7,
+        reason: PubRelReason::Success,
+    };
+    let mut packets = vec![Packet::PubRel(pubrel, None)];
+    assert!(held.take(&mut packets).is_empty());
+    assert!(packets.is_empty(), "the router does not see the PUBREL");
+    assert!(held.has_ready());
+    assert_eq!(acks(&held.ready().unwrap()), vec![('c', 7)]);
+}
+
+#[test]
+fn topic_aliases_are_resolved_before_the_hand_off() {
+    let (hook, _rx) = IngestHook::bounded(8);
+    let mut held = HeldAcks::new(hook, "d");
+    let with_alias = |packet: Packet| match packet {
+        Packet::Publish(p, _) => Packet::Publish(
+            p,
+            Some(PublishProperties {
+                topic_alias: Some(3),
+                ..Default::default()
+            }),
+        ),
+        p => p,
+    };
+    let mut first = with_alias(publish(0, 0, "devices/d/t"));
+    let mut second = with_alias(publish(0, 0, ""));
+    let mut unknown = with_alias(publish(0, 0, ""));
+    if let Packet::Publish(_, Some(p)) = &mut unknown {
+        p.topic_alias = Some(4);
+    }
+    held.resolve_alias(&mut first);
+    held.resolve_alias(&mut second);
+    held.resolve_alias(&mut unknown);
+    let mut packets = vec![first, second, unknown];
+    let taken = held.take(&mut packets);
+    let topics: Vec<Bytes> = taken.iter().map(|i| i.topic.clone()).collect();
+    assert_eq!(topics, vec!["devices/d/t", "devices/d/t", ""]);
+    // The resolved ones reach the router without the alias.
+    assert!(taken[1]
+        .properties
+        .as_ref()
+        .is_some_and(|p| p.topic_alias.is_none()));
+}

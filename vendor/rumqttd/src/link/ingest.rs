@@ -1,0 +1,298 @@
+//! PATCH(gateway): remote clients' publishes handed straight to the application, with
+//! their acknowledgements held until the application has stored them.
+//!
+//! With an [`IngestHook`] set on the broker ([`crate::Broker::set_ingest`]), every
+//! connection task sends each PUBLISH it reads to the hook's bounded channel as an
+//! [`Ingested`], besides handing it to the router for local subscribers as before. A QoS 1
+//! or 2 publish carries a [`PendingAck`]: the client gets its PUBACK (QoS 1) or PUBREC
+//! (QoS 2) only once the application calls [`PendingAck::release`].
+//!
+//! Invariants:
+//! - acknowledgements leave in the order of the connection's publishes: releasing a
+//!   publish's ack releases every earlier one of the same connection too, so the
+//!   application must release them in the order it received them (it does, when one
+//!   FIFO path carries them to its store);
+//! - an ack dropped without [`PendingAck::release`] (the application could not store the
+//!   publish) closes the connection without acknowledging it or anything after it, so
+//!   the client keeps the message and sends it again when it reconnects;
+//! - a full channel stops the connection from reading its socket until there is room:
+//!   a client that publishes faster than the application stores is slowed down by TCP,
+//!   never answered for a message that is then dropped;
+//! - the router no longer acknowledges these publishes: the copy it gets is QoS 0 or
+//!   QoS 1 with packet id 0 (patch 7), so local subscribers receive a QoS 2 publish at
+//!   QoS 1 at most;
+//! - QoS 2 is completed on the connection: a repeated PUBLISH with a packet id still
+//!   waiting for its PUBREL is not handed over again, and the PUBREL is answered with a
+//!   PUBCOMP in order behind the acks before it;
+//! - MQTT 5 topic aliases are resolved here, before authorization and before the router,
+//!   so the application and the authorizer always see the topic.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::protocol::{
+    Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, PublishProperties,
+    QoS,
+};
+
+/// A PUBLISH from a remote client, as the application receives it.
+#[derive(Debug)]
+pub struct Ingested {
+    /// The client id of the connection (after tenant prefixing and assignment).
+    pub client_id: Arc<str>,
+    /// The topic, with an MQTT 5 topic alias already resolved.
+    pub topic: Bytes,
+    pub payload: Bytes,
+    /// 0, 1 or 2.
+    pub qos: u8,
+    pub retain: bool,
+    pub properties: Option<PublishProperties>,
+    /// For QoS 1 and 2: the acknowledgement the client waits for.
+    pub ack: Option<PendingAck>,
+}
+
+/// Where connections send their publishes; set with [`crate::Broker::set_ingest`].
+#[derive(Clone)]
+pub struct IngestHook {
+    tx: flume::Sender<Ingested>,
+}
+
+impl IngestHook {
+    /// A hook whose channel holds at most `capacity` publishes, and its receiving end.
+    pub fn bounded(capacity: usize) -> (IngestHook, flume::Receiver<Ingested>) {
+        let (tx, rx) = flume::bounded(capacity);
+        (IngestHook { tx }, rx)
+    }
+
+    /// Waits for room in the channel; `false` when the application has gone.
+    pub(crate) async fn send(&self, ingested: Ingested) -> bool {
+        self.tx.send_async(ingested).await.is_ok()
+    }
+}
+
+/// The acknowledgement of one publish, held until [`PendingAck::release`].
+#[derive(Debug)]
+pub struct PendingAck {
+    acks: Arc<AckState>,
+    seq: u64,
+    released: bool,
+}
+
+impl PendingAck {
+    /// The publish is stored: the client may have its acknowledgement (and those of
+    /// every earlier publish of its connection).
+    pub fn release(mut self) {
+        self.released = true;
+        self.acks.released.fetch_max(self.seq, Ordering::AcqRel);
+        self.acks.notify.notify_one();
+    }
+}
+
+impl Drop for PendingAck {
+    fn drop(&mut self) {
+        if !self.released {
+            self.acks.refused.store(true, Ordering::Release);
+            self.acks.notify.notify_one();
+        }
+    }
+}
+
+/// What a connection and the application share about its held acks.
+#[derive(Debug, Default)]
+struct AckState {
+    /// The highest released sequence number.
+    released: AtomicU64,
+    /// Set when an ack was dropped unreleased.
+    refused: AtomicBool,
+    notify: Notify,
+}
+
+/// An acknowledgement waiting to be sent.
+#[derive(Debug)]
+enum Held {
+    PubAck(u16),
+    PubRec(u16),
+    PubComp(u16),
+}
+
+/// An ack was dropped without being released: the connection must close.
+#[derive(Debug)]
+pub struct NotStored;
+
+/// A connection's side: which acks wait for which release, QoS 2 packet ids awaiting
+/// their PUBREL, and the client's topic aliases.
+#[doc(hidden)] // public for the gateway's tests (`gateway/tests/held_acks.rs`)
+pub struct HeldAcks {
+    hook: IngestHook,
+    client_id: Arc<str>,
+    state: Arc<AckState>,
+    /// The sequence number given to the last held ack; 0 before the first.
+    last_seq: u64,
+    /// In the order they must be sent, each with the sequence number that releases it.
+    waiting: VecDeque<(u64, Held)>,
+    /// QoS 2 packet ids handed over and not yet released by a PUBREL.
+    qos2: HashSet<u16>,
+    aliases: HashMap<u16, Bytes>,
+}
+
+impl HeldAcks {
+    pub fn new(hook: IngestHook, client_id: &str) -> HeldAcks {
+        HeldAcks {
+            hook,
+            client_id: client_id.into(),
+            state: Arc::default(),
+            last_seq: 0,
+            waiting: VecDeque::new(),
+            qos2: HashSet::new(),
+            aliases: HashMap::new(),
+        }
+    }
+
+    /// Resolves an MQTT 5 topic alias in place (recording a new one); a publish with an
+    /// unknown alias keeps its empty topic (the authorizer refuses it).
+    pub fn resolve_alias(&mut self, packet: &mut Packet) {
+        let Packet::Publish(publish, Some(props)) = packet else {
+            return;
+        };
+        let Some(alias) = props.topic_alias else {
+            return;
+        };
+        if publish.topic.is_empty() {
+            if let Some(topic) = self.aliases.get(&alias) {
+                publish.topic = topic.clone();
+            }
+        } else {
+            self.aliases.insert(alias, publish.topic.clone());
+        }
+        if !publish.topic.is_empty() {
+            props.topic_alias = None;
+        }
+    }
+
+    /// Takes the packets of one network read that the application handles: returns
+    /// what to send to the hook, and leaves in `packets` what the router still gets (a
+    /// publish with its acknowledgement taken away).
+    pub fn take(&mut self, packets: &mut Vec<Packet>) -> Vec<Ingested> {
+        let mut ingested = Vec::new();
+        packets.retain_mut(|packet| match packet {
+            // An unknown topic alias: the router refuses it and disconnects the client.
+            Packet::Publish(publish, _) if publish.topic.is_empty() => true,
+            Packet::Publish(publish, props) => {
+                let ack = match publish.qos {
+                    QoS::AtMostOnce => None,
+                    QoS::AtLeastOnce => Some(self.hold(Held::PubAck(publish.pkid))),
+                    QoS::ExactlyOnce => {
+                        if !self.qos2.insert(publish.pkid) {
+                            // A repeat of a publish already handed over: only its
+                            // PUBREC again, behind everything before it.
+                            self.waiting
+                                .push_back((self.last_seq, Held::PubRec(publish.pkid)));
+                            return false;
+                        }
+                        Some(self.hold(Held::PubRec(publish.pkid)))
+                    }
+                };
+                ingested.push(Ingested {
+                    client_id: self.client_id.clone(),
+                    topic: publish.topic.clone(),
+                    payload: publish.payload.clone(),
+                    qos: publish.qos as u8,
+                    retain: publish.retain,
+                    properties: props.clone(),
+                    ack,
+                });
+                if publish.qos != QoS::AtMostOnce {
+                    // Stored by the router as QoS 1 and not acknowledged (patch 7).
+                    publish.qos = QoS::AtLeastOnce;
+                    publish.pkid = 0;
+                }
+                true
+            }
+            Packet::PubRel(pubrel, _) if self.qos2.remove(&pubrel.pkid) => {
+                self.waiting
+                    .push_back((self.last_seq, Held::PubComp(pubrel.pkid)));
+                false
+            }
+            _ => true,
+        });
+        ingested
+    }
+
+    fn hold(&mut self, ack: Held) -> PendingAck {
+        self.last_seq += 1;
+        self.waiting.push_back((self.last_seq, ack));
+        PendingAck {
+            acks: self.state.clone(),
+            seq: self.last_seq,
+            released: false,
+        }
+    }
+
+    /// Sends one read's publishes to the application, waiting for room; `false` when
+    /// the application has gone.
+    pub async fn hand_over(&self, ingested: Vec<Ingested>) -> bool {
+        for i in ingested {
+            if !self.hook.send(i).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Completes when a release or a refusal may have happened.
+    pub async fn changed(&self) {
+        self.state.notify.notified().await
+    }
+
+    /// The acknowledgements that may be sent now, in order; the ones waiting for a
+    /// release stay. `Err` once any ack was dropped unreleased.
+    pub fn ready(&mut self) -> Result<VecDeque<Packet>, NotStored> {
+        if self.state.refused.load(Ordering::Acquire) {
+            return Err(NotStored);
+        }
+        let released = self.state.released.load(Ordering::Acquire);
+        let mut packets = VecDeque::new();
+        while let Some((seq, _)) = self.waiting.front() {
+            if *seq > released {
+                break;
+            }
+            let (_, ack) = self.waiting.pop_front().unwrap();
+            packets.push_back(match ack {
+                Held::PubAck(pkid) => Packet::PubAck(
+                    PubAck {
+                        pkid,
+                        reason: PubAckReason::Success,
+                    },
+                    None,
+                ),
+                Held::PubRec(pkid) => Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: PubRecReason::Success,
+                    },
+                    None,
+                ),
+                Held::PubComp(pkid) => Packet::PubComp(
+                    PubComp {
+                        pkid,
+                        reason: PubCompReason::Success,
+                    },
+                    None,
+                ),
+            });
+        }
+        Ok(packets)
+    }
+
+    /// Whether an ack is ready to send without waiting for a release (a repeated QoS 2
+    /// publish or a PUBREL behind nothing held).
+    pub fn has_ready(&self) -> bool {
+        self.waiting
+            .front()
+            .is_some_and(|(seq, _)| *seq <= self.state.released.load(Ordering::Acquire))
+    }
+}
