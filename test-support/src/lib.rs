@@ -11,6 +11,8 @@
 //! - [`proxy`]: a TCP proxy that cuts the link on demand.
 //! - [`collector`]: an upstream subscriber that records what arrived, and delivery checks.
 //! - [`client`]: a device-like MQTT client (publish and subscribe) for a broker under test.
+//! - [`mqtt5`]: an MQTT 5 client with subscription options and properties, for conformance.
+//! - [`paho`]: the Python paho-mqtt client's scenarios under `tests/python/`.
 //! - [`gateway_process`]: the real `gateway` binary as a child process.
 //! - [`tmpfs`]: a small real filesystem that can be filled up.
 //! - [`upstream`]: the upstream broker of a forwarding test (Mosquitto, else rumqttd).
@@ -24,6 +26,8 @@ pub mod client;
 pub mod collector;
 pub mod gateway_process;
 pub mod mosquitto;
+pub mod mqtt5;
+pub mod paho;
 pub mod ports;
 pub mod proxy;
 pub mod rumqttd;
@@ -36,6 +40,8 @@ pub use client::{publish_acked, publish_all, subscribe};
 pub use collector::{check_delivery, check_delivery_with, Collector, Received};
 pub use gateway_process::{counter, workspace_bin, Gateway};
 pub use mosquitto::Mosquitto;
+pub use mqtt5::V5Client;
+pub use paho::{paho_available, run_paho};
 pub use ports::{free_port, wait_port};
 pub use proxy::Proxy;
 pub use rumqttd::Rumqttd;

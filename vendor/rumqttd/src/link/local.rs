@@ -49,6 +49,8 @@ pub struct LinkBuilder<'a> {
     dynamic_filters: bool,
     // default to 0, indicating to not use topic alias
     topic_alias_max: u16,
+    // PATCH(gateway): the client's Maximum Packet Size (None: no limit)
+    max_packet_size: Option<u32>,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -62,6 +64,7 @@ impl<'a> LinkBuilder<'a> {
             last_will_properties: None,
             dynamic_filters: false,
             topic_alias_max: 0,
+            max_packet_size: None,
         }
     }
 
@@ -88,6 +91,13 @@ impl<'a> LinkBuilder<'a> {
         self
     }
 
+    /// PATCH(gateway): the Maximum Packet Size from the client's MQTT 5 CONNECT; no
+    /// forward bigger than this is sent to the link.
+    pub fn max_packet_size(mut self, max: Option<u32>) -> Self {
+        self.max_packet_size = max;
+        self
+    }
+
     pub fn clean_session(mut self, clean: bool) -> Self {
         self.clean_session = clean;
         self
@@ -110,7 +120,8 @@ impl<'a> LinkBuilder<'a> {
 
         connection
             .last_will(self.last_will, self.last_will_properties)
-            .topic_alias_max(self.topic_alias_max);
+            .topic_alias_max(self.topic_alias_max)
+            .max_packet_size(self.max_packet_size);
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         let outgoing_data_buffer = outgoing.buffer();

@@ -112,6 +112,8 @@ impl<P: Protocol> RemoteLink<P> {
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)
             .topic_alias_max(topic_alias_max.unwrap_or(0))
+            // PATCH(gateway): the router drops forwards bigger than this.
+            .max_packet_size(props.as_ref().and_then(|p| p.max_packet_size))
             .build()?;
 
         let id = link_rx.id();

@@ -33,6 +33,13 @@ pub struct Connection {
     pub(crate) broker_topic_aliases: Option<BrokerAliases>,
     /// subscription IDs for a connection
     pub(crate) subscription_ids: HashMap<Filter, usize>,
+    /// PATCH(gateway): a number no other connection of this router had (set when the
+    /// router registers the connection); stored with each message it publishes, for
+    /// the No Local subscription option.
+    pub(crate) origin: u64,
+    /// PATCH(gateway): the Maximum Packet Size of the client's MQTT 5 CONNECT: no
+    /// bigger PUBLISH is sent to it (section 3.1.2.11.4). `None`: no limit.
+    pub(crate) max_packet_size: Option<u32>,
 }
 
 impl Connection {
@@ -66,7 +73,15 @@ impl Connection {
             topic_aliases: HashMap::new(),
             broker_topic_aliases: None,
             subscription_ids: HashMap::new(),
+            origin: 0,
+            max_packet_size: None,
         }
+    }
+
+    /// PATCH(gateway): the client's Maximum Packet Size, if it sent one.
+    pub fn max_packet_size(&mut self, max: Option<u32>) -> &mut Connection {
+        self.max_packet_size = max;
+        self
     }
 
     pub fn topic_alias_max(&mut self, max: u16) -> &mut Connection {

@@ -22,15 +22,46 @@ pub struct PublishData {
     pub publish: Publish,
     pub properties: Option<PublishProperties>,
     pub timestamp: Instant,
+    /// PATCH(gateway): `Connection::origin` of the connection that published this
+    /// message (0 for a will message), for the No Local subscription option.
+    pub origin: u64,
 }
 
-impl From<PubWithProp> for PublishData {
-    fn from((publish, properties): PubWithProp) -> Self {
+impl PublishData {
+    /// PATCH(gateway): a message as stored, with the connection it came from.
+    pub fn new(publish: Publish, properties: Option<PublishProperties>, origin: u64) -> Self {
         PublishData {
             publish,
             properties,
             timestamp: Instant::now(),
+            origin,
         }
+    }
+
+    /// PATCH(gateway): the message as it is to be delivered at `now`, or `None` when
+    /// its Message Expiry Interval has passed (MQTT 5.0 section 3.3.2.3.3). The copy
+    /// carries the interval that remains, rounded up to whole seconds; the stored
+    /// message keeps its original interval.
+    fn unexpired(&self, now: Instant) -> Option<PubWithProp> {
+        let mut properties = self.properties.clone();
+        if let Some(interval) = properties
+            .as_mut()
+            .and_then(|p| p.message_expiry_interval.as_mut())
+        {
+            let waited_ms = now.saturating_duration_since(self.timestamp).as_millis();
+            let interval_ms = u128::from(*interval) * 1000;
+            if waited_ms >= interval_ms {
+                return None;
+            }
+            *interval = (interval_ms - waited_ms).div_ceil(1000) as u32;
+        }
+        Some((self.publish.clone(), properties))
+    }
+}
+
+impl From<PubWithProp> for PublishData {
+    fn from((publish, properties): PubWithProp) -> Self {
+        PublishData::new(publish, properties, 0)
     }
 }
 
@@ -172,12 +203,14 @@ impl DataLog {
         (filter_idx, data.log.next_offset())
     }
 
+    /// PATCH(gateway): also returns each message's `origin`, and leaves out expired
+    /// messages through [`PublishData::unexpired`].
     pub fn native_readv(
         &self,
         filter_idx: FilterIdx,
         offset: Offset,
         len: u64,
-    ) -> io::Result<(Position, Vec<(PubWithProp, Offset)>)> {
+    ) -> io::Result<(Position, Vec<(PubWithProp, u64, Offset)>)> {
         // unwrap to get index of `self.native` is fine here, because when a new subscribe packet
         // arrives in `Router::handle_device_payload`, it first calls the function
         // `next_native_offset` which creates a new commitlog if one doesn't exist. So any new
@@ -191,35 +224,12 @@ impl DataLog {
         let next = data.log.readv(offset, len, &mut o)?;
 
         let now = Instant::now();
-        o.retain_mut(|(pubdata, _)| {
-            // Keep data if no properties exists, which implies no message expiry!
-            let Some(properties) = pubdata.properties.as_mut() else {
-                return true;
-            };
-
-            // Keep data if there is no message_expiry_interval
-            let Some(message_expiry_interval) = properties.message_expiry_interval.as_mut() else {
-                return true;
-            };
-
-            let time_spent = (now - pubdata.timestamp).as_secs() as u32;
-
-            let is_valid = time_spent < *message_expiry_interval;
-
-            // ignore expired messages
-            if is_valid {
-                // set message_expiry_interval to (original value - time spent waiting in server)
-                // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
-                *message_expiry_interval -= time_spent;
-            }
-
-            is_valid
-        });
-
-        // no need to include timestamp when returning
         let o = o
             .into_iter()
-            .map(|(pubdata, offset)| ((pubdata.publish, pubdata.properties), offset))
+            .filter_map(|(pubdata, offset)| {
+                let publish = pubdata.unexpired(now)?;
+                Some((publish, pubdata.origin, offset))
+            })
             .collect();
 
         Ok((next, o))
@@ -269,41 +279,22 @@ impl DataLog {
         self.retained_publishes.remove(&topic);
     }
 
+    /// PATCH(gateway): retained messages matching `filter`, each with the expiry
+    /// interval that remains (expired ones are removed). Upstream subtracted the time
+    /// waited from the stored interval on every read, so a message retained once and
+    /// read by several subscribers expired early.
     pub fn read_retained_messages(&mut self, filter: &str) -> Vec<PubWithProp> {
         trace!(info = "reading retain msg", filter = &filter);
         let now = Instant::now();
 
         // discard expired retained messages
-        self.retained_publishes.retain(|_, pubdata| {
-            // Keep data if no properties exists, which implies no message expiry!
-            let Some(properties) = pubdata.properties.as_mut() else {
-                return true;
-            };
+        self.retained_publishes
+            .retain(|_, pubdata| pubdata.unexpired(now).is_some());
 
-            // Keep data if there is no message_expiry_interval
-            let Some(message_expiry_interval) = properties.message_expiry_interval.as_mut() else {
-                return true;
-            };
-
-            let time_spent = (now - pubdata.timestamp).as_secs() as u32;
-
-            let is_valid = time_spent < *message_expiry_interval;
-
-            // ignore expired messages
-            if is_valid {
-                // set message_expiry_interval to (original value - time spent waiting in server)
-                // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
-                *message_expiry_interval -= time_spent;
-            }
-
-            is_valid
-        });
-
-        // no need to include timestamp when returning
         self.retained_publishes
             .iter()
             .filter(|(topic, _)| matches(topic, filter))
-            .map(|(_, p)| (p.publish.clone(), p.properties.clone()))
+            .filter_map(|(_, p)| p.unexpired(now))
             .collect()
     }
 }

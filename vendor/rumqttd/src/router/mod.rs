@@ -196,6 +196,15 @@ pub struct DataRequest {
     max_count: usize,
     pub(crate) forward_retained: bool,
     pub(crate) group: Option<String>,
+    /// PATCH(gateway): No Local (MQTT 5.0 section 3.8.3.1): messages this connection
+    /// published itself are not forwarded on this subscription.
+    #[serde(default)]
+    pub(crate) nolocal: bool,
+    /// PATCH(gateway): Retain As Published: forwards keep the retain flag they were
+    /// published with; otherwise it is cleared (retained messages sent because of the
+    /// subscription itself always have it set).
+    #[serde(default)]
+    pub(crate) preserve_retain: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,6 +286,10 @@ pub struct RouterMeter {
     pub total_subscriptions: usize,
     pub total_publishes: usize,
     pub failed_publishes: usize,
+    /// PATCH(gateway): forwards not sent because they were bigger than the
+    /// subscriber's Maximum Packet Size (MQTT 5.0 section 3.1.2.11.4).
+    #[serde(default)]
+    pub oversize_forwards_dropped: usize,
 }
 
 impl RouterMeter {

@@ -1,8 +1,8 @@
 use crate::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
     LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, SubAck,
-    SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, RetainForwardRule,
+    SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use crate::router::alertlog::alert;
 use crate::router::scheduler::{PauseReason, Tracker};
@@ -21,7 +21,7 @@ use tracing::{debug, error, info, trace, warn};
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
-use super::logs::{AckLog, DataLog};
+use super::logs::{AckLog, DataLog, PublishData};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
@@ -102,6 +102,8 @@ pub struct Router {
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
+    /// PATCH(gateway): the last `Connection::origin` given out (0 is never one).
+    last_origin: u64,
 }
 
 impl Router {
@@ -143,6 +145,7 @@ impl Router {
             cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
+            last_origin: 0,
         }
     }
 
@@ -353,6 +356,10 @@ impl Router {
                 (will, connection.last_will_properties.take()),
             );
         }
+
+        // PATCH(gateway): connection ids are reused slab slots; the origin is not.
+        self.last_origin += 1;
+        connection.origin = self.last_origin;
 
         let connection_id = self.connections.insert(connection);
         assert_eq!(self.ibufs.insert(incoming), connection_id);
@@ -961,14 +968,21 @@ impl Router {
                 .insert(filter_path.clone(), subscription_id);
         }
 
-        // check is group is None because retained messages aren't sent
-        // for shared subscriptions
-        // TODO: use retain forward rules
-        let forward_retained = group.is_none();
-
         // call to `insert(_)` returns `true` if it didn't contain the filter_path already
         // i.e. its a new subscription
-        if connection.subscriptions.insert(filter_path.clone()) {
+        let new_subscription = connection.subscriptions.insert(filter_path.clone());
+
+        // PATCH(gateway): Retain Handling (MQTT 5.0 section 3.8.3.1): 0 sends the
+        // retained messages at every subscribe, 1 only when the subscription is new,
+        // 2 never (a 3.1.1 SUBSCRIBE is 0). Never for shared subscriptions.
+        let forward_retained = group.is_none()
+            && match filter.retain_forward_rule {
+                RetainForwardRule::OnEverySubscribe => true,
+                RetainForwardRule::OnNewSubscribe => new_subscription,
+                RetainForwardRule::Never => false,
+            };
+
+        if new_subscription {
             let request = DataRequest {
                 filter: filter_path.clone(),
                 filter_idx,
@@ -976,22 +990,59 @@ impl Router {
                 cursor,
                 read_count: 0,
                 max_count: 100,
-                // set true for new subscriptions
                 forward_retained,
                 group,
+                nolocal: filter.nolocal,
+                preserve_retain: filter.preserve_retain,
             };
 
             self.scheduler.track(id, request);
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
             debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
+        } else if group.is_none() {
+            // PATCH(gateway): a SUBSCRIBE for an existing subscription replaces its
+            // options (MQTT 3.1.1 and 5.0 section 3.8.4) and, with Retain Handling 0,
+            // sends the retained messages again; its place in the log is kept.
+            if let Some(mut request) = self.take_data_request(id, filter_idx, filter_path) {
+                request.qos = filter.qos as u8;
+                request.nolocal = filter.nolocal;
+                request.preserve_retain = filter.preserve_retain;
+                request.forward_retained |= forward_retained;
+                self.scheduler.track(id, request);
+                self.scheduler.reschedule(id, ScheduleReason::NewFilter);
+                debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
+            }
         }
-
-        // TODO: figure out how we can update existing DataRequest
-        // helpful in re-subscriptions and forwarding retained messages on
-        // every subscribe
 
         let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
         meter.register_subscription(filter_path.clone());
+    }
+
+    /// PATCH(gateway): removes and returns the data request of connection `id` on
+    /// `filter`, wherever it waits: in the connection's tracker, parked in the filter's
+    /// waiters, or woken in `notifications` and not yet tracked.
+    fn take_data_request(
+        &mut self,
+        id: ConnectionId,
+        filter_idx: FilterIdx,
+        filter: &str,
+    ) -> Option<DataRequest> {
+        let is_it = |conn: ConnectionId, r: &DataRequest| conn == id && r.filter == filter;
+        let tracked = &mut self.scheduler.trackers.get_mut(id)?.data_requests;
+        if let Some(at) = tracked.iter().position(|r| is_it(id, r)) {
+            return tracked.remove(at);
+        }
+        if let Some(data) = self.datalog.native.get_mut(filter_idx) {
+            let waiters = data.waiters.get_mut();
+            if let Some(at) = waiters.iter().position(|(conn, r)| is_it(*conn, r)) {
+                return waiters.remove(at).map(|(_, r)| r);
+            }
+        }
+        let at = self
+            .notifications
+            .iter()
+            .position(|(conn, r)| is_it(*conn, r))?;
+        self.notifications.remove(at).map(|(_, r)| r)
     }
 
     /// When a connection is ready, it should sweep native data from 'datalog',
@@ -1061,6 +1112,7 @@ impl Router {
                 alertlog,
                 connection,
                 shared_group,
+                &mut self.router_meters,
             ) {
                 ConsumeStatus::BufferFull => {
                     requests.push_back(request);
@@ -1197,6 +1249,7 @@ fn append_to_commitlog(
     connections: &mut Slab<Connection>,
 ) -> Result<Offset, RouterError> {
     let connection = connections.get_mut(id).unwrap();
+    let origin = connection.origin;
 
     let topic_alias = properties.as_mut().and_then(|p| {
         // clear the received value as it is irrelevant while forwarding publishes
@@ -1237,9 +1290,8 @@ fn append_to_commitlog(
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
     }
 
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    // PATCH(gateway): the retain flag stays in the log; `forward_device_data` clears it
+    // unless the subscription has Retain As Published.
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1257,8 +1309,9 @@ fn append_to_commitlog(
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let publish_data = (publish.clone(), properties.clone());
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
+        // PATCH(gateway): stored with the publishing connection, for No Local.
+        let publish_data = PublishData::new(publish.clone(), properties.clone(), origin);
+        let (offset, filter) = datalog.append(publish_data, notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
@@ -1272,7 +1325,7 @@ fn append_to_commitlog(
 }
 
 fn append_will_message(
-    mut publish: Publish,
+    publish: Publish,
     properties: Option<PublishProperties>,
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
@@ -1308,9 +1361,8 @@ fn append_will_message(
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
     }
 
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    // PATCH(gateway): the retain flag stays in the log; `forward_device_data` clears it
+    // unless the subscription has Retain As Published.
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1425,6 +1477,7 @@ fn forward_device_data(
     alertlog: &mut AlertLog,
     connection: &mut Connection,
     shared_group: Option<&mut SharedGroup>,
+    router_meters: &mut RouterMeter,
 ) -> ConsumeStatus {
     let span = tracing::info_span!("outgoing_publish", client_id = outgoing.client_id);
     let _guard = span.enter();
@@ -1472,7 +1525,8 @@ fn forward_device_data(
         let mut retained_publishes = datalog.read_retained_messages(&request.filter);
         retained_publishes.truncate(inflight_slots as usize);
 
-        publishes.extend(retained_publishes.into_iter().map(|p| (p, None)));
+        // PATCH(gateway): origin 0: No Local does not apply to these.
+        publishes.extend(retained_publishes.into_iter().map(|p| (p, 0, None)));
         inflight_slots -= publishes.len() as u64;
 
         // we only want to forward retained messages once
@@ -1491,7 +1545,7 @@ fn forward_device_data(
     publishes.extend(
         publishes_from_datalog
             .into_iter()
-            .map(|(p, offset)| (p, Some(offset))),
+            .map(|(p, origin, offset)| (p, origin, Some(offset))),
     );
 
     let (start, next, caughtup) = match next {
@@ -1541,8 +1595,14 @@ fn forward_device_data(
     request.cursor = next;
     // println!("{:?} {:?} {}", start, next, request.read_count);
 
+    // PATCH(gateway): a read whose messages had all expired is not the end of the log
+    // (upstream parked the subscription there until the next publish arrived).
     if publishes.is_empty() {
-        return ConsumeStatus::FilterCaughtup;
+        return if caughtup {
+            ConsumeStatus::FilterCaughtup
+        } else {
+            ConsumeStatus::PartialRead
+        };
     }
 
     let broker_topic_aliases = &mut connection.broker_topic_aliases;
@@ -1560,11 +1620,26 @@ fn forward_device_data(
     }
 
     let subscription_id = connection.subscription_ids.get(&request.filter);
+    let (nolocal, preserve_retain) = (request.nolocal, request.preserve_retain);
+    let (own_origin, max_packet_size) = (connection.origin, connection.max_packet_size);
+    let mut oversize = 0;
 
     // Fill and notify device data
-    let forwards = publishes
+    let forwards: Vec<Forward> = publishes
         .into_iter()
-        .map(|((mut publish, mut properties), offset)| {
+        .filter_map(|((mut publish, mut properties), origin, offset)| {
+            // PATCH(gateway): No Local (MQTT 5.0 section 3.8.3.1): not the
+            // subscriber's own messages.
+            if nolocal && origin == own_origin {
+                return None;
+            }
+            // PATCH(gateway): a retained message sent because of the subscription
+            // (no offset) keeps its retain flag; a forward keeps it only with Retain
+            // As Published (section 3.3.1.3).
+            if offset.is_some() && !preserve_retain {
+                publish.retain = false;
+            }
+
             // PATCH(gateway): deliver at the lower of the publish QoS and the granted
             // QoS (MQTT 3.1.1 section 3.3.5, 5.0 section 3.8.4), not always at the
             // granted one. `push_forwards` gives packet ids only to QoS > 0 forwards.
@@ -1592,15 +1667,37 @@ fn forward_device_data(
                 properties = Some(props);
             }
 
-            Forward {
+            // PATCH(gateway): never send a packet bigger than the client's Maximum
+            // Packet Size (MQTT 5.0 section 3.1.2.11.4): dropped for this subscriber
+            // only, and counted.
+            if let Some(max) = max_packet_size {
+                let size = protocol::v5::publish_packet_size(&publish, &properties);
+                if size > max as usize {
+                    debug!(size, max, "Forward bigger than the client's Maximum Packet Size dropped");
+                    oversize += 1;
+                    return None;
+                }
+            }
+
+            Some(Forward {
                 cursor: offset,
                 size: 0,
                 publish,
                 properties,
-            }
-        });
+            })
+        })
+        .collect();
+    router_meters.oversize_forwards_dropped += oversize;
 
-    let (len, inflight) = outgoing.push_forwards(forwards, qos, filter_idx);
+    // PATCH(gateway): an alias created for this read but sent with none of its
+    // forwards (all left out above) would be used later without its topic: undo it.
+    if forwards.is_empty() && !topic_alias_already_exists && topic_alias.is_some() {
+        if let Some(aliases) = connection.broker_topic_aliases.as_mut() {
+            aliases.remove_alias(&request.filter);
+        }
+    }
+
+    let (len, inflight) = outgoing.push_forwards(forwards.into_iter(), qos, filter_idx);
 
     debug!(
         inflight_count = inflight,

@@ -312,6 +312,17 @@ fn write_remaining_length(stream: &mut BytesMut, len: usize) -> Result<usize, Er
     Ok(count)
 }
 
+/// PATCH(gateway): size in bytes of the whole MQTT 5 PUBLISH packet (fixed header
+/// included) as it will be written to a subscriber, counting the packet id of a QoS > 0
+/// forward that has none yet; compared with the client's Maximum Packet Size.
+pub fn publish_packet_size(publish: &Publish, properties: &Option<PublishProperties>) -> usize {
+    let mut len = publish::len(publish, properties);
+    if publish.qos != QoS::AtMostOnce && publish.pkid == 0 {
+        len += 2;
+    }
+    1 + len_len(len) + len
+}
+
 /// Return number of remaining length bytes required for encoding length
 fn len_len(len: usize) -> usize {
     if len >= 2_097_152 {
