@@ -34,7 +34,7 @@ fn device_of(m: &Received) -> String {
 fn config(port: u16) -> ForwarderConfig {
     let mut config = Config::defaults();
     config.gateway.id = "gw1".into();
-    config.upstream.url = Some(UpstreamUrl::mqtt("127.0.0.1", port));
+    config.upstream.url = Some(UpstreamUrl::mqtt("127.0.0.1", port).into());
     config.upstream.client_id = format!("gw-{}", free_port());
     config.upstream.topic_prefix = "up/{gateway_id}".into();
     config.upstream.backoff_min = Duration::from_millis(50);
