@@ -121,22 +121,22 @@ pub fn envelope(id: &str, replayed: bool, content_type: &str, payload: &[u8]) ->
     out
 }
 
-/// The payload of an event, with the CloudEvents extension attribute `replayed: true`
-/// added when it is replayed. Payloads that are not a JSON object are sent unchanged.
+/// The payload of an event, with the CloudEvents extension attribute `replayed` set to
+/// `true` when it is replayed. The gateway's events already carry `"replayed":false`, so the
+/// attribute is replaced, not added (a second key would leave the object with two values,
+/// and most JSON readers keep the last). Payloads that are not a JSON object are sent
+/// unchanged.
 pub fn event_payload(payload: &[u8], replayed: bool) -> Vec<u8> {
-    let trimmed = payload.trim_ascii_start();
-    if !replayed || !trimmed.starts_with(b"{") {
+    if !replayed {
         return payload.to_vec();
     }
-    let body = &trimmed[1..];
-    let empty = body.trim_ascii_start().starts_with(b"}");
-    let mut out = Vec::with_capacity(payload.len() + 17);
-    out.extend_from_slice(b"{\"replayed\":true");
-    if !empty {
-        out.push(b',');
+    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(payload) {
+        Ok(mut event) => {
+            event.insert("replayed".into(), true.into());
+            serde_json::to_vec(&event).unwrap_or_else(|_| payload.to_vec())
+        }
+        Err(_) => payload.to_vec(),
     }
-    out.extend_from_slice(body);
-    out
 }
 
 /// Bytes a row adds to a batch besides its payload (an upper bound).
@@ -291,6 +291,17 @@ mod tests {
         assert_eq!(v["id"], "e1");
         assert_eq!(event_payload(b"{}", true), b"{\"replayed\":true}");
         assert_eq!(event_payload(b"{\"a\":1}", false), b"{\"a\":1}");
+        assert_eq!(
+            event_payload(b"[1]", true),
+            b"[1]",
+            "not an object: unchanged"
+        );
+        // The gateway's own events say `"replayed":false`: the mark replaces it.
+        let out = event_payload(b"{\"id\":\"e1\",\"replayed\":false,\"data\":{}}", true);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.matches("replayed").count(), 1, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["replayed"], true);
     }
 
     #[test]
