@@ -100,10 +100,11 @@ impl Client {
         }
     }
 
+    /// Queues a DISCONNECT; when the event loop is gone there is nothing to disconnect.
     pub(super) fn try_disconnect(&self) {
-        let _ = match self {
-            Client::V5(c) => c.try_disconnect().map_err(|_| Closed),
-            Client::V311(c) => c.try_disconnect().map_err(|_| Closed),
+        let _queued = match self {
+            Client::V5(c) => c.try_disconnect().is_ok(),
+            Client::V311(c) => c.try_disconnect().is_ok(),
         };
     }
 }
