@@ -111,7 +111,7 @@ impl Gateway {
             config.storage.flush_interval = Duration::from_millis(ms);
         }
         config.gateway.id = "gw".into();
-        config.upstream.url = Some(UpstreamUrl::mqtt("127.0.0.1", port));
+        config.upstream.url = Some(UpstreamUrl::mqtt("127.0.0.1", port).into());
         config.upstream.client_id = format!("bench-gw-{}", free_port());
         config.upstream.topic_prefix = "bench/{gateway_id}".into();
         config.upstream.batch_max_messages = batch;

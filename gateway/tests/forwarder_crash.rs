@@ -27,7 +27,7 @@ async fn drain_child() {
     let port: u16 = std::env::var("OUTBOX_DRAIN_PORT").unwrap().parse().unwrap();
     let mut config = Config::defaults();
     config.gateway.id = "gw1".into();
-    config.upstream.url = Some(UpstreamUrl::mqtt("127.0.0.1", port));
+    config.upstream.url = Some(UpstreamUrl::mqtt("127.0.0.1", port).into());
     config.upstream.client_id = "gw-crash".into();
     config.upstream.topic_prefix = "up".into();
     config.upstream.max_inflight = MAX_INFLIGHT as u16;

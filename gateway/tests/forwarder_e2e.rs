@@ -1,9 +1,10 @@
 //! The forwarder against real upstream brokers: rumqttd in process (behind a TCP proxy
-//! that simulates outages) and mosquitto as a child process.
+//! that simulates outages, or two: the nodes of a failover list) and mosquitto as a child
+//! process.
 
 use std::time::Duration;
 
-use gateway::config::{Config, UpstreamUrl};
+use gateway::config::{Config, UpstreamUrl, UpstreamUrls};
 use gateway::forwarder::{Forwarder, ForwarderConfig, ForwarderStats};
 use gateway::reading::{now_millis, Format};
 use gateway::store::{OutboxEntry, Store, StoreConfig, StoreHandle};
@@ -34,7 +35,7 @@ fn device_of(m: &Received) -> String {
 fn config(port: u16) -> ForwarderConfig {
     let mut config = Config::defaults();
     config.gateway.id = "gw1".into();
-    config.upstream.url = Some(UpstreamUrl::mqtt("127.0.0.1", port));
+    config.upstream.url = Some(UpstreamUrl::mqtt("127.0.0.1", port).into());
     config.upstream.client_id = format!("gw-{}", free_port());
     config.upstream.topic_prefix = "up/{gateway_id}".into();
     config.upstream.backoff_min = Duration::from_millis(50);
@@ -215,6 +216,58 @@ async fn upstream_outages_under_load_lose_nothing() {
     assert!(received.iter().any(|m| m.replayed == Some(false)));
     assert!(received.iter().any(|m| m.replayed == Some(true)));
     eprintln!("{n} readings, {outages} outages, {reconnects} connections, {duplicates} duplicates");
+    run.stop().await;
+}
+
+/// Waits until the forwarder is connected to `url`.
+async fn wait_connected_to(stats: &ForwarderStats, url: &str) {
+    test_support::wait_until_async(
+        &format!("connected to {url}"),
+        Duration::from_secs(10),
+        || stats.connected() && stats.current_url() == Some(url),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_list_moves_to_the_next_url_round_robin_and_loses_nothing() {
+    let broker = Rumqttd::start().port;
+    let nodes = [
+        Proxy::start(broker, true).await,
+        Proxy::start(broker, true).await,
+    ];
+    let urls: Vec<UpstreamUrl> = nodes
+        .iter()
+        .map(|p| UpstreamUrl::mqtt("127.0.0.1", p.port))
+        .collect();
+    let names: Vec<String> = urls.iter().map(ToString::to_string).collect();
+    let collector = Collector::start(broker, "up/gw1/#").await;
+    let cfg = ForwarderConfig {
+        urls: UpstreamUrls::new(urls).unwrap(),
+        ..config(nodes[0].port)
+    };
+    let max_inflight = cfg.max_inflight;
+    let run = start(cfg);
+    let (producer, stop) = produce(run.store.clone(), 2);
+
+    wait_connected_to(&run.stats, &names[0]).await;
+    nodes[0].set_up(false);
+    wait_connected_to(&run.stats, &names[1]).await;
+    // The first node is back and the second fails: round robin wraps to the first.
+    nodes[0].set_up(true);
+    nodes[1].set_up(false);
+    wait_connected_to(&run.stats, &names[0]).await;
+
+    stop.cancel();
+    let n = producer.await.unwrap();
+    run.wait_delivered(&collector, n as usize, Duration::from_secs(60))
+        .await;
+    let duplicates = check_delivery_with(&collector.snapshot(), n as usize, device_of, false);
+    assert_eq!(ForwarderStats::get(&run.stats.connects), 3);
+    assert!(
+        duplicates <= 2 * max_inflight,
+        "{duplicates} duplicates after two failovers"
+    );
     run.stop().await;
 }
 

@@ -135,7 +135,15 @@ impl Mosquitto {
         }
     }
 
-    /// Graceful stop, then a start with the same config and ports.
+    /// `kill -9`: the broker dies at once, with what it had in memory; waits for the exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Graceful stop, then a start with the same config and ports (also after [`Mosquitto::kill`]).
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();

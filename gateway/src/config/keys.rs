@@ -47,6 +47,7 @@ pub const KEYS: &[(&str, DefaultValue)] = &[
         DefaultValue::Str("events/{type}/{device}"),
     ),
     ("upstream.url", DefaultValue::Str("")),
+    ("upstream.protocol", DefaultValue::Str("5")),
     ("upstream.client_id", DefaultValue::Str("")),
     ("upstream.username", DefaultValue::Str("")),
     ("upstream.password", DefaultValue::Str("")),

@@ -29,7 +29,8 @@ use reader::{Provenance, Reader};
 pub use keys::{DefaultValue, KEYS};
 pub use sections::{
     AuthSection, BrokerSection, BrokerTls, GatewaySection, HttpSection, IngestSection, LogSection,
-    RulesSection, StorageSection, UpstreamSection, UpstreamTls, UpstreamUrl,
+    RulesSection, StorageSection, UpstreamProtocol, UpstreamSection, UpstreamTls, UpstreamUrl,
+    UpstreamUrls,
 };
 
 /// The file read when `--config` is not given; a missing default file is not an error.

@@ -5,7 +5,8 @@
 //! Invariants:
 //! - a value here has passed every check of the reader (`validate.rs`, `tls.rs`), so
 //!   the stages use it as it is and never default or re-parse it;
-//! - the upstream URL is parsed once, into [`UpstreamUrl`], and handed on in that form.
+//! - the upstream URLs are parsed once, into [`UpstreamUrls`] (a non-empty list whose URLs
+//!   all share one scheme and differ from each other), and handed on in that form.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -109,8 +110,11 @@ impl RulesSection {
 
 #[derive(Debug, Clone)]
 pub struct UpstreamSection {
-    /// `None` when forwarding is off (`upstream.url = ""`).
-    pub url: Option<UpstreamUrl>,
+    /// `None` when forwarding is off (`upstream.url = ""`); else one URL or a failover
+    /// list, tried in turn.
+    pub url: Option<UpstreamUrls>,
+    /// The MQTT version spoken upstream.
+    pub protocol: UpstreamProtocol,
     pub client_id: String,
     pub username: Option<String>,
     pub password: Option<String>,
@@ -157,6 +161,94 @@ impl fmt::Display for UpstreamUrl {
             self.host.clone()
         };
         write!(f, "{scheme}://{host}:{}", self.port)
+    }
+}
+
+/// `upstream.url`: the upstream broker's URL, or the URLs of a broker cluster's nodes in
+/// the order they are tried. Never empty; all `mqtt://` or all `mqtts://` (one TLS setting
+/// serves them all); no URL twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrls(Vec<UpstreamUrl>);
+
+impl UpstreamUrls {
+    /// The list, or why it is not one: empty, mixed schemes, or a URL twice.
+    pub fn new(urls: Vec<UpstreamUrl>) -> Result<Self, String> {
+        let Some(first) = urls.first() else {
+            return Err("the list is empty; use \"\" to turn forwarding off".into());
+        };
+        if urls.iter().any(|u| u.tls != first.tls) {
+            return Err(
+                "mixes mqtt:// and mqtts:// URLs; all must use the same scheme, as one TLS setting serves them all"
+                    .into(),
+            );
+        }
+        for (i, url) in urls.iter().enumerate() {
+            if urls[..i].contains(url) {
+                return Err(format!("{url} is listed twice"));
+            }
+        }
+        Ok(UpstreamUrls(urls))
+    }
+
+    /// True for `mqtts://`.
+    pub fn tls(&self) -> bool {
+        self.0[0].tls
+    }
+
+    /// How many URLs (at least one).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Always false: the list is never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The URL tried at the `i`-th connection attempt: round robin over the list.
+    pub fn nth(&self, i: usize) -> &UpstreamUrl {
+        &self.0[i % self.0.len()]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &UpstreamUrl> {
+        self.0.iter()
+    }
+}
+
+impl From<UpstreamUrl> for UpstreamUrls {
+    fn from(url: UpstreamUrl) -> Self {
+        UpstreamUrls(vec![url])
+    }
+}
+
+impl fmt::Display for UpstreamUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, url) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{url}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `upstream.protocol`: the MQTT version spoken to the upstream broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// MQTT 5 (`"5"`, the default): a message's id and replay flag are user properties.
+    V5,
+    /// MQTT 3.1.1 (`"3.1.1"`), for brokers without MQTT 5: a message's id and replay flag
+    /// travel in a JSON envelope around its payload (`forwarder/encode.rs`).
+    V311,
+}
+
+impl fmt::Display for UpstreamProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UpstreamProtocol::V5 => "5",
+            UpstreamProtocol::V311 => "3.1.1",
+        })
     }
 }
 

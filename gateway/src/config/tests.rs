@@ -49,12 +49,16 @@ fn file_then_environment_override_defaults() {
     assert_eq!(c.broker.listen_v5, Some("127.0.0.1:2000".parse().unwrap()));
     assert_eq!(
         c.upstream.url,
-        Some(UpstreamUrl {
-            host: "up.example".into(),
-            port: 2883,
-            tls: false
-        })
+        Some(
+            UpstreamUrl {
+                host: "up.example".into(),
+                port: 2883,
+                tls: false
+            }
+            .into()
+        )
     );
+    assert_eq!(c.upstream.protocol, UpstreamProtocol::V5);
     assert_eq!(c.upstream.client_id, "gw-9");
 }
 
@@ -125,4 +129,97 @@ fn upstream_urls() {
     );
     assert!(parse_host_port("h:x", false).is_err());
     assert!(parse_host_port("", false).is_err());
+}
+
+#[test]
+fn upstream_url_lists_from_the_file_and_the_environment() {
+    let c = load(
+        "[upstream]\nurl = [\"mqtt://node-1\", \"mqtt://node-2:2883\"]\nprotocol = \"3.1.1\"\n",
+        &[],
+    )
+    .unwrap();
+    let urls = c.upstream.url.unwrap();
+    assert_eq!(urls.len(), 2);
+    assert_eq!(urls.to_string(), "mqtt://node-1:1883, mqtt://node-2:2883");
+    assert_eq!(urls.nth(2), urls.nth(0), "round robin");
+    assert_eq!(c.upstream.protocol, UpstreamProtocol::V311);
+
+    let c = load(
+        "",
+        &[
+            (
+                "GATEWAY__UPSTREAM__URL",
+                "mqtts://a.example, mqtts://b.example:9883",
+            ),
+            ("GATEWAY__UPSTREAM__PROTOCOL", "5"),
+        ],
+    )
+    .unwrap();
+    let urls = c.upstream.url.unwrap();
+    assert_eq!(
+        urls.to_string(),
+        "mqtts://a.example:8883, mqtts://b.example:9883"
+    );
+    assert!(urls.tls());
+    assert_eq!(c.upstream.protocol, UpstreamProtocol::V5);
+    assert!(c.upstream.tls.is_some(), "one TLS setting for the list");
+}
+
+#[test]
+fn bad_upstream_url_lists_and_protocols_are_reported_clearly() {
+    let problem = |toml: &str, env: &[(&str, &str)]| -> String {
+        let err = load(toml, env).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        err.0[0].clone()
+    };
+    let p = problem("[upstream]\nurl = [\"mqtt://a\", \"mqtts://b\"]\n", &[]);
+    assert!(
+        p.starts_with(
+            "upstream.url: mixes mqtt:// and mqtts:// URLs; all must use the same scheme"
+        ),
+        "{p}"
+    );
+    assert!(p.ends_with("gateway.toml)"), "names the file: {p}");
+    let p = problem("[upstream]\nurl = []\n", &[]);
+    assert!(
+        p.starts_with("upstream.url: the list is empty; use \"\" to turn forwarding off"),
+        "{p}"
+    );
+    let p = problem(
+        "[upstream]\nurl = [\"mqtt://a:1883\", \"mqtt://b\", \"mqtt://a\"]\n",
+        &[],
+    );
+    assert!(
+        p.starts_with("upstream.url: mqtt://a:1883 is listed twice"),
+        "{p}"
+    );
+    let p = problem("[upstream]\nurl = [\"mqtt://a\", 1883]\n", &[]);
+    assert!(
+        p.starts_with("upstream.url: entry 2 is '1883', expected a string"),
+        "{p}"
+    );
+    let p = problem("", &[("GATEWAY__UPSTREAM__URL", "mqtt://a,http://b")]);
+    assert_eq!(
+        p,
+        "upstream.url: entry 2 'http://b': expected mqtt://host:port or mqtts://host:port (from environment variable GATEWAY__UPSTREAM__URL)"
+    );
+    let p = problem("", &[("GATEWAY__UPSTREAM__URL", "mqtt://a,")]);
+    assert!(p.starts_with("upstream.url: entry 2 '': expected"), "{p}");
+    let p = problem("[upstream]\nprotocol = \"4\"\n", &[]);
+    assert!(
+        p.starts_with("upstream.protocol: '4': expected \"5\" (MQTT 5) or \"3.1.1\""),
+        "{p}"
+    );
+    // The TLS files belong to an mqtts:// list, as to one mqtts:// URL.
+    let p = problem(
+        "",
+        &[
+            ("GATEWAY__UPSTREAM__URL", "mqtt://a,mqtt://b"),
+            ("GATEWAY__UPSTREAM__CA_FILE", "ca.pem"),
+        ],
+    );
+    assert!(
+        p.starts_with("upstream.ca_file: is only used with an mqtts:// upstream.url"),
+        "{p}"
+    );
 }

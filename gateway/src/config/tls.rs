@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{BrokerSection, BrokerTls, Reader, UpstreamTls, UpstreamUrl};
+use super::{BrokerSection, BrokerTls, Reader, UpstreamTls, UpstreamUrls};
 use crate::tls;
 
 impl Reader {
@@ -84,11 +84,11 @@ impl Reader {
         Some(section)
     }
 
-    pub(super) fn upstream_tls(&mut self, url: Option<&UpstreamUrl>) -> Option<UpstreamTls> {
+    pub(super) fn upstream_tls(&mut self, url: Option<&UpstreamUrls>) -> Option<UpstreamTls> {
         let ca_file = self.path("upstream.ca_file");
         let cert = self.path("upstream.client_cert");
         let key = self.path("upstream.client_key");
-        if !url.is_some_and(|u| u.tls) {
+        if !url.is_some_and(UpstreamUrls::tls) {
             for (name, set) in [
                 ("upstream.ca_file", ca_file.is_some()),
                 ("upstream.client_cert", cert.is_some()),
@@ -280,7 +280,8 @@ mod tests {
                 ("GATEWAY__UPSTREAM__CLIENT_KEY", "key.pem"),
             ])
             .unwrap();
-        let url = c.upstream.url.unwrap();
+        let urls = c.upstream.url.unwrap();
+        let url = urls.nth(0);
         assert_eq!((url.port, url.tls), (8883, true));
         assert_eq!(url.to_string(), "mqtts://127.0.0.1:8883");
         let tls = c.upstream.tls.unwrap();

@@ -1,5 +1,5 @@
 //! Each section built from the reader's typed values and checked: ranges, formats,
-//! the upstream URL, and the rules that tie keys together (listeners that must differ,
+//! the upstream URL list and protocol, and the rules that tie keys together (listeners that must differ,
 //! `upstream.backoff_min` not above `upstream.backoff_max`, ...). The TLS keys are
 //! checked in `tls.rs`.
 //!
@@ -10,10 +10,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use config::ValueKind;
+
 use super::reader::Reader;
 use super::{
     AuthSection, BrokerSection, Config, ConfigErrors, GatewaySection, HttpSection, IngestSection,
-    LogSection, RulesSection, StorageSection, UpstreamSection, UpstreamUrl,
+    LogSection, RulesSection, StorageSection, UpstreamProtocol, UpstreamSection, UpstreamUrl,
+    UpstreamUrls,
 };
 use crate::decode::TopicPattern;
 
@@ -187,13 +190,13 @@ impl Reader {
     }
 
     fn upstream(&mut self, gateway_id: &str) -> UpstreamSection {
-        let url = self
-            .optional("upstream.url", |r| r.upstream_url())
-            .flatten();
+        let url = self.upstream_urls();
+        let protocol = self.upstream_protocol();
         let client_id = self.string("upstream.client_id").unwrap_or_default();
         let nonblank = |s: Option<String>| s.filter(|s| !s.is_empty());
         let section = UpstreamSection {
             url,
+            protocol,
             client_id: if client_id.is_empty() {
                 gateway_id.to_string()
             } else {
@@ -243,18 +246,80 @@ impl Reader {
         section
     }
 
-    fn upstream_url(&mut self) -> Option<UpstreamUrl> {
-        let text = self.string("upstream.url")?;
-        let parsed = match text.split_once("://") {
-            Some(("mqtt", rest)) => parse_host_port(rest, false),
-            Some(("mqtts", rest)) => parse_host_port(rest, true),
-            _ => Err("expected mqtt://host:port or mqtts://host:port".to_string()),
+    /// `upstream.url`: empty (off), one URL, or a failover list: a TOML array of strings,
+    /// or one string with the URLs separated by commas (the form an environment variable
+    /// can carry).
+    fn upstream_urls(&mut self) -> Option<UpstreamUrls> {
+        const KEY: &str = "upstream.url";
+        let value = self.merged.get::<config::Value>(KEY).ok()?;
+        let mut bad = false;
+        let texts: Vec<String> = match value.kind {
+            ValueKind::Array(items) => {
+                let mut texts = Vec::with_capacity(items.len());
+                for (i, item) in items.into_iter().enumerate() {
+                    match item.kind {
+                        ValueKind::String(s) => texts.push(s),
+                        other => {
+                            bad = true;
+                            self.problem(
+                                KEY,
+                                format!("entry {} is '{other}', expected a string like \"mqtt://host:port\"", i + 1),
+                            );
+                        }
+                    }
+                }
+                texts
+            }
+            _ => {
+                let text = self.string(KEY)?;
+                if text.trim().is_empty() {
+                    return None;
+                }
+                text.split(',').map(|s| s.trim().to_owned()).collect()
+            }
         };
-        match parsed {
-            Ok(url) => Some(url),
+        let list = texts.len() > 1;
+        let mut urls = Vec::with_capacity(texts.len());
+        for (i, text) in texts.iter().enumerate() {
+            let parsed = match text.split_once("://") {
+                Some(("mqtt", rest)) => parse_host_port(rest, false),
+                Some(("mqtts", rest)) => parse_host_port(rest, true),
+                _ => Err("expected mqtt://host:port or mqtts://host:port".to_string()),
+            };
+            match parsed {
+                Ok(url) => urls.push(url),
+                Err(e) if list => {
+                    bad = true;
+                    self.problem(KEY, format!("entry {} '{text}': {e}", i + 1));
+                }
+                Err(e) => {
+                    bad = true;
+                    self.problem(KEY, format!("'{text}': {e}"));
+                }
+            }
+        }
+        if bad {
+            return None;
+        }
+        match UpstreamUrls::new(urls) {
+            Ok(urls) => Some(urls),
             Err(e) => {
-                self.problem("upstream.url", format!("'{text}': {e}"));
+                self.problem(KEY, e);
                 None
+            }
+        }
+    }
+
+    fn upstream_protocol(&mut self) -> UpstreamProtocol {
+        match self.string("upstream.protocol").as_deref().map(str::trim) {
+            Some("5") | None => UpstreamProtocol::V5,
+            Some("3.1.1") => UpstreamProtocol::V311,
+            Some(other) => {
+                self.problem(
+                    "upstream.protocol",
+                    format!("'{other}': expected \"5\" (MQTT 5) or \"3.1.1\" (MQTT 3.1.1)"),
+                );
+                UpstreamProtocol::V5
             }
         }
     }

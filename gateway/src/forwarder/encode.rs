@@ -1,4 +1,5 @@
-//! What one upstream publish looks like: topic, MQTT 5 properties, and the batch payloads.
+//! What one upstream publish looks like: topic, MQTT 5 properties, the batch payloads, and
+//! the MQTT 3.1.1 envelope.
 //!
 //! Invariants:
 //! - Every message carries its id `{gateway_id}:{epoch}:{seq}` (user property `id`): the
@@ -12,9 +13,16 @@
 //!   SenML-CBOR rows into a CBOR array. Payloads are embedded as they are (they decoded, so
 //!   they are valid JSON or CBOR items); the CBOR framing is written here by hand (a few
 //!   header bytes), so no CBOR library is involved.
+//! - Over MQTT 3.1.1 (no properties) every forwarded message is one JSON object,
+//!   [`envelope`]: `{"id":..,"replayed":..,"content_type":..,"payload":..}`, the same id,
+//!   flag and content type MQTT 5 sends as properties. A JSON payload (content type ending
+//!   in `json`: readings, SenML-JSON, events, JSON batches) is embedded as the JSON value
+//!   it is; any other (CBOR) is a base64 string (standard alphabet, padded) and the
+//!   envelope then says `"payload_encoding":"base64"`.
 
 use std::fmt::Write as _;
 
+use base64::Engine as _;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 
 use crate::reading::Format;
@@ -88,22 +96,47 @@ pub fn properties(id: String, replayed: bool, content_type: &str) -> PublishProp
     }
 }
 
-/// The payload of an event, with the CloudEvents extension attribute `replayed: true`
-/// added when it is replayed. Payloads that are not a JSON object are sent unchanged.
+/// The MQTT 3.1.1 form of a message (see the module's invariants): `payload` with its
+/// `id`, `replayed` flag and `content_type` in one JSON object.
+pub fn envelope(id: &str, replayed: bool, content_type: &str, payload: &[u8]) -> Vec<u8> {
+    let json = content_type.ends_with("json");
+    let mut out = Vec::with_capacity(payload.len() * if json { 1 } else { 2 } + 96 + id.len());
+    out.extend_from_slice(b"{\"id\":");
+    let _ = serde_json::to_writer(&mut out, id);
+    let _ = write!(
+        VecWriter(&mut out),
+        ",\"replayed\":{replayed},\"content_type\":"
+    );
+    let _ = serde_json::to_writer(&mut out, content_type);
+    if json {
+        out.extend_from_slice(b",\"payload\":");
+        out.extend_from_slice(payload);
+    } else {
+        out.extend_from_slice(b",\"payload_encoding\":\"base64\",\"payload\":\"");
+        let encoded = base64::engine::general_purpose::STANDARD.encode(payload);
+        out.extend_from_slice(encoded.as_bytes());
+        out.push(b'"');
+    }
+    out.push(b'}');
+    out
+}
+
+/// The payload of an event, with the CloudEvents extension attribute `replayed` set to
+/// `true` when it is replayed. The gateway's events already carry `"replayed":false`, so the
+/// attribute is replaced, not added (a second key would leave the object with two values,
+/// and most JSON readers keep the last). Payloads that are not a JSON object are sent
+/// unchanged.
 pub fn event_payload(payload: &[u8], replayed: bool) -> Vec<u8> {
-    let trimmed = payload.trim_ascii_start();
-    if !replayed || !trimmed.starts_with(b"{") {
+    if !replayed {
         return payload.to_vec();
     }
-    let body = &trimmed[1..];
-    let empty = body.trim_ascii_start().starts_with(b"}");
-    let mut out = Vec::with_capacity(payload.len() + 17);
-    out.extend_from_slice(b"{\"replayed\":true");
-    if !empty {
-        out.push(b',');
+    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(payload) {
+        Ok(mut event) => {
+            event.insert("replayed".into(), true.into());
+            serde_json::to_vec(&event).unwrap_or_else(|_| payload.to_vec())
+        }
+        Err(_) => payload.to_vec(),
     }
-    out.extend_from_slice(body);
-    out
 }
 
 /// Bytes a row adds to a batch besides its payload (an upper bound).
@@ -258,6 +291,50 @@ mod tests {
         assert_eq!(v["id"], "e1");
         assert_eq!(event_payload(b"{}", true), b"{\"replayed\":true}");
         assert_eq!(event_payload(b"{\"a\":1}", false), b"{\"a\":1}");
+        assert_eq!(
+            event_payload(b"[1]", true),
+            b"[1]",
+            "not an object: unchanged"
+        );
+        // The gateway's own events say `"replayed":false`: the mark replaces it.
+        let out = event_payload(b"{\"id\":\"e1\",\"replayed\":false,\"data\":{}}", true);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.matches("replayed").count(), 1, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["replayed"], true);
+    }
+
+    #[test]
+    fn the_311_envelope_embeds_json_and_base64_encodes_the_rest() {
+        let out = envelope(
+            "gw:00000000000000ff:7",
+            true,
+            "application/json",
+            b"{\"t\":21.5}",
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"id": "gw:00000000000000ff:7", "replayed": true,
+                               "content_type": "application/json", "payload": {"t": 21.5}})
+        );
+
+        let event = event_payload(b"{\"id\":\"e1\",\"type\":\"T\"}", false);
+        let out = envelope("gw:1:8", false, "application/cloudevents+json", &event);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["payload"]["type"], "T");
+        assert_eq!(v["replayed"], false);
+        assert!(v.get("payload_encoding").is_none());
+
+        let cbor = serde_cbor::to_vec(&serde_json::json!({"t": 21.5})).unwrap();
+        let out = envelope("gw:1:9", false, "application/cbor", &cbor);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["content_type"], "application/cbor");
+        assert_eq!(v["payload_encoding"], "base64");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(v["payload"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(bytes, cbor, "the original bytes, unchanged");
     }
 
     #[test]

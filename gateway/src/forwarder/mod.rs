@@ -1,4 +1,5 @@
-//! The forwarder: drains the outbox to the upstream MQTT broker over rumqttc (MQTT 5).
+//! The forwarder: drains the outbox to the upstream MQTT broker over rumqttc (MQTT 5, or
+//! MQTT 3.1.1 with `upstream.protocol = "3.1.1"`).
 //!
 //! Reads committed outbox rows in sequence order (events lane first), publishes them to
 //! `{topic_prefix}/{row topic}`, and deletes a row only when its PUBACK arrives. Inputs:
@@ -7,11 +8,16 @@
 //!
 //! The work is a state machine ([`State`]): `Connecting` -> `Online` -> (error) ->
 //! `BackingOff` -> `Connecting` ..., and `Stopped` on shutdown. Every connection attempt
-//! gets a fresh rumqttc client and event loop, polled by its own pump task (it must be
-//! polled for anything to move, and `poll` is not cancel-safe inside a `select!`) that hands
-//! every event over a channel and ends at the first error. A fresh client per connection
-//! means no request queued for a dead connection can be sent on the next one and shift
-//! the packet-id correlation.
+//! gets a fresh rumqttc client and event loop (`client.rs`, either MQTT version), polled by
+//! its own pump task (it must be polled for anything to move, and `poll` is not cancel-safe
+//! inside a `select!`) that hands every event over a channel and ends at the first error.
+//! A fresh client per connection means no request queued for a dead connection can be
+//! sent on the next one and shift the packet-id correlation.
+//!
+//! Failover: `upstream.url` may list several URLs (a broker cluster's nodes). Each
+//! connection attempt goes to one of them; after a failed attempt or a lost connection the
+//! next attempt, after the usual backoff, goes to the next URL of the list, round robin.
+//! [`ForwarderStats::current_url`] names the URL connected (or being tried).
 //!
 //! Invariants:
 //! - Clean start on every connection: rumqttc drops its own queue then, and the outbox is
@@ -26,14 +32,14 @@
 //!   `max_uncommitted_acks` rows acked upstream whose deletion is not committed yet
 //!   (sending pauses at that bound until the store catches up).
 //!
-//! What consumers get: MQTT 5 user properties `id` (`{gateway_id}:{epoch}:{seq}`, the
+//! What consumers get over MQTT 5: user properties `id` (`{gateway_id}:{epoch}:{seq}`, the
 //! database epoch in 16 hex digits and the outbox seq; stable across replays and restarts,
 //! unique across database files: the dedup key) and `replayed` (`true`/`false`), a content type;
 //! replayed events also carry `"replayed": true` in their CloudEvents envelope; batches
 //! (`{prefix}/batch`) are arrays whose elements carry `id`, `topic`, `received_at`,
-//! `replayed` and the original `payload`. Only MQTT 5 is implemented; over MQTT 3.1.1
-//! there are no user properties, so an unbatched reading would reach the consumer without
-//! its id (batches and event envelopes would still carry theirs).
+//! `replayed` and the original `payload`. Over MQTT 3.1.1, which has no properties, every
+//! forwarded message is a JSON envelope (`encode::envelope`) carrying `id`, `replayed`,
+//! `content_type` and the original payload.
 //!
 //! Presence (`presence.rs`): every connection carries a retained `offline` last will on
 //! `{topic_prefix}/status`; the session publishes the retained `online` message right after
@@ -42,27 +48,27 @@
 //! correlation; the client's inflight limit is `max_inflight + 1` so that the stop message
 //! finds a slot even when the window is full of rows.
 
+mod client;
 mod encode;
 mod presence;
 mod session;
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
-use crate::config::{Config, UpstreamTls, UpstreamUrl};
+use crate::config::{Config, UpstreamProtocol, UpstreamTls, UpstreamUrls};
 use crate::counters::Histogram;
 use crate::reading::{now_millis, Millis};
 use crate::store::{ByLane, StoreHandle};
 use crate::tls::TlsError;
+use client::{Connection, PumpEvent, Wire};
 
 pub use encode::{id_prefix, message_id, upstream_topic};
 pub use presence::STATUS_TOPIC;
@@ -75,7 +81,7 @@ pub enum ForwarderError {
     #[error("upstream.max_inflight must be between 1 and 65535, got {0}")]
     BadInflight(usize),
     #[error("upstream.url {0}: mqtts:// needs the upstream TLS files, mqtt:// must not have them")]
-    TlsMismatch(UpstreamUrl),
+    TlsMismatch(UpstreamUrls),
     #[error("upstream TLS files: {0}")]
     Tls(#[from] TlsError),
 }
@@ -92,8 +98,11 @@ pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// test that wants other values changes the `Config` (or a field) before or after.
 #[derive(Debug, Clone)]
 pub struct ForwarderConfig {
-    /// Where to connect; `tls` tells `mqtts://` (with [`ForwarderConfig::tls`]).
-    pub url: UpstreamUrl,
+    /// Where to connect, in the order tried; `tls()` tells `mqtts://` (with
+    /// [`ForwarderConfig::tls`]).
+    pub urls: UpstreamUrls,
+    /// MQTT 5 or 3.1.1.
+    pub protocol: UpstreamProtocol,
     pub client_id: String,
     /// First part of message ids (`{gateway_id}:{epoch}:{seq}`).
     pub gateway_id: String,
@@ -122,7 +131,7 @@ pub struct ForwarderConfig {
     /// How long shutdown waits for PUBACKs of messages in flight.
     pub shutdown_grace: Duration,
     /// Trust anchors and optional client certificate for `mqtts://`, loaded by
-    /// [`Forwarder::new`]; the server name verified is the host of `url`.
+    /// [`Forwarder::new`]; the server name verified is the host of the URL connected to.
     pub tls: Option<UpstreamTls>,
     /// Unix ms when the gateway started, as its presence messages say: `from_config`
     /// takes the current time; the pipeline sets the start it also reports on the API.
@@ -135,7 +144,8 @@ impl ForwarderConfig {
     pub fn from_config(config: &Config) -> Option<ForwarderConfig> {
         let up = &config.upstream;
         Some(ForwarderConfig {
-            url: up.url.clone()?,
+            urls: up.url.clone()?,
+            protocol: up.protocol,
             client_id: up.client_id.clone(),
             gateway_id: config.gateway.id.clone(),
             username: up.username.clone(),
@@ -158,8 +168,8 @@ impl ForwarderConfig {
     }
 
     fn validate(&self) -> Result<(), ForwarderError> {
-        if self.url.tls != self.tls.is_some() {
-            return Err(ForwarderError::TlsMismatch(self.url.clone()));
+        if self.urls.tls() != self.tls.is_some() {
+            return Err(ForwarderError::TlsMismatch(self.urls.clone()));
         }
         if self.qos > 1 {
             return Err(ForwarderError::BadQos(self.qos));
@@ -203,6 +213,10 @@ impl State {
 #[derive(Debug, Default)]
 pub struct ForwarderStats {
     state: AtomicU8,
+    /// `upstream.url`, in the order tried.
+    pub urls: Vec<String>,
+    /// Index in `urls` of the URL connected, or being tried while offline.
+    url_index: AtomicUsize,
     /// ConnAcks received.
     pub connects: AtomicU64,
     /// Connections lost or refused.
@@ -238,6 +252,12 @@ impl ForwarderStats {
     pub fn connected(&self) -> bool {
         self.state.load(Ordering::Relaxed) == 1
     }
+    /// The URL connected to, or the one being tried (or tried next) while offline.
+    pub fn current_url(&self) -> Option<&str> {
+        self.urls
+            .get(self.url_index.load(Ordering::Relaxed))
+            .map(String::as_str)
+    }
     fn set_state(&self, s: State) {
         self.state.store(s.code(), Ordering::Relaxed);
     }
@@ -245,8 +265,6 @@ impl ForwarderStats {
         a.load(Ordering::Relaxed)
     }
 }
-
-type PumpEvent = Result<Event, ConnectionError>;
 
 /// The forwarder; build it with [`Forwarder::new`], then drive it with [`Forwarder::run`].
 pub struct Forwarder {
@@ -268,12 +286,16 @@ impl Forwarder {
             .map(UpstreamTls::client_config)
             .transpose()?;
         let presence = presence::Presence::new(&cfg.topic_prefix, &cfg.gateway_id, cfg.started_at);
+        let stats = ForwarderStats {
+            urls: cfg.urls.iter().map(ToString::to_string).collect(),
+            ..ForwarderStats::default()
+        };
         Ok(Forwarder {
             cfg,
             tls,
             presence,
             store,
-            stats: Arc::new(ForwarderStats::default()),
+            stats: Arc::new(stats),
         })
     }
 
@@ -282,45 +304,26 @@ impl Forwarder {
         self.stats.clone()
     }
 
-    fn mqtt_options(&self) -> MqttOptions {
-        let url = &self.cfg.url;
-        let mut o = MqttOptions::new(self.cfg.client_id.clone(), url.host.clone(), url.port);
-        o.set_keep_alive(self.cfg.keep_alive.max(Duration::from_secs(1)))
-            .set_clean_start(true)
-            .set_connection_timeout(5)
-            .set_max_packet_size(Some(self.cfg.max_packet_size as u32))
-            // One more than the rows' window: room for the presence message at a stop.
-            .set_outgoing_inflight_upper_limit(
-                (self.cfg.max_inflight + 1).min(u16::MAX as usize) as u16
-            )
-            .set_last_will(self.presence.last_will(now_millis()));
-        if let Some(user) = &self.cfg.username {
-            o.set_credentials(user.clone(), self.cfg.password.clone().unwrap_or_default());
-        }
-        if let Some(tls) = &self.tls {
-            o.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(tls.clone()),
-            ));
-        }
-        o
-    }
-
     /// Forwards until `shutdown` is cancelled; then waits up to `shutdown_grace` for the
     /// PUBACKs of messages in flight, publishes the retained `offline` status (waiting
     /// for its PUBACK at most [`session::OFFLINE_ACK_WAIT`]) and disconnects.
     pub async fn run(self, shutdown: CancellationToken) {
-        let span = tracing::info_span!("forwarder", upstream = %self.cfg.url);
+        let span = tracing::info_span!("forwarder", upstream = %self.cfg.urls);
         self.drive(shutdown).instrument(span).await
     }
 
     async fn drive(self, shutdown: CancellationToken) {
         let mut state = State::Connecting { attempt: 0 };
         let mut conn: Option<Connection> = None;
+        // Index of the URL of the current (or next) connection attempt.
+        let mut url = 0;
         loop {
             self.stats.set_state(state);
             state = match state {
                 State::Connecting { attempt } => {
-                    let c = conn.insert(Connection::open(self.mqtt_options(), &self.cfg));
+                    self.stats.url_index.store(url, Ordering::Relaxed);
+                    let target = self.cfg.urls.nth(url);
+                    let c = conn.insert(Connection::open(&self, target));
                     self.connecting(attempt, &mut c.events, &shutdown).await
                 }
                 State::Online => match conn.as_mut() {
@@ -332,14 +335,18 @@ impl Forwarder {
                     None => State::Connecting { attempt: 0 },
                 },
                 State::BackingOff { attempt } => {
+                    // Entered only after a failed attempt or a lost connection: the next
+                    // attempt goes to the next URL of the list.
                     conn = None;
+                    url = (url + 1) % self.cfg.urls.len();
+                    self.stats.url_index.store(url, Ordering::Relaxed);
                     self.backing_off(attempt, &shutdown).await
                 }
                 State::Stopped => break,
             };
         }
         if let Some(mut c) = conn.take() {
-            let _ = c.client.try_disconnect();
+            c.client.try_disconnect();
             let _ = tokio::time::timeout(Duration::from_millis(200), c.events.recv()).await;
         }
         tracing::info!(
@@ -360,10 +367,11 @@ impl Forwarder {
                 _ = shutdown.cancelled() => return State::Stopped,
                 ev = events.recv() => ev,
             };
+            let url = self.stats.current_url().unwrap_or_default();
             match ev {
-                Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                Some(Ok(Wire::ConnAck)) => {
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(attempt, "connected upstream");
+                    tracing::info!(attempt, url, "connected upstream");
                     return State::Online;
                 }
                 Some(Ok(_)) => continue,
@@ -371,13 +379,15 @@ impl Forwarder {
                     self.stats
                         .connection_failures
                         .fetch_add(1, Ordering::Relaxed);
-                    if matches!(e, ConnectionError::Tls(_)) {
+                    if e.tls {
                         // Rarely fixed by retrying: say so at once, then on attempts 1, 2, 4, 8..
                         if attempt == 0 || attempt.is_power_of_two() {
-                            tracing::error!(error = %e, attempt, "Upstream TLS handshake failed: check upstream.ca_file (it must hold the CA of the upstream server's certificate), the host name in upstream.url, and upstream.client_cert; retrying with backoff, data stays in the outbox.");
+                            tracing::error!(error = %e, attempt, url, "Upstream TLS handshake failed: check upstream.ca_file (it must hold the CA of the upstream server's certificate), the host name in upstream.url, and upstream.client_cert; retrying with backoff, data stays in the outbox.");
                         }
                     } else if attempt == 0 {
-                        tracing::warn!(error = %e, "upstream connection failed; retrying with backoff");
+                        tracing::warn!(error = %e, url, "upstream connection failed; retrying with backoff");
+                    } else {
+                        tracing::debug!(error = %e, attempt, url, "upstream connection failed");
                     }
                     return State::BackingOff {
                         attempt: attempt + 1,
@@ -403,48 +413,10 @@ impl Forwarder {
     }
 }
 
-/// One upstream connection: a fresh rumqttc client and event loop per attempt, so nothing
-/// queued for a dead connection (requests, packet ids, events) can leak into the next one.
-struct Connection {
-    client: AsyncClient,
-    events: mpsc::Receiver<PumpEvent>,
-    pump: tokio::task::JoinHandle<()>,
-}
-
-impl Connection {
-    fn open(options: MqttOptions, cfg: &ForwarderConfig) -> Connection {
-        let (client, eventloop) = AsyncClient::new(options, cfg.max_inflight + 16);
-        let (tx, events) = mpsc::channel(1024);
-        let pump = tokio::spawn(pump(eventloop, tx));
-        Connection {
-            client,
-            events,
-            pump,
-        }
-    }
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.pump.abort();
-    }
-}
-
-/// Polls the event loop and hands every event over, until the first error (which ends
-/// the connection: the next attempt gets a new event loop).
-async fn pump(mut eventloop: EventLoop, events: mpsc::Sender<PumpEvent>) {
-    loop {
-        let ev = eventloop.poll().await;
-        let failed = ev.is_err();
-        if events.send(ev).await.is_err() || failed {
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::UpstreamUrl;
 
     #[test]
     fn settings_come_from_the_configuration() {
@@ -453,9 +425,10 @@ mod tests {
             ForwarderConfig::from_config(&config).is_none(),
             "forwarding is off"
         );
-        config.upstream.url = Some(UpstreamUrl::mqtt("up.example", 2883));
+        config.upstream.url = Some(UpstreamUrl::mqtt("up.example", 2883).into());
         let cfg = ForwarderConfig::from_config(&config).unwrap();
-        assert_eq!(cfg.url, config.upstream.url.clone().unwrap());
+        assert_eq!(cfg.urls, config.upstream.url.clone().unwrap());
+        assert_eq!(cfg.protocol, UpstreamProtocol::V5);
         assert_eq!(cfg.gateway_id, "edge-gateway");
         assert_eq!(cfg.topic_prefix, "gateways/edge-gateway");
         assert_eq!(cfg.backoff_min, config.upstream.backoff_min);
@@ -466,7 +439,13 @@ mod tests {
         assert_eq!(cfg.shutdown_grace, config.gateway.shutdown_grace / 3);
         cfg.validate().unwrap();
 
-        config.upstream.url.as_mut().unwrap().tls = true;
+        config.upstream.url = Some(
+            UpstreamUrl {
+                tls: true,
+                ..UpstreamUrl::mqtt("up.example", 8883)
+            }
+            .into(),
+        );
         let cfg = ForwarderConfig::from_config(&config).unwrap();
         assert!(matches!(
             cfg.validate(),

@@ -14,8 +14,11 @@
 //! broker sends at a time the gateway cannot know: it has `connected_at` instead, when
 //! the lost connection was opened) and, when offline, `reason`.
 //!
+//! Over MQTT 3.1.1 the messages are the same, without the content type (3.1.1 has no
+//! properties) and without an envelope: the payload is the JSON body above.
+//!
 //! Invariants:
-//! - Presence messages carry no `id` user property: they are not outbox rows, are never
+//! - Presence messages carry no `id` (neither a user property nor an envelope): they are not outbox rows, are never
 //!   stored and never replayed; a consumer tells them apart by topic.
 //! - The retained value is always the latest state: the broker replaces it with each
 //!   message, the will included.
@@ -94,11 +97,26 @@ impl Presence {
         }
     }
 
-    /// The last will of a connection opened at `connected_at`.
-    pub fn last_will(&self, connected_at: Millis) -> LastWill {
+    /// The payload of the last will of a connection opened at `connected_at`.
+    fn will_payload(&self, connected_at: Millis) -> String {
         let mut body = self.body("offline");
         body["connected_at"] = connected_at.into();
         body["reason"] = "connection lost".into();
+        body.to_string()
+    }
+
+    /// The MQTT 3.1.1 last will of a connection opened at `connected_at`.
+    pub fn last_will_311(&self, connected_at: Millis) -> rumqttc::LastWill {
+        rumqttc::LastWill::new(
+            self.topic.clone(),
+            self.will_payload(connected_at),
+            rumqttc::QoS::AtLeastOnce,
+            true,
+        )
+    }
+
+    /// The MQTT 5 last will of a connection opened at `connected_at`.
+    pub fn last_will(&self, connected_at: Millis) -> LastWill {
         let properties = LastWillProperties {
             delay_interval: None,
             payload_format_indicator: None,
@@ -110,7 +128,7 @@ impl Presence {
         };
         LastWill::new(
             self.topic.clone(),
-            body.to_string(),
+            self.will_payload(connected_at),
             QoS::AtLeastOnce,
             true,
             Some(properties),
@@ -163,6 +181,15 @@ mod tests {
         assert_eq!(
             will.properties.and_then(|p| p.content_type).as_deref(),
             Some("application/json")
+        );
+        let will_311 = p.last_will_311(2_000);
+        assert_eq!(will_311.topic, "status");
+        assert!(will_311.retain);
+        assert_eq!(will_311.qos, rumqttc::QoS::AtLeastOnce);
+        assert_eq!(
+            parse(&will_311.message),
+            body,
+            "the same will over MQTT 3.1.1"
         );
     }
 }

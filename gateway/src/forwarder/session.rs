@@ -9,21 +9,25 @@
 //! status first thing after the ConnAck, before any row, and the retained `offline` status
 //! at a clean stop, once the rows in flight are acked or the grace is over. Both are
 //! [`InFlight::Status`] entries of the packet-id FIFO, so the rows' correlation is unchanged.
+//!
+//! The session is the same for both MQTT versions: it sees the connection's events as
+//! [`Wire`] events and publishes through [`Client`]. The one difference is the message:
+//! MQTT 5 carries the row's id, replay flag and content type as properties, MQTT 3.1.1 in
+//! an envelope around the payload (`encode::envelope`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event};
-use rumqttc::Outgoing;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::client::{AckOutcome, Client, PumpEvent, Wire};
 use super::encode::{self, Family};
 use super::presence::Status;
-use super::{Forwarder, PumpEvent, State};
+use super::{Forwarder, State};
+use crate::config::UpstreamProtocol;
 use crate::reading::now_millis;
 use crate::store::{ByLane, Lane, OutboxRow};
 
@@ -106,7 +110,7 @@ const DRAIN_ORDER: [Lane; 2] = [Lane::Event, Lane::Reading];
 
 pub(super) struct Session<'a> {
     fwd: &'a Forwarder,
-    client: &'a AsyncClient,
+    client: &'a Client,
     /// `{gateway_id}:{epoch}`: every message id starts with it.
     id_prefix: String,
     qos: QoS,
@@ -128,7 +132,7 @@ pub(super) struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    pub(super) fn new(fwd: &'a Forwarder, client: &'a AsyncClient) -> Self {
+    pub(super) fn new(fwd: &'a Forwarder, client: &'a Client) -> Self {
         Session {
             fwd,
             client,
@@ -253,8 +257,8 @@ impl<'a> Session<'a> {
     fn announce(&mut self, status: Status) -> Result<(), Halt> {
         let presence = &self.fwd.presence;
         let payload = presence.payload(status, now_millis());
-        let queued = self.client.try_publish_with_properties(
-            presence.topic(),
+        let queued = self.client.try_publish(
+            presence.topic().to_owned(),
             QoS::AtLeastOnce,
             true,
             payload,
@@ -297,7 +301,7 @@ impl<'a> Session<'a> {
     fn handle(&mut self, ev: PumpEvent) -> bool {
         match ev {
             Err(_) => false,
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+            Ok(Wire::Sent(pkid)) => {
                 match self.awaiting_pkid.pop_front() {
                     Some(InFlight::Rows(sent)) if self.qos == QoS::AtMostOnce => self.acked(sent),
                     Some(entry) => {
@@ -307,17 +311,18 @@ impl<'a> Session<'a> {
                 }
                 true
             }
-            Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                match self.by_pkid.remove(&ack.pkid) {
-                    Some(InFlight::Rows(sent)) => self.rows_acked(sent, ack.reason),
+            Ok(Wire::PubAck { pkid, outcome }) => {
+                match self.by_pkid.remove(&pkid) {
+                    Some(InFlight::Rows(sent)) => self.rows_acked(sent, outcome),
                     Some(InFlight::Status(status)) => {
-                        if matches!(
-                            ack.reason,
-                            PubAckReason::Success | PubAckReason::NoMatchingSubscribers
-                        ) {
-                            tracing::debug!(?status, "upstream acked the presence status");
+                        if let AckOutcome::Refused(reason) = outcome {
+                            tracing::warn!(
+                                ?reason,
+                                ?status,
+                                "upstream refused the presence status"
+                            );
                         } else {
-                            tracing::warn!(reason = ?ack.reason, ?status, "upstream refused the presence status");
+                            tracing::debug!(?status, "upstream acked the presence status");
                         }
                         self.acked_status = Some(status);
                     }
@@ -330,15 +335,15 @@ impl<'a> Session<'a> {
     }
 
     /// The PUBACK of a publish of rows: counted by its reason, the rows are acked.
-    fn rows_acked(&mut self, sent: Sent, reason: PubAckReason) {
+    fn rows_acked(&mut self, sent: Sent, outcome: AckOutcome) {
         let stats = &self.fwd.stats;
         let rows = sent.seqs.len() as u64;
-        match reason {
-            PubAckReason::Success => {}
-            PubAckReason::NoMatchingSubscribers => {
+        match outcome {
+            AckOutcome::Accepted => {}
+            AckOutcome::NoSubscribers => {
                 stats.rows_no_subscribers.fetch_add(rows, Ordering::Relaxed);
             }
-            _ => {
+            AckOutcome::Refused(reason) => {
                 stats
                     .rows_rejected_upstream
                     .fetch_add(rows, Ordering::Relaxed);
@@ -499,6 +504,11 @@ impl<'a> Session<'a> {
                 ct,
             )
         };
+        let id = encode::message_id(&self.id_prefix, rows[0].seq);
+        let payload = match cfg.protocol {
+            UpstreamProtocol::V5 => payload,
+            UpstreamProtocol::V311 => encode::envelope(&id, replayed[0], content_type, &payload),
+        };
         let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
         let sendable = !topic.is_empty()
             && !topic.contains(['+', '#', '\0'])
@@ -511,15 +521,11 @@ impl<'a> Session<'a> {
             self.acks[lane].extend_from_slice(&seqs);
             return Ok(());
         }
-        let props = encode::properties(
-            encode::message_id(&self.id_prefix, rows[0].seq),
-            replayed[0],
-            content_type,
-        );
+        let props = encode::properties(id, replayed[0], content_type);
         let received_at = rows.iter().map(|r| r.received_at).min().unwrap_or(0);
         if let Err(e) = self
             .client
-            .try_publish_with_properties(topic, self.qos, false, payload, props)
+            .try_publish(topic, self.qos, false, payload, props)
         {
             tracing::debug!(error = %e, "could not queue a publish");
             return Err(Halt::Connection);

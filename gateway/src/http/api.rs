@@ -52,6 +52,7 @@ async fn status(State(s): State<Sources>) -> Json<JsonValue> {
         "uptime_seconds": (now - s.started_at).max(0) / 1000,
         "upstream": {
             "state": s.upstream_state(),
+            "url": s.forwarder.as_ref().and_then(|f| f.current_url()),
             "forwarded": s.forwarder.as_ref().map_or(0, |f| Counters::get(&f.rows_acked)),
         },
         "ingest": {

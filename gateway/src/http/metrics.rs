@@ -8,7 +8,7 @@
 //! Invariants:
 //! - each family is declared once, here, with its label type: [`Lane`] (`lane`),
 //!   [`Format`] and `Option<Format>` (`format`, `unknown` for none), [`DropReason`],
-//!   [`AuthRefusal`] (`reason`), [`EventType`] and [`EventState`], [`Version`];
+//!   [`AuthRefusal`] (`reason`), [`EventType`] and [`EventState`], [`Version`], `Url`;
 //! - per-lane and per-format figures are read through their [`Lane`] or [`Format`], never
 //!   by position;
 //! - one snapshot of the store's counters serves the outbox and storage families, so a
@@ -278,8 +278,29 @@ fn outbox(e: &mut Encoder, stats: &OutboxStats) {
     );
 }
 
+/// One URL of `upstream.url`.
+struct Url<'a>(&'a str);
+
+impl Label for Url<'_> {
+    const NAME: &'static str = "url";
+    fn value(&self) -> Cow<'_, str> {
+        self.0.into()
+    }
+}
+
 fn upstream(e: &mut Encoder, s: &Sources) {
     let f = s.forwarder.as_deref();
+    if let Some(f) = f {
+        let current = f.current_url();
+        let mut urls = e.family(
+            "gateway_upstream_url",
+            "1 for the URL of upstream.url in use (connected, or being tried while offline), 0 for the others of the list.",
+            Kind::Gauge,
+        );
+        for url in &f.urls {
+            urls.sample(Url(url), if current == Some(url) { 1.0 } else { 0.0 });
+        }
+    }
     e.family(
         "gateway_upstream_connected",
         "1 while connected to the upstream broker, else 0 (also 0 when forwarding is off).",

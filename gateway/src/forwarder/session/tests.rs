@@ -1,7 +1,6 @@
 //! The packet-id FIFO of a session with presence messages in it: rumqttc's events are fed
 //! to [`Session::handle`] by hand, in the order a connection would produce them.
 
-use rumqttc::v5::mqttbytes::v5::PubAck;
 use rumqttc::v5::MqttOptions;
 
 use super::*;
@@ -11,15 +10,17 @@ use crate::store::{Store, StoreConfig};
 
 fn forwarder(dir: &std::path::Path, qos: u8) -> Forwarder {
     let mut config = Config::defaults();
-    config.upstream.url = Some(UpstreamUrl::mqtt("127.0.0.1", 1883));
+    config.upstream.url = Some(UpstreamUrl::mqtt("127.0.0.1", 1883).into());
     config.upstream.qos = qos;
     let store = Store::open(&dir.join("gw.redb"), StoreConfig::from_config(&config)).unwrap();
     Forwarder::new(ForwarderConfig::from_config(&config).unwrap(), store).unwrap()
 }
 
 /// A client whose requests are queued but never sent (its event loop is not polled).
-fn client() -> (AsyncClient, rumqttc::v5::EventLoop) {
-    AsyncClient::new(MqttOptions::new("session-test", "127.0.0.1", 1883), 16)
+fn client() -> (Client, rumqttc::v5::EventLoop) {
+    let (client, eventloop) =
+        rumqttc::v5::AsyncClient::new(MqttOptions::new("session-test", "127.0.0.1", 1883), 16);
+    (Client::V5(client), eventloop)
 }
 
 fn row(seq: u64) -> InFlight {
@@ -31,11 +32,14 @@ fn row(seq: u64) -> InFlight {
 }
 
 fn sent(pkid: u16) -> PumpEvent {
-    Ok(Event::Outgoing(Outgoing::Publish(pkid)))
+    Ok(Wire::Sent(pkid))
 }
 
 fn puback(pkid: u16) -> PumpEvent {
-    Ok(Event::Incoming(Packet::PubAck(PubAck::new(pkid, None))))
+    Ok(Wire::PubAck {
+        pkid,
+        outcome: AckOutcome::Accepted,
+    })
 }
 
 #[test]

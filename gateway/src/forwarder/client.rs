@@ -1,0 +1,242 @@
+//! One upstream connection over either MQTT version: rumqttc's MQTT 5 client
+//! (`rumqttc::v5`) or its MQTT 3.1.1 client (`rumqttc`), behind one [`Client`] and one
+//! event type ([`Wire`]), so the forwarder's states and the session are written once.
+//!
+//! A [`Connection`] is a fresh client and event loop per attempt, polled by its own pump
+//! task that turns every event of either client into a [`Wire`] event and hands it over a
+//! channel, ending at the first error. What the session needs of an event is all [`Wire`]
+//! keeps: the ConnAck, a publish given its packet id (`Outgoing::Publish`, in request
+//! order), and a PUBACK with its outcome (MQTT 3.1.1 PUBACKs have no reason code: they
+//! always accept).
+//!
+//! Invariants:
+//! - Both versions connect alike: clean start, the same keep-alive, packet size limit,
+//!   inflight limit (`max_inflight + 1`, room for the presence message at a stop), 5 s
+//!   connection timeout, credentials, TLS, and the presence last will.
+//! - MQTT 3.1.1 has no properties: [`Client::try_publish`] drops them, so the caller puts
+//!   what a consumer needs into the payload (`encode::envelope`) before publishing.
+
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::v5::{Packet as Packet5, PubAckReason, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::{v5, Outgoing};
+use tokio::sync::mpsc;
+
+use super::Forwarder;
+use crate::config::{UpstreamProtocol, UpstreamUrl};
+use crate::reading::now_millis;
+
+/// Events buffered between the pump and the session.
+const PUMP_CAPACITY: usize = 1024;
+/// Requests a client queues beyond the in-flight window.
+const REQUEST_HEADROOM: usize = 16;
+/// Seconds to wait for the TCP (and TLS) connection and the ConnAck.
+const CONNECT_TIMEOUT_SECS: u64 = 5;
+
+/// What the session needs of one event of either client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Wire {
+    ConnAck,
+    /// A publish request was given its packet id (0 for QoS 0), in request order.
+    Sent(u16),
+    PubAck {
+        pkid: u16,
+        outcome: AckOutcome,
+    },
+    /// Anything else (pings, the outgoing half of acks, ...).
+    Other,
+}
+
+/// What a PUBACK says about the message it acknowledges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum AckOutcome {
+    Accepted,
+    /// MQTT 5 "no matching subscribers": accepted, and discarded by the broker.
+    NoSubscribers,
+    /// An MQTT 5 error reason code.
+    Refused(PubAckReason),
+}
+
+/// The error that ended a connection.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub(super) struct WireError {
+    message: String,
+    /// The TLS handshake failed (rarely fixed by retrying).
+    pub tls: bool,
+}
+
+pub(super) type PumpEvent = Result<Wire, WireError>;
+
+/// A request could not be queued: the connection's event loop is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("the connection's event loop has stopped")]
+pub(super) struct Closed;
+
+/// The client half of one connection.
+pub(super) enum Client {
+    V5(v5::AsyncClient),
+    V311(rumqttc::AsyncClient),
+}
+
+impl Client {
+    /// Queues a publish without waiting. MQTT 3.1.1 sends no `properties`.
+    pub(super) fn try_publish(
+        &self,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+        properties: PublishProperties,
+    ) -> Result<(), Closed> {
+        match self {
+            Client::V5(c) => c
+                .try_publish_with_properties(topic, qos, retain, payload, properties)
+                .map_err(|_| Closed),
+            Client::V311(c) => c
+                .try_publish(topic, qos_311(qos), retain, payload)
+                .map_err(|_| Closed),
+        }
+    }
+
+    /// Queues a DISCONNECT; when the event loop is gone there is nothing to disconnect.
+    pub(super) fn try_disconnect(&self) {
+        let _queued = match self {
+            Client::V5(c) => c.try_disconnect().is_ok(),
+            Client::V311(c) => c.try_disconnect().is_ok(),
+        };
+    }
+}
+
+/// One upstream connection: a fresh client and event loop per attempt, so nothing queued
+/// for a dead connection (requests, packet ids, events) can leak into the next one.
+pub(super) struct Connection {
+    pub client: Client,
+    pub events: mpsc::Receiver<PumpEvent>,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl Connection {
+    /// Starts connecting to `url` with the forwarder's settings.
+    pub(super) fn open(fwd: &Forwarder, url: &UpstreamUrl) -> Connection {
+        let cfg = &fwd.cfg;
+        let capacity = cfg.max_inflight + REQUEST_HEADROOM;
+        // One more than the rows' window: room for the presence message at a stop.
+        let inflight = (cfg.max_inflight + 1).min(u16::MAX as usize) as u16;
+        let keep_alive = cfg.keep_alive.max(Duration::from_secs(1));
+        let transport = fwd.tls.as_ref().map(|tls| {
+            rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone()))
+        });
+        let (tx, events) = mpsc::channel(PUMP_CAPACITY);
+        let (client, pump) = match cfg.protocol {
+            UpstreamProtocol::V5 => {
+                let mut o = v5::MqttOptions::new(cfg.client_id.clone(), url.host.clone(), url.port);
+                o.set_keep_alive(keep_alive)
+                    .set_clean_start(true)
+                    .set_connection_timeout(CONNECT_TIMEOUT_SECS)
+                    .set_max_packet_size(Some(cfg.max_packet_size as u32))
+                    .set_outgoing_inflight_upper_limit(inflight)
+                    .set_last_will(fwd.presence.last_will(now_millis()));
+                if let Some(user) = &cfg.username {
+                    o.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
+                }
+                if let Some(t) = transport {
+                    o.set_transport(t);
+                }
+                let (client, eventloop) = v5::AsyncClient::new(o, capacity);
+                (Client::V5(client), tokio::spawn(pump_v5(eventloop, tx)))
+            }
+            UpstreamProtocol::V311 => {
+                let mut o =
+                    rumqttc::MqttOptions::new(cfg.client_id.clone(), url.host.clone(), url.port);
+                o.set_keep_alive(keep_alive)
+                    .set_clean_session(true)
+                    .set_max_packet_size(cfg.max_packet_size, cfg.max_packet_size)
+                    .set_inflight(inflight)
+                    .set_last_will(fwd.presence.last_will_311(now_millis()));
+                if let Some(user) = &cfg.username {
+                    o.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
+                }
+                if let Some(t) = transport {
+                    o.set_transport(t);
+                }
+                let (client, mut eventloop) = rumqttc::AsyncClient::new(o, capacity);
+                eventloop
+                    .network_options
+                    .set_connection_timeout(CONNECT_TIMEOUT_SECS);
+                (Client::V311(client), tokio::spawn(pump_311(eventloop, tx)))
+            }
+        };
+        Connection {
+            client,
+            events,
+            pump,
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
+}
+
+fn qos_311(qos: QoS) -> rumqttc::QoS {
+    match qos {
+        QoS::AtMostOnce => rumqttc::QoS::AtMostOnce,
+        QoS::AtLeastOnce => rumqttc::QoS::AtLeastOnce,
+        QoS::ExactlyOnce => rumqttc::QoS::ExactlyOnce,
+    }
+}
+
+/// Polls an MQTT 5 event loop and hands every event over, until the first error (which
+/// ends the connection: the next attempt gets a new event loop).
+async fn pump_v5(mut eventloop: v5::EventLoop, events: mpsc::Sender<PumpEvent>) {
+    loop {
+        let ev = match eventloop.poll().await {
+            Ok(v5::Event::Incoming(Packet5::ConnAck(_))) => Ok(Wire::ConnAck),
+            Ok(v5::Event::Outgoing(Outgoing::Publish(pkid))) => Ok(Wire::Sent(pkid)),
+            Ok(v5::Event::Incoming(Packet5::PubAck(ack))) => Ok(Wire::PubAck {
+                pkid: ack.pkid,
+                outcome: match ack.reason {
+                    PubAckReason::Success => AckOutcome::Accepted,
+                    PubAckReason::NoMatchingSubscribers => AckOutcome::NoSubscribers,
+                    reason => AckOutcome::Refused(reason),
+                },
+            }),
+            Ok(_) => Ok(Wire::Other),
+            Err(e) => Err(WireError {
+                tls: matches!(e, v5::ConnectionError::Tls(_)),
+                message: e.to_string(),
+            }),
+        };
+        let failed = ev.is_err();
+        if events.send(ev).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// [`pump_v5`] for an MQTT 3.1.1 event loop.
+async fn pump_311(mut eventloop: rumqttc::EventLoop, events: mpsc::Sender<PumpEvent>) {
+    loop {
+        let ev = match eventloop.poll().await {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => Ok(Wire::ConnAck),
+            Ok(rumqttc::Event::Outgoing(Outgoing::Publish(pkid))) => Ok(Wire::Sent(pkid)),
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(ack))) => Ok(Wire::PubAck {
+                pkid: ack.pkid,
+                outcome: AckOutcome::Accepted,
+            }),
+            Ok(_) => Ok(Wire::Other),
+            Err(e) => Err(WireError {
+                tls: matches!(e, rumqttc::ConnectionError::Tls(_)),
+                message: e.to_string(),
+            }),
+        };
+        let failed = ev.is_err();
+        if events.send(ev).await.is_err() || failed {
+            return;
+        }
+    }
+}
