@@ -130,4 +130,4 @@ cpu1=$(awk '{print $14 + $15}' "/proc/$GW_PID/stat")
 echo "RSS under load: peak $(mb "$peak") MB (1 s samples), at the end $(mb "$(kb "$GW_PID" VmRSS)") MB; gateway CPU $(( (cpu1 - cpu0) / $(getconf CLK_TCK) )) s in $samples s"
 tail -n 4 "$WORK/load/sim.log" | sed 's/^/  sim: /'
 stop_gateway
-echo "counters at stop: $(grep -o 'ingested=[0-9]*\|decoded=[0-9]*\|link_lost=[0-9]*\|ingest_overflow=[0-9]*' "$WORK/load/gateway.log" | tr '\n' ' ')"
+echo "counters at stop: $(grep -o 'ingested=[0-9]*\|decoded=[0-9]*\|unrouted=[0-9]*\|blocked_ms=[0-9]*' "$WORK/load/gateway.log" | tr '\n' ' ')"

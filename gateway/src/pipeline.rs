@@ -161,7 +161,7 @@ pub async fn run_with_fault(
     tracing::info!(
         gateway = %config.gateway.id,
         listen = %listeners,
-        topics = %config.ingest.topic_pattern.filter(),
+        topics = %config.ingest.topic_pattern.filters(),
         storage = %config.storage.path.display(),
         upstream = %config.upstream.url.as_ref().map_or("off".to_string(), |u| u.to_string()),
         "Gateway is up."

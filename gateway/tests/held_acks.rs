@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use rumqttd::ingest::HeldAcks;
+use rumqttd::ingest::{HeldAcks, Subscribed};
 use rumqttd::protocol::{Packet, PubRel, PubRelReason, Publish, PublishProperties};
 use rumqttd::IngestHook;
 
@@ -48,7 +48,7 @@ fn router_view(packet: &Packet) -> (u8, u16) {
 #[test]
 fn acks_leave_in_publish_order_once_released() {
     let (hook, _rx) = IngestHook::bounded(8);
-    let mut held = HeldAcks::new(hook, "d");
+    let mut held = HeldAcks::new(hook, None, "d");
     let mut packets = vec![
         publish(1, 1, "devices/d/t"),
         publish(0, 0, "devices/d/t"),
@@ -74,7 +74,7 @@ fn acks_leave_in_publish_order_once_released() {
 #[test]
 fn an_ack_dropped_unreleased_refuses_the_connection() {
     let (hook, _rx) = IngestHook::bounded(8);
-    let mut held = HeldAcks::new(hook, "d");
+    let mut held = HeldAcks::new(hook, None, "d");
     let mut packets = vec![publish(1, 1, "devices/d/t")];
     let taken = held.take(&mut packets);
     assert!(held.ready().is_ok());
@@ -85,7 +85,7 @@ fn an_ack_dropped_unreleased_refuses_the_connection() {
 #[test]
 fn qos2_is_handed_over_once_and_completed_on_the_connection() {
     let (hook, _rx) = IngestHook::bounded(8);
-    let mut held = HeldAcks::new(hook, "d");
+    let mut held = HeldAcks::new(hook, None, "d");
     let mut packets = vec![publish(2, 7, "devices/d/t"), publish(2, 7, "devices/d/t")];
     let mut taken = held.take(&mut packets);
     assert_eq!(taken.len(), 1, "the repeat is not handed over again");
@@ -110,7 +110,7 @@ fn qos2_is_handed_over_once_and_completed_on_the_connection() {
 #[test]
 fn topic_aliases_are_resolved_before_the_hand_off() {
     let (hook, _rx) = IngestHook::bounded(8);
-    let mut held = HeldAcks::new(hook, "d");
+    let mut held = HeldAcks::new(hook, None, "d");
     let with_alias = |packet: Packet| match packet {
         Packet::Publish(p, _) => Packet::Publish(
             p,
@@ -133,10 +133,48 @@ fn topic_aliases_are_resolved_before_the_hand_off() {
     let mut packets = vec![first, second, unknown];
     let taken = held.take(&mut packets);
     let topics: Vec<Bytes> = taken.iter().map(|i| i.topic.clone()).collect();
-    assert_eq!(topics, vec!["devices/d/t", "devices/d/t", ""]);
+    // An unknown alias is left to the router, which refuses it and disconnects.
+    assert_eq!(topics, vec!["devices/d/t", "devices/d/t"]);
+    assert_eq!(packets.len(), 3);
     // The resolved ones reach the router without the alias.
     assert!(taken[1]
         .properties
         .as_ref()
         .is_some_and(|p| p.topic_alias.is_none()));
+}
+
+#[test]
+fn the_router_gets_only_what_a_subscription_may_want() {
+    let (hook, _rx) = IngestHook::bounded(8);
+    let subscribed = Subscribed::default();
+    subscribed.insert("events/+/d");
+    subscribed.insert("+/status");
+    let mut held = HeldAcks::new(hook, Some(subscribed.clone()), "d");
+    let mut retained = publish(0, 0, "devices/d/t");
+    if let Packet::Publish(p, _) = &mut retained {
+        p.retain = true;
+    }
+    let mut packets = vec![
+        publish(1, 1, "devices/d/t"),
+        publish(0, 0, "events/Hot/d"),
+        publish(0, 0, "x/status"),
+        retained,
+    ];
+    let taken = held.take(&mut packets);
+    assert_eq!(taken.len(), 4, "the application gets every publish");
+    let topics: Vec<Bytes> = packets
+        .iter()
+        .map(|p| match p {
+            Packet::Publish(p, _) => p.topic.clone(),
+            p => panic!("{p:?}"),
+        })
+        .collect();
+    // Device data nobody subscribed to stays away from the router; a retained publish
+    // goes there to be kept.
+    assert_eq!(topics, vec!["events/Hot/d", "x/status", "devices/d/t"]);
+    // A subscription made later is seen by the next read.
+    subscribed.insert("devices/#");
+    let mut packets = vec![publish(0, 0, "devices/d/t")];
+    held.take(&mut packets);
+    assert_eq!(packets.len(), 1);
 }

@@ -203,7 +203,7 @@ fn receipts_are_released_after_the_commit_in_order() {
     let path = dir.path().join("gw.redb");
     let h = open(&path, settings(|_| {}));
     let (hook, _rx) = rumqttd::IngestHook::bounded(16);
-    let mut held = HeldAcks::new(hook, "d");
+    let mut held = HeldAcks::new(hook, None, "d");
     // Two QoS 1 publishes, packet ids 1 and 2, as the network parser yields them.
     let mut packets: Vec<Packet> = (1..=2u16)
         .map(|pkid| {

@@ -89,14 +89,15 @@ add("Dead letters / s by format",
     [(f"sum by (format) (rate(gateway_dead_letters_total{{{SEL}}}[$__rate_interval]))",
       "{{format}}")],
     12, 6, unit="reqps", desc="Payloads that did not decode. `gateway dead-letters` shows them.")
-add("Lost or skipped / s",
-    [(f"sum(rate(gateway_ingest_overflow_total{{{SEL}}}[$__rate_interval]))", "ingest overflow"),
-     (f"sum(rate(gateway_link_lost_total{{{SEL}}}[$__rate_interval]))", "link lost (broker)"),
-     (f"sum(rate(gateway_rules_overflow_total{{{SEL}}}[$__rate_interval]))",
-      "rules overflow (not evaluated)"),
-     (f"sum(rate(gateway_auth_failures_total{{{SEL}}}[$__rate_interval]))", "auth failures")],
-    0, 14, unit="reqps",
-    desc="Should be 0. Ingest overflow and link lost are device messages lost to overload.")
+add("Unrouted, throttling, auth failures",
+    [(f"sum(rate(gateway_unrouted_total{{{SEL}}}[$__rate_interval]))",
+      "unrouted publishes / s"),
+     (f"sum(rate(gateway_backpressure_seconds_total{{{SEL}}}[$__rate_interval]))",
+      "devices throttled (share of time)"),
+     (f"sum(rate(gateway_auth_failures_total{{{SEL}}}[$__rate_interval]))", "auth failures / s")],
+    0, 14, unit="short",
+    desc="Should be 0. Unrouted: publishes outside the ingest pattern (kept as dead letters). "
+         "Throttled: the share of time decode waited for rules or the store, slowing devices down.")
 add("Rule evaluations and events",
     [(f"sum(rate(gateway_rule_evaluations_total{{{SEL}}}[$__rate_interval]))",
       "evaluations / s"),

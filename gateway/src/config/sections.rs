@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::decode::TopicPattern;
+use crate::decode::TopicPatterns;
 
 #[derive(Debug, Clone)]
 pub struct HttpSection {
@@ -71,7 +71,8 @@ impl BrokerTls {
 
 #[derive(Debug, Clone)]
 pub struct IngestSection {
-    pub topic_pattern: TopicPattern,
+    /// One pattern, or several tried in order.
+    pub topic_pattern: TopicPatterns,
     pub queue_capacity: usize,
 }
 

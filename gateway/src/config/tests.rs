@@ -16,7 +16,7 @@ fn defaults_are_valid() {
     let c = Config::defaults();
     assert_eq!(c.broker.listen, "0.0.0.0:1883".parse().unwrap());
     assert_eq!(c.broker.listen_v5, None);
-    assert_eq!(c.ingest.topic_pattern.filter(), "devices/+/+");
+    assert_eq!(c.ingest.topic_pattern.filters(), "devices/+/+");
     assert_eq!(c.upstream.url, None);
     assert_eq!(c.upstream.client_id, "edge-gateway");
     assert_eq!(c.upstream_prefix(), "gateways/edge-gateway");
@@ -60,6 +60,39 @@ fn file_then_environment_override_defaults() {
     );
     assert_eq!(c.upstream.protocol, UpstreamProtocol::V5);
     assert_eq!(c.upstream.client_id, "gw-9");
+}
+
+#[test]
+fn ingest_topic_pattern_may_list_several_patterns() {
+    let c = load(
+        "[ingest]\ntopic_pattern = [\"devices/{device}/{stream}\", \"site/{device}\"]\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.ingest.topic_pattern.filters(), "devices/+/+, site/+");
+    // The form an environment variable can carry.
+    let c = load(
+        "",
+        &[(
+            "GATEWAY__INGEST__TOPIC_PATTERN",
+            "a/{device}, b/{device}/{stream}",
+        )],
+    )
+    .unwrap();
+    assert_eq!(c.ingest.topic_pattern.filters(), "a/+, b/+/+");
+    let err = load(
+        "[ingest]\ntopic_pattern = [\"a/{device}\", \"a/{device}\", \"b/#\", 3]\n",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    for expected in [
+        "entry 2 'a/{device}' is listed twice",
+        "entry 3 'b/#'",
+        "entry 4 is '3'",
+    ] {
+        assert!(err.contains(expected), "missing '{expected}' in:\n{err}");
+    }
 }
 
 #[test]

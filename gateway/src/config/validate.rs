@@ -18,7 +18,7 @@ use super::{
     LogSection, RulesSection, StorageSection, UpstreamProtocol, UpstreamSection, UpstreamUrl,
     UpstreamUrls,
 };
-use crate::decode::TopicPattern;
+use crate::decode::{TopicPattern, TopicPatterns};
 
 impl Reader {
     /// Builds and checks every section; all problems at once, or the configuration.
@@ -157,18 +157,59 @@ impl Reader {
         Some(id)
     }
 
-    fn topic_pattern(&mut self) -> TopicPattern {
-        let fallback = TopicPattern::parse("devices/{device}/{stream}").expect("valid");
-        let Some(text) = self.string("ingest.topic_pattern") else {
+    /// `ingest.topic_pattern`: one pattern, or several (a TOML array of strings, or one
+    /// string with the patterns separated by commas, the form an environment variable
+    /// can carry), tried in order.
+    fn topic_pattern(&mut self) -> TopicPatterns {
+        const KEY: &str = "ingest.topic_pattern";
+        let fallback: TopicPatterns = TopicPattern::parse("devices/{device}/{stream}")
+            .expect("valid")
+            .into();
+        let Ok(value) = self.merged.get::<config::Value>(KEY) else {
             return fallback;
         };
-        match TopicPattern::parse(&text) {
-            Ok(p) => p,
-            Err(e) => {
-                self.problem("ingest.topic_pattern", format!("'{text}': {e}"));
-                fallback
+        let texts: Vec<String> = match value.kind {
+            ValueKind::Array(items) => items
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, item)| match item.kind {
+                    ValueKind::String(s) => Some(s),
+                    other => {
+                        self.problem(
+                            KEY,
+                            format!("entry {} is '{other}', expected a string like \"devices/{{device}}/{{stream}}\"", i + 1),
+                        );
+                        None
+                    }
+                })
+                .collect(),
+            _ => match self.string(KEY) {
+                Some(text) => text.split(',').map(|s| s.trim().to_owned()).collect(),
+                None => return fallback,
+            },
+        };
+        let list = texts.len() > 1;
+        let mut patterns: Vec<TopicPattern> = Vec::with_capacity(texts.len());
+        for (i, text) in texts.iter().enumerate() {
+            let at = if list {
+                format!("entry {} ", i + 1)
+            } else {
+                String::new()
+            };
+            match TopicPattern::parse(text) {
+                Ok(p) if patterns.contains(&p) => {
+                    self.problem(KEY, format!("{at}'{text}' is listed twice"));
+                }
+                Ok(p) => patterns.push(p),
+                Err(e) => self.problem(KEY, format!("{at}'{text}': {e}")),
             }
         }
+        TopicPatterns::new(patterns).unwrap_or_else(|| {
+            if texts.is_empty() {
+                self.problem(KEY, "must name at least one pattern");
+            }
+            fallback
+        })
     }
 
     fn log_level(&mut self) -> Option<String> {

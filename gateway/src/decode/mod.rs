@@ -22,7 +22,7 @@ use std::fmt;
 
 pub use node::Node;
 pub use stage::DecodeStage;
-pub use topic::TopicPattern;
+pub use topic::{TopicPattern, TopicPatterns};
 
 use crate::reading::{Format, Millis, Reading};
 

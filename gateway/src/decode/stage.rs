@@ -23,7 +23,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{decode, TopicPattern};
+use super::{decode, TopicPattern, TopicPatterns};
 use crate::counters::Counters;
 use crate::devices::Devices;
 use crate::ingest::{Intake, RawMessage};
@@ -37,7 +37,8 @@ const BATCH: usize = 256;
 
 /// The decode stage.
 pub struct DecodeStage {
-    pub pattern: TopicPattern,
+    /// `ingest.topic_pattern`: the first pattern that matches a topic decodes it.
+    pub pattern: TopicPatterns,
     pub input: Intake,
     pub counters: Arc<Counters>,
     pub store: StoreHandle,
@@ -80,10 +81,9 @@ impl DecodeStage {
         while self.input.next_batch(&mut batch, BATCH) {
             Counters::add(&self.counters.ingested, batch.len() as u64);
             for message in batch.drain(..) {
-                if self.pattern.matches(&message.topic).is_some() {
-                    self.handle(message, &mut dead);
-                } else {
-                    self.unrouted(message, &mut unrouted);
+                match self.pattern.find(&message.topic) {
+                    Some(pattern) => self.handle(pattern, message, &mut dead),
+                    None => self.unrouted(message, &mut unrouted),
                 }
             }
             Counters::set(&self.counters.intake_queued, self.input.queued() as u64);
@@ -91,7 +91,7 @@ impl DecodeStage {
         tracing::debug!("Decode stopped.");
     }
 
-    fn handle(&self, message: RawMessage, warning: &mut Warning) {
+    fn handle(&self, pattern: &TopicPattern, message: RawMessage, warning: &mut Warning) {
         let RawMessage {
             client_id,
             topic,
@@ -101,7 +101,7 @@ impl DecodeStage {
             receipt,
         } = message;
         match decode(
-            &self.pattern,
+            pattern,
             &topic,
             &payload,
             content_type.as_deref(),

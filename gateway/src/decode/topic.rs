@@ -1,5 +1,7 @@
 //! Topic patterns such as `devices/{device}/{stream}`: the subscription filter they
 //! stand for, and how a concrete topic yields a device id and a stream name.
+//! [`TopicPatterns`] is the list `ingest.topic_pattern` may hold (fleets with two topic
+//! schemes): the first pattern that matches a topic decodes it.
 
 use std::fmt;
 
@@ -98,6 +100,53 @@ impl TopicPattern {
     }
 }
 
+/// One or more topic patterns, in the order they are tried; never empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPatterns(Vec<TopicPattern>);
+
+impl TopicPatterns {
+    /// `None` for an empty list.
+    pub fn new(patterns: Vec<TopicPattern>) -> Option<TopicPatterns> {
+        (!patterns.is_empty()).then_some(TopicPatterns(patterns))
+    }
+
+    /// The first pattern that matches `topic`.
+    pub fn find(&self, topic: &str) -> Option<&TopicPattern> {
+        self.0.iter().find(|p| p.matches(topic).is_some())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &TopicPattern> {
+        self.0.iter()
+    }
+
+    /// The subscription filters, one per pattern, joined with ", " (for logs).
+    pub fn filters(&self) -> String {
+        self.0
+            .iter()
+            .map(TopicPattern::filter)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl From<TopicPattern> for TopicPatterns {
+    fn from(p: TopicPattern) -> Self {
+        TopicPatterns(vec![p])
+    }
+}
+
+impl fmt::Display for TopicPatterns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for TopicPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let text = self
@@ -128,6 +177,24 @@ mod tests {
         assert!(p.matches("devices/t-1/a/b").is_none());
         assert!(p.matches("other/t-1/telemetry").is_none());
         assert!(p.matches("devices//telemetry").is_none());
+    }
+
+    #[test]
+    fn the_first_pattern_that_matches_decodes() {
+        let ps = TopicPatterns::new(vec![
+            TopicPattern::parse("devices/{device}/{stream}").unwrap(),
+            TopicPattern::parse("site/{device}").unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(
+            ps.find("devices/a/t").unwrap().to_string(),
+            "devices/{device}/{stream}"
+        );
+        assert_eq!(ps.find("site/b").unwrap().to_string(), "site/{device}");
+        assert!(ps.find("site/b/c").is_none());
+        assert_eq!(ps.filters(), "devices/+/+, site/+");
+        assert_eq!(ps.to_string(), "devices/{device}/{stream}, site/{device}");
+        assert!(TopicPatterns::new(vec![]).is_none());
     }
 
     #[test]

@@ -161,6 +161,9 @@ impl<'a> Session<'a> {
         events: &mut mpsc::Receiver<PumpEvent>,
         shutdown: &CancellationToken,
     ) -> State {
+        // What was committed when the connection came up is the backlog; rows committed
+        // from now on (also during the flush below) are live.
+        self.replay_until = self.fwd.store.last_committed_seq();
         // First in the FIFO, before any row: consumers learn at once that the gateway is up.
         if self.announce(Status::Online).is_err() {
             return self.lost();
@@ -172,7 +175,6 @@ impl<'a> Session<'a> {
             Ok(()) | Err(crate::store::StoreError::CommitFailed) => {}
             Err(_) => return self.stop(events).await,
         }
-        self.replay_until = self.fwd.store.last_committed_seq();
         let mut grace_until: Option<tokio::time::Instant> = None;
         loop {
             let idle = if grace_until.is_some() {

@@ -76,6 +76,8 @@ pub type Authorizer = Arc<dyn Fn(&str, Access, &str) -> bool + Send + Sync>;
 pub struct Hooks {
     pub authorizer: Option<Authorizer>,
     pub ingest: Option<IngestHook>,
+    /// Set by the broker: the router's filters, for the ingest hand-off.
+    pub(crate) subscribed: Option<link::ingest::Subscribed>,
 }
 
 /// PATCH(gateway): idle time before the first TCP keepalive probe on an accepted socket.

@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 
 pub use credentials::{hash_password, validate_device_id, Credentials};
 
-use crate::decode::TopicPattern;
+use crate::decode::TopicPatterns;
 
 /// Threads running argon2 verifications.
 pub const VERIFIER_THREADS: usize = 2;
@@ -343,15 +343,15 @@ impl Inner {
 }
 
 /// Topic authorization of authenticated devices (rumqttd's `Authorizer`, a patch of the
-/// vendored rumqttd): a device may publish only on ingest topics whose `{device}` is its
-/// own id, and subscribe only to its own events (`event_topic` with `{device}` = its id
+/// vendored rumqttd): a device may publish only on ingest topics (of any of the patterns)
+/// whose `{device}` is its own id, and subscribe only to its own events (`event_topic` with `{device}` = its id
 /// and every other placeholder `+`). Anything else disconnects it.
-pub fn topic_authorizer(pattern: TopicPattern, event_topic: &str) -> rumqttd::Authorizer {
+pub fn topic_authorizer(patterns: TopicPatterns, event_topic: &str) -> rumqttd::Authorizer {
     let event_topic = event_topic.to_string();
     Arc::new(move |client_id, access, topic| match access {
-        rumqttd::Access::Publish => pattern
-            .matches(topic)
-            .is_some_and(|m| m.device == client_id),
+        rumqttd::Access::Publish => patterns
+            .iter()
+            .any(|p| p.matches(topic).is_some_and(|m| m.device == client_id)),
         rumqttd::Access::Subscribe => {
             let own_events = event_topic
                 .split('/')

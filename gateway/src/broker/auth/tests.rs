@@ -1,4 +1,5 @@
 use super::*;
+use crate::decode::TopicPattern;
 use test_support::wait_until;
 
 fn setup(devices: &[&str]) -> (tempfile::TempDir, PathBuf, Vec<String>) {
@@ -119,8 +120,15 @@ async fn a_flood_of_bad_passwords_is_bounded_and_does_not_delay_cached_devices()
 #[test]
 fn a_device_may_publish_on_its_own_topics_and_subscribe_to_its_own_events() {
     use rumqttd::Access::{Publish, Subscribe};
-    let pattern = TopicPattern::parse("site/{device}/{stream}").unwrap();
-    let allow = topic_authorizer(pattern, "events/{type}/{device}");
+    let patterns = TopicPatterns::new(vec![
+        TopicPattern::parse("site/{device}/{stream}").unwrap(),
+        TopicPattern::parse("plant/{device}").unwrap(),
+    ])
+    .unwrap();
+    let allow = topic_authorizer(patterns, "events/{type}/{device}");
+    // Either pattern, with the device's own id.
+    assert!(allow("t-1", Publish, "plant/t-1"));
+    assert!(!allow("t-1", Publish, "plant/t-2"));
     assert!(allow("t-1", Publish, "site/t-1/telemetry"));
     assert!(allow("t-1", Publish, "site/t-1/status"));
     assert!(!allow("t-1", Publish, "site/t-2/telemetry"));

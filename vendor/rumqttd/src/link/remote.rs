@@ -119,7 +119,9 @@ impl<P: Protocol> RemoteLink<P> {
         let id = link_rx.id();
         Span::current().record("connection_id", id);
         // PATCH(gateway)
-        let held = hooks.ingest.map(|hook| HeldAcks::new(hook, client_id));
+        let held = hooks
+            .ingest
+            .map(|hook| HeldAcks::new(hook, hooks.subscribed, client_id));
 
         if let Some(mut packet) = notification.into() {
             if let Packet::ConnAck(_ack, props) = &mut packet {
@@ -153,7 +155,7 @@ impl<P: Protocol> RemoteLink<P> {
             select! {
                 o = self.network.read() => {
                     let packet = o?;
-                    let (len, ingested) = {
+                    let (start_len, len, ingested) = {
                         let mut buffer = self.link_tx.buffer();
                         let start = buffer.len();
                         buffer.push_back(packet);
@@ -186,11 +188,15 @@ impl<P: Protocol> RemoteLink<P> {
                             }
                             None => Vec::new(),
                         };
-                        (buffer.len(), ingested)
+                        (start, buffer.len(), ingested)
                     };
 
                     trace!("Packets read from network, count = {}", len);
-                    self.link_tx.notify().await?;
+                    // PATCH(gateway): no wake-up when nothing of this read is for the
+                    // router (publishes no subscription wants, see `link/ingest.rs`).
+                    if len > start_len {
+                        self.link_tx.notify().await?;
+                    }
                     // PATCH(gateway): waits while the application's queue is full, so
                     // this socket is not read meanwhile (backpressure).
                     if let Some(held) = &mut self.held {

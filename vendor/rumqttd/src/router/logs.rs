@@ -92,6 +92,8 @@ pub struct DataLog {
     retained_publishes: HashMap<Topic, PublishData>,
     /// List of filters associated with a topic
     publish_filters: HashMap<Topic, Vec<FilterIdx>>,
+    /// PATCH(gateway): the filters, shared with the connections (`link/ingest.rs`).
+    pub(crate) subscribed: crate::link::ingest::Subscribed,
 }
 
 impl DataLog {
@@ -100,9 +102,11 @@ impl DataLog {
         let mut filter_indexes = HashMap::new();
         let retained_publishes = HashMap::new();
         let publish_filters = HashMap::new();
+        let subscribed = crate::link::ingest::Subscribed::default();
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
+                subscribed.insert(&filter);
                 let data = Data::new(&filter, &config);
 
                 // Add commitlog to datalog and add datalog index to filter to
@@ -118,6 +122,7 @@ impl DataLog {
             publish_filters,
             filter_indexes,
             retained_publishes,
+            subscribed,
         })
     }
 
@@ -188,6 +193,7 @@ impl DataLog {
                 // datalog index map
                 let idx = self.native.insert(data);
                 self.filter_indexes.insert(filter.to_owned(), idx);
+                self.subscribed.insert(filter);
 
                 // Match new filter to existing topics and add to publish_filters if it matches
                 for (topic, filters) in publish_filters.iter_mut() {

@@ -107,6 +107,11 @@ pub struct Router {
 }
 
 impl Router {
+    /// PATCH(gateway): the filters the router keeps logs for, shared with connections.
+    pub(crate) fn subscribed(&self) -> crate::link::ingest::Subscribed {
+        self.datalog.subscribed.clone()
+    }
+
     pub fn new(router_id: RouterId, config: RouterConfig) -> Router {
         let (router_tx, router_rx) = bounded(1000);
 

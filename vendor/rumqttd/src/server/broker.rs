@@ -76,6 +76,11 @@ impl Broker {
         let config = Arc::new(config);
         let router_config = config.router.clone();
         let router: Router = Router::new(config.id, router_config);
+        // PATCH(gateway): connections consult the router's filters (`link/ingest.rs`).
+        let hooks = crate::Hooks {
+            subscribed: Some(router.subscribed()),
+            ..Default::default()
+        };
 
         // Setup cluster if cluster settings are configured.
         match config.cluster.clone() {
@@ -92,7 +97,7 @@ impl Broker {
                 Broker {
                     config,
                     router_tx,
-                    hooks: crate::Hooks::default(),
+                    hooks,
                 }
             }
             None => {
@@ -100,7 +105,7 @@ impl Broker {
                 Broker {
                     config,
                     router_tx,
-                    hooks: crate::Hooks::default(),
+                    hooks,
                 }
             }
         }
