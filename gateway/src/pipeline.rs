@@ -68,8 +68,9 @@ use crate::rules::{RulesStage, SharedRules};
 use crate::stage_threads::StageThreads;
 use crate::store::{Counter, Store, StoreConfig, StoreError, StoreHandle};
 
-/// Readings waiting for the rules stage.
-const RULES_QUEUE: usize = 8_192;
+/// Batches of readings waiting for the rules stage (a batch is what decode took at once,
+/// at most `decode::BATCH` messages).
+const RULES_QUEUE: usize = 64;
 /// How often the counters are logged while the gateway runs.
 const STATUS_INTERVAL: Duration = Duration::from_secs(60);
 /// Least time given to closing the store, even when the drain used up the grace.
@@ -310,7 +311,7 @@ fn start(
     let forwarder_stats = forwarder.as_ref().map(Forwarder::stats);
     let forwarder = forwarder.map(|f| tokio::spawn(f.run(stop.child_token())));
 
-    let (readings_tx, readings_rx) = flume::bounded::<Reading>(RULES_QUEUE);
+    let (readings_tx, readings_rx) = flume::bounded::<Vec<Reading>>(RULES_QUEUE);
     let rules = RulesStage {
         gateway_id: config.gateway.id.clone(),
         dir: config.rules.dir.clone(),

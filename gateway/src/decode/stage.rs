@@ -33,7 +33,7 @@ use crate::store::{DeadLetter, OutboxEntry, StoreHandle};
 /// Least time between two log lines about dead letters (and about unrouted topics).
 pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// Most messages taken from the intake at once.
-const BATCH: usize = 256;
+pub const BATCH: usize = 256;
 
 /// The decode stage.
 pub struct DecodeStage {
@@ -44,8 +44,9 @@ pub struct DecodeStage {
     pub store: StoreHandle,
     /// Append decoded readings to the outbox (forwarding on and `forward_readings`).
     pub forward_readings: bool,
-    /// Where decoded readings go next (the rules stage), when anything listens.
-    pub readings: Option<flume::Sender<Reading>>,
+    /// Where decoded readings go next (the rules stage), when anything listens: one batch
+    /// per batch taken from the intake.
+    pub readings: Option<flume::Sender<Vec<Reading>>>,
     /// The device read model (last values, last seen).
     pub devices: Arc<Devices>,
 }
@@ -80,10 +81,17 @@ impl DecodeStage {
         let mut unrouted = Warning::default();
         while self.input.next_batch(&mut batch, BATCH) {
             Counters::add(&self.counters.ingested, batch.len() as u64);
+            let mut decoded = Vec::with_capacity(batch.len());
             for message in batch.drain(..) {
                 match self.pattern.find(&message.topic) {
-                    Some(pattern) => self.handle(pattern, message, &mut dead),
+                    Some(pattern) => self.handle(pattern, message, &mut decoded, &mut dead),
                     None => self.unrouted(message, &mut unrouted),
+                }
+            }
+            if let Some(next) = self.readings.as_ref().filter(|_| !decoded.is_empty()) {
+                // Waits while the rules stage is behind: every reading is evaluated.
+                if self.waiting(|| next.send(decoded).is_err()) {
+                    self.readings = None;
                 }
             }
             Counters::set(&self.counters.intake_queued, self.input.queued() as u64);
@@ -91,7 +99,14 @@ impl DecodeStage {
         tracing::debug!("Decode stopped.");
     }
 
-    fn handle(&self, pattern: &TopicPattern, message: RawMessage, warning: &mut Warning) {
+    /// Decodes one message; its readings join `decoded` when the rules stage listens.
+    fn handle(
+        &self,
+        pattern: &TopicPattern,
+        message: RawMessage,
+        decoded: &mut Vec<Reading>,
+        warning: &mut Warning,
+    ) {
         let RawMessage {
             client_id,
             topic,
@@ -119,13 +134,8 @@ impl DecodeStage {
                 } else if let Some(receipt) = receipt {
                     self.waiting(|| self.store.release(receipt));
                 }
-                if let Some(next) = &self.readings {
-                    for reading in readings {
-                        // Waits while the rules stage is behind: every reading is evaluated.
-                        if self.waiting(|| next.send(reading).is_err()) {
-                            break;
-                        }
-                    }
+                if self.readings.is_some() {
+                    decoded.extend(readings);
                 }
             }
             Err(error) => {

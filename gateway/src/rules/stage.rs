@@ -43,7 +43,8 @@ pub const STATE_PREFIX: &str = "rules/device/";
 pub struct RulesStage {
     pub gateway_id: String,
     pub dir: PathBuf,
-    pub input: flume::Receiver<Reading>,
+    /// Readings in batches (one per batch the decode stage took), in arrival order.
+    pub input: flume::Receiver<Vec<Reading>>,
     pub store: StoreHandle,
     /// Where events are published on the embedded broker.
     pub publish: LinkTx,
@@ -127,14 +128,17 @@ impl RulesStage {
                 .recv_timeout(next_tick.saturating_duration_since(Instant::now()));
             let mut events = Vec::new();
             match message {
-                Ok(reading) => {
-                    events = engine.on_reading(&reading, now_millis());
+                Ok(readings) => {
+                    let now = now_millis();
+                    for reading in &readings {
+                        events.extend(engine.on_reading(reading, now));
+                        if !dirty.contains(&reading.device) {
+                            dirty.insert(reading.device.clone());
+                        }
+                    }
                     let now_evaluated = engine.stats().evaluations;
                     Counters::add(&self.counters.rule_evaluations, now_evaluated - evaluations);
                     evaluations = now_evaluated;
-                    if !dirty.contains(&reading.device) {
-                        dirty.insert(reading.device.clone());
-                    }
                 }
                 Err(flume::RecvTimeoutError::Timeout) => {}
                 Err(flume::RecvTimeoutError::Disconnected) => break,
