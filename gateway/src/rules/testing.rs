@@ -288,6 +288,9 @@ fn rule_paths(test_file: &Path, given: Option<&[String]>) -> Vec<PathBuf> {
     }
 }
 
+/// Items with their offsets from the start of a test.
+type Timed<T> = Vec<(Millis, T)>;
+
 /// Feeds the inputs at their times and ticks every `tick` up to `last`; returns the events
 /// and the actions their rules publish, each with its offset from the start.
 fn simulate(
@@ -295,7 +298,7 @@ fn simulate(
     inputs: &[(Millis, &Input)],
     last: Millis,
     tick: Millis,
-) -> (Vec<(Millis, Event)>, Vec<(Millis, ActionMessage)>) {
+) -> (Timed<Event>, Timed<ActionMessage>) {
     let mut engine = Engine::new(rules, GATEWAY_ID);
     let mut produced = Vec::new();
     let mut next = inputs.iter().peekable();
