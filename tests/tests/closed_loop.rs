@@ -3,10 +3,11 @@
 //! heats up, the example temperature rule fires, its action turns the device's fan on,
 //! the device cools, the rule resolves, its action turns the fan off and the device heats
 //! again; each action is in the event log with the id of the event that caused it.
+//! And a rule removed by a reload while firing still runs its `resolved` action.
 
 use std::time::Duration;
 
-use test_support::{free_port, subscribe, Gateway};
+use test_support::{free_port, publish_all, subscribe, Gateway};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
@@ -170,4 +171,71 @@ async fn cooling_scenario_closes_the_loop_with_upstream_down() {
     assert!(records
         .iter()
         .all(|r| r["data"]["topic"] == format!("devices/{DEVICE}/commands/fan")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_firing_rule_runs_its_resolved_action() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    let file = rules.join("heat.toml");
+    std::fs::write(
+        &file,
+        r#"[[rule]]
+name = "heat"
+event = "Heat"
+condition = "heat > 10.0"
+
+[[rule.action]]
+on = "firing"
+topic = "devices/{device}/commands/fan"
+payload = '{"on": true, "heat": {value.heat}}'
+
+[[rule.action]]
+on = "resolved"
+topic = "devices/{device}/commands/fan"
+payload = '{"on": false}'
+qos = 0
+"#,
+    )
+    .unwrap();
+    let mut gw = Gateway::start_in(dir, &[]);
+    gw.wait_log("Rules loaded.", Duration::from_secs(5));
+    let mut commands = subscribe(&gw.addr(), "devices/r-1/commands/#").await;
+    let hot = vec![(
+        "devices/r-1/telemetry".to_string(),
+        br#"{"heat":20}"#.to_vec(),
+    )];
+    publish_all(&gw.addr(), "r-1", &hot).await;
+    let (topic, on) = tokio::time::timeout(Duration::from_secs(5), commands.recv())
+        .await
+        .expect("the firing action")
+        .unwrap();
+    assert_eq!(topic, "devices/r-1/commands/fan");
+    assert_eq!(on, br#"{"on": true, "heat": 20.0}"#);
+
+    std::fs::remove_file(&file).unwrap();
+    let (topic, off) = tokio::time::timeout(Duration::from_secs(10), commands.recv())
+        .await
+        .expect("the resolved action of the removed rule")
+        .unwrap();
+    assert_eq!(topic, "devices/r-1/commands/fan");
+    assert_eq!(off, br#"{"on": false}"#);
+    gw.stop();
+
+    let logged =
+        gateway::store::query_events(&gw.db_path(), 0, Some("Heat"), Some("r-1"), 10).unwrap();
+    let resolved: serde_json::Value = serde_json::from_slice(&logged[1].json).unwrap();
+    assert_eq!(resolved["data"]["reason"], "rule-removed");
+    let actions = gateway::store::query_events(
+        &gw.db_path(),
+        0,
+        Some(gateway::rules::ACTION_EVENT_TYPE),
+        Some("r-1"),
+        10,
+    )
+    .unwrap();
+    let last: serde_json::Value = serde_json::from_slice(&actions[1].json).unwrap();
+    assert_eq!(last["data"]["event_id"], resolved["id"]);
+    assert_eq!(last["data"]["qos"], 0);
 }
