@@ -1,13 +1,16 @@
 //! Value models: how one field of a simulated device changes over time.
 //!
 //! Inputs: a [`Model`] (from a scenario file or code), the time since the fleet
-//! started, and a per-device random generator. Output: the next value.
+//! started, a per-device random generator, and the device's [`Switches`] (the actuators
+//! its commands turn on and off). Output: the next value.
 //!
 //! Invariants:
 //! - a model is validated once ([`Model::problems`]) before any device runs;
 //!   a validated model never yields NaN or infinity.
 //! - the generator is seeded per device, so a run with a fixed seed is repeatable.
+//! - only a `thermal` model reads a switch: it is how a command closes the loop.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::rngs::SmallRng;
@@ -59,6 +62,25 @@ pub enum Model {
         #[serde(default)]
         unit: Option<String>,
     },
+    /// A body that heats and a fan that cools it: from `start`, rises by `rise` per second
+    /// while the switch `fan` is off and falls by `fall` per second while it is on, kept
+    /// inside `[min, max]`. The device turns the switch on and off when it receives
+    /// commands on `devices/{id}/commands/{fan}`.
+    Thermal {
+        start: f64,
+        rise: f64,
+        fall: f64,
+        min: f64,
+        max: f64,
+        #[serde(default = "default_fan")]
+        fan: String,
+        #[serde(default)]
+        unit: Option<String>,
+    },
+}
+
+fn default_fan() -> String {
+    "fan".into()
 }
 
 fn neg_inf() -> f64 {
@@ -74,7 +96,16 @@ impl Model {
             Model::Constant { unit, .. }
             | Model::RandomWalk { unit, .. }
             | Model::Sine { unit, .. }
-            | Model::Step { unit, .. } => unit.as_deref(),
+            | Model::Step { unit, .. }
+            | Model::Thermal { unit, .. } => unit.as_deref(),
+        }
+    }
+
+    /// The switch this model listens to, if any.
+    pub fn switch(&self) -> Option<&str> {
+        match self {
+            Model::Thermal { fan, .. } => Some(fan),
+            _ => None,
         }
     }
 
@@ -141,8 +172,80 @@ impl Model {
                     ));
                 }
             }
+            Model::Thermal {
+                start,
+                rise,
+                fall,
+                min,
+                max,
+                fan,
+                ..
+            } => {
+                finite("start", *start);
+                finite("rise", *rise);
+                finite("fall", *fall);
+                finite("min", *min);
+                finite("max", *max);
+                if min > max {
+                    out.push(format!(
+                        "field `{field}`: `min` ({min}) is above `max` ({max})"
+                    ));
+                }
+                if *rise < 0.0 || *fall < 0.0 {
+                    out.push(format!(
+                        "field `{field}`: `rise` and `fall` are rates and must not be negative"
+                    ));
+                }
+                let level = !fan.is_empty() && !fan.contains(['/', '+', '#']);
+                if !level {
+                    out.push(format!(
+                        "field `{field}`: `fan` must be one topic level (no `/`, `+` or `#`)"
+                    ));
+                }
+            }
         }
         out
+    }
+}
+
+/// The on/off actuators of one device (a fan), set by the commands it receives and read
+/// by its models. Shared between the device's connection and publisher tasks.
+#[derive(Debug, Default)]
+pub struct Switches {
+    switches: Vec<(String, AtomicBool)>,
+}
+
+impl Switches {
+    /// All off.
+    pub fn new(names: impl IntoIterator<Item = String>) -> Switches {
+        let mut switches: Vec<(String, AtomicBool)> = Vec::new();
+        for name in names {
+            if !switches.iter().any(|(n, _)| *n == name) {
+                switches.push((name, AtomicBool::new(false)));
+            }
+        }
+        Switches { switches }
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.switches.iter().map(|(n, _)| n.as_str())
+    }
+
+    pub fn is_on(&self, name: &str) -> bool {
+        self.switches
+            .iter()
+            .any(|(n, on)| n == name && on.load(Ordering::Relaxed))
+    }
+
+    /// Sets a switch; false when the device has no switch of that name.
+    pub fn set(&self, name: &str, on: bool) -> bool {
+        match self.switches.iter().find(|(n, _)| n == name) {
+            Some((_, state)) => {
+                state.store(on, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -152,12 +255,14 @@ pub struct Generator {
     model: Model,
     current: f64,
     phase: f64,
+    /// When the last value was made (for rate models).
+    last: Option<Duration>,
 }
 
 impl Generator {
     pub fn new(model: Model, rng: &mut SmallRng) -> Self {
         let current = match &model {
-            Model::RandomWalk { start, .. } => *start,
+            Model::RandomWalk { start, .. } | Model::Thermal { start, .. } => *start,
             _ => 0.0,
         };
         let phase = rng.random_range(0.0..std::f64::consts::TAU);
@@ -165,11 +270,12 @@ impl Generator {
             model,
             current,
             phase,
+            last: None,
         }
     }
 
-    /// The value at `t` since the fleet started.
-    pub fn next(&mut self, t: Duration, rng: &mut SmallRng) -> f64 {
+    /// The value at `t` since the fleet started, with the device's switches as they are.
+    pub fn next(&mut self, t: Duration, rng: &mut SmallRng, switches: &Switches) -> f64 {
         let v = match &self.model {
             Model::Constant { value, .. } => *value,
             Model::RandomWalk { step, min, max, .. } => {
@@ -207,7 +313,23 @@ impl Generator {
                 let steps = (t.as_secs_f64() / every.as_secs_f64()).floor();
                 (start + by * steps).clamp(*min, *max)
             }
+            Model::Thermal {
+                rise,
+                fall,
+                min,
+                max,
+                fan,
+                ..
+            } => {
+                let dt = self
+                    .last
+                    .map_or(0.0, |last| t.saturating_sub(last).as_secs_f64());
+                let rate = if switches.is_on(fan) { -*fall } else { *rise };
+                self.current = (self.current + rate * dt).clamp(*min, *max);
+                self.current
+            }
         };
+        self.last = Some(t);
         round2(v)
     }
 }
@@ -236,7 +358,7 @@ mod tests {
             &mut rng,
         );
         for i in 0..1000 {
-            let v = g.next(Duration::from_millis(i), &mut rng);
+            let v = g.next(Duration::from_millis(i), &mut rng, &Switches::default());
             assert!((15.0..=25.0).contains(&v), "{v}");
         }
     }
@@ -255,9 +377,10 @@ mod tests {
             },
             &mut rng,
         );
-        assert_eq!(g.next(Duration::from_secs(9), &mut rng), 100.0);
-        assert_eq!(g.next(Duration::from_secs(25), &mut rng), 80.0);
-        assert_eq!(g.next(Duration::from_secs(500), &mut rng), 0.0);
+        let none = Switches::default();
+        assert_eq!(g.next(Duration::from_secs(9), &mut rng, &none), 100.0);
+        assert_eq!(g.next(Duration::from_secs(25), &mut rng, &none), 80.0);
+        assert_eq!(g.next(Duration::from_secs(500), &mut rng, &none), 0.0);
     }
 
     #[test]
@@ -274,7 +397,13 @@ mod tests {
             &mut rng,
         );
         let values: Vec<f64> = (0..600)
-            .map(|i| g.next(Duration::from_millis(i * 100), &mut rng))
+            .map(|i| {
+                g.next(
+                    Duration::from_millis(i * 100),
+                    &mut rng,
+                    &Switches::default(),
+                )
+            })
             .collect();
         assert!(values.iter().all(|v| (39.49..=50.51).contains(v)));
         let spread = values.iter().cloned().fold(f64::MIN, f64::max)
@@ -283,5 +412,50 @@ mod tests {
             spread > 8.0,
             "a full period should swing the value: {spread}"
         );
+    }
+
+    #[test]
+    fn thermal_rises_with_the_fan_off_and_falls_with_it_on() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let model = Model::Thermal {
+            start: 60.0,
+            rise: 1.0,
+            fall: 2.0,
+            min: 20.0,
+            max: 90.0,
+            fan: "fan".into(),
+            unit: None,
+        };
+        assert!(model.problems("temperature").is_empty());
+        let switches = Switches::new(model.switch().map(str::to_owned));
+        let mut g = Generator::new(model, &mut rng);
+        let secs = Duration::from_secs;
+        assert_eq!(g.next(secs(0), &mut rng, &switches), 60.0);
+        assert_eq!(g.next(secs(10), &mut rng, &switches), 70.0);
+        assert_eq!(g.next(secs(40), &mut rng, &switches), 90.0, "capped at max");
+        assert!(switches.set("fan", true));
+        assert_eq!(g.next(secs(45), &mut rng, &switches), 80.0);
+        assert_eq!(
+            g.next(secs(100), &mut rng, &switches),
+            20.0,
+            "floored at min"
+        );
+        assert!(switches.set("fan", false));
+        assert_eq!(g.next(secs(101), &mut rng, &switches), 21.0);
+        assert!(!switches.set("pump", true), "no such switch");
+    }
+
+    #[test]
+    fn thermal_problems_are_reported() {
+        let model = Model::Thermal {
+            start: 60.0,
+            rise: -1.0,
+            fall: 2.0,
+            min: 90.0,
+            max: 20.0,
+            fan: "a/b".into(),
+            unit: None,
+        };
+        assert_eq!(model.problems("t").len(), 3, "{:?}", model.problems("t"));
     }
 }

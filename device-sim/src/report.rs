@@ -34,6 +34,13 @@ pub fn summary(s: &Summary) -> String {
         "  connections: peak {}, connects {}, errors {}",
         s.connected_peak, t.connects, t.errors
     );
+    if t.commands + t.commands_ignored > 0 {
+        let _ = writeln!(
+            out,
+            "  commands: {} applied, {} ignored",
+            t.commands, t.commands_ignored
+        );
+    }
     let _ = writeln!(
         out,
         "  own CPU: {:.1}% of one core ({:.1} s), max RSS {:.1} MB",

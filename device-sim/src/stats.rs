@@ -39,6 +39,10 @@ pub struct Counters {
     pub dropped: AtomicU64,
     /// Ticks that fell more than a second behind schedule and were skipped.
     pub late: AtomicU64,
+    /// Commands received that set a switch.
+    pub commands: AtomicU64,
+    /// Commands received that named no switch of the device or said neither on nor off.
+    pub commands_ignored: AtomicU64,
 }
 
 /// A point-in-time copy of [`Counters`].
@@ -53,6 +57,10 @@ pub struct Snapshot {
     pub acked: u64,
     pub dropped: u64,
     pub late: u64,
+    #[serde(default)]
+    pub commands: u64,
+    #[serde(default)]
+    pub commands_ignored: u64,
 }
 
 impl Counters {
@@ -73,6 +81,8 @@ impl Counters {
             acked: self.acked.load(Relaxed),
             dropped: self.dropped.load(Relaxed),
             late: self.late.load(Relaxed),
+            commands: self.commands.load(Relaxed),
+            commands_ignored: self.commands_ignored.load(Relaxed),
         }
     }
 }

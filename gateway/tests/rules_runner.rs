@@ -40,7 +40,7 @@ expect = [
     assert_eq!(
         lines,
         vec![
-            "    events (- expected but missing, + produced but not expected):",
+            "    timeline (- expected but missing, + produced but not expected):",
             "    -       5s  firing    Hot  t-1  (rule any)",
             "    +      10s  firing    Hot  t-1  (rule hot)",
             "           20s  resolved  Hot  t-1  (rule hot)",
@@ -52,6 +52,80 @@ expect = [
     let text = String::from_utf8(out).unwrap();
     assert!(text.contains("  FAILED  wrong time\n"), "{text}");
     assert!(text.contains("1 tests, 1 failed"), "{text}");
+}
+
+const FAN_RULE: &str = r#"[[rule]]
+name = "hot"
+event = "Hot"
+condition = "temperature > 75.0"
+for = "10s"
+
+[[rule.action]]
+on = "firing"
+topic = "devices/{device}/commands/fan"
+payload = '{"on": true, "t": {value.temperature}}'
+
+[[rule.action]]
+on = "resolved"
+topic = "devices/{device}/commands/fan"
+payload = '{"on": false}'
+qos = 0
+"#;
+
+#[test]
+fn actions_are_asserted_with_the_events_when_a_test_lists_them() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hot.toml"), FAN_RULE).unwrap();
+    let test = |actions: &str| {
+        format!(
+            r#"
+[[test]]
+name = "fan"
+input = [
+  {{ at = "0s", device = "t-1", fields = {{ temperature = 80.0 }} }},
+  {{ at = "20s", device = "t-1", fields = {{ temperature = 70.0 }} }},
+]
+expect = [
+  {{ at = "10s", type = "Hot", device = "t-1", state = "firing" }},
+  {{ at = "20s", type = "Hot", device = "t-1", state = "resolved" }},
+]
+{actions}
+"#
+        )
+    };
+    let path = dir.path().join("hot.test.toml");
+    let run = |actions: &str| {
+        std::fs::write(&path, test(actions)).unwrap();
+        run_test_file(&path).unwrap().remove(0)
+    };
+
+    // Not listed: not checked.
+    assert!(run("").passed);
+    // Listed and right, the payload and QoS checked only where given.
+    let right = run(r#"actions = [
+  { at = "10s", topic = "devices/t-1/commands/fan", payload = '{"on": true, "t": 80.0}', qos = 1 },
+  { at = "20s", topic = "devices/t-1/commands/fan" },
+]"#);
+    assert!(right.passed, "{}", right.diff);
+    // Wrong payload and a missing action: a diff on the same timeline as the events.
+    let wrong = run(r#"actions = [
+  { at = "10s", topic = "devices/t-1/commands/fan", payload = '{"on": true}' },
+]"#);
+    assert!(!wrong.passed);
+    let lines: Vec<&str> = wrong.diff.lines().map(str::trim_end).collect();
+    assert_eq!(
+        lines,
+        vec![
+            "    timeline (- expected but missing, + produced but not expected):",
+            "           10s  firing    Hot  t-1  (rule hot)",
+            r#"    -      10s  action    devices/t-1/commands/fan  "{\"on\": true}"  (any qos)"#,
+            r#"    +      10s  action    devices/t-1/commands/fan  "{\"on\": true, \"t\": 80.0}"  (qos 1)"#,
+            "           20s  resolved  Hot  t-1  (rule hot)",
+            r#"    +      20s  action    devices/t-1/commands/fan  "{\"on\": false}"  (qos 0)"#,
+        ]
+    );
+    // `actions = []` means none.
+    assert!(!run("actions = []").passed);
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! One simulated device: its publisher task (schedule, values, scenario events; owns the
-//! `AsyncClient`), started beside its [`Driver`] task (the connection).
+//! `AsyncClient`), started beside its [`Driver`] task (the connection), sharing the
+//! device's [`Switches`] with it (the driver sets them from commands, the models read them).
 //!
 //! Input: the fleet's config, the device's index and the run's start, deadline and
 //! shutdown. Output: a [`DeviceDone`] with the readings it published, and the fleet's
@@ -24,9 +25,10 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use super::commands::command_topics;
 use super::driver::{Control, Driver};
 use super::FleetConfig;
-use crate::model::Generator;
+use crate::model::{Generator, Switches};
 use crate::payload::{self, Field, Sample};
 use crate::scenario::Plan;
 use crate::stats::Counters;
@@ -75,7 +77,16 @@ impl Device {
         let (client, eventloop) = AsyncClient::new(self.mqtt_options(), REQUEST_CAPACITY);
         let (ctrl_tx, ctrl_rx) = mpsc::channel(4);
         let (connected_tx, mut connected_rx) = watch::channel(false);
+        let switches = Arc::new(Switches::new(
+            cfg.scenario
+                .fields
+                .values()
+                .filter_map(|m| m.switch().map(str::to_owned)),
+        ));
         let driver = Driver {
+            device: self.id.clone(),
+            commands: command_topics(&self.id, &switches),
+            switches: switches.clone(),
             eventloop,
             client: client.clone(),
             ctrl: ctrl_rx,
@@ -105,7 +116,7 @@ impl Device {
             _ = self.shutdown.cancelled() => false,
         };
         let published = if connected {
-            let mut publisher = Publisher::new(&self, client, &ctrl_tx);
+            let mut publisher = Publisher::new(&self, client, &ctrl_tx, switches);
             let published = publisher.run().await;
             done.readings = publisher.seq;
             published
@@ -148,6 +159,8 @@ struct Publisher<'d> {
     topic: String,
     plan: Plan,
     fields: Vec<(String, Option<String>, Generator)>,
+    /// Set by the commands the driver receives; read by the models.
+    switches: Arc<Switches>,
     rng: SmallRng,
     seq: u64,
     published: u64,
@@ -156,7 +169,12 @@ struct Publisher<'d> {
 }
 
 impl<'d> Publisher<'d> {
-    fn new(device: &'d Device, client: AsyncClient, ctrl: &'d mpsc::Sender<Control>) -> Self {
+    fn new(
+        device: &'d Device,
+        client: AsyncClient,
+        ctrl: &'d mpsc::Sender<Control>,
+        switches: Arc<Switches>,
+    ) -> Self {
         let cfg = &device.cfg;
         let mut rng =
             SmallRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003) + device.index as u64);
@@ -179,6 +197,7 @@ impl<'d> Publisher<'d> {
             topic: format!("devices/{}/{}", device.id, cfg.stream),
             plan: cfg.scenario.plan_for(device.index, &device.id),
             fields,
+            switches,
             rng,
             seq: 0,
             published: 0,
@@ -272,7 +291,7 @@ impl<'d> Publisher<'d> {
                 .fields
                 .iter_mut()
                 .map(|(name, unit, gen)| {
-                    let v = gen.next(t, &mut self.rng);
+                    let v = gen.next(t, &mut self.rng, &self.switches);
                     Field {
                         name,
                         unit: unit.as_deref(),

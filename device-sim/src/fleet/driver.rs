@@ -1,8 +1,8 @@
 //! The connection half of a device: drives the rumqttc event loop.
 //!
-//! Input: the device's event loop and [`Control`] messages from its publisher. Output:
-//! the fleet's counters (connects, sent, acked, dropped, errors) and the device's
-//! connected flag.
+//! Input: the device's event loop, [`Control`] messages from its publisher, and the
+//! commands published to the device. Output: the fleet's counters (connects, sent, acked,
+//! dropped, errors, commands), the device's connected flag and its [`Switches`].
 //!
 //! Invariants:
 //! - `EventLoop::poll` is never raced against the publish timer (a cancelled poll can
@@ -11,7 +11,9 @@
 //!   the next poll reconnects;
 //! - every publish is accounted for at the end: acked (QoS 1) or sent (QoS 0), or
 //!   dropped from the queue on a disconnect, or still outstanding when the drain grace
-//!   ran out.
+//!   ran out;
+//! - a device with switches subscribes to its command topics (QoS 1) after every ConnAck,
+//!   since its session is clean; a command sets the switch it names.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +25,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
+use super::commands::{parse_on, switch_of};
+use crate::model::Switches;
 use crate::stats::Counters;
 
 /// Wait before the first reconnect after a connection error.
@@ -40,6 +44,10 @@ pub(super) enum Control {
 
 /// The connection half of a device: drives the event loop.
 pub(super) struct Driver {
+    pub device: String,
+    /// Topics to subscribe to after each ConnAck (empty: none).
+    pub commands: Vec<String>,
+    pub switches: Arc<Switches>,
     pub eventloop: EventLoop,
     pub client: AsyncClient,
     pub ctrl: mpsc::Receiver<Control>,
@@ -71,7 +79,12 @@ impl Driver {
         let mut finish: Option<(u64, Instant)> = None;
         let mut failures = 0u32;
         let mut disconnecting = false;
+        // Subscriptions still to ask for on this connection.
+        let mut subscribe = false;
         loop {
+            if subscribe {
+                subscribe = !self.subscribe_commands();
+            }
             if let Some((published, grace)) = finish {
                 let settled = match self.qos {
                     QoS::AtMostOnce => sent + dropped >= published,
@@ -116,7 +129,9 @@ impl Driver {
                         failures = 0;
                         c.connects.fetch_add(1, Relaxed);
                         self.set_connected(true);
+                        subscribe = !self.commands.is_empty();
                     }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => self.command(&p.topic, &p.payload),
                     Ok(Event::Outgoing(Outgoing::Publish(_))) => {
                         sent += 1;
                         c.sent.fetch_add(1, Relaxed);
@@ -145,6 +160,30 @@ impl Driver {
             }
         }
         self.set_connected(false);
+    }
+
+    /// Asks for the command subscriptions; false when the client's queue is full (the
+    /// caller tries again after the next event).
+    fn subscribe_commands(&self) -> bool {
+        let filters = self
+            .commands
+            .iter()
+            .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+        self.client.try_subscribe_many(filters).is_ok()
+    }
+
+    /// Applies a command published to this device.
+    fn command(&self, topic: &str, payload: &[u8]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let applied = switch_of(&self.device, topic)
+            .zip(parse_on(payload))
+            .is_some_and(|(switch, on)| self.switches.set(switch, on));
+        let counter = if applied {
+            &self.counters.commands
+        } else {
+            &self.counters.commands_ignored
+        };
+        counter.fetch_add(1, Relaxed);
     }
 
     /// Forgets the publishes queued for the dead session (clean session: the

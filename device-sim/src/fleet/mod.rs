@@ -8,8 +8,9 @@
 //! Each device is two tasks: the publisher (`device.rs`: schedule, values, scenario
 //! events; owns the `AsyncClient`) and the driver (`driver.rs`: owns the rumqttc
 //! `EventLoop`, counts sent/acked, reconnects with backoff, drops the connection when
-//! told). Two tasks because `EventLoop::poll` must not be cancelled mid-write, so it is
-//! never raced against the publish timer.
+//! told, and takes the commands a device subscribes to when a model of its scenario has a
+//! switch: `commands.rs`). Two tasks because `EventLoop::poll` must not be cancelled
+//! mid-write, so it is never raced against the publish timer.
 //!
 //! Invariants:
 //! - with `count`, exactly `count` payloads are published (spread over the
@@ -23,6 +24,7 @@
 //! - memory is bounded: each client's request channel holds
 //!   [`REQUEST_CAPACITY`] publishes; devices wait when it is full.
 
+mod commands;
 mod config;
 mod device;
 mod driver;
@@ -35,6 +37,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+pub use commands::{command_topic, parse_on};
 pub use config::{parse_credentials, FleetConfig, Rate};
 pub use device::REQUEST_CAPACITY;
 

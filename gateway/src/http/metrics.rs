@@ -8,7 +8,8 @@
 //! Invariants:
 //! - each family is declared once, here, with its label type: [`Lane`] (`lane`),
 //!   [`Format`] and `Option<Format>` (`format`, `unknown` for none), [`DropReason`],
-//!   [`AuthRefusal`] (`reason`), [`EventType`] and [`EventState`], [`Version`], `Url`;
+//!   [`AuthRefusal`] (`reason`), [`EventType`] and [`EventState`], [`RuleName`] and
+//!   [`ActionOn`], [`Version`], `Url`;
 //! - per-lane and per-format figures are read through their [`Lane`] or [`Format`], never
 //!   by position;
 //! - one snapshot of the store's counters serves the outbox and storage families, so a
@@ -125,6 +126,26 @@ impl Label for EventState {
     }
 }
 
+/// The name of a rule.
+pub struct RuleName<'a>(&'a str);
+
+impl Label for RuleName<'_> {
+    const NAME: &'static str = "rule";
+    fn value(&self) -> Cow<'_, str> {
+        self.0.into()
+    }
+}
+
+/// The transition an action runs on: `firing` or `resolved`.
+pub struct ActionOn(&'static str);
+
+impl Label for ActionOn {
+    const NAME: &'static str = "on";
+    fn value(&self) -> Cow<'_, str> {
+        self.0.into()
+    }
+}
+
 /// The gateway's version.
 pub struct Version(&'static str);
 
@@ -233,6 +254,22 @@ fn pipeline(e: &mut Encoder, s: &Sources) {
     );
     for ((event_type, state), n) in &rules.events {
         events.sample((EventType(event_type), EventState(state)), *n as f64);
+    }
+    let mut actions = e.family(
+        "gateway_rule_actions_total",
+        "Rule actions published on the embedded broker, by rule and transition (firing or resolved).",
+        Kind::Counter,
+    );
+    for ((rule, on), n) in &rules.actions {
+        actions.sample((RuleName(rule), ActionOn(on)), *n as f64);
+    }
+    let mut failed = e.family(
+        "gateway_rule_action_failures_total",
+        "Rule actions the embedded broker did not take, by rule and transition.",
+        Kind::Counter,
+    );
+    for ((rule, on), n) in &rules.action_failures {
+        failed.sample((RuleName(rule), ActionOn(on)), *n as f64);
     }
 }
 

@@ -19,6 +19,7 @@ use std::ops::Range;
 use cel::common::ast::{Expr as Ast, IdedExpr};
 use toml_edit::{ImDocument, Item, TableLike};
 
+use super::action::Known;
 use super::cel_guard::{self, Refused, MAX_EXPR_BYTES, MAX_EXPR_DEPTH};
 use super::diagnostics::{char_position, content_start, map_position, Diagnostic, Source};
 use super::fast::AGG_VAR;
@@ -42,6 +43,7 @@ const RULE_KEYS: &[&str] = &[
     "labels",
     "annotations",
     "aggregate",
+    "action",
 ];
 const AGGREGATE_KEYS: &[&str] = &["name", "field", "fn", "window", "samples"];
 /// Severity when a rule gives none.
@@ -110,14 +112,14 @@ pub fn parse_file(file: &str, text: &str, env: &cel::Env) -> Parsed {
     }
 }
 
-struct Cx<'a> {
-    src: &'a Source<'a>,
+pub(super) struct Cx<'a> {
+    pub(super) src: &'a Source<'a>,
     env: &'a cel::Env,
     diags: Vec<Diagnostic>,
 }
 
 impl Cx<'_> {
-    fn error(&mut self, span: Option<Range<usize>>, message: impl Into<String>) {
+    pub(super) fn error(&mut self, span: Option<Range<usize>>, message: impl Into<String>) {
         let at = span.map_or(0, |s| s.start);
         self.diags.push(self.src.at(at, message));
     }
@@ -133,7 +135,7 @@ impl Cx<'_> {
         );
     }
 
-    fn check_keys(&mut self, table: &dyn TableLike, known: &[&str], place: &str) {
+    pub(super) fn check_keys(&mut self, table: &dyn TableLike, known: &[&str], place: &str) {
         let unknown: Vec<String> = table
             .iter()
             .map(|(k, _)| k.to_string())
@@ -144,7 +146,11 @@ impl Cx<'_> {
         }
     }
 
-    fn string(&mut self, table: &dyn TableLike, key: &str) -> Option<(String, Range<usize>)> {
+    pub(super) fn string(
+        &mut self,
+        table: &dyn TableLike,
+        key: &str,
+    ) -> Option<(String, Range<usize>)> {
         let item = table.get(key)?;
         let span = item.span().unwrap_or(0..0);
         match item.as_str() {
@@ -160,7 +166,7 @@ impl Cx<'_> {
         }
     }
 
-    fn required(
+    pub(super) fn required(
         &mut self,
         table: &dyn TableLike,
         key: &str,
@@ -267,6 +273,19 @@ impl Cx<'_> {
         let labels = self.string_map(table, "labels");
         let annotations = self.string_map(table, "annotations");
         let kind = self.kind(table, &at, &declared);
+        let actions = match (&name, &event) {
+            (Some((name, _)), Some((event, _))) => {
+                let known = Known {
+                    rule: name,
+                    event,
+                    stream: stream.as_deref(),
+                    labels: &labels,
+                    aggregates: &declared,
+                };
+                self.actions(table, &known)
+            }
+            _ => Vec::new(),
+        };
         Some(Rule {
             name: name?.0,
             file: self.src.file.to_string(),
@@ -283,6 +302,7 @@ impl Cx<'_> {
             labels,
             annotations,
             aggregates,
+            actions: actions.into(),
         })
     }
 

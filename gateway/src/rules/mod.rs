@@ -2,10 +2,11 @@
 //!
 //! Owns loading and validating rule files ([`RuleSet`], [`Diagnostics`]), the state machine
 //! that turns readings and time into events ([`Engine`]), change detection for hot reload
-//! ([`Watcher`]), and the `rules check` / `rules test` commands ([`check_command`],
-//! [`test_command`]).
+//! ([`Watcher`]), the actions a rule publishes on a transition ([`Action`]), and the
+//! `rules check` / `rules test` commands ([`check_command`], [`test_command`]).
 //! Input: rule files (TOML + CEL), decoded readings, the current time passed in by the caller.
-//! Output: `events::Event`s on transitions, a serializable [`EngineState`] to persist.
+//! Output: `events::Event`s on transitions, the [`ActionMessage`]s of those transitions, a
+//! serializable [`EngineState`] to persist.
 //!
 //! Invariants:
 //! - Pure and deterministic: no clock, no I/O in the engine; the caller owns time,
@@ -13,6 +14,7 @@
 //! - A rule set is swapped whole: an invalid edit never replaces a valid set.
 //! - File format: `rules/README.md`.
 
+mod action;
 mod cel_guard;
 mod diagnostics;
 mod engine;
@@ -28,6 +30,10 @@ mod testing;
 mod watcher;
 mod window;
 
+pub use action::{
+    messages as action_messages, Action, ActionMessage, Template, ACTION_EVENT_TYPE,
+    DEFAULT_ACTION_QOS,
+};
 pub use cel_guard::{MAX_EXPR_BYTES, MAX_EXPR_DEPTH};
 pub use diagnostics::{Diagnostic, Diagnostics};
 pub use engine::Engine;

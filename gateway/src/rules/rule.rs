@@ -1,7 +1,8 @@
 //! One compiled rule: what it applies to, when it fires, what it says.
 //!
 //! Owns [`Rule`] and its parts: [`RuleKind`] (a CEL condition, or absence of readings),
-//! [`Aggregate`]s over rolling windows, [`TopicFilter`] and [`DeviceMatch`].
+//! [`Aggregate`]s over rolling windows, [`TopicFilter`] and [`DeviceMatch`]; its actions
+//! are `action::Action`s.
 //! Input: values checked by `load` (this module never sees TOML). Output: matching and
 //! condition evaluation for the engine.
 //!
@@ -11,7 +12,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
+use super::action::Action;
 use crate::reading::Millis;
 
 /// A CEL expression compiled once at load (and, when it has the common simple shape, also
@@ -198,6 +201,9 @@ pub struct Rule {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub aggregates: Vec<Aggregate>,
+    /// What it publishes when an instance fires or resolves (shared, so the rules stage can
+    /// keep a removed rule's actions for its last resolution).
+    pub actions: Arc<[Action]>,
 }
 
 impl Rule {

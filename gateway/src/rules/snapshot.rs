@@ -1,12 +1,12 @@
 //! What the rules stage publishes for readers (the HTTP API) so they never touch the
 //! engine: the loaded rules, the instances that are not idle, the last reload's result and
-//! the events emitted by type and state.
+//! the events emitted by type and state, the actions published by rule and transition.
 //!
 //! Written by the rules stage at start, on every transition and on every reload attempt;
 //! read by cloning under a short lock ([`SharedRules::get`]).
 //!
 //! Invariants: the snapshot is replaced whole, so a reader sees one consistent moment;
-//! event counts only grow while the process runs.
+//! event and action counts only grow while the process runs.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 
 use super::{Engine, InstanceState};
-use crate::events::Event;
+use crate::events::{Event, EventState};
 use crate::reading::Millis;
 
 /// One loaded rule.
@@ -61,6 +61,12 @@ pub struct RulesSnapshot {
     /// Events emitted since start, by `(type, state)`.
     #[serde(skip)]
     pub events: BTreeMap<(String, &'static str), u64>,
+    /// Actions published since start, by `(rule, on)`.
+    #[serde(skip)]
+    pub actions: BTreeMap<(String, &'static str), u64>,
+    /// Actions the local broker did not take, by `(rule, on)`.
+    #[serde(skip)]
+    pub action_failures: BTreeMap<(String, &'static str), u64>,
 }
 
 impl RulesSnapshot {
@@ -102,7 +108,17 @@ impl RulesSnapshot {
             .collect();
     }
 
-    pub fn count_events(&mut self, events: &[Event]) {
+    /// Counts one action of `rule` on transition `on`, published or not.
+    pub fn count_action(&mut self, rule: &str, on: EventState, published: bool) {
+        let counts = if published {
+            &mut self.actions
+        } else {
+            &mut self.action_failures
+        };
+        *counts.entry((rule.to_string(), on.as_str())).or_default() += 1;
+    }
+
+    pub fn count_events<'a>(&mut self, events: impl IntoIterator<Item = &'a Event>) {
         for e in events {
             *self
                 .events

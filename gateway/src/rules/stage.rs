@@ -1,5 +1,6 @@
-//! The rules stage: evaluates decoded readings against the loaded rule set and hands
-//! every event it produces to the local broker, the event log and the outbox.
+//! The rules stage: evaluates decoded readings against the loaded rule set, hands every
+//! event it produces to the local broker, the event log and the outbox, and publishes the
+//! actions of the event's rule on the local broker (each recorded in the event log).
 //!
 //! Runs on its own OS thread: publishing on the broker's local link is a blocking send.
 //! Time comes from the wall clock here and is passed into the pure [`Engine`]. Its 1 s
@@ -13,6 +14,11 @@
 //!   so a restart neither re-fires nor forgets a firing instance;
 //! - a rule-file edit that does not load keeps the running rules and logs every error;
 //! - the stage ends when its input is closed and empty;
+//! - an event's actions are published right after the event, in the order the rule
+//!   declares them, whether or not upstream is connected; an action is recorded in the
+//!   event log (type `ActionPublished`, with the event's id) only once the broker took it;
+//! - a rule removed or changed by a reload still runs its `resolved` actions for the
+//!   instances the reload resolves (its actions are kept until then).
 //! - readers see the rules, live instances and the last reload through [`SharedRules`],
 //!   refreshed on every transition, reload and save tick, never by locking the engine.
 
@@ -23,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use rumqttd::local::LinkTx;
 
+use super::action::{messages, Action, ActionMessage, ACTION_EVENT_TYPE};
 use super::snapshot::{ReloadView, SharedRules};
 use super::{Diagnostics, Engine, EngineState, InstanceRecord, RuleSet, Watcher, STATE_VERSION};
 use crate::counters::Counters;
@@ -59,6 +66,25 @@ pub struct RulesStage {
     /// Returns free memory to the OS once a burst is over; this stage's tick is the
     /// gateway's one timer that always runs, so it drives it (see `memory.rs`).
     pub trim: Trim,
+}
+
+/// An event and the messages its rule's actions publish for it.
+type Emitted = (Event, Vec<ActionMessage>);
+
+/// Pairs each event with the actions of its rule in `rules` (none when the rule is gone or
+/// now announces another event type).
+fn with_actions(rules: &RuleSet, events: Vec<Event>) -> Vec<Emitted> {
+    events
+        .into_iter()
+        .map(|e| {
+            let actions = rules
+                .get(&e.data.rule)
+                .filter(|r| r.event == e.event_type)
+                .map(|r| messages(&r.actions, &e))
+                .unwrap_or_default();
+            (e, actions)
+        })
+        .collect()
 }
 
 fn reload_view(result: Result<usize, &Diagnostics>) -> ReloadView {
@@ -111,7 +137,7 @@ impl RulesStage {
             Some(state) => {
                 let (engine, events) =
                     Engine::restore(rules, &self.gateway_id, state, now_millis());
-                self.emit(&events);
+                self.emit(&with_actions(engine.rules(), events));
                 engine
             }
             None => Engine::new(rules, &self.gateway_id),
@@ -131,7 +157,8 @@ impl RulesStage {
                 Ok(readings) => {
                     let now = now_millis();
                     for reading in &readings {
-                        events.extend(engine.on_reading(reading, now));
+                        let produced = engine.on_reading(reading, now);
+                        events.extend(with_actions(engine.rules(), produced));
                         if !dirty.contains(&reading.device) {
                             dirty.insert(reading.device.clone());
                         }
@@ -145,13 +172,15 @@ impl RulesStage {
             }
             if Instant::now() >= next_tick {
                 next_tick = Instant::now() + TICK;
-                events.extend(engine.tick(now_millis()));
+                let due = engine.tick(now_millis());
+                events.extend(with_actions(engine.rules(), due));
                 events.extend(self.reload(&mut watcher, &mut engine));
                 self.trim.on_tick(Counters::get(&self.counters.ingested));
             }
             if !events.is_empty() {
                 self.emit(&events);
-                let changed: HashSet<&str> = events.iter().map(|e| e.subject.as_str()).collect();
+                let changed: HashSet<&str> =
+                    events.iter().map(|(e, _)| e.subject.as_str()).collect();
                 for device in changed {
                     self.save(&engine, device);
                     dirty.remove(device);
@@ -172,13 +201,29 @@ impl RulesStage {
         tracing::debug!("Rules stopped.");
     }
 
-    fn reload(&self, watcher: &mut Watcher, engine: &mut Engine) -> Vec<Event> {
+    fn reload(&self, watcher: &mut Watcher, engine: &mut Engine) -> Vec<Emitted> {
         match watcher.poll() {
             None => Vec::new(),
             Some(Ok(set)) => {
                 tracing::info!(rules = set.len(), "Rule files changed; new rules in force.");
                 let view = reload_view(Ok(set.len()));
+                // The instances a reload resolves belong to the rules it replaces: their
+                // actions come from those rules.
+                let old: Vec<(String, String, Arc<[Action]>)> = (engine.rules().rules().iter())
+                    .map(|r| (r.name.clone(), r.event.clone(), r.actions.clone()))
+                    .collect();
                 let events = engine.replace(set, now_millis());
+                let events = events
+                    .into_iter()
+                    .map(|e| {
+                        let actions = old
+                            .iter()
+                            .find(|(name, event, _)| *name == e.data.rule && *event == e.event_type)
+                            .map(|(_, _, actions)| messages(actions, &e))
+                            .unwrap_or_default();
+                        (e, actions)
+                    })
+                    .collect();
                 self.snapshot.update(|s| {
                     s.last_reload = Some(view);
                     s.refresh(engine);
@@ -238,9 +283,10 @@ impl RulesStage {
         }
     }
 
-    fn emit(&mut self, events: &[Event]) {
-        self.snapshot.update(|s| s.count_events(events));
-        for event in events {
+    fn emit(&mut self, events: &[Emitted]) {
+        self.snapshot
+            .update(|s| s.count_events(events.iter().map(|(e, _)| e)));
+        for (event, actions) in events {
             let json = event.to_json();
             let time = event.time_millis().unwrap_or_else(now_millis);
             let topic = event.local_topic(&self.event_topic);
@@ -259,6 +305,33 @@ impl RulesStage {
                 ));
             }
             tracing::info!(event = %event.event_type, device = %event.subject, rule = %event.data.rule, state = %event.data.state, "Event.");
+            for action in actions {
+                self.act(event, action);
+            }
+        }
+    }
+
+    /// Publishes one action on the local broker and records it in the event log.
+    fn act(&mut self, event: &Event, action: &ActionMessage) {
+        let (topic, payload) = (action.topic.clone(), action.payload.clone());
+        let sent = match action.qos {
+            0 => self.publish.publish(topic, payload),
+            _ => self.publish.publish_at_least_once(topic, payload),
+        };
+        let ok = sent.is_ok();
+        self.snapshot
+            .update(|s| s.count_action(&event.data.rule, action.on, ok));
+        match sent {
+            Ok(_) => {
+                let at = now_millis();
+                let record = action.record(&self.gateway_id, event, at);
+                self.store
+                    .log_event(at, ACTION_EVENT_TYPE, &event.subject, record);
+                tracing::info!(rule = %event.data.rule, device = %event.subject, on = %action.on, topic = %action.topic, "Action published.");
+            }
+            Err(e) => {
+                tracing::error!(rule = %event.data.rule, device = %event.subject, topic = %action.topic, error = %e, "Cannot publish an action on the local broker.");
+            }
         }
     }
 }

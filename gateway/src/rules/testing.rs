@@ -1,7 +1,8 @@
 //! Rule tests and the `rules check` / `rules test` commands.
 //!
 //! Owns the rule test file format (`*.test.toml`, documented in `rules/README.md`) and its
-//! runner, in the spirit of `promtool test rules`: timed input readings, expected events.
+//! runner, in the spirit of `promtool test rules`: timed input readings, expected events
+//! and, when a test lists them, the expected actions.
 //! Input: a rules directory. Output: a report written to the caller's `Write`, and success.
 //!
 //! Invariants:
@@ -9,8 +10,9 @@
 //!   (default 1s) up to `until`; no test sleeps.
 //! - Each test starts from a fresh engine with only the test file's `rule_files`
 //!   (default: the rule file with the same stem), so tests of one file never see another's rules.
-//! - A failure prints the whole event timeline as a diff: `-` expected but missing,
-//!   `+` produced but not expected.
+//! - A failure prints the whole timeline of events (and actions, when the test checks
+//!   them) as a diff: `-` expected but missing, `+` produced but not expected.
+//! - A test without `actions` does not check actions; `actions = []` checks there are none.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -20,6 +22,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::action::{messages, ActionMessage};
 use super::diagnostics::{Diagnostic, Diagnostics, Source};
 use super::engine::Engine;
 use super::ruleset::{test_files, RuleSet, TEST_SUFFIX};
@@ -50,6 +53,8 @@ struct TestCase {
     inputs: Vec<Input>,
     #[serde(default, rename = "expect")]
     expects: Vec<Expect>,
+    /// The actions expected; `None` leaves actions unchecked.
+    actions: Option<Vec<ExpectAction>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,13 +83,24 @@ struct Expect {
     rule: Option<String>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpectAction {
+    at: Spanned<String>,
+    topic: String,
+    /// Checked when given.
+    payload: Option<String>,
+    /// Checked when given.
+    qos: Option<u8>,
+}
+
 /// The result of one test case.
 #[derive(Debug, Clone)]
 pub struct TestOutcome {
     pub file: String,
     pub name: String,
     pub passed: bool,
-    /// The event timeline diff (empty when passed).
+    /// The timeline diff of events and checked actions (empty when passed).
     pub diff: String,
 }
 
@@ -192,8 +208,12 @@ pub fn run_test_file(path: &Path) -> Result<Vec<TestOutcome>, Diagnostics> {
         inputs.sort_by_key(|(at, _)| *at);
         let expects: Vec<(Millis, &Expect)> =
             case.expects.iter().map(|e| (dur(&e.at), e)).collect();
+        let actions: Option<Vec<(Millis, &ExpectAction)>> = case
+            .actions
+            .as_ref()
+            .map(|list| list.iter().map(|a| (dur(&a.at), a)).collect());
         let until = case.until.as_ref().map_or(0, &mut dur);
-        cases.push((case, inputs, expects, until));
+        cases.push((case, inputs, expects, actions, until));
     }
     if tick <= 0 {
         diags.push(src.at(0, "`tick` must be longer than 0s"));
@@ -221,10 +241,21 @@ pub fn run_test_file(path: &Path) -> Result<Vec<TestOutcome>, Diagnostics> {
         return Err(diags);
     }
     let mut outcomes = Vec::new();
-    for (case, inputs, expects, until) in cases {
+    for (case, inputs, expects, actions, until) in cases {
         let rules = RuleSet::parse_many(&texts)?;
-        let produced = simulate(rules, &inputs, &expects, until, tick);
-        let (passed, diff) = compare(&expects, &produced);
+        let action_times = actions.iter().flatten().map(|(t, _)| *t);
+        let last = inputs
+            .iter()
+            .map(|(t, _)| *t)
+            .chain(expects.iter().map(|(t, _)| *t))
+            .chain(action_times)
+            .fold(until, Millis::max);
+        let (produced, published) = simulate(rules, &inputs, last, tick);
+        let mut rows = compare(&expects, &produced);
+        if let Some(actions) = &actions {
+            rows.extend(compare_actions(actions, &published));
+        }
+        let (passed, diff) = timeline(rows);
         outcomes.push(TestOutcome {
             file: file.clone(),
             name: case.name.clone(),
@@ -257,19 +288,17 @@ fn rule_paths(test_file: &Path, given: Option<&[String]>) -> Vec<PathBuf> {
     }
 }
 
-/// Feeds the inputs at their times and ticks every `tick` up to the last moment of interest.
+/// Items with their offsets from the start of a test.
+type Timed<T> = Vec<(Millis, T)>;
+
+/// Feeds the inputs at their times and ticks every `tick` up to `last`; returns the events
+/// and the actions their rules publish, each with its offset from the start.
 fn simulate(
     rules: RuleSet,
     inputs: &[(Millis, &Input)],
-    expects: &[(Millis, &Expect)],
-    until: Millis,
+    last: Millis,
     tick: Millis,
-) -> Vec<(Millis, Event)> {
-    let last = inputs
-        .iter()
-        .map(|(t, _)| *t)
-        .chain(expects.iter().map(|(t, _)| *t))
-        .fold(until, Millis::max);
+) -> (Timed<Event>, Timed<ActionMessage>) {
     let mut engine = Engine::new(rules, GATEWAY_ID);
     let mut produced = Vec::new();
     let mut next = inputs.iter().peekable();
@@ -290,7 +319,15 @@ fn simulate(
         .map(|e| (e.time_millis().unwrap_or(BASE_TIME) - BASE_TIME, e))
         .collect();
     timed.sort_by(|a, b| (a.0, &a.1.subject).cmp(&(b.0, &b.1.subject)));
-    timed
+    let published = timed
+        .iter()
+        .flat_map(|(at, e)| {
+            let rule = engine.rules().get(&e.data.rule);
+            let actions = rule.map(|r| messages(&r.actions, e)).unwrap_or_default();
+            actions.into_iter().map(move |m| (*at, m))
+        })
+        .collect();
+    (timed, published)
 }
 
 fn reading_of(input: &Input, time: Millis) -> Reading {
@@ -317,10 +354,20 @@ fn line(at: Millis, state: EventState, event_type: &str, device: &str, rule: &st
     format!("{offset:>8}  {state:<8}  {event_type}  {device}  (rule {rule})")
 }
 
-/// Matches expected to produced events; returns (passed, diff of the whole timeline).
-fn compare(expects: &[(Millis, &Expect)], produced: &[(Millis, Event)]) -> (bool, String) {
+fn action_line(at: Millis, topic: &str, payload: Option<&str>, qos: Option<u8>) -> String {
+    let offset = humantime::format_duration(Duration::from_millis(at.max(0) as u64)).to_string();
+    let payload = payload.map_or_else(|| "(any payload)".to_string(), |p| format!("{p:?}"));
+    let qos = qos.map_or_else(|| "any qos".to_string(), |q| format!("qos {q}"));
+    format!("{offset:>8}  action    {topic}  {payload}  ({qos})")
+}
+
+/// One row of a timeline: offset, mark (` `, `-` or `+`) and text.
+type Row = (Millis, char, String);
+
+/// Matches expected to produced events: a row for each.
+fn compare(expects: &[(Millis, &Expect)], produced: &[(Millis, Event)]) -> Vec<Row> {
     let mut used = vec![false; produced.len()];
-    let mut rows: Vec<(Millis, char, String)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     for (at, e) in expects {
         let found = produced.iter().enumerate().position(|(i, (t, ev))| {
             !used[i]
@@ -330,57 +377,89 @@ fn compare(expects: &[(Millis, &Expect)], produced: &[(Millis, Event)]) -> (bool
                 && ev.data.state == e.state
                 && e.rule.as_ref().is_none_or(|r| *r == ev.data.rule)
         });
-        match found {
+        let (mark, state, event_type, device, rule) = match found {
             Some(i) => {
                 used[i] = true;
                 let ev = &produced[i].1;
-                rows.push((
-                    *at,
+                (
                     ' ',
-                    line(
-                        *at,
-                        ev.data.state,
-                        &ev.event_type,
-                        &ev.subject,
-                        &ev.data.rule,
-                    ),
-                ));
+                    ev.data.state,
+                    &ev.event_type,
+                    &ev.subject,
+                    ev.data.rule.as_str(),
+                )
             }
-            None => rows.push((
-                *at,
-                '-',
-                line(
-                    *at,
-                    e.state,
-                    &e.event_type,
-                    &e.device,
-                    e.rule.as_deref().unwrap_or("any"),
-                ),
-            )),
-        }
+            None => {
+                let rule = e.rule.as_deref().unwrap_or("any");
+                ('-', e.state, &e.event_type, &e.device, rule)
+            }
+        };
+        rows.push((*at, mark, line(*at, state, event_type, device, rule)));
     }
     for (i, (t, ev)) in produced.iter().enumerate() {
+        if !used[i] {
+            let text = line(
+                *t,
+                ev.data.state,
+                &ev.event_type,
+                &ev.subject,
+                &ev.data.rule,
+            );
+            rows.push((*t, '+', text));
+        }
+    }
+    rows
+}
+
+/// Matches expected to published actions: a row for each.
+fn compare_actions(
+    expects: &[(Millis, &ExpectAction)],
+    published: &[(Millis, ActionMessage)],
+) -> Vec<Row> {
+    let mut used = vec![false; published.len()];
+    let mut rows: Vec<Row> = Vec::new();
+    for (at, e) in expects {
+        let found = published.iter().enumerate().position(|(i, (t, m))| {
+            !used[i]
+                && t == at
+                && m.topic == e.topic
+                && e.payload.as_ref().is_none_or(|p| *p == m.payload)
+                && e.qos.is_none_or(|q| q == m.qos)
+        });
+        let row = match found {
+            Some(i) => {
+                used[i] = true;
+                let m = &published[i].1;
+                (
+                    ' ',
+                    action_line(*at, &m.topic, Some(&m.payload), Some(m.qos)),
+                )
+            }
+            None => ('-', action_line(*at, &e.topic, e.payload.as_deref(), e.qos)),
+        };
+        rows.push((*at, row.0, row.1));
+    }
+    for (i, (t, m)) in published.iter().enumerate() {
         if !used[i] {
             rows.push((
                 *t,
                 '+',
-                line(
-                    *t,
-                    ev.data.state,
-                    &ev.event_type,
-                    &ev.subject,
-                    &ev.data.rule,
-                ),
+                action_line(*t, &m.topic, Some(&m.payload), Some(m.qos)),
             ));
         }
     }
+    rows
+}
+
+/// Whether every row matched, and the diff of the whole timeline when one did not.
+fn timeline(mut rows: Vec<Row>) -> (bool, String) {
     let passed = rows.iter().all(|(_, mark, _)| *mark == ' ');
     if passed {
         return (true, String::new());
     }
     rows.sort_by_key(|r| r.0);
     let mut diff =
-        String::from("    events (- expected but missing, + produced but not expected):\n");
+        String::from("    timeline (- expected but missing, + produced but not expected):\n");
     for (_, mark, text) in rows {
         diff.push_str(&format!("    {mark} {text}\n"));
     }
