@@ -29,9 +29,11 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 [ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge $((DEVICES + 200)) ] ||
   die "open-file limit $(ulimit -n) is too low for $DEVICES connections (raise ulimit -n)"
 
-say "Building device-sim (release)"
-(cd "$ROOT" && cargo build --release -q -p device-sim) || die "device-sim does not build"
-SIM=$ROOT/target/release/device-sim
+SIM=${SIM:-$ROOT/target/release/device-sim}   # override to use another build
+if [ "$SIM" = "$ROOT/target/release/device-sim" ]; then
+  say "Building device-sim (release)"
+  (cd "$ROOT" && cargo build --release -q -p device-sim) || die "device-sim does not build"
+fi
 GATEWAY=${GATEWAY:-$ROOT/target/release/gateway}   # override to test another build
 A_STATUS=""
 if [[ " $SIDES " == *" A "* && "$GATEWAY" == "$ROOT/target/release/gateway" ]]; then
