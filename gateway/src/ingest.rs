@@ -15,14 +15,15 @@
 //!
 //! [`Intake`] is the receiving end, read by the decode stage. Invariants:
 //! - hands out messages in the order the channel holds them, in batches of what is
-//!   queued (one wake-up per batch under load);
+//!   queued; under load a small batch waits [`COALESCE`] for more (one wake-up per
+//!   batch, not per message), at low rates a message is handed out at once;
 //! - once its cancellation token is cancelled (the gateway is stopping) it hands out what
 //!   is queued at that moment, then ends; dropping it afterwards drops what arrived
 //!   later, unacknowledged: those devices' connections close without a PUBACK and the
 //!   devices send those messages again after the restart.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttd::Ingested;
@@ -32,6 +33,13 @@ use crate::reading::{now_millis, Millis};
 
 /// How often the intake looks at its cancellation token while no device publishes.
 const POLL: Duration = Duration::from_millis(50);
+/// While publishes stream in (the previous batch started less than [`STREAMING`] ago),
+/// a batch that would hold fewer than [`COALESCE_MIN`] messages waits [`COALESCE`] for
+/// more: one wake-up of the decode thread per few messages instead of per message, for
+/// at most this much latency, and only under load.
+const STREAMING: Duration = Duration::from_millis(2);
+const COALESCE: Duration = Duration::from_micros(500);
+const COALESCE_MIN: usize = 16;
 
 /// The acknowledgement a device waits for (QoS 1 and 2); see the module header.
 /// Dropping it unreleased closes the device's connection without acknowledging it.
@@ -70,6 +78,8 @@ pub struct Intake {
     stop: CancellationToken,
     /// Set once stopping: how many messages are still to be handed out.
     remaining: Option<usize>,
+    /// When the last batch started.
+    last_batch: Option<Instant>,
 }
 
 impl Intake {
@@ -78,6 +88,7 @@ impl Intake {
             input,
             stop,
             remaining: None,
+            last_batch: None,
         }
     }
 
@@ -102,6 +113,12 @@ impl Intake {
             let Some(first) = first else {
                 return false;
             };
+            let now = Instant::now();
+            let streaming = self.last_batch.is_some_and(|t| now - t < STREAMING);
+            self.last_batch = Some(now);
+            if streaming && self.remaining.is_none() && self.input.len() + 1 < COALESCE_MIN {
+                std::thread::sleep(COALESCE);
+            }
             let received_at = now_millis();
             let limit = self.remaining.map_or(max, |r| r.min(max)).max(1);
             batch.push(RawMessage::new(first, received_at));
