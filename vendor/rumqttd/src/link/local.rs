@@ -122,6 +122,7 @@ impl<'a> LinkBuilder<'a> {
             .last_will(self.last_will, self.last_will_properties)
             .topic_alias_max(self.topic_alias_max)
             .max_packet_size(self.max_packet_size);
+        let generation = connection.generation;
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         let outgoing_data_buffer = outgoing.buffer();
@@ -145,7 +146,8 @@ impl<'a> LinkBuilder<'a> {
             _message => return Err(LinkError::NotConnectionAck),
         };
 
-        let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
+        let mut tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
+        tx.generation = generation;
         let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
         Ok((tx, rx, notification))
     }
@@ -153,6 +155,8 @@ impl<'a> LinkBuilder<'a> {
 
 pub struct LinkTx {
     pub(crate) connection_id: ConnectionId,
+    /// PATCH(gateway): `Connection::generation` of this link's connection.
+    pub(crate) generation: u64,
     router_tx: Sender<(ConnectionId, Event)>,
     recv_buffer: Arc<Mutex<VecDeque<Packet>>>,
 }
@@ -165,6 +169,7 @@ impl LinkTx {
     ) -> LinkTx {
         LinkTx {
             connection_id,
+            generation: 0,
             router_tx,
             recv_buffer,
         }

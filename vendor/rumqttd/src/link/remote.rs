@@ -60,6 +60,8 @@ pub enum Error {
 pub struct RemoteLink<P> {
     connect: Connect,
     pub(crate) connection_id: ConnectionId,
+    /// PATCH(gateway): the router's `Connection::generation` of this link.
+    pub(crate) generation: u64,
     network: Network<P>,
     link_tx: LinkTx,
     link_rx: LinkRx,
@@ -133,6 +135,7 @@ impl<P: Protocol> RemoteLink<P> {
         Ok(RemoteLink {
             connect,
             connection_id: id,
+            generation: link_tx.generation,
             network,
             link_tx,
             link_rx,

@@ -4,8 +4,16 @@ use crate::protocol::LastWillProperties;
 use crate::Filter;
 use crate::{protocol::LastWill, Topic};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::ConnectionEvents;
+
+/// PATCH(gateway): the last `Connection::generation` given out (0 is never one).
+static LAST_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+fn next_generation() -> u64 {
+    LAST_GENERATION.fetch_add(1, Ordering::Relaxed) + 1
+}
 
 /// Used to register a new connection with the router
 /// Connection messages encompasses a handle for router to
@@ -33,10 +41,12 @@ pub struct Connection {
     pub(crate) broker_topic_aliases: Option<BrokerAliases>,
     /// subscription IDs for a connection
     pub(crate) subscription_ids: HashMap<Filter, usize>,
-    /// PATCH(gateway): a number no other connection of this router had (set when the
-    /// router registers the connection); stored with each message it publishes, for
-    /// the No Local subscription option.
-    pub(crate) origin: u64,
+    /// PATCH(gateway): the connection's generation, a number no other connection of
+    /// this process had (connection ids are reused slab slots; this is not). Events a
+    /// link sends about itself after the router may have replaced it (its disconnect,
+    /// its will) carry it, so they never act on a newer connection in the same slot.
+    /// Also stored with each message it publishes, for the No Local subscription option.
+    pub(crate) generation: u64,
     /// PATCH(gateway): the Maximum Packet Size of the client's MQTT 5 CONNECT: no
     /// bigger PUBLISH is sent to it (section 3.1.2.11.4). `None`: no limit.
     pub(crate) max_packet_size: Option<u32>,
@@ -73,7 +83,7 @@ impl Connection {
             topic_aliases: HashMap::new(),
             broker_topic_aliases: None,
             subscription_ids: HashMap::new(),
-            origin: 0,
+            generation: next_generation(), // PATCH(gateway)
             max_packet_size: None,
         }
     }

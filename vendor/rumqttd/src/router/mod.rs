@@ -53,8 +53,9 @@ pub enum Event {
     Ready,
     /// Data for native commitlog
     DeviceData,
-    /// Disconnection request
-    Disconnect,
+    /// Disconnection request. PATCH(gateway): with the link's `Connection::generation`;
+    /// ignored when the connection id now belongs to a newer connection (a takeover).
+    Disconnect(u64),
     /// Shadow
     Shadow(ShadowRequest),
     /// Collect and send alerts to all alerts links
@@ -63,8 +64,15 @@ pub enum Event {
     SendMeters,
     /// Get metrics of a connection or all connections
     PrintStatus(Print),
-    /// Publish Will message
-    PublishWill((String, Option<String>)),
+    /// PATCH(gateway): the will of the connection of this generation is due (`publish`)
+    /// or cancelled (its session was resumed in time, MQTT 5.0 section 3.1.3.2.2); either
+    /// way the router forgets it. Upstream named the will by client id, so a takeover's
+    /// old connection could publish (and remove) the new connection's will.
+    Will {
+        generation: u64,
+        tenant_id: Option<String>,
+        publish: bool,
+    },
 }
 
 /// Notification from router to connection
@@ -290,6 +298,10 @@ pub struct RouterMeter {
     /// subscriber's Maximum Packet Size (MQTT 5.0 section 3.1.2.11.4).
     #[serde(default)]
     pub oversize_forwards_dropped: usize,
+    /// PATCH(gateway): disconnects of connections already replaced by a newer one with
+    /// the same connection id (a fast takeover), ignored.
+    #[serde(default)]
+    pub stale_disconnects_ignored: usize,
 }
 
 impl RouterMeter {

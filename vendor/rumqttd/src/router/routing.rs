@@ -100,10 +100,8 @@ pub struct Router {
     cache: Option<VecDeque<Packet>>,
     /// Shared subscriptions map <group-name, group>
     shared_subscriptions: HashMap<String, SharedGroup>,
-    /// Will messages per client_id
-    last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
-    /// PATCH(gateway): the last `Connection::origin` given out (0 is never one).
-    last_origin: u64,
+    /// Will messages. PATCH(gateway): per `Connection::generation` (was per client id).
+    last_wills: HashMap<u64, (LastWill, Option<LastWillProperties>)>,
 }
 
 impl Router {
@@ -145,7 +143,6 @@ impl Router {
             cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
-            last_origin: 0,
         }
     }
 
@@ -247,7 +244,19 @@ impl Router {
             Event::NewMeter(tx) => self.handle_new_meter(tx),
             Event::NewAlert(tx) => self.handle_new_alert(tx),
             Event::DeviceData => self.handle_device_payload(id),
-            Event::Disconnect => self.handle_disconnection(id, None),
+            // PATCH(gateway): a late disconnect of a replaced connection is ignored.
+            Event::Disconnect(generation) => {
+                if self
+                    .connections
+                    .get(id)
+                    .is_some_and(|c| c.generation == generation)
+                {
+                    self.handle_disconnection(id, None)
+                } else {
+                    debug!(generation, "Disconnect of a replaced connection ignored");
+                    self.router_meters.stale_disconnects_ignored += 1;
+                }
+            }
             Event::Ready => self.scheduler.reschedule(id, ScheduleReason::Ready),
             Event::Shadow(request) => {
                 retrieve_shadow(&mut self.datalog, &mut self.obufs[id], request)
@@ -259,11 +268,20 @@ impl Router {
                 self.send_meters();
             }
             Event::PrintStatus(metrics) => print_status(self, metrics),
-            Event::PublishWill((client_id, _tenant_id)) => self.handle_last_will(
-                client_id,
-                #[cfg(feature = "validate-tenant-prefix")]
-                _tenant_id,
-            ),
+            Event::Will {
+                generation,
+                tenant_id: _tenant_id,
+                publish,
+            } => {
+                let will = self.last_wills.remove(&generation);
+                if let Some(will) = will.filter(|_| publish) {
+                    self.handle_last_will(
+                        will,
+                        #[cfg(feature = "validate-tenant-prefix")]
+                        _tenant_id,
+                    )
+                }
+            }
         }
     }
 
@@ -352,14 +370,10 @@ impl Router {
 
         if let Some(will) = connection.last_will.take() {
             self.last_wills.insert(
-                client_id.clone(),
+                connection.generation,
                 (will, connection.last_will_properties.take()),
             );
         }
-
-        // PATCH(gateway): connection ids are reused slab slots; the origin is not.
-        self.last_origin += 1;
-        connection.origin = self.last_origin;
 
         let connection_id = self.connections.insert(connection);
         assert_eq!(self.ibufs.insert(incoming), connection_id);
@@ -882,7 +896,9 @@ impl Router {
                     let _guard = span.enter();
                     disconnect = true;
                     // delete the last will message
-                    self.last_wills.remove(&client_id);
+                    if let Some(connection) = self.connections.get(id) {
+                        self.last_wills.remove(&connection.generation);
+                    }
                     break;
                 }
                 incoming => {
@@ -1148,17 +1164,14 @@ impl Router {
         Some(())
     }
 
+    /// PATCH(gateway): takes the will itself (was: the client id to look it up by).
     pub fn handle_last_will(
         &mut self,
-        client_id: String,
+        (will, will_props): (LastWill, Option<LastWillProperties>),
         #[cfg(feature = "validate-tenant-prefix")] tenant_id: Option<String>,
     ) {
         #[cfg(feature = "validate-tenant-prefix")]
         let tenant_prefix = tenant_id.map(|id| format!("/tenants/{id}/"));
-
-        let Some((will, will_props)) = self.last_wills.remove(&client_id) else {
-            return;
-        };
 
         let publish = Publish {
             dup: false,
@@ -1249,7 +1262,7 @@ fn append_to_commitlog(
     connections: &mut Slab<Connection>,
 ) -> Result<Offset, RouterError> {
     let connection = connections.get_mut(id).unwrap();
-    let origin = connection.origin;
+    let origin = connection.generation;
 
     let topic_alias = properties.as_mut().and_then(|p| {
         // clear the received value as it is irrelevant while forwarding publishes
@@ -1621,7 +1634,7 @@ fn forward_device_data(
 
     let subscription_id = connection.subscription_ids.get(&request.filter);
     let (nolocal, preserve_retain) = (request.nolocal, request.preserve_retain);
-    let (own_origin, max_packet_size) = (connection.origin, connection.max_packet_size);
+    let (own_origin, max_packet_size) = (connection.generation, connection.max_packet_size);
     let mut oversize = 0;
 
     // Fill and notify device data

@@ -621,6 +621,7 @@ async fn remote<P: Protocol>(
     };
 
     let connection_id = link.connection_id;
+    let generation = link.generation;
     let will_delay_interval = link.will_delay_interval;
     let mut send_disconnect = true;
 
@@ -646,7 +647,9 @@ async fn remote<P: Protocol>(
     };
 
     if send_disconnect {
-        let disconnect = Event::Disconnect;
+        // PATCH(gateway): with the generation, so that a late disconnect of this
+        // connection cannot remove a newer one that got the same connection id.
+        let disconnect = Event::Disconnect(generation);
         let message = (connection_id, disconnect);
         router_tx.send(message).ok();
     }
@@ -662,20 +665,26 @@ async fn remote<P: Protocol>(
     {
         Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
         Err(_) => {
-            // no need to keep the sender after timeout
-            will_handlers.lock().unwrap().remove(&client_id);
+            // no need to keep the sender after timeout. PATCH(gateway): only if it is
+            // still ours: a newer connection with this client id may have put its own.
+            let mut handlers = will_handlers.lock().unwrap();
+            if handlers
+                .get(&client_id)
+                .is_some_and(|tx| tx.same_channel(&will_tx))
+            {
+                handlers.remove(&client_id);
+            }
             // as will delay interval has passed, publish the will message
             true
         }
     };
 
-    if publish_will {
-        let message = Event::PublishWill((client_id, tenant_id));
-        // is this connection_id really correct at this point?
-        // as we have disconnected already, some other connection
-        // might be using this connection ID!
-        // It won't matter in this case as we don't use it
-        // but might affect logs?
-        router_tx.send((connection_id, message)).ok();
-    }
+    // PATCH(gateway): the router forgets this connection's will either way, and knows
+    // it by generation (a newer connection with this client id has its own).
+    let message = Event::Will {
+        generation,
+        tenant_id,
+        publish: publish_will,
+    };
+    router_tx.send((connection_id, message)).ok();
 }
