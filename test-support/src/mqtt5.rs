@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::v5::{Filter, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{ConnAck, Filter, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, Incoming, MqttOptions};
 use tokio::sync::mpsc;
@@ -22,6 +22,8 @@ const WAIT: Duration = Duration::from_secs(10);
 /// A connected MQTT 5 client whose event loop runs on its own task.
 pub struct V5Client {
     pub client: AsyncClient,
+    /// The broker's CONNACK (its properties: receive maximum, topic alias maximum, ..).
+    pub connack: ConnAck,
     id: String,
     incoming: mpsc::UnboundedReceiver<Result<Incoming, String>>,
     received: VecDeque<Publish>,
@@ -51,13 +53,28 @@ impl V5Client {
         });
         let mut c = V5Client {
             client,
+            connack: ConnAck {
+                session_present: false,
+                code: rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success,
+                properties: None,
+            },
             id: id.to_string(),
             incoming,
             received: VecDeque::new(),
         };
-        c.wait_for("CONNACK", |p| matches!(p, Incoming::ConnAck(_)))
-            .await;
+        match c
+            .wait_for("CONNACK", |p| matches!(p, Incoming::ConnAck(_)))
+            .await
+        {
+            Incoming::ConnAck(connack) => c.connack = connack,
+            _ => unreachable!(),
+        }
         c
+    }
+
+    /// PUBLISH packets received and not yet taken with [`V5Client::next`].
+    pub fn buffered(&self) -> usize {
+        self.received.len()
     }
 
     /// The next packet for which `is_it` holds; PUBLISH packets before it are kept.

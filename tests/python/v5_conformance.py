@@ -25,24 +25,30 @@ WAIT = 10.0
 class Client:
     """One MQTT 5 connection whose received messages and SUBACKs land on queues."""
 
-    def __init__(self, port, client_id, max_packet_size=None):
+    def __init__(self, port, client_id, max_packet_size=None, receive_maximum=None, manual_ack=False):
         self.id = client_id
         self.messages = queue.Queue()
         self.subacks = queue.Queue()
         self.connacks = queue.Queue()
         self.c = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=manual_ack,
         )
-        self.c.on_connect = lambda c, u, flags, rc, props: self.connacks.put(rc)
+        self.c.on_connect = lambda c, u, flags, rc, props: self.connacks.put((rc, props))
         self.c.on_message = lambda c, u, msg: self.messages.put(msg)
         self.c.on_subscribe = lambda c, u, mid, rcs, props: self.subacks.put(rcs)
         props = None
-        if max_packet_size is not None:
+        if max_packet_size is not None or receive_maximum is not None:
             props = Properties(PacketTypes.CONNECT)
-            props.MaximumPacketSize = max_packet_size
+            if max_packet_size is not None:
+                props.MaximumPacketSize = max_packet_size
+            if receive_maximum is not None:
+                props.ReceiveMaximum = receive_maximum
         self.c.connect("127.0.0.1", port, keepalive=30, clean_start=True, properties=props)
         self.c.loop_start()
-        rc = self.get(self.connacks, "CONNACK")
+        rc, self.connack_properties = self.get(self.connacks, "CONNACK")
         if rc.is_failure:
             raise SystemExit(f"{client_id}: CONNACK refused: {rc}")
 
@@ -175,9 +181,42 @@ def max_packet_size(port, topic):
     return {"small": described(small.until("small")), "control": described(control.until("small"))}
 
 
+def receive_maximum(port, topic):
+    """A subscriber with Receive Maximum 2 that acknowledges late: what it received before
+    each round of acknowledgements, and the broker's own Receive Maximum."""
+    sub = Client(port, "paho-rm-sub", receive_maximum=2, manual_ack=True)
+    sub.subscribe(topic)
+    pub = Client(port, "paho-rm-pub")
+    for i in range(6):
+        pub.publish(topic, f"m{i}")
+    windows = []
+    while sum(len(w) for w in windows) < 6:
+        window = [sub.get(sub.messages, "message") for _ in range(2)]
+        # Two round trips through the broker: a third message would have come meanwhile.
+        sub.subscribe(f"{topic}/sync")
+        sub.subscribe(f"{topic}/sync")
+        while not sub.messages.empty():
+            window.append(sub.messages.get())
+        windows.append([m.payload.decode() for m in window])
+        for m in window:
+            sub.c.ack(m.mid, m.qos)
+    return {
+        "broker_receive_maximum": getattr(sub.connack_properties, "ReceiveMaximum", None),
+        "windows": windows,
+    }
+
+
 SCENARIOS = {
     f.__name__: f
-    for f in (properties, retained_expiry, no_local, retain_as_published, retain_handling, max_packet_size)
+    for f in (
+        properties,
+        retained_expiry,
+        no_local,
+        retain_as_published,
+        retain_handling,
+        max_packet_size,
+        receive_maximum,
+    )
 }
 
 if __name__ == "__main__":

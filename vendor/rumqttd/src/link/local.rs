@@ -51,6 +51,8 @@ pub struct LinkBuilder<'a> {
     topic_alias_max: u16,
     // PATCH(gateway): the client's Maximum Packet Size (None: no limit)
     max_packet_size: Option<u32>,
+    // PATCH(gateway): the client's Receive Maximum (None: none sent)
+    receive_maximum: Option<u16>,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -65,6 +67,7 @@ impl<'a> LinkBuilder<'a> {
             dynamic_filters: false,
             topic_alias_max: 0,
             max_packet_size: None,
+            receive_maximum: None,
         }
     }
 
@@ -98,6 +101,13 @@ impl<'a> LinkBuilder<'a> {
         self
     }
 
+    /// PATCH(gateway): the Receive Maximum from the client's MQTT 5 CONNECT; the router
+    /// never has more QoS 1/2 forwards unacknowledged by the link.
+    pub fn receive_maximum(mut self, max: Option<u16>) -> Self {
+        self.receive_maximum = max;
+        self
+    }
+
     pub fn clean_session(mut self, clean: bool) -> Self {
         self.clean_session = clean;
         self
@@ -124,7 +134,8 @@ impl<'a> LinkBuilder<'a> {
             .max_packet_size(self.max_packet_size);
         let generation = connection.generation;
         let incoming = Incoming::new(connection.client_id.to_owned());
-        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        let (mut outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        outgoing.receive_maximum(self.receive_maximum);
         let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
 

@@ -116,6 +116,8 @@ impl<P: Protocol> RemoteLink<P> {
             .topic_alias_max(topic_alias_max.unwrap_or(0))
             // PATCH(gateway): the router drops forwards bigger than this.
             .max_packet_size(props.as_ref().and_then(|p| p.max_packet_size))
+            // PATCH(gateway): and has no more QoS 1/2 forwards unacknowledged than this.
+            .receive_maximum(props.as_ref().and_then(|p| p.receive_maximum))
             .build()?;
 
         let id = link_rx.id();
@@ -127,6 +129,8 @@ impl<P: Protocol> RemoteLink<P> {
             if let Packet::ConnAck(_ack, props) = &mut packet {
                 let mut new_props = props.clone().unwrap_or_default();
                 new_props.assigned_client_identifier = assigned_client_id;
+                // PATCH(gateway): the broker's Receive Maximum (MQTT 5.0 3.2.2.3.3).
+                new_props.receive_max = Some(network.receive_maximum());
                 *props = Some(new_props);
                 network.write(packet).await?;
             }

@@ -912,6 +912,16 @@ impl Router {
         // Prepare AcksRequest in tracker if router is operating in a
         // single node mode or force ack request for subscriptions
         if force_ack {
+            // PATCH(gateway): send the acks (SUBACK, UNSUBACK, PINGRESP, ..) now. Left to
+            // the scheduler they waited while the connection was paused with its inflight
+            // window full (`FreshData` does not wake `InflightFull`), i.e. until the client
+            // acknowledged a forward: with a small Receive Maximum a client that holds
+            // back PUBACKs never got its SUBACK or PINGRESP.
+            if let (Some(ackslog), Some(outgoing)) =
+                (self.ackslog.get_mut(id), self.obufs.get_mut(id))
+            {
+                ack_device_data(ackslog, outgoing);
+            }
             self.scheduler.reschedule(id, ScheduleReason::FreshData);
         }
 
