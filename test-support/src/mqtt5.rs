@@ -27,6 +27,8 @@ pub struct V5Client {
     id: String,
     incoming: mpsc::UnboundedReceiver<Result<Incoming, String>>,
     received: VecDeque<Publish>,
+    /// The task polling the event loop; aborting it closes the socket.
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl V5Client {
@@ -38,7 +40,7 @@ impl V5Client {
         configure(&mut opts);
         let (client, mut eventloop) = AsyncClient::new(opts, 200);
         let (tx, incoming) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             loop {
                 let event = match eventloop.poll().await {
                     Ok(Event::Incoming(packet)) => Ok(packet),
@@ -61,6 +63,7 @@ impl V5Client {
             id: id.to_string(),
             incoming,
             received: VecDeque::new(),
+            task,
         };
         match c
             .wait_for("CONNACK", |p| matches!(p, Incoming::ConnAck(_)))
@@ -70,6 +73,13 @@ impl V5Client {
             _ => unreachable!(),
         }
         c
+    }
+
+    /// Closes the socket without a DISCONNECT, as a device that lost power or its
+    /// network: the broker sees the connection end abnormally (its will applies).
+    pub async fn drop_connection(self) {
+        self.task.abort();
+        let _ = self.task.await;
     }
 
     /// PUBLISH packets received and not yet taken with [`V5Client::next`].

@@ -53,6 +53,8 @@ pub struct LinkBuilder<'a> {
     max_packet_size: Option<u32>,
     // PATCH(gateway): the client's Receive Maximum (None: none sent)
     receive_maximum: Option<u16>,
+    // PATCH(gateway): the MQTT 5 Session Expiry Interval (None: MQTT 3.1.1)
+    session_expiry: Option<u32>,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -68,6 +70,7 @@ impl<'a> LinkBuilder<'a> {
             topic_alias_max: 0,
             max_packet_size: None,
             receive_maximum: None,
+            session_expiry: None,
         }
     }
 
@@ -108,6 +111,13 @@ impl<'a> LinkBuilder<'a> {
         self
     }
 
+    /// PATCH(gateway): the MQTT 5 Session Expiry Interval of the CONNECT (`Some(0)` when
+    /// it had none); `None` for MQTT 3.1.1, where `clean_session` alone decides.
+    pub fn session_expiry(mut self, expiry: Option<u32>) -> Self {
+        self.session_expiry = expiry;
+        self
+    }
+
     pub fn clean_session(mut self, clean: bool) -> Self {
         self.clean_session = clean;
         self
@@ -131,7 +141,8 @@ impl<'a> LinkBuilder<'a> {
         connection
             .last_will(self.last_will, self.last_will_properties)
             .topic_alias_max(self.topic_alias_max)
-            .max_packet_size(self.max_packet_size);
+            .max_packet_size(self.max_packet_size)
+            .session_expiry(self.session_expiry);
         let generation = connection.generation;
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (mut outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());

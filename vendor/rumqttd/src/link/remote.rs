@@ -67,6 +67,8 @@ pub struct RemoteLink<P> {
     link_rx: LinkRx,
     notifications: VecDeque<Notification>,
     pub(crate) will_delay_interval: u32,
+    /// PATCH(gateway): the MQTT 5 Session Expiry Interval (`None` on MQTT 3.1.1).
+    pub(crate) session_expiry: Option<u32>,
     // PATCH(gateway)
     authorizer: Option<crate::Authorizer>,
     /// PATCH(gateway): the hand-off to the application and its held acks.
@@ -118,6 +120,8 @@ impl<P: Protocol> RemoteLink<P> {
             .max_packet_size(props.as_ref().and_then(|p| p.max_packet_size))
             // PATCH(gateway): and has no more QoS 1/2 forwards unacknowledged than this.
             .receive_maximum(props.as_ref().and_then(|p| p.receive_maximum))
+            // PATCH(gateway): the session outlives the connection by this (MQTT 5).
+            .session_expiry(P::MQTT_5.then_some(session_expiry))
             .build()?;
 
         let id = link_rx.id();
@@ -146,6 +150,7 @@ impl<P: Protocol> RemoteLink<P> {
             // PATCH(gateway): grows on demand (was with_capacity(100) per connection).
             notifications: VecDeque::new(),
             will_delay_interval,
+            session_expiry: P::MQTT_5.then_some(session_expiry),
             authorizer: hooks.authorizer,
             held,
         })

@@ -50,6 +50,10 @@ pub struct Connection {
     /// PATCH(gateway): the Maximum Packet Size of the client's MQTT 5 CONNECT: no
     /// bigger PUBLISH is sent to it (section 3.1.2.11.4). `None`: no limit.
     pub(crate) max_packet_size: Option<u32>,
+    /// PATCH(gateway): the MQTT 5 Session Expiry Interval in seconds (section
+    /// 3.1.2.11.2): 0 ends the session with the connection, `u32::MAX` never. `None` on
+    /// MQTT 3.1.1, where the session outlives the connection iff `clean` is false.
+    pub(crate) session_expiry: Option<u32>,
 }
 
 impl Connection {
@@ -85,6 +89,7 @@ impl Connection {
             subscription_ids: HashMap::new(),
             generation: next_generation(), // PATCH(gateway)
             max_packet_size: None,
+            session_expiry: None,
         }
     }
 
@@ -92,6 +97,20 @@ impl Connection {
     pub fn max_packet_size(&mut self, max: Option<u32>) -> &mut Connection {
         self.max_packet_size = max;
         self
+    }
+
+    /// PATCH(gateway): the MQTT 5 Session Expiry Interval (`None` on MQTT 3.1.1).
+    pub fn session_expiry(&mut self, expiry: Option<u32>) -> &mut Connection {
+        self.session_expiry = expiry;
+        self
+    }
+
+    /// PATCH(gateway): whether the session state is kept when the connection ends.
+    pub(crate) fn session_outlives_connection(&self) -> bool {
+        match self.session_expiry {
+            None => !self.clean,
+            Some(seconds) => seconds > 0,
+        }
     }
 
     pub fn topic_alias_max(&mut self, max: u16) -> &mut Connection {

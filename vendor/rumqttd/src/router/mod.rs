@@ -73,6 +73,10 @@ pub enum Event {
         tenant_id: Option<String>,
         publish: bool,
     },
+    /// PATCH(gateway): the Session Expiry Interval of the session that the connection of
+    /// this generation left behind has passed: the router drops it, unless a newer
+    /// connection has taken the session over since.
+    SessionExpired { client_id: String, generation: u64 },
 }
 
 /// Notification from router to connection
@@ -302,6 +306,9 @@ pub struct RouterMeter {
     /// the same connection id (a fast takeover), ignored.
     #[serde(default)]
     pub stale_disconnects_ignored: usize,
+    /// PATCH(gateway): sessions dropped when their Session Expiry Interval passed.
+    #[serde(default)]
+    pub sessions_expired: usize,
 }
 
 impl RouterMeter {

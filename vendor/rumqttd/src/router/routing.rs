@@ -268,6 +268,15 @@ impl Router {
                 self.send_meters();
             }
             Event::PrintStatus(metrics) => print_status(self, metrics),
+            Event::SessionExpired {
+                client_id,
+                generation,
+            } => {
+                if self.graveyard.expire(&client_id, generation) {
+                    info!(client_id, "Session expired");
+                    self.router_meters.sessions_expired += 1;
+                }
+            }
             Event::Will {
                 generation,
                 tenant_id: _tenant_id,
@@ -515,8 +524,10 @@ impl Router {
             connection.events.events.pop_front();
         }
 
-        // Save state for persistent sessions
-        if !connection.clean {
+        // Save state for persistent sessions. PATCH(gateway): on MQTT 5 the Session
+        // Expiry Interval decides (a clean start session may outlive its connection,
+        // and one with expiry 0 ends with it), on 3.1.1 clean session does.
+        if connection.session_outlives_connection() {
             // Add inflight data requests back to tracker
             inflight_data_requests
                 .into_iter()
@@ -537,6 +548,7 @@ impl Router {
             }
 
             self.graveyard.save_state(
+                connection.generation,
                 tracker,
                 connection.subscriptions,
                 connection.events,

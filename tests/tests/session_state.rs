@@ -1,0 +1,278 @@
+//! End-to-end session state of the embedded broker that outlives a connection, against
+//! the real gateway binary: the MQTT 5 Will Delay Interval (5.0 section 3.1.3.2.2), the
+//! Session Expiry Interval (5.0 section 3.1.2.11.2) and the delivery of QoS 1 messages
+//! published while a persistent session's client was away (3.1.1 section 3.1.2.4 and
+//! 5.0 section 3.1.2.4), on both listeners.
+//!
+//! Clients are rumqttc's v5 client ([`V5Client`]); a connection "lost" is closed without
+//! DISCONNECT ([`V5Client::drop_connection`]), so its will applies.
+
+use std::time::{Duration, Instant};
+
+use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, LastWillProperties, RetainForwardRule};
+use rumqttc::v5::mqttbytes::QoS;
+use test_support::mqtt5::payloads;
+use test_support::{free_port, publish_acked, Gateway, V5Client};
+
+/// A gateway with the MQTT 5 listener; returns it and that listener's port.
+fn gateway_v5() -> (Gateway, u16) {
+    let v5_port = free_port();
+    let v5 = format!("127.0.0.1:{v5_port}");
+    (
+        Gateway::start(&[("GATEWAY__BROKER__LISTEN_V5", &v5)]),
+        v5_port,
+    )
+}
+
+fn qos1(path: &str) -> Filter {
+    Filter {
+        path: path.to_string(),
+        qos: QoS::AtLeastOnce,
+        nolocal: false,
+        preserve_retain: false,
+        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+    }
+}
+
+/// Connects `id` with a will on `topic` (payload `id`) delayed by `delay` seconds, and a
+/// session that outlives the connection by 60 s.
+async fn with_will(port: u16, id: &str, topic: &str, delay: u32, clean_start: bool) -> V5Client {
+    let will = LastWill::new(
+        topic,
+        id.as_bytes().to_vec(),
+        QoS::AtLeastOnce,
+        false,
+        Some(LastWillProperties {
+            delay_interval: Some(delay),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        }),
+    );
+    V5Client::connect(port, id, |o| {
+        o.set_last_will(will);
+        o.set_clean_start(clean_start);
+        o.set_session_expiry_interval(Some(60));
+    })
+    .await
+}
+
+/// A subscriber to `topic` and a publisher for its markers.
+async fn watcher(port: u16, topic: &str) -> (V5Client, V5Client) {
+    let name = topic.replace('/', "-");
+    let mut watcher = V5Client::connect(port, &format!("{name}-watcher"), |_| {}).await;
+    watcher.subscribe(qos1(topic)).await;
+    let marker = V5Client::connect(port, &format!("{name}-marker"), |_| {}).await;
+    (watcher, marker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_will_is_published_when_its_delay_has_passed() {
+    let (_gw, port) = gateway_v5();
+    let topic = "conf/will/delayed";
+    let (mut watcher, _) = watcher(port, topic).await;
+    let device = with_will(port, "wd-delayed", topic, 2, true).await;
+    let lost = Instant::now();
+    device.drop_connection().await;
+    let will = watcher.next().await;
+    let after = lost.elapsed();
+    assert_eq!(payloads(&[will]), ["wd-delayed"]);
+    assert!(
+        (Duration::from_secs(2)..Duration::from_secs(5)).contains(&after),
+        "published {after:?} after the connection was lost, delay 2 s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_will_is_not_published_when_the_session_is_resumed_in_time() {
+    let (_gw, port) = gateway_v5();
+    let topic = "conf/will/resumed";
+    let (mut watcher, mut marker) = watcher(port, topic).await;
+    let device = with_will(port, "wd-resumed", topic, 2, true).await;
+    let lost = Instant::now();
+    device.drop_connection().await;
+    // Back within the delay, resuming the session (clean start 0), without a will.
+    let back = V5Client::connect(port, "wd-resumed", |o| {
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(60));
+    })
+    .await;
+    assert!(
+        lost.elapsed() < Duration::from_secs(2),
+        "reconnect too slow"
+    );
+    assert!(back.connack.session_present, "the session was resumed");
+    // The behaviour under test is the passing of time: let the delay pass, then a
+    // marker shows everything the watcher was sent until then.
+    tokio::time::sleep(
+        Duration::from_secs(2).saturating_sub(lost.elapsed()) + Duration::from_millis(500),
+    )
+    .await;
+    marker
+        .publish(topic, false, b"marker", Default::default())
+        .await;
+    assert_eq!(payloads(&watcher.until(b"marker").await), ["marker"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_will_is_published_at_once_when_a_new_connection_ends_the_session() {
+    let (_gw, port) = gateway_v5();
+    let topic = "conf/will/ended";
+    let (mut watcher, _) = watcher(port, topic).await;
+    let device = with_will(port, "wd-ended", topic, 30, true).await;
+    let lost = Instant::now();
+    device.drop_connection().await;
+    // Clean start 1 ends the old session, and its will is due at once.
+    let _back = V5Client::connect(port, "wd-ended", |_| {}).await;
+    let will = watcher.next().await;
+    assert_eq!(payloads(&[will]), ["wd-ended"]);
+    assert!(
+        lost.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        lost.elapsed()
+    );
+}
+
+/// A subscriber to `topic` whose session outlives its connection by `expiry` seconds.
+async fn persistent(port: u16, id: &str, clean_start: bool, expiry: Option<u32>) -> V5Client {
+    V5Client::connect(port, id, |o| {
+        o.set_clean_start(clean_start);
+        o.set_session_expiry_interval(expiry);
+    })
+    .await
+}
+
+/// QoS 1 messages published while a session's client is away are delivered when it
+/// resumes the session (clean start 0), without subscribing again. The session was
+/// created with clean start 1: on MQTT 5 its expiry interval, not clean start, decides
+/// whether it outlives the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_for_an_offline_session_are_delivered_when_it_resumes() {
+    let (_gw, port) = gateway_v5();
+    let topic = "conf/offline/v5";
+    let mut sub = persistent(port, "offline-v5", true, Some(60)).await;
+    sub.subscribe(qos1(topic)).await;
+    sub.drop_connection().await;
+    let mut publisher = V5Client::connect(port, "offline-v5-pub", |_| {}).await;
+    for i in 0..5 {
+        let payload = format!("m{i}");
+        publisher
+            .publish(topic, false, payload.as_bytes(), Default::default())
+            .await;
+    }
+    let mut back = persistent(port, "offline-v5", false, Some(60)).await;
+    assert!(back.connack.session_present);
+    assert_eq!(
+        payloads(&back.until(b"m4").await),
+        ["m0", "m1", "m2", "m3", "m4"]
+    );
+}
+
+/// The session is dropped when its expiry interval has passed: a client coming back
+/// later finds none (session present 0), and nothing that was published meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_dropped_when_its_expiry_interval_has_passed() {
+    let (_gw, port) = gateway_v5();
+    let topic = "conf/offline/expired";
+    let mut sub = persistent(port, "expiring-v5", false, Some(1)).await;
+    sub.subscribe(qos1(topic)).await;
+    let lost = Instant::now();
+    sub.drop_connection().await;
+    let mut publisher = V5Client::connect(port, "expiring-v5-pub", |_| {}).await;
+    publisher
+        .publish(topic, false, b"while-away", Default::default())
+        .await;
+    // The behaviour under test is the passing of time.
+    tokio::time::sleep(Duration::from_millis(1500).saturating_sub(lost.elapsed())).await;
+    let mut back = persistent(port, "expiring-v5", false, Some(1)).await;
+    assert!(!back.connack.session_present, "the session expired");
+    back.subscribe(qos1(topic)).await;
+    publisher
+        .publish(topic, false, b"marker", Default::default())
+        .await;
+    assert_eq!(payloads(&back.until(b"marker").await), ["marker"]);
+}
+
+/// MQTT 5 with clean start 0 and no Session Expiry Interval (0): the session ends with
+/// the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_without_an_expiry_interval_ends_with_its_connection() {
+    let (_gw, port) = gateway_v5();
+    let mut sub = persistent(port, "no-expiry-v5", false, None).await;
+    sub.subscribe(qos1("conf/offline/none")).await;
+    sub.drop_connection().await;
+    let back = persistent(port, "no-expiry-v5", false, None).await;
+    assert!(!back.connack.session_present);
+}
+
+/// MQTT 3.1.1 clean session 0: the session is kept (no expiry in 3.1.1) and what was
+/// published while the client was away is delivered when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_311_persistent_session_gets_what_was_published_while_it_was_away() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+    let gw = Gateway::start(&[]);
+    let topic = "conf/offline/v311";
+    let connect = |clean: bool| {
+        let mut opts = MqttOptions::new("offline-v311", "127.0.0.1", gw.port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_clean_session(clean);
+        AsyncClient::new(opts, 10)
+    };
+    // Polls until `done` holds for an incoming packet; the packets before it, in order.
+    async fn poll_until(
+        eventloop: &mut rumqttc::EventLoop,
+        done: impl Fn(&Packet) -> bool,
+    ) -> Vec<Packet> {
+        let mut seen = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Event::Incoming(p) = eventloop.poll().await.unwrap() {
+                    let stop = done(&p);
+                    seen.push(p);
+                    if stop {
+                        return;
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out; so far: {seen:?}"));
+        seen
+    }
+
+    let (client, mut eventloop) = connect(false);
+    client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+    poll_until(&mut eventloop, |p| matches!(p, Packet::SubAck(_))).await;
+    drop((client, eventloop)); // no DISCONNECT: the connection is lost
+
+    let messages: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| (topic.to_string(), format!("m{i}").into_bytes()))
+        .collect();
+    assert_eq!(
+        publish_acked(&gw.addr(), "offline-v311-pub", &messages).await,
+        5
+    );
+
+    let (_client, mut eventloop) = connect(false);
+    let seen = poll_until(
+        &mut eventloop,
+        |p| matches!(p, Packet::Publish(p) if p.payload.as_ref() == b"m4"),
+    )
+    .await;
+    assert!(
+        matches!(&seen[0], Packet::ConnAck(ack) if ack.session_present),
+        "{seen:?}"
+    );
+    let received: Vec<String> = seen
+        .iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some(String::from_utf8_lossy(&p.payload).into_owned()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(received, ["m0", "m1", "m2", "m3", "m4"]);
+}
