@@ -3,7 +3,10 @@ use crate::link::local::{LinkError, LinkRx, LinkTx};
 use crate::link::network;
 use crate::link::network::Network;
 use crate::local::LinkBuilder;
-use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
+use crate::protocol::{
+    ConnAck, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode, Login, Packet,
+    Protocol,
+};
 use crate::router::{Event, Notification};
 use crate::{ConnectionId, ConnectionSettings};
 
@@ -54,6 +57,9 @@ pub enum Error {
     // PATCH(gateway)
     #[error("A publish could not be stored; it and later ones are not acknowledged")]
     NotStored,
+    // PATCH(gateway)
+    #[error("More unacknowledged QoS 1/2 publishes than the Receive Maximum {0}")]
+    ReceiveMaximumExceeded(u16),
 }
 
 /// Orchestrates between Router and Network.
@@ -202,6 +208,16 @@ impl<P: Protocol> RemoteLink<P> {
                     };
 
                     trace!("Packets read from network, count = {}", len);
+                    // PATCH(gateway): MQTT 5, more publishes in flight than the CONNACK's
+                    // Receive Maximum (4.9): DISCONNECT 0x93; none of this read is passed on.
+                    let max = self.network.receive_maximum();
+                    let in_flight = self.held.as_ref().map_or(0, |h| h.unacknowledged());
+                    if P::MQTT_5 && in_flight > max.into() {
+                        let reason_code = DisconnectReasonCode::ReceiveMaximumExceeded;
+                        let disconnect = Packet::Disconnect(Disconnect { reason_code }, None);
+                        self.network.write(disconnect).await?;
+                        return Err(Error::ReceiveMaximumExceeded(max));
+                    }
                     self.link_tx.notify().await?;
                     // PATCH(gateway): waits while the application's queue is full, so
                     // this socket is not read meanwhile (backpressure).
