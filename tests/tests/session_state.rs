@@ -4,15 +4,18 @@
 //! published while a persistent session's client was away (3.1.1 section 3.1.2.4 and
 //! 5.0 section 3.1.2.4), on both listeners.
 //!
-//! Clients are rumqttc's v5 client ([`V5Client`]); a connection "lost" is closed without
-//! DISCONNECT ([`V5Client::drop_connection`]), so its will applies.
+//! Clients are rumqttc's v5 client ([`V5Client`]) and, for the will delay and offline
+//! messages, paho-mqtt (`tests/python/v5_conformance.py`; skipped without paho unless
+//! `GATEWAY_REQUIRE_PAHO` is set); a connection "lost" is closed without DISCONNECT
+//! ([`V5Client::drop_connection`]), so its will applies. MQTT 3.1.1 uses rumqttc.
 
 use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, LastWillProperties, RetainForwardRule};
 use rumqttc::v5::mqttbytes::QoS;
+use serde_json::Value;
 use test_support::mqtt5::payloads;
-use test_support::{free_port, publish_acked, Gateway, V5Client};
+use test_support::{free_port, paho_available, publish_acked, run_paho, Gateway, V5Client};
 
 /// A gateway with the MQTT 5 listener; returns it and that listener's port.
 fn gateway_v5() -> (Gateway, u16) {
@@ -22,6 +25,15 @@ fn gateway_v5() -> (Gateway, u16) {
         Gateway::start(&[("GATEWAY__BROKER__LISTEN_V5", &v5)]),
         v5_port,
     )
+}
+
+/// The paho scenario `name` on `topic`, parsed; `None` when paho is not installed.
+fn paho(name: &str, port: u16, topic: &str) -> Option<Value> {
+    if !paho_available() {
+        return None;
+    }
+    let line = run_paho("v5_conformance.py", &[name, &port.to_string(), topic]);
+    Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{name}: {e}: {line}")))
 }
 
 fn qos1(path: &str) -> Filter {
@@ -84,6 +96,13 @@ async fn a_delayed_will_is_published_when_its_delay_has_passed() {
         (Duration::from_secs(2)..Duration::from_secs(5)).contains(&after),
         "published {after:?} after the connection was lost, delay 2 s"
     );
+
+    let Some(paho) = paho("will_delay", port, "conf/will/delayed-paho") else {
+        return;
+    };
+    assert_eq!(paho["will"]["payload"], "paho-wd-device", "{paho}");
+    let after = paho["after_s"].as_f64().unwrap();
+    assert!((2.0..5.0).contains(&after), "{paho}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,6 +134,15 @@ async fn a_delayed_will_is_not_published_when_the_session_is_resumed_in_time() {
         .publish(topic, false, b"marker", Default::default())
         .await;
     assert_eq!(payloads(&watcher.until(b"marker").await), ["marker"]);
+
+    let Some(paho) = paho("will_cancelled", port, "conf/will/resumed-paho") else {
+        return;
+    };
+    assert_eq!(paho["session_present"], true, "{paho}");
+    assert!(paho["resumed_after_s"].as_f64().unwrap() < 2.0, "{paho}");
+    let received = paho["received"].as_array().unwrap();
+    assert_eq!(received.len(), 1, "only the marker: {paho}");
+    assert_eq!(received[0]["payload"], "marker", "{paho}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,6 +197,18 @@ async fn messages_for_an_offline_session_are_delivered_when_it_resumes() {
         payloads(&back.until(b"m4").await),
         ["m0", "m1", "m2", "m3", "m4"]
     );
+
+    let Some(paho) = paho("offline_queue", port, "conf/offline/paho") else {
+        return;
+    };
+    assert_eq!(paho["session_present"], true, "{paho}");
+    let received: Vec<&str> = paho["received"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["payload"].as_str().unwrap())
+        .collect();
+    assert_eq!(received, ["m0", "m1", "m2"], "{paho}");
 }
 
 /// The session is dropped when its expiry interval has passed: a client coming back
