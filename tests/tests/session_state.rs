@@ -316,3 +316,58 @@ async fn a_311_persistent_session_gets_what_was_published_while_it_was_away() {
         .collect();
     assert_eq!(received, ["m0", "m1", "m2", "m3", "m4"]);
 }
+
+/// `gateway_broker_messages_lost_total` from the gateway's `/metrics`.
+fn messages_lost(gw: &Gateway) -> u64 {
+    let (code, text) = gw.http_get("/metrics");
+    assert_eq!(code, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("gateway_broker_messages_lost_total "))
+        .unwrap_or_else(|| panic!("no gateway_broker_messages_lost_total in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Offline messages are bounded by the broker's log of the filter (here 2 x 64 KiB):
+/// a session away while 400 KiB were published gets the newest ones, in order, and
+/// the ones it missed are counted; nothing is missing from either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_messages_beyond_the_log_are_dropped_and_counted() {
+    let v5_port = free_port();
+    let v5 = format!("127.0.0.1:{v5_port}");
+    let gw = Gateway::start(&[
+        ("GATEWAY__BROKER__LISTEN_V5", &v5),
+        ("GATEWAY__BROKER__SEGMENT_BYTES", "65536"),
+        ("GATEWAY__BROKER__SEGMENT_COUNT", "1"),
+    ]);
+    let topic = "conf/offline/overrun";
+    let mut sub = persistent(v5_port, "overrun-v5", true, Some(60)).await;
+    sub.subscribe(qos1(topic)).await;
+    sub.drop_connection().await;
+    assert_eq!(messages_lost(&gw), 0);
+    let mut publisher = V5Client::connect(v5_port, "overrun-v5-pub", |_| {}).await;
+    const PUBLISHED: usize = 400;
+    for i in 0..PUBLISHED {
+        let mut payload = format!("m{i:03}-").into_bytes();
+        payload.resize(1024, b'x');
+        publisher
+            .publish(topic, false, &payload, Default::default())
+            .await;
+    }
+    let mut back = persistent(v5_port, "overrun-v5", false, Some(60)).await;
+    assert!(back.connack.session_present);
+    publisher
+        .publish(topic, false, b"end", Default::default())
+        .await;
+    let received = back.until(b"end").await;
+    let got: Vec<String> = payloads(&received[..received.len() - 1])
+        .into_iter()
+        .map(|p| p[..4].to_string())
+        .collect();
+    let first = PUBLISHED - got.len();
+    let expected: Vec<String> = (first..PUBLISHED).map(|i| format!("m{i:03}")).collect();
+    assert_eq!(got, expected, "the newest ones, in order");
+    assert!(first > 0, "the log was overrun");
+    assert_eq!(messages_lost(&gw), first as u64, "every missed one counted");
+}

@@ -15,6 +15,17 @@ use crate::{
     ConnectionId, Filter, RouterId, Topic,
 };
 
+/// PATCH(gateway): messages subscribers did not get because the in-memory log of their
+/// filter moved past them (its oldest segment dropped while their cursor was in it): a
+/// persistent session offline too long, or a subscriber slower than the publishers.
+/// One per process, like the broker the gateway runs.
+static FORWARDS_LOST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// PATCH(gateway): the total of [`FORWARDS_LOST`] since the process started.
+pub fn forwards_lost() -> u64 {
+    FORWARDS_LOST.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 mod alertlog;
 mod connection;
 mod graveyard;

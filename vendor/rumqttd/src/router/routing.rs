@@ -1612,7 +1612,11 @@ fn forward_device_data(
             error
         );
 
-        let alert = alert::cursorjump(&outgoing.client_id, &request.filter, 0);
+        // PATCH(gateway): counted (absolute offsets count messages across segments).
+        let lost = start.1.saturating_sub(request.cursor.1);
+        super::FORWARDS_LOST.fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+
+        let alert = alert::cursorjump(&outgoing.client_id, &request.filter, lost as usize);
         alertlog.log(alert);
     }
 
