@@ -1,6 +1,7 @@
 //! An MQTT 5 client (rumqttc's `v5`) for conformance tests of a broker under test: it
-//! subscribes with explicit subscription options, publishes with properties, and hands
-//! over the PUBLISH packets it received, in order, with their properties and flags.
+//! subscribes with explicit subscription options, publishes with properties, hands over
+//! the PUBLISH packets it received, in order, with their properties and flags, keeps
+//! the broker's CONNACK, and can lose its connection without a DISCONNECT.
 //!
 //! Invariants:
 //! - Every wait has a timeout and panics with what it waited for.
