@@ -1,6 +1,7 @@
 //! An MQTT 5 client (rumqttc's `v5`) for conformance tests of a broker under test: it
-//! subscribes with explicit subscription options, publishes with properties, and hands
-//! over the PUBLISH packets it received, in order, with their properties and flags.
+//! subscribes with explicit subscription options, publishes with properties, hands over
+//! the PUBLISH packets it received, in order, with their properties and flags, keeps
+//! the broker's CONNACK, and can lose its connection without a DISCONNECT.
 //!
 //! Invariants:
 //! - Every wait has a timeout and panics with what it waited for.
@@ -11,7 +12,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::v5::{Filter, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{ConnAck, Filter, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, Incoming, MqttOptions};
 use tokio::sync::mpsc;
@@ -22,9 +23,13 @@ const WAIT: Duration = Duration::from_secs(10);
 /// A connected MQTT 5 client whose event loop runs on its own task.
 pub struct V5Client {
     pub client: AsyncClient,
+    /// The broker's CONNACK (its properties: receive maximum, topic alias maximum, ..).
+    pub connack: ConnAck,
     id: String,
     incoming: mpsc::UnboundedReceiver<Result<Incoming, String>>,
     received: VecDeque<Publish>,
+    /// The task polling the event loop; aborting it closes the socket.
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl V5Client {
@@ -36,7 +41,7 @@ impl V5Client {
         configure(&mut opts);
         let (client, mut eventloop) = AsyncClient::new(opts, 200);
         let (tx, incoming) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             loop {
                 let event = match eventloop.poll().await {
                     Ok(Event::Incoming(packet)) => Ok(packet),
@@ -51,13 +56,36 @@ impl V5Client {
         });
         let mut c = V5Client {
             client,
+            connack: ConnAck {
+                session_present: false,
+                code: rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success,
+                properties: None,
+            },
             id: id.to_string(),
             incoming,
             received: VecDeque::new(),
+            task,
         };
-        c.wait_for("CONNACK", |p| matches!(p, Incoming::ConnAck(_)))
-            .await;
+        match c
+            .wait_for("CONNACK", |p| matches!(p, Incoming::ConnAck(_)))
+            .await
+        {
+            Incoming::ConnAck(connack) => c.connack = connack,
+            _ => unreachable!(),
+        }
         c
+    }
+
+    /// Closes the socket without a DISCONNECT, as a device that lost power or its
+    /// network: the broker sees the connection end abnormally (its will applies).
+    pub async fn drop_connection(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+
+    /// PUBLISH packets received and not yet taken with [`V5Client::next`].
+    pub fn buffered(&self) -> usize {
+        self.received.len()
     }
 
     /// The next packet for which `is_it` holds; PUBLISH packets before it are kept.

@@ -25,24 +25,47 @@ WAIT = 10.0
 class Client:
     """One MQTT 5 connection whose received messages and SUBACKs land on queues."""
 
-    def __init__(self, port, client_id, max_packet_size=None):
+    def __init__(
+        self,
+        port,
+        client_id,
+        max_packet_size=None,
+        receive_maximum=None,
+        manual_ack=False,
+        clean_start=True,
+        session_expiry=None,
+        will=None,
+    ):
+        """`will`: (topic, payload, delay in seconds) of a QoS 1 will."""
         self.id = client_id
         self.messages = queue.Queue()
         self.subacks = queue.Queue()
         self.connacks = queue.Queue()
         self.c = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=manual_ack,
         )
-        self.c.on_connect = lambda c, u, flags, rc, props: self.connacks.put(rc)
+        self.c.on_connect = lambda c, u, flags, rc, props: self.connacks.put((rc, props, flags))
         self.c.on_message = lambda c, u, msg: self.messages.put(msg)
         self.c.on_subscribe = lambda c, u, mid, rcs, props: self.subacks.put(rcs)
-        props = None
+        if will is not None:
+            topic, payload, delay = will
+            will_props = Properties(PacketTypes.WILLMESSAGE)
+            will_props.WillDelayInterval = delay
+            self.c.will_set(topic, payload, qos=1, properties=will_props)
+        props = Properties(PacketTypes.CONNECT)
         if max_packet_size is not None:
-            props = Properties(PacketTypes.CONNECT)
             props.MaximumPacketSize = max_packet_size
-        self.c.connect("127.0.0.1", port, keepalive=30, clean_start=True, properties=props)
+        if receive_maximum is not None:
+            props.ReceiveMaximum = receive_maximum
+        if session_expiry is not None:
+            props.SessionExpiryInterval = session_expiry
+        self.c.connect("127.0.0.1", port, keepalive=30, clean_start=clean_start, properties=props)
         self.c.loop_start()
-        rc = self.get(self.connacks, "CONNACK")
+        rc, self.connack_properties, flags = self.get(self.connacks, "CONNACK")
+        self.session_present = bool(flags.session_present)
         if rc.is_failure:
             raise SystemExit(f"{client_id}: CONNACK refused: {rc}")
 
@@ -77,6 +100,11 @@ class Client:
     def close(self):
         self.c.disconnect()
         self.c.loop_stop()
+
+    def lose(self):
+        """Closes the socket without DISCONNECT, as a device that lost its network."""
+        self.c.loop_stop()
+        self.c.socket().close()
 
 
 def describe(msg):
@@ -175,9 +203,86 @@ def max_packet_size(port, topic):
     return {"small": described(small.until("small")), "control": described(control.until("small"))}
 
 
+def receive_maximum(port, topic):
+    """A subscriber with Receive Maximum 2 that acknowledges late: what it received before
+    each round of acknowledgements, and the broker's own Receive Maximum."""
+    sub = Client(port, "paho-rm-sub", receive_maximum=2, manual_ack=True)
+    sub.subscribe(topic)
+    pub = Client(port, "paho-rm-pub")
+    for i in range(6):
+        pub.publish(topic, f"m{i}")
+    windows = []
+    while sum(len(w) for w in windows) < 6:
+        window = [sub.get(sub.messages, "message") for _ in range(2)]
+        # Two round trips through the broker: a third message would have come meanwhile.
+        sub.subscribe(f"{topic}/sync")
+        sub.subscribe(f"{topic}/sync")
+        while not sub.messages.empty():
+            window.append(sub.messages.get())
+        windows.append([m.payload.decode() for m in window])
+        for m in window:
+            sub.c.ack(m.mid, m.qos)
+    return {
+        "broker_receive_maximum": getattr(sub.connack_properties, "ReceiveMaximum", None),
+        "windows": windows,
+    }
+
+
+def will_delay(port, topic):
+    """A will delayed by 2 s: when it arrived after the connection was lost."""
+    watcher = Client(port, "paho-wd-watcher")
+    watcher.subscribe(topic)
+    device = Client(port, "paho-wd-device", session_expiry=60, will=(topic, "paho-wd-device", 2))
+    lost = time.monotonic()
+    device.lose()
+    will = watcher.get(watcher.messages, "the will")
+    return {"will": describe(will), "after_s": time.monotonic() - lost}
+
+
+def will_cancelled(port, topic):
+    """A will delayed by 2 s, its session resumed after the loss: what the watcher got."""
+    watcher = Client(port, "paho-wc-watcher")
+    watcher.subscribe(topic)
+    device = Client(port, "paho-wc-device", session_expiry=60, will=(topic, "paho-wc-device", 2))
+    lost = time.monotonic()
+    device.lose()
+    back = Client(port, "paho-wc-device", clean_start=False, session_expiry=60)
+    resumed_after_s = time.monotonic() - lost
+    time.sleep(max(0.0, lost + 2.5 - time.monotonic()))  # the behaviour under test is time
+    watcher.publish(topic, "marker")
+    return {
+        "session_present": back.session_present,
+        "resumed_after_s": resumed_after_s,
+        "received": described(watcher.until("marker")),
+    }
+
+
+def offline_queue(port, topic):
+    """Messages published while a persistent session's client was away."""
+    sub = Client(port, "paho-offline", session_expiry=60)
+    sub.subscribe(topic)
+    sub.lose()
+    pub = Client(port, "paho-offline-pub")
+    for i in range(3):
+        pub.publish(topic, f"m{i}")
+    back = Client(port, "paho-offline", clean_start=False, session_expiry=60)
+    return {"session_present": back.session_present, "received": described(back.until("m2"))}
+
+
 SCENARIOS = {
     f.__name__: f
-    for f in (properties, retained_expiry, no_local, retain_as_published, retain_handling, max_packet_size)
+    for f in (
+        properties,
+        retained_expiry,
+        no_local,
+        retain_as_published,
+        retain_handling,
+        max_packet_size,
+        receive_maximum,
+        will_delay,
+        will_cancelled,
+        offline_queue,
+    )
 }
 
 if __name__ == "__main__":

@@ -181,6 +181,12 @@ pub fn render(s: &Sources) -> String {
         )
         .value(n as f64);
     }
+    e.family(
+        "gateway_broker_messages_lost_total",
+        "Messages the embedded broker did not deliver to a subscriber (a persistent session offline, or a slow subscriber) because its in-memory log of the filter (broker.segment_bytes x (broker.segment_count + 1)) had moved past them.",
+        Kind::Counter,
+    )
+    .value(rumqttd::forwards_lost() as f64);
     storage(&mut e, &store);
     if let Some(auth) = &s.auth {
         auth_families(&mut e, auth.stats());

@@ -25,6 +25,8 @@ pub use link::ingest::{IngestHook, Ingested, PendingAck};
 pub use link::local;
 pub use link::meters;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
+// PATCH(gateway)
+pub use router::forwards_lost;
 use segments::Storage;
 pub use server::{Broker, LinkType, Server};
 

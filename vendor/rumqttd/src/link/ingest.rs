@@ -339,6 +339,19 @@ impl HeldAcks {
         Ok(packets)
     }
 
+    /// PATCH(gateway): the client's QoS 1 and 2 publishes not yet completed from the
+    /// broker's side: no PUBACK, or no PUBCOMP, sent yet (what MQTT 5 Receive Maximum
+    /// bounds, section 4.9; the client counts each until it has *received* the ack, so
+    /// never fewer).
+    pub fn unacknowledged(&self) -> usize {
+        let held = self
+            .waiting
+            .iter()
+            .filter(|(_, ack)| matches!(ack, Held::PubAck(_) | Held::PubComp(_)))
+            .count();
+        held + self.qos2.len()
+    }
+
     /// Whether an ack is ready to send without waiting for a release (a repeated QoS 2
     /// publish or a PUBREL behind nothing held).
     pub fn has_ready(&self) -> bool {

@@ -51,6 +51,10 @@ pub struct LinkBuilder<'a> {
     topic_alias_max: u16,
     // PATCH(gateway): the client's Maximum Packet Size (None: no limit)
     max_packet_size: Option<u32>,
+    // PATCH(gateway): the client's Receive Maximum (None: none sent)
+    receive_maximum: Option<u16>,
+    // PATCH(gateway): the MQTT 5 Session Expiry Interval (None: MQTT 3.1.1)
+    session_expiry: Option<u32>,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -65,6 +69,8 @@ impl<'a> LinkBuilder<'a> {
             dynamic_filters: false,
             topic_alias_max: 0,
             max_packet_size: None,
+            receive_maximum: None,
+            session_expiry: None,
         }
     }
 
@@ -98,6 +104,20 @@ impl<'a> LinkBuilder<'a> {
         self
     }
 
+    /// PATCH(gateway): the Receive Maximum from the client's MQTT 5 CONNECT; the router
+    /// never has more QoS 1/2 forwards unacknowledged by the link.
+    pub fn receive_maximum(mut self, max: Option<u16>) -> Self {
+        self.receive_maximum = max;
+        self
+    }
+
+    /// PATCH(gateway): the MQTT 5 Session Expiry Interval of the CONNECT (`Some(0)` when
+    /// it had none); `None` for MQTT 3.1.1, where `clean_session` alone decides.
+    pub fn session_expiry(mut self, expiry: Option<u32>) -> Self {
+        self.session_expiry = expiry;
+        self
+    }
+
     pub fn clean_session(mut self, clean: bool) -> Self {
         self.clean_session = clean;
         self
@@ -121,9 +141,12 @@ impl<'a> LinkBuilder<'a> {
         connection
             .last_will(self.last_will, self.last_will_properties)
             .topic_alias_max(self.topic_alias_max)
-            .max_packet_size(self.max_packet_size);
+            .max_packet_size(self.max_packet_size)
+            .session_expiry(self.session_expiry);
+        let generation = connection.generation;
         let incoming = Incoming::new(connection.client_id.to_owned());
-        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        let (mut outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        outgoing.receive_maximum(self.receive_maximum);
         let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
 
@@ -145,7 +168,8 @@ impl<'a> LinkBuilder<'a> {
             _message => return Err(LinkError::NotConnectionAck),
         };
 
-        let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
+        let mut tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
+        tx.generation = generation;
         let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
         Ok((tx, rx, notification))
     }
@@ -153,6 +177,8 @@ impl<'a> LinkBuilder<'a> {
 
 pub struct LinkTx {
     pub(crate) connection_id: ConnectionId,
+    /// PATCH(gateway): `Connection::generation` of this link's connection.
+    pub(crate) generation: u64,
     router_tx: Sender<(ConnectionId, Event)>,
     recv_buffer: Arc<Mutex<VecDeque<Packet>>>,
 }
@@ -165,6 +191,7 @@ impl LinkTx {
     ) -> LinkTx {
         LinkTx {
             connection_id,
+            generation: 0,
             router_tx,
             recv_buffer,
         }

@@ -63,6 +63,13 @@ impl<P: Protocol> Network<P> {
         }
     }
 
+    /// PATCH(gateway): the Receive Maximum announced to MQTT 5 clients: the most
+    /// packets one read hands over (`ConnectionSettings::max_inflight_count`), so a
+    /// client within it has all its unacknowledged publishes handed over in one read.
+    pub fn receive_maximum(&self) -> u16 {
+        self.max_connection_buffer_len.clamp(1, u16::MAX as usize) as u16
+    }
+
     /// PATCH(gateway): keep alive 0 means no keep alive (MQTT 3.1.1 and 5.0 section
     /// 3.1.2.10): reads then wait without a timeout. Otherwise the limit is 1.5 x keep alive.
     pub fn set_keepalive(&mut self, keepalive: u16) {

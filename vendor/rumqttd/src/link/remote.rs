@@ -3,7 +3,10 @@ use crate::link::local::{LinkError, LinkRx, LinkTx};
 use crate::link::network;
 use crate::link::network::Network;
 use crate::local::LinkBuilder;
-use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
+use crate::protocol::{
+    ConnAck, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode, Login, Packet,
+    Protocol,
+};
 use crate::router::{Event, Notification};
 use crate::{ConnectionId, ConnectionSettings};
 
@@ -54,17 +57,24 @@ pub enum Error {
     // PATCH(gateway)
     #[error("A publish could not be stored; it and later ones are not acknowledged")]
     NotStored,
+    // PATCH(gateway)
+    #[error("More unacknowledged QoS 1/2 publishes than the Receive Maximum {0}")]
+    ReceiveMaximumExceeded(u16),
 }
 
 /// Orchestrates between Router and Network.
 pub struct RemoteLink<P> {
     connect: Connect,
     pub(crate) connection_id: ConnectionId,
+    /// PATCH(gateway): the router's `Connection::generation` of this link.
+    pub(crate) generation: u64,
     network: Network<P>,
     link_tx: LinkTx,
     link_rx: LinkRx,
     notifications: VecDeque<Notification>,
     pub(crate) will_delay_interval: u32,
+    /// PATCH(gateway): the MQTT 5 Session Expiry Interval (`None` on MQTT 3.1.1).
+    pub(crate) session_expiry: Option<u32>,
     // PATCH(gateway)
     authorizer: Option<crate::Authorizer>,
     /// PATCH(gateway): the hand-off to the application and its held acks.
@@ -114,6 +124,10 @@ impl<P: Protocol> RemoteLink<P> {
             .topic_alias_max(topic_alias_max.unwrap_or(0))
             // PATCH(gateway): the router drops forwards bigger than this.
             .max_packet_size(props.as_ref().and_then(|p| p.max_packet_size))
+            // PATCH(gateway): and has no more QoS 1/2 forwards unacknowledged than this.
+            .receive_maximum(props.as_ref().and_then(|p| p.receive_maximum))
+            // PATCH(gateway): the session outlives the connection by this (MQTT 5).
+            .session_expiry(P::MQTT_5.then_some(session_expiry))
             .build()?;
 
         let id = link_rx.id();
@@ -127,6 +141,8 @@ impl<P: Protocol> RemoteLink<P> {
             if let Packet::ConnAck(_ack, props) = &mut packet {
                 let mut new_props = props.clone().unwrap_or_default();
                 new_props.assigned_client_identifier = assigned_client_id;
+                // PATCH(gateway): the broker's Receive Maximum (MQTT 5.0 3.2.2.3.3).
+                new_props.receive_max = Some(network.receive_maximum());
                 *props = Some(new_props);
                 network.write(packet).await?;
             }
@@ -135,12 +151,14 @@ impl<P: Protocol> RemoteLink<P> {
         Ok(RemoteLink {
             connect,
             connection_id: id,
+            generation: link_tx.generation,
             network,
             link_tx,
             link_rx,
             // PATCH(gateway): grows on demand (was with_capacity(100) per connection).
             notifications: VecDeque::new(),
             will_delay_interval,
+            session_expiry: P::MQTT_5.then_some(session_expiry),
             authorizer: hooks.authorizer,
             held,
         })
@@ -192,6 +210,16 @@ impl<P: Protocol> RemoteLink<P> {
                     };
 
                     trace!("Packets read from network, count = {}", len);
+                    // PATCH(gateway): MQTT 5, more publishes in flight than the CONNACK's
+                    // Receive Maximum (4.9): DISCONNECT 0x93; none of this read is passed on.
+                    let max = self.network.receive_maximum();
+                    let in_flight = self.held.as_ref().map_or(0, |h| h.unacknowledged());
+                    if P::MQTT_5 && in_flight > max.into() {
+                        let reason_code = DisconnectReasonCode::ReceiveMaximumExceeded;
+                        let disconnect = Packet::Disconnect(Disconnect { reason_code }, None);
+                        self.network.write(disconnect).await?;
+                        return Err(Error::ReceiveMaximumExceeded(max));
+                    }
                     // PATCH(gateway): no wake-up when nothing of this read is for the
                     // router (publishes no subscription wants, see `link/ingest.rs`).
                     if len > start_len {

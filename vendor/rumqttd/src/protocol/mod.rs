@@ -746,6 +746,8 @@ pub enum Error {
 }
 
 pub trait Protocol {
+    /// PATCH(gateway): MQTT 5 (session expiry applies) rather than 3.1.1.
+    const MQTT_5: bool = false;
     fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error>;
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, Error>;
 }

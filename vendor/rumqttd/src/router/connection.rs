@@ -4,8 +4,16 @@ use crate::protocol::LastWillProperties;
 use crate::Filter;
 use crate::{protocol::LastWill, Topic};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::ConnectionEvents;
+
+/// PATCH(gateway): the last `Connection::generation` given out (0 is never one).
+static LAST_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+fn next_generation() -> u64 {
+    LAST_GENERATION.fetch_add(1, Ordering::Relaxed) + 1
+}
 
 /// Used to register a new connection with the router
 /// Connection messages encompasses a handle for router to
@@ -33,13 +41,19 @@ pub struct Connection {
     pub(crate) broker_topic_aliases: Option<BrokerAliases>,
     /// subscription IDs for a connection
     pub(crate) subscription_ids: HashMap<Filter, usize>,
-    /// PATCH(gateway): a number no other connection of this router had (set when the
-    /// router registers the connection); stored with each message it publishes, for
-    /// the No Local subscription option.
-    pub(crate) origin: u64,
+    /// PATCH(gateway): the connection's generation, a number no other connection of
+    /// this process had (connection ids are reused slab slots; this is not). Events a
+    /// link sends about itself after the router may have replaced it (its disconnect,
+    /// its will) carry it, so they never act on a newer connection in the same slot.
+    /// Also stored with each message it publishes, for the No Local subscription option.
+    pub(crate) generation: u64,
     /// PATCH(gateway): the Maximum Packet Size of the client's MQTT 5 CONNECT: no
     /// bigger PUBLISH is sent to it (section 3.1.2.11.4). `None`: no limit.
     pub(crate) max_packet_size: Option<u32>,
+    /// PATCH(gateway): the MQTT 5 Session Expiry Interval in seconds (section
+    /// 3.1.2.11.2): 0 ends the session with the connection, `u32::MAX` never. `None` on
+    /// MQTT 3.1.1, where the session outlives the connection iff `clean` is false.
+    pub(crate) session_expiry: Option<u32>,
 }
 
 impl Connection {
@@ -73,8 +87,9 @@ impl Connection {
             topic_aliases: HashMap::new(),
             broker_topic_aliases: None,
             subscription_ids: HashMap::new(),
-            origin: 0,
+            generation: next_generation(), // PATCH(gateway)
             max_packet_size: None,
+            session_expiry: None,
         }
     }
 
@@ -82,6 +97,20 @@ impl Connection {
     pub fn max_packet_size(&mut self, max: Option<u32>) -> &mut Connection {
         self.max_packet_size = max;
         self
+    }
+
+    /// PATCH(gateway): the MQTT 5 Session Expiry Interval (`None` on MQTT 3.1.1).
+    pub fn session_expiry(&mut self, expiry: Option<u32>) -> &mut Connection {
+        self.session_expiry = expiry;
+        self
+    }
+
+    /// PATCH(gateway): whether the session state is kept when the connection ends.
+    pub(crate) fn session_outlives_connection(&self) -> bool {
+        match self.session_expiry {
+            None => !self.clean,
+            Some(seconds) => seconds > 0,
+        }
     }
 
     pub fn topic_alias_max(&mut self, max: u16) -> &mut Connection {

@@ -22,9 +22,22 @@ impl Graveyard {
         self.connections.remove(id)
     }
 
-    /// Save connection tracker
+    /// PATCH(gateway): drops the session state saved by the connection of `generation`
+    /// (its metrics stay); `false` when there is none, or a newer connection's.
+    pub fn expire(&mut self, id: &str, generation: u64) -> bool {
+        match self.connections.get_mut(id) {
+            Some(saved) if saved.generation == generation && saved.session_state.is_some() => {
+                saved.session_state = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Save connection tracker. PATCH(gateway): with the generation of the connection.
     pub fn save_state(
         &mut self,
+        generation: u64,
         mut tracker: Tracker,
         subscriptions: HashSet<String>,
         metrics: ConnectionEvents,
@@ -44,6 +57,7 @@ impl Graveyard {
             SavedState {
                 session_state: Some(session_state),
                 metrics,
+                generation,
             },
         );
     }
@@ -55,6 +69,7 @@ impl Graveyard {
             SavedState {
                 session_state: None,
                 metrics,
+                generation: 0,
             },
         );
     }
@@ -64,6 +79,8 @@ impl Graveyard {
 pub struct SavedState {
     pub session_state: Option<SessionState>,
     pub metrics: ConnectionEvents,
+    /// PATCH(gateway): `Connection::generation` of the connection that saved it.
+    pub generation: u64,
 }
 
 #[derive(Debug)]

@@ -66,6 +66,9 @@ pub struct Outgoing {
     pub(crate) unacked_pubrels: VecDeque<u16>,
     /// Last packet id
     last_pkid: u16,
+    /// PATCH(gateway): most QoS 1/2 forwards unacknowledged at once: the client's MQTT 5
+    /// Receive Maximum (section 3.1.2.11.3) when lower than `MAX_INFLIGHT`.
+    pub(crate) max_inflight: usize,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
 }
@@ -88,6 +91,7 @@ impl Outgoing {
             unacked_pubrels,
             handle,
             last_pkid: 0,
+            max_inflight: MAX_INFLIGHT,
             meter: Default::default(),
         };
 
@@ -100,7 +104,15 @@ impl Outgoing {
     }
 
     pub fn free_slots(&self) -> usize {
-        MAX_INFLIGHT - self.inflight_buffer.len()
+        // PATCH(gateway): bounded by the client's Receive Maximum too.
+        self.max_inflight.saturating_sub(self.inflight_buffer.len())
+    }
+
+    /// PATCH(gateway): the client's Receive Maximum (`None`: it sent none, 65 535).
+    pub(crate) fn receive_maximum(&mut self, receive_maximum: Option<u16>) {
+        if let Some(max) = receive_maximum {
+            self.max_inflight = MAX_INFLIGHT.min(max.max(1) as usize);
+        }
     }
 
     pub fn push_notification(&mut self, notification: Notification) -> usize {

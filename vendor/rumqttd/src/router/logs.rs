@@ -22,7 +22,7 @@ pub struct PublishData {
     pub publish: Publish,
     pub properties: Option<PublishProperties>,
     pub timestamp: Instant,
-    /// PATCH(gateway): `Connection::origin` of the connection that published this
+    /// PATCH(gateway): `Connection::generation` of the connection that published this
     /// message (0 for a will message), for the No Local subscription option.
     pub origin: u64,
 }

@@ -15,6 +15,17 @@ use crate::{
     ConnectionId, Filter, RouterId, Topic,
 };
 
+/// PATCH(gateway): messages subscribers did not get because the in-memory log of their
+/// filter moved past them (its oldest segment dropped while their cursor was in it): a
+/// persistent session offline too long, or a subscriber slower than the publishers.
+/// One per process, like the broker the gateway runs.
+static FORWARDS_LOST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// PATCH(gateway): the total of [`FORWARDS_LOST`] since the process started.
+pub fn forwards_lost() -> u64 {
+    FORWARDS_LOST.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 mod alertlog;
 mod connection;
 mod graveyard;
@@ -53,8 +64,9 @@ pub enum Event {
     Ready,
     /// Data for native commitlog
     DeviceData,
-    /// Disconnection request
-    Disconnect,
+    /// Disconnection request. PATCH(gateway): with the link's `Connection::generation`;
+    /// ignored when the connection id now belongs to a newer connection (a takeover).
+    Disconnect(u64),
     /// Shadow
     Shadow(ShadowRequest),
     /// Collect and send alerts to all alerts links
@@ -63,8 +75,19 @@ pub enum Event {
     SendMeters,
     /// Get metrics of a connection or all connections
     PrintStatus(Print),
-    /// Publish Will message
-    PublishWill((String, Option<String>)),
+    /// PATCH(gateway): the will of the connection of this generation is due (`publish`)
+    /// or cancelled (its session was resumed in time, MQTT 5.0 section 3.1.3.2.2); either
+    /// way the router forgets it. Upstream named the will by client id, so a takeover's
+    /// old connection could publish (and remove) the new connection's will.
+    Will {
+        generation: u64,
+        tenant_id: Option<String>,
+        publish: bool,
+    },
+    /// PATCH(gateway): the Session Expiry Interval of the session that the connection of
+    /// this generation left behind has passed: the router drops it, unless a newer
+    /// connection has taken the session over since.
+    SessionExpired { client_id: String, generation: u64 },
 }
 
 /// Notification from router to connection
@@ -290,6 +313,13 @@ pub struct RouterMeter {
     /// subscriber's Maximum Packet Size (MQTT 5.0 section 3.1.2.11.4).
     #[serde(default)]
     pub oversize_forwards_dropped: usize,
+    /// PATCH(gateway): disconnects of connections already replaced by a newer one with
+    /// the same connection id (a fast takeover), ignored.
+    #[serde(default)]
+    pub stale_disconnects_ignored: usize,
+    /// PATCH(gateway): sessions dropped when their Session Expiry Interval passed.
+    #[serde(default)]
+    pub sessions_expired: usize,
 }
 
 impl RouterMeter {

@@ -100,10 +100,8 @@ pub struct Router {
     cache: Option<VecDeque<Packet>>,
     /// Shared subscriptions map <group-name, group>
     shared_subscriptions: HashMap<String, SharedGroup>,
-    /// Will messages per client_id
-    last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
-    /// PATCH(gateway): the last `Connection::origin` given out (0 is never one).
-    last_origin: u64,
+    /// Will messages. PATCH(gateway): per `Connection::generation` (was per client id).
+    last_wills: HashMap<u64, (LastWill, Option<LastWillProperties>)>,
 }
 
 impl Router {
@@ -150,7 +148,6 @@ impl Router {
             cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
-            last_origin: 0,
         }
     }
 
@@ -252,7 +249,19 @@ impl Router {
             Event::NewMeter(tx) => self.handle_new_meter(tx),
             Event::NewAlert(tx) => self.handle_new_alert(tx),
             Event::DeviceData => self.handle_device_payload(id),
-            Event::Disconnect => self.handle_disconnection(id, None),
+            // PATCH(gateway): a late disconnect of a replaced connection is ignored.
+            Event::Disconnect(generation) => {
+                if self
+                    .connections
+                    .get(id)
+                    .is_some_and(|c| c.generation == generation)
+                {
+                    self.handle_disconnection(id, None)
+                } else {
+                    debug!(generation, "Disconnect of a replaced connection ignored");
+                    self.router_meters.stale_disconnects_ignored += 1;
+                }
+            }
             Event::Ready => self.scheduler.reschedule(id, ScheduleReason::Ready),
             Event::Shadow(request) => {
                 retrieve_shadow(&mut self.datalog, &mut self.obufs[id], request)
@@ -264,11 +273,29 @@ impl Router {
                 self.send_meters();
             }
             Event::PrintStatus(metrics) => print_status(self, metrics),
-            Event::PublishWill((client_id, _tenant_id)) => self.handle_last_will(
+            Event::SessionExpired {
                 client_id,
-                #[cfg(feature = "validate-tenant-prefix")]
-                _tenant_id,
-            ),
+                generation,
+            } => {
+                if self.graveyard.expire(&client_id, generation) {
+                    info!(client_id, "Session expired");
+                    self.router_meters.sessions_expired += 1;
+                }
+            }
+            Event::Will {
+                generation,
+                tenant_id: _tenant_id,
+                publish,
+            } => {
+                let will = self.last_wills.remove(&generation);
+                if let Some(will) = will.filter(|_| publish) {
+                    self.handle_last_will(
+                        will,
+                        #[cfg(feature = "validate-tenant-prefix")]
+                        _tenant_id,
+                    )
+                }
+            }
         }
     }
 
@@ -357,14 +384,10 @@ impl Router {
 
         if let Some(will) = connection.last_will.take() {
             self.last_wills.insert(
-                client_id.clone(),
+                connection.generation,
                 (will, connection.last_will_properties.take()),
             );
         }
-
-        // PATCH(gateway): connection ids are reused slab slots; the origin is not.
-        self.last_origin += 1;
-        connection.origin = self.last_origin;
 
         let connection_id = self.connections.insert(connection);
         assert_eq!(self.ibufs.insert(incoming), connection_id);
@@ -506,8 +529,10 @@ impl Router {
             connection.events.events.pop_front();
         }
 
-        // Save state for persistent sessions
-        if !connection.clean {
+        // Save state for persistent sessions. PATCH(gateway): on MQTT 5 the Session
+        // Expiry Interval decides (a clean start session may outlive its connection,
+        // and one with expiry 0 ends with it), on 3.1.1 clean session does.
+        if connection.session_outlives_connection() {
             // Add inflight data requests back to tracker
             inflight_data_requests
                 .into_iter()
@@ -528,6 +553,7 @@ impl Router {
             }
 
             self.graveyard.save_state(
+                connection.generation,
                 tracker,
                 connection.subscriptions,
                 connection.events,
@@ -887,7 +913,9 @@ impl Router {
                     let _guard = span.enter();
                     disconnect = true;
                     // delete the last will message
-                    self.last_wills.remove(&client_id);
+                    if let Some(connection) = self.connections.get(id) {
+                        self.last_wills.remove(&connection.generation);
+                    }
                     break;
                 }
                 incoming => {
@@ -901,6 +929,16 @@ impl Router {
         // Prepare AcksRequest in tracker if router is operating in a
         // single node mode or force ack request for subscriptions
         if force_ack {
+            // PATCH(gateway): send the acks (SUBACK, UNSUBACK, PINGRESP, ..) now. Left to
+            // the scheduler they waited while the connection was paused with its inflight
+            // window full (`FreshData` does not wake `InflightFull`), i.e. until the client
+            // acknowledged a forward: with a small Receive Maximum a client that holds
+            // back PUBACKs never got its SUBACK or PINGRESP.
+            if let (Some(ackslog), Some(outgoing)) =
+                (self.ackslog.get_mut(id), self.obufs.get_mut(id))
+            {
+                ack_device_data(ackslog, outgoing);
+            }
             self.scheduler.reschedule(id, ScheduleReason::FreshData);
         }
 
@@ -1153,17 +1191,14 @@ impl Router {
         Some(())
     }
 
+    /// PATCH(gateway): takes the will itself (was: the client id to look it up by).
     pub fn handle_last_will(
         &mut self,
-        client_id: String,
+        (will, will_props): (LastWill, Option<LastWillProperties>),
         #[cfg(feature = "validate-tenant-prefix")] tenant_id: Option<String>,
     ) {
         #[cfg(feature = "validate-tenant-prefix")]
         let tenant_prefix = tenant_id.map(|id| format!("/tenants/{id}/"));
-
-        let Some((will, will_props)) = self.last_wills.remove(&client_id) else {
-            return;
-        };
 
         let publish = Publish {
             dup: false,
@@ -1254,7 +1289,7 @@ fn append_to_commitlog(
     connections: &mut Slab<Connection>,
 ) -> Result<Offset, RouterError> {
     let connection = connections.get_mut(id).unwrap();
-    let origin = connection.origin;
+    let origin = connection.generation;
 
     let topic_alias = properties.as_mut().and_then(|p| {
         // clear the received value as it is irrelevant while forwarding publishes
@@ -1582,7 +1617,11 @@ fn forward_device_data(
             error
         );
 
-        let alert = alert::cursorjump(&outgoing.client_id, &request.filter, 0);
+        // PATCH(gateway): counted (absolute offsets count messages across segments).
+        let lost = start.1.saturating_sub(request.cursor.1);
+        super::FORWARDS_LOST.fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+
+        let alert = alert::cursorjump(&outgoing.client_id, &request.filter, lost as usize);
         alertlog.log(alert);
     }
 
@@ -1626,7 +1665,7 @@ fn forward_device_data(
 
     let subscription_id = connection.subscription_ids.get(&request.filter);
     let (nolocal, preserve_retain) = (request.nolocal, request.preserve_retain);
-    let (own_origin, max_packet_size) = (connection.origin, connection.max_packet_size);
+    let (own_origin, max_packet_size) = (connection.generation, connection.max_packet_size);
     let mut oversize = 0;
 
     // Fill and notify device data

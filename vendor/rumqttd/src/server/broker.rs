@@ -626,7 +626,9 @@ async fn remote<P: Protocol>(
     };
 
     let connection_id = link.connection_id;
+    let generation = link.generation;
     let will_delay_interval = link.will_delay_interval;
+    let session_expiry = link.session_expiry;
     let mut send_disconnect = true;
 
     match link.start().await {
@@ -651,36 +653,67 @@ async fn remote<P: Protocol>(
     };
 
     if send_disconnect {
-        let disconnect = Event::Disconnect;
+        // PATCH(gateway): with the generation, so that a late disconnect of this
+        // connection cannot remove a newer one that got the same connection id.
+        let disconnect = Event::Disconnect(generation);
         let message = (connection_id, disconnect);
         router_tx.send(message).ok();
     }
 
     // this is important to stop the connection
     drop(link);
+    let lost = tokio::time::Instant::now();
 
-    let publish_will = match tokio::time::timeout(
+    // PATCH(gateway): a newer connection with this client id says Fire (it ends the
+    // session) or Cancel (it resumes it) on `will_rx`, during the will delay and, for an
+    // MQTT 5 session that outlives the connection, until the session expires.
+    let signal = tokio::time::timeout(
         Duration::from_secs(will_delay_interval as u64),
         will_rx.recv_async(),
     )
-    .await
-    {
+    .await;
+    // Err: the will delay passed with the session still unclaimed.
+    let session_claimed = signal.is_ok();
+    let publish_will = match signal {
         Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
-        Err(_) => {
-            // no need to keep the sender after timeout
-            will_handlers.lock().unwrap().remove(&client_id);
-            // as will delay interval has passed, publish the will message
-            true
-        }
+        // as will delay interval has passed, publish the will message
+        Err(_) => true,
     };
 
-    if publish_will {
-        let message = Event::PublishWill((client_id, tenant_id));
-        // is this connection_id really correct at this point?
-        // as we have disconnected already, some other connection
-        // might be using this connection ID!
-        // It won't matter in this case as we don't use it
-        // but might affect logs?
-        router_tx.send((connection_id, message)).ok();
+    // PATCH(gateway): the router forgets this connection's will either way, and knows
+    // it by generation (a newer connection with this client id has its own).
+    let message = Event::Will {
+        generation,
+        tenant_id,
+        publish: publish_will,
+    };
+    router_tx.send((connection_id, message)).ok();
+
+    // PATCH(gateway): the Session Expiry Interval (MQTT 5.0 section 3.1.2.11.2): unless
+    // a newer connection claims the session first, the router drops it when it passes.
+    // 0 (the session ended with the connection) and u32::MAX (never) need no wait.
+    let expiry = session_expiry.filter(|s| *s > 0 && *s < u32::MAX);
+    if let (Some(expiry), false) = (expiry, session_claimed) {
+        let deadline = lost + Duration::from_secs(expiry as u64);
+        if tokio::time::timeout_at(deadline, will_rx.recv_async())
+            .await
+            .is_err()
+        {
+            let message = Event::SessionExpired {
+                client_id: client_id.clone(),
+                generation,
+            };
+            router_tx.send((connection_id, message)).ok();
+        }
+    }
+
+    // no need to keep the sender any longer. PATCH(gateway): only if it is still ours: a
+    // newer connection with this client id may have put its own.
+    let mut handlers = will_handlers.lock().unwrap();
+    if handlers
+        .get(&client_id)
+        .is_some_and(|tx| tx.same_channel(&will_tx))
+    {
+        handlers.remove(&client_id);
     }
 }

@@ -78,10 +78,12 @@ pub fn write(
 
     buffer.put_u8(code(disconnect.reason_code));
 
+    // PATCH(gateway): without properties the packet ends after the reason code, as
+    // `len` counts it (remaining length 1, section 3.14.2.2.1); upstream also wrote a
+    // property length byte that the remaining length did not cover, so the client read
+    // a stray 0 as the start of a next packet.
     if let Some(properties) = &properties {
         properties::write(properties, buffer)?;
-    } else {
-        write_remaining_length(buffer, 0)?;
     }
 
     Ok(1 + len_len + length)
