@@ -20,7 +20,9 @@
 //! - a rule removed or changed by a reload still runs its `resolved` actions for the
 //!   instances the reload resolves (its actions are kept until then).
 //! - readers see the rules, live instances and the last reload through [`SharedRules`],
-//!   refreshed on every transition, reload and save tick, never by locking the engine.
+//!   rebuilt at most [`SNAPSHOT_INTERVAL`] after a transition (not on every one: the
+//!   rebuild walks every instance), on every reload and save tick, never by locking the
+//!   engine.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -43,6 +45,9 @@ use crate::store::{OutboxEntry, StoreHandle};
 pub const TICK: Duration = Duration::from_secs(1);
 /// Longest time engine state changed by readings alone stays unsaved.
 pub const SAVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Least time between two rebuilds of the read model after events (it walks every
+/// instance); the API and status page see a transition at most this late.
+const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(200);
 /// Prefix of the per-device engine state in the store.
 pub const STATE_PREFIX: &str = "rules/device/";
 
@@ -148,10 +153,14 @@ impl RulesStage {
         let mut next_save = Instant::now() + SAVE_INTERVAL;
         // Devices whose windows moved since the last periodic save.
         let mut dirty: HashSet<String> = HashSet::new();
+        // Set when events changed instances the read model does not show yet.
+        let mut snapshot_due: Option<Instant> = None;
+        let mut last_snapshot = Instant::now();
         loop {
+            let wake = snapshot_due.map_or(next_tick, |t| t.min(next_tick));
             let message = self
                 .input
-                .recv_timeout(next_tick.saturating_duration_since(Instant::now()));
+                .recv_timeout(wake.saturating_duration_since(Instant::now()));
             let mut events = Vec::new();
             match message {
                 Ok(readings) => {
@@ -185,10 +194,17 @@ impl RulesStage {
                     self.save(&engine, device);
                     dirty.remove(device);
                 }
+                snapshot_due.get_or_insert(last_snapshot + SNAPSHOT_INTERVAL);
+            }
+            if snapshot_due.is_some_and(|t| Instant::now() >= t) {
+                snapshot_due = None;
+                last_snapshot = Instant::now();
                 self.snapshot.update(|s| s.refresh(&engine));
             }
             if Instant::now() >= next_save {
                 next_save = Instant::now() + SAVE_INTERVAL;
+                snapshot_due = None;
+                last_snapshot = Instant::now();
                 self.snapshot.update(|s| s.refresh(&engine));
                 for device in dirty.drain() {
                     self.save(&engine, &device);
