@@ -238,11 +238,14 @@ fn run(config: Config) -> ExitCode {
         Ok("stuck-rules") => Some(Fault::StuckRules),
         _ => None,
     };
-    let result = runtime.block_on(gateway::pipeline::run_with_fault(
-        config,
-        shutdown_signal(),
-        fault,
-    ));
+    // The handlers are installed now, before anything says the gateway is up: a SIGTERM
+    // that came before the first poll of a lazily installed handler would kill the process
+    // with the default action instead of stopping it.
+    let shutdown = {
+        let _runtime = runtime.enter();
+        shutdown_signal()
+    };
+    let result = runtime.block_on(gateway::pipeline::run_with_fault(config, shutdown, fault));
     // Dropping the runtime would wait for every task on its blocking pool, however long.
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
     match result {
@@ -258,19 +261,23 @@ fn run(config: Config) -> ExitCode {
     }
 }
 
-/// Completes on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Installs the SIGINT and SIGTERM handlers at once (inside the runtime) and returns a
+/// future that completes on the first of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("Cannot install signal handlers; stop the gateway with SIGKILL.");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received."),
-        _ = int.recv() => tracing::info!("SIGINT received."),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("Cannot install signal handlers; stop the gateway with SIGKILL.");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received."),
+            _ = int.recv() => tracing::info!("SIGINT received."),
+        }
     }
 }
 
