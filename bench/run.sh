@@ -17,6 +17,7 @@ FORMAT=${FORMAT:-json}         # json | cbor | senml-json | senml-cbor
 BATCH=${BATCH:-1}              # gateway: readings per upstream message
 SIDES=${SIDES:-"A B"}          # which sides to run
 SETTLE=${SETTLE:-60}           # seconds the edge is watched after the devices left (0: not)
+EDGE_CPUS=${EDGE_CPUS:-}       # pin each side's edge to these CPUs (taskset -c), e.g. 0
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$ROOT/target/bench}
 MOSQUITTO=${MOSQUITTO:-$(command -v mosquitto || echo /usr/sbin/mosquitto)}
@@ -44,6 +45,14 @@ if [[ " $SIDES " == *" A "* && "$GATEWAY" == "$ROOT/target/release/gateway" ]]; 
 fi
 
 mkdir -p "$OUT"
+PIN=()        # the edge under test
+PIN_REST=()   # device-sim and the upstream broker: the other CPUs
+if [ -n "$EDGE_CPUS" ]; then
+  command -v taskset >/dev/null || die "EDGE_CPUS needs taskset (util-linux)"
+  PIN=(taskset -c "$EDGE_CPUS")
+  REST_CPUS=$(seq 0 $(($(nproc) - 1)) | grep -vxF -f <(tr , '\n' <<<"$EDGE_CPUS") | paste -sd, || true)
+  [ -n "$REST_CPUS" ] && PIN_REST=(taskset -c "$REST_CPUS")
+fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/edge-bench.XXXXXX")
 PIDS=()
 cleanup() {
@@ -141,7 +150,7 @@ persistence false
 max_queued_messages 1000000
 max_inflight_messages 0
 EOF
-"$MOSQUITTO" -c "$WORK/upstream.conf" > "$WORK/upstream.log" 2>&1 &
+"${PIN_REST[@]}" "$MOSQUITTO" -c "$WORK/upstream.conf" > "$WORK/upstream.log" 2>&1 &
 UP_PID=$!; PIDS+=("$UP_PID")
 wait_port "$UP_PORT" 5 "$UP_PID" || { cat "$WORK/upstream.log" >&2; die "upstream mosquitto did not start"; }
 
@@ -158,7 +167,7 @@ probe() {
 # measure SIDE LABEL PORT EDGE_PID
 measure() {
   say "Side $1 ($2): $DEVICES devices x $RATE/s, QoS $QOS, $FORMAT, $DURATION"
-  "$SIM" --broker "127.0.0.1:$3" "${LOAD[@]}" --label "$2" \
+  "${PIN_REST[@]}" "$SIM" --broker "127.0.0.1:$3" "${LOAD[@]}" --label "$2" \
     --watch "edge=$4" --watch "upstream=$UP_PID" --json "$OUT/$1.json" | tee "$OUT/$1.txt"
 }
 
@@ -177,7 +186,7 @@ if [[ " $SIDES " == *" A "* && -z "$A_STATUS" ]]; then
   GATEWAY__UPSTREAM__BATCH_MAX_MESSAGES=$BATCH \
   GATEWAY__RULES__DIR=$WORK/gw/rules \
   GATEWAY__LOG__LEVEL=${GATEWAY_LOG:-info} \
-    "$GATEWAY" run > "$WORK/gateway.log" 2>&1 &
+    "${PIN[@]}" "$GATEWAY" run > "$WORK/gateway.log" 2>&1 &
   GW_PID=$!; PIDS+=("$GW_PID")
   if ! wait_port "$A_PORT" 15 "$GW_PID"; then
     if kill -0 "$GW_PID" 2>/dev/null; then
@@ -220,7 +229,7 @@ cleansession false
 remote_clientid edge-bridge
 topic # out 1 devices/ bench/devices/
 EOF
-  "$MOSQUITTO" -c "$WORK/edge.conf" > "$WORK/edge.log" 2>&1 &
+  "${PIN[@]}" "$MOSQUITTO" -c "$WORK/edge.conf" > "$WORK/edge.log" 2>&1 &
   EDGE_PID=$!; PIDS+=("$EDGE_PID")
   wait_port "$B_PORT" 5 "$EDGE_PID" || { cat "$WORK/edge.log" >&2; die "edge mosquitto did not start"; }
   probe B "$B_PORT" || { cat "$WORK/probe-B.txt" "$WORK/edge.log" >&2; die "the Mosquitto bridge did not deliver the probe upstream"; }
