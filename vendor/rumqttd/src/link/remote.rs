@@ -1,3 +1,4 @@
+use crate::link::downlink::{self, Downlink};
 use crate::link::ingest::HeldAcks;
 use crate::link::local::{LinkError, LinkRx, LinkTx};
 use crate::link::network;
@@ -79,6 +80,8 @@ pub struct RemoteLink<P> {
     authorizer: Option<crate::Authorizer>,
     /// PATCH(gateway): the hand-off to the application and its held acks.
     held: Option<HeldAcks>,
+    /// PATCH(gateway): the application's messages for this client (`link/downlink.rs`).
+    downlink: Option<Downlink>,
 }
 
 impl<P: Protocol> RemoteLink<P> {
@@ -136,6 +139,10 @@ impl<P: Protocol> RemoteLink<P> {
         let held = hooks
             .ingest
             .map(|hook| HeldAcks::new(hook, hooks.subscribed, client_id));
+        // PATCH(gateway)
+        let downlink = hooks
+            .downlink
+            .map(|hook| Downlink::new(hook, client_id, link_tx.generation));
 
         if let Some(mut packet) = notification.into() {
             if let Packet::ConnAck(_ack, props) = &mut packet {
@@ -161,6 +168,7 @@ impl<P: Protocol> RemoteLink<P> {
             session_expiry: P::MQTT_5.then_some(session_expiry),
             authorizer: hooks.authorizer,
             held,
+            downlink,
         })
     }
 
@@ -194,6 +202,13 @@ impl<P: Protocol> RemoteLink<P> {
                                 buffer.truncate(start);
                                 return Err(Error::NotAuthorized(access, topic));
                             }
+                        }
+                        // PATCH(gateway): subscriptions reported, PUBACKs of downlink
+                        // messages taken out (`link/downlink.rs`).
+                        if let Some(downlink) = &mut self.downlink {
+                            let mut read: Vec<Packet> = buffer.drain(start..).collect();
+                            downlink.observe(&mut read);
+                            buffer.extend(read);
                         }
                         // PATCH(gateway): publishes go to the application too, their
                         // acks held (`link/ingest.rs`).
@@ -244,6 +259,13 @@ impl<P: Protocol> RemoteLink<P> {
                         if !acks.is_empty() {
                             self.network.writev(acks).await?;
                         }
+                    }
+                }
+                // PATCH(gateway): a message of the application for this client.
+                message = downlink::next_message(&self.downlink) => {
+                    if let Some(downlink) = &mut self.downlink {
+                        let packet = downlink.publish(message, P::MQTT_5);
+                        self.network.write(packet).await?;
                     }
                 }
                 // Receive from router when previous when state isn't in collision
