@@ -24,6 +24,9 @@
 //! - keep alive 0 is accepted on both listeners and never timed out; every accepted
 //!   device socket has TCP keepalive on (`rumqttd::enable_tcp_keepalive`), so a device
 //!   that vanished is still disconnected;
+//! - downlink commands are written by a device's own connection (the downlink hook), not
+//!   through the router: no other client sees them, and the connection reports the
+//!   device's subscriptions and PUBACKs (`crate::downlink`);
 //! - a message reaches a subscriber at the lower of its publish QoS and the granted QoS;
 //!   the gateway's events are published at QoS 1 (`LinkTx::publish_at_least_once`);
 //! - `rumqttd::Broker::start` blocks forever, so it runs on its own OS thread; rumqttd
@@ -79,6 +82,9 @@ pub struct Links {
     pub publish: (LinkTx, LinkRx),
     /// `None` when anonymous access is on.
     pub auth: Option<Authenticator>,
+    /// Device subscriptions and PUBACKs of downlink commands, as the connections report
+    /// them (`vendor/rumqttd/src/link/downlink.rs`).
+    pub downlink: flume::Receiver<rumqttd::DownlinkEvent>,
 }
 
 /// The rumqttd configuration for the gateway's broker section.
@@ -163,6 +169,8 @@ pub fn start(
     }
     let (hook, ingest_rx) = rumqttd::IngestHook::bounded(ingest.queue_capacity);
     broker.set_ingest(hook);
+    let (downlink_hook, downlink) = rumqttd::DownlinkHook::new();
+    broker.set_downlink(downlink_hook);
     let publish = broker.link("gateway-publish")?;
     std::thread::Builder::new()
         .name("broker".into())
@@ -184,6 +192,7 @@ pub fn start(
         ingest: ingest_rx,
         publish,
         auth: authenticator,
+        downlink,
     })
 }
 
