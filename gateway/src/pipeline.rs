@@ -315,7 +315,13 @@ fn start(
     let forwarder = ForwarderConfig::from_config(config)
         .map(|cfg| Forwarder::new(ForwarderConfig { started_at, ..cfg }, store.clone()))
         .transpose()?;
-    let links = broker::start(&config.broker, &config.auth, &config.ingest, &config.rules)?;
+    let links = broker::start(
+        &config.broker,
+        &config.auth,
+        &config.ingest,
+        &config.rules,
+        &config.downlink.device_topic,
+    )?;
     let auth = links.auth;
     let forwarding = config.upstream.url.is_some();
     let front = stop.child_token();

@@ -16,8 +16,8 @@
 //!   them: the gateway does not read device data through the router;
 //! - devices authenticate through [`Authenticator`] unless `auth.anonymous` is on; the
 //!   client id must equal the username (a device id); with authentication on, a device
-//!   may publish only on its own ingest topics and subscribe only to its own events
-//!   ([`auth::topic_authorizer`]), or it is disconnected;
+//!   may publish only on its own ingest topics and subscribe only to its own events and
+//!   its own command topics ([`auth::topic_authorizer`]), or it is disconnected;
 //! - a publish on a topic no subscription filter matches creates no log in the router
 //!   (`dynamic_filters = false`; rumqttd 0.20 also never creates one for such a topic,
 //!   `DataLog::matches` returns an empty list rather than `None`);
@@ -44,6 +44,7 @@ use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{ConnectionSettings, RouterConfig, ServerSettings};
 
 use crate::config::{AuthSection, BrokerSection, IngestSection, RulesSection};
+use crate::downlink::CommandTopic;
 
 use auth::{AuthError, Authenticator};
 use tls_listener::TlsListener;
@@ -144,6 +145,7 @@ pub fn start(
     auth: &AuthSection,
     ingest: &IngestSection,
     rules: &RulesSection,
+    commands: &CommandTopic,
 ) -> Result<Links, BrokerError> {
     let events_filter = &rules.event_filter();
     let authenticator = if auth.anonymous {
@@ -165,6 +167,7 @@ pub fn start(
         broker.set_authorizer(auth::topic_authorizer(
             ingest.topic_pattern.clone(),
             &rules.event_topic,
+            commands.clone(),
         ));
     }
     let (hook, ingest_rx) = rumqttd::IngestHook::bounded(ingest.queue_capacity);

@@ -80,6 +80,24 @@ impl CommandTopic {
         (!device.is_empty() && !command.is_empty()).then_some((device, command))
     }
 
+    /// Whether the subscription `filter` covers only commands of `device`: the pattern's
+    /// levels with `device` at `{device}` and, at `{command}`, one command or `+`.
+    pub fn is_device_filter(&self, filter: &str, device: &str) -> bool {
+        let parts: Vec<&str> = filter.split('/').collect();
+        parts.len() == self.levels.len()
+            && self
+                .levels
+                .iter()
+                .zip(parts)
+                .all(|(level, part)| match level {
+                    Level::Literal(l) => l == part,
+                    Level::Device => part == device,
+                    Level::Command => {
+                        part == "+" || (!part.is_empty() && !part.contains(['+', '#']))
+                    }
+                })
+    }
+
     fn render(&self, device: &str, command: &str) -> String {
         self.levels
             .iter()
@@ -116,6 +134,18 @@ mod tests {
         assert_eq!(t.parse_topic("devices//commands/fan"), None);
         assert_eq!(t.parse_topic("devicez/t-1/commands/fan"), None);
         assert_eq!(t.to_string(), "devices/{device}/commands/{command}");
+    }
+
+    #[test]
+    fn device_filters_cover_only_the_devices_commands() {
+        let t = CommandTopic::parse("devices/{device}/commands/{command}").unwrap();
+        assert!(t.is_device_filter("devices/t-1/commands/+", "t-1"));
+        assert!(t.is_device_filter("devices/t-1/commands/fan", "t-1"));
+        assert!(!t.is_device_filter("devices/t-2/commands/+", "t-1"));
+        assert!(!t.is_device_filter("devices/+/commands/+", "t-1"));
+        assert!(!t.is_device_filter("devices/t-1/commands/#", "t-1"));
+        assert!(!t.is_device_filter("devices/t-1/#", "t-1"));
+        assert!(!t.is_device_filter("devices/t-1/commands/", "t-1"));
     }
 
     #[test]
