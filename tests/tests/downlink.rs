@@ -10,7 +10,9 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::v5::{Filter, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::Value;
-use test_support::{free_port, wait_until_async, Collector, Gateway, Mosquitto, V5Client};
+use test_support::{
+    free_port, wait_until_async, workspace_bin, Collector, Gateway, Mosquitto, V5Client,
+};
 
 const PREFIX: &str = "up";
 const WAIT: Duration = Duration::from_secs(15);
@@ -155,6 +157,21 @@ impl Setup {
     }
 }
 
+/// Runs `gateway commands ARGS` on the database of `gw`: (success, stdout).
+fn commands_cli(gw: &Gateway, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(workspace_bin("gateway"))
+        .arg("commands")
+        .args(args)
+        .current_dir(gw.dir.path())
+        .env("GATEWAY__STORAGE__PATH", gw.db_path())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
 fn payload(p: &Publish) -> String {
     String::from_utf8_lossy(&p.payload).into_owned()
 }
@@ -178,6 +195,16 @@ async fn a_command_for_an_offline_device_survives_kill_9_and_is_delivered_once()
 
     s.gw.kill();
     s.gw.spawn();
+
+    // Queued across the kill: in the API and the CLI (read-only, the gateway runs).
+    let (_, body) = s.gw.http_get("/api/devices");
+    let devices: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(devices["pending_commands"]["d-1"], 1, "{devices}");
+    let (ok, listed) = commands_cli(&s.gw, &["list", "--device", "d-1"]);
+    assert!(ok, "{listed}");
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 1, "{listed}");
+    assert!(lines[0].starts_with("d-1\tfan\tcmd-1\t"), "{listed}");
 
     let mut device = s.device("d-1").await;
     let got = device.next().await;
@@ -211,6 +238,23 @@ async fn a_command_for_an_offline_device_survives_kill_9_and_is_delivered_once()
     // Only the probe commands of the never-connected device are left.
     let probes = s.metric(r#"gateway_commands_total{state="queued"}"#) - 2.0;
     assert_eq!(s.metric("gateway_commands_pending"), probes);
+
+    // An operator drops the probe device's queue (the gateway stopped); its commands are
+    // reported dropped upstream on the next run.
+    let (_, listed) = commands_cli(&s.gw, &["list"]);
+    assert_eq!(listed.lines().count() as f64, probes, "{listed}");
+    let (ok, out) = commands_cli(&s.gw, &["drop", "probe"]);
+    assert!(!ok, "dropping needs the gateway stopped: {out}");
+    s.gw.stop();
+    let (ok, out) = commands_cli(&s.gw, &["drop", "probe"]);
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), format!("dropped {probes} command(s) of probe"));
+    assert_eq!(commands_cli(&s.gw, &["list"]).1, "");
+    s.gw.spawn();
+    wait_until_async("the probe commands reported dropped", WAIT, || {
+        s.reported("dropped") == probes
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -216,6 +216,39 @@ impl Owner {
     }
 }
 
+/// `gateway commands list`: the queued commands of the database at `path` (read-only, so
+/// also while the gateway runs), oldest first per device.
+pub fn list_commands_file(
+    path: &std::path::Path,
+    device: Option<&str>,
+) -> Result<Vec<QueuedCommand>, StoreError> {
+    let db = redb::Builder::new()
+        .set_concurrency_mode(redb::ConcurrencyMode::SingleWriter)
+        .set_cache_size(4 * 1024 * 1024)
+        .open_read_only(path)?;
+    pending(&db, device, usize::MAX)
+}
+
+/// `gateway commands drop`: removes every queued command of `device` as `dropped` (their
+/// status messages are forwarded on the next run). Needs the database for itself: fails
+/// while the gateway runs. Returns how many were dropped.
+pub fn drop_commands_file(
+    config: &crate::config::Config,
+    device: &str,
+) -> Result<usize, StoreError> {
+    let store = super::Store::open(
+        &config.storage.path,
+        super::StoreConfig::from_config(config),
+    )?;
+    let queue = store.pending_commands(Some(device), usize::MAX)?;
+    for cmd in &queue {
+        store.command_done(device, cmd.seq, CommandState::Dropped);
+    }
+    store.flush_blocking()?;
+    store.shutdown()?;
+    Ok(queue.len())
+}
+
 /// The queued commands of `device` (every device when `None`), oldest first per device,
 /// at most `limit`.
 pub(super) fn pending(

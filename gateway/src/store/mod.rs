@@ -86,7 +86,9 @@ use crate::reading::{Format, Millis};
 
 use health::{Reader, ReaderSlot};
 
-pub use commands::{status_entry, CommandState, QueuedCommand};
+pub use commands::{
+    drop_commands_file, list_commands_file, status_entry, CommandState, QueuedCommand,
+};
 pub use read::{query_events, read_dead_letters, read_outbox_file, LoggedEvent};
 pub use stats::{read_stats_file, stats_command, Counter, LaneStats, OutboxStats, StorageHealth};
 pub use tables::epoch_hex;
