@@ -19,7 +19,9 @@
 //! - Incoming publishes are acknowledged by hand (`set_manual_acks`): a command's PUBACK
 //!   goes out only when the downlink has committed it ([`UpstreamCommand::ack`]). Those
 //!   PUBACKs are outgoing packets of their own (`Outgoing::PubAck`), never an
-//!   `Outgoing::Publish`, so the packet-id FIFO of the rows is unaffected.
+//!   `Outgoing::Publish`, so the packet-id FIFO of the rows is unaffected. Over MQTT 5 the
+//!   gateway's Receive Maximum ([`COMMANDS_IN_FLIGHT`]) bounds the commands the upstream
+//!   broker sends before they are acked; over 3.1.1 the broker's own in-flight limit does.
 
 use std::time::Duration;
 
@@ -37,6 +39,9 @@ use crate::reading::now_millis;
 const PUMP_CAPACITY: usize = 1024;
 /// Requests a client queues beyond the in-flight window.
 const REQUEST_HEADROOM: usize = 16;
+/// The MQTT 5 Receive Maximum the gateway announces upstream: commands received and not
+/// yet committed (so not yet acked) at most, which bounds the queue to the downlink.
+pub(crate) const COMMANDS_IN_FLIGHT: u16 = 100;
 /// Seconds to wait for the TCP (and TLS) connection and the ConnAck.
 const CONNECT_TIMEOUT_SECS: u64 = 5;
 
@@ -158,6 +163,7 @@ impl Connection {
                     .set_max_packet_size(Some(cfg.max_packet_size as u32))
                     .set_outgoing_inflight_upper_limit(inflight)
                     .set_manual_acks(true)
+                    .set_receive_maximum(Some(COMMANDS_IN_FLIGHT))
                     .set_last_will(fwd.presence.last_will(now_millis()));
                 if let Some(user) = &cfg.username {
                     o.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
