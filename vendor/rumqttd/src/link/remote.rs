@@ -203,23 +203,23 @@ impl<P: Protocol> RemoteLink<P> {
                                 return Err(Error::NotAuthorized(access, topic));
                             }
                         }
-                        // PATCH(gateway): subscriptions reported, PUBACKs of downlink
-                        // messages taken out (`link/downlink.rs`).
-                        if let Some(downlink) = &mut self.downlink {
+                        let ingested = if self.held.is_some() || self.downlink.is_some() {
                             let mut read: Vec<Packet> = buffer.drain(start..).collect();
-                            downlink.observe(&mut read);
-                            buffer.extend(read);
-                        }
-                        // PATCH(gateway): publishes go to the application too, their
-                        // acks held (`link/ingest.rs`).
-                        let ingested = match &mut self.held {
-                            Some(held) => {
-                                let mut read: Vec<Packet> = buffer.drain(start..).collect();
-                                let ingested = held.take(&mut read);
-                                buffer.extend(read);
-                                ingested
+                            // PATCH(gateway): subscriptions reported, PUBACKs of downlink
+                            // messages taken out (`link/downlink.rs`).
+                            if let Some(downlink) = &mut self.downlink {
+                                downlink.observe(&mut read);
                             }
-                            None => Vec::new(),
+                            // PATCH(gateway): publishes go to the application too, their
+                            // acks held (`link/ingest.rs`).
+                            let ingested = match &mut self.held {
+                                Some(held) => held.take(&mut read),
+                                None => Vec::new(),
+                            };
+                            buffer.extend(read);
+                            ingested
+                        } else {
+                            Vec::new()
                         };
                         (start, buffer.len(), ingested)
                     };
