@@ -323,3 +323,41 @@ async fn the_queue_bound_drops_the_oldest_command() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_3_1_1_device_gets_the_payload_without_properties() {
+    let Some(mut s) = setup(&[]).await else {
+        return;
+    };
+    let mut opts = rumqttc::MqttOptions::new("d-4", "127.0.0.1", s.gw.port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 10);
+    client
+        .subscribe("devices/d-4/commands/+", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (tx, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = event {
+                let _ = tx.send(p);
+            }
+        }
+    });
+    let with_properties = PublishProperties {
+        content_type: Some("text/plain".into()),
+        user_properties: vec![("k".into(), "v".into())],
+        ..Default::default()
+    };
+    s.command_with("d-4", "light", "v311", "on", with_properties)
+        .await;
+    let got = tokio::time::timeout(WAIT, received.recv())
+        .await
+        .expect("the command within 15 s")
+        .unwrap();
+    assert_eq!(got.topic, "devices/d-4/commands/light");
+    assert_eq!(&got.payload[..], b"on");
+    assert_eq!(got.qos, rumqttc::QoS::AtLeastOnce);
+    s.wait_state("v311", "delivered").await;
+    task.abort();
+}
