@@ -7,6 +7,7 @@ pub mod config;
 pub mod counters;
 pub mod decode;
 pub mod devices;
+pub mod downlink;
 pub mod events;
 pub mod forwarder;
 pub mod http;

@@ -77,6 +77,11 @@ enum Command {
         #[command(subcommand)]
         command: DevicesCommand,
     },
+    /// Downlink commands queued for devices.
+    Commands {
+        #[command(subcommand)]
+        command: CommandsCommand,
+    },
     /// Show the newest payloads that did not decode, with the reason.
     DeadLetters {
         /// How many to show.
@@ -110,6 +115,20 @@ enum DevicesCommand {
     List,
     /// Remove a device's credential; its next connection attempt is refused.
     Remove { id: String },
+}
+
+#[derive(Subcommand)]
+enum CommandsCommand {
+    /// One line per queued command, oldest first per device; works whether or not the
+    /// gateway runs (it opens the database read-only).
+    List {
+        /// Only this device's commands.
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Remove every queued command of a device, reported upstream as `dropped` on the next
+    /// run. Needs the gateway stopped (it writes the database).
+    Drop { device: String },
 }
 
 #[derive(Subcommand)]
@@ -186,6 +205,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Commands { command } => commands(&config, command),
         Command::Outbox {
             command: OutboxCommand::Stats,
         } => match gateway::store::stats_command(&config.storage.path, &mut std::io::stdout()) {
@@ -198,6 +218,53 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// `gateway commands list|drop`.
+fn commands(config: &Config, command: CommandsCommand) -> ExitCode {
+    let path = &config.storage.path;
+    match command {
+        CommandsCommand::List { device } => {
+            match gateway::store::list_commands_file(path, device.as_deref()) {
+                Ok(queue) => {
+                    for c in queue {
+                        println!(
+                            "{}\t{}\t{}\tqueued_at={}\texpires_at={}\t{} bytes",
+                            c.device,
+                            c.command,
+                            c.id,
+                            c.queued_at,
+                            c.expires_at,
+                            c.payload.len()
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!(
+                        "gateway: cannot read the commands in {}: {e}",
+                        path.display()
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        CommandsCommand::Drop { device } => {
+            match gateway::store::drop_commands_file(config, &device) {
+                Ok(n) => {
+                    println!("dropped {n} command(s) of {device}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!(
+                        "gateway: cannot drop the commands of {device} in {} (is the gateway running? stop it first): {e}",
+                        path.display()
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

@@ -8,7 +8,10 @@
 //!                                       dead letters   \                 |   event log
 //!                                                        outbox (store) <-'
 //!                                                             |
-//!                                                         forwarder --> upstream
+//!                                                         forwarder <--> upstream
+//!                                                             | commands
+//!                                                             v
+//! devices <--own connection-- downlink --> command queue (store) + status events (outbox)
 //!
 //! decode --> device read model --\
 //! rules  --> rules snapshot ------+--> http (metrics, API, status page; read-only)
@@ -27,7 +30,8 @@
 //!    the same way after saving their state. That is the drain: no stage is told to stop
 //!    while data is still queued in front of it.
 //! 3. The root: the forwarder (a child token) waits for the PUBACKs in flight and stops,
-//!    handing its last acks to the store; the HTTP server (a child token) stops accepting.
+//!    handing its last acks to the store; the downlink stops (commands not committed yet
+//!    were not acked upstream); the HTTP server (a child token) stops accepting.
 //! 4. The store commits everything queued and closes the file. It is stopped by a command
 //!    on its own channel rather than a token, so the stop is ordered after every command
 //!    sent before it (see the store's module header).
@@ -59,6 +63,7 @@ use crate::config::{Config, ConfigErrors};
 use crate::counters::Counters;
 use crate::decode::DecodeStage;
 use crate::devices::Devices;
+use crate::downlink::{Downlink, DownlinkConfig, DownlinkStats};
 use crate::forwarder::{Forwarder, ForwarderConfig, ForwarderError, ForwarderStats};
 use crate::http::{self, HttpError, Sources};
 use crate::ingest::Intake;
@@ -182,6 +187,7 @@ pub async fn run_with_fault(
             counters: counters.clone(),
             store: store.clone(),
             forwarder: running.forwarder_stats.clone(),
+            downlink: running.downlink_stats.clone(),
             devices: views.devices.clone(),
             rules: views.rules.clone(),
             broker_listeners: broker_listeners(&config),
@@ -244,6 +250,8 @@ struct Running {
     threads: StageThreads,
     forwarder: Option<tokio::task::JoinHandle<()>>,
     forwarder_stats: Option<Arc<ForwarderStats>>,
+    downlink: Option<tokio::task::JoinHandle<()>>,
+    downlink_stats: Option<Arc<DownlinkStats>>,
     /// Device authentication; `None` with anonymous access.
     auth: Option<Authenticator>,
     store: StoreHandle,
@@ -259,6 +267,11 @@ impl Running {
         if let Some(task) = self.forwarder {
             if tokio::time::timeout_at(deadline, task).await.is_err() {
                 still_running.push("forwarder".into());
+            }
+        }
+        if let Some(task) = self.downlink {
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                still_running.push("downlink".into());
             }
         }
         let close_by = deadline.max(Instant::now() + STORE_CLOSE_MIN);
@@ -302,12 +315,32 @@ fn start(
     let forwarder = ForwarderConfig::from_config(config)
         .map(|cfg| Forwarder::new(ForwarderConfig { started_at, ..cfg }, store.clone()))
         .transpose()?;
-    let links = broker::start(&config.broker, &config.auth, &config.ingest, &config.rules)?;
+    let links = broker::start(
+        &config.broker,
+        &config.auth,
+        &config.ingest,
+        &config.rules,
+        &config.downlink.device_topic,
+    )?;
     let auth = links.auth;
     let forwarding = config.upstream.url.is_some();
     let front = stop.child_token();
     let mut threads = StageThreads::new();
 
+    // Commands from upstream: the forwarder receives them, the downlink queues and
+    // delivers them.
+    let (forwarder, downlink) = match forwarder {
+        Some(f) => {
+            let cfg = DownlinkConfig::from_config(config);
+            let (commands_tx, commands_rx) = tokio::sync::mpsc::unbounded_channel();
+            let f = f.with_downlink(cfg.upstream_filter(), commands_tx);
+            let downlink = Downlink::new(cfg, store.clone(), commands_rx, links.downlink);
+            (Some(f), Some(downlink))
+        }
+        None => (None, None),
+    };
+    let downlink_stats = downlink.as_ref().map(Downlink::stats);
+    let downlink = downlink.map(|d| tokio::spawn(d.run(stop.child_token())));
     let forwarder_stats = forwarder.as_ref().map(Forwarder::stats);
     let forwarder = forwarder.map(|f| tokio::spawn(f.run(stop.child_token())));
 
@@ -351,6 +384,8 @@ fn start(
         threads,
         forwarder,
         forwarder_stats,
+        downlink,
+        downlink_stats,
         auth,
         store,
     })

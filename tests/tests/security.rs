@@ -252,6 +252,42 @@ const JUNK_TOPICS: usize = 2000;
 const JUNK_PAYLOAD: usize = 16 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_may_subscribe_to_its_own_commands_only() {
+    let (gw, pw) = start_with_auth(&["t-1", "t-2"], &[]);
+    let addr = gw.addr();
+    let login = Some(("t-1", pw[0].as_str()));
+
+    // Another device's commands: disconnected.
+    let (client, mut el) = connect(&addr, "t-1", login).await.unwrap();
+    client
+        .subscribe("devices/t-2/commands/+", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert!(
+        closed_by_broker(&mut el).await,
+        "t-1 subscribed to t-2's commands and stayed connected"
+    );
+
+    // Its own commands, all or one: SUBACK.
+    for filter in ["devices/t-1/commands/+", "devices/t-1/commands/fan"] {
+        let (client, mut el) = connect(&addr, "t-1", login).await.unwrap();
+        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        let suback = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        })
+        .await
+        .expect("SUBACK within 5s");
+        assert_eq!(suback, Ok(()), "{filter}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_outside_the_device_topics_are_dead_lettered_and_hold_no_broker_log() {
     let mut gw = Gateway::start(&[]);
     let addr = gw.addr();

@@ -3,7 +3,8 @@
 //! A consumer on the same broker gets every reading and event as the JSON envelope
 //! `{"id","replayed","content_type","payload"}` (CBOR payloads base64-encoded), ids
 //! unique, `replayed` set for the backlog sent after an upstream outage, and the presence
-//! status as plain JSON.
+//! status as plain JSON. Downlink commands arrive over 3.1.1 too (acked after their
+//! commit), and their status messages come back in the envelope.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -254,4 +255,99 @@ fn base64_of(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// A 3.1.1 client on `port` with its event loop polled; publishes arrive on the channel.
+async fn client_311(
+    port: u16,
+    id: &str,
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::Publish>,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 10);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = event {
+                let _ = tx.send(p);
+            }
+        }
+    });
+    (client, rx, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_arrive_over_3_1_1_and_their_status_comes_back_in_the_envelope() {
+    let broker = Rumqttd::start();
+    let collector = Collector::start(broker.port, "up/commands/+/+/status").await;
+    let url = format!("mqtt://127.0.0.1:{}", broker.v311_port);
+    let gw = Gateway::start(&[
+        ("GATEWAY__GATEWAY__ID", GATEWAY_ID),
+        ("GATEWAY__UPSTREAM__URL", &url),
+        ("GATEWAY__UPSTREAM__PROTOCOL", "3.1.1"),
+        ("GATEWAY__UPSTREAM__TOPIC_PREFIX", "up"),
+    ]);
+    wait_upstream(&gw, "connected").await;
+    let (device, mut commands, device_task) = client_311(gw.port, "d-9").await;
+    device
+        .subscribe("devices/d-9/commands/+", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (operator, _, operator_task) = client_311(broker.v311_port, "operator").await;
+
+    // Until the gateway's upstream subscription is in place, the broker drops commands:
+    // send one every 300 ms until the device has one.
+    let got = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            operator
+                .publish(
+                    "up/commands/d-9/light",
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    "on",
+                )
+                .await
+                .unwrap();
+            if let Ok(got) = tokio::time::timeout(Duration::from_millis(300), commands.recv()).await
+            {
+                return got.unwrap();
+            }
+        }
+    })
+    .await
+    .expect("a command reached the device within 15 s");
+    assert_eq!(got.topic, "devices/d-9/commands/light");
+    assert_eq!(&got.payload[..], b"on");
+
+    // Without an id property, the collector keeps messages on `.../status` apart.
+    let is_command_status = |m: &Received| m.topic.ends_with("/light/status");
+    wait_until_async("the delivered status", Duration::from_secs(15), || {
+        collector
+            .status()
+            .iter()
+            .filter(|m| is_command_status(m))
+            .any(|m| envelope(m).body["state"] == "delivered")
+    })
+    .await;
+    let delivered = collector
+        .status()
+        .iter()
+        .filter(|m| is_command_status(m))
+        .map(envelope)
+        .find(|e| e.body["state"] == "delivered")
+        .unwrap();
+    assert_eq!(delivered.topic, "up/commands/d-9/light/status");
+    assert_eq!(delivered.body["device"], "d-9");
+    assert_eq!(delivered.body["command"], "light");
+    let id = delivered.body["id"].as_str().unwrap();
+    assert!(
+        id.starts_with("gw-311:cmd:"),
+        "an id made up without correlation data: {id}"
+    );
+    device_task.abort();
+    operator_task.abort();
 }

@@ -16,14 +16,17 @@
 //!   them: the gateway does not read device data through the router;
 //! - devices authenticate through [`Authenticator`] unless `auth.anonymous` is on; the
 //!   client id must equal the username (a device id); with authentication on, a device
-//!   may publish only on its own ingest topics and subscribe only to its own events
-//!   ([`auth::topic_authorizer`]), or it is disconnected;
+//!   may publish only on its own ingest topics and subscribe only to its own events and
+//!   its own command topics ([`auth::topic_authorizer`]), or it is disconnected;
 //! - a publish on a topic no subscription filter matches creates no log in the router
 //!   (`dynamic_filters = false`; rumqttd 0.20 also never creates one for such a topic,
 //!   `DataLog::matches` returns an empty list rather than `None`);
 //! - keep alive 0 is accepted on both listeners and never timed out; every accepted
 //!   device socket has TCP keepalive on (`rumqttd::enable_tcp_keepalive`), so a device
 //!   that vanished is still disconnected;
+//! - downlink commands are written by a device's own connection (the downlink hook), not
+//!   through the router: no other client sees them, and the connection reports the
+//!   device's subscriptions and PUBACKs (`crate::downlink`);
 //! - a message reaches a subscriber at the lower of its publish QoS and the granted QoS;
 //!   the gateway's events are published at QoS 1 (`LinkTx::publish_at_least_once`);
 //! - `rumqttd::Broker::start` blocks forever, so it runs on its own OS thread; rumqttd
@@ -41,6 +44,7 @@ use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{ConnectionSettings, RouterConfig, ServerSettings};
 
 use crate::config::{AuthSection, BrokerSection, IngestSection, RulesSection};
+use crate::downlink::CommandTopic;
 
 use auth::{AuthError, Authenticator};
 use tls_listener::TlsListener;
@@ -79,6 +83,9 @@ pub struct Links {
     pub publish: (LinkTx, LinkRx),
     /// `None` when anonymous access is on.
     pub auth: Option<Authenticator>,
+    /// Device subscriptions and PUBACKs of downlink commands, as the connections report
+    /// them (`vendor/rumqttd/src/link/downlink.rs`).
+    pub downlink: flume::Receiver<rumqttd::DownlinkEvent>,
 }
 
 /// The rumqttd configuration for the gateway's broker section.
@@ -138,6 +145,7 @@ pub fn start(
     auth: &AuthSection,
     ingest: &IngestSection,
     rules: &RulesSection,
+    commands: &CommandTopic,
 ) -> Result<Links, BrokerError> {
     let events_filter = &rules.event_filter();
     let authenticator = if auth.anonymous {
@@ -159,10 +167,13 @@ pub fn start(
         broker.set_authorizer(auth::topic_authorizer(
             ingest.topic_pattern.clone(),
             &rules.event_topic,
+            commands.clone(),
         ));
     }
     let (hook, ingest_rx) = rumqttd::IngestHook::bounded(ingest.queue_capacity);
     broker.set_ingest(hook);
+    let (downlink_hook, downlink) = rumqttd::DownlinkHook::new();
+    broker.set_downlink(downlink_hook);
     let publish = broker.link("gateway-publish")?;
     std::thread::Builder::new()
         .name("broker".into())
@@ -184,6 +195,7 @@ pub fn start(
         ingest: ingest_rx,
         publish,
         auth: authenticator,
+        downlink,
     })
 }
 

@@ -68,6 +68,16 @@ pub const KEYS: &[(&str, DefaultValue)] = &[
     ("upstream.ca_file", DefaultValue::Str("")),
     ("upstream.client_cert", DefaultValue::Str("")),
     ("upstream.client_key", DefaultValue::Str("")),
+    (
+        "downlink.upstream_topic",
+        DefaultValue::Str("commands/{device}/{command}"),
+    ),
+    (
+        "downlink.device_topic",
+        DefaultValue::Str("devices/{device}/commands/{command}"),
+    ),
+    ("downlink.ttl", DefaultValue::Str("24h")),
+    ("downlink.max_per_device", DefaultValue::Int(100)),
     ("log.level", DefaultValue::Str("info")),
     ("http.listen", DefaultValue::Str("127.0.0.1:8080")),
     ("auth.anonymous", DefaultValue::Bool(true)),

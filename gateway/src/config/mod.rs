@@ -28,9 +28,9 @@ use reader::{Provenance, Reader};
 
 pub use keys::{DefaultValue, KEYS};
 pub use sections::{
-    AuthSection, BrokerSection, BrokerTls, GatewaySection, HttpSection, IngestSection, LogSection,
-    RulesSection, StorageSection, UpstreamProtocol, UpstreamSection, UpstreamTls, UpstreamUrl,
-    UpstreamUrls,
+    AuthSection, BrokerSection, BrokerTls, DownlinkSection, GatewaySection, HttpSection,
+    IngestSection, LogSection, RulesSection, StorageSection, UpstreamProtocol, UpstreamSection,
+    UpstreamTls, UpstreamUrl, UpstreamUrls,
 };
 
 /// The file read when `--config` is not given; a missing default file is not an error.
@@ -47,6 +47,7 @@ pub struct Config {
     pub storage: StorageSection,
     pub rules: RulesSection,
     pub upstream: UpstreamSection,
+    pub downlink: DownlinkSection,
     pub log: LogSection,
     pub http: HttpSection,
     pub auth: AuthSection,

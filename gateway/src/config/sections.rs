@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::decode::TopicPatterns;
+use crate::downlink::CommandTopic;
 
 #[derive(Debug, Clone)]
 pub struct HttpSection {
@@ -107,6 +108,20 @@ impl RulesSection {
             .collect::<Vec<_>>()
             .join("/")
     }
+}
+
+/// Commands from upstream to devices (`downlink.rs`); active when forwarding is on.
+#[derive(Debug, Clone)]
+pub struct DownlinkSection {
+    /// The upstream topic of commands, under `upstream.topic_prefix`.
+    pub upstream_topic: CommandTopic,
+    /// The topic a device receives its commands on, on the embedded broker.
+    pub device_topic: CommandTopic,
+    /// How long a command waits for its device, unless the upstream message's MQTT 5
+    /// message expiry says otherwise.
+    pub ttl: Duration,
+    /// Commands queued per device at most; the oldest is dropped beyond it.
+    pub max_per_device: usize,
 }
 
 #[derive(Debug, Clone)]

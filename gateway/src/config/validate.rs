@@ -14,11 +14,12 @@ use config::ValueKind;
 
 use super::reader::Reader;
 use super::{
-    AuthSection, BrokerSection, Config, ConfigErrors, GatewaySection, HttpSection, IngestSection,
-    LogSection, RulesSection, StorageSection, UpstreamProtocol, UpstreamSection, UpstreamUrl,
-    UpstreamUrls,
+    AuthSection, BrokerSection, Config, ConfigErrors, DownlinkSection, GatewaySection, HttpSection,
+    IngestSection, LogSection, RulesSection, StorageSection, UpstreamProtocol, UpstreamSection,
+    UpstreamUrl, UpstreamUrls,
 };
 use crate::decode::{TopicPattern, TopicPatterns};
+use crate::downlink::CommandTopic;
 
 impl Reader {
     /// Builds and checks every section; all problems at once, or the configuration.
@@ -85,6 +86,17 @@ impl Reader {
             event_topic: self.event_topic().unwrap_or_default(),
         };
         let upstream = self.upstream(&gateway.id);
+        let downlink = DownlinkSection {
+            upstream_topic: self.command_topic("downlink.upstream_topic"),
+            device_topic: self.command_topic("downlink.device_topic"),
+            ttl: self.duration("downlink.ttl").unwrap_or_default(),
+            max_per_device: self
+                .uint("downlink.max_per_device", 1, 1_000_000)
+                .unwrap_or(1) as usize,
+        };
+        if downlink.ttl.is_zero() {
+            self.problem("downlink.ttl", "must be longer than 0s");
+        }
         let log = LogSection {
             level: self.log_level().unwrap_or_default(),
         };
@@ -123,6 +135,7 @@ impl Reader {
                 storage,
                 rules,
                 upstream,
+                downlink,
                 log,
                 http,
                 auth,
@@ -143,6 +156,18 @@ impl Reader {
             return None;
         }
         Some(topic)
+    }
+
+    /// A `downlink.*_topic` pattern; the default's when it is invalid (with a problem).
+    fn command_topic(&mut self, key: &str) -> CommandTopic {
+        let fallback = || CommandTopic::parse("commands/{device}/{command}").expect("valid");
+        let Some(text) = self.nonempty(key) else {
+            return fallback();
+        };
+        CommandTopic::parse(&text).unwrap_or_else(|e| {
+            self.problem(key, format!("'{text}' {e}"));
+            fallback()
+        })
     }
 
     fn gateway_id(&mut self) -> Option<String> {

@@ -6,8 +6,9 @@
 //! task that turns every event of either client into a [`Wire`] event and hands it over a
 //! channel, ending at the first error. What the session needs of an event is all [`Wire`]
 //! keeps: the ConnAck, a publish given its packet id (`Outgoing::Publish`, in request
-//! order), and a PUBACK with its outcome (MQTT 3.1.1 PUBACKs have no reason code: they
-//! always accept).
+//! order), a PUBACK with its outcome (MQTT 3.1.1 PUBACKs have no reason code: they
+//! always accept), and an incoming publish (a downlink command) with the means to
+//! acknowledge it.
 //!
 //! Invariants:
 //! - Both versions connect alike: clean start, the same keep-alive, packet size limit,
@@ -15,6 +16,12 @@
 //!   connection timeout, credentials, TLS, and the presence last will.
 //! - MQTT 3.1.1 has no properties: [`Client::try_publish`] drops them, so the caller puts
 //!   what a consumer needs into the payload (`encode::envelope`) before publishing.
+//! - Incoming publishes are acknowledged by hand (`set_manual_acks`): a command's PUBACK
+//!   goes out only when the downlink has committed it ([`UpstreamCommand::ack`]). Those
+//!   PUBACKs are outgoing packets of their own (`Outgoing::PubAck`), never an
+//!   `Outgoing::Publish`, so the packet-id FIFO of the rows is unaffected. Over MQTT 5 the
+//!   gateway's Receive Maximum ([`COMMANDS_IN_FLIGHT`]) bounds the commands the upstream
+//!   broker sends before they are acked; over 3.1.1 the broker's own in-flight limit does.
 
 use std::time::Duration;
 
@@ -25,17 +32,21 @@ use tokio::sync::mpsc;
 
 use super::Forwarder;
 use crate::config::{UpstreamProtocol, UpstreamUrl};
+use crate::downlink::UpstreamCommand;
 use crate::reading::now_millis;
 
 /// Events buffered between the pump and the session.
 const PUMP_CAPACITY: usize = 1024;
 /// Requests a client queues beyond the in-flight window.
 const REQUEST_HEADROOM: usize = 16;
+/// The MQTT 5 Receive Maximum the gateway announces upstream: commands received and not
+/// yet committed (so not yet acked) at most, which bounds the queue to the downlink.
+pub(crate) const COMMANDS_IN_FLIGHT: u16 = 100;
 /// Seconds to wait for the TCP (and TLS) connection and the ConnAck.
 const CONNECT_TIMEOUT_SECS: u64 = 5;
 
 /// What the session needs of one event of either client.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(super) enum Wire {
     ConnAck,
     /// A publish request was given its packet id (0 for QoS 0), in request order.
@@ -44,6 +55,8 @@ pub(super) enum Wire {
         pkid: u16,
         outcome: AckOutcome,
     },
+    /// A publish from upstream, to be acknowledged with [`UpstreamCommand::ack`].
+    Command(UpstreamCommand),
     /// Anything else (pings, the outgoing half of acks, ...).
     Other,
 }
@@ -100,6 +113,18 @@ impl Client {
         }
     }
 
+    /// Queues a QoS 1 SUBSCRIBE to `filter` without waiting.
+    pub(super) fn try_subscribe(&self, filter: String) -> Result<(), Closed> {
+        match self {
+            Client::V5(c) => c
+                .try_subscribe(filter, QoS::AtLeastOnce)
+                .map_err(|_| Closed),
+            Client::V311(c) => c
+                .try_subscribe(filter, rumqttc::QoS::AtLeastOnce)
+                .map_err(|_| Closed),
+        }
+    }
+
     /// Queues a DISCONNECT; when the event loop is gone there is nothing to disconnect.
     pub(super) fn try_disconnect(&self) {
         let _queued = match self {
@@ -137,6 +162,8 @@ impl Connection {
                     .set_connection_timeout(CONNECT_TIMEOUT_SECS)
                     .set_max_packet_size(Some(cfg.max_packet_size as u32))
                     .set_outgoing_inflight_upper_limit(inflight)
+                    .set_manual_acks(true)
+                    .set_receive_maximum(Some(COMMANDS_IN_FLIGHT))
                     .set_last_will(fwd.presence.last_will(now_millis()));
                 if let Some(user) = &cfg.username {
                     o.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
@@ -145,7 +172,8 @@ impl Connection {
                     o.set_transport(t);
                 }
                 let (client, eventloop) = v5::AsyncClient::new(o, capacity);
-                (Client::V5(client), tokio::spawn(pump_v5(eventloop, tx)))
+                let pump = tokio::spawn(pump_v5(eventloop, client.clone(), tx));
+                (Client::V5(client), pump)
             }
             UpstreamProtocol::V311 => {
                 let mut o =
@@ -154,6 +182,7 @@ impl Connection {
                     .set_clean_session(true)
                     .set_max_packet_size(cfg.max_packet_size, cfg.max_packet_size)
                     .set_inflight(inflight)
+                    .set_manual_acks(true)
                     .set_last_will(fwd.presence.last_will_311(now_millis()));
                 if let Some(user) = &cfg.username {
                     o.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
@@ -165,7 +194,8 @@ impl Connection {
                 eventloop
                     .network_options
                     .set_connection_timeout(CONNECT_TIMEOUT_SECS);
-                (Client::V311(client), tokio::spawn(pump_311(eventloop, tx)))
+                let pump = tokio::spawn(pump_311(eventloop, client.clone(), tx));
+                (Client::V311(client), pump)
             }
         };
         Connection {
@@ -192,10 +222,17 @@ fn qos_311(qos: QoS) -> rumqttc::QoS {
 
 /// Polls an MQTT 5 event loop and hands every event over, until the first error (which
 /// ends the connection: the next attempt gets a new event loop).
-async fn pump_v5(mut eventloop: v5::EventLoop, events: mpsc::Sender<PumpEvent>) {
+async fn pump_v5(
+    mut eventloop: v5::EventLoop,
+    client: v5::AsyncClient,
+    events: mpsc::Sender<PumpEvent>,
+) {
     loop {
         let ev = match eventloop.poll().await {
             Ok(v5::Event::Incoming(Packet5::ConnAck(_))) => Ok(Wire::ConnAck),
+            Ok(v5::Event::Incoming(Packet5::Publish(p))) => {
+                Ok(Wire::Command(command_v5(&client, p)))
+            }
             Ok(v5::Event::Outgoing(Outgoing::Publish(pkid))) => Ok(Wire::Sent(pkid)),
             Ok(v5::Event::Incoming(Packet5::PubAck(ack))) => Ok(Wire::PubAck {
                 pkid: ack.pkid,
@@ -219,10 +256,17 @@ async fn pump_v5(mut eventloop: v5::EventLoop, events: mpsc::Sender<PumpEvent>) 
 }
 
 /// [`pump_v5`] for an MQTT 3.1.1 event loop.
-async fn pump_311(mut eventloop: rumqttc::EventLoop, events: mpsc::Sender<PumpEvent>) {
+async fn pump_311(
+    mut eventloop: rumqttc::EventLoop,
+    client: rumqttc::AsyncClient,
+    events: mpsc::Sender<PumpEvent>,
+) {
     loop {
         let ev = match eventloop.poll().await {
             Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => Ok(Wire::ConnAck),
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                Ok(Wire::Command(command_311(&client, p)))
+            }
             Ok(rumqttc::Event::Outgoing(Outgoing::Publish(pkid))) => Ok(Wire::Sent(pkid)),
             Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(ack))) => Ok(Wire::PubAck {
                 pkid: ack.pkid,
@@ -238,5 +282,41 @@ async fn pump_311(mut eventloop: rumqttc::EventLoop, events: mpsc::Sender<PumpEv
         if events.send(ev).await.is_err() || failed {
             return;
         }
+    }
+}
+
+/// An MQTT 5 publish from upstream as a command, acknowledged through `client`.
+fn command_v5(client: &v5::AsyncClient, p: v5::mqttbytes::v5::Publish) -> UpstreamCommand {
+    let props = p.properties.clone().unwrap_or_default();
+    let client = client.clone();
+    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+    let payload = p.payload.to_vec();
+    UpstreamCommand {
+        topic,
+        payload,
+        correlation_data: props.correlation_data.map(|c| c.to_vec()),
+        message_expiry: props.message_expiry_interval,
+        content_type: props.content_type,
+        user_properties: props.user_properties,
+        // A failed ack means the connection is gone; the command is stored anyway.
+        ack: Box::new(move || {
+            let _ = client.try_ack(&p);
+        }),
+    }
+}
+
+/// An MQTT 3.1.1 publish from upstream as a command (no properties).
+fn command_311(client: &rumqttc::AsyncClient, p: rumqttc::Publish) -> UpstreamCommand {
+    let client = client.clone();
+    UpstreamCommand {
+        topic: p.topic.clone(),
+        payload: p.payload.to_vec(),
+        correlation_data: None,
+        message_expiry: None,
+        content_type: None,
+        user_properties: Vec::new(),
+        ack: Box::new(move || {
+            let _ = client.try_ack(&p);
+        }),
     }
 }

@@ -47,6 +47,12 @@
 //! publishes are entries of the same packet-id FIFO as the rows, so they never shift the
 //! correlation; the client's inflight limit is `max_inflight + 1` so that the stop message
 //! finds a slot even when the window is full of rows.
+//!
+//! Downlink ([`Forwarder::with_downlink`]): after every ConnAck the session subscribes
+//! (QoS 1) to the command filter and hands each incoming publish to the downlink stage
+//! (`crate::downlink`), which acknowledges it once committed (manual acks, `client.rs`).
+//! Clean start means commands published while the gateway is not connected are the
+//! upstream broker's to keep or drop; once received, a command is the gateway's.
 
 mod client;
 mod encode;
@@ -65,6 +71,7 @@ use tracing::Instrument;
 use crate::backoff::Backoff;
 use crate::config::{Config, UpstreamProtocol, UpstreamTls, UpstreamUrls};
 use crate::counters::Histogram;
+use crate::downlink::UpstreamCommand;
 use crate::reading::{now_millis, Millis};
 use crate::store::{ByLane, StoreHandle};
 use crate::tls::TlsError;
@@ -274,6 +281,8 @@ pub struct Forwarder {
     store: StoreHandle,
     stats: Arc<ForwarderStats>,
     presence: presence::Presence,
+    /// The upstream filter of downlink commands and where to hand them.
+    downlink: Option<(String, mpsc::UnboundedSender<UpstreamCommand>)>,
 }
 
 impl Forwarder {
@@ -296,7 +305,19 @@ impl Forwarder {
             presence,
             store,
             stats: Arc::new(stats),
+            downlink: None,
         })
+    }
+
+    /// Subscribes upstream to `filter` on every connection and hands what arrives to
+    /// `commands` (the downlink stage).
+    pub fn with_downlink(
+        mut self,
+        filter: String,
+        commands: mpsc::UnboundedSender<UpstreamCommand>,
+    ) -> Self {
+        self.downlink = Some((filter, commands));
+        self
     }
 
     /// The live counters; keep a clone before calling `run`.

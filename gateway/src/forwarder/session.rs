@@ -5,6 +5,10 @@
 //! the rows read but not yet sent. All of it is dropped with the connection: the next
 //! session replays from the outbox.
 //!
+//! After the ConnAck the session subscribes to the downlink's command filter (when there
+//! is a downlink) and hands every incoming publish to it ([`Wire::Command`]); those are not
+//! entries of the packet-id FIFO (their PUBACKs are the gateway's, sent after the commit).
+//!
 //! The session also announces the gateway's presence (`presence.rs`): the retained `online`
 //! status first thing after the ConnAck, before any row, and the retained `offline` status
 //! at a clean stop, once the rows in flight are acked or the grace is over. Both are
@@ -168,6 +172,11 @@ impl<'a> Session<'a> {
         if self.announce(Status::Online).is_err() {
             return self.lost();
         }
+        if let Some((filter, _)) = &self.fwd.downlink {
+            if self.client.try_subscribe(filter.clone()).is_err() {
+                return self.lost();
+            }
+        }
         // Acks of the previous connection must be committed before replaying, or rows acked
         // upstream would be sent again. While the storage is unavailable the flush fails and
         // the acks wait in the store's memory: replay anyway (repeats, never a loss).
@@ -329,6 +338,18 @@ impl<'a> Session<'a> {
                         self.acked_status = Some(status);
                     }
                     None => {}
+                }
+                true
+            }
+            Ok(Wire::Command(command)) => {
+                match &self.fwd.downlink {
+                    // Fails only when the downlink has stopped (shutdown): then the
+                    // command is neither stored nor acked.
+                    Some((_, commands)) => {
+                        let _ = commands.send(command);
+                    }
+                    // Not subscribed to anything: acknowledge and drop.
+                    None => (command.ack)(),
                 }
                 true
             }

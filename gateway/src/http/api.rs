@@ -20,6 +20,8 @@ use crate::store::{LaneStats, StoreError};
 /// Events returned when `limit` is not given, and the most ever returned.
 const DEFAULT_EVENTS: usize = 100;
 const MAX_EVENTS: usize = 1000;
+/// Queued downlink commands read for `/api/devices`, at most.
+const MAX_PENDING_READ: usize = 100_000;
 
 pub fn routes() -> Router<Sources> {
     Router::new()
@@ -78,6 +80,13 @@ async fn status(State(s): State<Sources>) -> Json<JsonValue> {
 
 async fn devices(State(s): State<Sources>) -> Json<JsonValue> {
     let rules = s.rules.get();
+    // Queued downlink commands per device, also of devices the read model does not hold.
+    let mut pending: BTreeMap<String, usize> = BTreeMap::new();
+    if let Ok(queue) = s.store.pending_commands(None, MAX_PENDING_READ) {
+        for c in queue {
+            *pending.entry(c.device).or_default() += 1;
+        }
+    }
     let list: Vec<JsonValue> = s
         .devices
         .list()
@@ -89,10 +98,11 @@ async fn devices(State(s): State<Sources>) -> Json<JsonValue> {
                 .collect();
             let mut v = serde_json::to_value(&d).unwrap_or_default();
             v["firing"] = JsonValue::Array(firing);
+            v["pending_commands"] = json!(pending.get(&d.device).copied().unwrap_or(0));
             v
         })
         .collect();
-    Json(json!({ "count": list.len(), "devices": list }))
+    Json(json!({ "count": list.len(), "devices": list, "pending_commands": pending }))
 }
 
 /// `GET /api/events` parameters.

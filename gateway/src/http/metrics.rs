@@ -9,7 +9,7 @@
 //! - each family is declared once, here, with its label type: [`Lane`] (`lane`),
 //!   [`Format`] and `Option<Format>` (`format`, `unknown` for none), [`DropReason`],
 //!   [`AuthRefusal`] (`reason`), [`EventType`] and [`EventState`], [`RuleName`] and
-//!   [`ActionOn`], [`Version`], `Url`;
+//!   [`ActionOn`], [`Version`], `Url`, [`CommandState`] (`state`);
 //! - per-lane and per-format figures are read through their [`Lane`] or [`Format`], never
 //!   by position;
 //! - one snapshot of the store's counters serves the outbox and storage families, so a
@@ -23,10 +23,17 @@ use super::{process, Sources};
 use crate::broker::auth::AuthStats;
 use crate::counters::Counters;
 use crate::reading::Format;
-use crate::store::{Counter, Lane, OutboxStats};
+use crate::store::{CommandState, Counter, Lane, OutboxStats};
 
 impl Label for Lane {
     const NAME: &'static str = "lane";
+    fn value(&self) -> Cow<'_, str> {
+        self.as_str().into()
+    }
+}
+
+impl Label for CommandState {
+    const NAME: &'static str = "state";
     fn value(&self) -> Cow<'_, str> {
         self.as_str().into()
     }
@@ -188,6 +195,7 @@ pub fn render(s: &Sources) -> String {
     )
     .value(rumqttd::forwards_lost() as f64);
     storage(&mut e, &store);
+    commands(&mut e, s, &store);
     if let Some(auth) = &s.auth {
         auth_families(&mut e, auth.stats());
     }
@@ -398,6 +406,35 @@ fn storage(e: &mut Encoder, stats: &OutboxStats) {
     for lane in Lane::ALL {
         refused.sample(lane, stats.get(Counter::refused(lane)) as f64);
     }
+}
+
+/// Downlink commands: the queues in the store, and what the downlink stage counts.
+fn commands(e: &mut Encoder, s: &Sources, stats: &OutboxStats) {
+    e.family(
+        "gateway_commands_pending",
+        "Downlink commands queued for their devices.",
+        Kind::Gauge,
+    )
+    .value(stats.get(Counter::CommandsPending) as f64);
+    let mut states = e.family(
+        "gateway_commands_total",
+        "Downlink commands by the state they reached (queued, delivered, expired, dropped).",
+        Kind::Counter,
+    );
+    for (state, c) in [
+        (CommandState::Queued, Counter::CommandsQueued),
+        (CommandState::Delivered, Counter::CommandsDelivered),
+        (CommandState::Expired, Counter::CommandsExpired),
+        (CommandState::Dropped, Counter::CommandsDropped),
+    ] {
+        states.sample(state, stats.get(c) as f64);
+    }
+    e.family(
+        "gateway_commands_unroutable_total",
+        "Commands received upstream on a topic that names no device and command (dropped).",
+        Kind::Counter,
+    )
+    .value(s.downlink.as_ref().map_or(0.0, |d| get(&d.unroutable)));
 }
 
 /// Device authentication; only when `auth.anonymous = false`.

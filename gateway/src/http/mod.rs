@@ -77,6 +77,8 @@ pub struct Sources {
     pub store: StoreHandle,
     /// `None` when forwarding is off.
     pub forwarder: Option<Arc<ForwarderStats>>,
+    /// `None` when forwarding is off (commands come from upstream).
+    pub downlink: Option<Arc<crate::downlink::DownlinkStats>>,
     pub devices: Arc<Devices>,
     pub rules: SharedRules,
     /// The broker's MQTT listeners (to count connected devices).

@@ -83,6 +83,11 @@ impl Owner {
                 DataCmd::Receipt(_) => continue,
                 DataCmd::PutState(..) | DataCmd::DeleteState(_) => Counter::RefusedState,
                 DataCmd::LogEvent { .. } => Counter::RefusedEventLog,
+                // A command not stored is not acked upstream; one not removed stays
+                // queued and is delivered again.
+                DataCmd::QueueCommand(..) | DataCmd::CommandDone { .. } => {
+                    Counter::DropRefusedEvents
+                }
             };
             self.counters.add(c, 1);
         }

@@ -1,8 +1,9 @@
 //! The gateway's durable store: one redb file owned by one thread.
 //!
 //! Owns the outbox (readings and events waiting for upstream), the dead-letter table,
-//! rule-engine state and the event log. Inputs are commands sent through a
-//! [`StoreHandle`] (append, ack, dead letter, state, event log, flush, shutdown); the
+//! rule-engine state, the event log and the downlink's per-device command queue
+//! (`commands.rs`). Inputs are commands sent through a [`StoreHandle`] (append, ack, dead
+//! letter, state, event log, queue and remove a downlink command, flush, shutdown); the
 //! output is committed rows, live counters ([`OutboxStats`]) and a wake-up of the
 //! forwarder after every commit that added rows.
 //!
@@ -28,6 +29,8 @@
 //!   unreleased, which closes the device's connection without a PUBACK: the device keeps
 //!   the message and sends it again. So `kill -9` at any moment loses nothing a device
 //!   was acknowledged for (redb commits are atomic).
+//! - A downlink command's `on_commit` (its upstream PUBACK) runs only after the commit that
+//!   holds it; a command and its status message are written in the same transaction.
 //! - Rows leave the outbox only by an upstream ack or by retention (`max_bytes`, `max_age`),
 //!   and every retention drop is counted by reason and lane.
 //! - The file is opened in redb's `SingleWriter` concurrency mode, so `gateway outbox
@@ -58,6 +61,7 @@
 //!   counters from it (the file is the truth about what was committed) and commits them;
 //!   when that works it logs one "storage recovered" line and resumes.
 
+mod commands;
 mod degraded;
 mod health;
 mod read;
@@ -82,6 +86,9 @@ use crate::reading::{Format, Millis};
 
 use health::{Reader, ReaderSlot};
 
+pub use commands::{
+    drop_commands_file, list_commands_file, status_entry, CommandState, QueuedCommand,
+};
 pub use read::{query_events, read_dead_letters, read_outbox_file, LoggedEvent};
 pub use stats::{read_stats_file, stats_command, Counter, LaneStats, OutboxStats, StorageHealth};
 pub use tables::epoch_hex;
@@ -172,6 +179,8 @@ pub struct StoreConfig {
     pub event_log_max: u64,
     /// redb page cache in bytes ([`CACHE_SIZE`]).
     pub cache_size: usize,
+    /// Downlink commands queued per device at most (`downlink.max_per_device`).
+    pub max_commands_per_device: usize,
     /// While degraded: the first and the longest wait between reopen retries. Not a
     /// setting of the config file; tests shorten it.
     pub health_retry: Backoff,
@@ -191,6 +200,7 @@ impl StoreConfig {
             dead_letter_max: storage.dead_letter_max as u64,
             event_log_max: EVENT_LOG_MAX,
             cache_size: CACHE_SIZE,
+            max_commands_per_device: config.downlink.max_per_device,
             health_retry: health::RETRY,
         }
     }
@@ -338,7 +348,19 @@ enum DataCmd {
         device: String,
         json: Vec<u8>,
     },
+    /// A downlink command for its device's queue; `on_commit` runs after the commit that
+    /// holds it (and is dropped, not run, when it is not stored).
+    QueueCommand(QueuedCommand, Option<OnCommit>),
+    /// A queued command leaves the queue as `state`.
+    CommandDone {
+        device: String,
+        seq: u64,
+        state: CommandState,
+    },
 }
+
+/// What runs once a command is committed (the upstream PUBACK of a downlink command).
+pub type OnCommit = Box<dyn FnOnce() + Send>;
 
 /// Commands that steer the store; never dropped.
 enum CtlCmd {
@@ -536,6 +558,38 @@ impl StoreHandle {
             json,
         };
         self.send_data(cmd, Counter::DropEventLogOverflow, Counter::RefusedEventLog)
+    }
+
+    /// Queues a downlink command (and its `queued` status message) and runs `on_commit`
+    /// once that is committed; waits while the queue is full. When the command is refused
+    /// (the storage is unavailable) or lost, `on_commit` is dropped without running.
+    pub fn queue_command(&self, command: QueuedCommand, on_commit: Option<OnCommit>) -> bool {
+        self.send_data(
+            DataCmd::QueueCommand(command, on_commit),
+            Counter::DropStoreOverflow,
+            Counter::DropRefusedEvents,
+        )
+    }
+
+    /// Removes a queued command as `state` (delivered, expired or dropped) with its status
+    /// message; nothing when it has left the queue already.
+    pub fn command_done(&self, device: &str, seq: u64, state: CommandState) -> bool {
+        let cmd = DataCmd::CommandDone {
+            device: device.to_owned(),
+            seq,
+            state,
+        };
+        self.send_data(cmd, Counter::DropStoreOverflow, Counter::DropRefusedEvents)
+    }
+
+    /// The committed commands of `device` (of every device with `None`), oldest first per
+    /// device, at most `limit`.
+    pub fn pending_commands(
+        &self,
+        device: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<QueuedCommand>, StoreError> {
+        with_reader!(self, |db| commands::pending(&*db, device, limit))
     }
 
     /// Deletes forwarded rows of `lane` (upstream acked them). Unknown seqs are ignored.

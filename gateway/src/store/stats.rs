@@ -71,6 +71,12 @@ counters! {
     RefusedEventLog => "refused.event_log",
     StorageErrors => "storage.errors",
     AcksDiscarded => "storage.acks_discarded",
+    CommandsNext => "commands.next",
+    CommandsPending => "commands.pending",
+    CommandsQueued => "commands.queued",
+    CommandsDelivered => "commands.delivered",
+    CommandsExpired => "commands.expired",
+    CommandsDropped => "commands.dropped",
 }
 
 impl Counter {

@@ -27,6 +27,9 @@ pub const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead
 pub const RULE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("rule_state");
 /// Event log: (time, seq) -> encoded (type, device, json). Bounded, oldest removed.
 pub const EVENT_LOG: TableDefinition<(i64, u64), &[u8]> = TableDefinition::new("event_log");
+/// Downlink commands waiting for their device: (device, seq) -> encoded command
+/// (`commands.rs`).
+pub const COMMANDS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("commands");
 /// Counters and cursors: name -> value.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -78,7 +81,7 @@ pub fn format_from_u8(b: u8) -> Option<Format> {
 }
 
 /// Appends `s` with a u16 length prefix; longer strings are cut at a char boundary.
-fn put_str(out: &mut Vec<u8>, s: &str) {
+pub(super) fn put_str(out: &mut Vec<u8>, s: &str) {
     let mut end = s.len().min(u16::MAX as usize);
     while !s.is_char_boundary(end) {
         end -= 1;
@@ -88,12 +91,12 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// A cursor over an encoded row; every read checks bounds.
-struct Cursor<'a> {
-    buf: &'a [u8],
+pub(super) struct Cursor<'a> {
+    pub(super) buf: &'a [u8],
 }
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+    pub(super) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if self.buf.len() < n {
             return None;
         }
@@ -101,13 +104,13 @@ impl<'a> Cursor<'a> {
         self.buf = rest;
         Some(head)
     }
-    fn i64(&mut self) -> Option<i64> {
+    pub(super) fn i64(&mut self) -> Option<i64> {
         Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
-    fn u8(&mut self) -> Option<u8> {
+    pub(super) fn u8(&mut self) -> Option<u8> {
         Some(self.take(1)?[0])
     }
-    fn str(&mut self) -> Option<&'a str> {
+    pub(super) fn str(&mut self) -> Option<&'a str> {
         let len = u16::from_le_bytes(self.take(2)?.try_into().ok()?) as usize;
         std::str::from_utf8(self.take(len)?).ok()
     }

@@ -33,8 +33,10 @@ use tokio::sync::{oneshot, Notify};
 
 use super::health::{Degraded, ReaderSlot};
 use super::stats::{Counter, Counters};
-use super::tables::{self, DEAD_LETTERS, EVENT_LOG, META, RULE_STATE};
-use super::{CtlCmd, DataCmd, Lane, OverflowPolicy, StoreConfig, StoreError};
+use super::tables::{self, COMMANDS, DEAD_LETTERS, EVENT_LOG, META, RULE_STATE};
+use super::{
+    CtlCmd, DataCmd, Lane, OnCommit, OutboxEntry, OverflowPolicy, StoreConfig, StoreError,
+};
 use crate::ingest::Receipt;
 
 /// Without commands the thread still wakes this often (storage retries, drop logs).
@@ -100,6 +102,7 @@ pub(super) fn init(db: &Database, counters: &Counters, reopen: bool) -> Result<(
         txn.open_table(DEAD_LETTERS)?;
         txn.open_table(RULE_STATE)?;
         txn.open_table(EVENT_LOG)?;
+        txn.open_table(COMMANDS)?;
     }
     txn.commit()?;
     Ok(())
@@ -146,6 +149,8 @@ pub(super) struct Group {
     pub(super) shutdown: bool,
     /// Receipts of what the group's commit stores, in queue order.
     pub(super) receipts: Vec<Receipt>,
+    /// What runs after the group's commit (dropped when it fails).
+    pub(super) on_commit: Vec<OnCommit>,
 }
 
 impl Group {
@@ -215,7 +220,14 @@ impl Owner {
                 ok = true;
                 take_receipts(&mut group);
             } else if self.degraded.is_none() {
-                let appended = group.data.iter().any(|c| matches!(c, DataCmd::Append(..)));
+                let appended = group.data.iter().any(|c| {
+                    matches!(
+                        c,
+                        DataCmd::Append(..)
+                            | DataCmd::QueueCommand(..)
+                            | DataCmd::CommandDone { .. }
+                    )
+                });
                 let acks: u64 = group.acks.iter().map(|(_, s)| s.len() as u64).sum();
                 match self.commit(&mut group) {
                     Ok(()) => {
@@ -232,6 +244,9 @@ impl Owner {
             // them unreleased.
             for receipt in group.receipts.drain(..) {
                 receipt.release();
+            }
+            for run in group.on_commit.drain(..) {
+                run();
             }
             let taken = self.data_taken;
             let shutdown = group.shutdown;
@@ -363,6 +378,7 @@ impl Owner {
         if result.is_err() {
             // Not stored: the devices are not acknowledged and send them again.
             group.receipts.clear();
+            group.on_commit.clear();
         }
         match result {
             Ok(()) => {
@@ -403,6 +419,7 @@ impl Owner {
         let mut dead = txn.open_table(DEAD_LETTERS)?;
         let mut state = txn.open_table(RULE_STATE)?;
         let mut log = txn.open_table(EVENT_LOG)?;
+        let mut commands = txn.open_table(COMMANDS)?;
 
         // Not drained: a failed commit keeps them for after recovery.
         for (lane, seqs) in &group.acks {
@@ -480,6 +497,14 @@ impl Owner {
                     self.set(Counter::EventLogNext, seq + 1);
                     log.insert((time, seq), scratch.as_slice())?;
                 }
+                DataCmd::QueueCommand(command, on_commit) => {
+                    let max = self.cfg.max_commands_per_device;
+                    self.queue_command(&mut commands, &mut events, command, max)?;
+                    group.on_commit.extend(on_commit);
+                }
+                DataCmd::CommandDone { device, seq, state } => {
+                    self.command_done(&mut commands, &mut events, &device, seq, state)?;
+                }
             }
         }
         self.scratch = scratch;
@@ -503,6 +528,35 @@ impl Owner {
             };
             meta.insert(c.name(), v)?;
         }
+        Ok(())
+    }
+
+    /// Appends `entry` to the outbox table of its lane with the next seq (no budget check:
+    /// retention runs after the group).
+    pub(super) fn append_row(
+        &mut self,
+        table: &mut redb::Table<'_, u64, &[u8]>,
+        e: OutboxEntry,
+    ) -> Result<(), StoreError> {
+        let mut row = Vec::new();
+        tables::encode_outbox(
+            &mut row,
+            e.received_at,
+            e.format,
+            &e.topic,
+            &e.device,
+            &e.payload,
+        );
+        let seq = self.get(Counter::NextSeq);
+        self.set(Counter::NextSeq, seq + 1);
+        table.insert(seq, row.as_slice())?;
+        let appended = match e.lane {
+            Lane::Reading => Counter::AppendedReadings,
+            Lane::Event => Counter::AppendedEvents,
+        };
+        self.add(appended, 1);
+        self.add(Counter::messages(e.lane), 1);
+        self.add(Counter::bytes(e.lane), row.len() as u64 + KEY_BYTES);
         Ok(())
     }
 

@@ -21,6 +21,8 @@ use tracing_subscriber::{
 pub use link::alerts;
 // PATCH(gateway)
 pub use link::ingest;
+// PATCH(gateway)
+pub use link::downlink::{DownlinkEvent, DownlinkHook, DownlinkMessage, DownlinkSender};
 pub use link::ingest::{IngestHook, Ingested, PendingAck};
 pub use link::local;
 pub use link::meters;
@@ -78,6 +80,8 @@ pub type Authorizer = Arc<dyn Fn(&str, Access, &str) -> bool + Send + Sync>;
 pub struct Hooks {
     pub authorizer: Option<Authorizer>,
     pub ingest: Option<IngestHook>,
+    /// Messages the application writes on a client's own connection (`link/downlink.rs`).
+    pub downlink: Option<link::downlink::DownlinkHook>,
     /// Set by the broker: the router's filters, for the ingest hand-off.
     pub(crate) subscribed: Option<link::ingest::Subscribed>,
 }

@@ -36,6 +36,7 @@ use sha2::{Digest, Sha256};
 pub use credentials::{hash_password, validate_device_id, Credentials};
 
 use crate::decode::TopicPatterns;
+use crate::downlink::CommandTopic;
 
 /// Threads running argon2 verifications.
 pub const VERIFIER_THREADS: usize = 2;
@@ -345,8 +346,13 @@ impl Inner {
 /// Topic authorization of authenticated devices (rumqttd's `Authorizer`, a patch of the
 /// vendored rumqttd): a device may publish only on ingest topics (of any of the patterns)
 /// whose `{device}` is its own id, and subscribe only to its own events (`event_topic` with `{device}` = its id
-/// and every other placeholder `+`). Anything else disconnects it.
-pub fn topic_authorizer(patterns: TopicPatterns, event_topic: &str) -> rumqttd::Authorizer {
+/// and every other placeholder `+`) and its own commands (`commands`, the downlink's device
+/// topic, with its id and one command or `+`). Anything else disconnects it.
+pub fn topic_authorizer(
+    patterns: TopicPatterns,
+    event_topic: &str,
+    commands: CommandTopic,
+) -> rumqttd::Authorizer {
     let event_topic = event_topic.to_string();
     Arc::new(move |client_id, access, topic| match access {
         rumqttd::Access::Publish => patterns
@@ -362,7 +368,7 @@ pub fn topic_authorizer(patterns: TopicPatterns, event_topic: &str) -> rumqttd::
                 })
                 .collect::<Vec<_>>()
                 .join("/");
-            topic == own_events
+            topic == own_events || commands.is_device_filter(topic, client_id)
         }
     })
 }

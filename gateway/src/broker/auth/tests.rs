@@ -125,7 +125,8 @@ fn a_device_may_publish_on_its_own_topics_and_subscribe_to_its_own_events() {
         TopicPattern::parse("plant/{device}").unwrap(),
     ])
     .unwrap();
-    let allow = topic_authorizer(patterns, "events/{type}/{device}");
+    let commands = CommandTopic::parse("devices/{device}/commands/{command}").unwrap();
+    let allow = topic_authorizer(patterns, "events/{type}/{device}", commands);
     // Either pattern, with the device's own id.
     assert!(allow("t-1", Publish, "plant/t-1"));
     assert!(!allow("t-1", Publish, "plant/t-2"));
@@ -143,4 +144,8 @@ fn a_device_may_publish_on_its_own_topics_and_subscribe_to_its_own_events() {
     assert!(!allow("t-1", Subscribe, "events/+/t-2"));
     assert!(!allow("t-1", Subscribe, "events/#"));
     assert!(!allow("t-1", Subscribe, "site/+/telemetry"));
+    assert!(allow("t-1", Subscribe, "devices/t-1/commands/+"));
+    assert!(allow("t-1", Subscribe, "devices/t-1/commands/fan"));
+    assert!(!allow("t-1", Subscribe, "devices/t-2/commands/+"));
+    assert!(!allow("t-1", Subscribe, "devices/+/commands/+"));
 }

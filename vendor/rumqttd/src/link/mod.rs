@@ -2,6 +2,8 @@ pub mod alerts;
 pub mod bridge;
 pub mod console;
 // PATCH(gateway)
+pub mod downlink;
+// PATCH(gateway)
 pub mod ingest;
 pub mod local;
 pub mod meters;

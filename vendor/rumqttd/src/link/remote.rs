@@ -1,3 +1,4 @@
+use crate::link::downlink::{self, Downlink};
 use crate::link::ingest::HeldAcks;
 use crate::link::local::{LinkError, LinkRx, LinkTx};
 use crate::link::network;
@@ -79,6 +80,8 @@ pub struct RemoteLink<P> {
     authorizer: Option<crate::Authorizer>,
     /// PATCH(gateway): the hand-off to the application and its held acks.
     held: Option<HeldAcks>,
+    /// PATCH(gateway): the application's messages for this client (`link/downlink.rs`).
+    downlink: Option<Downlink>,
 }
 
 impl<P: Protocol> RemoteLink<P> {
@@ -136,6 +139,10 @@ impl<P: Protocol> RemoteLink<P> {
         let held = hooks
             .ingest
             .map(|hook| HeldAcks::new(hook, hooks.subscribed, client_id));
+        // PATCH(gateway)
+        let downlink = hooks
+            .downlink
+            .map(|hook| Downlink::new(hook, client_id, link_tx.generation));
 
         if let Some(mut packet) = notification.into() {
             if let Packet::ConnAck(_ack, props) = &mut packet {
@@ -161,6 +168,7 @@ impl<P: Protocol> RemoteLink<P> {
             session_expiry: P::MQTT_5.then_some(session_expiry),
             authorizer: hooks.authorizer,
             held,
+            downlink,
         })
     }
 
@@ -195,16 +203,23 @@ impl<P: Protocol> RemoteLink<P> {
                                 return Err(Error::NotAuthorized(access, topic));
                             }
                         }
-                        // PATCH(gateway): publishes go to the application too, their
-                        // acks held (`link/ingest.rs`).
-                        let ingested = match &mut self.held {
-                            Some(held) => {
-                                let mut read: Vec<Packet> = buffer.drain(start..).collect();
-                                let ingested = held.take(&mut read);
-                                buffer.extend(read);
-                                ingested
+                        let ingested = if self.held.is_some() || self.downlink.is_some() {
+                            let mut read: Vec<Packet> = buffer.drain(start..).collect();
+                            // PATCH(gateway): subscriptions reported, PUBACKs of downlink
+                            // messages taken out (`link/downlink.rs`).
+                            if let Some(downlink) = &mut self.downlink {
+                                downlink.observe(&mut read);
                             }
-                            None => Vec::new(),
+                            // PATCH(gateway): publishes go to the application too, their
+                            // acks held (`link/ingest.rs`).
+                            let ingested = match &mut self.held {
+                                Some(held) => held.take(&mut read),
+                                None => Vec::new(),
+                            };
+                            buffer.extend(read);
+                            ingested
+                        } else {
+                            Vec::new()
                         };
                         (start, buffer.len(), ingested)
                     };
@@ -244,6 +259,13 @@ impl<P: Protocol> RemoteLink<P> {
                         if !acks.is_empty() {
                             self.network.writev(acks).await?;
                         }
+                    }
+                }
+                // PATCH(gateway): a message of the application for this client.
+                message = downlink::next_message(&self.downlink) => {
+                    if let Some(downlink) = &mut self.downlink {
+                        let packet = downlink.publish(message, P::MQTT_5);
+                        self.network.write(packet).await?;
                     }
                 }
                 // Receive from router when previous when state isn't in collision

@@ -183,6 +183,13 @@ impl Broker {
         self.hooks.ingest = Some(hook);
     }
 
+    /// PATCH(gateway): connections report their clients' subscriptions to `hook` and
+    /// write the application's messages for that client themselves, reporting the PUBACKs
+    /// (`link/downlink.rs`); call before [`Broker::start`].
+    pub fn set_downlink(&mut self, hook: crate::DownlinkHook) {
+        self.hooks.downlink = Some(hook);
+    }
+
     #[tracing::instrument(skip(self))]
     pub fn start(&mut self) -> Result<(), Error> {
         if self.config.v4.is_none()
