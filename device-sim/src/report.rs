@@ -124,12 +124,11 @@ pub fn compare(a: Option<&BenchReport>, b: &BenchReport) -> String {
             1,
         ));
         // CPU time per 1000 readings delivered: comparable across rates and runs.
-        let per_1000 = |r: Option<&BenchReport>, p: &Option<crate::stats::ProcessUsage>| {
-            match (r, p) {
+        let per_1000 =
+            |r: Option<&BenchReport>, p: &Option<crate::stats::ProcessUsage>| match (r, p) {
                 (Some(r), Some(p)) if r.delivered > 0 => p.cpu_s * 1e6 / r.delivered as f64,
                 _ => f64::NAN,
-            }
-        };
+            };
         rows.push((
             format!("{name} CPU ms per 1000 readings"),
             per_1000(a, &pa),

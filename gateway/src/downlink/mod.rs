@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+pub use crate::forwarder::UpstreamCommand;
 use crate::reading::{now_millis, Millis};
 use crate::store::{CommandState, OnCommit, QueuedCommand, StoreHandle};
 
@@ -44,29 +45,6 @@ pub use topic::CommandTopic;
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Queued commands read at once, per device or for a sweep.
 const READ_LIMIT: usize = 100_000;
-
-/// A command as the forwarder received it upstream.
-pub struct UpstreamCommand {
-    /// The full upstream topic.
-    pub topic: String,
-    pub payload: Vec<u8>,
-    /// MQTT 5 properties of the upstream message (none over MQTT 3.1.1).
-    pub correlation_data: Option<Vec<u8>>,
-    pub message_expiry: Option<u32>,
-    pub content_type: Option<String>,
-    pub user_properties: Vec<(String, String)>,
-    /// Sends the upstream PUBACK; run once the command is committed.
-    pub ack: OnCommit,
-}
-
-impl std::fmt::Debug for UpstreamCommand {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamCommand")
-            .field("topic", &self.topic)
-            .field("payload_bytes", &self.payload.len())
-            .finish_non_exhaustive()
-    }
-}
 
 /// The downlink's settings: the `[downlink]` section with the upstream prefix.
 #[derive(Debug, Clone)]

@@ -32,8 +32,31 @@ use tokio::sync::mpsc;
 
 use super::Forwarder;
 use crate::config::{UpstreamProtocol, UpstreamUrl};
-use crate::downlink::UpstreamCommand;
 use crate::reading::now_millis;
+use crate::store::OnCommit;
+
+/// A command as the forwarder received it upstream.
+pub struct UpstreamCommand {
+    /// The full upstream topic.
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// MQTT 5 properties of the upstream message (none over MQTT 3.1.1).
+    pub correlation_data: Option<Vec<u8>>,
+    pub message_expiry: Option<u32>,
+    pub content_type: Option<String>,
+    pub user_properties: Vec<(String, String)>,
+    /// Sends the upstream PUBACK; run once the command is committed.
+    pub ack: OnCommit,
+}
+
+impl std::fmt::Debug for UpstreamCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamCommand")
+            .field("topic", &self.topic)
+            .field("payload_bytes", &self.payload.len())
+            .finish_non_exhaustive()
+    }
+}
 
 /// Events buffered between the pump and the session.
 const PUMP_CAPACITY: usize = 1024;

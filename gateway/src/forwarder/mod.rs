@@ -71,10 +71,10 @@ use tracing::Instrument;
 use crate::backoff::Backoff;
 use crate::config::{Config, UpstreamProtocol, UpstreamTls, UpstreamUrls};
 use crate::counters::Histogram;
-use crate::downlink::UpstreamCommand;
 use crate::reading::{now_millis, Millis};
 use crate::store::{ByLane, StoreHandle};
 use crate::tls::TlsError;
+pub use client::UpstreamCommand;
 use client::{Connection, PumpEvent, Wire};
 
 pub use encode::{id_prefix, message_id, upstream_topic};
