@@ -133,6 +133,15 @@ async fn readings_and_events_arrive_in_the_envelope_and_the_backlog_is_marked_re
     )
     .await;
 
+    // Every live message acknowledged upstream and deleted before the outage: one still in
+    // flight when the proxy goes down would be sent again, marked replayed.
+    wait_until_async(
+        "the live messages acknowledged",
+        Duration::from_secs(15),
+        || status(&gw)["outbox"]["messages"].as_u64() == Some(0),
+    )
+    .await;
+
     // Outage: the backlog waits in the outbox, starting with a hot reading (an event).
     proxy.set_up(false);
     wait_upstream(&gw, "offline").await;
