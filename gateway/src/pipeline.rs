@@ -63,7 +63,7 @@ use crate::config::{Config, ConfigErrors};
 use crate::counters::Counters;
 use crate::decode::DecodeStage;
 use crate::devices::Devices;
-use crate::downlink::{Downlink, DownlinkConfig, DownlinkStats};
+use crate::downlink::{ActionQueue, Downlink, DownlinkConfig, DownlinkStats};
 use crate::forwarder::{Forwarder, ForwarderConfig, ForwarderError, ForwarderStats};
 use crate::http::{self, HttpError, Sources};
 use crate::ingest::Intake;
@@ -329,15 +329,17 @@ fn start(
 
     // Commands from upstream: the forwarder receives them, the downlink queues and
     // delivers them.
-    let (forwarder, downlink) = match forwarder {
+    // Rule actions on a device's command topic join the same queue.
+    let (forwarder, downlink, action_queue) = match forwarder {
         Some(f) => {
             let cfg = DownlinkConfig::from_config(config);
             let (commands_tx, commands_rx) = tokio::sync::mpsc::unbounded_channel();
+            let actions = ActionQueue::new(cfg.clone(), commands_tx.clone());
             let f = f.with_downlink(cfg.upstream_filter(), commands_tx);
             let downlink = Downlink::new(cfg, store.clone(), commands_rx, links.downlink);
-            (Some(f), Some(downlink))
+            (Some(f), Some(downlink), Some(actions))
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let downlink_stats = downlink.as_ref().map(Downlink::stats);
     let downlink = downlink.map(|d| tokio::spawn(d.run(stop.child_token())));
@@ -356,6 +358,7 @@ fn start(
         counters: counters.clone(),
         snapshot: views.rules.clone(),
         trim: Trim::new(),
+        commands: action_queue,
     };
     threads.spawn("rules", move || {
         rules.run();

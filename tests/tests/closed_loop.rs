@@ -2,7 +2,9 @@
 //! gateway binary with the shipped rules, upstream unreachable throughout. The device
 //! heats up, the example temperature rule fires, its action turns the device's fan on,
 //! the device cools, the rule resolves, its action turns the fan off and the device heats
-//! again; each action is in the event log with the id of the event that caused it.
+//! again; both commands go through the durable command queue (the downlink runs because
+//! upstream is configured) and each action is in the event log with the id of the event
+//! that caused it.
 //! And a rule removed by a reload while firing still runs its `resolved` action.
 
 use std::time::Duration;
@@ -14,51 +16,31 @@ use tokio_util::sync::CancellationToken;
 
 const DEVICE: &str = "t-0001";
 
-/// What the device's topics carried, in order: a reading's temperature or a fan command.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Seen {
-    Temperature(f64),
-    Fan(bool),
-}
-
-async fn next_seen(rx: &mut UnboundedReceiver<(String, Vec<u8>)>, until: Instant) -> Seen {
-    let (topic, payload) = timeout_at(until, rx.recv())
-        .await
-        .expect("a reading or command in time")
-        .expect("subscriber alive");
-    let json: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-    if topic == format!("devices/{DEVICE}/commands/fan") {
-        Seen::Fan(json["on"].as_bool().expect("the command says on or off"))
-    } else {
-        assert_eq!(topic, format!("devices/{DEVICE}/telemetry"));
-        Seen::Temperature(json["temperature"].as_f64().unwrap())
-    }
-}
-
-/// Readings up to the next fan command, and what the command said.
-async fn until_fan(
-    rx: &mut UnboundedReceiver<(String, Vec<u8>)>,
+/// The readings of the device up to the next event of its rule, and that event. The fan
+/// commands themselves are not seen here: a command to a device's command topic goes
+/// through the durable command queue, written on the device's own connection only.
+async fn until_event(
+    readings: &mut UnboundedReceiver<(String, Vec<u8>)>,
+    events: &mut UnboundedReceiver<(String, Vec<u8>)>,
     within: Duration,
-) -> (Vec<f64>, bool) {
+) -> (Vec<f64>, serde_json::Value) {
     let until = Instant::now() + within;
     let mut temperatures = Vec::new();
     loop {
-        match next_seen(rx, until).await {
-            Seen::Temperature(t) => temperatures.push(t),
-            Seen::Fan(on) => return (temperatures, on),
+        tokio::select! {
+            event = timeout_at(until, events.recv()) => {
+                let (_, payload) = event.expect("an event in time").expect("subscriber alive");
+                return (temperatures, serde_json::from_slice(&payload).unwrap());
+            }
+            reading = timeout_at(until, readings.recv()) => {
+                let (topic, payload) =
+                    reading.expect("a reading in time").expect("subscriber alive");
+                assert_eq!(topic, format!("devices/{DEVICE}/telemetry"));
+                let json: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                temperatures.push(json["temperature"].as_f64().unwrap());
+            }
         }
     }
-}
-
-async fn next_event(
-    rx: &mut UnboundedReceiver<(String, Vec<u8>)>,
-    within: Duration,
-) -> serde_json::Value {
-    let (_, payload) = tokio::time::timeout(within, rx.recv())
-        .await
-        .expect("an event in time")
-        .expect("subscriber alive");
-    serde_json::from_slice(&payload).unwrap()
 }
 
 fn strictly_falling(values: &[f64]) -> bool {
@@ -74,7 +56,7 @@ async fn cooling_scenario_closes_the_loop_with_upstream_down() {
         ("GATEWAY__RULES__DIR", rules_dir),
         ("GATEWAY__UPSTREAM__URL", &upstream),
     ]);
-    let mut device = subscribe(&gw.addr(), &format!("devices/{DEVICE}/#")).await;
+    let mut device = subscribe(&gw.addr(), &format!("devices/{DEVICE}/telemetry")).await;
     let mut events = subscribe(&gw.addr(), "events/SensorTemperatureExceeded/+").await;
 
     let scenario = device_sim::Scenario::shipped("cooling").unwrap();
@@ -83,48 +65,53 @@ async fn cooling_scenario_closes_the_loop_with_upstream_down() {
     let stop = CancellationToken::new();
     let sim = tokio::spawn(device_sim::run_until(fleet, stop.clone()));
 
-    // From 60 °C at 1 °C/s: above 75 °C at about 16 s, firing 10 s later.
-    let (heating, on) = until_fan(&mut device, Duration::from_secs(60)).await;
-    assert!(
-        on,
-        "the first command turns the fan on; readings {heating:?}"
-    );
-    assert!(
-        heating.iter().any(|t| *t > 75.0),
-        "the fan goes on only after the device passed 75 °C: {heating:?}"
-    );
-    let firing = next_event(&mut events, Duration::from_secs(5)).await;
+    // From 60 °C at 1 °C/s: above 75 °C at about 16 s, firing 10 s later; its action
+    // queues "fan on" for the device.
+    let (heating, firing) = until_event(&mut device, &mut events, Duration::from_secs(60)).await;
     assert_eq!(firing["subject"], DEVICE);
     assert_eq!(firing["data"]["state"], "firing");
+    assert!(
+        heating.iter().any(|t| *t > 75.0),
+        "the rule fires only after the device passed 75 °C: {heating:?}"
+    );
 
     // At 2 °C/s with the fan on it falls below 70 °C within about 8 s: the rule resolves
-    // and the fan goes off.
-    let (cooling, on) = until_fan(&mut device, Duration::from_secs(30)).await;
+    // and its action queues "fan off".
+    let (cooling, resolved) = until_event(&mut device, &mut events, Duration::from_secs(30)).await;
+    assert_eq!(resolved["subject"], DEVICE);
+    assert_eq!(resolved["data"]["state"], "resolved");
+    // The fan went on: from its peak (a reading may precede the command) it falls.
+    let peak = cooling
+        .iter()
+        .enumerate()
+        .fold(0, |best, (i, t)| if *t > cooling[best] { i } else { best });
+    let falling = &cooling[peak..];
     assert!(
-        !on,
-        "the second command turns the fan off; readings {cooling:?}"
-    );
-    assert!(
-        cooling.len() >= 3 && strictly_falling(&cooling),
+        falling.len() >= 3 && strictly_falling(falling),
         "with the fan on the temperature falls: {cooling:?}"
     );
     assert!(cooling.iter().any(|t| *t < 70.0), "{cooling:?}");
-    let resolved = next_event(&mut events, Duration::from_secs(5)).await;
-    assert_eq!(resolved["subject"], DEVICE);
-    assert_eq!(resolved["data"]["state"], "resolved");
 
-    // With the fan off it heats up again.
+    // The fan went off: it heats up again, and no event comes before it is hot again.
     let coolest = *cooling.last().unwrap();
     let until = Instant::now() + Duration::from_secs(10);
     let mut warming = Vec::new();
-    while warming.len() < 3 {
-        match next_seen(&mut device, until).await {
-            Seen::Temperature(t) => warming.push(t),
-            Seen::Fan(on) => panic!("no command before it is hot again, got fan {on}"),
-        }
+    while warming.len() < 4 {
+        let (_, payload) = timeout_at(until, device.recv())
+            .await
+            .expect("a reading in time")
+            .expect("subscriber alive");
+        let json: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        warming.push(json["temperature"].as_f64().unwrap());
     }
     assert!(
-        warming.windows(2).all(|w| w[1] > w[0]) && warming[2] > coolest,
+        events.try_recv().is_err(),
+        "no event before it is hot again"
+    );
+    // The first reading may still be from before the command.
+    let rising = &warming[1..];
+    assert!(
+        rising.windows(2).all(|w| w[1] > w[0]) && rising[2] > coolest,
         "with the fan off the temperature rises: {warming:?} after {coolest}"
     );
 
@@ -132,6 +119,8 @@ async fn cooling_scenario_closes_the_loop_with_upstream_down() {
     for line in [
         "gateway_rule_actions_total{rule=\"temperature-high\",on=\"firing\"} 1",
         "gateway_rule_actions_total{rule=\"temperature-high\",on=\"resolved\"} 1",
+        // Both commands went through the durable queue to the device.
+        "gateway_commands_total{state=\"delivered\"} 2",
         "gateway_upstream_connected 0",
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line}\n{metrics}");

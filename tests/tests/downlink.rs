@@ -361,3 +361,56 @@ async fn an_mqtt_3_1_1_device_gets_the_payload_without_properties() {
     s.wait_state("v311", "delivered").await;
     task.abort();
 }
+
+/// A rule whose firing action is a command to the device's fan.
+const HOT_FAN: &str = r#"
+[[rule]]
+name = "hot"
+event = "Hot"
+stream = "telemetry"
+condition = "temperature > 75.0"
+clear = "temperature < 70.0"
+
+[[rule.action]]
+on = "firing"
+topic = "devices/{device}/commands/fan"
+payload = '{"on": true}'
+"#;
+
+/// A rule action at QoS 1 on a device's command topic joins the durable queue: the device
+/// is offline when the rule fires, and gets the command once it connects and subscribes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_action_for_an_offline_device_is_queued_until_it_connects() {
+    let rules = tempfile::tempdir().unwrap();
+    std::fs::write(rules.path().join("hot.toml"), HOT_FAN).unwrap();
+    let rules_dir = rules.path().display().to_string();
+    let Some(s) = setup(&[("GATEWAY__RULES__DIR", rules_dir.as_str())]).await else {
+        return;
+    };
+    // Another client reports for device d-7, which is not connected.
+    let hot = vec![(
+        "devices/d-7/telemetry".to_string(),
+        br#"{"temperature":80}"#.to_vec(),
+    )];
+    test_support::publish_all(&s.gw.addr(), "sensor", &hot).await;
+    s.gw.wait_log("Action queued for its device.", WAIT);
+    let queued_for_d7 = || {
+        s.status_bodies()
+            .into_iter()
+            .find(|b| b["device"] == "d-7" && b["command"] == "fan" && b["state"] == "queued")
+    };
+    wait_until_async("the action's command queued", WAIT, || {
+        queued_for_d7().is_some()
+    })
+    .await;
+    let id = queued_for_d7().unwrap()["id"].as_str().unwrap().to_string();
+    // The command's id is the action's id, as in the event log's ActionPublished record.
+    let (_, events) = s.gw.http_get("/api/events?type=ActionPublished");
+    assert!(events.contains(&id), "{id} not in {events}");
+
+    let mut device = s.device("d-7").await;
+    let got = device.next().await;
+    assert_eq!(got.topic, "devices/d-7/commands/fan");
+    assert_eq!(payload(&got), r#"{"on": true}"#);
+    s.wait_state(&id, "delivered").await;
+}

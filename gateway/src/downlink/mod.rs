@@ -1,7 +1,8 @@
 //! The downlink: commands from upstream to devices, durable until the device has them.
 //!
 //! Reads commands the forwarder received upstream on `{prefix}/{downlink.upstream_topic}`
-//! ([`UpstreamCommand`]) and the embedded broker's reports of device subscriptions and
+//! ([`UpstreamCommand`]), and QoS 1 rule actions on a device's command topic
+//! ([`ActionQueue`], with no upstream ack to send), and the embedded broker's reports of device subscriptions and
 //! PUBACKs (`rumqttd::DownlinkEvent`, `vendor/rumqttd/src/link/downlink.rs`). Writes the
 //! per-device queue through the store (`store/commands.rs`, which also appends each
 //! command's status message to the outbox) and delivers commands on the device's own
@@ -71,6 +72,42 @@ impl DownlinkConfig {
     /// The upstream subscription filter of commands.
     pub fn upstream_filter(&self) -> String {
         crate::forwarder::upstream_topic(&self.prefix, &self.upstream_topic.filter())
+    }
+}
+
+/// How rule actions join the command queue: an action at QoS 1 on a device's command
+/// topic (`downlink.device_topic`) is queued like a command from upstream, so a device
+/// that is offline gets it when it connects and subscribes.
+#[derive(Clone)]
+pub struct ActionQueue {
+    cfg: DownlinkConfig,
+    commands: mpsc::UnboundedSender<UpstreamCommand>,
+}
+
+impl ActionQueue {
+    pub fn new(cfg: DownlinkConfig, commands: mpsc::UnboundedSender<UpstreamCommand>) -> Self {
+        ActionQueue { cfg, commands }
+    }
+
+    /// Queues `payload` for the device when `topic` is one of its command topics, with
+    /// `id` as the command's id; false when it is not (or the downlink has stopped).
+    pub fn queue(&self, topic: &str, payload: &str, id: String) -> bool {
+        let Some((device, command)) = self.cfg.device_topic.parse_topic(topic) else {
+            return false;
+        };
+        let upstream = self.cfg.upstream_topic.fill(device, command);
+        self.commands
+            .send(UpstreamCommand {
+                topic: crate::forwarder::upstream_topic(&self.cfg.prefix, &upstream),
+                payload: payload.as_bytes().to_vec(),
+                correlation_data: Some(id.into_bytes()),
+                message_expiry: None,
+                content_type: None,
+                user_properties: Vec::new(),
+                // Nothing upstream waits for it.
+                ack: Box::new(|| {}),
+            })
+            .is_ok()
     }
 }
 

@@ -15,8 +15,10 @@
 //! - a rule-file edit that does not load keeps the running rules and logs every error;
 //! - the stage ends when its input is closed and empty;
 //! - an event's actions are published right after the event, in the order the rule
-//!   declares them, whether or not upstream is connected; an action is recorded in the
-//!   event log (type `ActionPublished`, with the event's id) only once the broker took it;
+//!   declares them, whether or not upstream is connected; a QoS 1 action on a device's
+//!   command topic goes to the durable command queue instead when the downlink runs;
+//!   an action is recorded in the event log (type `ActionPublished`, with the event's
+//!   id) only once the broker or the queue took it;
 //! - a rule removed or changed by a reload still runs its `resolved` actions for the
 //!   instances the reload resolves (its actions are kept until then).
 //! - readers see the rules, live instances and the last reload through [`SharedRules`],
@@ -35,6 +37,7 @@ use super::action::{messages, Action, ActionMessage, ACTION_EVENT_TYPE};
 use super::snapshot::{ReloadView, SharedRules};
 use super::{Diagnostics, Engine, EngineState, InstanceRecord, RuleSet, Watcher, STATE_VERSION};
 use crate::counters::Counters;
+use crate::downlink::ActionQueue;
 use crate::events::Event;
 use crate::memory::Trim;
 use crate::reading::{now_millis, Reading};
@@ -71,6 +74,9 @@ pub struct RulesStage {
     /// Returns free memory to the OS once a burst is over; this stage's tick is the
     /// gateway's one timer that always runs, so it drives it (see `memory.rs`).
     pub trim: Trim,
+    /// The durable command queue, when the downlink runs: QoS 1 actions on a device's
+    /// command topic are queued there instead of published.
+    pub commands: Option<ActionQueue>,
 }
 
 /// An event and the messages its rule's actions publish for it.
@@ -327,12 +333,23 @@ impl RulesStage {
         }
     }
 
-    /// Publishes one action on the local broker and records it in the event log.
+    /// Publishes one action on the local broker, or queues it for its device (a QoS 1
+    /// action on a device's command topic while the downlink runs), and records it in
+    /// the event log.
     fn act(&mut self, event: &Event, action: &ActionMessage) {
+        let queued = action.qos > 0
+            && self
+                .commands
+                .as_ref()
+                .is_some_and(|q| q.queue(&action.topic, &action.payload, action.id(event)));
         let (topic, payload) = (action.topic.clone(), action.payload.clone());
         let sent = match action.qos {
-            0 => self.publish.publish(topic, payload),
-            _ => self.publish.publish_at_least_once(topic, payload),
+            _ if queued => Ok(()),
+            0 => self.publish.publish(topic, payload).map(|_| ()),
+            _ => self
+                .publish
+                .publish_at_least_once(topic, payload)
+                .map(|_| ()),
         };
         let ok = sent.is_ok();
         self.snapshot
@@ -343,7 +360,12 @@ impl RulesStage {
                 let record = action.record(&self.gateway_id, event, at);
                 self.store
                     .log_event(at, ACTION_EVENT_TYPE, &event.subject, record);
-                tracing::info!(rule = %event.data.rule, device = %event.subject, on = %action.on, topic = %action.topic, "Action published.");
+                let how = if queued {
+                    "Action queued for its device."
+                } else {
+                    "Action published."
+                };
+                tracing::info!(rule = %event.data.rule, device = %event.subject, on = %action.on, topic = %action.topic, "{how}");
             }
             Err(e) => {
                 tracing::error!(rule = %event.data.rule, device = %event.subject, topic = %action.topic, error = %e, "Cannot publish an action on the local broker.");

@@ -329,18 +329,22 @@ struct ActionRecord<'a> {
 impl ActionMessage {
     /// The event-log record of this message, published for `event` at `at` (Unix ms): a
     /// CloudEvent of type [`ACTION_EVENT_TYPE`] whose `data.event_id` is the event's id.
-    pub fn record(&self, gateway_id: &str, event: &Event, at: Millis) -> Vec<u8> {
+    /// The action's id: derived from its event's id and its position, so it is stable.
+    pub fn id(&self, event: &Event) -> String {
         let mut hasher = Sha256::new();
         hasher.update(event.id.as_bytes());
         hasher.update([0u8]);
         hasher.update((self.index as u64).to_be_bytes());
-        let id: String = hasher.finalize()[..16]
+        hasher.finalize()[..16]
             .iter()
             .map(|b| format!("{b:02x}"))
-            .collect();
+            .collect()
+    }
+
+    pub fn record(&self, gateway_id: &str, event: &Event, at: Millis) -> Vec<u8> {
         let record = ActionRecord {
             specversion: SPEC_VERSION,
-            id,
+            id: self.id(event),
             source: format!("gateway/{gateway_id}/rules/{}/actions", event.data.rule),
             event_type: ACTION_EVENT_TYPE,
             subject: &event.subject,
