@@ -118,6 +118,9 @@ pub(super) struct Cx<'a> {
     diags: Vec<Diagnostic>,
 }
 
+/// One table of a `[[rule.NAME]]` item, with its span in the file.
+pub(super) type SubTable<'t> = (&'t dyn TableLike, Option<Range<usize>>);
+
 impl Cx<'_> {
     pub(super) fn error(&mut self, span: Option<Range<usize>>, message: impl Into<String>) {
         let at = span.map_or(0, |s| s.start);
@@ -133,6 +136,38 @@ impl Cx<'_> {
                 known.join(", ")
             ),
         );
+    }
+
+    /// The tables of a `[[rule.NAME]]` item (an array of tables, or an array of inline
+    /// tables), each with its span; `None` after reporting an item of another shape.
+    /// An entry that is not a table is reported and left out.
+    pub(super) fn sub_tables<'t>(
+        &mut self,
+        item: &'t Item,
+        name: &str,
+    ) -> Option<Vec<SubTable<'t>>> {
+        if let Some(aot) = item.as_array_of_tables() {
+            return Some(
+                aot.iter()
+                    .map(|t| (t as &dyn TableLike, t.span()))
+                    .collect(),
+            );
+        }
+        let Some(arr) = item.as_array() else {
+            self.error(
+                item.span(),
+                format!("`{name}` must be an array of tables: write `[[rule.{name}]]`"),
+            );
+            return None;
+        };
+        let mut tables = Vec::new();
+        for value in arr.iter() {
+            match value.as_inline_table() {
+                Some(t) => tables.push((t as &dyn TableLike, value.span())),
+                None => self.error(value.span(), format!("each `{name}` must be a table")),
+            }
+        }
+        Some(tables)
     }
 
     pub(super) fn check_keys(&mut self, table: &dyn TableLike, known: &[&str], place: &str) {
@@ -367,27 +402,9 @@ impl Cx<'_> {
         let Some(item) = table.get("aggregate") else {
             return (out, declared);
         };
-        let entries: Vec<(&dyn TableLike, Option<Range<usize>>)> =
-            if let Some(aot) = item.as_array_of_tables() {
-                aot.iter()
-                    .map(|t| (t as &dyn TableLike, t.span()))
-                    .collect()
-            } else if let Some(arr) = item.as_array() {
-                let mut v = Vec::new();
-                for value in arr.iter() {
-                    match value.as_inline_table() {
-                        Some(t) => v.push((t as &dyn TableLike, value.span())),
-                        None => self.error(value.span(), "each `aggregate` must be a table"),
-                    }
-                }
-                v
-            } else {
-                self.error(
-                    item.span(),
-                    "`aggregate` must be an array of tables: write `[[rule.aggregate]]`",
-                );
-                return (out, declared);
-            };
+        let Some(entries) = self.sub_tables(item, "aggregate") else {
+            return (out, declared);
+        };
         for (t, at) in entries {
             self.check_keys(t, AGGREGATE_KEYS, "in [[rule.aggregate]]");
             let name = self.required(t, "name", &at, "[[rule.aggregate]]");

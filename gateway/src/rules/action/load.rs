@@ -30,27 +30,9 @@ impl Cx<'_> {
         let Some(item) = table.get("action") else {
             return Vec::new();
         };
-        let entries: Vec<(&dyn TableLike, Option<Range<usize>>)> =
-            if let Some(aot) = item.as_array_of_tables() {
-                aot.iter()
-                    .map(|t| (t as &dyn TableLike, t.span()))
-                    .collect()
-            } else if let Some(arr) = item.as_array() {
-                let mut v = Vec::new();
-                for value in arr.iter() {
-                    match value.as_inline_table() {
-                        Some(t) => v.push((t as &dyn TableLike, value.span())),
-                        None => self.error(value.span(), "each `action` must be a table"),
-                    }
-                }
-                v
-            } else {
-                self.error(
-                    item.span(),
-                    "`action` must be an array of tables: write `[[rule.action]]`",
-                );
-                return Vec::new();
-            };
+        let Some(entries) = self.sub_tables(item, "action") else {
+            return Vec::new();
+        };
         entries
             .into_iter()
             .filter_map(|(t, at)| self.action(t, at, known))
