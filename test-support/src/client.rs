@@ -13,43 +13,16 @@ use crate::ports::free_port;
 /// Publishes each (topic, payload) with QoS 1 through a real MQTT 3.1.1 client and waits
 /// for every PUBACK.
 pub async fn publish_all(addr: &str, client_id: &str, messages: &[(String, Vec<u8>)]) {
-    let (host, port) = addr.split_once(':').unwrap();
-    let mut opts = MqttOptions::new(client_id, host, port.parse().unwrap());
-    opts.set_keep_alive(Duration::from_secs(10));
-    let (client, mut eventloop) = AsyncClient::new(opts, 100);
-    let expected = messages.len();
-    let acks = tokio::spawn(async move {
-        let mut acked = 0;
-        while acked < expected {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
-                Ok(_) => {}
-                Err(e) => panic!("MQTT client error: {e}"),
-            }
-        }
-        eventloop
-    });
-    let publish = async {
-        for (topic, payload) in messages {
-            client
-                .publish(topic, QoS::AtLeastOnce, false, payload.clone())
-                .await
-                .unwrap();
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), publish)
-        .await
-        .expect("publishes queued within 20s");
-    let mut eventloop = tokio::time::timeout(Duration::from_secs(20), acks)
-        .await
-        .expect("PUBACKs within 20s")
-        .unwrap();
-    client.disconnect().await.ok();
+    let mut published = publish_qos1(addr, client_id, messages).await;
+    if let Some(e) = &published.error {
+        panic!("MQTT client error: {e}");
+    }
+    published.client.disconnect().await.ok();
     // Wait until the broker has closed this connection: a next publish_all with the same
     // client id must not overtake it (rumqttd then drops the previous connection, and a
     // late close of the old one can take the new one down with it).
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while eventloop.poll().await.is_ok() {}
+        while published.eventloop.poll().await.is_ok() {}
     })
     .await;
 }
@@ -59,6 +32,23 @@ pub async fn publish_all(addr: &str, client_id: &str, messages: &[(String, Vec<u
 /// acknowledged (acknowledgements come in publish order, so the first N). A device does
 /// exactly this when the gateway cannot store what it sends: it keeps the rest.
 pub async fn publish_acked(addr: &str, client_id: &str, messages: &[(String, Vec<u8>)]) -> usize {
+    let published = publish_qos1(addr, client_id, messages).await;
+    published.client.disconnect().await.ok();
+    published.acked
+}
+
+/// What [`publish_qos1`] saw: PUBACKs counted until all came or the connection failed.
+struct Published {
+    acked: usize,
+    /// Why the connection failed before every PUBACK came.
+    error: Option<String>,
+    client: AsyncClient,
+    eventloop: rumqttc::EventLoop,
+}
+
+/// Publishes `messages` at QoS 1 in order and counts PUBACKs until all came or the
+/// connection failed (then the publishes not yet queued are left out).
+async fn publish_qos1(addr: &str, client_id: &str, messages: &[(String, Vec<u8>)]) -> Published {
     let (host, port) = addr.split_once(':').unwrap();
     let mut opts = MqttOptions::new(client_id, host, port.parse().unwrap());
     opts.set_keep_alive(Duration::from_secs(10));
@@ -66,32 +56,40 @@ pub async fn publish_acked(addr: &str, client_id: &str, messages: &[(String, Vec
     let expected = messages.len();
     let acks = tokio::spawn(async move {
         let mut acked = 0;
+        let mut error = None;
         while acked < expected {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
                 Ok(_) => {}
-                Err(_) => break,
+                Err(e) => {
+                    error = Some(e.to_string());
+                    break;
+                }
             }
         }
-        acked
+        (acked, error, eventloop)
     });
-    for (topic, payload) in messages {
-        let queued = tokio::time::timeout(
-            Duration::from_secs(20),
-            client.publish(topic, QoS::AtLeastOnce, false, payload.clone()),
-        )
-        .await
-        .expect("publish queued within 20s");
-        if queued.is_err() {
-            break;
+    let publish = async {
+        for (topic, payload) in messages {
+            let queued = client.publish(topic, QoS::AtLeastOnce, false, payload.clone());
+            if queued.await.is_err() {
+                break;
+            }
         }
-    }
-    let acked = tokio::time::timeout(Duration::from_secs(20), acks)
+    };
+    tokio::time::timeout(Duration::from_secs(20), publish)
+        .await
+        .expect("publishes queued within 20s");
+    let (acked, error, eventloop) = tokio::time::timeout(Duration::from_secs(20), acks)
         .await
         .expect("PUBACKs or a closed connection within 20s")
         .unwrap();
-    client.disconnect().await.ok();
-    acked
+    Published {
+        acked,
+        error,
+        client,
+        eventloop,
+    }
 }
 
 /// Subscribes to `filter` on the gateway's embedded broker and waits for the SUBACK;
