@@ -230,6 +230,20 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
+/// The value of one sample (`name` or `name{labels}`) in a Prometheus scrape (`/metrics`).
+pub fn metric(scrape: &str, sample: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no sample {sample} in the scrape"))
+}
+
 /// The value of `key=N` in a summary log line.
 pub fn counter(summary: &str, key: &str) -> u64 {
     let needle = format!("{key}=");

@@ -38,7 +38,7 @@ pub mod wait;
 
 pub use client::{publish_acked, publish_all, subscribe};
 pub use collector::{check_delivery, check_delivery_with, Collector, Received};
-pub use gateway_process::{counter, workspace_bin, Gateway};
+pub use gateway_process::{counter, metric, workspace_bin, Gateway};
 pub use mosquitto::Mosquitto;
 pub use mqtt5::V5Client;
 pub use paho::{paho_available, run_paho};

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
-use test_support::{wait_until_async, Collector, Gateway, UpstreamBroker};
+use test_support::{metric, wait_until_async, Collector, Gateway, UpstreamBroker};
 use tokio_util::sync::CancellationToken;
 
 /// Gateway runs, each ended by `kill -9`.
@@ -191,14 +191,6 @@ async fn kill_9_loses_no_acknowledged_reading() {
     );
 }
 
-/// The value of an unlabelled sample in the Prometheus text.
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics")) as u64
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_outside_the_ingest_pattern_are_counted_logged_and_kept() {
     let gw = Gateway::start(&[]);
@@ -243,7 +235,7 @@ async fn publishes_outside_the_ingest_pattern_are_counted_logged_and_kept() {
     );
 
     let (_, metrics) = gw.http_get("/metrics");
-    assert_eq!(metric(&metrics, "gateway_unrouted_total"), 3);
+    assert_eq!(metric(&metrics, "gateway_unrouted_total"), 3.0);
     let (_, status) = gw.http_get("/api/status");
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["ingest"]["unrouted"], 3);
@@ -330,6 +322,6 @@ async fn a_list_of_ingest_patterns_decodes_both_topic_schemes() {
     ids.sort();
     assert_eq!(ids, vec!["a-1", "b-2"]);
     let (_, metrics) = gw.http_get("/metrics");
-    assert_eq!(metric(&metrics, "gateway_unrouted_total"), 1);
+    assert_eq!(metric(&metrics, "gateway_unrouted_total"), 1.0);
     gw.wait_log("devices/+/+, site/+", Duration::from_secs(1));
 }

@@ -151,9 +151,7 @@ impl Setup {
     fn metric(&self, name: &str) -> f64 {
         let (code, text) = self.gw.http_get("/metrics");
         assert_eq!(code, 200);
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        test_support::metric(&text, name)
     }
 }
 

@@ -16,7 +16,8 @@ use std::time::Duration;
 use gateway::store::{read_outbox_file, read_stats_file, Counter, Lane};
 use test_support::tmpfs::{fill, Tmpfs};
 use test_support::{
-    publish_acked, publish_all, subscribe, wait_until_async, Collector, Gateway, Proxy, Rumqttd,
+    metric, publish_acked, publish_all, subscribe, wait_until_async, Collector, Gateway, Proxy,
+    Rumqttd,
 };
 
 /// Readings `range` of device t-1, each about 1.5 KB, numbered by `n`.
@@ -231,12 +232,4 @@ async fn full_disk_keeps_the_gateway_running_and_loses_nothing_committed() {
     assert!(stats.get(Counter::DropRefusedReadings) >= 3);
     assert!(stats.get(Counter::DropRefusedEvents) >= 1);
     drop(gw);
-}
-
-/// The value of one sample line (`name{labels} value`) of a Prometheus scrape.
-fn metric(scrape: &str, sample: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {sample}"))
 }

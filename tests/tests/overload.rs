@@ -9,7 +9,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use test_support::{counter, workspace_bin, Gateway, UpstreamBroker};
+use test_support::{counter, metric, workspace_bin, Gateway, UpstreamBroker};
 
 const DEVICES: u32 = 100;
 const RULES: usize = 100;
@@ -24,14 +24,6 @@ fn rules() -> String {
             )
         })
         .collect()
-}
-
-/// The value of an unlabelled sample in the Prometheus text.
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics")) as u64
 }
 
 #[test]
@@ -89,18 +81,14 @@ fn overload_slows_devices_down_and_loses_or_skips_nothing() {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let (metrics, ingested, evaluations) = loop {
         let (_, metrics) = gw.http_get("/metrics");
-        let ingested = metric(&metrics, "gateway_messages_ingested_total");
-        let evaluations = metric(&metrics, "gateway_rule_evaluations_total");
+        let ingested = metric(&metrics, "gateway_messages_ingested_total") as u64;
+        let evaluations = metric(&metrics, "gateway_rule_evaluations_total") as u64;
         if evaluations >= RULES as u64 * ingested || std::time::Instant::now() > deadline {
             break (metrics, ingested, evaluations);
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    let blocked = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("gateway_backpressure_seconds_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap();
+    let blocked = metric(&metrics, "gateway_backpressure_seconds_total");
     eprintln!(
         "{DEVICES} devices for {load}, {RULES} rules: published {published}, acked {acked}, \
          ingested {ingested}, rule evaluations {evaluations}, delivered upstream {}, lost {}, \
