@@ -100,6 +100,21 @@ async fn publish(
     .map_err(|_| "no PUBACK within 5s".to_string())?
 }
 
+/// Polls until the SUBACK; `Err` when the connection fails first. Panics after 5 s.
+async fn suback(eventloop: &mut EventLoop) -> Result<(), String> {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .expect("SUBACK within 5s")
+}
+
 /// Polls until the connection fails; `true` when it did within 5 s.
 async fn closed_by_broker(eventloop: &mut EventLoop) -> bool {
     tokio::time::timeout(Duration::from_secs(5), async {
@@ -225,18 +240,7 @@ async fn a_device_may_publish_only_as_itself_and_subscribe_only_to_its_events() 
         .subscribe("events/+/t-1", QoS::AtMostOnce)
         .await
         .unwrap();
-    let suback = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => return Ok(()),
-                Ok(_) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    })
-    .await
-    .expect("SUBACK within 5s");
-    assert_eq!(suback, Ok(()));
+    assert_eq!(suback(&mut el).await, Ok(()));
     publish(&client, &mut el, "devices/t-1/telemetry", READING.to_vec())
         .await
         .unwrap();
@@ -272,18 +276,7 @@ async fn a_device_may_subscribe_to_its_own_commands_only() {
     for filter in ["devices/t-1/commands/+", "devices/t-1/commands/fan"] {
         let (client, mut el) = connect(&addr, "t-1", login).await.unwrap();
         client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-        let suback = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => return Ok(()),
-                    Ok(_) => {}
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-        })
-        .await
-        .expect("SUBACK within 5s");
-        assert_eq!(suback, Ok(()), "{filter}");
+        assert_eq!(suback(&mut el).await, Ok(()), "{filter}");
     }
 }
 
