@@ -8,7 +8,7 @@
 //! (`broker.max_inflight`) in CONNACK, disconnects a client that exceeds it (reason
 //! 0x93), and serves one that keeps within it.
 
-use rumqttc::v5::mqttbytes::v5::{Filter, RetainForwardRule};
+use rumqttc::v5::mqttbytes::v5::Filter;
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::Value;
 use test_support::mqtt5::payloads;
@@ -30,16 +30,6 @@ fn gateway_v5() -> (Gateway, u16) {
         ]),
         v5_port,
     )
-}
-
-fn qos1(path: &str) -> Filter {
-    Filter {
-        path: path.to_string(),
-        qos: QoS::AtLeastOnce,
-        nolocal: false,
-        preserve_retain: false,
-        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,7 +56,7 @@ async fn no_more_forwards_in_flight_than_the_clients_receive_maximum() {
         o.set_receive_maximum(Some(2));
     })
     .await;
-    sub.subscribe(qos1(topic)).await;
+    sub.subscribe(Filter::new(topic, QoS::AtLeastOnce)).await;
     let mut publisher = V5Client::connect(port, "rm-pub", |_| {}).await;
     for i in 0..10 {
         let payload = format!("m{i}");
@@ -80,8 +70,10 @@ async fn no_more_forwards_in_flight_than_the_clients_receive_maximum() {
     while received.len() < 10 {
         let window = vec![sub.next().await, sub.next().await];
         // Round trips through the broker: a third forward would have come meanwhile.
-        sub.subscribe(qos1("conf/rm/sync")).await;
-        sub.subscribe(qos1("conf/rm/sync")).await;
+        sub.subscribe(Filter::new("conf/rm/sync", QoS::AtLeastOnce))
+            .await;
+        sub.subscribe(Filter::new("conf/rm/sync", QoS::AtLeastOnce))
+            .await;
         windows.push(2 + sub.buffered());
         for p in &window {
             sub.client.ack(p).await.unwrap();

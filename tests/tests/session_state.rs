@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, LastWillProperties, RetainForwardRule};
+use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, LastWillProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::Value;
 use test_support::mqtt5::payloads;
@@ -34,16 +34,6 @@ fn paho(name: &str, port: u16, topic: &str) -> Option<Value> {
     }
     let line = run_paho("v5_conformance.py", &[name, &port.to_string(), topic]);
     Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{name}: {e}: {line}")))
-}
-
-fn qos1(path: &str) -> Filter {
-    Filter {
-        path: path.to_string(),
-        qos: QoS::AtLeastOnce,
-        nolocal: false,
-        preserve_retain: false,
-        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
-    }
 }
 
 /// Connects `id` with a will on `topic` (payload `id`) delayed by `delay` seconds, and a
@@ -76,7 +66,9 @@ async fn with_will(port: u16, id: &str, topic: &str, delay: u32, clean_start: bo
 async fn watcher(port: u16, topic: &str) -> (V5Client, V5Client) {
     let name = topic.replace('/', "-");
     let mut watcher = V5Client::connect(port, &format!("{name}-watcher"), |_| {}).await;
-    watcher.subscribe(qos1(topic)).await;
+    watcher
+        .subscribe(Filter::new(topic, QoS::AtLeastOnce))
+        .await;
     let marker = V5Client::connect(port, &format!("{name}-marker"), |_| {}).await;
     (watcher, marker)
 }
@@ -182,7 +174,7 @@ async fn messages_for_an_offline_session_are_delivered_when_it_resumes() {
     let (_gw, port) = gateway_v5();
     let topic = "conf/offline/v5";
     let mut sub = persistent(port, "offline-v5", true, Some(60)).await;
-    sub.subscribe(qos1(topic)).await;
+    sub.subscribe(Filter::new(topic, QoS::AtLeastOnce)).await;
     sub.drop_connection().await;
     let mut publisher = V5Client::connect(port, "offline-v5-pub", |_| {}).await;
     for i in 0..5 {
@@ -218,7 +210,7 @@ async fn a_session_is_dropped_when_its_expiry_interval_has_passed() {
     let (_gw, port) = gateway_v5();
     let topic = "conf/offline/expired";
     let mut sub = persistent(port, "expiring-v5", false, Some(1)).await;
-    sub.subscribe(qos1(topic)).await;
+    sub.subscribe(Filter::new(topic, QoS::AtLeastOnce)).await;
     let lost = Instant::now();
     sub.drop_connection().await;
     let mut publisher = V5Client::connect(port, "expiring-v5-pub", |_| {}).await;
@@ -229,7 +221,7 @@ async fn a_session_is_dropped_when_its_expiry_interval_has_passed() {
     tokio::time::sleep(Duration::from_millis(1500).saturating_sub(lost.elapsed())).await;
     let mut back = persistent(port, "expiring-v5", false, Some(1)).await;
     assert!(!back.connack.session_present, "the session expired");
-    back.subscribe(qos1(topic)).await;
+    back.subscribe(Filter::new(topic, QoS::AtLeastOnce)).await;
     publisher
         .publish(topic, false, b"marker", Default::default())
         .await;
@@ -242,7 +234,8 @@ async fn a_session_is_dropped_when_its_expiry_interval_has_passed() {
 async fn a_session_without_an_expiry_interval_ends_with_its_connection() {
     let (_gw, port) = gateway_v5();
     let mut sub = persistent(port, "no-expiry-v5", false, None).await;
-    sub.subscribe(qos1("conf/offline/none")).await;
+    sub.subscribe(Filter::new("conf/offline/none", QoS::AtLeastOnce))
+        .await;
     sub.drop_connection().await;
     let back = persistent(port, "no-expiry-v5", false, None).await;
     assert!(!back.connack.session_present);
@@ -343,7 +336,7 @@ async fn offline_messages_beyond_the_log_are_dropped_and_counted() {
     ]);
     let topic = "conf/offline/overrun";
     let mut sub = persistent(v5_port, "overrun-v5", true, Some(60)).await;
-    sub.subscribe(qos1(topic)).await;
+    sub.subscribe(Filter::new(topic, QoS::AtLeastOnce)).await;
     sub.drop_connection().await;
     assert_eq!(messages_lost(&gw), 0);
     let mut publisher = V5Client::connect(v5_port, "overrun-v5-pub", |_| {}).await;
