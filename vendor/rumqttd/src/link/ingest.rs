@@ -351,12 +351,4 @@ impl HeldAcks {
             .count();
         held + self.qos2.len()
     }
-
-    /// Whether an ack is ready to send without waiting for a release (a repeated QoS 2
-    /// publish or a PUBREL behind nothing held).
-    pub fn has_ready(&self) -> bool {
-        self.waiting
-            .front()
-            .is_some_and(|(seq, _)| *seq <= self.state.released.load(Ordering::Acquire))
-    }
 }

@@ -172,6 +172,19 @@ impl<P: Protocol> RemoteLink<P> {
         })
     }
 
+    /// PATCH(gateway): writes the held acks that may leave now; `NotStored` once the
+    /// application dropped one unreleased.
+    async fn write_released_acks(&mut self) -> Result<(), Error> {
+        let Some(held) = &mut self.held else {
+            return Ok(());
+        };
+        let acks = held.ready().map_err(|_| Error::NotStored)?;
+        if !acks.is_empty() {
+            self.network.writev(acks).await?;
+        }
+        Ok(())
+    }
+
     pub async fn start(&mut self) -> Result<(), Error> {
         self.network.set_keepalive(self.connect.keep_alive);
 
@@ -242,25 +255,16 @@ impl<P: Protocol> RemoteLink<P> {
                     }
                     // PATCH(gateway): waits while the application's queue is full, so
                     // this socket is not read meanwhile (backpressure).
-                    if let Some(held) = &mut self.held {
+                    if let Some(held) = &self.held {
                         if !held.hand_over(ingested).await {
                             return Err(Error::NotStored);
                         }
-                        if held.has_ready() {
-                            let acks = held.ready().map_err(|_| Error::NotStored)?;
-                            self.network.writev(acks).await?;
-                        }
+                        // A repeated QoS 2 publish or a PUBREL may be answerable at once.
+                        self.write_released_acks().await?;
                     }
                 }
                 // PATCH(gateway): acks released by the application.
-                () = held_changed(&self.held) => {
-                    if let Some(held) = &mut self.held {
-                        let acks = held.ready().map_err(|_| Error::NotStored)?;
-                        if !acks.is_empty() {
-                            self.network.writev(acks).await?;
-                        }
-                    }
-                }
+                () = held_changed(&self.held) => self.write_released_acks().await?,
                 // PATCH(gateway): a message of the application for this client.
                 message = downlink::next_message(&self.downlink) => {
                     if let Some(downlink) = &mut self.downlink {
