@@ -7,8 +7,7 @@
 use std::time::Duration;
 
 use rumqttd::{DisconnectReason, PresenceEvent, PresenceHook};
-use test_support::{Rumqttd, V5Client};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use test_support::{raw_connect, Rumqttd, V5Client};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -92,16 +91,7 @@ async fn a_socket_closed_without_disconnect_is_lost() {
 #[tokio::test]
 async fn a_silent_client_expires_its_keep_alive() {
     let (broker, _hook, rx) = broker(16);
-    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", broker.v311_port))
-        .await
-        .unwrap();
-    // MQTT 3.1.1 CONNECT, clean session, keep alive 1 s, client id "d-idle".
-    let mut connect = vec![0x10, 18, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 1, 0, 6];
-    connect.extend_from_slice(b"d-idle");
-    socket.write_all(&connect).await.unwrap();
-    let mut connack = [0u8; 4];
-    socket.read_exact(&mut connack).await.unwrap();
-    assert_eq!(connack, [0x20, 2, 0, 0]);
+    let _socket = raw_connect(broker.v311_port, "d-idle", 1).await;
     let generation = connected(next(&rx).await, "d-idle");
     // Nothing more is sent: the broker closes it after 1.5 x the keep alive.
     assert_eq!(

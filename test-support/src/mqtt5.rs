@@ -87,10 +87,15 @@ impl V5Client {
     /// Sends DISCONNECT and waits (up to 10 s) until the broker has closed the connection.
     pub async fn disconnect(self) {
         self.client.disconnect().await.unwrap();
+        self.wait_closed().await;
+    }
+
+    /// Waits (up to 10 s) until the broker has closed the connection (a takeover, say).
+    pub async fn wait_closed(self) {
         let id = self.id;
         tokio::time::timeout(WAIT, self.task)
             .await
-            .unwrap_or_else(|_| panic!("{id}: the broker kept the connection after DISCONNECT"))
+            .unwrap_or_else(|_| panic!("{id}: the broker kept the connection open"))
             .unwrap();
     }
 
