@@ -38,6 +38,7 @@ async fn setup() -> Option<Setup> {
         ("GATEWAY__UPSTREAM__BACKOFF_MIN", "50ms"),
         ("GATEWAY__UPSTREAM__BACKOFF_MAX", "200ms"),
         ("GATEWAY__BROKER__LISTEN_V5", v5.as_str()),
+        ("GATEWAY__RULES__DEVICE_EVENTS", "true"),
     ]);
     Some(Setup {
         _mosquitto: mosquitto,
@@ -246,8 +247,8 @@ async fn a_takeover_never_reports_the_live_connection_offline() {
 }
 
 #[tokio::test]
-async fn with_device_events_off_connections_are_not_announced() {
-    let gw = Gateway::start(&[("GATEWAY__RULES__DEVICE_EVENTS", "false")]);
+async fn by_default_connections_are_not_announced() {
+    let gw = Gateway::start(&[]);
     let reading = (
         "devices/dev-off/telemetry".to_string(),
         br#"{"t": 1}"#.to_vec(),
@@ -262,5 +263,5 @@ async fn with_device_events_off_connections_are_not_announced() {
     );
     assert!(logged(&gw, "dev-off").is_empty());
     let (_, scrape) = gw.http_get("/metrics");
-    assert!(!scrape.contains("gateway_device_connects_total"));
+    assert_eq!(metric(&scrape, "gateway_device_connects_total"), 0.0);
 }

@@ -92,7 +92,7 @@ pub struct RulesSection {
     /// Local topic of events; `{type}`, `{device}`, `{rule}` and `{state}` are filled in.
     pub event_topic: String,
     /// Devices' connects and disconnects as events (`DeviceConnected`,
-    /// `DeviceDisconnected`, see `device_events.rs`).
+    /// `DeviceDisconnected`, see `device_events/`).
     pub device_events: bool,
 }
 

@@ -205,9 +205,7 @@ pub fn render(s: &Sources) -> String {
     .value(rumqttd::forwards_lost() as f64);
     storage(&mut e, &store);
     commands(&mut e, s, &store);
-    if let Some(stats) = &s.device_events {
-        device_events(&mut e, stats);
-    }
+    device_events(&mut e, s.device_events.as_deref());
     if let Some(auth) = &s.auth {
         auth_families(&mut e, auth.stats());
     }
@@ -449,28 +447,28 @@ fn commands(e: &mut Encoder, s: &Sources, stats: &OutboxStats) {
     .value(s.downlink.as_ref().map_or(0.0, |d| get(&d.unroutable)));
 }
 
-/// Devices' connects and disconnects (`rules.device_events`).
-fn device_events(e: &mut Encoder, stats: &crate::device_events::DeviceEventStats) {
+/// Devices' connects and disconnects (`rules.device_events`; all 0 while it is off).
+fn device_events(e: &mut Encoder, stats: Option<&crate::device_events::DeviceEventStats>) {
     e.family(
         "gateway_device_connects_total",
         "DeviceConnected events: device connections the embedded broker accepted.",
         Kind::Counter,
     )
-    .value(stats.connects() as f64);
+    .value(stats.map_or(0, |s| s.connects()) as f64);
     let mut ends = e.family(
         "gateway_device_disconnects_total",
         "DeviceDisconnected events, by reason (clean, taken_over, lost, keep_alive_expired, not_authorized, protocol_error, error).",
         Kind::Counter,
     );
     for reason in rumqttd::DisconnectReason::ALL {
-        ends.sample(reason, stats.disconnects(reason) as f64);
+        ends.sample(reason, stats.map_or(0, |s| s.disconnects(reason)) as f64);
     }
     e.family(
         "gateway_device_reports_dropped_total",
         "Connects and disconnects the embedded broker could not report because the device-events queue was full (no event for them).",
         Kind::Counter,
     )
-    .value(stats.dropped() as f64);
+    .value(stats.map_or(0, |s| s.dropped()) as f64);
 }
 
 /// Device authentication; only when `auth.anonymous = false`.
