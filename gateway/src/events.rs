@@ -1,26 +1,35 @@
-//! Events: the CloudEvents 1.0 envelope for the facts the rule engine announces.
+//! Events: the CloudEvents 1.0 envelope for the facts the gateway announces.
 //!
-//! Owns the [`Event`] type and its wire form (CloudEvents 1.0, structured mode, JSON).
-//! Input: a state transition of one rule instance (built by `rules::Engine`).
+//! Owns the [`Event`] type and its wire form (CloudEvents 1.0, structured mode, JSON),
+//! and [`emit`], the one way an event leaves: the local broker, the event log and the
+//! outbox. The envelope is generic over its `data`: [`EventData`] for the transitions of
+//! rule instances (built by `rules::Engine`), `DeviceData` for devices' connects and
+//! disconnects (built by `device_events`).
 //! Output: bytes for the local broker, the event log and the outbox (`to_json`), and the
 //! local topic an event is published on (`local_topic`).
 //!
 //! Invariants:
-//! - `id` is derived from (gateway, rule, device, state, transition time) only, so the same
-//!   transition always carries the same id, and a re-emission after a crash or a replay from
-//!   the backlog can be dropped by an idempotent consumer.
-//! - `time` is the transition time, not the time the event was built or sent.
-//! - `replayed` (a CloudEvents extension attribute) is `false` when the engine emits an
-//!   event; only the forwarder sets it, when it sends an event from the backlog.
+//! - a rule event's `id` is derived from (gateway, rule, device, state, transition time)
+//!   only, so the same transition always carries the same id, and a re-emission after a
+//!   crash or a replay from the backlog can be dropped by an idempotent consumer (device
+//!   events have ids of the same kind, see `device_events`);
+//! - `time` is the transition time, not the time the event was built or sent;
+//! - `replayed` (a CloudEvents extension attribute) is `false` when an event is emitted;
+//!   only the forwarder sets it, when it sends an event from the backlog;
+//! - the wire form of rule events does not depend on the other kinds: `data` is the
+//!   kind's own struct, with no tag.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, UNIX_EPOCH};
 
+use rumqttd::local::LinkTx;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::reading::{Millis, Value};
+use crate::reading::{now_millis, Millis, Value};
+use crate::store::{OutboxEntry, StoreHandle};
 
 /// The CloudEvents version this module speaks.
 pub const SPEC_VERSION: &str = "1.0";
@@ -63,7 +72,7 @@ impl fmt::Display for EventState {
     }
 }
 
-/// The `data` of an event: what happened, to whom, and the values that made it happen.
+/// The `data` of a rule event: what happened, to whom, and the values that made it happen.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventData {
     /// `firing` or `resolved`.
@@ -87,14 +96,32 @@ pub struct EventData {
     pub reason: Option<String>,
 }
 
-/// One CloudEvents 1.0 event, in structured JSON form.
+/// What the `data` of an event kind fills into the local topic pattern.
+pub trait TopicFields {
+    /// `{rule}`: the rule's name.
+    fn rule(&self) -> &str;
+    /// `{state}`: which transition (`firing`, `resolved`, ..).
+    fn state(&self) -> &str;
+}
+
+impl TopicFields for EventData {
+    fn rule(&self) -> &str {
+        &self.rule
+    }
+    fn state(&self) -> &str {
+        self.state.as_str()
+    }
+}
+
+/// One CloudEvents 1.0 event, in structured JSON form; `D` is its kind's `data`
+/// (a rule event's unless said otherwise).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
+pub struct Event<D = EventData> {
     pub specversion: String,
     pub id: String,
-    /// `gateway/{gateway_id}/rules/{rule}`.
+    /// `gateway/{gateway_id}/rules/{rule}` for rule events.
     pub source: String,
-    /// The rule's event type, e.g. `SensorTemperatureExceeded`.
+    /// The event type, e.g. `SensorTemperatureExceeded` (the rule's).
     #[serde(rename = "type")]
     pub event_type: String,
     /// The device id.
@@ -105,7 +132,7 @@ pub struct Event {
     /// Extension attribute: true when sent again from the backlog rather than live.
     #[serde(default)]
     pub replayed: bool,
-    pub data: EventData,
+    pub data: D,
 }
 
 /// What the engine knows about one transition; turned into an [`Event`] by [`Event::new`].
@@ -123,6 +150,43 @@ pub struct Transition<'a> {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub reason: Option<String>,
+}
+
+impl<D: Serialize + DeserializeOwned> Event<D> {
+    /// The structured-mode JSON bytes (content type `application/cloudevents+json`).
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing plain strings, maps and numbers cannot fail.
+        serde_json::to_vec(self).expect("event serializes to JSON")
+    }
+
+    /// Parses structured-mode JSON; rejects a `specversion` other than 1.0.
+    pub fn from_json(bytes: &[u8]) -> Result<Event<D>, EventError> {
+        let event: Event<D> = serde_json::from_slice(bytes)?;
+        if event.specversion != SPEC_VERSION {
+            return Err(EventError::SpecVersion(event.specversion));
+        }
+        Ok(event)
+    }
+
+    /// The transition time in Unix milliseconds, parsed back from `time`.
+    pub fn time_millis(&self) -> Option<Millis> {
+        let t = humantime::parse_rfc3339(&self.time).ok()?;
+        t.duration_since(UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_millis() as Millis)
+    }
+}
+
+impl<D: TopicFields> Event<D> {
+    /// The topic for the local broker: `{type}`, `{device}`, `{rule}` and `{state}` in
+    /// `pattern` are replaced (see [`DEFAULT_LOCAL_TOPIC`]).
+    pub fn local_topic(&self, pattern: &str) -> String {
+        pattern
+            .replace("{type}", &self.event_type)
+            .replace("{device}", &self.subject)
+            .replace("{rule}", self.data.rule())
+            .replace("{state}", self.data.state())
+    }
 }
 
 impl Event {
@@ -150,42 +214,36 @@ impl Event {
         }
     }
 
-    /// The structured-mode JSON bytes (content type `application/cloudevents+json`).
-    pub fn to_json(&self) -> Vec<u8> {
-        // Serializing plain strings, maps and numbers cannot fail.
-        serde_json::to_vec(self).expect("event serializes to JSON")
-    }
-
-    /// Parses structured-mode JSON; rejects a `specversion` other than 1.0.
-    pub fn from_json(bytes: &[u8]) -> Result<Event, EventError> {
-        let event: Event = serde_json::from_slice(bytes)?;
-        if event.specversion != SPEC_VERSION {
-            return Err(EventError::SpecVersion(event.specversion));
-        }
-        Ok(event)
-    }
-
-    /// The topic for the local broker: `{type}`, `{device}`, `{rule}` and `{state}` in
-    /// `pattern` are replaced (see [`DEFAULT_LOCAL_TOPIC`]).
-    pub fn local_topic(&self, pattern: &str) -> String {
-        pattern
-            .replace("{type}", &self.event_type)
-            .replace("{device}", &self.subject)
-            .replace("{rule}", &self.data.rule)
-            .replace("{state}", self.data.state.as_str())
-    }
-
-    /// The transition time in Unix milliseconds, parsed back from `time`.
-    pub fn time_millis(&self) -> Option<Millis> {
-        let t = humantime::parse_rfc3339(&self.time).ok()?;
-        t.duration_since(UNIX_EPOCH)
-            .ok()
-            .map(|d| d.as_millis() as Millis)
-    }
-
     /// The rule's event state (`firing` / `resolved`).
     pub fn state(&self) -> EventState {
         self.data.state
+    }
+}
+
+/// Publishes `event` on the local broker at `topic_pattern` (QoS 1, so a subscriber gets
+/// it at the QoS it subscribed with), appends it to the event log and, with `forward`,
+/// to the outbox's event lane.
+pub fn emit<D: Serialize + DeserializeOwned + TopicFields>(
+    event: &Event<D>,
+    publish: &mut LinkTx,
+    store: &StoreHandle,
+    topic_pattern: &str,
+    forward: bool,
+) {
+    let json = event.to_json();
+    let time = event.time_millis().unwrap_or_else(now_millis);
+    let topic = event.local_topic(topic_pattern);
+    if let Err(e) = publish.publish_at_least_once(topic, json.clone()) {
+        tracing::error!(error = %e, "Cannot publish an event on the local broker.");
+    }
+    store.log_event(time, &event.event_type, &event.subject, json.clone());
+    if forward {
+        store.append(OutboxEntry::event(
+            &event.event_type,
+            &event.subject,
+            json,
+            time,
+        ));
     }
 }
 
@@ -198,8 +256,13 @@ pub fn event_id(
     state: EventState,
     at: Millis,
 ) -> String {
+    hashed_id(&[gateway_id, rule, device, state.as_str()], at)
+}
+
+/// Hex of the first 16 bytes of SHA-256 of `parts` (each followed by a 0 byte) and `at`.
+pub fn hashed_id(parts: &[&str], at: Millis) -> String {
     let mut hasher = Sha256::new();
-    for part in [gateway_id, rule, device, state.as_str()] {
+    for part in parts {
         hasher.update(part.as_bytes());
         hasher.update([0u8]);
     }
@@ -277,7 +340,7 @@ mod tests {
         let mut event = Event::new(transition(EventState::Firing, 0));
         event.specversion = "0.3".into();
         assert!(matches!(
-            Event::from_json(&event.to_json()),
+            Event::<EventData>::from_json(&event.to_json()),
             Err(EventError::SpecVersion(v)) if v == "0.3"
         ));
     }

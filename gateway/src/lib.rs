@@ -6,6 +6,7 @@ pub mod broker;
 pub mod config;
 pub mod counters;
 pub mod decode;
+pub mod device_events;
 pub mod devices;
 pub mod downlink;
 pub mod events;

@@ -13,19 +13,22 @@
 //!                                                             v
 //! devices <--own connection-- downlink --> command queue (store) + status events (outbox)
 //!
+//! broker connections --reports--> device events --Event--> local broker, event log, outbox
+//!
 //! decode --> device read model --\
 //! rules  --> rules snapshot ------+--> http (metrics, API, status page; read-only)
 //! counters, store stats, forwarder stats --/
 //! ```
 //!
 //! Start: the HTTP port is bound and the store opens, then the broker with its local
-//! links; then the forwarder task, the rules, decode and ingest threads (in that order);
-//! then the status logger and the HTTP server.
+//! links; then the forwarder task, the device-events, rules, decode and ingest threads (in
+//! that order); then the status logger and the HTTP server.
 //!
 //! Stop: one [`CancellationToken`] tree, owned by [`run`]. Its child `front` is cancelled
 //! when the `shutdown` future completes; the root once the front has drained:
 //! 1. `front`: ingest (a thread; it checks `is_cancelled`) reads what the broker still
-//!    holds, then drops the decode queue; the status logger stops; `/readyz` turns 503.
+//!    holds, then drops the decode queue; the device-events thread and the status logger
+//!    stop; `/readyz` turns 503.
 //! 2. Decode ends when its queue is closed and empty, and drops the rules queue; rules end
 //!    the same way after saving their state. That is the drain: no stage is told to stop
 //!    while data is still queued in front of it.
@@ -62,6 +65,7 @@ use crate::broker::{self, BrokerError};
 use crate::config::{Config, ConfigErrors};
 use crate::counters::Counters;
 use crate::decode::DecodeStage;
+use crate::device_events::{DeviceEventStats, DeviceEvents};
 use crate::devices::Devices;
 use crate::downlink::{ActionQueue, Downlink, DownlinkConfig, DownlinkStats};
 use crate::forwarder::{Forwarder, ForwarderConfig, ForwarderError, ForwarderStats};
@@ -188,6 +192,7 @@ pub async fn run_with_fault(
             store: store.clone(),
             forwarder: running.forwarder_stats.clone(),
             downlink: running.downlink_stats.clone(),
+            device_events: running.device_events.clone(),
             devices: views.devices.clone(),
             rules: views.rules.clone(),
             broker_listeners: broker_listeners(&config),
@@ -252,6 +257,8 @@ struct Running {
     forwarder_stats: Option<Arc<ForwarderStats>>,
     downlink: Option<tokio::task::JoinHandle<()>>,
     downlink_stats: Option<Arc<DownlinkStats>>,
+    /// `None` with `rules.device_events = false`.
+    device_events: Option<Arc<DeviceEventStats>>,
     /// Device authentication; `None` with anonymous access.
     auth: Option<Authenticator>,
     store: StoreHandle,
@@ -346,6 +353,26 @@ fn start(
     let forwarder_stats = forwarder.as_ref().map(Forwarder::stats);
     let forwarder = forwarder.map(|f| tokio::spawn(f.run(stop.child_token())));
 
+    // Devices' connects and disconnects, announced as events.
+    let device_events = match links.presence {
+        Some(presence) => {
+            let stats = Arc::new(DeviceEventStats::new(presence.hook));
+            let stage = DeviceEvents {
+                gateway_id: config.gateway.id.clone(),
+                reports: presence.reports,
+                publish: presence.publish,
+                store: store.clone(),
+                event_topic: config.rules.event_topic.clone(),
+                forward: forwarding,
+                stats: stats.clone(),
+                stop: front.child_token(),
+            };
+            threads.spawn("device-events", move || stage.run())?;
+            Some(stats)
+        }
+        None => None,
+    };
+
     let (readings_tx, readings_rx) = flume::bounded::<Vec<Reading>>(RULES_QUEUE);
     let rules = RulesStage {
         gateway_id: config.gateway.id.clone(),
@@ -389,6 +416,7 @@ fn start(
         forwarder_stats,
         downlink,
         downlink_stats,
+        device_events,
         auth,
         store,
     })

@@ -1,5 +1,6 @@
 //! A device-like MQTT 3.1.1 client for a broker under test (the gateway's embedded
-//! broker): publish a batch and wait for every PUBACK, or subscribe and receive.
+//! broker): publish a batch and wait for every PUBACK, or subscribe and receive; and a
+//! bare connection that only says CONNECT ([`raw_connect`]).
 //!
 //! Invariants: every wait has a timeout; a client is disconnected (and the broker has
 //! closed its connection) before [`publish_all`] returns.
@@ -126,4 +127,30 @@ pub async fn subscribe(
         .await
         .expect("SUBACK");
     rx
+}
+
+/// Opens a bare TCP connection to 127.0.0.1:`port`, sends an MQTT 3.1.1 CONNECT (clean
+/// session, `keep_alive` seconds, `client_id`) written by hand and waits for a successful
+/// CONNACK. The socket then does whatever the test does with it: stay silent (the
+/// broker's keep alive expires) or be dropped without a DISCONNECT.
+pub async fn raw_connect(port: u16, client_id: &str, keep_alive: u16) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let id = client_id.as_bytes();
+    let mut connect = vec![0x10, (12 + id.len()) as u8, 0, 4];
+    connect.extend_from_slice(b"MQTT");
+    connect.extend_from_slice(&[4, 0x02]);
+    connect.extend_from_slice(&keep_alive.to_be_bytes());
+    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    connect.extend_from_slice(id);
+    socket.write_all(&connect).await.unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), socket.read_exact(&mut connack))
+        .await
+        .expect("CONNACK within 10 s")
+        .unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepting {client_id}");
+    socket
 }

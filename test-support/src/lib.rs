@@ -36,7 +36,7 @@ pub mod tmpfs;
 pub mod upstream;
 pub mod wait;
 
-pub use client::{publish_acked, publish_all, subscribe};
+pub use client::{publish_acked, publish_all, raw_connect, subscribe};
 pub use collector::{check_delivery, check_delivery_with, Collector, Received};
 pub use gateway_process::{counter, metric, workspace_bin, Gateway};
 pub use mosquitto::Mosquitto;

@@ -1,7 +1,8 @@
 //! An MQTT 5 client (rumqttc's `v5`) for conformance tests of a broker under test: it
 //! subscribes with explicit subscription options, publishes with properties, hands over
 //! the PUBLISH packets it received, in order, with their properties and flags, keeps
-//! the broker's CONNACK, and can lose its connection without a DISCONNECT.
+//! the broker's CONNACK, and can disconnect cleanly or lose its connection without a
+//! DISCONNECT.
 //!
 //! Invariants:
 //! - Every wait has a timeout and panics with what it waited for.
@@ -81,6 +82,21 @@ impl V5Client {
     pub async fn drop_connection(self) {
         self.task.abort();
         let _ = self.task.await;
+    }
+
+    /// Sends DISCONNECT and waits (up to 10 s) until the broker has closed the connection.
+    pub async fn disconnect(self) {
+        self.client.disconnect().await.unwrap();
+        self.wait_closed().await;
+    }
+
+    /// Waits (up to 10 s) until the broker has closed the connection (a takeover, say).
+    pub async fn wait_closed(self) {
+        let id = self.id;
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .unwrap_or_else(|_| panic!("{id}: the broker kept the connection open"))
+            .unwrap();
     }
 
     /// PUBLISH packets received and not yet taken with [`V5Client::next`].

@@ -27,6 +27,11 @@ pub struct Rumqttd {
 impl Rumqttd {
     /// Starts a broker on two free ports and waits until both listen.
     pub fn start() -> Rumqttd {
+        Rumqttd::start_with(|_| {})
+    }
+
+    /// [`Rumqttd::start`], with `configure` setting the broker's hooks before it starts.
+    pub fn start_with(configure: impl FnOnce(&mut Broker)) -> Rumqttd {
         let (port, v311_port) = (free_port(), free_port());
         let config = Config {
             id: 0,
@@ -42,6 +47,7 @@ impl Rumqttd {
             ..Config::default()
         };
         let mut broker = Broker::new(config);
+        configure(&mut broker);
         std::thread::spawn(move || {
             let _ = broker.start();
         });

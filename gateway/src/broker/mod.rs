@@ -24,6 +24,9 @@
 //! - keep alive 0 is accepted on both listeners and never timed out; every accepted
 //!   device socket has TCP keepalive on (`rumqttd::enable_tcp_keepalive`), so a device
 //!   that vanished is still disconnected;
+//! - with `rules.device_events`, every device connection reports its start and end
+//!   (`rumqttd::PresenceHook`) over a bounded channel that never holds it up (a full
+//!   channel drops the report and counts it); `crate::device_events` turns them into events;
 //! - downlink commands are written by a device's own connection (the downlink hook), not
 //!   through the router: no other client sees them, and the connection reports the
 //!   device's subscriptions and PUBACKs (`crate::downlink`);
@@ -51,8 +54,9 @@ use tls_listener::TlsListener;
 
 /// Messages the router hands a link per scheduling round.
 const MAX_OUTGOING_PACKET_COUNT: u64 = 500;
-/// Router connections the gateway itself holds (the publish link).
-const GATEWAY_LINKS: usize = 1;
+/// Reports of device connections waiting for the device-events stage; beyond it they
+/// are dropped and counted (`rumqttd::PresenceHook::dropped`).
+pub const PRESENCE_QUEUE: usize = 4096;
 /// Delay between accepting two connections on one listener (a crude flood limit).
 const NEXT_CONNECTION_DELAY_MS: u64 = 1;
 
@@ -86,6 +90,17 @@ pub struct Links {
     /// Device subscriptions and PUBACKs of downlink commands, as the connections report
     /// them (`vendor/rumqttd/src/link/downlink.rs`).
     pub downlink: flume::Receiver<rumqttd::DownlinkEvent>,
+    /// With `rules.device_events`: device connections' starts and ends
+    /// (`vendor/rumqttd/src/link/presence.rs`) and the link their events are published on.
+    pub presence: Option<PresenceLinks>,
+}
+
+/// What the device-events stage takes from the broker.
+pub struct PresenceLinks {
+    pub reports: flume::Receiver<rumqttd::PresenceEvent>,
+    /// Counts the reports dropped because `reports` was full.
+    pub hook: rumqttd::PresenceHook,
+    pub publish: LinkTx,
 }
 
 /// The rumqttd configuration for the gateway's broker section.
@@ -94,10 +109,13 @@ pub struct Links {
 /// filter matches is dropped. `dynamic_filters` stays off so that no rumqttd version can
 /// turn such publishes into a new log of up to `segment_bytes x (segment_count + 1)`
 /// per topic (a memory exhaustion vector).
+/// `gateway_links` is the number of local links the gateway itself holds: they count as
+/// connections too, so devices get exactly `broker.max_connections`.
 pub fn rumqttd_config(
     section: &BrokerSection,
     initialized_filters: Vec<String>,
     auth: Option<&Authenticator>,
+    gateway_links: usize,
 ) -> rumqttd::Config {
     let connections = ConnectionSettings {
         connection_timeout_ms: section.connection_timeout.as_millis().min(u16::MAX as u128) as u16,
@@ -121,9 +139,7 @@ pub fn rumqttd_config(
     rumqttd::Config {
         id: 0,
         router: RouterConfig {
-            // The gateway's own links count as connections too; devices get exactly
-            // broker.max_connections.
-            max_connections: section.max_connections + GATEWAY_LINKS,
+            max_connections: section.max_connections + gateway_links,
             max_outgoing_packet_count: MAX_OUTGOING_PACKET_COUNT,
             max_segment_size: section.segment_bytes,
             max_segment_count: section.segment_count,
@@ -156,10 +172,13 @@ pub fn start(
     } else {
         Some(Authenticator::start(&auth.credentials_file)?)
     };
+    // The publish link, and the device-events link when those are on.
+    let gateway_links = 1 + usize::from(rules.device_events);
     let mut config = rumqttd_config(
         section,
         vec![events_filter.to_string()],
         authenticator.as_ref(),
+        gateway_links,
     );
     let tls = tls_relay(section, &mut config)?;
     let mut broker = rumqttd::Broker::new(config);
@@ -174,6 +193,18 @@ pub fn start(
     broker.set_ingest(hook);
     let (downlink_hook, downlink) = rumqttd::DownlinkHook::new();
     broker.set_downlink(downlink_hook);
+    let presence = if rules.device_events {
+        let (hook, reports) = rumqttd::PresenceHook::bounded(PRESENCE_QUEUE);
+        broker.set_presence(hook.clone());
+        let (publish, _) = broker.link("gateway-device-events")?;
+        Some(PresenceLinks {
+            reports,
+            hook,
+            publish,
+        })
+    } else {
+        None
+    };
     let publish = broker.link("gateway-publish")?;
     std::thread::Builder::new()
         .name("broker".into())
@@ -196,6 +227,7 @@ pub fn start(
         publish,
         auth: authenticator,
         downlink,
+        presence,
     })
 }
 

@@ -46,6 +46,7 @@ pub const KEYS: &[(&str, DefaultValue)] = &[
         "rules.event_topic",
         DefaultValue::Str("events/{type}/{device}"),
     ),
+    ("rules.device_events", DefaultValue::Bool(false)),
     ("upstream.url", DefaultValue::Str("")),
     ("upstream.protocol", DefaultValue::Str("5")),
     ("upstream.client_id", DefaultValue::Str("")),

@@ -91,6 +91,9 @@ pub struct RulesSection {
     pub dir: PathBuf,
     /// Local topic of events; `{type}`, `{device}`, `{rule}` and `{state}` are filled in.
     pub event_topic: String,
+    /// Devices' connects and disconnects as events (`DeviceConnected`,
+    /// `DeviceDisconnected`, see `device_events/`).
+    pub device_events: bool,
 }
 
 impl RulesSection {

@@ -99,6 +99,11 @@ async fn devices(State(s): State<Sources>) -> Json<JsonValue> {
             let mut v = serde_json::to_value(&d).unwrap_or_default();
             v["firing"] = JsonValue::Array(firing);
             v["pending_commands"] = json!(pending.get(&d.device).copied().unwrap_or(0));
+            if let Some(presence) = &s.device_events {
+                let since = presence.connected_since(&d.device);
+                v["connected"] = json!(since.is_some());
+                v["connected_since"] = json!(since);
+            }
             v
         })
         .collect();

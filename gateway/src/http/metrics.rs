@@ -9,7 +9,8 @@
 //! - each family is declared once, here, with its label type: [`Lane`] (`lane`),
 //!   [`Format`] and `Option<Format>` (`format`, `unknown` for none), [`DropReason`],
 //!   [`AuthRefusal`] (`reason`), [`EventType`] and [`EventState`], [`RuleName`] and
-//!   [`ActionOn`], [`Version`], `Url`, [`CommandState`] (`state`);
+//!   [`ActionOn`], [`Version`], `Url`, [`CommandState`] (`state`), `DisconnectReason`
+//!   (`reason`);
 //! - per-lane and per-format figures are read through their [`Lane`] or [`Format`], never
 //!   by position;
 //! - one snapshot of the store's counters serves the outbox and storage families, so a
@@ -27,6 +28,14 @@ use crate::store::{CommandState, Counter, Lane, OutboxStats};
 
 impl Label for Lane {
     const NAME: &'static str = "lane";
+    fn value(&self) -> Cow<'_, str> {
+        self.as_str().into()
+    }
+}
+
+/// Why a device's connection ended.
+impl Label for rumqttd::DisconnectReason {
+    const NAME: &'static str = "reason";
     fn value(&self) -> Cow<'_, str> {
         self.as_str().into()
     }
@@ -196,6 +205,7 @@ pub fn render(s: &Sources) -> String {
     .value(rumqttd::forwards_lost() as f64);
     storage(&mut e, &store);
     commands(&mut e, s, &store);
+    device_events(&mut e, s.device_events.as_deref());
     if let Some(auth) = &s.auth {
         auth_families(&mut e, auth.stats());
     }
@@ -435,6 +445,30 @@ fn commands(e: &mut Encoder, s: &Sources, stats: &OutboxStats) {
         Kind::Counter,
     )
     .value(s.downlink.as_ref().map_or(0.0, |d| get(&d.unroutable)));
+}
+
+/// Devices' connects and disconnects (`rules.device_events`; all 0 while it is off).
+fn device_events(e: &mut Encoder, stats: Option<&crate::device_events::DeviceEventStats>) {
+    e.family(
+        "gateway_device_connects_total",
+        "DeviceConnected events: device connections the embedded broker accepted.",
+        Kind::Counter,
+    )
+    .value(stats.map_or(0, |s| s.connects()) as f64);
+    let mut ends = e.family(
+        "gateway_device_disconnects_total",
+        "DeviceDisconnected events, by reason (clean, taken_over, lost, keep_alive_expired, not_authorized, protocol_error, error).",
+        Kind::Counter,
+    );
+    for reason in rumqttd::DisconnectReason::ALL {
+        ends.sample(reason, stats.map_or(0, |s| s.disconnects(reason)) as f64);
+    }
+    e.family(
+        "gateway_device_reports_dropped_total",
+        "Connects and disconnects the embedded broker could not report because the device-events queue was full (no event for them).",
+        Kind::Counter,
+    )
+    .value(stats.map_or(0, |s| s.dropped()) as f64);
 }
 
 /// Device authentication; only when `auth.anonymous = false`.

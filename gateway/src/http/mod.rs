@@ -79,6 +79,8 @@ pub struct Sources {
     pub forwarder: Option<Arc<ForwarderStats>>,
     /// `None` when forwarding is off (commands come from upstream).
     pub downlink: Option<Arc<crate::downlink::DownlinkStats>>,
+    /// `None` with `rules.device_events = false`.
+    pub device_events: Option<Arc<crate::device_events::DeviceEventStats>>,
     pub devices: Arc<Devices>,
     pub rules: SharedRules,
     /// The broker's MQTT listeners (to count connected devices).

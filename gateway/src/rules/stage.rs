@@ -41,7 +41,7 @@ use crate::downlink::ActionQueue;
 use crate::events::Event;
 use crate::memory::Trim;
 use crate::reading::{now_millis, Reading};
-use crate::store::{OutboxEntry, StoreHandle};
+use crate::store::StoreHandle;
 
 /// How often timers (`for`, `keep_firing_for`, absence) are evaluated and the rules
 /// directory is checked for edits.
@@ -309,23 +309,13 @@ impl RulesStage {
         self.snapshot
             .update(|s| s.count_events(events.iter().map(|(e, _)| e)));
         for (event, actions) in events {
-            let json = event.to_json();
-            let time = event.time_millis().unwrap_or_else(now_millis);
-            let topic = event.local_topic(&self.event_topic);
-            // At QoS 1, so a subscriber gets events at the QoS it subscribed with.
-            if let Err(e) = self.publish.publish_at_least_once(topic, json.clone()) {
-                tracing::error!(error = %e, "Cannot publish an event on the local broker.");
-            }
-            self.store
-                .log_event(time, &event.event_type, &event.subject, json.clone());
-            if self.forward {
-                self.store.append(OutboxEntry::event(
-                    &event.event_type,
-                    &event.subject,
-                    json,
-                    time,
-                ));
-            }
+            crate::events::emit(
+                event,
+                &mut self.publish,
+                &self.store,
+                &self.event_topic,
+                self.forward,
+            );
             tracing::info!(event = %event.event_type, device = %event.subject, rule = %event.data.rule, state = %event.data.state, "Event.");
             for action in actions {
                 self.act(event, action);

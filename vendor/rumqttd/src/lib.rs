@@ -24,6 +24,8 @@ pub use link::ingest;
 // PATCH(gateway)
 pub use link::downlink::{DownlinkEvent, DownlinkHook, DownlinkMessage, DownlinkSender};
 pub use link::ingest::{IngestHook, Ingested, PendingAck};
+// PATCH(gateway)
+pub use link::presence::{DisconnectReason, PresenceEvent, PresenceHook};
 pub use link::local;
 pub use link::meters;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
@@ -82,6 +84,8 @@ pub struct Hooks {
     pub ingest: Option<IngestHook>,
     /// Messages the application writes on a client's own connection (`link/downlink.rs`).
     pub downlink: Option<link::downlink::DownlinkHook>,
+    /// Connections' starts and ends (`link/presence.rs`).
+    pub presence: Option<link::presence::PresenceHook>,
     /// Set by the broker: the router's filters, for the ingest hand-off.
     pub(crate) subscribed: Option<link::ingest::Subscribed>,
 }

@@ -82,6 +82,10 @@ pub struct RemoteLink<P> {
     held: Option<HeldAcks>,
     /// PATCH(gateway): the application's messages for this client (`link/downlink.rs`).
     downlink: Option<Downlink>,
+    /// PATCH(gateway): whether reads are watched for a DISCONNECT (`link/presence.rs`).
+    watch_disconnect: bool,
+    /// PATCH(gateway): the client sent DISCONNECT (seen when `watch_disconnect`).
+    pub(crate) clean_disconnect: bool,
 }
 
 impl<P: Protocol> RemoteLink<P> {
@@ -169,6 +173,8 @@ impl<P: Protocol> RemoteLink<P> {
             authorizer: hooks.authorizer,
             held,
             downlink,
+            watch_disconnect: hooks.presence.is_some(),
+            clean_disconnect: false,
         })
     }
 
@@ -234,6 +240,14 @@ impl<P: Protocol> RemoteLink<P> {
                         } else {
                             Vec::new()
                         };
+                        // PATCH(gateway): a client sends nothing after its DISCONNECT, so
+                        // one ends the read; only the last packet is looked at.
+                        if self.watch_disconnect
+                            && buffer.len() > start
+                            && matches!(buffer.back(), Some(Packet::Disconnect(..)))
+                        {
+                            self.clean_disconnect = true;
+                        }
                         (start, buffer.len(), ingested)
                     };
 

@@ -9,7 +9,7 @@ use crate::protocol::v5::V5;
 use crate::protocol::{Packet, Protocol};
 #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
 use crate::server::tls::{self, TLSAcceptor};
-use crate::{meters, ConnectionSettings, Meter};
+use crate::{meters, ConnectionSettings, DisconnectReason, Meter, PresenceEvent};
 use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -188,6 +188,12 @@ impl Broker {
     /// (`link/downlink.rs`); call before [`Broker::start`].
     pub fn set_downlink(&mut self, hook: crate::DownlinkHook) {
         self.hooks.downlink = Some(hook);
+    }
+
+    /// PATCH(gateway): connections report their start (after the CONNACK) and end, with
+    /// the reason, to `hook` (`link/presence.rs`); call before [`Broker::start`].
+    pub fn set_presence(&mut self, hook: crate::PresenceHook) {
+        self.hooks.presence = Some(hook);
     }
 
     #[tracing::instrument(skip(self))]
@@ -564,12 +570,16 @@ async fn remote<P: Protocol>(
         }
     };
 
-    let (mut client_id, clean_session) = match &connect_packet {
-        Packet::Connect(ref connect, _, _, _, _) => {
-            (connect.client_id.clone(), connect.clean_session)
-        }
+    let (mut client_id, clean_session, keep_alive) = match &connect_packet {
+        Packet::Connect(ref connect, _, _, _, _) => (
+            connect.client_id.clone(),
+            connect.clean_session,
+            connect.keep_alive,
+        ),
         _ => unreachable!(),
     };
+    // PATCH(gateway)
+    let presence = hooks.presence.clone();
 
     let mut assigned_client_id = None;
     if client_id.is_empty() {
@@ -638,7 +648,35 @@ async fn remote<P: Protocol>(
     let session_expiry = link.session_expiry;
     let mut send_disconnect = true;
 
-    match link.start().await {
+    // PATCH(gateway): the connection is up (its CONNACK is written).
+    let reported_id: Arc<str> = client_id.as_str().into();
+    if let Some(presence) = &presence {
+        presence.report(PresenceEvent::Connected {
+            client_id: reported_id.clone(),
+            generation,
+            mqtt5: P::MQTT_5,
+            keep_alive,
+            clean_session,
+        });
+    }
+
+    let ended = link.start().await;
+    // PATCH(gateway): and down, with why. A newer connection with this client id has put
+    // its own will handler in place of ours before the router replaced this one.
+    if let (Some(presence), Err(error)) = (&presence, &ended) {
+        let taken_over = will_handlers
+            .lock()
+            .unwrap()
+            .get(&client_id)
+            .is_some_and(|tx| !tx.same_channel(&will_tx));
+        presence.report(PresenceEvent::Disconnected {
+            client_id: reported_id,
+            generation,
+            reason: DisconnectReason::of(error, link.clean_disconnect, taken_over),
+        });
+    }
+
+    match ended {
         // Connection got closed. This shouldn't usually happen.
         Ok(_) => error!("connection-stop"),
         // No need to send a disconnect message when disconnection
