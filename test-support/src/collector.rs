@@ -11,6 +11,10 @@
 //! - The gateway's presence status (a message on a topic whose last level is `status`,
 //!   without an `id`: not an outbox row) is kept apart, in [`Collector::status`], so the
 //!   counts and the delivery checks see only forwarded rows and device messages.
+//! - Likewise the devices' connects and disconnects (`{prefix}/events/DeviceConnected/..`
+//!   and `DeviceDisconnected`, on by default with `rules.device_events`) are kept apart,
+//!   in [`Collector::device_events`]: every test client's connection makes them, so counts
+//!   of readings and rule events would otherwise depend on how the test connects.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -43,6 +47,16 @@ impl Received {
         self.id.is_none() && self.topic.rsplit('/').next() == Some("status")
     }
 
+    /// True for a device event: `.../events/DeviceConnected/{device}` or
+    /// `.../events/DeviceDisconnected/{device}`.
+    pub fn is_device_event(&self) -> bool {
+        let mut levels = self.topic.rsplit('/').skip(1);
+        matches!(
+            levels.next(),
+            Some("DeviceConnected" | "DeviceDisconnected")
+        ) && levels.next() == Some("events")
+    }
+
     /// The outbox seq at the end of the `id` property; panics without one.
     pub fn seq(&self) -> u64 {
         self.id
@@ -54,12 +68,14 @@ impl Received {
 }
 
 /// A QoS 1 subscriber on `127.0.0.1:port` with a persistent session, recording every
-/// publish.
+/// publish (presence status and device events apart from the rest).
 #[derive(Clone)]
 pub struct Collector {
     received: Arc<Mutex<Vec<Received>>>,
     /// Presence status messages ([`Received::is_status`]), in arrival order.
     status: Arc<Mutex<Vec<Received>>>,
+    /// Device events ([`Received::is_device_event`]), in arrival order.
+    device_events: Arc<Mutex<Vec<Received>>>,
     _stop: Arc<DropGuard>,
 }
 
@@ -68,6 +84,7 @@ impl Collector {
     pub async fn start(port: u16, filter: &str) -> Collector {
         let received = Arc::new(Mutex::new(Vec::new()));
         let status = Arc::new(Mutex::new(Vec::new()));
+        let device_events = Arc::new(Mutex::new(Vec::new()));
         let mut opts = MqttOptions::new(format!("collector-{}", free_port()), "127.0.0.1", port);
         opts.set_clean_start(false)
             .set_session_expiry_interval(Some(3600))
@@ -77,6 +94,7 @@ impl Collector {
         let (subscribed_tx, mut subscribed_rx) = tokio::sync::mpsc::channel(1);
         let sink = received.clone();
         let status_sink = status.clone();
+        let device_events_sink = device_events.clone();
         let filter = filter.to_owned();
         let stop = CancellationToken::new();
         let stopped = stop.clone();
@@ -116,6 +134,8 @@ impl Collector {
                         };
                         if m.is_status() {
                             status_sink.lock().unwrap().push(m);
+                        } else if m.is_device_event() {
+                            device_events_sink.lock().unwrap().push(m);
                         } else {
                             sink.lock().unwrap().push(m);
                         }
@@ -131,6 +151,7 @@ impl Collector {
         Collector {
             received,
             status,
+            device_events,
             _stop: Arc::new(stop.drop_guard()),
         }
     }
@@ -151,6 +172,11 @@ impl Collector {
     /// Presence status messages received so far ([`Received::is_status`]).
     pub fn status(&self) -> Vec<Received> {
         self.status.lock().unwrap().clone()
+    }
+
+    /// Device events received so far ([`Received::is_device_event`]), repeats included.
+    pub fn device_events(&self) -> Vec<Received> {
+        self.device_events.lock().unwrap().clone()
     }
 
     /// Distinct message ids received so far.
@@ -229,4 +255,38 @@ pub fn check_delivery_with(
     }
     assert_eq!(seen.len(), expected, "distinct messages");
     received.len() - seen.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn received(topic: &str) -> Received {
+        Received {
+            topic: topic.into(),
+            id: Some("gw:0:1".into()),
+            replayed: Some(false),
+            payload: Vec::new(),
+            retain: false,
+            at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn device_events_are_told_from_readings_and_rule_events() {
+        for topic in [
+            "up/events/DeviceConnected/t-1",
+            "site/gw/events/DeviceDisconnected/t-1",
+        ] {
+            assert!(received(topic).is_device_event(), "{topic}");
+        }
+        for topic in [
+            "up/events/SensorTemperatureExceeded/t-1",
+            "up/devices/DeviceConnected/telemetry",
+            "up/events/DeviceConnected",
+            "up/status",
+        ] {
+            assert!(!received(topic).is_device_event(), "{topic}");
+        }
+    }
 }

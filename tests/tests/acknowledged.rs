@@ -214,7 +214,10 @@ async fn publishes_outside_the_ingest_pattern_are_counted_logged_and_kept() {
             .await
             .expect("the local subscriber receives every publish")
             .unwrap();
-        seen.push(topic);
+        // The clients' own connects arrive too, as device events.
+        if !topic.starts_with("events/Device") {
+            seen.push(topic);
+        }
     }
     for t in unrouted {
         assert!(seen.iter().any(|s| s == t), "{t} not delivered locally");

@@ -38,7 +38,6 @@ async fn setup() -> Option<Setup> {
         ("GATEWAY__UPSTREAM__BACKOFF_MIN", "50ms"),
         ("GATEWAY__UPSTREAM__BACKOFF_MAX", "200ms"),
         ("GATEWAY__BROKER__LISTEN_V5", v5.as_str()),
-        ("GATEWAY__RULES__DEVICE_EVENTS", "true"),
     ]);
     Some(Setup {
         _mosquitto: mosquitto,
@@ -96,7 +95,7 @@ fn disconnected(reason: &str) -> (String, Option<String>) {
 async fn wait_upstream_ids(upstream: &Collector, device: &str, n: usize) -> Vec<String> {
     let ids = || {
         let mut ids: Vec<String> = Vec::new();
-        for m in upstream.snapshot() {
+        for m in upstream.device_events() {
             let event: Value = serde_json::from_slice(&m.payload).expect("an event is JSON");
             let id = event["id"].as_str().unwrap().to_string();
             if event["subject"] == device && !ids.contains(&id) {
@@ -247,8 +246,8 @@ async fn a_takeover_never_reports_the_live_connection_offline() {
 }
 
 #[tokio::test]
-async fn by_default_connections_are_not_announced() {
-    let gw = Gateway::start(&[]);
+async fn with_device_events_off_connections_are_not_announced() {
+    let gw = Gateway::start(&[("GATEWAY__RULES__DEVICE_EVENTS", "false")]);
     let reading = (
         "devices/dev-off/telemetry".to_string(),
         br#"{"t": 1}"#.to_vec(),

@@ -1,11 +1,13 @@
 //! End-to-end: device-sim's shipped overheat scenario against the real gateway with the
 //! shipped example rules gives one `SensorTemperatureExceeded` firing and one resolved
-//! event for the overheating device, and none for the others.
+//! event for the overheating device, and none for the others; and `device-sim bench`
+//! through the gateway (as `bench/run.sh` runs it) counts the readings only: the
+//! devices' connects and disconnects forwarded beside them are not `unexpected`.
 
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use test_support::{counter, Gateway};
+use test_support::{counter, Collector, Gateway, Mosquitto};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -77,4 +79,46 @@ async fn overheat_scenario_fires_and_resolves_the_temperature_rule() {
     assert_eq!(summary.totals.errors, 0);
     let gw_summary = gw.stop();
     assert_eq!(counter(&gw_summary, "dead_lettered"), 0, "{gw_summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_through_the_gateway_counts_readings_not_device_events() {
+    let Some(mosquitto) = Mosquitto::start() else {
+        return;
+    };
+    let events = Collector::start(mosquitto.port, "bench/events/+/+").await;
+    let url = format!("mqtt://127.0.0.1:{}", mosquitto.port);
+    // As bench/run.sh starts it: upstream prefix `bench`, device events on (the default).
+    let mut gw = Gateway::start(&[
+        ("GATEWAY__UPSTREAM__URL", url.as_str()),
+        ("GATEWAY__UPSTREAM__TOPIC_PREFIX", "bench"),
+    ]);
+    let mut fleet = device_sim::FleetConfig::new(gw.addr());
+    fleet.devices = 4;
+    fleet.count = Some(50); // in all
+    fleet.duration = Some(Duration::from_secs(30));
+    fleet.rate = device_sim::Rate::PerDevice(100.0);
+    fleet.progress = None;
+    let mut up = device_sim::UpstreamConfig::new(mosquitto.addr(), "bench/devices/#");
+    up.settle = Duration::from_secs(1);
+    up.max_wait = Duration::from_secs(20);
+    let r = device_sim::bench::run(fleet, up).await.unwrap();
+
+    assert_eq!((r.delivered, r.lost), (50, 0), "{r:?}");
+    assert_eq!((r.unexpected, r.undecodable), (0, 0), "{r:?}");
+    // The events did travel upstream, on their own topics.
+    test_support::wait_until_async(
+        "4 DeviceConnected upstream",
+        Duration::from_secs(10),
+        || {
+            events
+                .device_events()
+                .iter()
+                .filter(|m| m.topic.starts_with("bench/events/DeviceConnected/"))
+                .count()
+                >= 4
+        },
+    )
+    .await;
+    gw.stop();
 }

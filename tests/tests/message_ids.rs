@@ -6,6 +6,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use gateway::store::Lane;
+
 use test_support::{
     publish_all, wait_until_async, Collector, Gateway, Proxy, Received, UpstreamBroker,
 };
@@ -136,15 +138,16 @@ async fn a_row_sent_after_a_restart_keeps_its_id() {
     wait_until_async(
         "the outbox holds every reading",
         Duration::from_secs(20),
-        || gateway::store::read_stats_file(&gw.db_path()).is_ok_and(|s| s.depth() == N as u64),
+        || {
+            gateway::store::read_stats_file(&gw.db_path())
+                .is_ok_and(|s| s.lanes[Lane::Reading].messages == N as u64)
+        },
     )
     .await;
     gw.stop();
     let stats = gateway::store::read_stats_file(&gw.db_path()).unwrap();
     let prefix = gateway::forwarder::id_prefix(GATEWAY_ID, stats.epoch.expect("an epoch"));
-    let rows =
-        gateway::store::read_outbox_file(&gw.db_path(), gateway::store::Lane::Reading, 0, N + 1)
-            .unwrap();
+    let rows = gateway::store::read_outbox_file(&gw.db_path(), Lane::Reading, 0, N + 1).unwrap();
     let expected: HashMap<Vec<u8>, String> = rows
         .iter()
         .map(|r| {

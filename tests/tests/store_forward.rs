@@ -45,12 +45,13 @@ async fn publish_devices(addr: &str, batches: &[Vec<(String, Vec<u8>)>]) {
     }
 }
 
-/// Waits until the outbox holds `n` messages (read from the db file while it runs).
+/// Waits until the outbox's readings lane holds `n` messages (read from the db file
+/// while it runs; the event lane holds the devices' connects besides).
 fn wait_depth(gw: &Gateway, n: u64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let depth = gateway::store::read_stats_file(&gw.db_path())
-            .map(|s| s.depth())
+            .map(|s| s.lanes[gateway::store::Lane::Reading].messages)
             .unwrap_or(0);
         if depth >= n {
             return;

@@ -46,7 +46,7 @@ pub const KEYS: &[(&str, DefaultValue)] = &[
         "rules.event_topic",
         DefaultValue::Str("events/{type}/{device}"),
     ),
-    ("rules.device_events", DefaultValue::Bool(false)),
+    ("rules.device_events", DefaultValue::Bool(true)),
     ("upstream.url", DefaultValue::Str("")),
     ("upstream.protocol", DefaultValue::Str("5")),
     ("upstream.client_id", DefaultValue::Str("")),

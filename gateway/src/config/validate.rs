@@ -84,7 +84,7 @@ impl Reader {
         let rules = RulesSection {
             dir: PathBuf::from(self.nonempty("rules.dir").unwrap_or_default()),
             event_topic: self.event_topic().unwrap_or_default(),
-            device_events: self.boolean("rules.device_events").unwrap_or(false),
+            device_events: self.boolean("rules.device_events").unwrap_or(true),
         };
         let upstream = self.upstream(&gateway.id);
         let downlink = DownlinkSection {

@@ -6,7 +6,7 @@
 //! announces; every event goes out through [`crate::events::emit`], like a rule's: on the
 //! local broker at `rules.event_topic`, into the event log, and into the outbox's event
 //! lane when forwarding. Runs on its own OS thread (publishing on a local link is a
-//! blocking send); on with `rules.device_events` (off by default).
+//! blocking send); on with `rules.device_events` (the default).
 //!
 //! Invariants:
 //! - a device is the client whose client id is the device id (as for the downlink);
