@@ -250,3 +250,42 @@ fn raw_keep_alive_0_clients_publish_and_receive_on_v4_and_v5() {
         assert!(body.ends_with(b"{\"n\":1}"), "{version:?}: {body:?}");
     }
 }
+
+/// Packets bigger than a connection's first read buffer (2 KiB, grown on demand: patch
+/// 20 in `vendor/rumqttd/PATCHES.md`) arrive whole, back to back with small ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_larger_than_the_read_buffer_arrive_whole() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let (gw, _) = gateway_v4_v5();
+    let mut opts = MqttOptions::new("big-rumqttc", "127.0.0.1", gw.port);
+    let (client, mut eventloop) = AsyncClient::new(opts, 10);
+    let topic = "devices/big/telemetry";
+    client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+    let sizes = [1usize, 2_000, 2_048, 2_100, 9_000, 30, 5_000, 10];
+    let payloads: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| format!(r#"{{"i":{i},"blob":"{}"}}"#, "x".repeat(n)).into_bytes())
+        .collect();
+    for p in &payloads {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, p.clone())
+            .await
+            .unwrap();
+    }
+    let (received, acked) = tokio::time::timeout(Duration::from_secs(20), async {
+        let (mut received, mut acked) = (Vec::new(), 0);
+        while received.len() < payloads.len() || acked < payloads.len() {
+            match eventloop.poll().await.expect("connection") {
+                Event::Incoming(Packet::Publish(p)) => received.push(p.payload.to_vec()),
+                Event::Incoming(Packet::PubAck(_)) => acked += 1,
+                _ => {}
+            }
+        }
+        (received, acked)
+    })
+    .await
+    .expect("every publish back and acknowledged within 20 s");
+    assert_eq!(acked, payloads.len());
+    assert!(received == payloads, "payloads changed on the way");
+}

@@ -396,7 +396,9 @@ impl LinkRx {
             router_tx,
             router_rx,
             send_buffer: outgoing_data_buffer,
-            cache: VecDeque::with_capacity(100),
+            // PATCH(gateway): grows on demand (was 100 notifications, 25 KB, per
+            // connection, unused by devices that subscribe to nothing).
+            cache: VecDeque::new(),
         }
     }
 

@@ -377,8 +377,10 @@ impl AckLog {
     /// New log
     pub fn new() -> AckLog {
         AckLog {
-            committed: VecDeque::with_capacity(100),
-            recorded: VecDeque::with_capacity(100),
+            // PATCH(gateway): grow on demand (were 100 acks each, 44 KB per
+            // connection; device publishes are acknowledged on their connection).
+            committed: VecDeque::new(),
+            recorded: VecDeque::new(),
         }
     }
 
