@@ -8,7 +8,7 @@ use gateway::config::{Config, StorageSection};
 use gateway::reading::{now_millis, Format};
 use gateway::store::{
     self, Counter, DeadLetter, Lane, OutboxEntry, OutboxRow, OverflowPolicy, Store, StoreConfig,
-    StoreHandle,
+    StoreHandle, COMMIT_EARLY_ROWS,
 };
 use test_support::wait_until;
 
@@ -105,6 +105,43 @@ fn group_commit_starts_at_once_after_a_quiet_spell_and_spaces_commits_by_flush_i
     assert!(
         took < interval / 2,
         "an append after a quiet spell took {took:?} to commit"
+    );
+}
+
+/// A group of COMMIT_EARLY_ROWS appends need not wait out the spacing: the sender that
+/// fills it wakes the writer, which commits at once (one device with many publishes in
+/// flight is not held to one window per `flush_interval`).
+#[test]
+fn a_full_group_commits_without_waiting_out_the_spacing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.redb");
+    let interval = Duration::from_secs(3);
+    let h = open(&path, settings(|s| s.flush_interval = interval));
+    append_and_time_commit(&h, 1);
+    let started = Instant::now();
+    let last = 1 + COMMIT_EARLY_ROWS as u64;
+    for n in 2..=last {
+        assert!(h.append(reading("a", n, now_millis())));
+        if n == 2 {
+            // The writer takes this one and sleeps through the spacing: the rest must
+            // wake it.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    wait_until("the full group is committed", interval * 2, || {
+        h.last_committed_seq() == last
+    });
+    let took = started.elapsed();
+    assert!(
+        took < interval / 2,
+        "{COMMIT_EARLY_ROWS} appends took {took:?} to commit: they waited for the spacing"
+    );
+    // Fewer than that inside the spacing wait for it, as before.
+    let started = Instant::now();
+    append_and_time_commit(&h, last + 1);
+    assert!(
+        started.elapsed() >= interval / 2,
+        "a lone append inside the spacing committed at once"
     );
 }
 

@@ -148,7 +148,9 @@ pub enum OverflowPolicy {
 
 /// Most commands applied in one write transaction.
 pub const MAX_BATCH: usize = 8192;
-/// Capacity of the command channel; appends beyond it are dropped and counted.
+/// Commands waiting that end the commit spacing early (`writer.rs`'s module header).
+pub const COMMIT_EARLY_ROWS: usize = 64;
+/// Capacity of the command channel; senders wait while it is full (backpressure).
 pub const CHANNEL_CAPACITY: usize = 65_536;
 /// Event-log rows kept; the oldest are removed beyond it.
 pub const EVENT_LOG_MAX: u64 = 100_000;
@@ -379,6 +381,8 @@ struct Shared {
     counters: Arc<Counters>,
     new_rows: Arc<Notify>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The owner thread, woken when [`COMMIT_EARLY_ROWS`] commands wait.
+    owner: std::thread::Thread,
 }
 
 /// Runs a read on whichever reader the store has now.
@@ -450,6 +454,7 @@ impl Store {
                 path: path.to_owned(),
                 source,
             })?;
+        let owner = thread.thread().clone();
         tracing::info!(path = %path.display(), "store opened");
         Ok(StoreHandle {
             shared: Arc::new(Shared {
@@ -460,6 +465,7 @@ impl Store {
                 counters,
                 new_rows,
                 thread: Mutex::new(Some(thread)),
+                owner,
             }),
         })
     }
@@ -481,7 +487,14 @@ impl StoreHandle {
             return false;
         }
         match self.shared.data_tx.send(Box::new(cmd)) {
-            Ok(()) => true,
+            Ok(()) => {
+                // A group this full need not wait out the commit spacing (`writer.rs`):
+                // the owner holds the group's first command, the queue the rest.
+                if self.shared.data_tx.len() == COMMIT_EARLY_ROWS - 1 {
+                    self.shared.owner.unpark();
+                }
+                true
+            }
             Err(_) => {
                 self.shared.counters.add(overflow, 1);
                 false

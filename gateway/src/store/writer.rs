@@ -13,9 +13,12 @@
 //!   starts. The spacing bounds the commits per second, and so the bytes written per
 //!   reading (flash wear): without it the writer commits back to back under any steady
 //!   load (BENCHMARKS.md, "Group commit"). During the spacing the thread sleeps instead
-//!   of waking for each command (one wake-up per commit under load); `max_batch`
-//!   commands, or a flush request or shutdown taken before the sleep, end the group at
-//!   once.
+//!   of waking for each command (one wake-up per commit under load). It is woken early,
+//!   and the group committed at once, when [`COMMIT_EARLY_ROWS`] commands wait: such a
+//!   group carries as many rows as a spaced one at 12,800 readings/s, so it costs no more
+//!   writes per reading, and a device with many publishes in flight is not held to one
+//!   window per spacing. `max_batch` commands, or a flush request or shutdown taken
+//!   before the sleep, end the group at once too.
 //! - Counters are published to the shared atomics only after a successful commit; a failed
 //!   commit reverts them from the atomics and counts its appends as `commit_failed`.
 //! - A failed commit makes the store degraded; acks count as committed only once their
@@ -36,6 +39,7 @@ use super::stats::{Counter, Counters};
 use super::tables::{self, COMMANDS, DEAD_LETTERS, EVENT_LOG, META, RULE_STATE};
 use super::{
     CtlCmd, DataCmd, Lane, OnCommit, OutboxEntry, OverflowPolicy, StoreConfig, StoreError,
+    COMMIT_EARLY_ROWS,
 };
 use crate::ingest::Receipt;
 
@@ -325,21 +329,31 @@ impl Owner {
             while let Ok(cmd) = self.ctl_rx.try_recv() {
                 self.take_ctl(group, cmd);
             }
-            while group.data.len() < max {
-                match self.data_rx.try_recv() {
-                    Ok(cmd) => group.data.push(*cmd),
-                    Err(_) => break,
-                }
-            }
+            // Left in the queue while the spacing runs, so that its length tells the
+            // senders when COMMIT_EARLY_ROWS commands wait (they wake this thread then).
+            let queued = self.data_rx.len();
+            let waiting = group.data.len() + queued;
             let now = Instant::now();
             let wait = not_before.map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
-            if group.len() >= max || group.urgent() || group.len() == 0 || wait.is_zero() {
+            if group.len() + queued >= max
+                || waiting >= COMMIT_EARLY_ROWS
+                || group.urgent()
+                || group.len() + queued == 0
+                || wait.is_zero()
+            {
                 break;
             }
             // Sleep rather than wake for every command that arrives meanwhile: they wait
-            // in the queue and are taken together when the spacing is over (a flush or
-            // shutdown arriving now waits that long too, at most `flush_interval`).
-            std::thread::sleep(wait);
+            // in the queue and are taken together when the spacing is over, or when
+            // COMMIT_EARLY_ROWS of them wait (a flush or shutdown arriving now waits, at
+            // most `flush_interval`).
+            std::thread::park_timeout(wait);
+        }
+        while group.data.len() < max {
+            match self.data_rx.try_recv() {
+                Ok(cmd) => group.data.push(*cmd),
+                Err(_) => break,
+            }
         }
         if group.shutdown {
             // Commit everything already queued before closing.
