@@ -20,5 +20,6 @@ pub mod rules;
 mod stage_threads;
 pub mod store;
 pub mod tls;
+pub mod webhook;
 
 pub use pipeline::run;

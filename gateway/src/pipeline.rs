@@ -15,14 +15,16 @@
 //!
 //! broker connections --reports--> device events --Event--> local broker, event log, outbox
 //!
+//! rules --webhook calls (bounded, never waits)--> webhooks task --HTTP POST--> endpoints
+//!
 //! decode --> device read model --\
 //! rules  --> rules snapshot ------+--> http (metrics, API, status page; read-only)
 //! counters, store stats, forwarder stats --/
 //! ```
 //!
 //! Start: the HTTP port is bound and the store opens, then the broker with its local
-//! links; then the forwarder task, the device-events, rules, decode and ingest threads (in
-//! that order); then the status logger and the HTTP server.
+//! links; then the forwarder and webhook tasks, the device-events, rules, decode and
+//! ingest threads (in that order); then the status logger and the HTTP server.
 //!
 //! Stop: one [`CancellationToken`] tree, owned by [`run`]. Its child `front` is cancelled
 //! when the `shutdown` future completes; the root once the front has drained:
@@ -34,7 +36,9 @@
 //!    while data is still queued in front of it.
 //! 3. The root: the forwarder (a child token) waits for the PUBACKs in flight and stops,
 //!    handing its last acks to the store; the downlink stops (commands not committed yet
-//!    were not acked upstream); the HTTP server (a child token) stops accepting.
+//!    were not acked upstream); the HTTP server (a child token) stops accepting. The
+//!    webhook task finishes the calls the rules stage handed over, for at most
+//!    [`WEBHOOK_DRAIN`] (within the grace); then they are abandoned and recorded as they are.
 //! 4. The store commits everything queued and closes the file. It is stopped by a command
 //!    on its own channel rather than a token, so the stop is ordered after every command
 //!    sent before it (see the store's module header).
@@ -76,6 +80,7 @@ use crate::reading::{now_millis, Millis, Reading};
 use crate::rules::{RulesStage, SharedRules};
 use crate::stage_threads::StageThreads;
 use crate::store::{Counter, Store, StoreConfig, StoreError, StoreHandle};
+use crate::webhook::{self, WEBHOOK_QUEUE};
 
 /// Batches of readings waiting for the rules stage (a batch is what decode took at once,
 /// at most `decode::BATCH` messages).
@@ -84,6 +89,8 @@ const RULES_QUEUE: usize = 64;
 const STATUS_INTERVAL: Duration = Duration::from_secs(60);
 /// Least time given to closing the store, even when the drain used up the grace.
 const STORE_CLOSE_MIN: Duration = Duration::from_millis(500);
+/// Longest wait for webhook calls in progress or queued once the rules stage has stopped.
+pub const WEBHOOK_DRAIN: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -257,6 +264,8 @@ struct Running {
     forwarder_stats: Option<Arc<ForwarderStats>>,
     downlink: Option<tokio::task::JoinHandle<()>>,
     downlink_stats: Option<Arc<DownlinkStats>>,
+    /// The webhook task and the token that abandons its calls.
+    webhooks: (tokio::task::JoinHandle<()>, CancellationToken),
     /// `None` with `rules.device_events = false`.
     device_events: Option<Arc<DeviceEventStats>>,
     /// Device authentication; `None` with anonymous access.
@@ -271,6 +280,8 @@ impl Running {
         self.front.cancel();
         let mut still_running = self.threads.wait(deadline).await;
         self.stop.cancel();
+        // The rules stage hands over no more calls: those left get WEBHOOK_DRAIN.
+        let webhooks_by = deadline.min(Instant::now() + WEBHOOK_DRAIN);
         if let Some(task) = self.forwarder {
             if tokio::time::timeout_at(deadline, task).await.is_err() {
                 still_running.push("forwarder".into());
@@ -279,6 +290,16 @@ impl Running {
         if let Some(task) = self.downlink {
             if tokio::time::timeout_at(deadline, task).await.is_err() {
                 still_running.push("downlink".into());
+            }
+        }
+        let (mut task, abandon) = self.webhooks;
+        if tokio::time::timeout_at(webhooks_by, &mut task)
+            .await
+            .is_err()
+        {
+            abandon.cancel();
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                still_running.push("webhooks".into());
             }
         }
         let close_by = deadline.max(Instant::now() + STORE_CLOSE_MIN);
@@ -373,6 +394,17 @@ fn start(
         None => None,
     };
 
+    // Webhook calls of rule actions, made on the runtime, never by the rules thread.
+    let abandon = CancellationToken::new();
+    let (webhook_queue, webhook_task) = webhook::channel(
+        WEBHOOK_QUEUE,
+        &config.gateway.id,
+        store.clone(),
+        views.rules.clone(),
+        abandon.clone(),
+    );
+    let webhooks = (tokio::spawn(webhook_task.run()), abandon);
+
     let (readings_tx, readings_rx) = flume::bounded::<Vec<Reading>>(RULES_QUEUE);
     let rules = RulesStage {
         gateway_id: config.gateway.id.clone(),
@@ -386,6 +418,7 @@ fn start(
         snapshot: views.rules.clone(),
         trim: Trim::new(),
         commands: action_queue,
+        webhooks: webhook_queue,
     };
     threads.spawn("rules", move || {
         rules.run();
@@ -416,6 +449,7 @@ fn start(
         forwarder_stats,
         downlink,
         downlink_stats,
+        webhooks,
         device_events,
         auth,
         store,

@@ -171,3 +171,74 @@ fn an_unknown_key_in_a_test_file_is_positioned() {
         "{text}"
     );
 }
+
+const WEBHOOK_RULE: &str = r#"[[rule]]
+name = "hot"
+event = "Hot"
+condition = "temperature > 75.0"
+for = "10s"
+
+[[rule.action]]
+on = "firing"
+url = "http://127.0.0.1:8080/hooks/{device}?t={value.temperature}"
+payload = '{"device": "{device}"}'
+"#;
+
+#[test]
+fn webhook_actions_are_asserted_by_url_and_payload() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hot.toml"), WEBHOOK_RULE).unwrap();
+    let path = dir.path().join("hot.test.toml");
+    let run = |actions: &str| {
+        let test = format!(
+            r#"
+[[test]]
+name = "hook"
+input = [{{ at = "0s", device = "t 1", fields = {{ temperature = 80.0 }} }}]
+expect = [{{ at = "10s", type = "Hot", device = "t 1", state = "firing" }}]
+{actions}
+"#
+        );
+        std::fs::write(&path, test).unwrap();
+        run_test_file(&path)
+    };
+    let right = run(r#"actions = [
+  { at = "10s", url = "http://127.0.0.1:8080/hooks/t%201?t=80.0", payload = '{"device": "t 1"}' },
+]"#)
+    .unwrap()
+    .remove(0);
+    assert!(right.passed, "{}", right.diff);
+    // A topic is not a URL: the webhook call is not a publish on that text.
+    let wrong = run(r#"actions = [
+  { at = "10s", topic = "http://127.0.0.1:8080/hooks/t%201?t=80.0" },
+]"#)
+    .unwrap()
+    .remove(0);
+    assert!(!wrong.passed);
+    let lines: Vec<&str> = wrong.diff.lines().map(str::trim_end).collect();
+    assert_eq!(
+        lines[2..],
+        [
+            "    -      10s  action    http://127.0.0.1:8080/hooks/t%201?t=80.0  (any payload)  (any qos)",
+            r#"    +      10s  webhook   POST http://127.0.0.1:8080/hooks/t%201?t=80.0  "{\"device\": \"t 1\"}""#,
+        ]
+    );
+    // An expected action names a topic or a URL, and a webhook takes no `qos`.
+    let err = run(r#"actions = [
+  { at = "10s", url = "http://127.0.0.1:8080/", qos = 1 },
+  { at = "10s" },
+]"#)
+    .unwrap_err()
+    .to_string();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(
+        lines[0].contains("hot.test.toml:7:10: `qos` is for expected publish actions"),
+        "{err}"
+    );
+    assert!(
+        lines[1]
+            .contains("hot.test.toml:8:10: an expected action has `topic` (a publish) or `url`"),
+        "{err}"
+    );
+}

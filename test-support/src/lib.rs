@@ -14,6 +14,7 @@
 //! - [`mqtt5`]: an MQTT 5 client with subscription options and properties, for conformance.
 //! - [`paho`]: the Python paho-mqtt client's scenarios under `tests/python/`.
 //! - [`gateway_process`]: the real `gateway` binary as a child process.
+//! - [`http_server`]: an HTTP server with scripted replies that records what it got.
 //! - [`tmpfs`]: a small real filesystem that can be filled up.
 //! - [`upstream`]: the upstream broker of a forwarding test (Mosquitto, else rumqttd).
 //!
@@ -25,6 +26,7 @@
 pub mod client;
 pub mod collector;
 pub mod gateway_process;
+pub mod http_server;
 pub mod mosquitto;
 pub mod mqtt5;
 pub mod paho;
@@ -39,6 +41,7 @@ pub mod wait;
 pub use client::{publish_acked, publish_all, raw_connect, subscribe};
 pub use collector::{check_delivery, check_delivery_with, Collector, Received};
 pub use gateway_process::{counter, metric, workspace_bin, Gateway};
+pub use http_server::{HttpServer, Reply};
 pub use mosquitto::Mosquitto;
 pub use mqtt5::V5Client;
 pub use paho::{paho_available, run_paho};

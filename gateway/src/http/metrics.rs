@@ -9,7 +9,7 @@
 //! - each family is declared once, here, with its label type: [`Lane`] (`lane`),
 //!   [`Format`] and `Option<Format>` (`format`, `unknown` for none), [`DropReason`],
 //!   [`AuthRefusal`] (`reason`), [`EventType`] and [`EventState`], [`RuleName`] and
-//!   [`ActionOn`], [`Version`], `Url`, [`CommandState`] (`state`), `DisconnectReason`
+//!   [`ActionOn`], [`WebhookResult`] (`outcome`), [`Version`], `Url`, [`CommandState`] (`state`), `DisconnectReason`
 //!   (`reason`);
 //! - per-lane and per-format figures are read through their [`Lane`] or [`Format`], never
 //!   by position;
@@ -24,6 +24,7 @@ use super::{process, Sources};
 use crate::broker::auth::AuthStats;
 use crate::counters::Counters;
 use crate::reading::Format;
+use crate::rules::WebhookResult;
 use crate::store::{CommandState, Counter, Lane, OutboxStats};
 
 impl Label for Lane {
@@ -162,6 +163,14 @@ impl Label for ActionOn {
     }
 }
 
+/// How a webhook call ended (`ok`, `http_error`, `timeout`, `error`, `dropped`).
+impl Label for WebhookResult {
+    const NAME: &'static str = "outcome";
+    fn value(&self) -> Cow<'_, str> {
+        self.as_str().into()
+    }
+}
+
 /// The gateway's version.
 pub struct Version(&'static str);
 
@@ -294,6 +303,22 @@ fn pipeline(e: &mut Encoder, s: &Sources) {
     );
     for ((rule, on), n) in &rules.action_failures {
         failed.sample((RuleName(rule), ActionOn(on)), *n as f64);
+    }
+    let mut webhooks = e.family(
+        "gateway_rule_webhooks_total",
+        "Webhook calls of rule actions by rule and final outcome (every outcome is shown, from 0, for a rule once it made a call).",
+        Kind::Counter,
+    );
+    let called: std::collections::BTreeSet<&str> = rules
+        .webhooks
+        .keys()
+        .map(|(rule, _)| rule.as_str())
+        .collect();
+    for rule in called {
+        for outcome in WebhookResult::ALL {
+            let n = rules.webhooks.get(&(rule.to_string(), outcome));
+            webhooks.sample((RuleName(rule), outcome), n.copied().unwrap_or(0) as f64);
+        }
     }
 }
 

@@ -218,7 +218,11 @@ impl Cx<'_> {
         self.string(table, key)
     }
 
-    fn duration(&mut self, table: &dyn TableLike, key: &str) -> Option<Millis> {
+    pub(in crate::rules) fn duration(
+        &mut self,
+        table: &dyn TableLike,
+        key: &str,
+    ) -> Option<Millis> {
         let (text, span) = self.string(table, key)?;
         match humantime::parse_duration(text.trim()) {
             Ok(d) => Some(d.as_millis() as Millis),
@@ -234,7 +238,11 @@ impl Cx<'_> {
         }
     }
 
-    fn string_map(&mut self, table: &dyn TableLike, key: &str) -> BTreeMap<String, String> {
+    pub(in crate::rules) fn string_map(
+        &mut self,
+        table: &dyn TableLike,
+        key: &str,
+    ) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         let Some(item) = table.get(key) else {
             return out;

@@ -2,10 +2,11 @@
 //!
 //! Owns loading and validating rule files ([`RuleSet`], [`Diagnostics`]), the state machine
 //! that turns readings and time into events ([`Engine`]), change detection for hot reload
-//! ([`Watcher`]), the actions a rule publishes on a transition ([`Action`]), and the
+//! ([`Watcher`]), the actions a rule takes on a transition ([`Action`]: a publish on the
+//! embedded broker or a webhook call), and the
 //! `rules check` / `rules test` commands ([`check_command`], [`test_command`]).
 //! Input: rule files (TOML + CEL), decoded readings, the current time passed in by the caller.
-//! Output: `events::Event`s on transitions, the [`ActionMessage`]s of those transitions, a
+//! Output: `events::Event`s on transitions, the [`Rendered`] actions of those transitions, a
 //! serializable [`EngineState`] to persist.
 //!
 //! Invariants:
@@ -31,8 +32,9 @@ mod watcher;
 mod window;
 
 pub use action::{
-    messages as action_messages, Action, ActionMessage, Template, ACTION_EVENT_TYPE,
-    DEFAULT_ACTION_QOS,
+    messages as action_messages, Action, ActionMessage, Rendered, Target, Template, WebhookCall,
+    WebhookOutcome, WebhookResult, WebhookSettings, ACTION_EVENT_TYPE, DEFAULT_ACTION_QOS,
+    DEFAULT_WEBHOOK_RETRIES, DEFAULT_WEBHOOK_TIMEOUT, WEBHOOK_EVENT_TYPE,
 };
 pub use cel_guard::{MAX_EXPR_BYTES, MAX_EXPR_DEPTH};
 pub use diagnostics::{Diagnostic, Diagnostics};

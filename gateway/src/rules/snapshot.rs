@@ -1,9 +1,11 @@
 //! What the rules stage publishes for readers (the HTTP API) so they never touch the
 //! engine: the loaded rules, the instances that are not idle, the last reload's result and
-//! the events emitted by type and state, the actions published by rule and transition.
+//! the events emitted by type and state, the actions published by rule and transition, the
+//! webhook calls by rule and outcome.
 //!
-//! Written by the rules stage at start, on every transition and on every reload attempt;
-//! read by cloning under a short lock ([`SharedRules::get`]).
+//! Written by the rules stage at start, on every transition and on every reload attempt,
+//! and by the webhook task when a call ends (`crate::webhook`); read by cloning under a
+//! short lock ([`SharedRules::get`]).
 //!
 //! Invariants: the snapshot is replaced whole, so a reader sees one consistent moment;
 //! event and action counts only grow while the process runs.
@@ -13,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use super::{Engine, InstanceState};
+use super::{Engine, InstanceState, WebhookResult};
 use crate::events::{Event, EventState};
 use crate::reading::Millis;
 
@@ -67,6 +69,9 @@ pub struct RulesSnapshot {
     /// Actions the local broker did not take, by `(rule, on)`.
     #[serde(skip)]
     pub action_failures: BTreeMap<(String, &'static str), u64>,
+    /// Webhook calls ended since start, by `(rule, outcome)`.
+    #[serde(skip)]
+    pub webhooks: BTreeMap<(String, WebhookResult), u64>,
 }
 
 impl RulesSnapshot {
@@ -116,6 +121,11 @@ impl RulesSnapshot {
             &mut self.action_failures
         };
         *counts.entry((rule.to_string(), on.as_str())).or_default() += 1;
+    }
+
+    /// Counts one webhook call of `rule` that ended with `result`.
+    pub fn count_webhook(&mut self, rule: &str, result: WebhookResult) {
+        *self.webhooks.entry((rule.to_string(), result)).or_default() += 1;
     }
 
     pub fn count_events<'a>(&mut self, events: impl IntoIterator<Item = &'a Event>) {

@@ -1,6 +1,7 @@
 //! The rules stage: evaluates decoded readings against the loaded rule set, hands every
-//! event it produces to the local broker, the event log and the outbox, and publishes the
-//! actions of the event's rule on the local broker (each recorded in the event log).
+//! event it produces to the local broker, the event log and the outbox, and runs the
+//! actions of the event's rule: publishes on the local broker (each recorded in the event
+//! log) and webhook calls, handed to the webhook task (`crate::webhook`).
 //!
 //! Runs on its own OS thread: publishing on the broker's local link is a blocking send.
 //! Time comes from the wall clock here and is passed into the pure [`Engine`]. Its 1 s
@@ -19,6 +20,8 @@
 //!   command topic goes to the durable command queue instead when the downlink runs;
 //!   an action is recorded in the event log (type `ActionPublished`, with the event's
 //!   id) only once the broker or the queue took it;
+//! - a webhook action never makes this stage wait: it is handed to a bounded queue, or
+//!   dropped and counted when that is full; the webhook task records its outcome;
 //! - a rule removed or changed by a reload still runs its `resolved` actions for the
 //!   instances the reload resolves (its actions are kept until then).
 //! - readers see the rules, live instances and the last reload through [`SharedRules`],
@@ -33,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use rumqttd::local::LinkTx;
 
-use super::action::{messages, Action, ActionMessage, ACTION_EVENT_TYPE};
+use super::action::{messages, Action, ActionMessage, Rendered, ACTION_EVENT_TYPE};
 use super::snapshot::{ReloadView, SharedRules};
 use super::{Diagnostics, Engine, EngineState, InstanceRecord, RuleSet, Watcher, STATE_VERSION};
 use crate::counters::Counters;
@@ -42,6 +45,7 @@ use crate::events::Event;
 use crate::memory::Trim;
 use crate::reading::{now_millis, Reading};
 use crate::store::StoreHandle;
+use crate::webhook::WebhookQueue;
 
 /// How often timers (`for`, `keep_firing_for`, absence) are evaluated and the rules
 /// directory is checked for edits.
@@ -77,10 +81,12 @@ pub struct RulesStage {
     /// The durable command queue, when the downlink runs: QoS 1 actions on a device's
     /// command topic are queued there instead of published.
     pub commands: Option<ActionQueue>,
+    /// Where webhook actions are handed over.
+    pub webhooks: WebhookQueue,
 }
 
-/// An event and the messages its rule's actions publish for it.
-type Emitted = (Event, Vec<ActionMessage>);
+/// An event and what its rule's actions do for it.
+type Emitted = (Event, Vec<Rendered>);
 
 /// Pairs each event with the actions of its rule in `rules` (none when the rule is gone or
 /// now announces another event type).
@@ -318,7 +324,10 @@ impl RulesStage {
             );
             tracing::info!(event = %event.event_type, device = %event.subject, rule = %event.data.rule, state = %event.data.state, "Event.");
             for action in actions {
-                self.act(event, action);
+                match action {
+                    Rendered::Publish(message) => self.act(event, message),
+                    Rendered::Webhook(call) => self.webhooks.submit(call.clone()),
+                }
             }
         }
     }

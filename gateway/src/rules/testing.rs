@@ -22,7 +22,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::action::{messages, ActionMessage};
+use super::action::{messages, Rendered};
 use super::diagnostics::{Diagnostic, Diagnostics, Source};
 use super::engine::Engine;
 use super::ruleset::{test_files, RuleSet, TEST_SUFFIX};
@@ -87,11 +87,29 @@ struct Expect {
 #[serde(deny_unknown_fields)]
 struct ExpectAction {
     at: Spanned<String>,
-    topic: String,
+    /// A publish action's topic (rendered) ...
+    topic: Option<String>,
+    /// ... or a webhook action's URL (rendered).
+    url: Option<String>,
     /// Checked when given.
     payload: Option<String>,
-    /// Checked when given.
+    /// Checked when given (publish actions only).
     qos: Option<u8>,
+}
+
+impl ExpectAction {
+    /// Why this expectation is malformed, if it is.
+    fn problem(&self) -> Option<&'static str> {
+        match (&self.topic, &self.url) {
+            (Some(_), Some(_)) | (None, None) => {
+                Some("an expected action has `topic` (a publish) or `url` (a webhook)")
+            }
+            (None, Some(_)) if self.qos.is_some() => {
+                Some("`qos` is for expected publish actions (with `topic`), not webhooks")
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The result of one test case.
@@ -196,6 +214,7 @@ pub fn run_test_file(path: &Path) -> Result<Vec<TestOutcome>, Diagnostics> {
         &mut dur,
     );
     let mut cases = Vec::new();
+    let mut problems = Vec::new();
     for case in &parsed.tests {
         let mut inputs = Vec::new();
         for input in &case.inputs {
@@ -212,8 +231,16 @@ pub fn run_test_file(path: &Path) -> Result<Vec<TestOutcome>, Diagnostics> {
             .actions
             .as_ref()
             .map(|list| list.iter().map(|a| (dur(&a.at), a)).collect());
+        for a in case.actions.iter().flatten() {
+            if let Some(problem) = a.problem() {
+                problems.push(src.at(a.at.span().start, problem));
+            }
+        }
         let until = case.until.as_ref().map_or(0, &mut dur);
         cases.push((case, inputs, expects, actions, until));
+    }
+    for problem in problems {
+        diags.push(problem);
     }
     if tick <= 0 {
         diags.push(src.at(0, "`tick` must be longer than 0s"));
@@ -298,7 +325,7 @@ fn simulate(
     inputs: &[(Millis, &Input)],
     last: Millis,
     tick: Millis,
-) -> (Timed<Event>, Timed<ActionMessage>) {
+) -> (Timed<Event>, Timed<Rendered>) {
     let mut engine = Engine::new(rules, GATEWAY_ID);
     let mut produced = Vec::new();
     let mut next = inputs.iter().peekable();
@@ -354,11 +381,64 @@ fn line(at: Millis, state: EventState, event_type: &str, device: &str, rule: &st
     format!("{offset:>8}  {state:<8}  {event_type}  {device}  (rule {rule})")
 }
 
-fn action_line(at: Millis, topic: &str, payload: Option<&str>, qos: Option<u8>) -> String {
-    let offset = humantime::format_duration(Duration::from_millis(at.max(0) as u64)).to_string();
-    let payload = payload.map_or_else(|| "(any payload)".to_string(), |p| format!("{p:?}"));
-    let qos = qos.map_or_else(|| "any qos".to_string(), |q| format!("qos {q}"));
-    format!("{offset:>8}  action    {topic}  {payload}  ({qos})")
+/// An action as the test compares it: where to (`topic` or `url`), payload and QoS (none for
+/// a webhook).
+struct Seen<'a> {
+    webhook: bool,
+    to: &'a str,
+    payload: Option<&'a str>,
+    qos: Option<u8>,
+}
+
+impl<'a> Seen<'a> {
+    fn of(r: &'a Rendered) -> Seen<'a> {
+        match r {
+            Rendered::Publish(m) => Seen {
+                webhook: false,
+                to: &m.topic,
+                payload: Some(&m.payload),
+                qos: Some(m.qos),
+            },
+            Rendered::Webhook(c) => Seen {
+                webhook: true,
+                to: &c.url,
+                payload: Some(&c.payload),
+                qos: None,
+            },
+        }
+    }
+
+    fn expected(e: &'a ExpectAction) -> Seen<'a> {
+        Seen {
+            webhook: e.url.is_some(),
+            to: e.url.as_deref().or(e.topic.as_deref()).unwrap_or_default(),
+            payload: e.payload.as_deref(),
+            qos: e.qos,
+        }
+    }
+
+    /// Whether `self` (produced) matches the expectation `e`.
+    fn matches(&self, e: &Seen<'_>) -> bool {
+        self.webhook == e.webhook
+            && self.to == e.to
+            && e.payload.is_none_or(|p| Some(p) == self.payload)
+            && e.qos.is_none_or(|q| Some(q) == self.qos)
+    }
+
+    fn line(&self, at: Millis) -> String {
+        let offset =
+            humantime::format_duration(Duration::from_millis(at.max(0) as u64)).to_string();
+        let payload = self
+            .payload
+            .map_or_else(|| "(any payload)".to_string(), |p| format!("{p:?}"));
+        if self.webhook {
+            return format!("{offset:>8}  webhook   POST {}  {payload}", self.to);
+        }
+        let qos = self
+            .qos
+            .map_or_else(|| "any qos".to_string(), |q| format!("qos {q}"));
+        format!("{offset:>8}  action    {}  {payload}  ({qos})", self.to)
+    }
 }
 
 /// One row of a timeline: offset, mark (` `, `-` or `+`) and text.
@@ -411,41 +491,32 @@ fn compare(expects: &[(Millis, &Expect)], produced: &[(Millis, Event)]) -> Vec<R
     rows
 }
 
-/// Matches expected to published actions: a row for each.
+/// Matches expected to published actions and webhook calls: a row for each.
 fn compare_actions(
     expects: &[(Millis, &ExpectAction)],
-    published: &[(Millis, ActionMessage)],
+    published: &[(Millis, Rendered)],
 ) -> Vec<Row> {
-    let mut used = vec![false; published.len()];
+    let seen: Vec<(Millis, Seen<'_>)> = published.iter().map(|(t, r)| (*t, Seen::of(r))).collect();
+    let mut used = vec![false; seen.len()];
     let mut rows: Vec<Row> = Vec::new();
     for (at, e) in expects {
-        let found = published.iter().enumerate().position(|(i, (t, m))| {
-            !used[i]
-                && t == at
-                && m.topic == e.topic
-                && e.payload.as_ref().is_none_or(|p| *p == m.payload)
-                && e.qos.is_none_or(|q| q == m.qos)
-        });
+        let expected = Seen::expected(e);
+        let found = seen
+            .iter()
+            .enumerate()
+            .position(|(i, (t, m))| !used[i] && t == at && m.matches(&expected));
         let row = match found {
             Some(i) => {
                 used[i] = true;
-                let m = &published[i].1;
-                (
-                    ' ',
-                    action_line(*at, &m.topic, Some(&m.payload), Some(m.qos)),
-                )
+                (' ', seen[i].1.line(*at))
             }
-            None => ('-', action_line(*at, &e.topic, e.payload.as_deref(), e.qos)),
+            None => ('-', expected.line(*at)),
         };
         rows.push((*at, row.0, row.1));
     }
-    for (i, (t, m)) in published.iter().enumerate() {
+    for (i, (t, m)) in seen.iter().enumerate() {
         if !used[i] {
-            rows.push((
-                *t,
-                '+',
-                action_line(*t, &m.topic, Some(&m.payload), Some(m.qos)),
-            ));
+            rows.push((*t, '+', m.line(*t)));
         }
     }
     rows

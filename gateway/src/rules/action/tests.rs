@@ -1,9 +1,11 @@
-//! Placeholder rendering and the load errors of `[[rule.action]]`, positioned in the file.
+//! Placeholder rendering and the load errors of `[[rule.action]]`, positioned in the file,
+//! for publish actions (`topic`) and webhooks (`url`).
 
 use std::collections::BTreeMap;
 
 use super::*;
 use crate::events::{Event, EventState, Transition};
+use crate::reading::Value;
 use crate::rules::RuleSet;
 
 fn rule_with(actions: &str) -> String {
@@ -27,6 +29,28 @@ window = "1m"
 
 fn load(actions: &str) -> Result<RuleSet, String> {
     RuleSet::parse("hot.toml", &rule_with(actions)).map_err(|d| d.to_string())
+}
+
+/// The publish actions among what `actions` do for `e`.
+fn messages(actions: &[Action], e: &Event) -> Vec<ActionMessage> {
+    super::messages(actions, e)
+        .into_iter()
+        .filter_map(|r| match r {
+            Rendered::Publish(m) => Some(m),
+            Rendered::Webhook(_) => None,
+        })
+        .collect()
+}
+
+/// The webhook calls among what `actions` do for `e`.
+fn calls(actions: &[Action], e: &Event) -> Vec<WebhookCall> {
+    super::messages(actions, e)
+        .into_iter()
+        .filter_map(|r| match r {
+            Rendered::Webhook(c) => Some(c),
+            Rendered::Publish(_) => None,
+        })
+        .collect()
 }
 
 fn event(state: EventState, values: &[(&str, Value)]) -> Event {
@@ -217,7 +241,7 @@ payload = "no topic"
         "hot.toml:17:7: `qos` must be 0 or 1",
         "hot.toml:18:1: unknown key `retain` in [[rule.action]]",
         "hot.toml:22:10: in action `topic`: an action topic may not start with `$`",
-        "hot.toml:24:1: missing required key `topic` in [[rule.action]]",
+        "hot.toml:24:1: missing required key `topic` (or `url`, for a webhook) in [[rule.action]]",
     ];
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), expect.len(), "{err}");
@@ -253,4 +277,188 @@ payload = '{"on": true}'
     assert_ne!(json["id"], e.id.as_str());
     let again: serde_json::Value = serde_json::from_slice(&m.record("gw", &e, 2_000)).unwrap();
     assert_eq!(again["id"], json["id"]);
+}
+
+#[test]
+fn a_webhook_renders_its_url_with_encoded_values_and_its_payload() {
+    let set = load(
+        r#"[[rule.action]]
+on = "firing"
+url = "http://relay.local:8080/hooks/{label.site}/{device}?t={value.temperature}&mode={value.mode}"
+payload = '{"device": "{device}", "t": {value.temperature}}'
+timeout = "2s"
+retries = 1
+headers = { Authorization = "Bearer abc" }
+
+[[rule.action]]
+on = "firing"
+url = "http://127.0.0.1/plain"
+payload = "fan on"
+
+[[rule.action]]
+on = "resolved"
+url = "http://127.0.0.1/off"
+"#,
+    )
+    .unwrap();
+    let actions = &set.rules()[0].actions;
+    let e = event(
+        EventState::Firing,
+        &[
+            ("temperature", Value::Number(80.5)),
+            ("mode", Value::Text("a b&c/d".into())),
+        ],
+    );
+    let calls = calls(actions, &e);
+    assert_eq!(calls.len(), 2);
+    let c = &calls[0];
+    assert_eq!(
+        c.url,
+        "http://relay.local:8080/hooks/plant-1/t-7?t=80.5&mode=a%20b%26c%2Fd"
+    );
+    assert_eq!(c.payload, r#"{"device": "t-7", "t": 80.5}"#);
+    assert_eq!(c.content_type(), "application/json");
+    assert_eq!(c.settings.timeout, std::time::Duration::from_secs(2));
+    assert_eq!(c.settings.retries, 1);
+    assert_eq!(
+        c.settings.headers,
+        [("Authorization".to_string(), "Bearer abc".to_string())]
+    );
+    assert_eq!(
+        (c.index, c.on, c.rule.as_str()),
+        (0, EventState::Firing, "hot")
+    );
+    assert_eq!(
+        (c.event_id.as_str(), c.device.as_str()),
+        (e.id.as_str(), "t-7")
+    );
+    let plain = &calls[1];
+    assert_eq!(plain.content_type(), "text/plain; charset=utf-8");
+    assert_eq!(plain.settings.timeout, DEFAULT_WEBHOOK_TIMEOUT);
+    assert_eq!(plain.settings.retries, DEFAULT_WEBHOOK_RETRIES);
+    assert!(plain.settings.headers.is_empty());
+    // A device id is percent-encoded too.
+    let mut odd = e.clone();
+    odd.subject = "t 7/x".into();
+    assert_eq!(
+        super::messages(actions, &odd)
+            .into_iter()
+            .find_map(|r| match r {
+                Rendered::Webhook(c) => Some(c.url),
+                Rendered::Publish(_) => None,
+            })
+            .unwrap(),
+        "http://relay.local:8080/hooks/plant-1/t%207%2Fx?t=80.5&mode=a%20b%26c%2Fd"
+    );
+}
+
+#[test]
+fn the_webhook_record_has_the_outcome_and_no_headers() {
+    let set = load(
+        r#"[[rule.action]]
+on = "firing"
+url = "http://127.0.0.1:9000/h/{device}"
+payload = "x"
+headers = { Authorization = "Bearer s3cret" }
+"#,
+    )
+    .unwrap();
+    let e = event(EventState::Firing, &[]);
+    let c = &calls(&set.rules()[0].actions, &e)[0];
+    let outcome = WebhookOutcome {
+        result: WebhookResult::HttpError,
+        status: Some(503),
+        error: None,
+        attempts: 4,
+    };
+    let bytes = c.record("gw", &outcome, 2_000);
+    assert!(!String::from_utf8_lossy(&bytes).contains("s3cret"));
+    let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(json["type"], WEBHOOK_EVENT_TYPE);
+    assert_eq!(json["source"], "gateway/gw/rules/hot/actions");
+    assert_eq!(json["subject"], "t-7");
+    assert_eq!(json["id"], action_id(&e.id, 0).as_str());
+    let data = &json["data"];
+    assert_eq!(data["event_id"], e.id.as_str());
+    assert_eq!(data["url"], "http://127.0.0.1:9000/h/t-7");
+    assert_eq!(data["outcome"], "http_error");
+    assert_eq!(data["status"], 503);
+    assert_eq!(data["attempts"], 4);
+    assert!(data["error"].is_null());
+}
+
+#[test]
+fn webhook_problems_are_errors_at_their_position() {
+    // Line 14 is the first action line in `rule_with`.
+    let err = load(
+        r#"[[rule.action]]
+on = "firing"
+topic = "x/{device}"
+url = "http://127.0.0.1/"
+timeout = "1s"
+
+[[rule.action]]
+on = "firing"
+url = "https://example.com/hook"
+
+[[rule.action]]
+on = "firing"
+url = "mqtt://127.0.0.1/"
+
+[[rule.action]]
+on = "firing"
+url = "http://127.0.0.1/{devise}"
+qos = 1
+
+[[rule.action]]
+on = "firing"
+url = "http://{device}.local/x"
+
+[[rule.action]]
+on = "firing"
+url = "http://user:pw@127.0.0.1/x"
+
+[[rule.action]]
+on = "firing"
+url = "http://127.0.0.1:99999/x"
+timeout = "0s"
+retries = 50
+headers = { "Content-Length" = "3" }
+"#,
+    )
+    .unwrap_err();
+    let expect = [
+        "hot.toml:17:7: an action has `topic` (publish on the broker) or `url` (a webhook), not both",
+        "hot.toml:22:8: in action `url`: https webhooks are not supported",
+        "hot.toml:26:8: in action `url`: a webhook `url` starts with http://",
+        "hot.toml:30:25: in action `url`: unknown placeholder `{devise}`",
+        "hot.toml:31:1: `qos` is for actions with a `topic`",
+        "hot.toml:35:15: in action `url`: placeholders go in a webhook url's path or query",
+        "hot.toml:39:15: in action `url`: a webhook `url` may not hold credentials",
+        "hot.toml:43:25: in action `url`: bad port \"99999\"",
+        "hot.toml:44:11: `timeout` must be longer than 0s",
+        "hot.toml:45:11: `retries` must be an integer from 0 to 10",
+        "hot.toml:46:11: in action `headers`: header \"Content-Length\" is set by the gateway's HTTP client",
+    ];
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), expect.len(), "{err}");
+    for (line, want) in lines.iter().zip(expect) {
+        assert!(line.starts_with(want), "{want}\n{err}");
+    }
+}
+
+#[test]
+fn webhook_keys_do_not_go_with_a_topic() {
+    let err = load(
+        r#"[[rule.action]]
+on = "firing"
+topic = "x/{device}"
+retries = 2
+"#,
+    )
+    .unwrap_err();
+    assert!(
+        err.starts_with("hot.toml:17:1: `retries` is for webhook actions (with `url`)"),
+        "{err}"
+    );
 }
