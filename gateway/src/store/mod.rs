@@ -149,7 +149,7 @@ pub enum OverflowPolicy {
 /// Most commands applied in one write transaction.
 pub const MAX_BATCH: usize = 8192;
 /// Commands waiting that end the commit spacing early (`writer.rs`'s module header).
-pub const COMMIT_EARLY_ROWS: usize = 64;
+pub const COMMIT_EARLY_ROWS: usize = 32;
 /// Capacity of the command channel; senders wait while it is full (backpressure).
 pub const CHANNEL_CAPACITY: usize = 65_536;
 /// Event-log rows kept; the oldest are removed beyond it.

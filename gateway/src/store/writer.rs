@@ -15,9 +15,10 @@
 //!   load (BENCHMARKS.md, "Group commit"). During the spacing the thread sleeps instead
 //!   of waking for each command (one wake-up per commit under load). It is woken early,
 //!   and the group committed at once, when [`COMMIT_EARLY_ROWS`] commands wait: such a
-//!   group carries as many rows as a spaced one at 12,800 readings/s, so it costs no more
-//!   writes per reading, and a device with many publishes in flight is not held to one
-//!   window per spacing. `max_batch` commands, or a flush request or shutdown taken
+//!   group carries as many rows as a spaced one at 6,400 readings/s, so the writes per
+//!   reading stay bounded, and a device with many publishes in flight is not held to one
+//!   window per spacing (one device with 100 in flight: 10.8k acknowledged readings/s
+//!   without it, 22.8k with it; BENCHMARKS.md, "Commit spacing and full groups"). `max_batch` commands, or a flush request or shutdown taken
 //!   before the sleep, end the group at once too.
 //! - Counters are published to the shared atomics only after a successful commit; a failed
 //!   commit reverts them from the atomics and counts its appends as `commit_failed`.
