@@ -155,7 +155,10 @@ pub const CHANNEL_CAPACITY: usize = 65_536;
 /// Event-log rows kept; the oldest are removed beyond it.
 pub const EVENT_LOG_MAX: u64 = 100_000;
 /// redb page cache in bytes (redb's default of 1 GiB is far too much for an edge box).
-pub const CACHE_SIZE: usize = 16 * 1024 * 1024;
+/// The outbox is appended at its tail and deleted at its head, so few pages are hot: 4 MiB
+/// drains a backlog as fast as 16 MiB did and keeps 10 MB less resident
+/// (BENCHMARKS.md, "Page cache").
+pub const CACHE_SIZE: usize = 4 * 1024 * 1024;
 
 /// The store's settings: the `[storage]` section of a [`Config`] plus the internal
 /// knobs above. Built only by [`StoreConfig::from_config`]; a test that wants other
