@@ -243,11 +243,7 @@ payload = "no topic"
         "hot.toml:22:10: in action `topic`: an action topic may not start with `$`",
         "hot.toml:24:1: missing required key `topic` (or `url`, for a webhook) in [[rule.action]]",
     ];
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), expect.len(), "{err}");
-    for (line, want) in lines.iter().zip(expect) {
-        assert!(line.starts_with(want), "{want}\n{err}");
-    }
+    assert_errors(&err, &expect);
 }
 
 #[test]
@@ -440,11 +436,7 @@ headers = { "Content-Length" = "3" }
         "hot.toml:45:11: `retries` must be an integer from 0 to 10",
         "hot.toml:46:11: in action `headers`: header \"Content-Length\" is set by the gateway's HTTP client",
     ];
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), expect.len(), "{err}");
-    for (line, want) in lines.iter().zip(expect) {
-        assert!(line.starts_with(want), "{want}\n{err}");
-    }
+    assert_errors(&err, &expect);
 }
 
 #[test]
@@ -461,4 +453,13 @@ retries = 2
         err.starts_with("hot.toml:17:1: `retries` is for webhook actions (with `url`)"),
         "{err}"
     );
+}
+
+/// `err` has exactly one line per `expect`ed one, each starting with it.
+fn assert_errors(err: &str, expect: &[&str]) {
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), expect.len(), "{err}");
+    for (line, want) in lines.iter().zip(expect) {
+        assert!(line.starts_with(want), "{want}\n{err}");
+    }
 }
