@@ -257,7 +257,7 @@ fn raw_keep_alive_0_clients_publish_and_receive_on_v4_and_v5() {
 async fn publishes_larger_than_the_read_buffer_arrive_whole() {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let (gw, _) = gateway_v4_v5();
-    let mut opts = MqttOptions::new("big-rumqttc", "127.0.0.1", gw.port);
+    let opts = MqttOptions::new("big-rumqttc", "127.0.0.1", gw.port);
     let (client, mut eventloop) = AsyncClient::new(opts, 10);
     let topic = "devices/big/telemetry";
     client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();

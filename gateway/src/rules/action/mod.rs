@@ -157,17 +157,41 @@ struct ActionData<'a> {
     qos: u8,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-struct ActionRecord<'a> {
+/// The event-log record of an action: a CloudEvent of type `record_type` from the rule's
+/// actions, about the device `subject`, whose `data` says what was done.
+#[derive(Serialize)]
+struct Record<'a, D> {
     specversion: &'static str,
-    id: String,
+    id: &'a str,
     source: String,
     #[serde(rename = "type")]
     event_type: &'static str,
     subject: &'a str,
     time: String,
     datacontenttype: &'static str,
-    data: ActionData<'a>,
+    data: D,
+}
+
+/// [`Record`] as JSON: what `id` (of `rule`'s action) did at `at` (Unix ms).
+pub(super) fn record_json<D: Serialize>(
+    gateway_id: &str,
+    rule: &str,
+    (id, record_type): (&str, &'static str),
+    subject: &str,
+    at: Millis,
+    data: D,
+) -> Vec<u8> {
+    let record = Record {
+        specversion: SPEC_VERSION,
+        id,
+        source: format!("gateway/{gateway_id}/rules/{rule}/actions"),
+        event_type: record_type,
+        subject,
+        time: rfc3339(at),
+        datacontenttype: DATA_CONTENT_TYPE,
+        data,
+    };
+    serde_json::to_vec(&record).expect("an action record serializes to JSON")
 }
 
 impl ActionMessage {
@@ -179,25 +203,18 @@ impl ActionMessage {
     /// The event-log record of this message, published for `event` at `at` (Unix ms): a
     /// CloudEvent of type [`ACTION_EVENT_TYPE`] whose `data.event_id` is the event's id.
     pub fn record(&self, gateway_id: &str, event: &Event, at: Millis) -> Vec<u8> {
-        let record = ActionRecord {
-            specversion: SPEC_VERSION,
-            id: self.id(event),
-            source: format!("gateway/{gateway_id}/rules/{}/actions", event.data.rule),
-            event_type: ACTION_EVENT_TYPE,
-            subject: &event.subject,
-            time: rfc3339(at),
-            datacontenttype: DATA_CONTENT_TYPE,
-            data: ActionData {
-                event_id: &event.id,
-                event_type: &event.event_type,
-                rule: &event.data.rule,
-                on: self.on,
-                action: self.index,
-                topic: &self.topic,
-                payload: &self.payload,
-                qos: self.qos,
-            },
+        let data = ActionData {
+            event_id: &event.id,
+            event_type: &event.event_type,
+            rule: &event.data.rule,
+            on: self.on,
+            action: self.index,
+            topic: &self.topic,
+            payload: &self.payload,
+            qos: self.qos,
         };
-        serde_json::to_vec(&record).expect("an action record serializes to JSON")
+        let id = self.id(event);
+        let what = (id.as_str(), ACTION_EVENT_TYPE);
+        record_json(gateway_id, &event.data.rule, what, &event.subject, at, data)
     }
 }

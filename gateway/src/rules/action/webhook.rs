@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::action_id;
-use crate::events::{rfc3339, Event, EventState, DATA_CONTENT_TYPE, SPEC_VERSION};
+use super::{action_id, record_json};
+use crate::events::{Event, EventState};
 use crate::reading::Millis;
 
 /// The CloudEvents `type` of a webhook call's record in the event log.
@@ -93,26 +93,18 @@ impl WebhookCall {
 
     /// The event-log record of this call's final `outcome`, known at `at` (Unix ms).
     pub fn record(&self, gateway_id: &str, outcome: &WebhookOutcome, at: Millis) -> Vec<u8> {
-        let record = WebhookRecord {
-            specversion: SPEC_VERSION,
-            id: &self.id,
-            source: format!("gateway/{gateway_id}/rules/{}/actions", self.rule),
-            event_type: WEBHOOK_EVENT_TYPE,
-            subject: &self.device,
-            time: rfc3339(at),
-            datacontenttype: DATA_CONTENT_TYPE,
-            data: WebhookData {
-                event_id: &self.event_id,
-                event_type: &self.event_type,
-                rule: &self.rule,
-                on: self.on,
-                action: self.index,
-                url: &self.url,
-                payload: &self.payload,
-                outcome,
-            },
+        let data = WebhookData {
+            event_id: &self.event_id,
+            event_type: &self.event_type,
+            rule: &self.rule,
+            on: self.on,
+            action: self.index,
+            url: &self.url,
+            payload: &self.payload,
+            outcome,
         };
-        serde_json::to_vec(&record).expect("a webhook record serializes to JSON")
+        let what = (self.id.as_str(), WEBHOOK_EVENT_TYPE);
+        record_json(gateway_id, &self.rule, what, &self.device, at, data)
     }
 }
 
@@ -176,19 +168,6 @@ struct WebhookData<'a> {
     payload: &'a str,
     #[serde(flatten)]
     outcome: &'a WebhookOutcome,
-}
-
-#[derive(Serialize)]
-struct WebhookRecord<'a> {
-    specversion: &'static str,
-    id: &'a str,
-    source: String,
-    #[serde(rename = "type")]
-    event_type: &'static str,
-    subject: &'a str,
-    time: String,
-    datacontenttype: &'static str,
-    data: WebhookData<'a>,
 }
 
 /// Problems of a webhook URL as written, as (character offset, message).
