@@ -222,11 +222,7 @@ pub fn list_commands_file(
     path: &std::path::Path,
     device: Option<&str>,
 ) -> Result<Vec<QueuedCommand>, StoreError> {
-    let db = redb::Builder::new()
-        .set_concurrency_mode(redb::ConcurrencyMode::SingleWriter)
-        .set_cache_size(4 * 1024 * 1024)
-        .open_read_only(path)?;
-    pending(&db, device, usize::MAX)
+    pending(&super::read::open_read_only(path)?, device, usize::MAX)
 }
 
 /// `gateway commands drop`: removes every queued command of `device` as `dropped` (their

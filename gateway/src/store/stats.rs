@@ -16,7 +16,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use redb::{ConcurrencyMode, ReadableDatabase, ReadableTable};
+use redb::{ReadableDatabase, ReadableTable};
 
 use super::tables::{self, META};
 use super::{ByLane, Lane, StoreError};
@@ -412,11 +412,7 @@ pub(crate) fn read_stats(db: &impl ReadableDatabase) -> Result<OutboxStats, Stor
 /// Opens `path` read-only (allowed while the gateway holds it: both use redb's
 /// `SingleWriter` mode) and returns its counters.
 pub fn read_stats_file(path: &Path) -> Result<OutboxStats, StoreError> {
-    let db = redb::Builder::new()
-        .set_concurrency_mode(ConcurrencyMode::SingleWriter)
-        .set_cache_size(4 * 1024 * 1024)
-        .open_read_only(path)?;
-    read_stats(&db)
+    read_stats(&super::read::open_read_only(path)?)
 }
 
 /// `gateway outbox stats`: prints depth in messages and bytes, oldest age, per-lane counts

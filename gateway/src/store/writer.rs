@@ -18,8 +18,9 @@
 //!   group carries as many rows as a spaced one at 6,400 readings/s, so the writes per
 //!   reading stay bounded, and a device with many publishes in flight is not held to one
 //!   window per spacing (one device with 100 in flight: 10.8k acknowledged readings/s
-//!   without it, 22.8k with it; BENCHMARKS.md, "Commit spacing and full groups"). `max_batch` commands, or a flush request or shutdown taken
-//!   before the sleep, end the group at once too.
+//!   without it, 22.8k with it; BENCHMARKS.md, "Commit spacing and full groups").
+//!   `max_batch` commands, or a flush request or shutdown taken before the sleep, end the
+//!   group at once too.
 //! - Counters are published to the shared atomics only after a successful commit; a failed
 //!   commit reverts them from the atomics and counts its appends as `commit_failed`.
 //! - A failed commit makes the store degraded; acks count as committed only once their
