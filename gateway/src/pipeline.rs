@@ -378,6 +378,12 @@ fn start(
     let device_events = match links.presence {
         Some(presence) => {
             let stats = Arc::new(DeviceEventStats::new(presence.hook));
+            let (stopping, stop) = flume::bounded::<()>(0);
+            let front = front.clone();
+            tokio::spawn(async move {
+                front.cancelled().await;
+                drop(stopping);
+            });
             let stage = DeviceEvents {
                 gateway_id: config.gateway.id.clone(),
                 reports: presence.reports,
@@ -386,7 +392,7 @@ fn start(
                 event_topic: config.rules.event_topic.clone(),
                 forward: forwarding,
                 stats: stats.clone(),
-                stop: front.child_token(),
+                stop,
             };
             threads.spawn("device-events", move || stage.run())?;
             Some(stats)

@@ -25,12 +25,10 @@ pub mod sessions;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use rumqttd::local::LinkTx;
 use rumqttd::{DisconnectReason, PresenceEvent, PresenceHook};
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
 use crate::events::{hashed_id, rfc3339, Event, TopicFields, DATA_CONTENT_TYPE, SPEC_VERSION};
 use crate::reading::{now_millis, Millis};
@@ -44,8 +42,6 @@ pub const DEVICE_CONNECTED: &str = "DeviceConnected";
 pub const DEVICE_DISCONNECTED: &str = "DeviceDisconnected";
 /// What `{rule}` of `rules.event_topic` becomes for device events.
 pub const TOPIC_RULE: &str = "device";
-/// How often the stage looks at its cancellation token while no device comes or goes.
-const POLL: Duration = Duration::from_millis(100);
 
 /// Whether a device event is a connect or a disconnect (`{state}` of the topic).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,19 +215,24 @@ pub struct DeviceEvents {
     /// Hand events to the outbox (forwarding on).
     pub forward: bool,
     pub stats: Arc<DeviceEventStats>,
-    /// The pipeline's front: the stage ends once it is cancelled.
-    pub stop: CancellationToken,
+    /// Closes (its sender dropped) when the pipeline's front is cancelled: the stage
+    /// then ends. A channel rather than a token, so the thread sleeps until a report or
+    /// the stop comes, with no wake-up while no device comes or goes.
+    pub stop: flume::Receiver<()>,
 }
 
 impl DeviceEvents {
     pub fn run(mut self) {
         let _span = tracing::info_span!("device_events").entered();
         let mut sessions = Sessions::default();
-        while !self.stop.is_cancelled() {
-            match self.reports.recv_timeout(POLL) {
-                Ok(report) => self.announce(&mut sessions, report),
-                Err(flume::RecvTimeoutError::Timeout) => {}
-                Err(flume::RecvTimeoutError::Disconnected) => break,
+        loop {
+            let next = flume::Selector::new()
+                .recv(&self.reports, |r| r.ok())
+                .recv(&self.stop, |_| None)
+                .wait();
+            match next {
+                Some(report) => self.announce(&mut sessions, report),
+                None => break,
             }
         }
         tracing::debug!("Device events stopped.");
