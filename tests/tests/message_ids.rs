@@ -105,14 +105,27 @@ async fn a_database_created_anew_never_repeats_an_old_id() {
     }
     assert_eq!(payloads_of.len(), 2 * N, "every reading has its own id");
 
+    // Device events are outbox rows too: the first row of a database may be its device's
+    // DeviceConnected rather than a reading, so each database's first seq is taken over
+    // both.
+    let rows: Vec<(String, u64)> = received
+        .iter()
+        .chain(&collector.device_events())
+        .map(parts)
+        .collect();
     let of_round = |round: u64| -> (HashSet<String>, u64) {
-        let ids: Vec<(String, u64)> = received
+        let epochs: HashSet<String> = received
             .iter()
             .filter(|m| round_of(m) == round)
-            .map(parts)
+            .map(|m| parts(m).0)
             .collect();
-        let epochs = ids.iter().map(|(e, _)| e.clone()).collect();
-        (epochs, ids.iter().map(|(_, s)| *s).min().unwrap())
+        let first = rows
+            .iter()
+            .filter(|(e, _)| epochs.contains(e))
+            .map(|(_, s)| *s)
+            .min()
+            .unwrap();
+        (epochs, first)
     };
     let (old_epochs, old_first_seq) = of_round(1);
     let (new_epochs, new_first_seq) = of_round(2);
