@@ -30,7 +30,19 @@ async fn until_event(
         tokio::select! {
             event = timeout_at(until, events.recv()) => {
                 let (_, payload) = event.expect("an event in time").expect("subscriber alive");
-                return (temperatures, serde_json::from_slice(&payload).unwrap());
+                let event: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                // The reading that caused the transition and the event travel on two
+                // subscriptions: take readings until that one has arrived too.
+                let cause = event["data"]["values"]["temperature"].as_f64();
+                while cause.is_some_and(|t| !temperatures.contains(&t)) {
+                    let (_, payload) = timeout_at(until, readings.recv())
+                        .await
+                        .expect("the event's reading in time")
+                        .expect("subscriber alive");
+                    let json: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                    temperatures.push(json["temperature"].as_f64().unwrap());
+                }
+                return (temperatures, event);
             }
             reading = timeout_at(until, readings.recv()) => {
                 let (topic, payload) =
