@@ -17,22 +17,20 @@
 //! - hands out messages in the order the channel holds them, in batches of what is
 //!   queued; under load a small batch waits [`COALESCE`] for more (one wake-up per
 //!   batch, not per message), at low rates a message is handed out at once;
-//! - once its cancellation token is cancelled (the gateway is stopping) it hands out what
-//!   is queued at that moment, then ends; dropping it afterwards drops what arrived
-//!   later, unacknowledged: those devices' connections close without a PUBACK and the
-//!   devices send those messages again after the restart.
+//! - once its stop channel closes (the gateway is stopping) it hands out what is queued
+//!   at that moment, then ends; dropping it afterwards drops what arrived later,
+//!   unacknowledged: those devices' connections close without a PUBACK and the devices
+//!   send those messages again after the restart;
+//! - it sleeps until a message or the stop comes: no wake-up while no device publishes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttd::Ingested;
-use tokio_util::sync::CancellationToken;
 
 use crate::reading::{now_millis, Millis};
 
-/// How often the intake looks at its cancellation token while no device publishes.
-const POLL: Duration = Duration::from_millis(50);
 /// While publishes stream in (the previous batch started less than [`STREAMING`] ago),
 /// a batch that would hold fewer than [`COALESCE_MIN`] messages waits [`COALESCE`] for
 /// more: one wake-up of the decode thread per few messages instead of per message, for
@@ -75,7 +73,8 @@ impl RawMessage {
 /// The receiving end of the broker's hand-off.
 pub struct Intake {
     input: flume::Receiver<Ingested>,
-    stop: CancellationToken,
+    /// Closes (its sender dropped) when the gateway stops.
+    stop: flume::Receiver<()>,
     /// Set once stopping: how many messages are still to be handed out.
     remaining: Option<usize>,
     /// When the last batch started.
@@ -83,7 +82,7 @@ pub struct Intake {
 }
 
 impl Intake {
-    pub fn new(input: flume::Receiver<Ingested>, stop: CancellationToken) -> Intake {
+    pub fn new(input: flume::Receiver<Ingested>, stop: flume::Receiver<()>) -> Intake {
         Intake {
             input,
             stop,
@@ -96,7 +95,7 @@ impl Intake {
     /// `false` once the intake is over (stopped and drained, or the broker gone).
     pub fn next_batch(&mut self, batch: &mut Vec<RawMessage>, max: usize) -> bool {
         loop {
-            if self.remaining.is_none() && self.stop.is_cancelled() {
+            if self.remaining.is_none() && self.stop.is_disconnected() {
                 self.remaining = Some(self.input.len());
             }
             if self.remaining == Some(0) {
@@ -104,10 +103,14 @@ impl Intake {
             }
             let first = match self.remaining {
                 Some(_) => self.input.try_recv().ok(),
-                None => match self.input.recv_timeout(POLL) {
-                    Ok(m) => Some(m),
-                    Err(flume::RecvTimeoutError::Timeout) => continue,
-                    Err(flume::RecvTimeoutError::Disconnected) => None,
+                None => match flume::Selector::new()
+                    .recv(&self.input, |m| Some(m.ok()))
+                    .recv(&self.stop, |_| None)
+                    .wait()
+                {
+                    Some(m) => m,
+                    // Stopping: what is queued now is handed out (the loop's top).
+                    None => continue,
                 },
             };
             let Some(first) = first else {

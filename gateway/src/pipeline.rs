@@ -28,7 +28,7 @@
 //!
 //! Stop: one [`CancellationToken`] tree, owned by [`run`]. Its child `front` is cancelled
 //! when the `shutdown` future completes; the root once the front has drained:
-//! 1. `front`: ingest (a thread; it checks `is_cancelled`) reads what the broker still
+//! 1. `front`: ingest (the decode thread; its stop channel closes) reads what the broker still
 //!    holds, then drops the decode queue; the device-events thread and the status logger
 //!    stop; `/readyz` turns 503.
 //! 2. Decode ends when its queue is closed and empty, and drops the rules queue; rules end
@@ -378,12 +378,6 @@ fn start(
     let device_events = match links.presence {
         Some(presence) => {
             let stats = Arc::new(DeviceEventStats::new(presence.hook));
-            let (stopping, stop) = flume::bounded::<()>(0);
-            let front = front.clone();
-            tokio::spawn(async move {
-                front.cancelled().await;
-                drop(stopping);
-            });
             let stage = DeviceEvents {
                 gateway_id: config.gateway.id.clone(),
                 reports: presence.reports,
@@ -392,7 +386,7 @@ fn start(
                 event_topic: config.rules.event_topic.clone(),
                 forward: forwarding,
                 stats: stats.clone(),
-                stop,
+                stop: closed_on_cancel(&front),
             };
             threads.spawn("device-events", move || stage.run())?;
             Some(stats)
@@ -438,7 +432,7 @@ fn start(
 
     let decode = DecodeStage {
         pattern: config.ingest.topic_pattern.clone(),
-        input: Intake::new(links.ingest, front.child_token()),
+        input: Intake::new(links.ingest, closed_on_cancel(&front)),
         counters: counters.clone(),
         store: store.clone(),
         forward_readings: forwarding && config.upstream.forward_readings,
@@ -460,6 +454,19 @@ fn start(
         auth,
         store,
     })
+}
+
+/// A channel that closes (its sender dropped) once `token` is cancelled: a stage thread
+/// waits on it together with its input, and so sleeps until data or the stop comes
+/// instead of waking now and then to look at a token.
+fn closed_on_cancel(token: &CancellationToken) -> flume::Receiver<()> {
+    let (closing, closed) = flume::bounded::<()>(0);
+    let token = token.clone();
+    tokio::spawn(async move {
+        token.cancelled().await;
+        drop(closing);
+    });
+    closed
 }
 
 async fn log_status(

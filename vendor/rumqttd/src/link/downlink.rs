@@ -151,13 +151,11 @@ impl Downlink {
         });
     }
 
-    /// The next message of the application for this connection.
-    pub(crate) async fn next(&self) -> DownlinkMessage {
-        match self.rx.recv_async().await {
-            Ok(m) => m,
-            // Never: `self.tx` keeps the channel open.
-            Err(_) => std::future::pending().await,
-        }
+    /// The receiving end of the application's messages for this connection, for a
+    /// receive future that outlives one turn of the remote link's loop (`link/remote.rs`).
+    /// It never reports the channel closed: `self.tx` keeps it open.
+    pub(crate) fn messages(&self) -> flume::Receiver<DownlinkMessage> {
+        self.rx.clone()
     }
 
     /// The PUBLISH packet of `message`, with a packet id of its own.
@@ -177,10 +175,3 @@ impl Downlink {
     }
 }
 
-/// Completes with the next downlink message; never without a downlink.
-pub(crate) async fn next_message(downlink: &Option<Downlink>) -> DownlinkMessage {
-    match downlink {
-        Some(d) => d.next().await,
-        None => std::future::pending().await,
-    }
-}

@@ -153,7 +153,7 @@ struct AckState {
     released: AtomicU64,
     /// Set when an ack was dropped unreleased.
     refused: AtomicBool,
-    notify: Notify,
+    notify: Arc<Notify>,
 }
 
 /// An acknowledgement waiting to be sent.
@@ -294,9 +294,11 @@ impl HeldAcks {
         true
     }
 
-    /// Completes when a release or a refusal may have happened.
-    pub async fn changed(&self) {
-        self.state.notify.notified().await
+    /// Notified when a release or a refusal may have happened (then see
+    /// [`HeldAcks::ready`]). The connection keeps one `notified()` future across the turns
+    /// of its loop, rather than registering a new one for every packet it reads.
+    pub fn signal(&self) -> Arc<Notify> {
+        self.state.notify.clone()
     }
 
     /// The acknowledgements that may be sent now, in order; the ones waiting for a

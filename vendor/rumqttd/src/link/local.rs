@@ -455,13 +455,16 @@ impl LinkRx {
         }
     }
 
-    pub(crate) async fn exchange(
-        &mut self,
-        notifications: &mut VecDeque<Notification>,
-    ) -> Result<(), LinkError> {
-        self.router_rx.recv_async().await?;
+    /// PATCH(gateway): the router's "notifications ready" signal, for a receive future
+    /// that outlives one turn of the remote link's loop (`link/remote.rs`); after each
+    /// signal, [`LinkRx::take_notifications`].
+    pub(crate) fn ready_signal(&self) -> Receiver<()> {
+        self.router_rx.clone()
+    }
+
+    /// PATCH(gateway): swaps what the router buffered for this link into `notifications`.
+    pub(crate) fn take_notifications(&mut self, notifications: &mut VecDeque<Notification>) {
         mem::swap(&mut *self.send_buffer.lock(), notifications);
-        Ok(())
     }
 
     pub fn ready(&self) -> Result<(), LinkError> {
