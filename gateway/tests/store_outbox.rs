@@ -449,3 +449,43 @@ fn stats_command_reads_a_closed_file() {
     assert_eq!(s.get(Counter::AppendedReadings), 10);
     assert!(s.lanes[Lane::Reading].oldest_age_ms.is_some());
 }
+
+#[test]
+fn every_counter_survives_a_restart_when_commits_write_only_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.redb");
+    let h = open(&path, settings(|_| {}));
+    // Commits that each move a different set of counters: appends, a dead letter, acks.
+    for i in 0..20 {
+        assert!(h.append(reading("d", i, now_millis())));
+    }
+    h.flush_blocking().unwrap();
+    let dl = DeadLetter {
+        topic: "devices/d/telemetry".into(),
+        payload: b"not json".to_vec(),
+        reason: "test".into(),
+        received_at: now_millis(),
+    };
+    assert!(h.dead_letter(dl, None));
+    h.flush_blocking().unwrap();
+    let seqs: Vec<u64> = all_rows(&h, Lane::Reading)
+        .iter()
+        .take(5)
+        .map(|r| r.seq)
+        .collect();
+    h.ack(Lane::Reading, seqs);
+    h.flush_blocking().unwrap();
+    assert!(h.append(reading("d", 20, now_millis())));
+    h.flush_blocking().unwrap();
+    let before: Vec<(Counter, u64)> = Counter::ALL.iter().map(|&c| (c, h.counter(c))).collect();
+    assert_eq!(h.counter(Counter::Acked), 5);
+    h.shutdown().unwrap();
+    drop(h);
+
+    let from_file = store::read_stats_file(&path).unwrap();
+    let h = open(&path, settings(|_| {}));
+    for (c, v) in before {
+        assert_eq!(from_file.get(c), v, "{c:?} as read from the closed file");
+        assert_eq!(h.counter(c), v, "{c:?} after reopening");
+    }
+}

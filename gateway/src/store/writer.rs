@@ -133,6 +133,11 @@ pub(super) struct Owner {
     pub(super) new_rows: Arc<Notify>,
     /// Counter values of the transaction being built.
     pub(super) meta: Vec<u64>,
+    /// The value of each counter in the file as of the last commit; `None` when not known
+    /// (at start, after a failed commit). Only counters whose value differs are written.
+    pub(super) persisted: Vec<Option<u64>>,
+    /// Counters written by the transaction being built, taken as persisted once it commits.
+    pub(super) staged: Vec<(usize, u64)>,
     pub(super) scratch: Vec<u8>,
     pub(super) drops_logged: Vec<u64>,
     pub(super) last_drop_log: Option<Instant>,
@@ -198,6 +203,8 @@ impl Owner {
             ctl_rx,
             counters,
             new_rows,
+            persisted: vec![None; meta.len()],
+            staged: Vec::new(),
             meta,
             scratch: Vec::with_capacity(4096),
             drops_logged,
@@ -399,6 +406,9 @@ impl Owner {
         match result {
             Ok(()) => {
                 self.last_commit = Instant::now();
+                for (i, v) in self.staged.drain(..) {
+                    self.persisted[i] = Some(v);
+                }
                 group.acks.clear();
                 for &c in Counter::ALL {
                     if !c.is_live() {
@@ -413,6 +423,8 @@ impl Owner {
                 for &c in Counter::ALL {
                     self.meta[c as usize] = self.counters.get(c);
                 }
+                self.staged.clear();
+                self.persisted.fill(None);
                 self.counters.add(Counter::DropCommitFailed, appends);
                 Err(e)
             }
@@ -535,14 +547,20 @@ impl Owner {
             );
         }
 
+        // Only what changed: each write is a B-tree insert, and most counters stay put
+        // between two commits.
         let mut meta = txn.open_table(META)?;
+        self.staged.clear();
         for &c in Counter::ALL {
             let v = if c.is_live() {
                 self.counters.get(c)
             } else {
                 self.get(c)
             };
-            meta.insert(c.name(), v)?;
+            if self.persisted[c as usize] != Some(v) {
+                meta.insert(c.name(), v)?;
+                self.staged.push((c as usize, v));
+            }
         }
         Ok(())
     }
