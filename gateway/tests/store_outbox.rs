@@ -489,3 +489,53 @@ fn every_counter_survives_a_restart_when_commits_write_only_what_changed() {
         assert_eq!(h.counter(c), v, "{c:?} after reopening");
     }
 }
+
+/// Appends `n` readings, commits them, and returns their seqs.
+fn committed_rows(h: &StoreHandle, n: u64) -> Vec<u64> {
+    for i in 0..n {
+        assert!(h.append(reading("d", i, now_millis())));
+    }
+    h.flush_blocking().unwrap();
+    all_rows(h, Lane::Reading).iter().map(|r| r.seq).collect()
+}
+
+#[test]
+fn acks_arriving_one_by_one_are_deleted_together_within_the_ack_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(&dir.path().join("gw.redb"), settings(|_| {}));
+    let seqs = committed_rows(&h, 10);
+    let commits = h.stats().commits;
+    let started = Instant::now();
+    for seq in seqs {
+        h.ack(Lane::Reading, vec![seq]);
+    }
+    wait_until("acked rows deleted", store::ACK_DELAY * 5, || {
+        h.stats().lanes[Lane::Reading].messages == 0
+    });
+    // Ten acks, one commit (not one per ack, as each would get on a quiet store).
+    assert_eq!(h.stats().commits - commits, 1);
+    assert!(
+        started.elapsed() >= store::ACK_DELAY / 2,
+        "deleted after {:?}: the acks did not wait for company",
+        started.elapsed()
+    );
+    assert_eq!(h.counter(Counter::Acked), 10);
+}
+
+#[test]
+fn a_full_group_of_acks_and_a_flush_delete_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(&dir.path().join("gw.redb"), settings(|_| {}));
+    let n = store::ACK_GROUP_ROWS as u64 + 10;
+    let seqs = committed_rows(&h, n);
+    // A flush commits pending acks with it, however few.
+    h.ack(Lane::Reading, vec![seqs[0]]);
+    h.flush_blocking().unwrap();
+    assert_eq!(h.stats().lanes[Lane::Reading].messages, n - 1);
+    // ACK_GROUP_ROWS pending acks are deleted by the next group, without a flush and
+    // well before ACK_DELAY.
+    h.ack(Lane::Reading, seqs[1..=store::ACK_GROUP_ROWS].to_vec());
+    wait_until("a full group of acks deleted", store::ACK_DELAY / 2, || {
+        h.stats().lanes[Lane::Reading].messages == n - 1 - store::ACK_GROUP_ROWS as u64
+    });
+}

@@ -21,6 +21,14 @@
 //!   without it, 22.8k with it; BENCHMARKS.md, "Commit spacing and full groups").
 //!   `max_batch` commands, or a flush request or shutdown taken before the sleep, end the
 //!   group at once too.
+//! - Acks (rows delivered upstream, to delete) wait until [`ACK_GROUP_ROWS`] of them are
+//!   pending, the oldest has waited [`ACK_DELAY`], the outbox nears its byte budget, or a
+//!   flush or shutdown asks for them; then the next group deletes them all. Deleting a few
+//!   rows at the head of the outbox in every commit rewrote that end of the B-tree (and
+//!   its freed-page records) hundreds of times per second under load, and cost a commit of
+//!   its own per delivered reading at low rates. Until then those rows still count in the
+//!   outbox depth; a crash before their deletion sends them again (bounded by the
+//!   forwarder's `max_uncommitted_acks`, well above [`ACK_GROUP_ROWS`]).
 //! - Counters are published to the shared atomics only after a successful commit; a failed
 //!   commit reverts them from the atomics and counts its appends as `commit_failed`.
 //! - A failed commit makes the store degraded; acks count as committed only once their
@@ -41,7 +49,7 @@ use super::stats::{Counter, Counters};
 use super::tables::{self, COMMANDS, DEAD_LETTERS, EVENT_LOG, META, RULE_STATE};
 use super::{
     CtlCmd, DataCmd, Lane, OnCommit, OutboxEntry, OverflowPolicy, StoreConfig, StoreError,
-    COMMIT_EARLY_ROWS,
+    ACK_DELAY, ACK_GROUP_ROWS, COMMIT_EARLY_ROWS,
 };
 use crate::ingest::Receipt;
 
@@ -148,6 +156,11 @@ pub(super) struct Owner {
     pub(super) last_commit: Instant,
     /// When the last commit started (commits start `flush_interval` apart at least).
     pub(super) last_commit_start: Option<Instant>,
+    /// Acks waiting to join a group (see the module header), their row count, and when
+    /// the oldest arrived.
+    pub(super) deferred_acks: Vec<(Lane, Vec<u64>)>,
+    pub(super) deferred_rows: usize,
+    pub(super) deferred_since: Option<Instant>,
 }
 
 /// What one collection round gathered.
@@ -212,6 +225,9 @@ impl Owner {
             data_taken: 0,
             last_commit: Instant::now(),
             last_commit_start: None,
+            deferred_acks: Vec::new(),
+            deferred_rows: 0,
+            deferred_since: None,
         }
     }
 
@@ -291,7 +307,11 @@ impl Owner {
 
     fn take_ctl(&mut self, group: &mut Group, cmd: CtlCmd) {
         match cmd {
-            CtlCmd::Ack(lane, seqs) => group.acks.push((lane, seqs)),
+            CtlCmd::Ack(lane, seqs) => {
+                self.deferred_rows += seqs.len();
+                self.deferred_since.get_or_insert_with(Instant::now);
+                self.deferred_acks.push((lane, seqs));
+            }
             CtlCmd::Flush(tx) => {
                 // Everything sent before the flush is taken already or still queued.
                 let target = self.data_taken + group.data.len() as u64 + self.data_rx.len() as u64;
@@ -326,6 +346,10 @@ impl Owner {
             Duration::ZERO
         } else if let Some(d) = &self.degraded {
             d.next_try
+                .saturating_duration_since(Instant::now())
+                .min(HOUSEKEEPING_INTERVAL)
+        } else if let Some(since) = self.deferred_since {
+            (since + ACK_DELAY)
                 .saturating_duration_since(Instant::now())
                 .min(HOUSEKEEPING_INTERVAL)
         } else {
@@ -373,6 +397,23 @@ impl Owner {
             }
         }
         self.data_taken += group.data.len() as u64;
+        if self.acks_due(group) {
+            group.acks.append(&mut self.deferred_acks);
+            self.deferred_rows = 0;
+            self.deferred_since = None;
+        }
+    }
+
+    /// Whether the pending acks join this group (see the module header).
+    fn acks_due(&self, group: &Group) -> bool {
+        let Some(since) = self.deferred_since else {
+            return false;
+        };
+        self.deferred_rows >= ACK_GROUP_ROWS
+            || since.elapsed() >= ACK_DELAY
+            || group.urgent()
+            || self.degraded.is_some()
+            || self.depth_bytes() >= self.cfg.max_bytes / 10 * 9
     }
 
     pub(super) fn get(&self, c: Counter) -> u64 {
