@@ -154,20 +154,24 @@ EOF
 UP_PID=$!; PIDS+=("$UP_PID")
 wait_port "$UP_PORT" 5 "$UP_PID" || { cat "$WORK/upstream.log" >&2; die "upstream mosquitto did not start"; }
 
+# Where side A's readings arrive upstream: one message per reading, or the gateway's
+# batches (`{prefix}/batch`, each element naming its device topic) with BATCH > 1.
+A_FILTER='bench/devices/#'
+[ "$BATCH" -gt 1 ] && A_FILTER='bench/batch'
 LOAD=(--devices "$DEVICES" --rate "$RATE" --duration "$DURATION" --qos "$QOS" --format "$FORMAT"
-      --upstream "127.0.0.1:$UP_PORT" --upstream-topic 'bench/devices/#' --progress 5s)
+      --upstream "127.0.0.1:$UP_PORT" --progress 5s)
 
-# probe LABEL PORT: 20 readings from 2 devices must reach upstream within 10 s.
+# probe LABEL PORT FILTER: 20 readings from 2 devices must reach upstream within 10 s.
 probe() {
   "$SIM" --broker "127.0.0.1:$2" --id-prefix "probe-$1-" --devices 2 --count 20 --rate 20 \
-    --upstream "127.0.0.1:$UP_PORT" --upstream-topic 'bench/devices/#' \
+    --upstream "127.0.0.1:$UP_PORT" --upstream-topic "$3" \
     --settle 5s --max-wait 10s --min-delivered 20 --progress 0s > "$WORK/probe-$1.txt" 2>&1
 }
 
-# measure SIDE LABEL PORT EDGE_PID
+# measure SIDE LABEL PORT EDGE_PID FILTER
 measure() {
   say "Side $1 ($2): $DEVICES devices x $RATE/s, QoS $QOS, $FORMAT, $DURATION"
-  "${PIN_REST[@]}" "$SIM" --broker "127.0.0.1:$3" "${LOAD[@]}" --label "$2" \
+  "${PIN_REST[@]}" "$SIM" --broker "127.0.0.1:$3" "${LOAD[@]}" --upstream-topic "$5" --label "$2" \
     --watch "edge=$4" --watch "upstream=$UP_PID" --json "$OUT/$1.json" | tee "$OUT/$1.txt"
 }
 
@@ -196,11 +200,11 @@ if [[ " $SIDES " == *" A "* && -z "$A_STATUS" ]]; then
       A_STATUS="the gateway exited (status $code) without listening on 127.0.0.1:$A_PORT"
     fi
     A_STATUS="$A_STATUS; its log ends: $(tail -n 5 "$WORK/gateway.log" | tr '\n' ' ')"
-  elif ! probe A "$A_PORT"; then
+  elif ! probe A "$A_PORT" "$A_FILTER"; then
     A_STATUS="the gateway accepted readings but forwarded none/too few to upstream bench/devices/# within 10 s (is upstream forwarding implemented, with GATEWAY__UPSTREAM__TOPIC_PREFIX=bench?). Probe: $(grep -m1 'upstream \[' "$WORK/probe-A.txt" || tail -n 2 "$WORK/probe-A.txt")"
   else
     w0=$(write_bytes "$GW_PID")
-    measure A gateway "$A_PORT" "$GW_PID"
+    measure A gateway "$A_PORT" "$GW_PID" "$A_FILTER"
     w1=$(write_bytes "$GW_PID")
     acked=$(grep -o '"acked": *[0-9]*' "$OUT/A.json" | head -n 1 | grep -o '[0-9]*$')
     echo "gateway disk writes (/proc/PID/io write_bytes, over the measured run): $((w1 - w0)) bytes," \
@@ -232,8 +236,8 @@ EOF
   "${PIN[@]}" "$MOSQUITTO" -c "$WORK/edge.conf" > "$WORK/edge.log" 2>&1 &
   EDGE_PID=$!; PIDS+=("$EDGE_PID")
   wait_port "$B_PORT" 5 "$EDGE_PID" || { cat "$WORK/edge.log" >&2; die "edge mosquitto did not start"; }
-  probe B "$B_PORT" || { cat "$WORK/probe-B.txt" "$WORK/edge.log" >&2; die "the Mosquitto bridge did not deliver the probe upstream"; }
-  measure B mosquitto-bridge "$B_PORT" "$EDGE_PID"
+  probe B "$B_PORT" 'bench/devices/#' || { cat "$WORK/probe-B.txt" "$WORK/edge.log" >&2; die "the Mosquitto bridge did not deliver the probe upstream"; }
+  measure B mosquitto-bridge "$B_PORT" "$EDGE_PID" 'bench/devices/#'
   settle B "$EDGE_PID"
   stop "$EDGE_PID"
 fi

@@ -281,6 +281,19 @@ fn stamps_in(value: &serde_cbor::Value, topic_device: Option<&str>) -> Option<Ve
     match value {
         C::Map(_) => Some(vec![flat_stamp(value, topic_device)?]),
         C::Array(items) if items.iter().any(is_senml_record) => senml_stamps(items, topic_device),
+        // The gateway's upstream batch: each element carries the reading's topic and its
+        // original payload.
+        C::Array(items) if !items.is_empty() && items.iter().all(is_batch_element) => {
+            let mut out = Vec::new();
+            for item in items {
+                let device = match get(item, "topic", None)? {
+                    C::Text(topic) => device_from_topic(topic),
+                    _ => None,
+                };
+                out.extend(stamps_in(get(item, "payload", None)?, device)?);
+            }
+            Some(out)
+        }
         C::Array(items) => items
             .iter()
             .map(|item| flat_stamp(item, topic_device))
@@ -323,6 +336,11 @@ fn flat_stamp(item: &serde_cbor::Value, topic_device: Option<&str>) -> Option<St
         seq: seq as u64,
         ts: ts as i64,
     })
+}
+
+/// An element of the gateway's upstream batch (`{"id", "topic", ..., "payload"}`).
+fn is_batch_element(item: &serde_cbor::Value) -> bool {
+    get(item, "topic", None).is_some() && get(item, "payload", None).is_some()
 }
 
 fn is_senml_record(item: &serde_cbor::Value) -> bool {
@@ -461,6 +479,27 @@ mod tests {
         let got = stamps("bench/devices/other/telemetry", &bytes).unwrap();
         assert_eq!(got.len(), 2);
         assert!(got.iter().all(|s| s.device == "t-0002" && s.ts == ts));
+    }
+
+    #[test]
+    fn the_gateways_upstream_batches_yield_every_reading_with_its_device() {
+        let (fields, ts) = sample();
+        let element = |device: &str, seq| {
+            let reading = Sample {
+                device,
+                ts,
+                seq,
+                fields: &fields,
+            };
+            let payload = String::from_utf8(encode(&reading, Format::Json).unwrap()).unwrap();
+            format!(
+                r#"{{"id":"gw:0011223344556677:{seq}","topic":"devices/{device}/telemetry","received_at":1,"replayed":false,"payload":{payload}}}"#
+            )
+        };
+        let batch = format!("[{},{}]", element("t-0001", 7), element("t-0002", 9));
+        let got = stamps("bench/batch", batch.as_bytes()).unwrap();
+        let got: Vec<(&str, u64)> = got.iter().map(|s| (s.device.as_str(), s.seq)).collect();
+        assert_eq!(got, [("t-0001", 7), ("t-0002", 9)]);
     }
 
     #[test]
