@@ -144,11 +144,12 @@ impl Engine {
     }
 
     /// Every instance as (rule index, device, instance), in rule order then device order.
-    fn sorted(&self) -> Vec<(usize, &String, &Instance)> {
+    fn sorted(&self, keep: impl Fn(&Instance) -> bool) -> Vec<(usize, &String, &Instance)> {
         let mut all: Vec<(usize, &String, &Instance)> = self
             .devices
             .iter()
             .flat_map(|(device, dev)| dev.iter().map(move |(i, inst)| (i, device, inst)))
+            .filter(|(_, _, inst)| keep(inst))
             .collect();
         all.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
         all
@@ -182,7 +183,7 @@ impl Engine {
     /// Everything needed to restore this engine later.
     pub fn snapshot(&self) -> EngineState {
         let instances = self
-            .sorted()
+            .sorted(|_| true)
             .into_iter()
             .map(|(i, device, inst)| self.record(i, device, inst))
             .collect();
@@ -344,7 +345,18 @@ impl Engine {
 
     /// Every instance (rule, device, state), in rule order then device order.
     pub fn instances(&self) -> Vec<InstanceStatus> {
-        self.sorted()
+        self.statuses(|_| true)
+    }
+
+    /// The instances that are pending or firing, in the order of [`Engine::instances`].
+    /// What the read model shows: a fleet's inactive instances (one per device and rule
+    /// that applies) are most of them, and are not sorted or copied here.
+    pub fn active_instances(&self) -> Vec<InstanceStatus> {
+        self.statuses(|inst| !matches!(inst.state, InstanceState::Inactive))
+    }
+
+    fn statuses(&self, keep: impl Fn(&Instance) -> bool) -> Vec<InstanceStatus> {
+        self.sorted(keep)
             .into_iter()
             .map(|(i, device, inst)| InstanceStatus {
                 rule: self.rules.rules()[i].name.clone(),

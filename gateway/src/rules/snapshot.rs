@@ -91,7 +91,7 @@ impl RulesSnapshot {
             })
             .collect();
         self.instances = engine
-            .instances()
+            .active_instances()
             .into_iter()
             .filter_map(|i| {
                 let (state, since) = match i.state {

@@ -71,6 +71,33 @@ fn pending_fires_when_for_has_elapsed_at_the_exact_due_time() {
 }
 
 #[test]
+fn active_instances_are_the_pending_and_firing_ones_in_the_order_of_all() {
+    let mut e = Engine::new(set(HYSTERESIS), "gw");
+    e.on_reading(&temp("t-3", 80.0), T0);
+    e.on_reading(&temp("t-2", 60.0), T0);
+    e.on_reading(&temp("t-1", 80.0), T0);
+    e.tick(T0 + 10 * S);
+    e.on_reading(&temp("t-4", 80.0), T0 + 11 * S);
+    let all = e.instances();
+    assert_eq!(all.len(), 4);
+    let active: Vec<(String, InstanceState)> = e
+        .active_instances()
+        .into_iter()
+        .map(|i| (i.device, i.state))
+        .collect();
+    let expected: Vec<(String, InstanceState)> = all
+        .into_iter()
+        .filter(|i| i.state != InstanceState::Inactive)
+        .map(|i| (i.device, i.state))
+        .collect();
+    assert_eq!(active, expected);
+    let devices: Vec<&str> = active.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(devices, ["t-1", "t-3", "t-4"]);
+    assert!(matches!(active[0].1, InstanceState::Firing { .. }));
+    assert_eq!(active[2].1, InstanceState::Pending { since: T0 + 11 * S });
+}
+
+#[test]
 fn pending_returns_to_inactive_without_an_event_when_the_condition_stops() {
     let mut e = Engine::new(set(HYSTERESIS), "gw");
     e.on_reading(&temp("t-1", 80.0), T0);
