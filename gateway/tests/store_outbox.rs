@@ -539,3 +539,53 @@ fn a_full_group_of_acks_and_a_flush_delete_at_once() {
         h.stats().lanes[Lane::Reading].messages == n - 1 - store::ACK_GROUP_ROWS as u64
     });
 }
+
+/// Reads `lane` from `next` on as the forwarder does, until nothing is left; returns the
+/// seqs handed over.
+fn read_live(h: &StoreHandle, next: &mut u64) -> Vec<u64> {
+    let mut got = Vec::new();
+    let mut rows = Vec::new();
+    loop {
+        h.read_outbox_live(Lane::Reading, *next, 100, &mut rows)
+            .unwrap();
+        let Some(last) = rows.last() else {
+            return got;
+        };
+        *next = last.seq + 1;
+        got.extend(rows.iter().map(|r| r.seq));
+    }
+}
+
+#[test]
+fn the_live_reader_gets_every_committed_row_once_in_order_from_memory_or_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(&dir.path().join("gw.redb"), settings(|_| {}));
+    let append = |n: u64| {
+        for i in 0..n {
+            assert!(h.append(reading("d", i, now_millis())));
+        }
+        h.flush_blocking().unwrap();
+    };
+    append(30); // before the reader's first read: in the file only
+    let mut next = 0;
+    let mut got = read_live(&h, &mut next);
+    for _ in 0..5 {
+        append(50);
+        got.extend(read_live(&h, &mut next));
+    }
+    // The reader falls behind by more than the tail holds, then catches up.
+    for _ in 0..3 {
+        append(store::TAIL_ROWS as u64 / 2 + 10);
+    }
+    got.extend(read_live(&h, &mut next));
+    append(20);
+    got.extend(read_live(&h, &mut next));
+    let all: Vec<u64> = all_rows(&h, Lane::Reading).iter().map(|r| r.seq).collect();
+    assert_eq!(all.len(), 30 + 250 + 3 * (store::TAIL_ROWS / 2 + 10) + 20);
+    assert_eq!(got, all);
+    // A replay from the start (a reconnect) gets every row again, from the file.
+    let mut from_start = 0;
+    assert_eq!(read_live(&h, &mut from_start), all);
+    // Rows the reader took are still in the file (only an ack deletes them).
+    assert_eq!(all_rows(&h, Lane::Reading).len(), all.len());
+}

@@ -1,7 +1,8 @@
 //! The forwarder: drains the outbox to the upstream MQTT broker over rumqttc (MQTT 5, or
 //! MQTT 3.1.1 with `upstream.protocol = "3.1.1"`).
 //!
-//! Reads committed outbox rows in sequence order (events lane first), publishes them to
+//! Reads committed outbox rows in sequence order (events lane first; rows committed since it
+//! caught up come from the store's memory, `StoreHandle::read_outbox_live`), publishes them to
 //! `{topic_prefix}/{row topic}`, and deletes a row only when its PUBACK arrives. Inputs:
 //! the [`StoreHandle`] (rows, the "rows added" wake-up) and the rumqttc event loop; outputs:
 //! publishes upstream, acks to the store and live counters ([`ForwarderStats`]).

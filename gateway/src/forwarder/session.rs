@@ -397,7 +397,7 @@ impl<'a> Session<'a> {
         let res = self
             .fwd
             .store
-            .read_outbox(lane, self.next_seq[lane], READ_CHUNK, &mut rows);
+            .read_outbox_live(lane, self.next_seq[lane], READ_CHUNK, &mut rows);
         if let Err(e) = res {
             tracing::error!(error = %e, "reading the outbox failed");
             self.scratch = rows;

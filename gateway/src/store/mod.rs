@@ -68,6 +68,7 @@ mod read;
 mod retention;
 mod stats;
 mod tables;
+mod tail;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -85,6 +86,7 @@ use crate::ingest::Receipt;
 use crate::reading::{Format, Millis};
 
 use health::{Reader, ReaderSlot};
+use tail::Tails;
 
 pub use commands::{
     drop_commands_file, list_commands_file, status_entry, CommandState, QueuedCommand,
@@ -92,6 +94,7 @@ pub use commands::{
 pub use read::{query_events, read_dead_letters, read_outbox_file, LoggedEvent};
 pub use stats::{read_stats_file, stats_command, Counter, LaneStats, OutboxStats, StorageHealth};
 pub use tables::epoch_hex;
+pub use tail::TAIL_ROWS;
 
 use stats::Counters;
 
@@ -387,6 +390,8 @@ struct Shared {
     db: Arc<ReaderSlot>,
     counters: Arc<Counters>,
     new_rows: Arc<Notify>,
+    /// The newest committed rows, for [`StoreHandle::read_outbox_live`].
+    tails: Arc<Mutex<Tails>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// The owner thread, woken when [`COMMIT_EARLY_ROWS`] commands wait.
     owner: std::thread::Thread,
@@ -445,6 +450,7 @@ impl Store {
         let (data_tx, data_rx) = crossbeam_channel::bounded(cfg.channel_capacity.max(1));
         let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
         let new_rows = Arc::new(Notify::new());
+        let tails = Arc::new(Mutex::new(Tails::default()));
         let owner = writer::Owner::new(
             db,
             path.to_owned(),
@@ -452,7 +458,7 @@ impl Store {
             cfg,
             (data_rx, ctl_rx),
             counters.clone(),
-            new_rows.clone(),
+            (new_rows.clone(), tails.clone()),
         );
         let thread = std::thread::Builder::new()
             .name("store".into())
@@ -471,6 +477,7 @@ impl Store {
                 db: slot,
                 counters,
                 new_rows,
+                tails,
                 thread: Mutex::new(Some(thread)),
                 owner,
             }),
@@ -755,6 +762,30 @@ impl StoreHandle {
             }
             other => other,
         }
+    }
+
+    /// [`StoreHandle::read_outbox`] for the one reader that reads the outbox in seq order
+    /// and takes each row once (the forwarder): rows committed since it caught up come
+    /// from memory (`tail.rs`), anything older from the file. Any other reader must use
+    /// [`StoreHandle::read_outbox`], or the forwarder would miss the rows it took.
+    pub fn read_outbox_live(
+        &self,
+        lane: Lane,
+        from_seq: u64,
+        limit: usize,
+        out: &mut Vec<OutboxRow>,
+    ) -> Result<(), StoreError> {
+        out.clear();
+        let taken = self
+            .shared
+            .tails
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(lane, from_seq, limit, out);
+        if taken {
+            return Ok(());
+        }
+        self.read_outbox(lane, from_seq, limit, out)
     }
 
     fn thread_running(&self) -> bool {

@@ -37,7 +37,7 @@
 //!   before it (see the store's module header for why this is a command).
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver};
@@ -47,9 +47,10 @@ use tokio::sync::{oneshot, Notify};
 use super::health::{Degraded, ReaderSlot};
 use super::stats::{Counter, Counters};
 use super::tables::{self, COMMANDS, DEAD_LETTERS, EVENT_LOG, META, RULE_STATE};
+use super::tail::Tails;
 use super::{
-    CtlCmd, DataCmd, Lane, OnCommit, OutboxEntry, OverflowPolicy, StoreConfig, StoreError,
-    ACK_DELAY, ACK_GROUP_ROWS, COMMIT_EARLY_ROWS,
+    ByLane, CtlCmd, DataCmd, Lane, OnCommit, OutboxEntry, OutboxRow, OverflowPolicy, StoreConfig,
+    StoreError, ACK_DELAY, ACK_GROUP_ROWS, COMMIT_EARLY_ROWS,
 };
 use crate::ingest::Receipt;
 
@@ -139,6 +140,12 @@ pub(super) struct Owner {
     pub(super) ctl_rx: Receiver<CtlCmd>,
     pub(super) counters: Arc<Counters>,
     pub(super) new_rows: Arc<Notify>,
+    /// Where committed rows go for the forwarder (`tail.rs`), once it reads.
+    pub(super) tails: Arc<Mutex<Tails>>,
+    /// Whether the transaction being built keeps its rows for `tails`.
+    keep_rows: bool,
+    /// The rows the transaction being built appended, by lane, when `keep_rows`.
+    appended: ByLane<Vec<OutboxRow>>,
     /// Counter values of the transaction being built.
     pub(super) meta: Vec<u64>,
     /// The value of each counter in the file as of the last commit; `None` when not known
@@ -201,7 +208,7 @@ impl Owner {
         cfg: StoreConfig,
         (data_rx, ctl_rx): (Receiver<Box<DataCmd>>, Receiver<CtlCmd>),
         counters: Arc<Counters>,
-        new_rows: Arc<Notify>,
+        (new_rows, tails): (Arc<Notify>, Arc<Mutex<Tails>>),
     ) -> Self {
         let meta: Vec<u64> = Counter::ALL.iter().map(|&c| counters.get(c)).collect();
         let drops_logged = meta.clone();
@@ -216,6 +223,9 @@ impl Owner {
             ctl_rx,
             counters,
             new_rows,
+            tails,
+            keep_rows: false,
+            appended: ByLane::default(),
             persisted: vec![None; meta.len()],
             staged: Vec::new(),
             meta,
@@ -432,6 +442,7 @@ impl Owner {
     fn commit(&mut self, group: &mut Group) -> Result<(), StoreError> {
         let started = Instant::now();
         self.last_commit_start = Some(started);
+        self.keep_rows = self.tails.lock().unwrap_or_else(|e| e.into_inner()).wanted;
         let appends = group
             .data
             .iter()
@@ -450,6 +461,12 @@ impl Owner {
                 for (i, v) in self.staged.drain(..) {
                     self.persisted[i] = Some(v);
                 }
+                if self.keep_rows {
+                    let mut tails = self.tails.lock().unwrap_or_else(|e| e.into_inner());
+                    for lane in [Lane::Event, Lane::Reading] {
+                        tails.push(lane, &mut self.appended[lane]);
+                    }
+                }
                 group.acks.clear();
                 for &c in Counter::ALL {
                     if !c.is_live() {
@@ -466,6 +483,8 @@ impl Owner {
                 }
                 self.staged.clear();
                 self.persisted.fill(None);
+                self.appended[Lane::Event].clear();
+                self.appended[Lane::Reading].clear();
                 self.counters.add(Counter::DropCommitFailed, appends);
                 Err(e)
             }
@@ -540,6 +559,7 @@ impl Owner {
                     self.add(appended, 1);
                     self.add(Counter::messages(e.lane), 1);
                     self.add(Counter::bytes(e.lane), len);
+                    self.keep_row(seq, e);
                 }
                 DataCmd::DeadLetter(dl, receipt) => {
                     tables::encode_dead_letter(&mut scratch, &dl);
@@ -632,7 +652,23 @@ impl Owner {
         self.add(appended, 1);
         self.add(Counter::messages(e.lane), 1);
         self.add(Counter::bytes(e.lane), row.len() as u64 + KEY_BYTES);
+        self.keep_row(seq, e);
         Ok(())
+    }
+
+    /// Keeps an appended row for the forwarder (`tail.rs`), when it reads.
+    fn keep_row(&mut self, seq: u64, e: OutboxEntry) {
+        if self.keep_rows {
+            self.appended[e.lane].push(OutboxRow {
+                seq,
+                lane: e.lane,
+                topic: e.topic,
+                device: e.device,
+                payload: e.payload,
+                format: e.format,
+                received_at: e.received_at,
+            });
+        }
     }
 
     pub(super) fn depth_bytes(&self) -> u64 {
