@@ -11,7 +11,8 @@
 //! - All writes happen on the owner thread ([`writer`]), grouped: many commands per write
 //!   transaction, committed with `Durability::Immediate`, at once after a quiet spell and
 //!   at least `flush_interval` apart under load. Other threads only read, through
-//!   read transactions on the shared `Database`.
+//!   read transactions on the shared `Database`, and the forwarder also takes the rows
+//!   committed since it caught up from memory (`tail.rs`).
 //! - Sequence numbers are assigned at commit, are strictly increasing across both lanes,
 //!   and survive restarts (`META.next_seq` is committed with the rows).
 //! - Every file has an epoch ([`StoreHandle::epoch`]), random and fixed when the file is
