@@ -155,7 +155,7 @@ pub const MAX_BATCH: usize = 8192;
 /// Commands waiting that end the commit spacing early (`writer.rs`'s module header).
 pub const COMMIT_EARLY_ROWS: usize = 32;
 /// Acks pending deletion that make the next group delete them (`writer.rs`).
-pub const ACK_GROUP_ROWS: usize = 32;
+pub const ACK_GROUP_ROWS: usize = 512;
 /// Longest time an ack waits for its deletion to be committed (`writer.rs`).
 pub const ACK_DELAY: Duration = Duration::from_secs(1);
 /// Capacity of the command channel; senders wait while it is full (backpressure).
