@@ -523,6 +523,30 @@ fn acks_arriving_one_by_one_are_deleted_together_within_the_ack_delay() {
 }
 
 #[test]
+fn pending_acks_join_the_next_commit_of_new_rows_without_waiting_for_the_ack_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(&dir.path().join("gw.redb"), settings(|_| {}));
+    let seqs = committed_rows(&h, 10);
+    let started = Instant::now();
+    h.ack(Lane::Reading, seqs[..3].to_vec());
+    // Alone, the acks wait for company (see above); a new row commits them with it.
+    std::thread::sleep(store::ACK_DELAY / 10);
+    assert_eq!(h.stats().lanes[Lane::Reading].messages, 10);
+    assert!(h.append(reading("d", 10, now_millis())));
+    wait_until(
+        "acks committed with the new row",
+        store::ACK_DELAY / 2,
+        || h.stats().lanes[Lane::Reading].messages == 8,
+    );
+    assert!(
+        started.elapsed() < store::ACK_DELAY,
+        "deleted after {:?}: the acks waited for the ack delay",
+        started.elapsed()
+    );
+    assert_eq!(h.counter(Counter::Acked), 3);
+}
+
+#[test]
 fn a_full_group_of_acks_and_a_flush_delete_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let h = open(&dir.path().join("gw.redb"), settings(|_| {}));

@@ -21,14 +21,14 @@
 //!   without it, 22.8k with it; BENCHMARKS.md, "Commit spacing and full groups").
 //!   `max_batch` commands, or a flush request or shutdown taken before the sleep, end the
 //!   group at once too.
-//! - Acks (rows delivered upstream, to delete) wait until [`ACK_GROUP_ROWS`] of them are
+//! - Acks (rows delivered upstream, to delete) join the next group that writes rows (it
+//!   commits anyway); without such a group they wait until [`ACK_GROUP_ROWS`] of them are
 //!   pending, the oldest has waited [`ACK_DELAY`], the outbox nears its byte budget, or a
-//!   flush or shutdown asks for them; then the next group deletes them all. Deleting a few
-//!   rows at the head of the outbox in every commit rewrote that end of the B-tree (and
-//!   its freed-page records) hundreds of times per second under load, and cost a commit of
-//!   its own per delivered reading at low rates. Measured at 1000 devices x 10/s, bytes
-//!   written per reading: 1,639-1,655 with a group per ack, 1,468-1,544 with groups of
-//!   32, 1,442-1,460 with 512 (BENCHMARKS.md, "Fewer costs per reading and per
+//!   flush or shutdown asks for them. So at low rates a delivered reading does not cost a
+//!   commit of its own for its deletion (10 devices x 1/s: 22.2 KB written per reading
+//!   with a commit per ack, 19.0 KB with the acks grouped), and under load the deletes
+//!   ride on the commits of new rows: holding them back for groups of 512 wrote 6% more
+//!   per reading at 1000 devices x 10/s (BENCHMARKS.md, "Fewer costs per reading and per
 //!   commit"). Until then those rows still count in the
 //!   outbox depth; a crash before their deletion sends them again (bounded by the
 //!   forwarder's `max_uncommitted_acks`, well above [`ACK_GROUP_ROWS`]).
@@ -196,6 +196,10 @@ impl Group {
         !self.shutdown
             && self.acks.is_empty()
             && self.data.iter().all(|c| matches!(c, DataCmd::Receipt(_)))
+    }
+    /// The group writes rows (not only receipts): it commits anyway.
+    fn writes_rows(&self) -> bool {
+        self.data.iter().any(|c| !matches!(c, DataCmd::Receipt(_)))
     }
     /// Flushes and shutdown are answered now rather than after the interval.
     fn urgent(&self) -> bool {
@@ -422,7 +426,8 @@ impl Owner {
         let Some(since) = self.deferred_since else {
             return false;
         };
-        self.deferred_rows >= ACK_GROUP_ROWS
+        group.writes_rows()
+            || self.deferred_rows >= ACK_GROUP_ROWS
             || since.elapsed() >= ACK_DELAY
             || group.urgent()
             || self.degraded.is_some()
