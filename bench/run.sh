@@ -71,6 +71,12 @@ wait_port() { # port seconds pid
   done
 }
 
+# commits: the gateway's store commits so far, from its /metrics (empty without curl).
+commits() {
+  command -v curl >/dev/null || return 0
+  curl -s -m 2 "http://127.0.0.1:$HTTP_PORT/metrics" 2>/dev/null |
+    awk '$1 == "gateway_store_commit_seconds_count" {printf "%d", $2}'
+}
 # write_bytes PID: bytes the process caused to be written to storage so far.
 write_bytes() { awk '$1 == "write_bytes:" {print $2}' "/proc/$1/io"; }
 rss_kb() { awk '$1 == "VmRSS:" {print $2}' "/proc/$1/status"; }
@@ -204,11 +210,19 @@ if [[ " $SIDES " == *" A "* && -z "$A_STATUS" ]]; then
     A_STATUS="the gateway accepted readings but forwarded none/too few to upstream bench/devices/# within 10 s (is upstream forwarding implemented, with GATEWAY__UPSTREAM__TOPIC_PREFIX=bench?). Probe: $(grep -m1 'upstream \[' "$WORK/probe-A.txt" || tail -n 2 "$WORK/probe-A.txt")"
   else
     w0=$(write_bytes "$GW_PID")
+    c0=$(commits); t0=$(date +%s%N)
     measure A gateway "$A_PORT" "$GW_PID" "$A_FILTER"
     w1=$(write_bytes "$GW_PID")
+    c1=$(commits); t1=$(date +%s%N)
     acked=$(grep -o '"acked": *[0-9]*' "$OUT/A.json" | head -n 1 | grep -o '[0-9]*$')
-    echo "gateway disk writes (/proc/PID/io write_bytes, over the measured run): $((w1 - w0)) bytes," \
-      "$(( (w1 - w0) / (acked > 0 ? acked : 1) )) bytes per acked reading ($acked)" | tee "$OUT/A-disk.txt"
+    {
+      echo "gateway disk writes (/proc/PID/io write_bytes, over the measured run): $((w1 - w0)) bytes," \
+        "$(( (w1 - w0) / (acked > 0 ? acked : 1) )) bytes per acked reading ($acked)"
+      if [ -n "$c0" ] && [ -n "$c1" ] && [ "$c1" -gt "$c0" ]; then
+        echo "gateway store commits (gateway_store_commit_seconds_count, same span): $((c1 - c0))," \
+          "$(( (c1 - c0) * 1000000000 / (t1 - t0) ))/s, $(( (w1 - w0) / (c1 - c0) )) bytes per commit"
+      fi
+    } | tee "$OUT/A-disk.txt"
     settle A "$GW_PID"
   fi
   stop "$GW_PID"
