@@ -158,8 +158,11 @@ pub const COMMIT_EARLY_ROWS: usize = 32;
 pub const ACK_GROUP_ROWS: usize = 512;
 /// Longest time an ack waits for its deletion to be committed (`writer.rs`).
 pub const ACK_DELAY: Duration = Duration::from_secs(1);
-/// Capacity of the command channel; senders wait while it is full (backpressure).
-pub const CHANNEL_CAPACITY: usize = 65_536;
+/// Capacity of the command channel; senders wait while it is full (backpressure). Two
+/// full groups ([`MAX_BATCH`]): one being committed, the next filling. The queue's slots
+/// are resident from the start (16 bytes each), so a deeper queue costs idle memory and
+/// only adds waiting under overload.
+pub const CHANNEL_CAPACITY: usize = 2 * MAX_BATCH;
 /// Event-log rows kept; the oldest are removed beyond it.
 pub const EVENT_LOG_MAX: u64 = 100_000;
 /// redb page cache in bytes (redb's default of 1 GiB is far too much for an edge box).
@@ -384,8 +387,8 @@ enum CtlCmd {
 
 struct Shared {
     path: PathBuf,
-    /// Boxed: the bounded queue allocates every slot up front, and a 16-byte slot keeps
-    /// 65,536 of them at 1 MiB instead of 6 MiB resident from the start.
+    /// Boxed: the bounded queue allocates and writes every slot up front, and a 16-byte
+    /// slot keeps [`CHANNEL_CAPACITY`] of them at 256 KiB (96-byte commands: 1.5 MiB).
     data_tx: Sender<Box<DataCmd>>,
     ctl_tx: Sender<CtlCmd>,
     db: Arc<ReaderSlot>,
