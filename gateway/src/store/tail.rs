@@ -173,8 +173,9 @@ mod tests {
         let half = TAIL_ROWS as u64 / 2;
         t.push(Lane::Reading, &mut batch(1));
         t.push(Lane::Reading, &mut batch(1 + half));
-        t.push(Lane::Reading, &mut batch(1 + 2 * half)); // over the bound: emptied
-                                                         // Covering nothing until the reader reads again: this push is not kept.
+        // Over the bound: emptied.
+        t.push(Lane::Reading, &mut batch(1 + 2 * half));
+        // Covering nothing until the reader reads again: this push is not kept.
         t.push(Lane::Reading, &mut vec![row(5000)]);
         assert!(!t.take(Lane::Reading, 1, 10, &mut out));
         t.push(Lane::Reading, &mut vec![row(5001)]);

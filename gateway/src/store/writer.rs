@@ -29,9 +29,9 @@
 //!   with a commit per ack, 19.0 KB with the acks grouped), and under load the deletes
 //!   ride on the commits of new rows: holding them back for groups of 512 wrote 6% more
 //!   per reading at 1000 devices x 10/s (BENCHMARKS.md, "Fewer costs per reading and per
-//!   commit"). Until then those rows still count in the
-//!   outbox depth; a crash before their deletion sends them again (bounded by the
-//!   forwarder's `max_uncommitted_acks`, well above [`ACK_GROUP_ROWS`]).
+//!   commit"). Until then those rows still count in the outbox depth; a crash before
+//!   their deletion sends them again (bounded by the forwarder's `max_uncommitted_acks`,
+//!   well above [`ACK_GROUP_ROWS`]).
 //! - Counters are published to the shared atomics only after a successful commit; a failed
 //!   commit reverts them from the atomics and counts its appends as `commit_failed`.
 //! - A failed commit makes the store degraded; acks count as committed only once their
@@ -193,9 +193,7 @@ impl Group {
     }
     /// Nothing to write (receipts alone need no commit): only housekeeping would commit.
     fn idle(&self) -> bool {
-        !self.shutdown
-            && self.acks.is_empty()
-            && self.data.iter().all(|c| matches!(c, DataCmd::Receipt(_)))
+        !self.shutdown && self.acks.is_empty() && !self.writes_rows()
     }
     /// The group writes rows (not only receipts): it commits anyway.
     fn writes_rows(&self) -> bool {
@@ -471,7 +469,7 @@ impl Owner {
                 }
                 if self.keep_rows {
                     let mut tails = self.tails.lock().unwrap_or_else(|e| e.into_inner());
-                    for lane in [Lane::Event, Lane::Reading] {
+                    for lane in Lane::ALL {
                         tails.push(lane, &mut self.appended[lane]);
                     }
                 }
@@ -491,8 +489,9 @@ impl Owner {
                 }
                 self.staged.clear();
                 self.persisted.fill(None);
-                self.appended[Lane::Event].clear();
-                self.appended[Lane::Reading].clear();
+                for lane in Lane::ALL {
+                    self.appended[lane].clear();
+                }
                 self.counters.add(Counter::DropCommitFailed, appends);
                 Err(e)
             }
