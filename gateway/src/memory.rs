@@ -10,7 +10,13 @@
 //! "Memory after a burst"). Both measures come without a new dependency:
 //!
 //! - [`limit_arenas`], once at start: at most [`ARENA_MAX`] arenas, so fewer heaps keep
-//!   free memory between bursts. `MALLOC_ARENA_MAX` in the environment still wins.
+//!   free memory between bursts. `MALLOC_ARENA_MAX` in the environment still wins. Too
+//!   few cost CPU: the pipeline's threads allocate and free on every reading (readings
+//!   are freed on another thread than the one that allocated them), and threads that
+//!   share an arena take turns on its lock. With 2 arenas the gateway spent about a fifth
+//!   of its CPU in malloc and free at 1000 devices x 10/s; 8 (one per busy thread:
+//!   connections, router, decode, rules, store, the async worker) took 15% less CPU for
+//!   the same peak and the same memory after the burst (BENCHMARKS.md, "Malloc arenas").
 //! - [`Trim`], driven once a second by the rules stage's tick (the gateway's one timer
 //!   that always runs, so this adds no wake-up): it watches the ingest counter and, when a
 //!   burst is over, calls `malloc_trim(0)`, which hands every free page of every arena
@@ -25,8 +31,9 @@
 //!   (connections that close later, queues that drain);
 //! - elsewhere than Linux with glibc (musl, other systems) both measures do nothing.
 
-/// Most malloc arenas the gateway uses (glibc's default: 8 per core).
-pub const ARENA_MAX: i32 = 2;
+/// Most malloc arenas the gateway uses (glibc's default: 8 per core): about one per
+/// thread that allocates per reading, so that they do not queue on a shared arena's lock.
+pub const ARENA_MAX: i32 = 8;
 /// Messages since the previous trim below which there is nothing worth trimming.
 pub const BURST_MIN: u64 = 10_000;
 /// Quiet ticks (seconds) after which a burst is over.
