@@ -5,7 +5,8 @@
 //! refuse `-k 0`).
 //!
 //! Covered: keep alive 0 gets a CONNACK, publishes and receives, is never timed out
-//! while keep alive 1 s still is, and accepted sockets carry TCP keepalive instead.
+//! while keep alive 1 s still is (and a client that keeps talking is not), and accepted
+//! sockets carry TCP keepalive instead.
 //! Delivery QoS is in `delivery_qos.rs`. The README's "Broker conformance" table lists
 //! these tests.
 
@@ -118,6 +119,36 @@ fn an_idle_keep_alive_0_connection_is_never_timed_out() {
         std::thread::sleep(Duration::from_millis(500)); // past 1.5 s for certain
         idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         ping(&mut idle).unwrap_or_else(|e| panic!("{version:?}: idle keep alive 0 closed: {e}"));
+    }
+}
+
+#[test]
+fn a_client_that_keeps_talking_outlives_its_keep_alive_and_is_closed_once_silent() {
+    // The keep alive is one timer per connection, set at connect and checked when it
+    // fires (vendor/rumqttd PATCHES.md, 22): a client that sends a packet every 400 ms
+    // with keep alive 1 s must stay connected well past the first 1.5 s, and be closed
+    // within 1.5 s (plus the timer's check) of going silent.
+    let (gw, v5_port) = gateway_v4_v5();
+    for (port, version) in [(gw.port, Version::V311), (v5_port, Version::V5)] {
+        let mut talker = raw_connect(port, version, &format!("talker-{version:?}"), 1);
+        talker
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        for i in 0..10 {
+            std::thread::sleep(Duration::from_millis(400));
+            ping(&mut talker)
+                .unwrap_or_else(|e| panic!("{version:?}: closed while talking, ping {i}: {e}"));
+        }
+        let silent_since = Instant::now();
+        assert!(
+            closed_within(&mut talker, Duration::from_secs(5)),
+            "{version:?}: a keep alive 1 s connection stayed open for 5 s of silence"
+        );
+        let silence = silent_since.elapsed();
+        assert!(
+            silence >= Duration::from_millis(1400),
+            "{version:?}: closed after {silence:?} of silence, before 1.5 x keep alive"
+        );
     }
 }
 

@@ -1,14 +1,11 @@
 use bytes::BytesMut;
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    time::timeout,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use std::{
     collections::VecDeque,
     io::{self, ErrorKind},
 };
-use tokio::time::{error::Elapsed, Duration};
+use tokio::time::Duration;
 
 use crate::protocol::{self, Packet, Protocol};
 
@@ -18,8 +15,9 @@ pub enum Error {
     Io(#[from] io::Error),
     #[error("Invalid data = {0}")]
     Protocol(#[from] protocol::Error),
+    // PATCH(gateway): raised by the remote link's loop (`keepalive_limit`).
     #[error["Keep alive timeout"]]
-    KeepAlive(#[from] Elapsed),
+    KeepAlive,
 }
 
 /// Network transforms packets <-> frames efficiently. It takes
@@ -36,10 +34,20 @@ pub struct Network<P> {
     max_incoming_size: usize,
     /// Maximum connection buffer count. TODO: Change this to use bytes for deterministicness
     max_connection_buffer_len: usize,
-    /// Keep alive timeout. PATCH(gateway): `None` for keep alive 0 (no timeout).
-    keepalive: Option<Duration>,
     /// Protocol
     protocol: P,
+}
+
+/// PATCH(gateway): how long a connection may stay silent: 1.5 x its keep alive, or no
+/// limit for keep alive 0 ("no keep alive", MQTT 3.1.1 and 5.0 section 3.1.2.10). The
+/// remote link's loop enforces it with one timer per connection, reset only when it
+/// fires (patch 22): a timeout around each read registered and removed a timer in the
+/// runtime's wheel for every packet read and every ack written.
+pub fn keepalive_limit(keep_alive: u16) -> Option<Duration> {
+    (keep_alive > 0).then(|| {
+        let keep_alive = Duration::from_secs(keep_alive as u64);
+        keep_alive + keep_alive.mul_f32(0.5)
+    })
 }
 
 /// PATCH(gateway): the read buffer's first capacity, and what it is renewed with once
@@ -64,10 +72,6 @@ impl<P: Protocol> Network<P> {
             write: BytesMut::with_capacity(WRITE_BUFFER_START),
             max_incoming_size,
             max_connection_buffer_len,
-            // Overwritten by keepalive value in connect packet, otherwise we
-            // would wait indefinitely until we get a packet / network error
-            // when we call read.
-            keepalive: None,
             protocol,
         }
     }
@@ -77,15 +81,6 @@ impl<P: Protocol> Network<P> {
     /// client within it has all its unacknowledged publishes handed over in one read.
     pub fn receive_maximum(&self) -> u16 {
         self.max_connection_buffer_len.clamp(1, u16::MAX as usize) as u16
-    }
-
-    /// PATCH(gateway): keep alive 0 means no keep alive (MQTT 3.1.1 and 5.0 section
-    /// 3.1.2.10): reads then wait without a timeout. Otherwise the limit is 1.5 x keep alive.
-    pub fn set_keepalive(&mut self, keepalive: u16) {
-        self.keepalive = (keepalive > 0).then(|| {
-            let keepalive = Duration::from_secs(keepalive as u64);
-            keepalive + keepalive.mul_f32(0.5)
-        });
     }
 
     /// Reads more than 'required' bytes to frame a packet into self.read buffer
@@ -126,10 +121,9 @@ impl<P: Protocol> Network<P> {
 
             // read more packets until a frame can be created. This function
             // blocks until a frame can be created. Use this in a select! branch
-            match self.keepalive {
-                Some(keepalive) => timeout(keepalive, self.read_bytes(required)).await??,
-                None => self.read_bytes(required).await?,
-            };
+            // PATCH(gateway): no timeout here; the remote link's loop enforces the keep
+            // alive with one timer per connection (`keepalive_limit`).
+            self.read_bytes(required).await?;
         }
     }
 

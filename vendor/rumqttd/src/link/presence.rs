@@ -131,7 +131,7 @@ impl DisconnectReason {
             remote::Error::Io(_) | remote::Error::Network(network::Error::Io(_)) => {
                 DisconnectReason::Lost
             }
-            remote::Error::Network(network::Error::KeepAlive(_)) => {
+            remote::Error::Network(network::Error::KeepAlive) => {
                 DisconnectReason::KeepAliveExpired
             }
             remote::Error::NotAuthorized(..) => DisconnectReason::NotAuthorized,

@@ -194,7 +194,15 @@ impl<P: Protocol> RemoteLink<P> {
     }
 
     pub async fn start(&mut self) -> Result<(), Error> {
-        self.network.set_keepalive(self.connect.keep_alive);
+        // PATCH(gateway): the keep alive is one timer per connection (patch 22,
+        // `network::keepalive_limit`). Silence is counted from the end of the last turn,
+        // as when each turn's read carried its own timeout: a turn spent handing over,
+        // waiting for room or writing does not count against the client. The timer, when
+        // it fires, checks the silence since then and is set again from it.
+        let keepalive = network::keepalive_limit(self.connect.keep_alive);
+        let silence_limit = keepalive.unwrap_or(Duration::MAX);
+        let mut turn_ended = time::Instant::now();
+        let mut keepalive_due = pin!(time::sleep(silence_limit));
 
         // PATCH(gateway): the receive futures of the router's signal, the application's
         // acks and its downlink messages live across the turns of the loop and are
@@ -291,6 +299,15 @@ impl<P: Protocol> RemoteLink<P> {
                         self.write_released_acks().await?;
                     }
                 }
+                // PATCH(gateway): the keep alive (see the top of this function).
+                () = &mut keepalive_due, if keepalive.is_some() => {
+                    let due = turn_ended + silence_limit;
+                    if time::Instant::now() >= due {
+                        return Err(Error::Network(network::Error::KeepAlive));
+                    }
+                    keepalive_due.as_mut().reset(due);
+                    continue;
+                }
                 // PATCH(gateway): acks released by the application.
                 () = or_pending(&mut acks_changed) => {
                     if let (Some(changed), Some(signal)) = (&mut acks_changed, &acks_signal) {
@@ -332,6 +349,8 @@ impl<P: Protocol> RemoteLink<P> {
                     }
                 }
             }
+            // PATCH(gateway): the keep alive's silence starts again (see above).
+            turn_ended = time::Instant::now();
         }
     }
 }
@@ -398,7 +417,7 @@ where
 
     // PATCH(gateway): keep alive 0 is valid ("no keep alive", MQTT 3.1.1 and 5.0
     // section 3.1.2.10) and accepted: such a connection has no read timeout (see
-    // `Network::set_keepalive`); TCP keepalive on the accepted socket detects a dead peer.
+    // `network::keepalive_limit`); TCP keepalive on the accepted socket detects a dead peer.
 
     let empty_client_id = connect.client_id.is_empty();
     let clean_session = connect.clean_session;
