@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::eval::{eval, update_windows, values_of, Vars};
+use super::eval::{eval, set_values, update_windows, Vars};
 use super::rule::{Rule, RuleKind};
 use super::ruleset::RuleSet;
 use super::state::{
@@ -284,7 +284,7 @@ impl Engine {
             let observed = match &rule.kind {
                 RuleKind::Absence { .. } => {
                     // The last values a device sent are what its offline event shows.
-                    inst.values = values_of(reading, &aggs);
+                    set_values(&mut inst.values, reading, &aggs);
                     Some((false, true))
                 }
                 RuleKind::Condition { condition, clear } => {
@@ -312,7 +312,7 @@ impl Engine {
                 // The reading that started a transition (pending, clearing) is the one whose
                 // values the coming event shows; copying only then keeps the hot path cheap.
                 if inst.state != before {
-                    inst.values = values_of(reading, &aggs);
+                    set_values(&mut inst.values, reading, &aggs);
                 }
                 cx.advance(inst, now, &mut out);
             }

@@ -43,12 +43,41 @@ pub(super) fn update_windows<'r>(
     out
 }
 
-pub(super) fn values_of(reading: &Reading, aggs: &[(&str, f64)]) -> BTreeMap<String, Value> {
-    let mut values = reading.fields.clone();
-    for (name, v) in aggs {
-        values.insert(format!("{AGG_VAR}.{name}"), Value::Number(*v));
+/// Sets `values` to what an event shows of `reading`: its fields, and `agg.NAME` for each
+/// aggregate (over a field of that name). In place, keeping the keys it has: a device
+/// that sends the same fields each time costs no allocation for its numbers and
+/// booleans. An absence rule does this for every reading it sees.
+pub(super) fn set_values(
+    values: &mut BTreeMap<String, Value>,
+    reading: &Reading,
+    aggs: &[(&str, f64)],
+) {
+    let is_agg = |key: &str| {
+        let name = key.strip_prefix(AGG_VAR).and_then(|k| k.strip_prefix('.'));
+        name.is_some_and(|name| aggs.iter().any(|(a, _)| *a == name))
+    };
+    values.retain(|key, _| reading.fields.contains_key(key) || is_agg(key));
+    for (key, value) in &reading.fields {
+        match values.get_mut(key) {
+            Some(slot) => slot.clone_from(value),
+            None => {
+                values.insert(key.clone(), value.clone());
+            }
+        }
     }
-    values
+    let mut key = String::new();
+    for (name, v) in aggs {
+        key.clear();
+        key.push_str(AGG_VAR);
+        key.push('.');
+        key.push_str(name);
+        match values.get_mut(key.as_str()) {
+            Some(slot) => *slot = Value::Number(*v),
+            None => {
+                values.insert(key.clone(), Value::Number(*v));
+            }
+        }
+    }
 }
 
 /// Evaluates a condition to a boolean; `None` when it errors or is not boolean.

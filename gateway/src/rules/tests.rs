@@ -658,3 +658,38 @@ fn the_engine_can_move_to_a_task_and_rule_sets_cross_threads() {
     assert!(e.replace(built, T0).is_empty());
     assert_eq!(e.rules().len(), 1);
 }
+
+#[test]
+fn event_values_are_set_in_place_to_the_fields_and_aggregates_of_the_latest_reading() {
+    use super::eval::set_values;
+    // What an event shows: the reading's fields, then `agg.NAME` for each aggregate.
+    fn expected(reading: &Reading, aggs: &[(&str, f64)]) -> BTreeMap<String, Value> {
+        let mut values = reading.fields.clone();
+        for (name, v) in aggs {
+            values.insert(format!("agg.{name}"), Value::Number(*v));
+        }
+        values
+    }
+    let mut text = reading("d1", "telemetry", &[("temperature", 20.0)]);
+    text.fields
+        .insert("state".into(), Value::Text("charging".into()));
+    // A field named like an aggregate is shadowed by the aggregate, as in conditions.
+    let shadow = reading("d1", "telemetry", &[("agg.avg", 1.0), ("humidity", 40.0)]);
+    let steps: Vec<(Reading, Vec<(&str, f64)>)> = vec![
+        (temp("d1", 20.0), vec![]),
+        (temp("d1", 21.5), vec![("avg", 20.75)]),
+        (
+            reading("d1", "telemetry", &[("humidity", 40.0), ("battery", 3.1)]),
+            vec![("avg", 20.75)],
+        ),
+        (text, vec![("avg", 1.0), ("max", 2.0)]),
+        (shadow, vec![("avg", 3.0)]),
+        (reading("d1", "telemetry", &[]), vec![]),
+        (temp("d1", 22.0), vec![("max", 22.0)]),
+    ];
+    let mut values = BTreeMap::new();
+    for (i, (r, aggs)) in steps.iter().enumerate() {
+        set_values(&mut values, r, aggs);
+        assert_eq!(values, expected(r, aggs), "step {i}");
+    }
+}
