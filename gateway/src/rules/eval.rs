@@ -52,6 +52,17 @@ pub(super) fn set_values(
     reading: &Reading,
     aggs: &[(&str, f64)],
 ) {
+    // The usual case, the same fields as last time and no aggregates: one walk of both
+    // sorted maps, one comparison per key.
+    if aggs.is_empty()
+        && values.len() == reading.fields.len()
+        && values.keys().eq(reading.fields.keys())
+    {
+        for (slot, value) in values.values_mut().zip(reading.fields.values()) {
+            slot.clone_from(value);
+        }
+        return;
+    }
     let is_agg = |key: &str| {
         let name = key.strip_prefix(AGG_VAR).and_then(|k| k.strip_prefix('.'));
         name.is_some_and(|name| aggs.iter().any(|(a, _)| *a == name))

@@ -686,6 +686,10 @@ fn event_values_are_set_in_place_to_the_fields_and_aggregates_of_the_latest_read
         (shadow, vec![("avg", 3.0)]),
         (reading("d1", "telemetry", &[]), vec![]),
         (temp("d1", 22.0), vec![("max", 22.0)]),
+        // The same keys again (the in-place walk), then as many keys but other ones.
+        (temp("d1", 23.0), vec![]),
+        (temp("d1", 24.0), vec![]),
+        (reading("d1", "telemetry", &[("humidity", 50.0)]), vec![]),
     ];
     let mut values = BTreeMap::new();
     for (i, (r, aggs)) in steps.iter().enumerate() {
