@@ -1,6 +1,7 @@
 //! End-to-end rules: the shipped example temperature rule fires and resolves on readings
 //! published by a real MQTT client; the CloudEvents arrive on the embedded broker and
-//! upstream; a broken edit of a live rule file keeps the old rules working.
+//! upstream; a broken edit of a live rule file keeps the old rules working; rule state
+//! survives a restart (a firing instance) and kill -9 (a pending one, saved periodically).
 //!
 //! Rule durations are short (the example rule's `for` is cut from 10 s to 500 ms) so the
 //! transitions happen within a second or two of real time.
@@ -200,6 +201,43 @@ async fn restart_neither_refires_nor_forgets_a_firing_instance() {
     assert_eq!(
         resolved["data"]["firing_since"],
         firing["data"]["firing_since"]
+    );
+    gw.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_instance_saved_periodically_survives_kill_9_and_fires_on_time() {
+    // A reading starts a `for = 8s` condition: pending, no event yet, so only the rules
+    // stage's periodic save (every 5 s, of the devices whose instances moved) keeps it.
+    // After kill -9 and a restart with no further reading, it must still fire 8 s after
+    // that reading.
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    std::fs::write(
+        rules.join("heat.toml"),
+        "[[rule]]\nname = \"heat\"\nevent = \"Heat\"\ncondition = \"heat > 10.0\"\nfor = \"8s\"\n",
+    )
+    .unwrap();
+    let mut gw = Gateway::start_in(dir, &[]);
+    let heat = vec![(
+        "devices/p-1/telemetry".to_string(),
+        b"{\"heat\":20}".to_vec(),
+    )];
+    publish_all(&gw.addr(), "p-1", &heat).await;
+    let published = Instant::now();
+    // Past one save interval (5 s) with room to spare, before the `for` is over.
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    gw.kill();
+
+    gw.spawn();
+    let mut local = subscribe(&gw.addr(), "events/Heat/+").await;
+    let (_, firing) = next_event(&mut local, Duration::from_secs(10)).await;
+    assert_eq!(firing["data"]["state"], "firing");
+    assert!(
+        published.elapsed() >= Duration::from_millis(7500),
+        "fired {:?} after the reading, before its `for` of 8 s",
+        published.elapsed()
     );
     gw.stop();
 }

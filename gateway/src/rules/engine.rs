@@ -39,6 +39,9 @@ use crate::reading::{Millis, Reading};
 struct DeviceInstances {
     rules: Vec<u32>,
     instances: Vec<Instance>,
+    /// A reading moved its instances since the owner last saved them (listed in
+    /// [`Engine::moved`]).
+    moved: bool,
 }
 
 impl DeviceInstances {
@@ -67,6 +70,9 @@ pub struct Engine {
     devices: HashMap<String, DeviceInstances>,
     stats: EngineStats,
     scratch: Vec<usize>,
+    /// Devices whose instances readings moved since they were last saved, in the order
+    /// they first moved; an entry whose `moved` flag is clear was saved meanwhile.
+    moved: Vec<String>,
 }
 
 impl Engine {
@@ -77,6 +83,7 @@ impl Engine {
             devices: HashMap::new(),
             stats: EngineStats::default(),
             scratch: Vec::new(),
+            moved: Vec::new(),
         }
     }
 
@@ -270,6 +277,10 @@ impl Engine {
             Some(dev) => dev,
             None => self.devices.entry(reading.device.clone()).or_default(),
         };
+        if !dev.moved {
+            dev.moved = true;
+            self.moved.push(reading.device.clone());
+        }
         for &i in &applicable {
             let rule = &self.rules.rules()[i];
             let inst = dev.get_or_insert(i, || Instance::new(rule, now));
@@ -320,6 +331,27 @@ impl Engine {
         self.scratch = applicable;
         self.stats.events += out.len() as u64;
         out
+    }
+
+    /// The devices whose instances readings moved since they were last saved (or since
+    /// the engine started), once each, and clears that mark: what the owner saves
+    /// periodically. Includes devices whose instances have gone since (their saved state
+    /// goes too).
+    pub fn take_moved(&mut self) -> Vec<String> {
+        let mut moved = std::mem::take(&mut self.moved);
+        moved.retain(|device| match self.devices.get_mut(device) {
+            Some(dev) => std::mem::replace(&mut dev.moved, false),
+            None => true,
+        });
+        moved
+    }
+
+    /// The owner saved `device`'s instances: it is not listed by [`Engine::take_moved`]
+    /// until a reading moves them again.
+    pub fn saved(&mut self, device: &str) {
+        if let Some(dev) = self.devices.get_mut(device) {
+            dev.moved = false;
+        }
     }
 
     /// Applies every timer due at or before `now`: `for`, `keep_firing_for`, cooldown, absence.

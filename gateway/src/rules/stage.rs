@@ -163,8 +163,6 @@ impl RulesStage {
         let mut evaluations = engine.stats().evaluations;
         let mut next_tick = Instant::now() + TICK;
         let mut next_save = Instant::now() + SAVE_INTERVAL;
-        // Devices whose windows moved since the last periodic save.
-        let mut dirty: HashSet<String> = HashSet::new();
         // Set when events changed instances the read model does not show yet.
         let mut snapshot_due: Option<Instant> = None;
         let mut last_snapshot = Instant::now();
@@ -180,9 +178,6 @@ impl RulesStage {
                     for reading in &readings {
                         let produced = engine.on_reading(reading, now);
                         events.extend(with_actions(engine.rules(), produced));
-                        if !dirty.contains(&reading.device) {
-                            dirty.insert(reading.device.clone());
-                        }
                     }
                     let now_evaluated = engine.stats().evaluations;
                     Counters::add(&self.counters.rule_evaluations, now_evaluated - evaluations);
@@ -204,7 +199,7 @@ impl RulesStage {
                     events.iter().map(|(e, _)| e.subject.as_str()).collect();
                 for device in changed {
                     self.save(&engine, device);
-                    dirty.remove(device);
+                    engine.saved(device);
                 }
                 snapshot_due.get_or_insert(last_snapshot + SNAPSHOT_INTERVAL);
             }
@@ -218,12 +213,12 @@ impl RulesStage {
                 snapshot_due = None;
                 last_snapshot = Instant::now();
                 self.snapshot.update(|s| s.refresh(&engine));
-                for device in dirty.drain() {
+                for device in engine.take_moved() {
                     self.save(&engine, &device);
                 }
             }
         }
-        for device in dirty.drain() {
+        for device in engine.take_moved() {
             self.save(&engine, &device);
         }
         tracing::debug!("Rules stopped.");

@@ -697,3 +697,29 @@ fn event_values_are_set_in_place_to_the_fields_and_aggregates_of_the_latest_read
         assert_eq!(values, expected(r, aggs), "step {i}");
     }
 }
+
+#[test]
+fn devices_whose_instances_moved_are_listed_once_until_saved() {
+    let mut e = Engine::new(set(OFFLINE), "gw");
+    assert!(e.take_moved().is_empty());
+    for t in [1, 2, 3] {
+        e.on_reading(&temp("d1", 20.0), T0 + t * S);
+    }
+    e.on_reading(&temp("d2", 20.0), T0 + 4 * S);
+    // A reading no rule applies to moves nothing.
+    e.on_reading(&reading("d3", "other", &[("x", 1.0)]), T0 + 5 * S);
+    assert_eq!(e.take_moved(), ["d1", "d2"]);
+    assert!(
+        e.take_moved().is_empty(),
+        "listed again without a new reading"
+    );
+    // Saved by the owner in between (an event changed it): not listed.
+    e.on_reading(&temp("d1", 21.0), T0 + 6 * S);
+    e.on_reading(&temp("d2", 21.0), T0 + 6 * S);
+    e.saved("d1");
+    assert_eq!(e.take_moved(), ["d2"]);
+    // Moved again after that save: listed again, once.
+    e.on_reading(&temp("d1", 22.0), T0 + 7 * S);
+    e.on_reading(&temp("d1", 23.0), T0 + 8 * S);
+    assert_eq!(e.take_moved(), ["d1"]);
+}
