@@ -6,7 +6,7 @@
 //! Rule durations are short (the example rule's `for` is cut from 10 s to 500 ms) so the
 //! transitions happen within a second or two of real time.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use test_support::{publish_all, subscribe, Collector, Gateway, Mosquitto, Rumqttd};
@@ -41,6 +41,25 @@ fn reading(device: &str, temperature: f64) -> Vec<(String, Vec<u8>)> {
     vec![(
         format!("devices/{device}/telemetry"),
         format!("{{\"temperature\":{temperature}}}").into_bytes(),
+    )]
+}
+
+/// A gateway on its defaults whose rules directory holds one rule file, `name`, with
+/// `toml`; also the path of that file.
+fn gateway_with_rule(name: &str, toml: &str) -> (Gateway, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    let file = rules.join(name);
+    std::fs::write(&file, toml).unwrap();
+    (Gateway::start_in(dir, &[]), file)
+}
+
+/// One telemetry reading of `device` with the field `heat`.
+fn heat(device: &str, heat: u32) -> Vec<(String, Vec<u8>)> {
+    vec![(
+        format!("devices/{device}/telemetry"),
+        format!("{{\"heat\":{heat}}}").into_bytes(),
     )]
 }
 
@@ -128,16 +147,10 @@ async fn example_temperature_rule_fires_and_resolves_locally_and_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_edit_keeps_the_old_rules_running() {
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules");
-    std::fs::create_dir(&rules).unwrap();
-    let file = rules.join("hot.toml");
-    std::fs::write(
-        &file,
+    let (mut gw, file) = gateway_with_rule(
+        "hot.toml",
         "[[rule]]\nname = \"hot\"\nevent = \"Hot\"\ncondition = \"heat > 10.0\"\n",
-    )
-    .unwrap();
-    let mut gw = Gateway::start_in(dir, &[]);
+    );
     // start_in points rules.dir at <dir>/rules.
     gw.wait_log("Rules loaded.", Duration::from_secs(5));
     let mut local = subscribe(&gw.addr(), "events/Hot/+").await;
@@ -151,11 +164,7 @@ async fn broken_edit_keeps_the_old_rules_running() {
     assert!(error.contains("condition"), "{error}");
     gw.wait_log("the previous rules stay in force", Duration::from_secs(5));
 
-    let msg = vec![(
-        "devices/h-1/telemetry".to_string(),
-        br#"{"heat":20}"#.to_vec(),
-    )];
-    publish_all(&gw.addr(), "h-1", &msg).await;
+    publish_all(&gw.addr(), "h-1", &heat("h-1", 20)).await;
     let (topic, event) = next_event(&mut local, Duration::from_secs(5)).await;
     assert_eq!(topic, "events/Hot/h-1");
     assert_eq!(event["data"]["state"], "firing");
@@ -164,21 +173,11 @@ async fn broken_edit_keeps_the_old_rules_running() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_neither_refires_nor_forgets_a_firing_instance() {
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules");
-    std::fs::create_dir(&rules).unwrap();
-    std::fs::write(
-        rules.join("heat.toml"),
+    let (mut gw, _) = gateway_with_rule(
+        "heat.toml",
         "[[rule]]\nname = \"heat\"\nevent = \"Heat\"\ncondition = \"heat > 10.0\"\nclear = \"heat < 5.0\"\n",
-    )
-    .unwrap();
-    let mut gw = Gateway::start_in(dir, &[]);
-    let heat = |v: u32| {
-        vec![(
-            "devices/r-1/telemetry".to_string(),
-            format!("{{\"heat\":{v}}}").into_bytes(),
-        )]
-    };
+    );
+    let heat = |v: u32| heat("r-1", v);
 
     let mut local = subscribe(&gw.addr(), "events/Heat/+").await;
     publish_all(&gw.addr(), "r-1", &heat(20)).await;
@@ -211,20 +210,11 @@ async fn a_pending_instance_saved_periodically_survives_kill_9_and_fires_on_time
     // stage's periodic save (every 5 s, of the devices whose instances moved) keeps it.
     // After kill -9 and a restart with no further reading, it must still fire 8 s after
     // that reading.
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules");
-    std::fs::create_dir(&rules).unwrap();
-    std::fs::write(
-        rules.join("heat.toml"),
+    let (mut gw, _) = gateway_with_rule(
+        "heat.toml",
         "[[rule]]\nname = \"heat\"\nevent = \"Heat\"\ncondition = \"heat > 10.0\"\nfor = \"8s\"\n",
-    )
-    .unwrap();
-    let mut gw = Gateway::start_in(dir, &[]);
-    let heat = vec![(
-        "devices/p-1/telemetry".to_string(),
-        b"{\"heat\":20}".to_vec(),
-    )];
-    publish_all(&gw.addr(), "p-1", &heat).await;
+    );
+    publish_all(&gw.addr(), "p-1", &heat("p-1", 20)).await;
     let published = Instant::now();
     // Past one save interval (5 s) with room to spare, before the `for` is over.
     tokio::time::sleep(Duration::from_millis(6500)).await;
