@@ -69,12 +69,7 @@ pub(super) fn set_values(
     };
     values.retain(|key, _| reading.fields.contains_key(key) || is_agg(key));
     for (key, value) in &reading.fields {
-        match values.get_mut(key) {
-            Some(slot) => slot.clone_from(value),
-            None => {
-                values.insert(key.clone(), value.clone());
-            }
-        }
+        put(values, key, value);
     }
     let mut key = String::new();
     for (name, v) in aggs {
@@ -82,11 +77,16 @@ pub(super) fn set_values(
         key.push_str(AGG_VAR);
         key.push('.');
         key.push_str(name);
-        match values.get_mut(key.as_str()) {
-            Some(slot) => *slot = Value::Number(*v),
-            None => {
-                values.insert(key.clone(), Value::Number(*v));
-            }
+        put(values, &key, &Value::Number(*v));
+    }
+}
+
+/// Sets `key` to `value`, allocating the key only when it is new.
+fn put(values: &mut BTreeMap<String, Value>, key: &str, value: &Value) {
+    match values.get_mut(key) {
+        Some(slot) => slot.clone_from(value),
+        None => {
+            values.insert(key.to_owned(), value.clone());
         }
     }
 }
