@@ -4,7 +4,7 @@
 //! connection with the same client id), and a full channel drops reports instead of
 //! holding up connections.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rumqttd::{DisconnectReason, PresenceEvent, PresenceHook};
 use test_support::{raw_connect, Rumqttd, V5Client};
@@ -137,6 +137,11 @@ async fn a_full_channel_drops_reports_and_counts_them_without_holding_up_connect
     for i in 0..3 {
         // Each CONNACK arrives although nobody reads the reports.
         clients.push(V5Client::connect(broker.port, &format!("d-full-{i}"), |_| {}).await);
+    }
+    // A connection reports itself just after writing its CONNACK.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while hook.dropped() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(hook.dropped(), 2);
     connected(next(&rx).await, "d-full-0");
