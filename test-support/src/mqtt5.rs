@@ -129,6 +129,13 @@ impl V5Client {
             .await;
     }
 
+    /// Unsubscribes from `filter` and waits for the UNSUBACK.
+    pub async fn unsubscribe(&mut self, filter: &str) {
+        self.client.unsubscribe(filter).await.unwrap();
+        self.wait_for("UNSUBACK", |p| matches!(p, Incoming::UnsubAck(_)))
+            .await;
+    }
+
     /// Publishes at QoS 1 with `properties` and waits for the PUBACK.
     pub async fn publish(
         &mut self,

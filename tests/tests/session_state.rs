@@ -15,7 +15,7 @@ use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, LastWillProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::Value;
 use test_support::mqtt5::payloads;
-use test_support::{free_port, paho_available, publish_acked, run_paho, Gateway, V5Client};
+use test_support::{free_port, metric, paho_available, publish_acked, run_paho, Gateway, V5Client};
 
 /// A gateway with the MQTT 5 listener; returns it and that listener's port.
 fn gateway_v5() -> (Gateway, u16) {
@@ -310,16 +310,59 @@ async fn a_311_persistent_session_gets_what_was_published_while_it_was_away() {
     assert_eq!(received, ["m0", "m1", "m2", "m3", "m4"]);
 }
 
-/// `gateway_broker_messages_lost_total` from the gateway's `/metrics`.
-fn messages_lost(gw: &Gateway) -> u64 {
+/// One sample of the gateway's `/metrics`.
+fn sample(gw: &Gateway, name: &str) -> f64 {
     let (code, text) = gw.http_get("/metrics");
     assert_eq!(code, 200, "{text}");
-    text.lines()
-        .find_map(|l| l.strip_prefix("gateway_broker_messages_lost_total "))
-        .unwrap_or_else(|| panic!("no gateway_broker_messages_lost_total in\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    metric(&text, name)
+}
+
+/// `gateway_broker_messages_lost_total` from the gateway's `/metrics`.
+fn messages_lost(gw: &Gateway) -> u64 {
+    sample(gw, "gateway_broker_messages_lost_total") as u64
+}
+
+/// The broker's log of a filter holds messages only while someone may read them: while
+/// a persistent session is away (which gets them when it resumes), and while the resumed
+/// session is subscribed. Once nobody subscribes (the resumed session unsubscribed, which
+/// it can like a new one), the log holds nothing, whatever is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_holds_messages_only_while_a_subscriber_may_read_them() {
+    let (gw, port) = gateway_v5();
+    let held = || sample(&gw, "gateway_broker_log_bytes");
+    let topic = "conf/log/held";
+    let mut sub = persistent(port, "held-v5", true, Some(60)).await;
+    sub.subscribe(Filter::new(topic, QoS::AtLeastOnce)).await;
+    sub.drop_connection().await;
+    let mut publisher = V5Client::connect(port, "held-v5-pub", |_| {}).await;
+    for i in 0..10 {
+        let mut payload = format!("m{i}-").into_bytes();
+        payload.resize(1024, b'x');
+        publisher
+            .publish(topic, false, &payload, Default::default())
+            .await;
+    }
+    assert!(
+        held() >= 10.0 * 1024.0,
+        "kept for the session away: {}",
+        held()
+    );
+
+    let mut back = persistent(port, "held-v5", false, Some(60)).await;
+    assert!(back.connack.session_present);
+    publisher
+        .publish(topic, false, b"resumed", Default::default())
+        .await;
+    let received = back.until(b"resumed").await;
+    assert_eq!(received.len(), 11, "{:?}", payloads(&received));
+    assert!(held() > 10.0 * 1024.0, "still read: {}", held());
+
+    back.unsubscribe(topic).await;
+    publisher
+        .publish(topic, false, b"unread", Default::default())
+        .await;
+    assert_eq!(held(), 0.0, "nobody reads the log");
+    assert_eq!(messages_lost(&gw), 0);
 }
 
 /// Offline messages are bounded by the broker's log of the filter (here 2 x 64 KiB):

@@ -212,6 +212,12 @@ pub fn render(s: &Sources) -> String {
         Kind::Counter,
     )
     .value(rumqttd::forwards_lost() as f64);
+    e.family(
+        "gateway_broker_log_bytes",
+        "Bytes (topic and payload) of the messages the embedded broker holds in its in-memory logs for subscribers, at most broker.segment_bytes x (broker.segment_count + 1) per subscription filter; a filter that no connection and no saved session subscribes to holds none.",
+        Kind::Gauge,
+    )
+    .value(rumqttd::log_bytes() as f64);
     storage(&mut e, &store);
     commands(&mut e, s, &store);
     device_events(&mut e, s.device_events.as_deref());

@@ -31,6 +31,8 @@ pub use link::meters;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
 // PATCH(gateway)
 pub use router::forwards_lost;
+// PATCH(gateway)
+pub use segments::log_bytes;
 use segments::Storage;
 pub use server::{Broker, LinkType, Server};
 

@@ -346,6 +346,11 @@ where
 
     /// Writes to all the filters that are mapped to this publish topic
     /// and wakes up consumers that are matching this topic (if they exist)
+    /// PATCH(gateway): the subscription filter this log is for.
+    pub fn filter(&self) -> &str {
+        &self.filter
+    }
+
     pub fn append(
         &mut self,
         item: T,

@@ -390,6 +390,14 @@ impl Router {
         }
 
         let connection_id = self.connections.insert(connection);
+        // PATCH(gateway): a resumed session's subscriptions are live subscriptions again
+        // (`Readers` relies on it; rumqttd 0.20 left them out of the map).
+        for filter in &self.connections[connection_id].subscriptions {
+            self.subscription_map
+                .entry(filter.clone())
+                .or_default()
+                .insert(connection_id);
+        }
         assert_eq!(self.ibufs.insert(incoming), connection_id);
         assert_eq!(self.obufs.insert(outgoing), connection_id);
 
@@ -560,10 +568,10 @@ impl Router {
                 outgoing.unacked_pubrels,
             );
         } else {
+            // PATCH(gateway): a session that ends with its connection leaves nothing in
+            // the graveyard. rumqttd kept its connection events (up to 10 strings) under
+            // its client id for the console, forever: one entry per client id ever seen.
             tracker.pause(PauseReason::Busy);
-            let id = tracker.id.clone();
-            // Only save metrics in clean session
-            self.graveyard.save_metrics(id, connection.events);
         }
         self.router_meters.total_connections -= 1;
     }
@@ -657,6 +665,11 @@ impl Router {
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
+                        Readers {
+                            subscriptions: &self.subscription_map,
+                            shared: !self.shared_subscriptions.is_empty(),
+                            graveyard: &self.graveyard,
+                        },
                     ) {
                         Ok(_offset) => {
                             // Even if one of the data in the batch is appended to commitlog,
@@ -868,6 +881,11 @@ impl Router {
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
+                        Readers {
+                            subscriptions: &self.subscription_map,
+                            shared: !self.shared_subscriptions.is_empty(),
+                            graveyard: &self.graveyard,
+                        },
                     ) {
                         Ok(_offset) => {
                             // Even if one of the data in the batch is appended to commitlog,
@@ -1224,6 +1242,11 @@ impl Router {
             properties,
             &mut self.datalog,
             &mut self.notifications,
+            Readers {
+                subscriptions: &self.subscription_map,
+                shared: !self.shared_subscriptions.is_empty(),
+                graveyard: &self.graveyard,
+            },
             #[cfg(feature = "validate-tenant-prefix")]
             tenant_prefix,
         ) {
@@ -1280,6 +1303,30 @@ impl Router {
     }
 }
 
+/// PATCH(gateway): who may still read a filter's log. A log nobody may read holds no
+/// message: a subscription made later starts at the log's next offset, so what it held
+/// would never be delivered, only kept in memory until it rotated out.
+struct Readers<'a> {
+    /// Live connections by subscription filter (resumed sessions included).
+    subscriptions: &'a HashMap<Filter, HashSet<ConnectionId>>,
+    /// Shared subscriptions are keyed by `$share/GROUP/FILTER`: while there is any, every
+    /// log counts as read.
+    shared: bool,
+    /// Sessions saved while their client is away.
+    graveyard: &'a Graveyard,
+}
+
+impl Readers<'_> {
+    fn any(&self, filter: &str) -> bool {
+        self.shared
+            || self.graveyard.subscribes(filter)
+            || self
+                .subscriptions
+                .get(filter)
+                .is_some_and(|ids| !ids.is_empty())
+    }
+}
+
 fn append_to_commitlog(
     id: ConnectionId,
     mut publish: Publish,
@@ -1287,6 +1334,7 @@ fn append_to_commitlog(
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     connections: &mut Slab<Connection>,
+    readers: Readers,
 ) -> Result<Offset, RouterError> {
     let connection = connections.get_mut(id).unwrap();
     let origin = connection.generation;
@@ -1349,6 +1397,7 @@ fn append_to_commitlog(
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
+        let read = readers.any(datalog.filter());
         // PATCH(gateway): stored with the publishing connection, for No Local.
         let publish_data = PublishData::new(publish.clone(), properties.clone(), origin);
         let (offset, filter) = datalog.append(publish_data, notifications);
@@ -1356,6 +1405,10 @@ fn append_to_commitlog(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
         );
+        // PATCH(gateway): nobody reads it (see `Readers`).
+        if !read {
+            datalog.log.clear();
+        }
 
         o = offset;
     }
@@ -1369,6 +1422,7 @@ fn append_will_message(
     properties: Option<PublishProperties>,
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
+    readers: Readers,
     #[cfg(feature = "validate-tenant-prefix")] tenant_prefix: Option<String>,
 ) -> Result<Offset, RouterError> {
     // TODO: broker should properly send the disconnect packet!
@@ -1415,12 +1469,17 @@ fn append_will_message(
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
+        let read = readers.any(datalog.filter());
         let publish_data = (publish.clone(), properties.clone());
         let (offset, filter) = datalog.append(publish_data.into(), notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
         );
+        // PATCH(gateway): nobody reads it (see `Readers`).
+        if !read {
+            datalog.log.clear();
+        }
 
         o = offset;
     }

@@ -5,7 +5,18 @@ mod segment;
 pub mod utils;
 
 use segment::{Segment, SegmentPosition};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tracing::warn;
+
+/// PATCH(gateway): bytes ([`Storage::size`]) of the messages all commit logs of the
+/// process hold. The router's logs live as long as the router, so nothing is subtracted
+/// when one is dropped.
+static LOG_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// PATCH(gateway): the total of [`LOG_BYTES`] now.
+pub fn log_bytes() -> u64 {
+    LOG_BYTES.load(Ordering::Relaxed)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Position {
@@ -100,7 +111,6 @@ where
     }
 
     /// Size of data in all the segments
-    #[allow(dead_code)]
     pub fn size(&self) -> u64 {
         let mut size = 0;
         for segment in self.segments.iter() {
@@ -137,6 +147,7 @@ where
     #[inline]
     pub fn append(&mut self, message: T) -> (u64, u64) {
         self.apply_retention();
+        LOG_BYTES.fetch_add(message.size() as u64, Ordering::Relaxed);
         let active_segment = self.active_segment_mut();
         active_segment.push(message);
         let absolute_offset = self.active_segment().next_offset();
@@ -150,7 +161,9 @@ where
             let absolute_offset = self.active_segment().next_offset();
             // If active segment is full and segments are full, apply retention policy.
             if self.memory_segments_count() >= self.max_mem_segments {
-                self.segments.pop_front();
+                if let Some(dropped) = self.segments.pop_front() {
+                    LOG_BYTES.fetch_sub(dropped.size(), Ordering::Relaxed);
+                }
                 self.head += 1;
             }
 
@@ -165,6 +178,21 @@ where
     #[inline]
     pub fn last(&self) -> Option<T> {
         self.active_segment().last()
+    }
+
+    /// PATCH(gateway): drops every message the log holds, for a log that nobody reads.
+    /// Offsets go on: [`Self::next_offset`] is unchanged, so a reader that starts there
+    /// later reads the messages appended from then on.
+    pub fn clear(&mut self) {
+        if self.segments.len() == 1 && self.active_segment().len() == 0 {
+            return;
+        }
+        LOG_BYTES.fetch_sub(self.size(), Ordering::Relaxed);
+        while self.segments.len() > 1 {
+            self.segments.pop_front();
+            self.head += 1;
+        }
+        self.active_segment_mut().clear();
     }
 
     /// Read `len` Ts at once. More efficient than reading 1 at a time. Returns
@@ -306,6 +334,29 @@ mod tests {
                 end: (100, 1)
             }
         );
+    }
+
+    // PATCH(gateway)
+    #[test]
+    fn a_cleared_log_holds_nothing_and_keeps_its_offsets() {
+        let mut log: CommitLog<Bytes> = CommitLog::new(10 * 1024, 2).unwrap();
+        for i in 0..25 {
+            log.append(random_payload(i, 1024));
+        }
+        assert_eq!(log.len(), 2);
+        let next = log.next_offset();
+        log.clear();
+        assert_eq!(log.size(), 0);
+        assert_eq!(log.len(), 1);
+        assert_eq!(log.next_offset(), next);
+
+        // A reader starting at the next offset gets what comes after, and only that.
+        assert_eq!(log.append(random_payload(25, 1024)), (next.0, next.1 + 1));
+        let mut out = Vec::new();
+        log.readv(next, 10, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        verify(25, 1024, out.remove(0));
+        assert_eq!(out.len(), 0);
     }
 
     #[test]

@@ -112,6 +112,16 @@ where
     pub fn last(&self) -> Option<T> {
         self.data.last().cloned()
     }
+
+    /// PATCH(gateway): drops every message, keeping the offsets: the next message gets the
+    /// offset it would have had. A buffer that grew beyond its initial 1024 slots is
+    /// given back.
+    pub(crate) fn clear(&mut self) {
+        self.absolute_offset += self.len();
+        self.total_size = 0;
+        self.data.clear();
+        self.data.shrink_to(1024);
+    }
 }
 
 #[cfg(test)]
