@@ -163,6 +163,9 @@ impl RulesStage {
         let mut evaluations = engine.stats().evaluations;
         let mut next_tick = Instant::now() + TICK;
         let mut next_save = Instant::now() + SAVE_INTERVAL;
+        // Events emitted since the start: with the readings ingested, what the memory trim
+        // watches for bursts.
+        let mut emitted: u64 = 0;
         // Set when events changed instances the read model does not show yet.
         let mut snapshot_due: Option<Instant> = None;
         let mut last_snapshot = Instant::now();
@@ -191,9 +194,11 @@ impl RulesStage {
                 let due = engine.tick(now_millis());
                 events.extend(with_actions(engine.rules(), due));
                 events.extend(self.reload(&mut watcher, &mut engine));
-                self.trim.on_tick(Counters::get(&self.counters.ingested));
+                self.trim
+                    .on_tick(Counters::get(&self.counters.ingested) + emitted);
             }
             if !events.is_empty() {
+                emitted += events.len() as u64;
                 self.emit(&events);
                 let changed: HashSet<&str> =
                     events.iter().map(|(e, _)| e.subject.as_str()).collect();
