@@ -12,6 +12,10 @@
 //!   bucket width (1/64 of the window).
 //! - `rate` is (newest - oldest) / seconds between them; it has no value with fewer than two
 //!   samples or when they share one timestamp.
+//! - A window's buffer grows by doubling up to what it can hold at most (N + 1 samples,
+//!   [`TIME_BUCKETS`] + 2 buckets) and no further: a full one-minute window is 66
+//!   buckets, not the 128 that doubling would reserve (a window per aggregate, per rule,
+//!   per device is the bulk of the rules' memory).
 
 use std::collections::VecDeque;
 
@@ -61,22 +65,26 @@ impl Window {
                         b.max = b.max.max(value);
                         b.last = (at, value);
                     }
-                    _ => self.buckets.push_back(Bucket {
-                        start,
-                        count: 1,
-                        sum: value,
-                        min: value,
-                        max: value,
-                        first: (at, value),
-                        last: (at, value),
-                    }),
+                    _ => push_bounded(
+                        &mut self.buckets,
+                        TIME_BUCKETS as usize + 2,
+                        Bucket {
+                            start,
+                            count: 1,
+                            sum: value,
+                            min: value,
+                            max: value,
+                            first: (at, value),
+                            last: (at, value),
+                        },
+                    ),
                 }
                 while self.buckets.front().is_some_and(|b| b.last.0 <= at - ms) {
                     self.buckets.pop_front();
                 }
             }
             WindowSpec::Count(n) => {
-                self.samples.push_back((at, value));
+                push_bounded(&mut self.samples, n + 1, (at, value));
                 while self.samples.len() > n {
                     self.samples.pop_front();
                 }
@@ -120,6 +128,15 @@ impl Window {
     }
 }
 
+/// Pushes `item`, growing a full buffer by doubling but never beyond `most` slots.
+fn push_bounded<T>(deque: &mut VecDeque<T>, most: usize, item: T) {
+    let len = deque.len();
+    if len == deque.capacity() && len < most {
+        deque.reserve_exact((len * 2).clamp(4, most) - len);
+    }
+    deque.push_back(item);
+}
+
 fn rate((t0, v0): (Millis, f64), (t1, v1): (Millis, f64)) -> Option<f64> {
     (t1 > t0).then(|| (v1 - v0) / ((t1 - t0) as f64 / 1000.0))
 }
@@ -157,6 +174,7 @@ mod tests {
             "{} buckets",
             w.buckets.len()
         );
+        assert_eq!(w.buckets.capacity(), TIME_BUCKETS as usize + 2);
         let count = w.value(AggFn::Count).unwrap();
         assert!((120_000.0..=122_000.0).contains(&count), "{count}");
         assert_eq!(w.value(AggFn::Min), Some(0.0));
@@ -169,6 +187,11 @@ mod tests {
         for (i, v) in [1.0, 2.0, 3.0, 4.0].into_iter().enumerate() {
             w.push(i as Millis * 1000, v, WindowSpec::Count(3));
         }
+        assert_eq!(
+            w.samples.capacity(),
+            4,
+            "3 samples and the one pushed before the oldest goes"
+        );
         assert_eq!(w.value(AggFn::Avg), Some(3.0));
         assert_eq!(w.value(AggFn::Rate), Some(1.0));
     }
