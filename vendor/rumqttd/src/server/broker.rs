@@ -562,7 +562,9 @@ async fn remote<P: Protocol>(
 
     let dynamic_filters = config.dynamic_filters;
 
-    let connect_packet = match mqtt_connect(config, &mut network).await {
+    // PATCH(gateway): the futures that set a connection up are boxed, so that they are
+    // freed once it is up rather than sized into the future that lives as long as it.
+    let connect_packet = match Box::pin(mqtt_connect(config, &mut network)).await {
         Ok(p) => p,
         Err(e) => {
             error!(error=?e, "Error while handling MQTT connect packet");
@@ -614,7 +616,7 @@ async fn remote<P: Protocol>(
         .insert(client_id.clone(), will_tx.clone());
 
     // Start the link
-    let mut link = match RemoteLink::new(
+    let mut link = match Box::pin(RemoteLink::new(
         router_tx.clone(),
         tenant_id.clone(),
         network,
@@ -622,7 +624,7 @@ async fn remote<P: Protocol>(
         dynamic_filters,
         assigned_client_id,
         hooks,
-    )
+    ))
     .await
     {
         Ok(l) => l,
