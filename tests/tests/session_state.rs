@@ -165,6 +165,15 @@ async fn persistent(port: u16, id: &str, clean_start: bool, expiry: Option<u32>)
     .await
 }
 
+/// A session of `id` subscribed to `topic` at QoS 1 that outlives its connection by 60 s,
+/// its client gone (created with clean start 1); and a publisher, `{id}-pub`.
+async fn session_away(port: u16, id: &str, topic: &str) -> V5Client {
+    let mut sub = persistent(port, id, true, Some(60)).await;
+    sub.subscribe(Filter::new(topic, QoS::AtLeastOnce)).await;
+    sub.drop_connection().await;
+    V5Client::connect(port, &format!("{id}-pub"), |_| {}).await
+}
+
 /// QoS 1 messages published while a session's client is away are delivered when it
 /// resumes the session (clean start 0), without subscribing again. The session was
 /// created with clean start 1: on MQTT 5 its expiry interval, not clean start, decides
@@ -173,10 +182,7 @@ async fn persistent(port: u16, id: &str, clean_start: bool, expiry: Option<u32>)
 async fn messages_for_an_offline_session_are_delivered_when_it_resumes() {
     let (_gw, port) = gateway_v5();
     let topic = "conf/offline/v5";
-    let mut sub = persistent(port, "offline-v5", true, Some(60)).await;
-    sub.subscribe(Filter::new(topic, QoS::AtLeastOnce)).await;
-    sub.drop_connection().await;
-    let mut publisher = V5Client::connect(port, "offline-v5-pub", |_| {}).await;
+    let mut publisher = session_away(port, "offline-v5", topic).await;
     for i in 0..5 {
         let payload = format!("m{i}");
         publisher
@@ -331,10 +337,7 @@ async fn the_broker_holds_messages_only_while_a_subscriber_may_read_them() {
     let (gw, port) = gateway_v5();
     let held = || sample(&gw, "gateway_broker_log_bytes");
     let topic = "conf/log/held";
-    let mut sub = persistent(port, "held-v5", true, Some(60)).await;
-    sub.subscribe(Filter::new(topic, QoS::AtLeastOnce)).await;
-    sub.drop_connection().await;
-    let mut publisher = V5Client::connect(port, "held-v5-pub", |_| {}).await;
+    let mut publisher = session_away(port, "held-v5", topic).await;
     for i in 0..10 {
         let mut payload = format!("m{i}-").into_bytes();
         payload.resize(1024, b'x');
@@ -378,11 +381,8 @@ async fn offline_messages_beyond_the_log_are_dropped_and_counted() {
         ("GATEWAY__BROKER__SEGMENT_COUNT", "1"),
     ]);
     let topic = "conf/offline/overrun";
-    let mut sub = persistent(v5_port, "overrun-v5", true, Some(60)).await;
-    sub.subscribe(Filter::new(topic, QoS::AtLeastOnce)).await;
-    sub.drop_connection().await;
+    let mut publisher = session_away(v5_port, "overrun-v5", topic).await;
     assert_eq!(messages_lost(&gw), 0);
-    let mut publisher = V5Client::connect(v5_port, "overrun-v5-pub", |_| {}).await;
     const PUBLISHED: usize = 400;
     for i in 0..PUBLISHED {
         let mut payload = format!("m{i:03}-").into_bytes();
