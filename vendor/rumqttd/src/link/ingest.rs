@@ -54,7 +54,9 @@ pub struct Ingested {
     /// 0, 1 or 2.
     pub qos: u8,
     pub retain: bool,
-    pub properties: Option<PublishProperties>,
+    /// PATCH(gateway): boxed, so that a slot of the ingest channel is small (most
+    /// publishes have none, and the channel keeps the capacity its queue once reached).
+    pub properties: Option<Box<PublishProperties>>,
     /// For QoS 1 and 2: the acknowledgement the client waits for.
     pub ack: Option<PendingAck>,
 }
@@ -250,7 +252,7 @@ impl HeldAcks {
                     payload: publish.payload.clone(),
                     qos: publish.qos as u8,
                     retain: publish.retain,
-                    properties: props.clone(),
+                    properties: props.clone().map(Box::new),
                     ack,
                 });
                 if publish.qos != QoS::AtMostOnce {
