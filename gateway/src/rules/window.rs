@@ -132,7 +132,7 @@ impl Window {
 fn push_bounded<T>(deque: &mut VecDeque<T>, most: usize, item: T) {
     let len = deque.len();
     if len == deque.capacity() && len < most {
-        deque.reserve_exact((len * 2).clamp(4, most) - len);
+        deque.reserve_exact((len * 2).max(4).min(most) - len);
     }
     deque.push_back(item);
 }
@@ -192,6 +192,12 @@ mod tests {
             4,
             "3 samples and the one pushed before the oldest goes"
         );
+        // A window smaller than the first growth step.
+        let mut one = Window::default();
+        for i in 0..3 {
+            one.push(i * 1000, 1.0, WindowSpec::Count(1));
+        }
+        assert_eq!(one.samples.capacity(), 2);
         assert_eq!(w.value(AggFn::Avg), Some(3.0));
         assert_eq!(w.value(AggFn::Rate), Some(1.0));
     }
