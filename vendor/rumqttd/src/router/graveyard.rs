@@ -24,7 +24,7 @@ impl Graveyard {
     /// Return tracker of previous connection if connection id already exists
     pub fn retrieve(&mut self, id: &str) -> Option<SavedState> {
         let saved = self.connections.remove(id);
-        self.forget(saved.as_ref().and_then(|s| s.session_state.as_ref()));
+        self.forget(saved.as_ref());
         saved
     }
 
@@ -44,8 +44,9 @@ impl Graveyard {
         }
     }
 
-    /// PATCH(gateway): uncounts a session state that leaves the graveyard.
-    fn forget(&mut self, state: Option<&SessionState>) {
+    /// PATCH(gateway): uncounts a saved session that leaves the graveyard.
+    fn forget(&mut self, saved: Option<&SavedState>) {
+        let state = saved.and_then(|s| s.session_state.as_ref());
         for filter in state.iter().flat_map(|s| &s.subscriptions) {
             let filter = log_filter(filter);
             if let Some(n) = self.subscribed.get_mut(filter) {
@@ -96,7 +97,7 @@ impl Graveyard {
                 generation,
             },
         );
-        self.forget(old.as_ref().and_then(|s| s.session_state.as_ref()));
+        self.forget(old.as_ref());
     }
 }
 

@@ -21,7 +21,7 @@ use tracing::{debug, error, info, trace, warn};
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
-use super::logs::{AckLog, DataLog, PublishData};
+use super::logs::{AckLog, Data, DataLog, PublishData};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
@@ -665,11 +665,11 @@ impl Router {
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
-                        Readers {
-                            subscriptions: &self.subscription_map,
-                            shared: !self.shared_subscriptions.is_empty(),
-                            graveyard: &self.graveyard,
-                        },
+                        Readers::new(
+                            &self.subscription_map,
+                            &self.shared_subscriptions,
+                            &self.graveyard,
+                        ),
                     ) {
                         Ok(_offset) => {
                             // Even if one of the data in the batch is appended to commitlog,
@@ -881,11 +881,11 @@ impl Router {
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
-                        Readers {
-                            subscriptions: &self.subscription_map,
-                            shared: !self.shared_subscriptions.is_empty(),
-                            graveyard: &self.graveyard,
-                        },
+                        Readers::new(
+                            &self.subscription_map,
+                            &self.shared_subscriptions,
+                            &self.graveyard,
+                        ),
                     ) {
                         Ok(_offset) => {
                             // Even if one of the data in the batch is appended to commitlog,
@@ -1242,11 +1242,11 @@ impl Router {
             properties,
             &mut self.datalog,
             &mut self.notifications,
-            Readers {
-                subscriptions: &self.subscription_map,
-                shared: !self.shared_subscriptions.is_empty(),
-                graveyard: &self.graveyard,
-            },
+            Readers::new(
+                &self.subscription_map,
+                &self.shared_subscriptions,
+                &self.graveyard,
+            ),
             #[cfg(feature = "validate-tenant-prefix")]
             tenant_prefix,
         ) {
@@ -1316,7 +1316,19 @@ struct Readers<'a> {
     graveyard: &'a Graveyard,
 }
 
-impl Readers<'_> {
+impl<'a> Readers<'a> {
+    fn new(
+        subscriptions: &'a HashMap<Filter, HashSet<ConnectionId>>,
+        shared_subscriptions: &HashMap<String, SharedGroup>,
+        graveyard: &'a Graveyard,
+    ) -> Self {
+        Readers {
+            subscriptions,
+            shared: !shared_subscriptions.is_empty(),
+            graveyard,
+        }
+    }
+
     fn any(&self, filter: &str) -> bool {
         self.shared
             || self.graveyard.subscribes(filter)
@@ -1324,6 +1336,26 @@ impl Readers<'_> {
                 .subscriptions
                 .get(filter)
                 .is_some_and(|ids| !ids.is_empty())
+    }
+
+    /// Appends `item` to the log of `data`, which keeps it only if someone may read it.
+    fn append(
+        &self,
+        data: &mut Data<PublishData>,
+        item: PublishData,
+        notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
+        pkid: u16,
+    ) -> Offset {
+        let read = self.any(data.filter());
+        let (offset, filter) = data.append(item, notifications);
+        debug!(
+            pkid,
+            "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
+        );
+        if !read {
+            data.log.clear();
+        }
+        offset
     }
 }
 
@@ -1397,18 +1429,9 @@ fn append_to_commitlog(
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let read = readers.any(datalog.filter());
         // PATCH(gateway): stored with the publishing connection, for No Local.
         let publish_data = PublishData::new(publish.clone(), properties.clone(), origin);
-        let (offset, filter) = datalog.append(publish_data, notifications);
-        debug!(
-            pkid,
-            "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
-        );
-        // PATCH(gateway): nobody reads it (see `Readers`).
-        if !read {
-            datalog.log.clear();
-        }
+        let offset = readers.append(datalog, publish_data, notifications, pkid);
 
         o = offset;
     }
@@ -1469,17 +1492,8 @@ fn append_will_message(
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let read = readers.any(datalog.filter());
         let publish_data = (publish.clone(), properties.clone());
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
-        debug!(
-            pkid,
-            "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
-        );
-        // PATCH(gateway): nobody reads it (see `Readers`).
-        if !read {
-            datalog.log.clear();
-        }
+        let offset = readers.append(datalog, publish_data.into(), notifications, pkid);
 
         o = offset;
     }
