@@ -276,8 +276,20 @@ fn receipts_are_released_after_the_commit_in_order() {
         );
         std::thread::sleep(Duration::from_millis(5));
     };
-    // Committed by the time the device may be acknowledged.
-    assert_eq!(store::read_dead_letters(&path, 10).unwrap().len(), 1);
+    // Durable by the time the device may be acknowledged: the files as they are now, as
+    // a crash would leave them, open with the dead letter in them.
+    let crashed = tempfile::tempdir().unwrap();
+    let copy = crashed.path().join("gw.redb");
+    for suffix in ["", ".journal"] {
+        std::fs::copy(
+            format!("{}{suffix}", path.display()),
+            format!("{}{suffix}", copy.display()),
+        )
+        .unwrap();
+    }
+    let reopened = open(&copy, settings(|_| {}));
+    assert_eq!(reopened.read_dead_letters(10).unwrap().len(), 1);
+    reopened.shutdown().unwrap();
     let pkids: Vec<u16> = acks
         .iter()
         .map(|p| match p {

@@ -244,7 +244,15 @@ async fn publishes_outside_the_ingest_pattern_are_counted_logged_and_kept() {
     assert_eq!(status["ingest"]["unrouted"], 3);
     assert_eq!(status["ingest"]["readings"], 1);
 
-    let dead = gateway::store::read_dead_letters(&gw.db_path(), 10).unwrap();
+    // The database file holds them by the next checkpoint (at most a second).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let dead = loop {
+        let dead = gateway::store::read_dead_letters(&gw.db_path(), 10).unwrap();
+        if dead.len() >= unrouted.len() || std::time::Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let mut topics: Vec<&str> = dead.iter().map(|d| d.topic.as_str()).collect();
     topics.sort();
     let mut want = unrouted.to_vec();

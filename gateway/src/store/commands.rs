@@ -15,11 +15,12 @@
 //!   or `dropped` (the bound, or an operator dropping the device's queue); each is
 //!   reported once: removing a command that is gone already does nothing.
 
-use redb::{ReadableDatabase, ReadableTable, Table};
+use redb::{ReadableDatabase, ReadableTable};
 
+use super::journal::Logged;
 use super::stats::Counter;
 use super::tables::{Cursor, COMMANDS};
-use super::writer::Owner;
+use super::writer::{Owner, RowTable};
 use super::{Lane, OutboxEntry, StoreError};
 use crate::reading::{Format, Millis};
 
@@ -147,14 +148,14 @@ fn corrupt(device: &str, seq: u64) -> StoreError {
     }
 }
 
-type CommandTable<'t> = Table<'t, (&'static str, u64), &'static [u8]>;
+type CommandTable<'l, 't> = Logged<'l, 't, (&'static str, u64), &'static [u8]>;
 
 impl Owner {
     /// Queues `cmd` (reported `queued`), then drops the device's oldest beyond the bound.
     pub(super) fn queue_command(
         &mut self,
-        commands: &mut CommandTable<'_>,
-        events: &mut Table<'_, u64, &[u8]>,
+        commands: &mut CommandTable<'_, '_>,
+        events: &mut RowTable<'_, '_>,
         mut cmd: QueuedCommand,
         max_per_device: usize,
     ) -> Result<(), StoreError> {
@@ -187,8 +188,8 @@ impl Owner {
     /// Removes a device's command as `state` and reports it; nothing when it is gone.
     pub(super) fn command_done(
         &mut self,
-        commands: &mut CommandTable<'_>,
-        events: &mut Table<'_, u64, &[u8]>,
+        commands: &mut CommandTable<'_, '_>,
+        events: &mut RowTable<'_, '_>,
         device: &str,
         seq: u64,
         state: CommandState,
@@ -204,7 +205,7 @@ impl Owner {
 
     fn command_status(
         &mut self,
-        events: &mut Table<'_, u64, &[u8]>,
+        events: &mut RowTable<'_, '_>,
         cmd: &QueuedCommand,
         state: CommandState,
     ) -> Result<(), StoreError> {

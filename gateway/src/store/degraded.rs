@@ -19,6 +19,7 @@ use std::time::Duration;
 use redb::{ConcurrencyMode, Database};
 
 use super::health::{self, Degraded, Reader};
+use super::journal;
 use super::stats::Counter;
 use super::writer::{init, Group, Owner};
 use super::{DataCmd, StoreError};
@@ -54,6 +55,8 @@ impl Owner {
              still published locally; committed rows stay readable and are forwarded. Retrying every 1 to 5 s."
         );
         self.degraded = Some(d);
+        // Aborted: what it held of earlier groups is in the journal, replayed on recovery.
+        self.txn = None;
         // A read-only handle opens only while the failed writer is still open: once that
         // is dropped the file needs a repair, which only a writable open can do.
         let reader = health::open_reader(&self.path);
@@ -115,11 +118,15 @@ impl Owner {
             .open(&self.path)
             .map_err(StoreError::from)
             .map(Arc::new)
-            .and_then(|db| match init(&db, &self.counters, true) {
-                Ok(()) => Ok(db),
-                Err(e) => {
-                    self.failed = Some(db);
-                    Err(e)
+            .and_then(|db| {
+                match journal::replay_again(&db, &mut self.journal)
+                    .and_then(|_| init(&db, &self.counters, true))
+                {
+                    Ok(()) => Ok(db),
+                    Err(e) => {
+                        self.failed = Some(db);
+                        Err(e)
+                    }
                 }
             });
         let db = match opened {
@@ -148,6 +155,9 @@ impl Owner {
         }
         self.db = Some(db);
         self.counters.set_degraded(None);
+        if let Err(e) = self.journal.reset(self.counters.epoch()) {
+            tracing::warn!(path = %self.journal.path().display(), error = %e, "cannot start the journal over");
+        }
         let refused = self.refused_total().saturating_sub(d.refused_before);
         let after = humantime::format_duration(Duration::from_secs(d.started.elapsed().as_secs()));
         tracing::info!(

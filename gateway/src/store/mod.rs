@@ -8,11 +8,15 @@
 //! forwarder after every commit that added rows.
 //!
 //! Invariants:
-//! - All writes happen on the owner thread ([`writer`]), grouped: many commands per write
-//!   transaction, committed with `Durability::Immediate`, at once after a quiet spell and
-//!   at least `flush_interval` apart under load. Other threads only read, through
-//!   read transactions on the shared `Database`, and the forwarder also takes the rows
-//!   committed since it caught up from memory (`tail.rs`).
+//! - All writes happen on the owner thread ([`writer`]), grouped, at once after a quiet
+//!   spell and at least `flush_interval` apart under load. A group is durable once its
+//!   record in the journal (`{path}.journal`, [`journal`]) is synced; the write
+//!   transaction that holds the groups is committed to the file at checkpoints (every
+//!   second at most, and on flush and shutdown), and the journal is replayed when the
+//!   file is opened after a crash. Other threads only read, through read transactions on
+//!   the shared `Database`, so they see the last checkpoint; the forwarder takes the rows
+//!   committed since it caught up from memory (`tail.rs`), and asks for a checkpoint when
+//!   it reaches the end of the file while newer rows are only journaled.
 //! - Sequence numbers are assigned at commit, are strictly increasing across both lanes,
 //!   and survive restarts (`META.next_seq` is committed with the rows).
 //! - Every file has an epoch ([`StoreHandle::epoch`]), random and fixed when the file is
@@ -29,7 +33,7 @@
 //!   (degraded storage, a failed commit, an outbox full under `reject_new`) is dropped
 //!   unreleased, which closes the device's connection without a PUBACK: the device keeps
 //!   the message and sends it again. So `kill -9` at any moment loses nothing a device
-//!   was acknowledged for (redb commits are atomic).
+//!   was acknowledged for (journal records are checksummed, redb commits atomic).
 //! - A downlink command's `on_commit` (its upstream PUBACK) runs only after the commit that
 //!   holds it; a command and its status message are written in the same transaction.
 //! - Rows leave the outbox only by an upstream ack or by retention (`max_bytes`, `max_age`),
@@ -65,6 +69,7 @@
 mod commands;
 mod degraded;
 mod health;
+mod journal;
 mod read;
 mod retention;
 mod stats;
@@ -87,6 +92,7 @@ use crate::ingest::Receipt;
 use crate::reading::{Format, Millis};
 
 use health::{Reader, ReaderSlot};
+use journal::{Journal, JOURNAL_BYTES};
 use tail::Tails;
 
 pub use commands::{
@@ -384,6 +390,9 @@ pub type OnCommit = Box<dyn FnOnce() + Send>;
 enum CtlCmd {
     Ack(Lane, Vec<u64>),
     Flush(oneshot::Sender<bool>),
+    /// The forwarder reached the end of the file while newer rows are only journaled
+    /// (`tail.rs`): commit them to the file now rather than at the checkpoint interval.
+    Checkpoint,
     Shutdown,
 }
 
@@ -445,12 +454,32 @@ impl Store {
             .map_err(|e| open_error(e.into()))?;
         let db = Arc::new(db);
         let counters = Arc::new(Counters::default());
-        if let Err(e) = writer::init(&db, &counters, false) {
-            drop(db);
-            return Err(match e {
-                StoreError::Db(e) => open_error(e),
-                e => e,
+        let (mut journal, recovered) = Journal::open(path, JOURNAL_BYTES)?;
+        let opened = journal::replay(&db, &mut journal, recovered)
+            .and_then(|replayed| writer::init(&db, &counters, false).map(|()| replayed))
+            .and_then(|replayed| {
+                journal
+                    .reset(counters.epoch())
+                    .map_err(|source| StoreError::Io {
+                        path: journal.path().to_owned(),
+                        source,
+                    })
+                    .map(|()| replayed)
             });
+        match opened {
+            Ok(0) => {}
+            Ok(replayed) => tracing::info!(
+                path = %path.display(),
+                commits = replayed,
+                "the store was not closed by the last run; its journaled commits are applied"
+            ),
+            Err(e) => {
+                drop(db);
+                return Err(match e {
+                    StoreError::Db(e) => open_error(e),
+                    e => e,
+                });
+            }
         }
         let slot = Arc::new(ReaderSlot::new(Some(Reader::Writer(db.clone()))));
         let (data_tx, data_rx) = crossbeam_channel::bounded(cfg.channel_capacity.max(1));
@@ -458,7 +487,7 @@ impl Store {
         let new_rows = Arc::new(Notify::new());
         let tails = Arc::new(Mutex::new(Tails::default()));
         let owner = writer::Owner::new(
-            db,
+            (db, journal),
             path.to_owned(),
             slot.clone(),
             cfg,
@@ -791,7 +820,19 @@ impl StoreHandle {
         if taken {
             return Ok(());
         }
-        self.read_outbox(lane, from_seq, limit, out)
+        self.read_outbox(lane, from_seq, limit, out)?;
+        if out.len() < limit {
+            let ask = self
+                .shared
+                .tails
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .ask_checkpoint();
+            if ask {
+                let _ = self.shared.ctl_tx.send(CtlCmd::Checkpoint);
+            }
+        }
+        Ok(())
     }
 
     fn thread_running(&self) -> bool {

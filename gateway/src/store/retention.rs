@@ -15,11 +15,12 @@
 
 use std::time::{Duration, Instant};
 
-use redb::{ReadableTable, ReadableTableMetadata, Table};
+use redb::{ReadableTable, ReadableTableMetadata};
 
+use super::journal::Logged;
 use super::stats::Counter;
 use super::tables;
-use super::writer::{Owner, KEY_BYTES};
+use super::writer::{Owner, RowTable, KEY_BYTES};
 use super::{Lane, OverflowPolicy, StoreError};
 use crate::reading::{now_millis, Millis};
 
@@ -30,10 +31,10 @@ impl Owner {
     /// Applies every retention limit to the tables of the transaction being built.
     pub(super) fn enforce_retention(
         &mut self,
-        readings: &mut Table<u64, &[u8]>,
-        events: &mut Table<u64, &[u8]>,
-        dead: &mut Table<u64, &[u8]>,
-        log: &mut Table<(i64, u64), &[u8]>,
+        readings: &mut RowTable<'_, '_>,
+        events: &mut RowTable<'_, '_>,
+        dead: &mut RowTable<'_, '_>,
+        log: &mut Logged<'_, '_, (i64, u64), &'static [u8]>,
     ) -> Result<(), StoreError> {
         self.enforce_age(readings, Lane::Reading)?;
         self.enforce_age(events, Lane::Event)?;
@@ -51,7 +52,7 @@ impl Owner {
     }
 
     /// Drops rows of `lane` older than `max_age`, oldest first.
-    fn enforce_age(&mut self, table: &mut Table<u64, &[u8]>, lane: Lane) -> Result<(), StoreError> {
+    fn enforce_age(&mut self, table: &mut RowTable<'_, '_>, lane: Lane) -> Result<(), StoreError> {
         let Some(max_age) = self.cfg.max_age else {
             return Ok(());
         };
@@ -75,7 +76,7 @@ impl Owner {
     /// Drops the oldest rows of `lane` while the outbox is over `max_bytes`.
     fn enforce_bytes(
         &mut self,
-        table: &mut Table<u64, &[u8]>,
+        table: &mut RowTable<'_, '_>,
         lane: Lane,
     ) -> Result<(), StoreError> {
         let reason = match lane {
@@ -127,7 +128,10 @@ impl Owner {
 }
 
 /// Removes the oldest rows of `table` beyond `max` rows; returns how many.
-fn trim<K: redb::Key + 'static>(table: &mut Table<K, &[u8]>, max: u64) -> Result<u64, StoreError> {
+fn trim<K: redb::Key + 'static>(
+    table: &mut Logged<'_, '_, K, &'static [u8]>,
+    max: u64,
+) -> Result<u64, StoreError> {
     let len = table.len()?;
     let excess = len.saturating_sub(max);
     for _ in 0..excess {

@@ -17,7 +17,11 @@
 //!   again; from then on it covers from the next row committed, and the reader gets
 //!   what lies before from the file;
 //! - nothing is kept until the reader's first read (a gateway without upstream keeps no
-//!   rows here).
+//!   rows here);
+//! - rows committed since the last checkpoint are in the journal but not yet in the file
+//!   (`journal.rs`): a reader that reads the file to its end while such rows exist asks
+//!   the owner for a checkpoint (once until it happens), so it does not wait up to the
+//!   checkpoint interval for rows the tail no longer covers.
 //!
 //! A row that retention drops in the same commit that appended it (an outbox smaller than
 //! one group) may still be handed over from here: it is then forwarded once, and its ack
@@ -35,6 +39,11 @@ pub(super) struct Tails {
     lanes: ByLane<Tail>,
     /// Set by the reader's first read; until then the owner keeps nothing.
     pub(super) wanted: bool,
+    /// Rows were committed to the journal since the last checkpoint, so the file does not
+    /// have them yet (`journal.rs`).
+    pub(super) journaled: bool,
+    /// The reader asked for a checkpoint that has not happened yet.
+    checkpoint_asked: bool,
 }
 
 #[derive(Default)]
@@ -48,6 +57,20 @@ struct Tail {
 }
 
 impl Tails {
+    /// For a reader at the end of the file: whether to ask the owner for a checkpoint
+    /// (rows are only journaled, and no checkpoint is asked for already).
+    pub(super) fn ask_checkpoint(&mut self) -> bool {
+        let ask = self.journaled && !self.checkpoint_asked;
+        self.checkpoint_asked |= ask;
+        ask
+    }
+
+    /// Everything committed is in the file now.
+    pub(super) fn checkpointed(&mut self) {
+        self.journaled = false;
+        self.checkpoint_asked = false;
+    }
+
     /// Rows of `lane` just committed, in seq order.
     pub(super) fn push(&mut self, lane: Lane, rows: &mut Vec<OutboxRow>) {
         let tail = &mut self.lanes[lane];

@@ -1,9 +1,18 @@
-//! The owner thread of the database: takes commands, applies them in groups, one write
-//! transaction per group. Retention ([`super::retention`]) runs inside each transaction;
-//! after a failed commit the thread runs in degraded mode ([`super::degraded`]).
+//! The owner thread of the database: takes commands and applies them in groups to one
+//! write transaction, which stays open from one checkpoint to the next; each group is
+//! made durable by a record in the journal (`journal.rs`), and the transaction is
+//! committed to the file every [`CHECKPOINT_INTERVAL`], when the journal is full, and when
+//! a flush, a shutdown, a downlink command or the forwarder (`CtlCmd::Checkpoint`) needs
+//! the rows in the file. Retention ([`super::retention`]) runs inside each group; after a
+//! failed commit the thread runs in degraded mode ([`super::degraded`]).
 //!
 //! Invariants:
 //! - The only place that opens write transactions.
+//! - "Commit" below means a group's journal record, synced (or a checkpoint, when the
+//!   journal has no room for the record): a journal commit writes the group's changes
+//!   once, where a redb commit rewrote the B-tree pages on their path (about 640 instead
+//!   of 1,370 bytes written per reading at 1000 devices x 10/s, BENCHMARKS.md, "A journal
+//!   in front of the database").
 //! - Group commit: a group is the first command plus whatever else is queued, and it is
 //!   committed as soon as the previous commit has ended, but commits start at least
 //!   `storage.flush_interval` apart. So a command that arrives after a quiet spell is
@@ -12,7 +21,8 @@
 //!   waits at most `flush_interval` (or a longer commit in progress) before its commit
 //!   starts. The spacing bounds the commits per second, and so the bytes written per
 //!   reading (flash wear): without it the writer commits back to back under any steady
-//!   load (BENCHMARKS.md, "Group commit"). During the spacing the thread sleeps instead
+//!   load (BENCHMARKS.md, "Group commit"; with the journal a commit costs far less, so
+//!   the default spacing is 1 ms). During the spacing the thread sleeps instead
 //!   of waking for each command (one wake-up per commit under load). It is woken early,
 //!   and the group committed at once, when [`COMMIT_EARLY_ROWS`] commands wait: such a
 //!   group carries as many rows as a spaced one at 6,400 readings/s, so the writes per
@@ -39,6 +49,7 @@
 //! - The thread ends on the `Shutdown` command, after committing everything queued
 //!   before it (see the store's module header for why this is a command).
 
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -48,6 +59,7 @@ use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use tokio::sync::{oneshot, Notify};
 
 use super::health::{Degraded, ReaderSlot};
+use super::journal::{Journal, Logged, TableId, CHECKPOINT_INTERVAL};
 use super::stats::{Counter, Counters};
 use super::tables::{self, COMMANDS, DEAD_LETTERS, EVENT_LOG, META, RULE_STATE};
 use super::tail::Tails;
@@ -171,7 +183,18 @@ pub(super) struct Owner {
     pub(super) deferred_acks: Vec<(Lane, Vec<u64>)>,
     pub(super) deferred_rows: usize,
     pub(super) deferred_since: Option<Instant>,
+    /// The write transaction that holds the groups journaled since the last checkpoint
+    /// (`journal.rs`); `None` when everything is committed to the database.
+    pub(super) txn: Option<WriteTransaction>,
+    /// When `txn` took its first group: it is checkpointed [`CHECKPOINT_INTERVAL`] later.
+    txn_since: Instant,
+    pub(super) journal: Journal,
+    /// The journal record of the group being applied (`Journal::begin`).
+    oplog: Vec<u8>,
 }
+
+/// An outbox table of the transaction being built.
+pub(super) type RowTable<'l, 't> = Logged<'l, 't, u64, &'static [u8]>;
 
 /// What one collection round gathered.
 #[derive(Default)]
@@ -181,6 +204,8 @@ pub(super) struct Group {
     /// Flush requests with the count of data commands that must be committed first.
     pub(super) flushes: Vec<(u64, oneshot::Sender<bool>)>,
     pub(super) shutdown: bool,
+    /// The forwarder waits for rows that are only journaled (`CtlCmd::Checkpoint`).
+    pub(super) checkpoint: bool,
     /// Receipts of what the group's commit stores, in queue order.
     pub(super) receipts: Vec<Receipt>,
     /// What runs after the group's commit (dropped when it fails).
@@ -199,15 +224,16 @@ impl Group {
     fn writes_rows(&self) -> bool {
         self.data.iter().any(|c| !matches!(c, DataCmd::Receipt(_)))
     }
-    /// Flushes and shutdown are answered now rather than after the interval.
+    /// Flushes, shutdown and a checkpoint asked for are answered now rather than after
+    /// the interval.
     fn urgent(&self) -> bool {
-        self.shutdown || !self.flushes.is_empty()
+        self.shutdown || self.checkpoint || !self.flushes.is_empty()
     }
 }
 
 impl Owner {
     pub(super) fn new(
-        db: Arc<Database>,
+        (db, journal): (Arc<Database>, Journal),
         path: PathBuf,
         slot: Arc<ReaderSlot>,
         cfg: StoreConfig,
@@ -243,6 +269,10 @@ impl Owner {
             deferred_acks: Vec::new(),
             deferred_rows: 0,
             deferred_since: None,
+            txn: None,
+            txn_since: Instant::now(),
+            journal,
+            oplog: Vec::new(),
         }
     }
 
@@ -257,6 +287,10 @@ impl Owner {
                 self.try_recover(&mut group);
             }
             let mut ok = false;
+            let commands = group
+                .data
+                .iter()
+                .any(|c| matches!(c, DataCmd::QueueCommand(..) | DataCmd::CommandDone { .. }));
             if self.degraded.is_none()
                 && group.idle()
                 && self.last_commit.elapsed() < IDLE_COMMIT_INTERVAL
@@ -284,6 +318,20 @@ impl Owner {
                     Err(e) => self.enter_degraded(&e, &mut group),
                 }
             }
+            // Flushes and shutdown want the rows in the database file, and the downlink
+            // reads its queue from there. A failed checkpoint leaves the group durable in
+            // the journal: its receipts are still released.
+            let mut checkpointed = ok;
+            if ok
+                && self.txn.is_some()
+                && (group.urgent() || commands || self.txn_since.elapsed() >= CHECKPOINT_INTERVAL)
+            {
+                if let Err(e) = self.checkpoint() {
+                    checkpointed = false;
+                    self.enter_degraded(&e, &mut group);
+                }
+            }
+            group.checkpoint = false;
             // After the commit that holds them, in queue order; a failed commit dropped
             // them unreleased.
             for receipt in group.receipts.drain(..) {
@@ -299,7 +347,7 @@ impl Owner {
                 .partition(|(target, _)| *target <= taken || shutdown);
             group.flushes = waiting;
             for (_, tx) in done {
-                let _ = tx.send(ok);
+                let _ = tx.send(checkpointed);
             }
             self.log_drops(group.shutdown);
             if group.shutdown {
@@ -332,6 +380,7 @@ impl Owner {
                 let target = self.data_taken + group.data.len() as u64 + self.data_rx.len() as u64;
                 group.flushes.push((target, tx));
             }
+            CtlCmd::Checkpoint => group.checkpoint = true,
             CtlCmd::Shutdown => group.shutdown = true,
         }
     }
@@ -369,6 +418,12 @@ impl Owner {
                 .min(HOUSEKEEPING_INTERVAL)
         } else {
             HOUSEKEEPING_INTERVAL
+        };
+        let first_wait = match &self.txn {
+            Some(_) => first_wait.min(
+                (self.txn_since + CHECKPOINT_INTERVAL).saturating_duration_since(Instant::now()),
+            ),
+            None => first_wait,
         };
         self.wait_one(group, first_wait);
         let not_before = self.last_commit_start.map(|t| t + self.cfg.flush_interval);
@@ -472,6 +527,7 @@ impl Owner {
                     for lane in Lane::ALL {
                         tails.push(lane, &mut self.appended[lane]);
                     }
+                    tails.journaled |= self.txn.is_some();
                 }
                 group.acks.clear();
                 for &c in Counter::ALL {
@@ -498,23 +554,76 @@ impl Owner {
         }
     }
 
+    /// Applies the group to the open transaction (one is begun if none is open) and
+    /// makes it durable: a journal record, or a checkpoint when the journal is full.
     fn write_group(&mut self, group: &mut Group) -> Result<(), StoreError> {
         let db = self.db.clone().ok_or(StoreError::Unavailable)?;
-        let mut txn = db.begin_write()?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(redb::Error::from)?;
-        self.apply(&txn, group)?;
+        let txn = match self.txn.take() {
+            Some(txn) => txn,
+            None => {
+                let mut txn = db.begin_write()?;
+                txn.set_durability(Durability::Immediate)
+                    .map_err(redb::Error::from)?;
+                self.txn_since = Instant::now();
+                txn
+            }
+        };
+        let mut record = std::mem::take(&mut self.oplog);
+        Journal::begin(&mut record);
+        let oplog = RefCell::new(record);
+        // On an error the transaction is dropped (aborted); the groups journaled before
+        // this one are replayed when the store recovers.
+        let applied = self.apply(&txn, &oplog, group);
+        self.oplog = oplog.into_inner();
+        applied?;
+        if self.journal.fits(&self.oplog) {
+            self.journal
+                .append(&mut self.oplog)
+                .map_err(|source| StoreError::Io {
+                    path: self.journal.path().to_owned(),
+                    source,
+                })?;
+            self.txn = Some(txn);
+            Ok(())
+        } else {
+            self.txn = Some(txn);
+            self.checkpoint()
+        }
+    }
+
+    /// Commits the open transaction to the database and starts the journal over.
+    pub(super) fn checkpoint(&mut self) -> Result<(), StoreError> {
+        let Some(txn) = self.txn.take() else {
+            return Ok(());
+        };
         txn.commit()?;
+        self.tails
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .checkpointed();
+        self.journal
+            .reset(self.counters.epoch())
+            .map_err(|source| StoreError::Io {
+                path: self.journal.path().to_owned(),
+                source,
+            })?;
+        // Rows the forwarder could not take from memory are now readable in the file.
+        self.new_rows.notify_one();
         Ok(())
     }
 
-    fn apply(&mut self, txn: &WriteTransaction, group: &mut Group) -> Result<(), StoreError> {
-        let mut readings = txn.open_table(tables::OUTBOX_READINGS)?;
-        let mut events = txn.open_table(tables::OUTBOX_EVENTS)?;
-        let mut dead = txn.open_table(DEAD_LETTERS)?;
-        let mut state = txn.open_table(RULE_STATE)?;
-        let mut log = txn.open_table(EVENT_LOG)?;
-        let mut commands = txn.open_table(COMMANDS)?;
+    fn apply(
+        &mut self,
+        txn: &WriteTransaction,
+        oplog: &RefCell<Vec<u8>>,
+        group: &mut Group,
+    ) -> Result<(), StoreError> {
+        let mut readings = Logged::open(txn, tables::OUTBOX_READINGS, TableId::Readings, oplog)?;
+        let mut events = Logged::open(txn, tables::OUTBOX_EVENTS, TableId::Events, oplog)?;
+        let mut dead = Logged::open(txn, DEAD_LETTERS, TableId::DeadLetters, oplog)?;
+        let mut state = Logged::open(txn, RULE_STATE, TableId::RuleState, oplog)?;
+        let mut log = Logged::open(txn, EVENT_LOG, TableId::EventLog, oplog)?;
+        let mut commands = Logged::open(txn, COMMANDS, TableId::Commands, oplog)?;
 
         // Not drained: a failed commit keeps them for after recovery.
         for (lane, seqs) in &group.acks {
@@ -617,7 +726,7 @@ impl Owner {
 
         // Only what changed: each write is a B-tree insert, and most counters stay put
         // between two commits.
-        let mut meta = txn.open_table(META)?;
+        let mut meta = Logged::open(txn, META, TableId::Meta, oplog)?;
         self.staged.clear();
         for &c in Counter::ALL {
             let v = if c.is_live() {
@@ -637,7 +746,7 @@ impl Owner {
     /// retention runs after the group).
     pub(super) fn append_row(
         &mut self,
-        table: &mut redb::Table<'_, u64, &[u8]>,
+        table: &mut RowTable<'_, '_>,
         e: OutboxEntry,
     ) -> Result<(), StoreError> {
         let mut row = Vec::new();

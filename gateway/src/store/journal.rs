@@ -1,0 +1,674 @@
+//! The commit journal: what makes a group durable between two checkpoints of the database.
+//!
+//! A redb commit rewrites the B-tree pages it touched, their parents and the allocator
+//! state, then syncs: tens of kilobytes and most of a millisecond however few rows the
+//! group holds. So the owner thread ([`super::writer`]) keeps one write transaction open
+//! across many groups, and makes each group durable by appending the changes it made
+//! (every insert and removal, key and value bytes, of every table) to this file with one
+//! write and one `fdatasync`. Every [`CHECKPOINT_INTERVAL`] (or when the journal is
+//! full, or when a flush, a shutdown or a downlink command asks for it) the transaction is
+//! committed to redb, and the journal starts over.
+//!
+//! Invariants:
+//! - A group's receipts are released only after its record is synced (or after the
+//!   checkpoint that holds it): a `kill -9` or a power loss at any moment loses nothing a
+//!   device was acknowledged for.
+//! - The file is `{database}.journal`, of [`JOURNAL_BYTES`], allocated once. A 4 KiB
+//!   header holds the database's epoch and the journal's generation; records follow,
+//!   each `[body length u32][crc32 u32][generation u64][body]`, the CRC over generation
+//!   and body. A checkpoint that committed bumps the generation and rewrites the header
+//!   (synced) before any new record: the records of older generations still in the file
+//!   are then ignored, without erasing them.
+//! - Reading stops at the first record that is empty, torn (bad CRC), too long, or of
+//!   another generation. A torn record was never synced, so nothing was acknowledged for
+//!   it.
+//! - Replay ([`replay`]) applies the records of the current generation to the database in
+//!   one transaction when the store opens (and when it recovers from a storage fault). The
+//!   operations are physical (put this value at this key, remove this key), so replaying
+//!   a record twice, for instance after a crash between a checkpoint's commit and the
+//!   header rewrite, leaves the same rows: the last operation on a key decides its value.
+//! - A journal whose epoch is not the database's (the database file was deleted and
+//!   created anew) is discarded, not replayed.
+//! - Readers of the file (the HTTP API, `gateway outbox stats` while the gateway runs) see
+//!   the last checkpoint, at most [`CHECKPOINT_INTERVAL`] old; the forwarder takes new rows
+//!   from memory (`tail.rs`).
+
+use std::cell::RefCell;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use redb::{Key, ReadableDatabase, StorageError, Table, TableDefinition, Value, WriteTransaction};
+
+use super::tables::{
+    COMMANDS, DEAD_LETTERS, EPOCH, EVENT_LOG, META, OUTBOX_EVENTS, OUTBOX_READINGS, RULE_STATE,
+};
+use super::StoreError;
+
+/// Longest time between two checkpoints (redb commits) while groups are journaled.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// Size of the journal file: at 10k readings/s a second of groups takes about 4 MiB.
+/// A group that does not fit is committed to the database directly (a checkpoint).
+pub const JOURNAL_BYTES: u64 = 16 * 1024 * 1024;
+/// The header's share of the file; records start here.
+const HEADER_BYTES: u64 = 4096;
+const MAGIC: &[u8; 8] = b"GWJRNL01";
+/// Length, CRC and generation in front of each record's body.
+const RECORD_HEAD: usize = 16;
+/// A record buffer keeps at most this much capacity between groups (one group of
+/// `MAX_BATCH` appends takes megabytes, and would otherwise stay allocated).
+const RECORD_KEEP: usize = 64 * 1024;
+
+const INSERT: u8 = 1;
+const REMOVE: u8 = 0;
+
+/// The tables the journal knows, by the id it writes for each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(super) enum TableId {
+    Readings = 0,
+    Events = 1,
+    DeadLetters = 2,
+    RuleState = 3,
+    EventLog = 4,
+    Commands = 5,
+    Meta = 6,
+}
+
+/// The journal file of one database.
+pub(super) struct Journal {
+    file: File,
+    path: PathBuf,
+    /// The epoch of the database the records belong to.
+    epoch: u64,
+    generation: u64,
+    /// Where the next record goes.
+    end: u64,
+    capacity: u64,
+}
+
+/// What a journal held when it was opened.
+pub(super) struct Recovered {
+    pub(super) epoch: u64,
+    /// Bodies of the records of the current generation, in order.
+    pub(super) records: Vec<Vec<u8>>,
+}
+
+impl Journal {
+    /// The journal of the database at `db`.
+    pub(super) fn path_for(db: &Path) -> PathBuf {
+        let mut name = db.as_os_str().to_owned();
+        name.push(".journal");
+        PathBuf::from(name)
+    }
+
+    /// Opens the journal of the database at `db` (created, and allocated, when missing)
+    /// and reads the records it holds.
+    pub(super) fn open(db: &Path, capacity: u64) -> Result<(Journal, Recovered), StoreError> {
+        let path = Self::path_for(db);
+        let io_error = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_error)?;
+        let len = file.metadata().map_err(io_error)?.len();
+        let capacity = capacity.max(HEADER_BYTES + RECORD_HEAD as u64 + 1);
+        if len < capacity {
+            allocate(&file, capacity).map_err(io_error)?;
+        }
+        let mut journal = Journal {
+            file,
+            path,
+            epoch: 0,
+            generation: 0,
+            end: HEADER_BYTES,
+            capacity: capacity.max(len),
+        };
+        let recovered = journal.recover().map_err(|source| StoreError::Io {
+            path: journal.path.clone(),
+            source,
+        })?;
+        Ok((journal, recovered))
+    }
+
+    /// Reads the header and the records of the current generation again from the file
+    /// (at open, and when the store recovers from a storage fault).
+    pub(super) fn recover(&mut self) -> io::Result<Recovered> {
+        let mut header = [0u8; 28];
+        let header = match self.file.read_exact_at(&mut header, 0) {
+            Ok(()) => parse_header(&header),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => None,
+            Err(e) => return Err(e),
+        };
+        // A header that does not read (a new file, or one torn by a power loss during a
+        // rewrite) gives no generation: take the first record's. Its records were then
+        // checkpointed already, and replaying them again changes nothing (module header).
+        let (epoch, generation) = match header {
+            Some(h) => h,
+            None => (0, self.first_generation()?),
+        };
+        self.epoch = epoch;
+        self.generation = generation;
+        let records = self.read_records()?;
+        Ok(Recovered { epoch, records })
+    }
+
+    /// The generation of the record at the start, if one is whole.
+    fn first_generation(&self) -> io::Result<u64> {
+        let mut head = [0u8; RECORD_HEAD];
+        if self.file.read_exact_at(&mut head, HEADER_BYTES).is_err() {
+            return Ok(0);
+        }
+        Ok(u64::from_le_bytes(head[8..16].try_into().expect("8 bytes")))
+    }
+
+    /// The records of the current generation, from the start to the first that is not
+    /// whole; `end` is set after the last of them.
+    fn read_records(&mut self) -> io::Result<Vec<Vec<u8>>> {
+        let mut records = Vec::new();
+        let mut at = HEADER_BYTES;
+        let mut head = [0u8; RECORD_HEAD];
+        while at + RECORD_HEAD as u64 <= self.capacity {
+            self.file.read_exact_at(&mut head, at)?;
+            let len = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as u64;
+            let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+            let generation = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+            if len == 0
+                || generation != self.generation
+                || at + RECORD_HEAD as u64 + len > self.capacity
+            {
+                break;
+            }
+            let mut body = vec![0u8; len as usize];
+            self.file
+                .read_exact_at(&mut body, at + RECORD_HEAD as u64)?;
+            if record_crc(generation, &body) != crc {
+                break;
+            }
+            at += RECORD_HEAD as u64 + len;
+            records.push(body);
+        }
+        self.end = at;
+        Ok(records)
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Empties `record` for the operations of the next group: room for the head, which
+    /// [`append`](Self::append) fills in, then the body.
+    pub(super) fn begin(record: &mut Vec<u8>) {
+        if record.capacity() > RECORD_KEEP {
+            *record = Vec::with_capacity(RECORD_KEEP);
+        }
+        record.clear();
+        record.resize(RECORD_HEAD, 0);
+    }
+
+    /// Whether `record` (from [`begin`](Self::begin)) fits after the records already
+    /// written.
+    pub(super) fn fits(&self, record: &[u8]) -> bool {
+        self.end + record.len() as u64 <= self.capacity
+    }
+
+    /// Writes `record` (from [`begin`](Self::begin), its body filled) as the next record
+    /// and syncs it: once this returns, the group it describes survives a crash or a
+    /// power loss.
+    pub(super) fn append(&mut self, record: &mut [u8]) -> io::Result<()> {
+        debug_assert!(self.fits(record) && record.len() >= RECORD_HEAD);
+        let (head, body) = record.split_at_mut(RECORD_HEAD);
+        head[0..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        head[4..8].copy_from_slice(&record_crc(self.generation, body).to_le_bytes());
+        head[8..16].copy_from_slice(&self.generation.to_le_bytes());
+        self.file.write_all_at(record, self.end)?;
+        self.file.sync_data()?;
+        self.end += record.len() as u64;
+        Ok(())
+    }
+
+    /// Starts a new generation for the database of `epoch`, once everything journaled is
+    /// committed to the database (a checkpoint): the records written so far stop counting.
+    pub(super) fn reset(&mut self, epoch: u64) -> io::Result<()> {
+        if self.end == HEADER_BYTES && self.epoch == epoch && self.generation > 0 {
+            return Ok(());
+        }
+        let generation = self.generation + 1;
+        let mut header = [0u8; 28];
+        header[0..8].copy_from_slice(MAGIC);
+        header[8..16].copy_from_slice(&epoch.to_le_bytes());
+        header[16..24].copy_from_slice(&generation.to_le_bytes());
+        let crc = crc32fast::hash(&header[0..24]);
+        header[24..28].copy_from_slice(&crc.to_le_bytes());
+        self.file.write_all_at(&header, 0)?;
+        self.file.sync_data()?;
+        self.epoch = epoch;
+        self.generation = generation;
+        self.end = HEADER_BYTES;
+        Ok(())
+    }
+}
+
+/// Gives the file its blocks up front where the filesystem can (so appends do not
+/// allocate, and a full disk is met when the store opens rather than mid-stream); a
+/// sparse file otherwise.
+fn allocate(file: &File, capacity: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for writing for the duration of the call.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, capacity as libc::off_t) };
+    if rc != 0 {
+        file.set_len(capacity)?;
+    }
+    Ok(())
+}
+
+fn parse_header(h: &[u8; 28]) -> Option<(u64, u64)> {
+    let crc = u32::from_le_bytes(h[24..28].try_into().expect("4 bytes"));
+    if &h[0..8] != MAGIC || crc32fast::hash(&h[0..24]) != crc {
+        return None;
+    }
+    let epoch = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
+    let generation = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes"));
+    Some((epoch, generation))
+}
+
+fn record_crc(generation: u64, body: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&generation.to_le_bytes());
+    h.update(body);
+    h.finalize()
+}
+
+/// Appends one operation to a record body.
+fn push_op(log: &mut Vec<u8>, table: TableId, key: &[u8], value: Option<&[u8]>) {
+    log.push(table as u8);
+    log.push(if value.is_some() { INSERT } else { REMOVE });
+    log.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    log.extend_from_slice(key);
+    if let Some(v) = value {
+        log.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        log.extend_from_slice(v);
+    }
+}
+
+/// A table of the open write transaction whose changes are also written to the record
+/// body of the group being applied. Reads go straight to the table (`Deref`); the three
+/// ways the store changes a table (`insert`, `remove`, `pop_first`) are logged.
+pub(super) struct Logged<'l, 't, K: Key + 'static, V: Value + 'static> {
+    table: Table<'t, K, V>,
+    id: TableId,
+    log: &'l RefCell<Vec<u8>>,
+}
+
+impl<'l, 't, K: Key + 'static, V: Value + 'static> Logged<'l, 't, K, V> {
+    pub(super) fn open(
+        txn: &'t WriteTransaction,
+        def: TableDefinition<K, V>,
+        id: TableId,
+        log: &'l RefCell<Vec<u8>>,
+    ) -> Result<Self, StoreError> {
+        Ok(Logged {
+            table: txn.open_table(def)?,
+            id,
+            log,
+        })
+    }
+
+    pub(super) fn insert<'k, 'v>(
+        &mut self,
+        key: impl std::borrow::Borrow<K::SelfType<'k>>,
+        value: impl std::borrow::Borrow<V::SelfType<'v>>,
+    ) -> Result<(), StorageError> {
+        push_op(
+            &mut self.log.borrow_mut(),
+            self.id,
+            K::as_bytes(key.borrow()).as_ref(),
+            Some(V::as_bytes(value.borrow()).as_ref()),
+        );
+        self.table.insert(key, value)?;
+        Ok(())
+    }
+
+    pub(super) fn remove<'k>(
+        &mut self,
+        key: impl std::borrow::Borrow<K::SelfType<'k>>,
+    ) -> Result<Option<redb::AccessGuard<'_, V>>, StorageError> {
+        let removed = self.table.remove(key.borrow())?;
+        if removed.is_some() {
+            push_op(
+                &mut self.log.borrow_mut(),
+                self.id,
+                K::as_bytes(key.borrow()).as_ref(),
+                None,
+            );
+        }
+        Ok(removed)
+    }
+
+    #[allow(clippy::type_complexity)]
+    pub(super) fn pop_first(
+        &mut self,
+    ) -> Result<Option<(redb::AccessGuard<'_, K>, redb::AccessGuard<'_, V>)>, StorageError> {
+        let popped = self.table.pop_first()?;
+        if let Some((k, _)) = &popped {
+            push_op(
+                &mut self.log.borrow_mut(),
+                self.id,
+                K::as_bytes(&k.value()).as_ref(),
+                None,
+            );
+        }
+        Ok(popped)
+    }
+}
+
+impl<'t, K: Key + 'static, V: Value + 'static> std::ops::Deref for Logged<'_, 't, K, V> {
+    type Target = Table<'t, K, V>;
+    fn deref(&self) -> &Self::Target {
+        &self.table
+    }
+}
+
+/// Applies the records a journal held to `db`, in one transaction, when they belong to it
+/// (same epoch); then starts a new generation. Returns the number of records applied.
+pub(super) fn replay(
+    db: &redb::Database,
+    journal: &mut Journal,
+    recovered: Recovered,
+) -> Result<usize, StoreError> {
+    let epoch = {
+        let txn = db.begin_read()?;
+        match txn.open_table(META) {
+            Ok(meta) => meta.get(EPOCH)?.map(|v| v.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut applied = 0;
+    if !recovered.records.is_empty() {
+        match epoch {
+            Some(epoch) if epoch == recovered.epoch => {
+                let txn = db.begin_write()?;
+                {
+                    let mut tables = Tables::open(&txn)?;
+                    for body in &recovered.records {
+                        tables.apply(body).map_err(|e| match e {
+                            Some(e) => e,
+                            None => StoreError::CorruptRow {
+                                table: "journal".into(),
+                                key: journal.path.display().to_string(),
+                            },
+                        })?;
+                    }
+                }
+                txn.commit()?;
+                applied = recovered.records.len();
+            }
+            _ => tracing::warn!(
+                path = %journal.path.display(),
+                records = recovered.records.len(),
+                "the journal belongs to another database (the database file was created anew); discarded"
+            ),
+        }
+    }
+    if let Some(epoch) = epoch {
+        journal.reset(epoch).map_err(|source| StoreError::Io {
+            path: journal.path.clone(),
+            source,
+        })?;
+    }
+    Ok(applied)
+}
+
+/// [`replay`] of what the journal holds now: after a storage fault, the groups that were
+/// durable but not yet checkpointed when the writes failed.
+pub(super) fn replay_again(
+    db: &redb::Database,
+    journal: &mut Journal,
+) -> Result<usize, StoreError> {
+    let recovered = journal.recover().map_err(|source| StoreError::Io {
+        path: journal.path.clone(),
+        source,
+    })?;
+    replay(db, journal, recovered)
+}
+
+/// Every table a record can name, open in one transaction.
+struct Tables<'t> {
+    readings: Table<'t, u64, &'static [u8]>,
+    events: Table<'t, u64, &'static [u8]>,
+    dead: Table<'t, u64, &'static [u8]>,
+    state: Table<'t, &'static str, &'static [u8]>,
+    log: Table<'t, (i64, u64), &'static [u8]>,
+    commands: Table<'t, (&'static str, u64), &'static [u8]>,
+    meta: Table<'t, &'static str, u64>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Tables {
+            readings: txn.open_table(OUTBOX_READINGS)?,
+            events: txn.open_table(OUTBOX_EVENTS)?,
+            dead: txn.open_table(DEAD_LETTERS)?,
+            state: txn.open_table(RULE_STATE)?,
+            log: txn.open_table(EVENT_LOG)?,
+            commands: txn.open_table(COMMANDS)?,
+            meta: txn.open_table(META)?,
+        })
+    }
+
+    /// Applies one record body; `Err(None)` when it does not parse.
+    fn apply(&mut self, mut body: &[u8]) -> Result<(), Option<StoreError>> {
+        while !body.is_empty() {
+            let (table, key, value, rest) = parse_op(body).ok_or(None)?;
+            body = rest;
+            let done = match table {
+                0 => put(&mut self.readings, key, value),
+                1 => put(&mut self.events, key, value),
+                2 => put(&mut self.dead, key, value),
+                3 => put(&mut self.state, key, value),
+                4 => put(&mut self.log, key, value),
+                5 => put(&mut self.commands, key, value),
+                6 => put(&mut self.meta, key, value),
+                _ => return Err(None),
+            };
+            done.map_err(|e| Some(e.into()))?;
+        }
+        Ok(())
+    }
+}
+
+type Op<'a> = (u8, &'a [u8], Option<&'a [u8]>, &'a [u8]);
+
+fn parse_op(b: &[u8]) -> Option<Op<'_>> {
+    let (&table, b) = b.split_first()?;
+    let (&kind, b) = b.split_first()?;
+    let (key, b) = take_sized(b)?;
+    match kind {
+        INSERT => {
+            let (value, b) = take_sized(b)?;
+            Some((table, key, Some(value), b))
+        }
+        REMOVE => Some((table, key, None, b)),
+        _ => None,
+    }
+}
+
+fn take_sized(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    let rest = &b[4..];
+    (rest.len() >= len).then(|| rest.split_at(len))
+}
+
+fn put<K: Key + 'static, V: Value + 'static>(
+    table: &mut Table<'_, K, V>,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> Result<(), StorageError> {
+    let key = K::from_bytes(key);
+    match value {
+        Some(v) => {
+            table.insert(key, V::from_bytes(v))?;
+        }
+        None => {
+            table.remove(key)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redb::{Database, ReadableTable};
+
+    fn db_with_epoch(path: &Path, epoch: u64) -> Database {
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META).unwrap().insert(EPOCH, epoch).unwrap();
+        txn.open_table(OUTBOX_READINGS).unwrap();
+        txn.commit().unwrap();
+        db
+    }
+
+    fn append(j: &mut Journal, body: &[u8]) {
+        let mut record = Vec::new();
+        Journal::begin(&mut record);
+        record.extend_from_slice(body);
+        j.append(&mut record).unwrap();
+    }
+
+    /// The record of inserting `rows` into the readings lane and removing `gone`,
+    /// applied to `txn` as the owner thread would.
+    fn change(txn: &WriteTransaction, rows: &[(u64, &[u8])], gone: &[u64]) -> Vec<u8> {
+        let mut record = Vec::new();
+        Journal::begin(&mut record);
+        let log = RefCell::new(record);
+        {
+            let mut t = Logged::open(txn, OUTBOX_READINGS, TableId::Readings, &log).unwrap();
+            for &(k, v) in rows {
+                t.insert(k, v).unwrap();
+            }
+            for &k in gone {
+                t.remove(k).unwrap();
+            }
+        }
+        log.into_inner()
+    }
+
+    fn readings(db: &Database) -> Vec<(u64, Vec<u8>)> {
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(OUTBOX_READINGS).unwrap();
+        t.iter()
+            .unwrap()
+            .map(|r| {
+                let (k, v) = r.unwrap();
+                (k.value(), v.value().to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn synced_records_are_read_back_and_a_torn_one_ends_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("gw.redb");
+        let (mut j, recovered) = Journal::open(&db, 64 * 1024).unwrap();
+        assert!(recovered.records.is_empty());
+        j.reset(7).unwrap();
+        append(&mut j, b"first");
+        append(&mut j, b"second");
+        // A third record whose body never fully reached the disk: its CRC does not match.
+        let mut torn = Vec::new();
+        torn.extend_from_slice(&5u32.to_le_bytes());
+        torn.extend_from_slice(&record_crc(j.generation, b"third").to_le_bytes());
+        torn.extend_from_slice(&j.generation.to_le_bytes());
+        torn.extend_from_slice(b"thi");
+        j.file.write_all_at(&torn, j.end).unwrap();
+        drop(j);
+
+        let (j, recovered) = Journal::open(&db, 64 * 1024).unwrap();
+        assert_eq!(recovered.epoch, 7);
+        assert_eq!(
+            recovered.records,
+            vec![b"first".to_vec(), b"second".to_vec()]
+        );
+        assert!(j.fits(&[0; 1000]) && !j.fits(&[0; 64 * 1024]));
+    }
+
+    #[test]
+    fn after_a_reset_the_earlier_records_no_longer_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("gw.redb");
+        let (mut j, _) = Journal::open(&db, 64 * 1024).unwrap();
+        j.reset(7).unwrap();
+        append(&mut j, b"checkpointed 1");
+        append(&mut j, b"checkpointed 2");
+        j.reset(7).unwrap();
+        append(&mut j, b"new");
+        drop(j);
+        let (_, recovered) = Journal::open(&db, 64 * 1024).unwrap();
+        assert_eq!(recovered.records, vec![b"new".to_vec()]);
+    }
+
+    #[test]
+    fn replay_restores_uncommitted_changes_and_twice_changes_nothing_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.redb");
+        let db = db_with_epoch(&path, 7);
+        let (mut j, _) = Journal::open(&path, 64 * 1024).unwrap();
+        j.reset(7).unwrap();
+        {
+            // Two groups journaled, never committed to redb (the process dies).
+            let txn = db.begin_write().unwrap();
+            let mut body = change(&txn, &[(1, b"a"), (2, b"b"), (3, b"c")], &[]);
+            j.append(&mut body).unwrap();
+            let mut body = change(&txn, &[(2, b"b2")], &[1]);
+            j.append(&mut body).unwrap();
+        }
+        drop(j);
+        assert!(readings(&db).is_empty());
+        let want = vec![(2, b"b2".to_vec()), (3, b"c".to_vec())];
+
+        let (mut j, recovered) = Journal::open(&path, 64 * 1024).unwrap();
+        let records = recovered.records.clone();
+        assert_eq!(replay(&db, &mut j, recovered).unwrap(), 2);
+        assert_eq!(readings(&db), want);
+        // The checkpoint's commit done, the header not yet rewritten: replayed again.
+        let again = Recovered { epoch: 7, records };
+        replay(&db, &mut j, again).unwrap();
+        assert_eq!(readings(&db), want);
+        // After the replay the journal starts over.
+        drop(j);
+        let (_, recovered) = Journal::open(&path, 64 * 1024).unwrap();
+        assert!(recovered.records.is_empty());
+    }
+
+    #[test]
+    fn the_journal_of_another_database_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.redb");
+        let db = db_with_epoch(&path, 7);
+        let (mut j, _) = Journal::open(&path, 64 * 1024).unwrap();
+        j.reset(7).unwrap();
+        {
+            let txn = db.begin_write().unwrap();
+            let mut body = change(&txn, &[(1, b"old")], &[]);
+            j.append(&mut body).unwrap();
+        }
+        drop((j, db));
+        // The database is deleted and created anew; its journal stays behind.
+        std::fs::remove_file(&path).unwrap();
+        let db = db_with_epoch(&path, 8);
+        let (mut j, recovered) = Journal::open(&path, 64 * 1024).unwrap();
+        assert_eq!(replay(&db, &mut j, recovered).unwrap(), 0);
+        assert!(readings(&db).is_empty());
+    }
+}
