@@ -564,6 +564,22 @@ mod tests {
         log.into_inner()
     }
 
+    /// A database of epoch 7 with `groups` (rows inserted, keys removed) journaled in one
+    /// write transaction that is never committed, as a process that dies leaves them.
+    #[allow(clippy::type_complexity)]
+    fn journaled_only(path: &Path, groups: &[(&[(u64, &[u8])], &[u64])]) -> Database {
+        let db = db_with_epoch(path, 7);
+        let (mut j, _) = Journal::open(path, 64 * 1024).unwrap();
+        j.reset(7).unwrap();
+        let txn = db.begin_write().unwrap();
+        for (rows, gone) in groups {
+            let mut record = change(&txn, rows, gone);
+            j.append(&mut record).unwrap();
+        }
+        drop(txn);
+        db
+    }
+
     fn readings(db: &Database) -> Vec<(u64, Vec<u8>)> {
         let txn = db.begin_read().unwrap();
         let t = txn.open_table(OUTBOX_READINGS).unwrap();
@@ -622,18 +638,13 @@ mod tests {
     fn replay_restores_uncommitted_changes_and_twice_changes_nothing_more() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gw.redb");
-        let db = db_with_epoch(&path, 7);
-        let (mut j, _) = Journal::open(&path, 64 * 1024).unwrap();
-        j.reset(7).unwrap();
-        {
-            // Two groups journaled, never committed to redb (the process dies).
-            let txn = db.begin_write().unwrap();
-            let mut body = change(&txn, &[(1, b"a"), (2, b"b"), (3, b"c")], &[]);
-            j.append(&mut body).unwrap();
-            let mut body = change(&txn, &[(2, b"b2")], &[1]);
-            j.append(&mut body).unwrap();
-        }
-        drop(j);
+        let db = journaled_only(
+            &path,
+            &[
+                (&[(1, b"a"), (2, b"b"), (3, b"c")], &[]),
+                (&[(2, b"b2")], &[1]),
+            ],
+        );
         assert!(readings(&db).is_empty());
         let want = vec![(2, b"b2".to_vec()), (3, b"c".to_vec())];
 
@@ -655,15 +666,7 @@ mod tests {
     fn the_journal_of_another_database_is_discarded() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gw.redb");
-        let db = db_with_epoch(&path, 7);
-        let (mut j, _) = Journal::open(&path, 64 * 1024).unwrap();
-        j.reset(7).unwrap();
-        {
-            let txn = db.begin_write().unwrap();
-            let mut body = change(&txn, &[(1, b"old")], &[]);
-            j.append(&mut body).unwrap();
-        }
-        drop((j, db));
+        drop(journaled_only(&path, &[(&[(1, b"old")], &[])]));
         // The database is deleted and created anew; its journal stays behind.
         std::fs::remove_file(&path).unwrap();
         let db = db_with_epoch(&path, 8);
