@@ -365,8 +365,13 @@ fn outbox(e: &mut Encoder, stats: &OutboxStats) {
     }
     e.histogram(
         "gateway_store_commit_seconds",
-        "Duration of the store's write transactions (group commits).",
+        "Duration of the store's group commits (a journal record, synced).",
         &stats.commit_seconds,
+    );
+    e.histogram(
+        "gateway_store_checkpoint_seconds",
+        "Duration of the store's checkpoints (the journaled groups committed to the database file).",
+        &stats.checkpoint_seconds,
     );
 }
 

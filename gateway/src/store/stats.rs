@@ -147,6 +147,7 @@ pub struct Counters {
     epoch: AtomicU64,
 
     commit_seconds: Histogram,
+    checkpoint_seconds: Histogram,
 }
 
 impl Default for Counters {
@@ -162,6 +163,7 @@ impl Default for Counters {
             epoch: AtomicU64::new(0),
 
             commit_seconds: Histogram::default(),
+            checkpoint_seconds: Histogram::default(),
         }
     }
 }
@@ -205,6 +207,10 @@ impl Counters {
         self.max_commit_micros.fetch_max(micros, Ordering::Relaxed);
         self.commit_seconds.observe_micros(micros);
     }
+    /// A checkpoint: the journaled groups committed to the database file.
+    pub fn record_checkpoint(&self, micros: u64) {
+        self.checkpoint_seconds.observe_micros(micros);
+    }
 
     pub fn snapshot(&self) -> OutboxStats {
         let now = now_millis();
@@ -234,6 +240,7 @@ impl Counters {
             }),
 
             commit_seconds: self.commit_seconds.snapshot(),
+            checkpoint_seconds: self.checkpoint_seconds.snapshot(),
         }
     }
 }
@@ -278,6 +285,8 @@ pub struct OutboxStats {
 
     /// Durations of this process's commits.
     pub commit_seconds: HistogramSnapshot,
+    /// Durations of this process's checkpoints (`journal.rs`).
+    pub checkpoint_seconds: HistogramSnapshot,
 }
 
 impl OutboxStats {

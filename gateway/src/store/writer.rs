@@ -596,6 +596,7 @@ impl Owner {
         let Some(txn) = self.txn.take() else {
             return Ok(());
         };
+        let started = Instant::now();
         txn.commit()?;
         self.tails
             .lock()
@@ -607,6 +608,8 @@ impl Owner {
                 path: self.journal.path().to_owned(),
                 source,
             })?;
+        self.counters
+            .record_checkpoint(started.elapsed().as_micros() as u64);
         // Rows the forwarder could not take from memory are now readable in the file.
         self.new_rows.notify_one();
         Ok(())
