@@ -10,7 +10,9 @@
 //! - Entering and leaving the state log one line each; the retries in between do not.
 //! - A read-only handle is opened before the failed writer is dropped, so committed rows
 //!   stay readable (the forwarder keeps draining them).
-//! - Recovery takes the counters from the reopened file (the truth about what was
+//! - Recovery applies the journal to the reopened file (the groups that were durable but
+//!   not yet checkpointed when the writes failed; until then the forwarder reads only
+//!   what was checkpointed), takes the counters from the file (the truth about what was
 //!   committed), and the kept acks are committed by the next group.
 
 use std::sync::Arc;
