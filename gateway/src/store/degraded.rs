@@ -21,9 +21,8 @@ use std::time::Duration;
 use redb::{ConcurrencyMode, Database};
 
 use super::health::{self, Degraded, Reader};
-use super::journal;
 use super::stats::Counter;
-use super::writer::{init, Group, Owner};
+use super::writer::{open_file, Group, Owner};
 use super::{DataCmd, StoreError};
 
 impl Owner {
@@ -120,17 +119,15 @@ impl Owner {
             .open(&self.path)
             .map_err(StoreError::from)
             .map(Arc::new)
-            .and_then(|db| {
-                match journal::replay_again(&db, &mut self.journal)
-                    .and_then(|_| init(&db, &self.counters, true))
-                {
-                    Ok(()) => Ok(db),
+            .and_then(
+                |db| match open_file(&db, &mut self.journal, &self.counters, true) {
+                    Ok(_) => Ok(db),
                     Err(e) => {
                         self.failed = Some(db);
                         Err(e)
                     }
-                }
-            });
+                },
+            );
         let db = match opened {
             Ok(db) => db,
             Err(e) => {
@@ -157,9 +154,6 @@ impl Owner {
         }
         self.db = Some(db);
         self.counters.set_degraded(None);
-        if let Err(e) = self.journal.reset(self.counters.epoch()) {
-            tracing::warn!(path = %self.journal.path().display(), error = %e, "cannot start the journal over");
-        }
         let refused = self.refused_total().saturating_sub(d.refused_before);
         let after = humantime::format_duration(Duration::from_secs(d.started.elapsed().as_secs()));
         tracing::info!(

@@ -104,9 +104,9 @@ impl Journal {
         PathBuf::from(name)
     }
 
-    /// Opens the journal of the database at `db` (created, and allocated, when missing)
-    /// and reads the records it holds.
-    pub(super) fn open(db: &Path, capacity: u64) -> Result<(Journal, Recovered), StoreError> {
+    /// Opens the journal of the database at `db` (created, and allocated, when missing);
+    /// [`replay`] applies what it holds.
+    pub(super) fn open(db: &Path, capacity: u64) -> Result<Journal, StoreError> {
         let path = Self::path_for(db);
         let io_error = |source| StoreError::Io {
             path: path.clone(),
@@ -124,24 +124,31 @@ impl Journal {
         if len < capacity {
             allocate(&file, capacity).map_err(io_error)?;
         }
-        let mut journal = Journal {
+        Ok(Journal {
             file,
             path,
             epoch: 0,
             generation: 0,
             end: HEADER_BYTES,
             capacity: capacity.max(len),
-        };
-        let recovered = journal.recover().map_err(|source| StoreError::Io {
-            path: journal.path.clone(),
-            source,
-        })?;
-        Ok((journal, recovered))
+        })
     }
 
-    /// Reads the header and the records of the current generation again from the file
-    /// (at open, and when the store recovers from a storage fault).
-    pub(super) fn recover(&mut self) -> io::Result<Recovered> {
+    /// An I/O error of this journal, naming its file.
+    fn error(&self, source: io::Error) -> StoreError {
+        StoreError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Reads the header and the records of the current generation from the file (when
+    /// the store opens, and when it recovers from a storage fault).
+    pub(super) fn recover(&mut self) -> Result<Recovered, StoreError> {
+        self.read_all().map_err(|e| self.error(e))
+    }
+
+    fn read_all(&mut self) -> io::Result<Recovered> {
         let mut header = [0u8; 28];
         let header = match self.file.read_exact_at(&mut header, 0) {
             Ok(()) => parse_header(&header),
@@ -200,10 +207,6 @@ impl Journal {
         Ok(records)
     }
 
-    pub(super) fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Empties `record` for the operations of the next group: room for the head, which
     /// [`append`](Self::append) fills in, then the body.
     pub(super) fn begin(record: &mut Vec<u8>) {
@@ -223,7 +226,11 @@ impl Journal {
     /// Writes `record` (from [`begin`](Self::begin), its body filled) as the next record
     /// and syncs it: once this returns, the group it describes survives a crash or a
     /// power loss.
-    pub(super) fn append(&mut self, record: &mut [u8]) -> io::Result<()> {
+    pub(super) fn append(&mut self, record: &mut [u8]) -> Result<(), StoreError> {
+        self.write_record(record).map_err(|e| self.error(e))
+    }
+
+    fn write_record(&mut self, record: &mut [u8]) -> io::Result<()> {
         debug_assert!(self.fits(record) && record.len() >= RECORD_HEAD);
         let (head, body) = record.split_at_mut(RECORD_HEAD);
         head[0..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
@@ -237,7 +244,11 @@ impl Journal {
 
     /// Starts a new generation for the database of `epoch`, once everything journaled is
     /// committed to the database (a checkpoint): the records written so far stop counting.
-    pub(super) fn reset(&mut self, epoch: u64) -> io::Result<()> {
+    pub(super) fn reset(&mut self, epoch: u64) -> Result<(), StoreError> {
+        self.new_generation(epoch).map_err(|e| self.error(e))
+    }
+
+    fn new_generation(&mut self, epoch: u64) -> io::Result<()> {
         if self.end == HEADER_BYTES && self.epoch == epoch && self.generation > 0 {
             return Ok(());
         }
@@ -377,13 +388,11 @@ impl<'t, K: Key + 'static, V: Value + 'static> std::ops::Deref for Logged<'_, 't
     }
 }
 
-/// Applies the records a journal held to `db`, in one transaction, when they belong to it
-/// (same epoch); then starts a new generation. Returns the number of records applied.
-pub(super) fn replay(
-    db: &redb::Database,
-    journal: &mut Journal,
-    recovered: Recovered,
-) -> Result<usize, StoreError> {
+/// Applies the records the journal holds to `db`, in one transaction, when they belong
+/// to it (same epoch). Returns the number of records applied. The journal keeps them
+/// until it is [reset](Journal::reset) (replaying them again changes nothing).
+pub(super) fn replay(db: &redb::Database, journal: &mut Journal) -> Result<usize, StoreError> {
+    let recovered = journal.recover()?;
     let epoch = {
         let txn = db.begin_read()?;
         match txn.open_table(META) {
@@ -419,26 +428,7 @@ pub(super) fn replay(
             ),
         }
     }
-    if let Some(epoch) = epoch {
-        journal.reset(epoch).map_err(|source| StoreError::Io {
-            path: journal.path.clone(),
-            source,
-        })?;
-    }
     Ok(applied)
-}
-
-/// [`replay`] of what the journal holds now: after a storage fault, the groups that were
-/// durable but not yet checkpointed when the writes failed.
-pub(super) fn replay_again(
-    db: &redb::Database,
-    journal: &mut Journal,
-) -> Result<usize, StoreError> {
-    let recovered = journal.recover().map_err(|source| StoreError::Io {
-        path: journal.path.clone(),
-        source,
-    })?;
-    replay(db, journal, recovered)
 }
 
 /// Every table a record can name, open in one transaction.
@@ -569,7 +559,7 @@ mod tests {
     #[allow(clippy::type_complexity)]
     fn journaled_only(path: &Path, groups: &[(&[(u64, &[u8])], &[u64])]) -> Database {
         let db = db_with_epoch(path, 7);
-        let (mut j, _) = Journal::open(path, 64 * 1024).unwrap();
+        let mut j = Journal::open(path, 64 * 1024).unwrap();
         j.reset(7).unwrap();
         let txn = db.begin_write().unwrap();
         for (rows, gone) in groups {
@@ -596,8 +586,8 @@ mod tests {
     fn synced_records_are_read_back_and_a_torn_one_ends_them() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("gw.redb");
-        let (mut j, recovered) = Journal::open(&db, 64 * 1024).unwrap();
-        assert!(recovered.records.is_empty());
+        let mut j = Journal::open(&db, 64 * 1024).unwrap();
+        assert!(j.recover().unwrap().records.is_empty());
         j.reset(7).unwrap();
         append(&mut j, b"first");
         append(&mut j, b"second");
@@ -610,7 +600,8 @@ mod tests {
         j.file.write_all_at(&torn, j.end).unwrap();
         drop(j);
 
-        let (j, recovered) = Journal::open(&db, 64 * 1024).unwrap();
+        let mut j = Journal::open(&db, 64 * 1024).unwrap();
+        let recovered = j.recover().unwrap();
         assert_eq!(recovered.epoch, 7);
         assert_eq!(
             recovered.records,
@@ -623,14 +614,14 @@ mod tests {
     fn after_a_reset_the_earlier_records_no_longer_count() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("gw.redb");
-        let (mut j, _) = Journal::open(&db, 64 * 1024).unwrap();
+        let mut j = Journal::open(&db, 64 * 1024).unwrap();
         j.reset(7).unwrap();
         append(&mut j, b"checkpointed 1");
         append(&mut j, b"checkpointed 2");
         j.reset(7).unwrap();
         append(&mut j, b"new");
         drop(j);
-        let (_, recovered) = Journal::open(&db, 64 * 1024).unwrap();
+        let recovered = Journal::open(&db, 64 * 1024).unwrap().recover().unwrap();
         assert_eq!(recovered.records, vec![b"new".to_vec()]);
     }
 
@@ -648,17 +639,18 @@ mod tests {
         assert!(readings(&db).is_empty());
         let want = vec![(2, b"b2".to_vec()), (3, b"c".to_vec())];
 
-        let (mut j, recovered) = Journal::open(&path, 64 * 1024).unwrap();
-        let records = recovered.records.clone();
-        assert_eq!(replay(&db, &mut j, recovered).unwrap(), 2);
+        let mut j = Journal::open(&path, 64 * 1024).unwrap();
+        assert_eq!(replay(&db, &mut j).unwrap(), 2);
         assert_eq!(readings(&db), want);
         // The checkpoint's commit done, the header not yet rewritten: replayed again.
-        let again = Recovered { epoch: 7, records };
-        replay(&db, &mut j, again).unwrap();
+        assert_eq!(replay(&db, &mut j).unwrap(), 2);
         assert_eq!(readings(&db), want);
-        // After the replay the journal starts over.
+        // Opening the store replays, then the journal starts over.
+        let counters = super::super::stats::Counters::default();
+        super::super::writer::open_file(&db, &mut j, &counters, false).unwrap();
+        assert_eq!(readings(&db), want);
         drop(j);
-        let (_, recovered) = Journal::open(&path, 64 * 1024).unwrap();
+        let recovered = Journal::open(&path, 64 * 1024).unwrap().recover().unwrap();
         assert!(recovered.records.is_empty());
     }
 
@@ -670,8 +662,8 @@ mod tests {
         // The database is deleted and created anew; its journal stays behind.
         std::fs::remove_file(&path).unwrap();
         let db = db_with_epoch(&path, 8);
-        let (mut j, recovered) = Journal::open(&path, 64 * 1024).unwrap();
-        assert_eq!(replay(&db, &mut j, recovered).unwrap(), 0);
+        let mut j = Journal::open(&path, 64 * 1024).unwrap();
+        assert_eq!(replay(&db, &mut j).unwrap(), 0);
         assert!(readings(&db).is_empty());
     }
 }

@@ -454,19 +454,8 @@ impl Store {
             .map_err(|e| open_error(e.into()))?;
         let db = Arc::new(db);
         let counters = Arc::new(Counters::default());
-        let (mut journal, recovered) = Journal::open(path, JOURNAL_BYTES)?;
-        let opened = journal::replay(&db, &mut journal, recovered)
-            .and_then(|replayed| writer::init(&db, &counters, false).map(|()| replayed))
-            .and_then(|replayed| {
-                journal
-                    .reset(counters.epoch())
-                    .map_err(|source| StoreError::Io {
-                        path: journal.path().to_owned(),
-                        source,
-                    })
-                    .map(|()| replayed)
-            });
-        match opened {
+        let mut journal = Journal::open(path, JOURNAL_BYTES)?;
+        match writer::open_file(&db, &mut journal, &counters, false) {
             Ok(0) => {}
             Ok(replayed) => tracing::info!(
                 path = %path.display(),

@@ -59,7 +59,7 @@ use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use tokio::sync::{oneshot, Notify};
 
 use super::health::{Degraded, ReaderSlot};
-use super::journal::{Journal, Logged, TableId, CHECKPOINT_INTERVAL};
+use super::journal::{self, Journal, Logged, TableId, CHECKPOINT_INTERVAL};
 use super::stats::{Counter, Counters};
 use super::tables::{self, COMMANDS, DEAD_LETTERS, EVENT_LOG, META, RULE_STATE};
 use super::tail::Tails;
@@ -136,6 +136,22 @@ pub(super) fn init(db: &Database, counters: &Counters, reopen: bool) -> Result<(
     }
     txn.commit()?;
     Ok(())
+}
+
+/// Opens the database's contents for the store, at start and when it recovers from a
+/// storage fault: applies what the journal holds (groups that were durable but not yet
+/// checkpointed), then [`init`], then starts the journal over. Returns the number of
+/// journal records applied.
+pub(super) fn open_file(
+    db: &Database,
+    journal: &mut Journal,
+    counters: &Counters,
+    reopen: bool,
+) -> Result<usize, StoreError> {
+    let replayed = journal::replay(db, journal)?;
+    init(db, counters, reopen)?;
+    journal.reset(counters.epoch())?;
+    Ok(replayed)
 }
 
 pub(super) struct Owner {
@@ -577,12 +593,7 @@ impl Owner {
         self.oplog = oplog.into_inner();
         applied?;
         if self.journal.fits(&self.oplog) {
-            self.journal
-                .append(&mut self.oplog)
-                .map_err(|source| StoreError::Io {
-                    path: self.journal.path().to_owned(),
-                    source,
-                })?;
+            self.journal.append(&mut self.oplog)?;
             self.txn = Some(txn);
             Ok(())
         } else {
@@ -602,12 +613,7 @@ impl Owner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .checkpointed();
-        self.journal
-            .reset(self.counters.epoch())
-            .map_err(|source| StoreError::Io {
-                path: self.journal.path().to_owned(),
-                source,
-            })?;
+        self.journal.reset(self.counters.epoch())?;
         self.counters
             .record_checkpoint(started.elapsed().as_micros() as u64);
         // Rows the forwarder could not take from memory are now readable in the file.
