@@ -207,7 +207,8 @@ async fn restart_neither_refires_nor_forgets_a_firing_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pending_instance_saved_periodically_survives_kill_9_and_fires_on_time() {
     // A reading starts a `for = 8s` condition: pending, no event yet, so only the rules
-    // stage's periodic save (every 5 s, of the devices whose instances moved) keeps it.
+    // stage's periodic save (of a device whose instances moved, at the first batch or
+    // 1 s tick once that change is 5 s old) keeps it.
     // After kill -9 and a restart with no further reading, it must still fire 8 s after
     // that reading.
     let (mut gw, _) = gateway_with_rule(
@@ -216,8 +217,8 @@ async fn a_pending_instance_saved_periodically_survives_kill_9_and_fires_on_time
     );
     publish_all(&gw.addr(), "p-1", &heat("p-1", 20)).await;
     let published = Instant::now();
-    // Past one save interval (5 s) with room to spare, before the `for` is over.
-    tokio::time::sleep(Duration::from_millis(6500)).await;
+    // Past one save interval and a tick (6 s) with room to spare, before the `for` is over.
+    tokio::time::sleep(Duration::from_millis(7000)).await;
     gw.kill();
 
     gw.spawn();

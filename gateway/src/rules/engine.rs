@@ -20,7 +20,7 @@
 //! - `snapshot` / `restore` carry every instance, so a restart neither re-fires nor forgets
 //!   a firing instance.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::eval::{eval, set_values, update_windows, Vars};
 use super::rule::{Rule, RuleKind};
@@ -39,9 +39,9 @@ use crate::reading::{Millis, Reading};
 struct DeviceInstances {
     rules: Vec<u32>,
     instances: Vec<Instance>,
-    /// A reading moved its instances since the owner last saved them (listed in
-    /// [`Engine::moved`]).
-    moved: bool,
+    /// When a reading first moved its instances since the owner last saved them: the
+    /// time of its live entry in [`Engine::moved`].
+    moved: Option<Millis>,
 }
 
 impl DeviceInstances {
@@ -70,9 +70,10 @@ pub struct Engine {
     devices: HashMap<String, DeviceInstances>,
     stats: EngineStats,
     scratch: Vec<usize>,
-    /// Devices whose instances readings moved since they were last saved, in the order
-    /// they first moved; an entry whose `moved` flag is clear was saved meanwhile.
-    moved: Vec<String>,
+    /// Devices whose instances readings moved since they were last saved, with the time
+    /// they first moved, oldest first. An entry whose time is not its device's `moved`
+    /// is stale (the device was saved meanwhile, and may have moved again since).
+    moved: VecDeque<(Millis, String)>,
 }
 
 impl Engine {
@@ -83,7 +84,7 @@ impl Engine {
             devices: HashMap::new(),
             stats: EngineStats::default(),
             scratch: Vec::new(),
-            moved: Vec::new(),
+            moved: VecDeque::new(),
         }
     }
 
@@ -277,9 +278,9 @@ impl Engine {
             Some(dev) => dev,
             None => self.devices.entry(reading.device.clone()).or_default(),
         };
-        if !dev.moved {
-            dev.moved = true;
-            self.moved.push(reading.device.clone());
+        if dev.moved.is_none() {
+            dev.moved = Some(now);
+            self.moved.push_back((now, reading.device.clone()));
         }
         for &i in &applicable {
             let rule = &self.rules.rules()[i];
@@ -338,19 +339,45 @@ impl Engine {
     /// periodically. Includes devices whose instances have gone since (their saved state
     /// goes too).
     pub fn take_moved(&mut self) -> Vec<String> {
-        let mut moved = std::mem::take(&mut self.moved);
-        moved.retain(|device| match self.devices.get_mut(device) {
-            Some(dev) => std::mem::replace(&mut dev.moved, false),
-            None => true,
-        });
-        moved
+        self.take_moved_before(Millis::MAX, usize::MAX)
+    }
+
+    /// [`Engine::take_moved`] for the devices that first moved at or before `cutoff`,
+    /// oldest first, at most `max` of them: what the owner saves once a device's oldest
+    /// unsaved change is old enough, a few at a time.
+    pub fn take_moved_before(&mut self, cutoff: Millis, max: usize) -> Vec<String> {
+        let mut taken = Vec::new();
+        while taken.len() < max {
+            match self.moved.front() {
+                Some((first, _)) if *first <= cutoff => {}
+                _ => break,
+            }
+            let (first, device) = self.moved.pop_front().expect("front exists");
+            let listed = match self.devices.get_mut(&device) {
+                Some(dev) if dev.moved == Some(first) => {
+                    dev.moved = None;
+                    true
+                }
+                Some(_) => false,
+                None => true,
+            };
+            if listed {
+                taken.push(device);
+            }
+        }
+        taken
+    }
+
+    /// When the oldest device still listed by [`Engine::take_moved`] first moved.
+    pub fn oldest_moved(&self) -> Option<Millis> {
+        self.moved.front().map(|(first, _)| *first)
     }
 
     /// The owner saved `device`'s instances: it is not listed by [`Engine::take_moved`]
     /// until a reading moves them again.
     pub fn saved(&mut self, device: &str) {
         if let Some(dev) = self.devices.get_mut(device) {
-            dev.moved = false;
+            dev.moved = None;
         }
     }
 

@@ -723,3 +723,43 @@ fn devices_whose_instances_moved_are_listed_once_until_saved() {
     e.on_reading(&temp("d1", 23.0), T0 + 8 * S);
     assert_eq!(e.take_moved(), ["d1"]);
 }
+
+#[test]
+fn devices_are_taken_for_saving_once_their_oldest_change_is_old_enough_a_few_at_a_time() {
+    let mut e = Engine::new(set(OFFLINE), "gw");
+    assert_eq!(e.oldest_moved(), None);
+    e.on_reading(&temp("d1", 20.0), T0 + S);
+    e.on_reading(&temp("d2", 20.0), T0 + 2 * S);
+    e.on_reading(&temp("d1", 21.0), T0 + 3 * S);
+    e.on_reading(&temp("d3", 20.0), T0 + 4 * S);
+    assert_eq!(e.oldest_moved(), Some(T0 + S));
+    // Nothing is old enough yet.
+    assert!(e.take_moved_before(T0, 10).is_empty());
+    // d1's oldest change (T0 + 1 s) decides, not its latest.
+    assert_eq!(e.take_moved_before(T0 + 3 * S, 10), ["d1", "d2"]);
+    assert_eq!(e.oldest_moved(), Some(T0 + 4 * S));
+    // At most `max` per call, oldest first.
+    e.on_reading(&temp("d1", 22.0), T0 + 5 * S);
+    e.on_reading(&temp("d2", 22.0), T0 + 6 * S);
+    assert_eq!(e.take_moved_before(T0 + 9 * S, 2), ["d3", "d1"]);
+    // Saved with an event meanwhile: skipped, and it does not count against `max`.
+    e.on_reading(&temp("d4", 20.0), T0 + 7 * S);
+    e.saved("d2");
+    assert_eq!(e.take_moved_before(T0 + 9 * S, 1), ["d4"]);
+    assert_eq!(e.oldest_moved(), None);
+    assert!(e.take_moved().is_empty());
+}
+
+#[test]
+fn a_device_saved_with_an_event_is_due_again_only_from_its_next_change() {
+    let mut e = Engine::new(set(OFFLINE), "gw");
+    e.on_reading(&temp("d1", 20.0), T0 + S);
+    // Saved with an event at 2 s, moved again at 3 s: its first entry (1 s) is stale.
+    e.saved("d1");
+    e.on_reading(&temp("d1", 21.0), T0 + 3 * S);
+    assert!(
+        e.take_moved_before(T0 + 2 * S, 10).is_empty(),
+        "the change of 1 s was saved at 2 s"
+    );
+    assert_eq!(e.take_moved_before(T0 + 3 * S, 10), ["d1"]);
+}
