@@ -334,9 +334,15 @@ impl Owner {
                     Err(e) => self.enter_degraded(&e, &mut group),
                 }
             }
+            // After the commit that holds them, in queue order; a failed commit dropped
+            // them unreleased. The group is durable once its journal record is synced, so
+            // they do not wait for a checkpoint that follows (nor does a failed one hold
+            // them back).
+            for receipt in group.receipts.drain(..) {
+                receipt.release();
+            }
             // Flushes and shutdown want the rows in the database file, and the downlink
-            // reads its queue from there. A failed checkpoint leaves the group durable in
-            // the journal: its receipts are still released.
+            // reads its queue from there.
             let mut checkpointed = ok;
             if ok
                 && self.txn.is_some()
@@ -348,11 +354,6 @@ impl Owner {
                 }
             }
             group.checkpoint = false;
-            // After the commit that holds them, in queue order; a failed commit dropped
-            // them unreleased.
-            for receipt in group.receipts.drain(..) {
-                receipt.release();
-            }
             for run in group.on_commit.drain(..) {
                 run();
             }
