@@ -77,6 +77,23 @@ pub(super) enum TableId {
     Meta = 6,
 }
 
+impl TableId {
+    const ALL: [TableId; 7] = [
+        TableId::Readings,
+        TableId::Events,
+        TableId::DeadLetters,
+        TableId::RuleState,
+        TableId::EventLog,
+        TableId::Commands,
+        TableId::Meta,
+    ];
+
+    /// The table a record names by `id`; `None` for an id no table has.
+    fn from_u8(id: u8) -> Option<TableId> {
+        Self::ALL.into_iter().find(|t| *t as u8 == id)
+    }
+}
+
 /// The journal file of one database.
 pub(super) struct Journal {
     file: File,
@@ -460,15 +477,14 @@ impl<'t> Tables<'t> {
         while !body.is_empty() {
             let (table, key, value, rest) = parse_op(body).ok_or(None)?;
             body = rest;
-            let done = match table {
-                0 => put(&mut self.readings, key, value),
-                1 => put(&mut self.events, key, value),
-                2 => put(&mut self.dead, key, value),
-                3 => put(&mut self.state, key, value),
-                4 => put(&mut self.log, key, value),
-                5 => put(&mut self.commands, key, value),
-                6 => put(&mut self.meta, key, value),
-                _ => return Err(None),
+            let done = match TableId::from_u8(table).ok_or(None)? {
+                TableId::Readings => put(&mut self.readings, key, value),
+                TableId::Events => put(&mut self.events, key, value),
+                TableId::DeadLetters => put(&mut self.dead, key, value),
+                TableId::RuleState => put(&mut self.state, key, value),
+                TableId::EventLog => put(&mut self.log, key, value),
+                TableId::Commands => put(&mut self.commands, key, value),
+                TableId::Meta => put(&mut self.meta, key, value),
             };
             done.map_err(|e| Some(e.into()))?;
         }
@@ -652,6 +668,15 @@ mod tests {
         drop(j);
         let recovered = Journal::open(&path, 64 * 1024).unwrap().recover().unwrap();
         assert!(recovered.records.is_empty());
+    }
+
+    #[test]
+    fn table_ids_read_back_and_an_unknown_id_is_refused() {
+        for (i, t) in TableId::ALL.into_iter().enumerate() {
+            assert_eq!(t as u8 as usize, i, "ids are the positions in ALL");
+            assert_eq!(TableId::from_u8(t as u8), Some(t));
+        }
+        assert_eq!(TableId::from_u8(TableId::ALL.len() as u8), None);
     }
 
     #[test]
