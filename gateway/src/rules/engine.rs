@@ -368,7 +368,9 @@ impl Engine {
         taken
     }
 
-    /// When the oldest device still listed by [`Engine::take_moved`] first moved.
+    /// When the oldest device still listed by [`Engine::take_moved`] first moved (the
+    /// owner does not need it: it asks [`Engine::take_moved_before`] on every pass).
+    #[cfg(test)]
     pub fn oldest_moved(&self) -> Option<Millis> {
         self.moved.front().map(|(first, _)| *first)
     }
