@@ -185,3 +185,61 @@ fn the_router_gets_only_what_a_subscription_may_want() {
     held.take(&mut packets);
     assert_eq!(packets.len(), 1);
 }
+
+/// Acks released on another thread reach their connections through the listener's relay
+/// (patch 27): every connection is woken and sends its acks, in order, whether its
+/// releases come in one batch or one at a time racing the relay's turns.
+#[test]
+fn releases_from_another_thread_wake_every_connection_through_the_relay() {
+    use std::time::Duration;
+
+    use rumqttd::ingest::AckRelay;
+
+    const CONNECTIONS: usize = 50;
+    const ROUNDS: u16 = 200;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let relay = AckRelay::default();
+        tokio::spawn(relay.clone().run());
+        let (hook, _rx) = IngestHook::bounded(CONNECTIONS * usize::from(ROUNDS));
+        let mut held: Vec<HeldAcks> = (0..CONNECTIONS)
+            .map(|i| HeldAcks::relayed(hook.clone(), None, &format!("d{i}"), Some(relay.clone())))
+            .collect();
+        for round in 1..=ROUNDS {
+            let mut pending = Vec::new();
+            for h in &mut held {
+                let mut packets = vec![publish(1, round, "devices/d/t")];
+                pending.push(h.take(&mut packets).remove(0).ack.unwrap());
+            }
+            let signals: Vec<_> = held.iter().map(HeldAcks::signal).collect();
+            // Odd rounds: one batch after another thread has taken them all; even rounds:
+            // one at a time, so releases and the relay's turns interleave.
+            let one_by_one = round % 2 == 0;
+            let releaser = std::thread::spawn(move || {
+                for ack in pending {
+                    ack.release();
+                    if one_by_one {
+                        std::thread::yield_now();
+                    }
+                }
+            });
+            for (h, signal) in held.iter_mut().zip(&signals) {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    let ready = h.ready().unwrap();
+                    if !ready.is_empty() {
+                        assert_eq!(acks(&ready), vec![('a', round)]);
+                        break;
+                    }
+                    tokio::time::timeout_at(deadline, signal.notified())
+                        .await
+                        .expect("a released ack woke its connection within 10 s");
+                }
+            }
+            releaser.join().unwrap();
+        }
+    });
+}

@@ -90,6 +90,8 @@ pub struct Hooks {
     pub presence: Option<link::presence::PresenceHook>,
     /// Set by the broker: the router's filters, for the ingest hand-off.
     pub(crate) subscribed: Option<link::ingest::Subscribed>,
+    /// Set by each listener: wakes its connections for acks released elsewhere.
+    pub(crate) ack_relay: Option<link::ingest::AckRelay>,
 }
 
 /// PATCH(gateway): idle time before the first TCP keepalive probe on an accepted socket.

@@ -144,7 +144,7 @@ impl<P: Protocol> RemoteLink<P> {
         // PATCH(gateway)
         let held = hooks
             .ingest
-            .map(|hook| HeldAcks::new(hook, hooks.subscribed, client_id));
+            .map(|hook| HeldAcks::relayed(hook, hooks.subscribed, client_id, hooks.ack_relay));
         // PATCH(gateway)
         let downlink = hooks
             .downlink

@@ -432,6 +432,13 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         let mut count: usize = 0;
 
         let config = Arc::new(self.config.connections.clone());
+        // PATCH(gateway): acks released by the application wake this listener's
+        // connections through one task on its runtime (`link/ingest.rs` `AckRelay`).
+        if self.hooks.ingest.is_some() {
+            let relay = crate::link::ingest::AckRelay::default();
+            task::spawn(relay.clone().run());
+            self.hooks.ack_relay = Some(relay);
+        }
         info!(
             config = self.config.name,
             listen_addr = self.config.listen.to_string(),
