@@ -105,6 +105,11 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
+/// PATCH(gateway): most publish requests an event loop writes to the network at once:
+/// the one it took and those already queued behind it (while the inflight window has
+/// room), then one flush, instead of a write per request.
+pub const REQUEST_BATCH: usize = 32;
+
 mod client;
 mod eventloop;
 mod framed;

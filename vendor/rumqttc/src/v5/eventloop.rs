@@ -227,6 +227,22 @@ impl EventLoop {
                     if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
                         network.write(outgoing).await?;
                     }
+                    // PATCH(gateway): the requests already queued go out with this one,
+                    // in one write (`crate::REQUEST_BATCH`).
+                    for _ in 1..crate::REQUEST_BATCH {
+                        if !self.pending.is_empty()
+                            || self.state.inflight >= self.state.max_outgoing_inflight
+                            || self.state.collision.is_some()
+                        {
+                            break;
+                        }
+                        let Ok(request) = self.requests_rx.try_recv() else {
+                            break;
+                        };
+                        if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
+                            network.write(outgoing).await?;
+                        }
+                    }
                     network.flush().await?;
                     Ok(self.state.events.pop_front().unwrap())
                 }
@@ -431,5 +447,119 @@ async fn mqtt_connect(
         }
         Incoming::ConnAck(connack) => Err(ConnectionError::ConnectionRefused(connack.code)),
         packet => Err(ConnectionError::NotConnAck(Box::new(packet))),
+    }
+}
+
+/// PATCH(gateway): tests of the request batch (`crate::REQUEST_BATCH`).
+#[cfg(test)]
+mod request_batch_tests {
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    use super::*;
+    use crate::v5::mqttbytes::QoS;
+    use crate::v5::{AsyncClient, MqttOptions};
+
+    /// A socket that never yields a byte and records the size of every write.
+    struct Recorder(Arc<Mutex<Vec<usize>>>);
+
+    impl AsyncRead for Recorder {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.lock().unwrap().push(buf.len());
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// An event loop connected to a [`Recorder`], with `inflight` publishes allowed.
+    fn connected(inflight: u16) -> (AsyncClient, EventLoop, Arc<Mutex<Vec<usize>>>) {
+        let mut options = MqttOptions::new("batch", "127.0.0.1", 1883);
+        options.set_outgoing_inflight_upper_limit(inflight);
+        let (client, mut eventloop) = AsyncClient::new(options, 100);
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        eventloop.network = Some(Network::new(Recorder(writes.clone()), None));
+        eventloop.keepalive_timeout = Some(Box::pin(time::sleep(Duration::from_secs(3600))));
+        (client, eventloop, writes)
+    }
+
+    fn publish(client: &AsyncClient, n: usize) {
+        for i in 0..n {
+            client
+                .try_publish("t", QoS::AtLeastOnce, false, vec![i as u8; 10])
+                .unwrap();
+        }
+    }
+
+    async fn outgoing_publishes(eventloop: &mut EventLoop, n: usize) -> Vec<u16> {
+        let mut pkids = Vec::new();
+        while pkids.len() < n {
+            let event = time::timeout(Duration::from_secs(5), eventloop.poll())
+                .await
+                .expect("an event within 5 s")
+                .unwrap();
+            if let Event::Outgoing(Outgoing::Publish(pkid)) = event {
+                pkids.push(pkid);
+            }
+        }
+        pkids
+    }
+
+    #[tokio::test]
+    async fn queued_publishes_leave_in_one_write_and_in_order() {
+        let (client, mut eventloop, writes) = connected(100);
+        publish(&client, 10);
+        assert_eq!(
+            outgoing_publishes(&mut eventloop, 10).await,
+            (1..=10).collect::<Vec<_>>()
+        );
+        let writes = writes.lock().unwrap().clone();
+        assert_eq!(
+            writes.len(),
+            1,
+            "one write for ten queued publishes: {writes:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_stops_at_the_inflight_limit_and_at_the_batch_size() {
+        let (client, mut eventloop, writes) = connected(4);
+        publish(&client, 6);
+        // Four fit the window: one write; the other two wait for acks.
+        assert_eq!(
+            outgoing_publishes(&mut eventloop, 4).await,
+            vec![1, 2, 3, 4]
+        );
+        assert_eq!(writes.lock().unwrap().len(), 1);
+        assert!(time::timeout(Duration::from_millis(100), eventloop.poll())
+            .await
+            .is_err());
+
+        let (client, mut eventloop, writes) = connected(100);
+        publish(&client, crate::REQUEST_BATCH + 1);
+        outgoing_publishes(&mut eventloop, crate::REQUEST_BATCH + 1).await;
+        assert_eq!(writes.lock().unwrap().len(), 2);
     }
 }
