@@ -454,45 +454,11 @@ async fn mqtt_connect(
 #[cfg(test)]
 mod request_batch_tests {
     use std::sync::{Arc, Mutex};
-    use std::task::{Context, Poll};
-
-    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
     use super::*;
+    use crate::test_socket::Recorder;
     use crate::v5::mqttbytes::QoS;
     use crate::v5::{AsyncClient, MqttOptions};
-
-    /// A socket that never yields a byte and records the size of every write.
-    struct Recorder(Arc<Mutex<Vec<usize>>>);
-
-    impl AsyncRead for Recorder {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            _: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            Poll::Pending
-        }
-    }
-
-    impl AsyncWrite for Recorder {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            self.0.lock().unwrap().push(buf.len());
-            Poll::Ready(Ok(buf.len()))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
 
     /// An event loop connected to a [`Recorder`], with `inflight` publishes allowed.
     fn connected(inflight: u16) -> (AsyncClient, EventLoop, Arc<Mutex<Vec<usize>>>) {
