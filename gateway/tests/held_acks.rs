@@ -6,7 +6,10 @@ use std::collections::VecDeque;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use rumqttd::ingest::{HeldAcks, Subscribed};
-use rumqttd::protocol::{Packet, PubRel, PubRelReason, Publish, PublishProperties};
+use rumqttd::protocol::{
+    Filter, Packet, PubRel, PubRelReason, Publish, PublishProperties, QoS, RetainForwardRule,
+    Subscribe,
+};
 use rumqttd::{IngestHook, Ingested};
 
 /// A PUBLISH as the network parser yields it (`Publish::deserialize` is the one public
@@ -242,4 +245,50 @@ fn releases_from_another_thread_wake_every_connection_through_the_relay() {
             releaser.join().unwrap();
         }
     });
+}
+
+/// A client that subscribes and publishes before its SUBACK (in one network read, as a
+/// client that writes its queued requests at once does) gets its own message: until the
+/// router acknowledges the SUBSCRIBE its filter may not be registered yet, so every
+/// publish of the connection goes to the router (patch 28).
+#[test]
+fn publishes_go_to_the_router_while_the_clients_own_subscribe_is_unacknowledged() {
+    let (hook, _rx) = IngestHook::bounded(8);
+    let subscribed = Subscribed::default();
+    let mut held = HeldAcks::new(hook, Some(subscribed.clone()), "d");
+    let subscribe = Packet::Subscribe(
+        Subscribe {
+            pkid: 1,
+            filters: vec![Filter {
+                path: "devices/d/t".into(),
+                qos: QoS::AtLeastOnce,
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+            }],
+        },
+        None,
+    );
+    let mut packets = vec![subscribe, publish(1, 2, "devices/d/t")];
+    assert_eq!(held.take(&mut packets).len(), 1);
+    assert_eq!(
+        packets.len(),
+        2,
+        "the subscribe and the publish both reach the router"
+    );
+    // A later read, still before the SUBACK.
+    let mut packets = vec![publish(1, 3, "devices/d/t")];
+    held.take(&mut packets);
+    assert_eq!(packets.len(), 1);
+    // The router registered the filter and acknowledged: back to what a subscription
+    // may want.
+    subscribed.insert("devices/d/t");
+    held.subscriptions_acknowledged(1);
+    let mut packets = vec![
+        publish(1, 4, "devices/d/t"),
+        publish(1, 5, "devices/d/other"),
+    ];
+    held.take(&mut packets);
+    assert_eq!(packets.len(), 1);
+    assert_eq!(router_view(&packets[0]), (1, 0));
 }

@@ -257,6 +257,11 @@ pub struct HeldAcks {
     /// QoS 2 packet ids handed over and not yet released by a PUBREL.
     qos2: HashSet<u16>,
     aliases: HashMap<u16, Bytes>,
+    /// PATCH(gateway): the client's own SUBSCRIBEs the router has not acknowledged yet.
+    /// Until it has, the filter may not be in [`Subscribed`], so every publish goes to
+    /// the router: a client that subscribes and then publishes on that topic (in one
+    /// network read, or before the SUBACK) gets its own message.
+    subscribing: usize,
 }
 
 impl HeldAcks {
@@ -283,6 +288,7 @@ impl HeldAcks {
             waiting: VecDeque::new(),
             qos2: HashSet::new(),
             aliases: HashMap::new(),
+            subscribing: 0,
         }
     }
 
@@ -345,9 +351,14 @@ impl HeldAcks {
                     publish.pkid = 0;
                 }
                 publish.retain
+                    || self.subscribing > 0
                     || self.subscribed.as_ref().is_none_or(|s| {
                         std::str::from_utf8(&publish.topic).is_ok_and(|t| s.may_match(t))
                     })
+            }
+            Packet::Subscribe(..) => {
+                self.subscribing += 1;
+                true
             }
             Packet::PubRel(pubrel, _) if self.qos2.remove(&pubrel.pkid) => {
                 self.waiting
@@ -367,6 +378,12 @@ impl HeldAcks {
             seq: self.last_seq,
             released: false,
         }
+    }
+
+    /// PATCH(gateway): the router acknowledged `count` of the client's SUBSCRIBEs (the
+    /// SUBACKs about to be written to it): their filters are in [`Subscribed`] now.
+    pub fn subscriptions_acknowledged(&mut self, count: usize) {
+        self.subscribing = self.subscribing.saturating_sub(count);
     }
 
     /// Sends one read's publishes to the application, waiting for room; `false` when

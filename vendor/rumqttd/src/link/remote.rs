@@ -343,6 +343,17 @@ impl<P: Protocol> RemoteLink<P> {
                         }
 
                     }
+                    // PATCH(gateway): the client's subscriptions are in place once
+                    // acknowledged (`link/ingest.rs`, `HeldAcks::take`).
+                    if let Some(held) = &mut self.held {
+                        let subacks = packets
+                            .iter()
+                            .filter(|p| matches!(p, Packet::SubAck(..)))
+                            .count();
+                        if subacks > 0 {
+                            held.subscriptions_acknowledged(subacks);
+                        }
+                    }
                     self.network.writev(packets).await?;
                     if unscheduled {
                         self.link_rx.wake().await?;
