@@ -186,7 +186,10 @@ struct AckState {
 /// wakes each connection locally.
 ///
 /// Invariant: a connection pushed is woken after the push, however the push and the
-/// relay's turns interleave (`scheduled` is cleared before the queue is taken).
+/// relay's turns interleave: every push notifies the relay after it is queued, and a
+/// notification while the relay is busy leaves a permit for its next turn. Only a
+/// notification that finds the relay waiting wakes the runtime, so a batch of releases
+/// costs one wake-up.
 #[derive(Clone, Debug, Default)]
 #[doc(hidden)] // public for the gateway's tests (`gateway/tests/held_acks.rs`)
 pub struct AckRelay(Arc<RelayShared>);
@@ -194,8 +197,6 @@ pub struct AckRelay(Arc<RelayShared>);
 #[derive(Debug, Default)]
 struct RelayShared {
     queue: Mutex<Vec<Arc<AckState>>>,
-    /// Set from the first push until the relay's task takes the queue.
-    scheduled: AtomicBool,
     wake: Notify,
 }
 
@@ -206,9 +207,7 @@ impl AckRelay {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(acks);
-        if !self.0.scheduled.swap(true, Ordering::AcqRel) {
-            self.0.wake.notify_one();
-        }
+        self.0.wake.notify_one();
     }
 
     /// The relay's task; spawn it on the runtime of the connections it serves.
@@ -216,7 +215,6 @@ impl AckRelay {
         let mut batch = Vec::new();
         loop {
             self.0.wake.notified().await;
-            self.0.scheduled.store(false, Ordering::Release);
             std::mem::swap(
                 &mut *self.0.queue.lock().unwrap_or_else(|e| e.into_inner()),
                 &mut batch,
