@@ -21,7 +21,8 @@
 //!   at that moment, then ends; dropping it afterwards drops what arrived later,
 //!   unacknowledged: those devices' connections close without a PUBACK and the devices
 //!   send those messages again after the restart;
-//! - it sleeps until a message or the stop comes: no wake-up while no device publishes.
+//! - it sleeps until a message, the stop or the caller's deadline comes (the caller's
+//!   timers, see `decode::stage`): no wake-up of its own while no device publishes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +39,17 @@ use crate::reading::{now_millis, Millis};
 const STREAMING: Duration = Duration::from_millis(2);
 const COALESCE: Duration = Duration::from_micros(500);
 const COALESCE_MIN: usize = 16;
+
+/// What [`Intake::next_batch`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// The batch holds at least one message.
+    Batch,
+    /// The deadline passed with nothing queued.
+    Idle,
+    /// The intake is over (stopped and drained, or the broker gone).
+    Over,
+}
 
 /// The acknowledgement a device waits for (QoS 1 and 2); see the module header.
 /// Dropping it unreleased closes the device's connection without acknowledging it.
@@ -91,30 +103,43 @@ impl Intake {
         }
     }
 
-    /// Fills `batch` with what is queued (at most `max`), waiting for the first message;
-    /// `false` once the intake is over (stopped and drained, or the broker gone).
-    pub fn next_batch(&mut self, batch: &mut Vec<RawMessage>, max: usize) -> bool {
+    /// Fills `batch` with what is queued (at most `max`), waiting for the first message
+    /// until `deadline` (without one, for as long as it takes).
+    pub fn next_batch(
+        &mut self,
+        batch: &mut Vec<RawMessage>,
+        max: usize,
+        deadline: Option<Instant>,
+    ) -> Next {
         loop {
             if self.remaining.is_none() && self.stop.is_disconnected() {
                 self.remaining = Some(self.input.len());
             }
             if self.remaining == Some(0) {
-                return false;
+                return Next::Over;
             }
             let first = match self.remaining {
                 Some(_) => self.input.try_recv().ok(),
-                None => match flume::Selector::new()
-                    .recv(&self.input, |m| Some(m.ok()))
-                    .recv(&self.stop, |_| None)
-                    .wait()
-                {
-                    Some(m) => m,
-                    // Stopping: what is queued now is handed out (the loop's top).
-                    None => continue,
-                },
+                None => {
+                    let select = flume::Selector::new()
+                        .recv(&self.input, |m| Some(m.ok()))
+                        .recv(&self.stop, |_| None);
+                    let selected = match deadline {
+                        Some(deadline) => match select.wait_deadline(deadline) {
+                            Ok(selected) => selected,
+                            Err(flume::select::SelectError::Timeout) => return Next::Idle,
+                        },
+                        None => select.wait(),
+                    };
+                    match selected {
+                        Some(m) => m,
+                        // Stopping: what is queued now is handed out (the loop's top).
+                        None => continue,
+                    }
+                }
             };
             let Some(first) = first else {
-                return false;
+                return Next::Over;
             };
             let now = Instant::now();
             let streaming = self.last_batch.is_some_and(|t| now - t < STREAMING);
@@ -134,7 +159,7 @@ impl Intake {
             if let Some(r) = &mut self.remaining {
                 *r = r.saturating_sub(batch.len());
             }
-            return true;
+            return Next::Batch;
         }
     }
 

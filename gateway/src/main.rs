@@ -22,7 +22,7 @@ use gateway::pipeline::{Fault, RunError};
 const EXIT_CONFIG: u8 = 64;
 /// Longest wait for the async runtime's leftover tasks once `run` has returned.
 const RUNTIME_SHUTDOWN: Duration = Duration::from_millis(500);
-/// Hidden, for the test that the shutdown grace holds: `stuck-rules` makes the rules
+/// Hidden, for the test that the shutdown grace holds: `stuck-decode` makes the decode
 /// stage hang at shutdown ([`gateway::pipeline::Fault`]). Not a setting.
 const TEST_FAULT_ENV: &str = "GATEWAY_TEST_FAULT";
 
@@ -304,7 +304,7 @@ fn run(config: Config) -> ExitCode {
         }
     };
     let fault = match std::env::var(TEST_FAULT_ENV).as_deref() {
-        Ok("stuck-rules") => Some(Fault::StuckRules),
+        Ok("stuck-decode") => Some(Fault::StuckDecode),
         _ => None,
     };
     // The handlers are installed now, before anything says the gateway is up: a SIGTERM

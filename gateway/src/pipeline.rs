@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! broker --local link--> ingest --RawMessage--> decode --Reading--> rules --Event--> local broker
+//!                                                (one thread: decode, then rules, per batch)
 //!                                                  |  \                  |  \
 //!                                       dead letters   \                 |   event log
 //!                                                        outbox (store) <-'
@@ -23,17 +24,17 @@
 //! ```
 //!
 //! Start: the HTTP port is bound and the store opens, then the broker with its local
-//! links; then the forwarder and webhook tasks, the device-events, rules, decode and
-//! ingest threads (in that order); then the status logger and the HTTP server.
+//! links; then the forwarder and webhook tasks, the device-events thread and the decode
+//! thread (which also runs the rules); then the status logger and the HTTP server.
 //!
 //! Stop: one [`CancellationToken`] tree, owned by [`run`]. Its child `front` is cancelled
 //! when the `shutdown` future completes; the root once the front has drained:
 //! 1. `front`: ingest (the decode thread; its stop channel closes) reads what the broker still
 //!    holds, then drops the decode queue; the device-events thread and the status logger
 //!    stop; `/readyz` turns 503.
-//! 2. Decode ends when its queue is closed and empty, and drops the rules queue; rules end
-//!    the same way after saving their state. That is the drain: no stage is told to stop
-//!    while data is still queued in front of it.
+//! 2. Decode ends when its queue is closed and empty, after the rules (on the same thread)
+//!    evaluated the last batch and saved their state. That is the drain: no stage is told
+//!    to stop while data is still queued in front of it.
 //! 3. The root: the forwarder (a child token) waits for the PUBACKs in flight and stops,
 //!    handing its last acks to the store; the downlink stops (commands not committed yet
 //!    were not acked upstream); the HTTP server (a child token) stops accepting. The
@@ -76,15 +77,12 @@ use crate::forwarder::{Forwarder, ForwarderConfig, ForwarderError, ForwarderStat
 use crate::http::{self, HttpError, Sources};
 use crate::ingest::Intake;
 use crate::memory::Trim;
-use crate::reading::{now_millis, Millis, Reading};
+use crate::reading::{now_millis, Millis};
 use crate::rules::{RulesStage, SharedRules};
 use crate::stage_threads::StageThreads;
 use crate::store::{Counter, Store, StoreConfig, StoreError, StoreHandle};
 use crate::webhook::{self, WEBHOOK_QUEUE};
 
-/// Batches of readings waiting for the rules stage (a batch is what decode took at once,
-/// at most `decode::BATCH` messages).
-const RULES_QUEUE: usize = 64;
 /// How often the counters are logged while the gateway runs.
 const STATUS_INTERVAL: Duration = Duration::from_secs(60);
 /// Least time given to closing the store, even when the drain used up the grace.
@@ -123,9 +121,9 @@ pub enum RunError {
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    /// The rules stage never returns once its input has closed, as a stage stuck in a
-    /// blocking call would.
-    StuckRules,
+    /// The decode thread (with the rules) never returns once its input has closed, as a
+    /// stage stuck in a blocking call would.
+    StuckDecode,
 }
 
 /// Runs the gateway until `shutdown` completes, then drains and closes it within
@@ -394,7 +392,7 @@ fn start(
         None => None,
     };
 
-    // Webhook calls of rule actions, made on the runtime, never by the rules thread.
+    // Webhook calls of rule actions, made on the runtime, never by the thread that runs the rules.
     let abandon = CancellationToken::new();
     let (webhook_queue, webhook_task) = webhook::channel(
         WEBHOOK_QUEUE,
@@ -405,11 +403,10 @@ fn start(
     );
     let webhooks = (tokio::spawn(webhook_task.run()), abandon);
 
-    let (readings_tx, readings_rx) = flume::bounded::<Vec<Reading>>(RULES_QUEUE);
+    // Evaluated on the decode thread, after each batch (`rules::stage`).
     let rules = RulesStage {
         gateway_id: config.gateway.id.clone(),
         dir: config.rules.dir.clone(),
-        input: readings_rx,
         store: store.clone(),
         publish: links.publish.0,
         event_topic: config.rules.event_topic.clone(),
@@ -420,26 +417,24 @@ fn start(
         commands: action_queue,
         webhooks: webhook_queue,
     };
-    threads.spawn("rules", move || {
-        rules.run();
-        if fault == Some(Fault::StuckRules) {
-            tracing::warn!("Injected fault: the rules stage hangs.");
-            loop {
-                std::thread::park();
-            }
-        }
-    })?;
-
     let decode = DecodeStage {
         pattern: config.ingest.topic_pattern.clone(),
         input: Intake::new(links.ingest, closed_on_cancel(&front)),
         counters: counters.clone(),
         store: store.clone(),
         forward_readings: forwarding && config.upstream.forward_readings,
-        readings: Some(readings_tx),
+        rules: Some(rules),
         devices: views.devices.clone(),
     };
-    threads.spawn("decode", move || decode.run())?;
+    threads.spawn("decode", move || {
+        decode.run();
+        if fault == Some(Fault::StuckDecode) {
+            tracing::warn!("Injected fault: the decode and rules stage hangs.");
+            loop {
+                std::thread::park();
+            }
+        }
+    })?;
 
     Ok(Running {
         front,

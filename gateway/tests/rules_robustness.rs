@@ -2,8 +2,8 @@
 //! compilation): truncated, malformed, deeply nested and huge rule files give
 //! diagnostics, never a panic, a stack overflow or a hang.
 //!
-//! Everything runs on threads with a 2 MiB stack, the stack of the rules thread that
-//! reloads edited rule files, so an overflow here is one in production. Coverage-guided
+//! Everything runs on threads with a 2 MiB stack, the stack of the thread that evaluates
+//! the rules and reloads edited rule files, so an overflow here is one in production. Coverage-guided
 //! fuzzing of the same entry point: `fuzz/` (target `rules_parse`).
 
 use std::collections::BTreeMap;

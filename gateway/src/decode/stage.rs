@@ -3,7 +3,9 @@
 //! dead-letter table.
 //!
 //! Runs on its own OS thread (decoding is CPU work, and the hand-offs after it wait when
-//! the next stage is full).
+//! the next stage is full), which also runs the rules stage ([`RulesLoop`]): each batch
+//! is decoded, handed to the store, then evaluated, and the thread also wakes for the
+//! rules' timers.
 //!
 //! Invariants:
 //! - every message is counted exactly once as decoded, dead-lettered or unrouted (a topic
@@ -11,13 +13,15 @@
 //! - every receipt goes to the store with what its message became (an outbox row, a
 //!   dead letter) or on its own when nothing is stored, in message order, so devices are
 //!   acknowledged in the order they published and only for what is committed;
-//! - no drop paths: a full rules queue or store queue makes the stage wait, which stops
-//!   the broker from reading devices' sockets (see `ingest.rs`); the time spent waiting is
-//!   counted (`blocked_micros`);
+//! - no drop paths: a full store queue (or the broker's local link, for the rules'
+//!   events) makes the stage wait, which stops the broker from reading devices' sockets
+//!   (see `ingest.rs`); the time spent waiting for the store is counted
+//!   (`blocked_micros`);
+//! - every decoded reading is evaluated by the rules, in the order it arrived;
 //! - a bad payload or an unrouted topic never stops the stage; each is logged at most
 //!   once per [`WARN_INTERVAL`], with the latest topic, reason and client id;
 //! - the stage ends when the intake ends (the gateway is stopping and what was queued is
-//!   handled), then drops the rules queue;
+//!   handled), after the rules saved their state;
 //! - every decoded message updates the device read model ([`Devices`]) once.
 
 use std::sync::Arc;
@@ -26,8 +30,9 @@ use std::time::{Duration, Instant};
 use super::{decode, TopicPattern, TopicPatterns};
 use crate::counters::Counters;
 use crate::devices::Devices;
-use crate::ingest::{Intake, RawMessage};
+use crate::ingest::{Intake, Next, RawMessage};
 use crate::reading::Reading;
+use crate::rules::{RulesLoop, RulesStage};
 use crate::store::{DeadLetter, OutboxEntry, StoreHandle};
 
 /// Least time between two log lines about dead letters (and about unrouted topics).
@@ -44,9 +49,8 @@ pub struct DecodeStage {
     pub store: StoreHandle,
     /// Append decoded readings to the outbox (forwarding on and `forward_readings`).
     pub forward_readings: bool,
-    /// Where decoded readings go next (the rules stage), when anything listens: one batch
-    /// per batch taken from the intake.
-    pub readings: Option<flume::Sender<Vec<Reading>>>,
+    /// The rules, evaluated on this thread after each batch, when they run.
+    pub rules: Option<RulesStage>,
     /// The device read model (last values, last seen).
     pub devices: Arc<Devices>,
 }
@@ -76,35 +80,47 @@ impl Warning {
 impl DecodeStage {
     pub fn run(mut self) {
         let _span = tracing::info_span!("decode").entered();
+        let mut rules = self.rules.take().map(RulesStage::start);
         let mut batch = Vec::with_capacity(BATCH);
+        // The readings of the batch, for the rules; its capacity is kept.
+        let mut decoded = Vec::new();
         let mut dead = Warning::default();
         let mut unrouted = Warning::default();
-        while self.input.next_batch(&mut batch, BATCH) {
-            Counters::add(&self.counters.ingested, batch.len() as u64);
-            let mut decoded = Vec::with_capacity(batch.len());
-            for message in batch.drain(..) {
-                match self.pattern.find(&message.topic) {
-                    Some(pattern) => self.handle(pattern, message, &mut decoded, &mut dead),
-                    None => self.unrouted(message, &mut unrouted),
+        loop {
+            let deadline = rules.as_ref().map(RulesLoop::next_wake);
+            match self.input.next_batch(&mut batch, BATCH, deadline) {
+                Next::Over => break,
+                // Only the rules' timers are due.
+                Next::Idle => {}
+                Next::Batch => {
+                    Counters::add(&self.counters.ingested, batch.len() as u64);
+                    for message in batch.drain(..) {
+                        let evaluated = rules.as_ref().map(|_| &mut decoded);
+                        match self.pattern.find(&message.topic) {
+                            Some(pattern) => self.handle(pattern, message, evaluated, &mut dead),
+                            None => self.unrouted(message, &mut unrouted),
+                        }
+                    }
+                    Counters::set(&self.counters.intake_queued, self.input.queued() as u64);
                 }
             }
-            if let Some(next) = self.readings.as_ref().filter(|_| !decoded.is_empty()) {
-                // Waits while the rules stage is behind: every reading is evaluated.
-                if self.waiting(|| next.send(decoded).is_err()) {
-                    self.readings = None;
-                }
+            if let Some(rules) = &mut rules {
+                rules.step(&decoded);
             }
-            Counters::set(&self.counters.intake_queued, self.input.queued() as u64);
+            decoded.clear();
+        }
+        if let Some(rules) = rules {
+            rules.finish();
         }
         tracing::debug!("Decode stopped.");
     }
 
-    /// Decodes one message; its readings join `decoded` when the rules stage listens.
+    /// Decodes one message; its readings join `decoded` when the rules run.
     fn handle(
         &self,
         pattern: &TopicPattern,
         message: RawMessage,
-        decoded: &mut Vec<Reading>,
+        decoded: Option<&mut Vec<Reading>>,
         warning: &mut Warning,
     ) {
         let RawMessage {
@@ -134,7 +150,7 @@ impl DecodeStage {
                 } else if let Some(receipt) = receipt {
                     self.waiting(|| self.store.release(receipt));
                 }
-                if self.readings.is_some() {
+                if let Some(decoded) = decoded {
                     decoded.extend(readings);
                 }
             }

@@ -8,7 +8,7 @@
 //! Invariants:
 //! - an expression longer than [`MAX_EXPR_BYTES`] is never parsed;
 //! - a program that comes back is at most [`MAX_EXPR_DEPTH`] deep, so evaluating and
-//!   dropping it cannot overflow the rules thread's stack;
+//!   dropping it cannot overflow the stack of the thread that evaluates the rules;
 //! - parsing, the depth check and dropping a refused tree happen on a thread with a
 //!   [`COMPILE_STACK`] stack, because the CEL parser recurses once or more per operator
 //!   (`1+1+...+1`, `!!!...x`, `((...))`) and a stack overflow aborts the process.

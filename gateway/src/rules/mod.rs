@@ -44,7 +44,7 @@ pub use load::DEFAULT_SEVERITY;
 pub use rule::{AggFn, Aggregate, DeviceMatch, Rule, RuleKind, TopicFilter, WindowSpec};
 pub use ruleset::{rule_files, test_files, RuleSet, TEST_SUFFIX};
 pub use snapshot::{InstanceView, ReloadView, RuleView, RulesSnapshot, SharedRules};
-pub use stage::{load_for_start, RulesStage};
+pub use stage::{load_for_start, RulesLoop, RulesStage};
 pub use state::{
     EngineState, EngineStats, Instance, InstanceRecord, InstanceState, InstanceStatus,
     REASON_RULE_REMOVED, STATE_VERSION,

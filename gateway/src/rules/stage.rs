@@ -3,10 +3,15 @@
 //! actions of the event's rule: publishes on the local broker (each recorded in the event
 //! log) and webhook calls, handed to the webhook task (`crate::webhook`).
 //!
-//! Runs on its own OS thread: publishing on the broker's local link is a blocking send.
-//! Time comes from the wall clock here and is passed into the pure [`Engine`]. Its 1 s
-//! tick, which runs whether or not readings come, also drives the gateway's memory trim
-//! after a burst ([`crate::memory::Trim`]), so that needs no timer of its own.
+//! Runs on the decode stage's thread ([`RulesLoop`]): the decode stage hands it each
+//! batch it decoded and wakes for its timers. A thread of its own cost a wake-up and a
+//! hand-off per batch, about 900 context switches a second at 1000 devices x 10/s
+//! (BENCHMARKS.md, "Rules on the decode thread"). Publishing on the broker's local link
+//! is a blocking send, as the decode stage's hand-offs to the store are: both wait when
+//! the next stage is full, which is the backpressure. Time comes from the wall clock here
+//! and is passed into the pure [`Engine`]. Its 1 s tick, which runs whether or not
+//! readings come, also drives the gateway's memory trim after a burst
+//! ([`crate::memory::Trim`]), so that needs no timer of its own.
 //!
 //! Invariants:
 //! - the engine state is saved per device (`rules/device/{id}`): a device whose instances
@@ -19,7 +24,7 @@
 //!   per group instead of all at once (1000 devices' windows are about 3 MB, which as one
 //!   group held every reading behind it for about 30 ms);
 //! - a rule-file edit that does not load keeps the running rules and logs every error;
-//! - the stage ends when its input is closed and empty;
+//! - the stage ends when the decode stage's input is over, after saving what moved;
 //! - an event's actions are published right after the event, in the order the rule
 //!   declares them, whether or not upstream is connected; a QoS 1 action on a device's
 //!   command topic goes to the durable command queue instead when the downlink runs;
@@ -72,8 +77,6 @@ pub const STATE_PREFIX: &str = "rules/device/";
 pub struct RulesStage {
     pub gateway_id: String,
     pub dir: PathBuf,
-    /// Readings in batches (one per batch the decode stage took), in arrival order.
-    pub input: flume::Receiver<Vec<Reading>>,
     pub store: StoreHandle,
     /// Where events are published on the embedded broker.
     pub publish: LinkTx,
@@ -154,13 +157,39 @@ fn load_with_report(dir: &std::path::Path) -> (RuleSet, ReloadView) {
     }
 }
 
+/// The rules stage once started: the engine and the stage's timers. Runs on the thread
+/// of its caller (the decode stage), which hands it each batch of readings it decoded
+/// ([`step`](Self::step)) and otherwise calls [`step`](Self::step) with none at
+/// [`next_wake`](Self::next_wake).
+pub struct RulesLoop {
+    stage: RulesStage,
+    engine: Engine,
+    watcher: Watcher,
+    span: tracing::Span,
+    evaluations: u64,
+    next_tick: Instant,
+    next_refresh: Instant,
+    /// More devices are due for saving than the last pass saved.
+    saves_behind: bool,
+    /// Events emitted since the start: with the readings ingested, what the memory trim
+    /// watches for bursts.
+    emitted: u64,
+    /// Set when events changed instances the read model does not show yet.
+    snapshot_due: Option<Instant>,
+    last_snapshot: Instant,
+}
+
 impl RulesStage {
-    pub fn run(mut self) {
-        let _span = tracing::info_span!("rules").entered();
+    /// Loads the rules and the saved engine state (emitting what the restore resolves),
+    /// ready to evaluate readings on the caller's thread.
+    pub fn start(mut self) -> RulesLoop {
+        // A root span, as when the rules had a thread of their own: log lines read the same.
+        let span = tracing::info_span!(parent: None, "rules");
+        let _enter = span.enter();
         let (rules, loaded) = load_with_report(&self.dir);
         self.snapshot.update(|s| s.last_reload = Some(loaded));
-        let mut watcher = Watcher::from_current(&self.dir);
-        let mut engine = match self.saved_state() {
+        let watcher = Watcher::from_current(&self.dir);
+        let engine = match self.saved_state() {
             Some(state) => {
                 let (engine, events) =
                     Engine::restore(rules, &self.gateway_id, state, now_millis());
@@ -170,83 +199,108 @@ impl RulesStage {
             None => Engine::new(rules, &self.gateway_id),
         };
         self.snapshot.update(|s| s.refresh(&engine));
-        let mut evaluations = engine.stats().evaluations;
-        let mut next_tick = Instant::now() + TICK;
-        let mut next_refresh = Instant::now() + SAVE_INTERVAL;
-        // More devices are due for saving than the last pass saved.
-        let mut saves_behind = false;
-        // Events emitted since the start: with the readings ingested, what the memory trim
-        // watches for bursts.
-        let mut emitted: u64 = 0;
-        // Set when events changed instances the read model does not show yet.
-        let mut snapshot_due: Option<Instant> = None;
-        let mut last_snapshot = Instant::now();
-        loop {
-            let mut wake = snapshot_due.map_or(next_tick, |t| t.min(next_tick));
-            if saves_behind {
-                wake = wake.min(Instant::now() + SAVE_PACE);
-            }
-            let message = self
-                .input
-                .recv_timeout(wake.saturating_duration_since(Instant::now()));
-            let mut events = Vec::new();
-            match message {
-                Ok(readings) => {
-                    let now = now_millis();
-                    for reading in &readings {
-                        let produced = engine.on_reading(reading, now);
-                        events.extend(with_actions(engine.rules(), produced));
-                    }
-                    let now_evaluated = engine.stats().evaluations;
-                    Counters::add(&self.counters.rule_evaluations, now_evaluated - evaluations);
-                    evaluations = now_evaluated;
-                }
-                Err(flume::RecvTimeoutError::Timeout) => {}
-                Err(flume::RecvTimeoutError::Disconnected) => break,
-            }
-            if Instant::now() >= next_tick {
-                next_tick = Instant::now() + TICK;
-                let due = engine.tick(now_millis());
-                events.extend(with_actions(engine.rules(), due));
-                events.extend(self.reload(&mut watcher, &mut engine));
-                self.trim
-                    .on_tick(Counters::get(&self.counters.ingested) + emitted);
-            }
-            if !events.is_empty() {
-                emitted += events.len() as u64;
-                self.emit(&events);
-                let changed: HashSet<&str> =
-                    events.iter().map(|(e, _)| e.subject.as_str()).collect();
-                for device in changed {
-                    self.save(&engine, device);
-                    engine.saved(device);
-                }
-                snapshot_due.get_or_insert(last_snapshot + SNAPSHOT_INTERVAL);
-            }
-            if snapshot_due.is_some_and(|t| Instant::now() >= t) {
-                snapshot_due = None;
-                last_snapshot = Instant::now();
-                self.snapshot.update(|s| s.refresh(&engine));
-            }
-            if Instant::now() >= next_refresh {
-                next_refresh = Instant::now() + SAVE_INTERVAL;
-                snapshot_due = None;
-                last_snapshot = Instant::now();
-                self.snapshot.update(|s| s.refresh(&engine));
-            }
-            let cutoff = now_millis() - SAVE_INTERVAL.as_millis() as Millis;
-            let due = engine.take_moved_before(cutoff, SAVE_CHUNK);
-            saves_behind = due.len() == SAVE_CHUNK;
-            for device in &due {
-                self.save(&engine, device);
-            }
+        let evaluations = engine.stats().evaluations;
+        drop(_enter);
+        RulesLoop {
+            stage: self,
+            engine,
+            watcher,
+            span,
+            evaluations,
+            next_tick: Instant::now() + TICK,
+            next_refresh: Instant::now() + SAVE_INTERVAL,
+            saves_behind: false,
+            emitted: 0,
+            snapshot_due: None,
+            last_snapshot: Instant::now(),
         }
-        for device in engine.take_moved() {
-            self.save(&engine, &device);
+    }
+}
+
+impl RulesLoop {
+    /// When [`step`](Self::step) is due without readings: the next tick, a pending
+    /// refresh of the read model, or the next pass of saves when some are behind.
+    pub fn next_wake(&self) -> Instant {
+        let mut wake = self
+            .snapshot_due
+            .map_or(self.next_tick, |t| t.min(self.next_tick));
+        if self.saves_behind {
+            wake = wake.min(Instant::now() + SAVE_PACE);
+        }
+        wake
+    }
+
+    /// Evaluates `readings` (in order; none when only the timers are due), emits the
+    /// events and runs what is due: the tick, the read model, the paced saves.
+    pub fn step(&mut self, readings: &[Reading]) {
+        let _enter = self.span.enter();
+        let (stage, engine) = (&mut self.stage, &mut self.engine);
+        let mut events = Vec::new();
+        if !readings.is_empty() {
+            let now = now_millis();
+            for reading in readings {
+                let produced = engine.on_reading(reading, now);
+                if !produced.is_empty() {
+                    events.extend(with_actions(engine.rules(), produced));
+                }
+            }
+            let now_evaluated = engine.stats().evaluations;
+            Counters::add(
+                &stage.counters.rule_evaluations,
+                now_evaluated - self.evaluations,
+            );
+            self.evaluations = now_evaluated;
+        }
+        if Instant::now() >= self.next_tick {
+            self.next_tick = Instant::now() + TICK;
+            let due = engine.tick(now_millis());
+            events.extend(with_actions(engine.rules(), due));
+            events.extend(stage.reload(&mut self.watcher, engine));
+            stage
+                .trim
+                .on_tick(Counters::get(&stage.counters.ingested) + self.emitted);
+        }
+        if !events.is_empty() {
+            self.emitted += events.len() as u64;
+            stage.emit(&events);
+            let changed: HashSet<&str> = events.iter().map(|(e, _)| e.subject.as_str()).collect();
+            for device in changed {
+                stage.save(engine, device);
+                engine.saved(device);
+            }
+            self.snapshot_due
+                .get_or_insert(self.last_snapshot + SNAPSHOT_INTERVAL);
+        }
+        if self.snapshot_due.is_some_and(|t| Instant::now() >= t) {
+            self.snapshot_due = None;
+            self.last_snapshot = Instant::now();
+            stage.snapshot.update(|s| s.refresh(engine));
+        }
+        if Instant::now() >= self.next_refresh {
+            self.next_refresh = Instant::now() + SAVE_INTERVAL;
+            self.snapshot_due = None;
+            self.last_snapshot = Instant::now();
+            stage.snapshot.update(|s| s.refresh(engine));
+        }
+        let cutoff = now_millis() - SAVE_INTERVAL.as_millis() as Millis;
+        let due = engine.take_moved_before(cutoff, SAVE_CHUNK);
+        self.saves_behind = due.len() == SAVE_CHUNK;
+        for device in &due {
+            stage.save(engine, device);
+        }
+    }
+
+    /// Saves the state of every device whose readings moved it (the input is over).
+    pub fn finish(mut self) {
+        let _enter = self.span.enter();
+        for device in self.engine.take_moved() {
+            self.stage.save(&self.engine, &device);
         }
         tracing::debug!("Rules stopped.");
     }
+}
 
+impl RulesStage {
     fn reload(&self, watcher: &mut Watcher, engine: &mut Engine) -> Vec<Emitted> {
         match watcher.poll() {
             None => Vec::new(),
