@@ -168,3 +168,96 @@ impl Intake {
         self.input.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    fn publish(n: u8) -> Ingested {
+        Ingested {
+            client_id: "c-1".into(),
+            topic: Bytes::from_static(b"devices/d-1/telemetry"),
+            payload: Bytes::from(vec![n]),
+            qos: 0,
+            retain: false,
+            properties: None,
+            ack: None,
+        }
+    }
+
+    fn payloads(batch: &[RawMessage]) -> Vec<u8> {
+        batch.iter().map(|m| m.payload[0]).collect()
+    }
+
+    #[test]
+    fn a_deadline_with_nothing_queued_is_idle_and_later_messages_still_come() {
+        let (tx, rx) = flume::bounded(8);
+        let (_stop_tx, stop_rx) = flume::bounded::<()>(0);
+        let mut intake = Intake::new(rx, stop_rx);
+        let mut batch = Vec::new();
+        // Should the deadline be ignored, this message ends the wait (and the test fails)
+        // instead of the test hanging.
+        let idle_seen = Arc::new(AtomicBool::new(false));
+        let watchdog = (tx.clone(), idle_seen.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(5));
+            if !watchdog.1.load(Ordering::SeqCst) {
+                let _ = watchdog.0.send(publish(99));
+            }
+        });
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(30);
+        assert_eq!(
+            intake.next_batch(&mut batch, 16, Some(deadline)),
+            Next::Idle
+        );
+        idle_seen.store(true, Ordering::SeqCst);
+        assert!(started.elapsed() >= Duration::from_millis(30));
+        assert!(batch.is_empty());
+
+        tx.send(publish(1)).unwrap();
+        tx.send(publish(2)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        assert_eq!(
+            intake.next_batch(&mut batch, 16, Some(deadline)),
+            Next::Batch
+        );
+        assert_eq!(payloads(&batch), [1, 2]);
+        batch.clear();
+
+        // Without a deadline the wait lasts until a message comes.
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            tx.send(publish(3)).unwrap();
+            tx
+        });
+        assert_eq!(intake.next_batch(&mut batch, 16, None), Next::Batch);
+        assert_eq!(payloads(&batch), [3]);
+        drop(sender.join().unwrap());
+    }
+
+    #[test]
+    fn once_stopped_what_is_queued_is_handed_out_then_the_intake_is_over() {
+        let (tx, rx) = flume::bounded(8);
+        let (stop_tx, stop_rx) = flume::bounded::<()>(0);
+        let mut intake = Intake::new(rx, stop_rx);
+        for n in 1..=3 {
+            tx.send(publish(n)).unwrap();
+        }
+        drop(stop_tx);
+        let mut batch = Vec::new();
+        let deadline = Some(Instant::now() + Duration::from_secs(10));
+        assert_eq!(intake.next_batch(&mut batch, 2, deadline), Next::Batch);
+        assert_eq!(payloads(&batch), [1, 2]);
+        batch.clear();
+        // Arrived after the stop: not handed out.
+        tx.send(publish(4)).unwrap();
+        assert_eq!(intake.next_batch(&mut batch, 2, deadline), Next::Batch);
+        assert_eq!(payloads(&batch), [3]);
+        batch.clear();
+        assert_eq!(intake.next_batch(&mut batch, 2, deadline), Next::Over);
+        assert!(batch.is_empty());
+    }
+}
