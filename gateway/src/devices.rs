@@ -75,36 +75,22 @@ impl Devices {
         let Ok(mut map) = self.map.lock() else {
             return;
         };
-        if !map.contains_key(&first.device) {
-            if map.len() >= self.max {
-                evict_oldest(&mut map, self.max / 10 + 1);
-            }
-            map.insert(
-                first.device.clone(),
-                Entry {
+        // One lookup for a known device (the hot path); a new one is filled, then inserted.
+        match map.get_mut(&first.device) {
+            Some(entry) => update(entry, readings, received_at),
+            None => {
+                if map.len() >= self.max {
+                    evict_oldest(&mut map, self.max / 10 + 1);
+                }
+                let mut entry = Entry {
                     last_seen: received_at,
                     messages: 0,
                     stream: String::new(),
                     time: 0,
                     values: BTreeMap::new(),
-                },
-            );
-        }
-        let entry = map.get_mut(&first.device).expect("inserted above");
-        entry.last_seen = received_at;
-        entry.messages += 1;
-        for reading in readings {
-            if entry.stream != reading.stream {
-                entry.stream.clone_from(&reading.stream);
-            }
-            entry.time = reading.time;
-            for (name, value) in &reading.fields {
-                match entry.values.get_mut(name) {
-                    Some(slot) => set_value(slot, value),
-                    None => {
-                        entry.values.insert(name.clone(), value.clone());
-                    }
-                }
+                };
+                update(&mut entry, readings, received_at);
+                map.insert(first.device.clone(), entry);
             }
         }
     }
@@ -140,6 +126,26 @@ impl Devices {
 }
 
 /// Overwrites a value without allocating when the kinds match.
+/// Records one message's readings in its device's entry.
+fn update(entry: &mut Entry, readings: &[Reading], received_at: Millis) {
+    entry.last_seen = received_at;
+    entry.messages += 1;
+    for reading in readings {
+        if entry.stream != reading.stream {
+            entry.stream.clone_from(&reading.stream);
+        }
+        entry.time = reading.time;
+        for (name, value) in &reading.fields {
+            match entry.values.get_mut(name) {
+                Some(slot) => set_value(slot, value),
+                None => {
+                    entry.values.insert(name.clone(), value.clone());
+                }
+            }
+        }
+    }
+}
+
 fn set_value(slot: &mut Value, value: &Value) {
     match (slot, value) {
         (Value::Text(old), Value::Text(new)) => old.clone_from(new),
