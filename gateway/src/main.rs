@@ -287,8 +287,8 @@ fn init_logging(level: &str) {
 fn run(config: Config) -> ExitCode {
     init_logging(&config.log.level);
     // One async worker: the pipeline's heavy stages run on their own threads (broker,
-    // decode, rules, store), the runtime only drives the forwarder, the HTTP server and
-    // timers. A second worker only made the forwarder's tasks (its client's event loop
+    // decode with the rules, store), the runtime only drives the forwarder, the HTTP
+    // server and timers. A second worker only made the forwarder's tasks (its client's event loop
     // and its session) wake each other across threads; tokio's default of one worker per
     // core costs a thread and a malloc arena per core on a 4-core Raspberry Pi for
     // nothing (BENCHMARKS.md, "Footprint", "Where the CPU goes").
