@@ -28,21 +28,12 @@ command -v mosquitto_sub >/dev/null || {
   exit 2
 }
 mkdir -p "$OUT"
-bash bench/run.sh >"$OUT/run.log" 2>&1 &
-bench=$!
-for _ in $(seq 1 120); do
-  grep -q '"5s"' "$OUT/run.log" 2>/dev/null && break
-  kill -0 "$bench" 2>/dev/null || break
-  sleep 1
-done
+. bench/lib.sh
+start_run 5s || did_not_start latency-trace
 port=$(grep -o 'Upstream Mosquitto on 127.0.0.1:[0-9]*' "$OUT/run.log" | head -n 1 | sed 's/.*://')
-if [ -z "$port" ] || ! grep -q '"5s"' "$OUT/run.log"; then
-  wait "$bench" || true
-  echo "latency-trace: the benchmark did not get going; see $OUT/run.log" >&2
-  exit 1
-fi
+[ -n "$port" ] || did_not_start latency-trace
 timeout "$TRACE" mosquitto_sub -p "$port" -t 'bench/devices/#' -q 0 -F '%U %p' >"$OUT/trace.txt" || true
-wait "$bench" || true
+wait "$BENCH_PID" || true
 grep -E 'latency ms|edge \(' "$OUT/run.log" || true
 
 # One line per reading: seconds into the trace, latency in ms.

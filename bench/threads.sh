@@ -12,7 +12,8 @@
 #   bench/threads.sh
 #   SAMPLE=10 GATEWAY=target/profiling/gateway SIM=target/profiling/device-sim bench/threads.sh
 #
-# Files in $OUT (default target/bench-threads): run.log, before.txt, after.txt.
+# Files in $OUT (default target/bench-threads): run.log, before.txt, after.txt,
+# threads.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,19 +23,10 @@ GATEWAY=$(realpath "${GATEWAY:-target/release/gateway}")
 export SIDES=${SIDES:-A} SETTLE=${SETTLE:-0} OUT GATEWAY
 
 mkdir -p "$OUT"
-bash bench/run.sh >"$OUT/run.log" 2>&1 &
-bench=$!
-for _ in $(seq 1 120); do
-  grep -q '"10s"' "$OUT/run.log" 2>/dev/null && break
-  kill -0 "$bench" 2>/dev/null || break
-  sleep 1
-done
+. bench/lib.sh
+start_run 10s || did_not_start threads
 pid=$(pgrep -f "^$GATEWAY run" | head -n 1 || true)
-if [ -z "$pid" ] || ! grep -q '"10s"' "$OUT/run.log"; then
-  wait "$bench" || true
-  echo "threads: the benchmark did not get going; see $OUT/run.log" >&2
-  exit 1
-fi
+[ -n "$pid" ] || did_not_start threads
 hz=$(getconf CLK_TCK)
 
 # One line per thread name: name, CPU ticks, context switches, threads.
@@ -50,7 +42,7 @@ snapshot() {
 snapshot >"$OUT/before.txt"
 sleep "$SAMPLE"
 snapshot >"$OUT/after.txt"
-wait "$bench" || true
+wait "$BENCH_PID" || true
 grep -E 'latency ms|edge \(' "$OUT/run.log" || true
 
 join "$OUT/before.txt" "$OUT/after.txt" | awk -v s="$SAMPLE" -v hz="$hz" '{
