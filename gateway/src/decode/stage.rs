@@ -39,6 +39,9 @@ use crate::store::{DeadLetter, OutboxEntry, StoreHandle};
 pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// Most messages taken from the intake at once.
 pub const BATCH: usize = 256;
+/// Most readings' room kept between batches for the rules (a batch of single-reading
+/// messages needs [`BATCH`]).
+const DECODED_KEEP: usize = 4 * BATCH;
 
 /// The decode stage.
 pub struct DecodeStage {
@@ -108,6 +111,10 @@ impl DecodeStage {
                 rules.step(&decoded);
             }
             decoded.clear();
+            if decoded.capacity() > DECODED_KEEP {
+                // A burst of many-record messages (SenML packs) does not stay allocated.
+                decoded = Vec::new();
+            }
         }
         if let Some(rules) = rules {
             rules.finish();
