@@ -125,7 +125,6 @@ impl Devices {
     }
 }
 
-/// Overwrites a value without allocating when the kinds match.
 /// Records one message's readings in its device's entry.
 fn update(entry: &mut Entry, readings: &[Reading], received_at: Millis) {
     entry.last_seen = received_at;
@@ -146,6 +145,7 @@ fn update(entry: &mut Entry, readings: &[Reading], received_at: Millis) {
     }
 }
 
+/// Overwrites a value without allocating when the kinds match.
 fn set_value(slot: &mut Value, value: &Value) {
     match (slot, value) {
         (Value::Text(old), Value::Text(new)) => old.clone_from(new),

@@ -200,11 +200,11 @@ mod tests {
         // Should the deadline be ignored, this message ends the wait (and the test fails)
         // instead of the test hanging.
         let idle_seen = Arc::new(AtomicBool::new(false));
-        let watchdog = (tx.clone(), idle_seen.clone());
+        let (watchdog_tx, watchdog_idle) = (tx.clone(), idle_seen.clone());
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_secs(5));
-            if !watchdog.1.load(Ordering::SeqCst) {
-                let _ = watchdog.0.send(publish(99));
+            if !watchdog_idle.load(Ordering::SeqCst) {
+                let _ = watchdog_tx.send(publish(99));
             }
         });
         let started = Instant::now();

@@ -392,7 +392,8 @@ fn start(
         None => None,
     };
 
-    // Webhook calls of rule actions, made on the runtime, never by the thread that runs the rules.
+    // Webhook calls of rule actions, made on the runtime, never by the thread that runs
+    // the rules.
     let abandon = CancellationToken::new();
     let (webhook_queue, webhook_task) = webhook::channel(
         WEBHOOK_QUEUE,

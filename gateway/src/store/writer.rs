@@ -460,10 +460,9 @@ impl Owner {
         // and then sleep the rest of the spacing: one wake-up per commit instead of two
         // (commands keep arriving meanwhile; see the module header).
         if self.streaming && group.len() == 0 && self.data_rx.is_empty() && !group.urgent() {
-            if let Some(wait) = not_before.map(|t| t.saturating_duration_since(Instant::now())) {
-                if !wait.is_zero() {
-                    std::thread::park_timeout(wait);
-                }
+            let now = Instant::now();
+            if let Some(t) = not_before.filter(|t| *t > now) {
+                std::thread::park_timeout(t - now);
             }
         }
         self.wait_one(group, first_wait);
