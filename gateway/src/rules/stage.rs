@@ -6,12 +6,12 @@
 //! Runs on the decode stage's thread ([`RulesLoop`]): the decode stage hands it each
 //! batch it decoded and wakes for its timers. A thread of its own cost a wake-up and a
 //! hand-off per batch, about 850 context switches a second at 1000 devices x 10/s
-//! (BENCHMARKS.md, "Rules on the decode thread; one wake-up per commit"). Publishing on the broker's local link
-//! is a blocking send, as the decode stage's hand-offs to the store are: both wait when
-//! the next stage is full, which is the backpressure. Time comes from the wall clock here
-//! and is passed into the pure [`Engine`]. Its 1 s tick, which runs whether or not
-//! readings come, also drives the gateway's memory trim after a burst
-//! ([`crate::memory::Trim`]), so that needs no timer of its own.
+//! (BENCHMARKS.md, "Rules on the decode thread; one wake-up per commit"). Publishing on
+//! the broker's local link is a blocking send, as the decode stage's hand-offs to the
+//! store are: both wait when the next stage is full, which is the backpressure. Time
+//! comes from the wall clock here and is passed into the pure [`Engine`]. Its 1 s tick,
+//! which runs whether or not readings come, also drives the gateway's memory trim after
+//! a burst ([`crate::memory::Trim`]), so that needs no timer of its own.
 //!
 //! Invariants:
 //! - the engine state is saved per device (`rules/device/{id}`): a device whose instances
