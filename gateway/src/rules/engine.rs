@@ -111,9 +111,13 @@ impl Engine {
             match index {
                 Some(i) => {
                     let mut inst = rec.instance;
-                    let n = engine.rules.rules()[i].aggregates.len();
-                    if inst.windows.len() != n {
-                        inst.windows = vec![Window::default(); n];
+                    let aggregates = &engine.rules.rules()[i].aggregates;
+                    if inst.windows.len() == aggregates.len() {
+                        for (window, agg) in inst.windows.iter_mut().zip(aggregates) {
+                            window.adopt(agg.func);
+                        }
+                    } else {
+                        inst.windows = vec![Window::default(); aggregates.len()];
                     }
                     restored.push((i, rec.device, inst));
                 }

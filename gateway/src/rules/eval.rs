@@ -34,7 +34,7 @@ pub(super) fn update_windows<'r>(
     let mut out = Vec::with_capacity(rule.aggregates.len());
     for (agg, window) in rule.aggregates.iter().zip(inst.windows.iter_mut()) {
         if let Some(v) = reading.fields.get(&agg.field).and_then(Value::as_f64) {
-            window.push(now, v, agg.window);
+            window.push(now, v, agg.window, agg.func);
         }
         if let Some(v) = window.value(agg.func) {
             out.push((agg.name.as_str(), v));

@@ -61,7 +61,8 @@ impl RuleKind {
 }
 
 /// A rolling aggregate function.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AggFn {
     Avg,
     Min,
