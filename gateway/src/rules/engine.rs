@@ -280,7 +280,14 @@ impl Engine {
         }
         let dev = match self.devices.get_mut(&reading.device) {
             Some(dev) => dev,
-            None => self.devices.entry(reading.device.clone()).or_default(),
+            None => {
+                let dev = self.devices.entry(reading.device.clone()).or_default();
+                // Room for the rules that apply to its first reading, usually all it will
+                // have: 5 instances in 5 slots, not in the 8 that growth by doubling makes.
+                dev.rules.reserve_exact(applicable.len());
+                dev.instances.reserve_exact(applicable.len());
+                dev
+            }
         };
         if dev.moved.is_none() {
             dev.moved = Some(now);
