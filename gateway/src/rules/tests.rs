@@ -303,6 +303,48 @@ window = "60s"
 }
 
 #[test]
+fn a_rate_window_saved_before_spans_is_restored() {
+    let rules = r#"
+[[rule]]
+name = "rising"
+event = "TemperatureRisingFast"
+condition = "has(agg.rise) && agg.rise > 0.5"
+[[rule.aggregate]]
+name = "rise"
+field = "temperature"
+fn = "rate"
+window = "60s"
+"#;
+    let mut e = Engine::new(set(rules), "gw");
+    for i in 0..10 {
+        e.on_reading(&temp("t-1", 20.0 + 0.2 * i as f64), T0 + i * 10 * S);
+    }
+    // Saved as before spans: each bucket holds one sample here, so every statistic of
+    // it is that sample.
+    let mut state = serde_json::to_value(e.snapshot()).unwrap();
+    let window = &mut state["instances"][0]["instance"]["windows"][0];
+    let spans = window["spans"].take();
+    let buckets: Vec<serde_json::Value> = (spans.as_array().unwrap().iter())
+        .map(|s| {
+            let (at, x) = (s[0].as_i64().unwrap(), s[3].as_f64().unwrap());
+            assert_eq!((s[1].as_u64(), s[2].as_u64()), (Some(0), Some(1)));
+            serde_json::json!({"start": at, "count": 1, "sum": x, "min": x, "max": x,
+                "first": [at, x], "last": [at, x]})
+        })
+        .collect();
+    assert_eq!(buckets.len(), 6, "the samples of the last 60 s");
+    *window = serde_json::json!({ "buckets": buckets });
+    let state: EngineState = serde_json::from_value(state).unwrap();
+
+    let (mut e, _) = Engine::restore(set(rules), "gw", state, T0 + 95 * S);
+    // As in `rate_of_change_over_a_time_window`: (50 - 21) / 50 s.
+    let events = e.on_reading(&temp("t-1", 50.0), T0 + 100 * S);
+    assert_eq!(times(&events), vec![(100, EventState::Firing)]);
+    let rate = events[0].data.values["agg.rise"].as_f64().unwrap();
+    assert!((rate - (50.0 - 21.0) / 50.0).abs() < 1e-9, "{rate}");
+}
+
+#[test]
 fn count_window_average() {
     let mut e = Engine::new(
         set(r#"
