@@ -395,19 +395,25 @@ impl Engine {
     }
 
     /// Applies every timer due at or before `now`: `for`, `keep_firing_for`, cooldown, absence.
-    /// Events come ordered by time, then rule, then device.
+    /// Events come ordered by time, then rule, then device. Also drops the window samples
+    /// that have aged out, as the next reading would: a silent device's windows give
+    /// their memory back once their length has passed.
     pub fn tick(&mut self, now: Millis) -> Vec<Event> {
         let mut out: Vec<(usize, Event)> = Vec::new();
         let mut buf = Vec::new();
         for (device, dev) in self.devices.iter_mut() {
             for (&i, inst) in dev.rules.iter().zip(dev.instances.iter_mut()) {
+                let rule = &self.rules.rules()[i as usize];
                 let cx = Cx {
                     gateway_id: &self.gateway_id,
-                    rule: &self.rules.rules()[i as usize],
+                    rule,
                     device,
                 };
                 cx.advance(inst, now, &mut buf);
                 out.extend(buf.drain(..).map(|e| (i as usize, e)));
+                for (window, agg) in inst.windows.iter_mut().zip(&rule.aggregates) {
+                    window.expire(now, agg.window);
+                }
             }
         }
         out.sort_by(|a, b| (&a.1.time, a.0, &a.1.subject).cmp(&(&b.1.time, b.0, &b.1.subject)));

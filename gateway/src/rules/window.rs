@@ -193,6 +193,22 @@ impl Window {
         }
     }
 
+    /// Drops the spans that have left a time window by `now` (as the next push would);
+    /// an emptied window gives its buffer back, so a device that stopped reporting holds
+    /// no window memory once the window's length has passed.
+    pub fn expire(&mut self, now: Millis, spec: WindowSpec) {
+        let WindowSpec::Time(ms) = spec else {
+            return;
+        };
+        while self.spans.front().is_some_and(|s| s.last_at() <= now - ms) {
+            self.spans.pop_front();
+        }
+        if self.spans.is_empty() && self.spans.capacity() > 0 {
+            self.spans = VecDeque::new();
+            self.newest = None;
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.samples.len() + self.spans.iter().map(|s| s.count as usize).sum::<usize>()
     }
@@ -388,6 +404,27 @@ mod tests {
         again.adopt(AggFn::Avg);
         assert!(again.is_empty());
         assert_eq!(again.value(AggFn::Avg), None);
+    }
+
+    #[test]
+    fn a_window_left_alone_expires_and_gives_its_buffer_back() {
+        let spec = WindowSpec::Time(10_000);
+        let mut w = Window::default();
+        for at in [0, 4_000, 8_000] {
+            w.push(at, 1.0, spec, AggFn::Rate);
+        }
+        w.expire(13_000, spec);
+        assert_eq!(w.len(), 2, "the sample at 0 is older than the window");
+        assert_eq!(w.value(AggFn::Rate), Some(0.0));
+        w.expire(18_000, spec);
+        assert!(w.is_empty());
+        assert_eq!(w.spans.capacity(), 0);
+        assert_eq!(w.value(AggFn::Rate), None);
+        // A count window does not age.
+        let mut c = Window::default();
+        c.push(0, 1.0, WindowSpec::Count(3), AggFn::Avg);
+        c.expire(1_000_000, WindowSpec::Count(3));
+        assert_eq!(c.len(), 1);
     }
 
     #[test]
