@@ -10,7 +10,7 @@
 //! - Nothing here allocates on the fast path except the aggregates list of rules that have
 //!   aggregates.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use cel::common::value::CowVal;
@@ -18,7 +18,7 @@ use cel::context::VariableResolver;
 
 use super::fast::{Outcome, AGG_VAR};
 use super::rule::Rule;
-use super::state::Instance;
+use super::state::{Instance, Values};
 use crate::reading::{Millis, Reading, Value};
 
 /// Pushes the reading's fields into the rule's windows; returns the aggregates with a value.
@@ -44,51 +44,35 @@ pub(super) fn update_windows<'r>(
 }
 
 /// Sets `values` to what an event shows of `reading`: its fields, and `agg.NAME` for each
-/// aggregate (over a field of that name). In place, keeping the keys it has: a device
-/// that sends the same fields each time costs no allocation for its numbers and
+/// aggregate (over a field of that name). In place when the keys are those it has: a
+/// device that sends the same fields each time costs no allocation for its numbers and
 /// booleans. An absence rule does this for every reading it sees.
-pub(super) fn set_values(
-    values: &mut BTreeMap<String, Value>,
-    reading: &Reading,
-    aggs: &[(&str, f64)],
-) {
+pub(super) fn set_values(values: &mut Values, reading: &Reading, aggs: &[(&str, f64)]) {
     // The usual case, the same fields as last time and no aggregates: one walk of both
-    // sorted maps, one comparison per key.
-    if aggs.is_empty()
-        && values.len() == reading.fields.len()
-        && values.keys().eq(reading.fields.keys())
-    {
-        for (slot, value) in values.values_mut().zip(reading.fields.values()) {
-            slot.clone_from(value);
-        }
+    // sorted key lists.
+    if aggs.is_empty() && values.overwrite(&reading.fields) {
         return;
     }
-    let is_agg = |key: &str| {
-        let name = key.strip_prefix(AGG_VAR).and_then(|k| k.strip_prefix('.'));
-        name.is_some_and(|name| aggs.iter().any(|(a, _)| *a == name))
-    };
-    values.retain(|key, _| reading.fields.contains_key(key) || is_agg(key));
-    for (key, value) in &reading.fields {
-        put(values, key, value);
-    }
-    let mut key = String::new();
-    for (name, v) in aggs {
-        key.clear();
-        key.push_str(AGG_VAR);
-        key.push('.');
-        key.push_str(name);
-        put(values, &key, &Value::Number(*v));
-    }
-}
-
-/// Sets `key` to `value`, allocating the key only when it is new.
-fn put(values: &mut BTreeMap<String, Value>, key: &str, value: &Value) {
-    match values.get_mut(key) {
-        Some(slot) => slot.clone_from(value),
-        None => {
-            values.insert(key.to_owned(), value.clone());
-        }
-    }
+    let agg_keys: Vec<(String, f64)> = (aggs.iter())
+        .map(|(name, v)| (format!("{AGG_VAR}.{name}"), *v))
+        .collect();
+    // A field named like an aggregate is shadowed by the aggregate.
+    let fields = (reading.fields.iter())
+        .filter(|(key, _)| !agg_keys.iter().any(|(a, _)| a == *key))
+        .map(|(key, value)| (key.as_str(), value.clone()));
+    let mut entries: Vec<(&str, Value)> = fields
+        .chain(
+            agg_keys
+                .iter()
+                .map(|(key, v)| (key.as_str(), Value::Number(*v))),
+        )
+        .collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    // Two aggregates of one name: the later one, as in conditions.
+    entries.reverse();
+    entries.dedup_by(|later, earlier| later.0 == earlier.0);
+    entries.reverse();
+    values.replace(entries.into_iter());
 }
 
 /// Evaluates a condition to a boolean; `None` when it errors or is not boolean.

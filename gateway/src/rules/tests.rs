@@ -733,10 +733,10 @@ fn event_values_are_set_in_place_to_the_fields_and_aggregates_of_the_latest_read
         (temp("d1", 24.0), vec![]),
         (reading("d1", "telemetry", &[("humidity", 50.0)]), vec![]),
     ];
-    let mut values = BTreeMap::new();
+    let mut values = super::state::Values::default();
     for (i, (r, aggs)) in steps.iter().enumerate() {
         set_values(&mut values, r, aggs);
-        assert_eq!(values, expected(r, aggs), "step {i}");
+        assert_eq!(values.to_map(), expected(r, aggs), "step {i}");
     }
 }
 
