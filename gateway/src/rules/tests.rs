@@ -272,10 +272,8 @@ fn absence_is_per_device() {
     assert_eq!(events[0].subject, "a");
 }
 
-#[test]
-fn rate_of_change_over_a_time_window() {
-    let mut e = Engine::new(
-        set(r#"
+/// The rise of the temperature per second over the last minute.
+const RISING: &str = r#"
 [[rule]]
 name = "rising"
 event = "TemperatureRisingFast"
@@ -285,9 +283,11 @@ name = "rise"
 field = "temperature"
 fn = "rate"
 window = "60s"
-"#),
-        "gw",
-    );
+"#;
+
+#[test]
+fn rate_of_change_over_a_time_window() {
+    let mut e = Engine::new(set(RISING), "gw");
     // +0.2 °C per 10 s: 0.02/s.
     for i in 0..10 {
         assert!(e
@@ -304,18 +304,7 @@ window = "60s"
 
 #[test]
 fn a_rate_window_saved_before_spans_is_restored() {
-    let rules = r#"
-[[rule]]
-name = "rising"
-event = "TemperatureRisingFast"
-condition = "has(agg.rise) && agg.rise > 0.5"
-[[rule.aggregate]]
-name = "rise"
-field = "temperature"
-fn = "rate"
-window = "60s"
-"#;
-    let mut e = Engine::new(set(rules), "gw");
+    let mut e = Engine::new(set(RISING), "gw");
     for i in 0..10 {
         e.on_reading(&temp("t-1", 20.0 + 0.2 * i as f64), T0 + i * 10 * S);
     }
@@ -336,7 +325,7 @@ window = "60s"
     *window = serde_json::json!({ "buckets": buckets });
     let state: EngineState = serde_json::from_value(state).unwrap();
 
-    let (mut e, _) = Engine::restore(set(rules), "gw", state, T0 + 95 * S);
+    let (mut e, _) = Engine::restore(set(RISING), "gw", state, T0 + 95 * S);
     // As in `rate_of_change_over_a_time_window`: (50 - 21) / 50 s.
     let events = e.on_reading(&temp("t-1", 50.0), T0 + 100 * S);
     assert_eq!(times(&events), vec![(100, EventState::Firing)]);
