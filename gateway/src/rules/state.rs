@@ -1,13 +1,15 @@
 //! The engine's state: per-instance state machines, and their persisted form.
 //!
-//! Owns [`Instance`], [`InstanceState`], [`EngineState`] (what the caller persists, e.g. in
-//! redb, and hands back to `Engine::restore`), and the status and counter types.
-//! Input/output: plain data, serde-serializable; no behaviour beyond construction.
+//! Owns [`Instance`], [`InstanceState`], [`Values`], [`EngineState`] (what the caller
+//! persists, e.g. in redb, and hands back to `Engine::restore`), and the status and
+//! counter types. Input/output: plain data, serde-serializable; no behaviour beyond
+//! construction and keeping [`Values`] sorted.
 //!
 //! Invariants:
 //! - `EngineState` names rules by name, event type and kind, never by index, so it survives
 //!   edits of the rule files; `version` changes when the layout does.
 //! - An `Instance` has one window per aggregate of its rule, in declaration order.
+//! - `Values` are sorted by key, without repeats, and saved as a JSON object.
 
 use std::collections::BTreeMap;
 
@@ -113,12 +115,14 @@ impl Values {
     /// Replaces the values with `entries` (sorted by key, no repeats), keeping the key
     /// strings it has for the keys that stay.
     pub(super) fn replace<'a>(&mut self, entries: impl Iterator<Item = (&'a str, Value)>) {
-        let mut old = std::mem::take(&mut self.0);
+        // Both sorted by key: one walk of the old values alongside the new ones.
+        let mut old = std::mem::take(&mut self.0).into_iter().peekable();
         let mut new = Vec::with_capacity(entries.size_hint().0);
         for (key, value) in entries {
-            let key = match old.binary_search_by(|(k, _)| k.as_str().cmp(key)) {
-                Ok(i) => std::mem::take(&mut old[i].0),
-                Err(_) => key.to_owned(),
+            while old.next_if(|(k, _)| k.as_str() < key).is_some() {}
+            let key = match old.next_if(|(k, _)| k == key) {
+                Some((kept, _)) => kept,
+                None => key.to_owned(),
             };
             new.push((key, value));
         }
