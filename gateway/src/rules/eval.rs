@@ -67,11 +67,9 @@ pub(super) fn set_values(values: &mut Values, reading: &Reading, aggs: &[(&str, 
                 .map(|(key, v)| (key.as_str(), Value::Number(*v))),
         )
         .collect();
+    // Without repeats: the shadowed fields are out, and a rule's aggregate names are
+    // unique (`load` refuses a name declared twice).
     entries.sort_by(|a, b| a.0.cmp(b.0));
-    // Two aggregates of one name: the later one, as in conditions.
-    entries.reverse();
-    entries.dedup_by(|later, earlier| later.0 == earlier.0);
-    entries.reverse();
     values.replace(entries.into_iter());
 }
 

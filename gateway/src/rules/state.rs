@@ -86,11 +86,6 @@ impl Instance {
 pub struct Values(Vec<(String, Value)>);
 
 impl Values {
-    pub fn get(&self, key: &str) -> Option<&Value> {
-        let i = self.0.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok()?;
-        Some(&self.0[i].1)
-    }
-
     /// The values as an event carries them.
     pub fn to_map(&self) -> BTreeMap<String, Value> {
         self.0.iter().cloned().collect()
@@ -202,8 +197,8 @@ mod tests {
         assert_eq!(json, serde_json::to_string(&map).unwrap());
         let back: Values = serde_json::from_str(&json).unwrap();
         assert_eq!(back, values);
-        assert_eq!(back.get("state"), Some(&Value::Text("ok".into())));
-        assert_eq!(back.get("humidity"), None);
+        let keys: Vec<&str> = back.0.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["agg.avg", "state", "temperature"]);
         assert_eq!(back.into_map(), map);
     }
 }

@@ -156,9 +156,7 @@ impl Window {
                     ),
                 }
                 self.newest = Some((at, value));
-                while self.spans.front().is_some_and(|s| s.last_at() <= at - ms) {
-                    self.spans.pop_front();
-                }
+                self.drop_older(at - ms);
             }
             WindowSpec::Count(n) => {
                 push_bounded(&mut self.samples, n + 1, (at, value));
@@ -203,12 +201,17 @@ impl Window {
         let WindowSpec::Time(ms) = spec else {
             return;
         };
-        while self.spans.front().is_some_and(|s| s.last_at() <= now - ms) {
-            self.spans.pop_front();
-        }
+        self.drop_older(now - ms);
         if self.spans.is_empty() && self.spans.capacity() > 0 {
             self.spans = VecDeque::new();
             self.newest = None;
+        }
+    }
+
+    /// Drops the spans whose newest sample is at or before `edge`.
+    fn drop_older(&mut self, edge: Millis) {
+        while self.spans.front().is_some_and(|s| s.last_at() <= edge) {
+            self.spans.pop_front();
         }
     }
 
