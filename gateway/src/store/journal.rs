@@ -227,11 +227,16 @@ impl Journal {
     /// Empties `record` for the operations of the next group: room for the head, which
     /// [`append`](Self::append) fills in, then the body.
     pub(super) fn begin(record: &mut Vec<u8>) {
+        Self::shrink(record);
+        record.clear();
+        record.resize(RECORD_HEAD, 0);
+    }
+
+    /// Lets go of `record`'s capacity beyond [`RECORD_KEEP`] (its contents are gone).
+    pub(super) fn shrink(record: &mut Vec<u8>) {
         if record.capacity() > RECORD_KEEP {
             *record = Vec::with_capacity(RECORD_KEEP);
         }
-        record.clear();
-        record.resize(RECORD_HEAD, 0);
     }
 
     /// Whether `record` (from [`begin`](Self::begin)) fits after the records already
@@ -596,6 +601,23 @@ mod tests {
                 (k.value(), v.value().to_vec())
             })
             .collect()
+    }
+
+    #[test]
+    fn a_big_records_buffer_is_let_go() {
+        let mut record = Vec::new();
+        Journal::begin(&mut record);
+        record.resize(RECORD_KEEP * 8, 1);
+        Journal::shrink(&mut record);
+        assert!(record.capacity() <= RECORD_KEEP, "{}", record.capacity());
+        let mut small = Vec::with_capacity(100);
+        small.push(1u8);
+        Journal::shrink(&mut small);
+        assert_eq!(
+            (small.capacity(), small.len()),
+            (100, 1),
+            "a small one is left as it is"
+        );
     }
 
     #[test]

@@ -616,14 +616,17 @@ impl Owner {
         let applied = self.apply(&txn, &oplog, group);
         self.oplog = oplog.into_inner();
         applied?;
-        if self.journal.fits(&self.oplog) {
-            self.journal.append(&mut self.oplog)?;
-            self.txn = Some(txn);
-            Ok(())
+        let written = if self.journal.fits(&self.oplog) {
+            self.journal
+                .append(&mut self.oplog)
+                .map(|()| self.txn = Some(txn))
         } else {
             self.txn = Some(txn);
             self.checkpoint()
-        }
+        };
+        // Not kept until the next group: after a burst that may be a long while.
+        Journal::shrink(&mut self.oplog);
+        written
     }
 
     /// Commits the open transaction to the database and starts the journal over.

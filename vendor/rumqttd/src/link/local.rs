@@ -5,7 +5,7 @@ use crate::protocol::{
 use crate::router::Ack;
 use crate::router::{
     iobufs::{Incoming, Outgoing},
-    Connection, Event, Notification, ShadowRequest,
+    Connection, Event, NewConnection, Notification, ShadowRequest,
 };
 use crate::ConnectionId;
 use bytes::Bytes;
@@ -150,11 +150,11 @@ impl<'a> LinkBuilder<'a> {
         let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
 
-        let event = Event::Connect {
+        let event = Event::Connect(Box::new(NewConnection {
             connection,
             incoming,
             outgoing,
-        };
+        }));
 
         self.router_tx.send((0, event))?;
 

@@ -74,6 +74,9 @@ impl Storage for PublishData {
     }
 }
 
+/// PATCH(gateway): most topics whose matching filters [`DataLog::matches`] keeps cached.
+pub(crate) const MAX_CACHED_TOPICS: usize = 1024;
+
 /// Stores 'device' data and 'actions' data in native commitlog
 /// organized by subscription filter. Device data is replicated
 /// while actions data is not
@@ -172,6 +175,13 @@ impl DataLog {
                     .collect();
 
                 if !v.is_empty() {
+                    // PATCH(gateway): the cache holds at most `MAX_CACHED_TOPICS` topics
+                    // and starts over when full. Upstream kept every topic ever published
+                    // that a filter matched, so it grew with the fleet (the gateway
+                    // publishes events on a topic per device) and never shrank.
+                    if self.publish_filters.len() >= MAX_CACHED_TOPICS {
+                        self.publish_filters = HashMap::new();
+                    }
                     self.publish_filters.insert(topic.to_owned(), v.clone());
                 }
 
@@ -460,6 +470,29 @@ mod test {
         data.next_native_offset("topic/+");
 
         assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_topic_cache_is_bounded_and_still_answers() {
+        let config = RouterConfig {
+            max_segment_size: 1024,
+            max_connections: 10,
+            max_segment_count: 10,
+            max_outgoing_packet_count: 1024,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Strategy::RoundRobin,
+        };
+        let mut data = DataLog::new(config).unwrap();
+        let (idx, _) = data.next_native_offset("events/#");
+        for i in 0..3 * super::MAX_CACHED_TOPICS {
+            let topic = format!("events/t/d-{i}");
+            assert_eq!(data.matches(&topic), Some(vec![idx]), "{topic}");
+            assert!(data.publish_filters.len() <= super::MAX_CACHED_TOPICS);
+        }
+        // A topic cached before the cache started over matches as before.
+        assert_eq!(data.matches("events/t/d-0"), Some(vec![idx]));
+        assert_eq!(data.matches("other/t"), Some(vec![]));
     }
 
     #[test]
