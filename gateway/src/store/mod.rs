@@ -173,11 +173,12 @@ pub const CHANNEL_CAPACITY: usize = 2 * MAX_BATCH;
 pub const EVENT_LOG_MAX: u64 = 100_000;
 /// redb page cache in bytes (redb's default of 1 GiB is far too much for an edge box).
 /// The outbox is appended at its tail and deleted at its head, so few pages are hot, and
-/// the forwarder reads new rows from memory (`tail`): 1 MiB drains a backlog as fast as
-/// 4 MiB and 16 MiB did, writes as many bytes per reading, and keeps 3 MB less resident
-/// at 1000 devices than 4 MiB (BENCHMARKS.md, "Page cache" and "Broker logs nobody
-/// reads, the page cache").
-pub const CACHE_SIZE: usize = 1024 * 1024;
+/// the forwarder reads new rows from memory (`tail`): 1 MiB drained a backlog as fast as
+/// 4 MiB and 16 MiB did, with as many bytes written per reading, and kept 3 MB less
+/// resident at 1000 devices than 4 MiB; 512 KiB drains and writes as 1 MiB does and
+/// keeps about 0.6 MB less after a burst (BENCHMARKS.md, "Page cache", "Broker logs
+/// nobody reads, the page cache" and "The broker's tables after a fleet left").
+pub const CACHE_SIZE: usize = 512 * 1024;
 
 /// The store's settings: the `[storage]` section of a [`Config`] plus the internal
 /// knobs above. Built only by [`StoreConfig::from_config`]; a test that wants other
