@@ -452,9 +452,9 @@ mod test {
     use crate::router::shared_subs::Strategy;
     use crate::RouterConfig;
 
-    #[test]
-    fn publish_filters_updating_correctly_on_new_topic_subscription() {
-        let config = RouterConfig {
+    /// PATCH(gateway): the one small router configuration these tests share.
+    fn config() -> RouterConfig {
+        RouterConfig {
             max_segment_size: 1024,
             max_connections: 10,
             max_segment_count: 10,
@@ -462,8 +462,12 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
-        };
-        let mut data = DataLog::new(config).unwrap();
+        }
+    }
+
+    #[test]
+    fn publish_filters_updating_correctly_on_new_topic_subscription() {
+        let mut data = DataLog::new(config()).unwrap();
         data.next_native_offset("topic/a");
         data.matches("topic/a");
 
@@ -474,16 +478,7 @@ mod test {
 
     #[test]
     fn the_topic_cache_is_bounded_and_still_answers() {
-        let config = RouterConfig {
-            max_segment_size: 1024,
-            max_connections: 10,
-            max_segment_count: 10,
-            max_outgoing_packet_count: 1024,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Strategy::RoundRobin,
-        };
-        let mut data = DataLog::new(config).unwrap();
+        let mut data = DataLog::new(config()).unwrap();
         let (idx, _) = data.next_native_offset("events/#");
         for i in 0..3 * super::MAX_CACHED_TOPICS {
             let topic = format!("events/t/d-{i}");
@@ -497,16 +492,7 @@ mod test {
 
     #[test]
     fn publish_filters_updating_correctly_on_new_publish() {
-        let config = RouterConfig {
-            max_segment_size: 1024,
-            max_connections: 10,
-            max_segment_count: 10,
-            max_outgoing_packet_count: 1024,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Strategy::RoundRobin,
-        };
-        let mut data = DataLog::new(config).unwrap();
+        let mut data = DataLog::new(config()).unwrap();
         data.next_native_offset("+/+");
 
         data.matches("topic/a");
