@@ -132,9 +132,7 @@ pub fn decode(
 fn parse(format: Format, payload: &[u8]) -> Result<Node, String> {
     match format {
         Format::Json | Format::SenmlJson => {
-            let value: serde_json::Value =
-                serde_json::from_slice(payload).map_err(|e| format!("invalid JSON: {e}"))?;
-            Node::from_json(value, MAX_DEPTH)
+            Node::parse_json(payload, MAX_DEPTH).map_err(|e| format!("invalid JSON: {e}"))
         }
         Format::Cbor | Format::SenmlCbor => cbor::decode(payload),
     }

@@ -44,35 +44,106 @@ impl Node {
         }
     }
 
-    /// Converts a JSON value, refusing nesting deeper than `max_depth`.
-    pub fn from_json(value: serde_json::Value, max_depth: usize) -> Result<Node, String> {
-        Self::json_at(value, 0, max_depth)
+    /// Parses a JSON document straight into a tree, refusing nesting deeper than
+    /// `max_depth`. No `serde_json::Value` is built on the way: each key and value is
+    /// allocated once, in the tree. Object members stay in document order (a repeated
+    /// key appears twice; the decoders keep the last one).
+    pub fn parse_json(bytes: &[u8], max_depth: usize) -> Result<Node, serde_json::Error> {
+        use serde::de::DeserializeSeed;
+        let mut parser = serde_json::Deserializer::from_slice(bytes);
+        let node = Seed {
+            depth: 0,
+            max_depth,
+        }
+        .deserialize(&mut parser)?;
+        parser.end()?;
+        Ok(node)
+    }
+}
+
+/// Deserializes one item at `depth` of the document.
+#[derive(Clone, Copy)]
+struct Seed {
+    depth: usize,
+    max_depth: usize,
+}
+
+impl Seed {
+    fn inner(self) -> Seed {
+        Seed {
+            depth: self.depth + 1,
+            ..self
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Seed {
+    type Value = Node;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Node, D::Error> {
+        if self.depth > self.max_depth {
+            return Err(serde::de::Error::custom(format!(
+                "JSON nested deeper than {} levels",
+                self.max_depth
+            )));
+        }
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Seed {
+    type Value = Node;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
     }
 
-    fn json_at(value: serde_json::Value, depth: usize, max_depth: usize) -> Result<Node, String> {
-        use serde_json::Value as V;
-        if depth > max_depth {
-            return Err(format!("JSON nested deeper than {max_depth} levels"));
-        }
-        Ok(match value {
-            V::Null => Node::Null,
-            V::Bool(b) => Node::Bool(b),
-            V::Number(n) => match n.as_i64() {
-                Some(i) => Node::Int(i as i128),
-                None => Node::Float(n.as_f64().unwrap_or(f64::NAN)),
-            },
-            V::String(s) => Node::Text(s),
-            V::Array(items) => Node::Array(
-                items
-                    .into_iter()
-                    .map(|v| Self::json_at(v, depth + 1, max_depth))
-                    .collect::<Result<_, _>>()?,
-            ),
-            V::Object(map) => Node::Map(
-                map.into_iter()
-                    .map(|(k, v)| Ok((Node::Text(k), Self::json_at(v, depth + 1, max_depth)?)))
-                    .collect::<Result<_, String>>()?,
-            ),
+    fn visit_bool<E>(self, b: bool) -> Result<Node, E> {
+        Ok(Node::Bool(b))
+    }
+
+    fn visit_i64<E>(self, i: i64) -> Result<Node, E> {
+        Ok(Node::Int(i.into()))
+    }
+
+    fn visit_u64<E>(self, u: u64) -> Result<Node, E> {
+        // As `serde_json::Value` did: integers beyond i64 are taken as floats.
+        Ok(match i64::try_from(u) {
+            Ok(i) => Node::Int(i.into()),
+            Err(_) => Node::Float(u as f64),
         })
+    }
+
+    fn visit_f64<E>(self, f: f64) -> Result<Node, E> {
+        Ok(Node::Float(f))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Node, E> {
+        Ok(Node::Text(s.to_owned()))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Node, E> {
+        Ok(Node::Text(s))
+    }
+
+    fn visit_unit<E>(self) -> Result<Node, E> {
+        Ok(Node::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        while let Some(item) = seq.next_element_seed(self.inner())? {
+            items.push(item);
+        }
+        Ok(Node::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+        while let Some(key) = map.next_key::<String>()? {
+            let value = map.next_value_seed(self.inner())?;
+            entries.push((Node::Text(key), value));
+        }
+        Ok(Node::Map(entries))
     }
 }

@@ -144,7 +144,7 @@ fn malformed_inputs_are_errors_not_panics() {
         (b"[{\"n\":\"a\"}]", "no record with a value"),
         (b"[{\"n\":\"a\",\"v\":\"x\"}]", "must be a number"),
         (b"[{\"n\":\"a\",\"v\":1,\"x_\":1}]", "mandatory field"),
-        (deep_json.as_bytes(), "recursion limit"),
+        (deep_json.as_bytes(), "JSON nested deeper than 32 levels"),
         (&deep_cbor, "senml-cbor"),
         (&huge, "neither JSON"),
         (&[0xa1, 0x61], "invalid CBOR"),
@@ -158,6 +158,38 @@ fn malformed_inputs_are_errors_not_panics() {
             String::from_utf8_lossy(&payload[..payload.len().min(20)])
         );
     }
+}
+
+#[test]
+fn json_is_accepted_up_to_the_depth_limit_and_refused_past_it() {
+    // Objects nested so that the innermost value sits at `depth`.
+    let nested = |depth: usize| format!("{}1{}", r#"{"a":"#.repeat(depth), "}".repeat(depth));
+    let deepest = &one(nested(MAX_DEPTH).as_bytes(), None).unwrap()[0];
+    let name = vec!["a"; MAX_DEPTH].join(".");
+    assert_eq!(num(deepest, &name), 1.0);
+    let err = one(nested(MAX_DEPTH + 1).as_bytes(), None).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("json: invalid JSON: JSON nested deeper than 32 levels"),
+        "{err}"
+    );
+}
+
+#[test]
+fn json_numbers_and_repeated_keys() {
+    let r = &one(
+        br#"{"big":18446744073709551615,"neg":-3,"f":2.5e3,"t":1,"t":2}"#,
+        None,
+    )
+    .unwrap()[0];
+    assert_eq!(num(r, "big"), 18_446_744_073_709_551_615u64 as f64);
+    assert_eq!(num(r, "neg"), -3.0);
+    assert_eq!(num(r, "f"), 2500.0);
+    // A repeated key keeps its last value.
+    assert_eq!(num(r, "t"), 2.0);
+    // Trailing bytes after the document are refused, as before.
+    let err = one(br#"{"t":1} x"#, None).unwrap_err();
+    assert!(err.to_string().contains("trailing characters"), "{err}");
 }
 
 #[test]
