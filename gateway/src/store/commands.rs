@@ -17,10 +17,11 @@
 
 use redb::{ReadableDatabase, ReadableTable};
 
+use super::fresh::Outbox;
 use super::journal::Logged;
 use super::stats::Counter;
 use super::tables::{Cursor, COMMANDS};
-use super::writer::{Owner, RowTable};
+use super::writer::Owner;
 use super::{Lane, OutboxEntry, StoreError};
 use crate::reading::{Format, Millis};
 
@@ -155,7 +156,7 @@ impl Owner {
     pub(super) fn queue_command(
         &mut self,
         commands: &mut CommandTable<'_, '_>,
-        events: &mut RowTable<'_, '_>,
+        events: &mut Outbox<'_, '_>,
         mut cmd: QueuedCommand,
         max_per_device: usize,
     ) -> Result<(), StoreError> {
@@ -189,7 +190,7 @@ impl Owner {
     pub(super) fn command_done(
         &mut self,
         commands: &mut CommandTable<'_, '_>,
-        events: &mut RowTable<'_, '_>,
+        events: &mut Outbox<'_, '_>,
         device: &str,
         seq: u64,
         state: CommandState,
@@ -205,7 +206,7 @@ impl Owner {
 
     fn command_status(
         &mut self,
-        events: &mut RowTable<'_, '_>,
+        events: &mut Outbox<'_, '_>,
         cmd: &QueuedCommand,
         state: CommandState,
     ) -> Result<(), StoreError> {

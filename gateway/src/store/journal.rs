@@ -360,12 +360,7 @@ impl<'l, 't, K: Key + 'static, V: Value + 'static> Logged<'l, 't, K, V> {
         key: impl std::borrow::Borrow<K::SelfType<'k>>,
         value: impl std::borrow::Borrow<V::SelfType<'v>>,
     ) -> Result<(), StorageError> {
-        push_op(
-            &mut self.log.borrow_mut(),
-            self.id,
-            K::as_bytes(key.borrow()).as_ref(),
-            Some(V::as_bytes(value.borrow()).as_ref()),
-        );
+        self.log_insert(key.borrow(), value.borrow());
         self.table.insert(key, value)?;
         Ok(())
     }
@@ -384,6 +379,31 @@ impl<'l, 't, K: Key + 'static, V: Value + 'static> Logged<'l, 't, K, V> {
             );
         }
         Ok(removed)
+    }
+
+    /// Logs an insert without applying it: the caller holds the row until the
+    /// checkpoint writes it into the table (`fresh.rs`).
+    pub(super) fn log_insert<'k, 'v>(
+        &mut self,
+        key: impl std::borrow::Borrow<K::SelfType<'k>>,
+        value: impl std::borrow::Borrow<V::SelfType<'v>>,
+    ) {
+        push_op(
+            &mut self.log.borrow_mut(),
+            self.id,
+            K::as_bytes(key.borrow()).as_ref(),
+            Some(V::as_bytes(value.borrow()).as_ref()),
+        );
+    }
+
+    /// Logs the removal of a row the caller held (see [`Logged::log_insert`]).
+    pub(super) fn log_remove<'k>(&mut self, key: impl std::borrow::Borrow<K::SelfType<'k>>) {
+        push_op(
+            &mut self.log.borrow_mut(),
+            self.id,
+            K::as_bytes(key.borrow()).as_ref(),
+            None,
+        );
     }
 
     #[allow(clippy::type_complexity)]
@@ -427,20 +447,7 @@ pub(super) fn replay(db: &redb::Database, journal: &mut Journal) -> Result<usize
     if !recovered.records.is_empty() {
         match epoch {
             Some(epoch) if epoch == recovered.epoch => {
-                let txn = db.begin_write()?;
-                {
-                    let mut tables = Tables::open(&txn)?;
-                    for body in &recovered.records {
-                        tables.apply(body).map_err(|e| match e {
-                            Some(e) => e,
-                            None => StoreError::CorruptRow {
-                                table: "journal".into(),
-                                key: journal.path.display().to_string(),
-                            },
-                        })?;
-                    }
-                }
-                txn.commit()?;
+                apply_bodies(db, &recovered.records, &journal.path)?;
                 applied = recovered.records.len();
             }
             _ => tracing::warn!(
@@ -451,6 +458,30 @@ pub(super) fn replay(db: &redb::Database, journal: &mut Journal) -> Result<usize
         }
     }
     Ok(applied)
+}
+
+/// Applies record bodies to `db`, in order, in one transaction; `source` (the journal's
+/// path) names them in an error.
+pub(super) fn apply_bodies(
+    db: &redb::Database,
+    bodies: &[Vec<u8>],
+    source: &Path,
+) -> Result<(), StoreError> {
+    let txn = db.begin_write()?;
+    {
+        let mut tables = Tables::open(&txn)?;
+        for body in bodies {
+            tables.apply(body).map_err(|e| match e {
+                Some(e) => e,
+                None => StoreError::CorruptRow {
+                    table: "journal".into(),
+                    key: source.display().to_string(),
+                },
+            })?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
 }
 
 /// Every table a record can name, open in one transaction.

@@ -68,6 +68,7 @@
 
 mod commands;
 mod degraded;
+mod fresh;
 mod health;
 mod journal;
 mod read;

@@ -15,11 +15,11 @@
 
 use std::time::{Duration, Instant};
 
-use redb::{ReadableTable, ReadableTableMetadata};
+use redb::ReadableTableMetadata;
 
+use super::fresh::Outbox;
 use super::journal::Logged;
 use super::stats::Counter;
-use super::tables;
 use super::writer::{Owner, RowTable, KEY_BYTES};
 use super::{Lane, OverflowPolicy, StoreError};
 use crate::reading::{now_millis, Millis};
@@ -31,8 +31,8 @@ impl Owner {
     /// Applies every retention limit to the tables of the transaction being built.
     pub(super) fn enforce_retention(
         &mut self,
-        readings: &mut RowTable<'_, '_>,
-        events: &mut RowTable<'_, '_>,
+        readings: &mut Outbox<'_, '_>,
+        events: &mut Outbox<'_, '_>,
         dead: &mut RowTable<'_, '_>,
         log: &mut Logged<'_, '_, (i64, u64), &'static [u8]>,
     ) -> Result<(), StoreError> {
@@ -52,7 +52,7 @@ impl Owner {
     }
 
     /// Drops rows of `lane` older than `max_age`, oldest first.
-    fn enforce_age(&mut self, table: &mut RowTable<'_, '_>, lane: Lane) -> Result<(), StoreError> {
+    fn enforce_age(&mut self, table: &mut Outbox<'_, '_>, lane: Lane) -> Result<(), StoreError> {
         let Some(max_age) = self.cfg.max_age else {
             return Ok(());
         };
@@ -63,9 +63,7 @@ impl Owner {
         };
         loop {
             let len = match table.first()? {
-                Some((_, v)) if tables::outbox_received_at(v.value()).unwrap_or(0) < cutoff => {
-                    v.value().len() as u64 + KEY_BYTES
-                }
+                Some(first) if first.received_at.unwrap_or(0) < cutoff => first.len + KEY_BYTES,
                 _ => return Ok(()),
             };
             table.pop_first()?;
@@ -74,21 +72,16 @@ impl Owner {
     }
 
     /// Drops the oldest rows of `lane` while the outbox is over `max_bytes`.
-    fn enforce_bytes(
-        &mut self,
-        table: &mut RowTable<'_, '_>,
-        lane: Lane,
-    ) -> Result<(), StoreError> {
+    fn enforce_bytes(&mut self, table: &mut Outbox<'_, '_>, lane: Lane) -> Result<(), StoreError> {
         let reason = match lane {
             Lane::Reading => Counter::DropMaxBytesReadings,
             Lane::Event => Counter::DropMaxBytesEvents,
         };
         while self.depth_bytes() > self.cfg.max_bytes {
-            let Some((_, v)) = table.pop_first()? else {
+            let Some(len) = table.pop_first()? else {
                 return Ok(());
             };
-            let len = v.value().len() as u64 + KEY_BYTES;
-            drop(v);
+            let len = len + KEY_BYTES;
             self.drop_row(lane, len, reason);
         }
         Ok(())

@@ -31,8 +31,15 @@ use std::collections::VecDeque;
 
 use super::{ByLane, Lane, OutboxRow};
 
-/// Most rows kept per lane.
-pub const TAIL_ROWS: usize = 1024;
+/// Most rows kept per lane: about 65 ms of rows at 250k readings/s. With 1024, the tail
+/// overflowed under full load whenever the forwarder fell a few milliseconds behind; the
+/// forwarder then read the file, which asked for a checkpoint each time, and every row
+/// went through the B-tree (BENCHMARKS.md, "Rows that come and go between two
+/// checkpoints").
+pub const TAIL_ROWS: usize = 16384;
+/// Capacity a lane keeps once the reader has emptied it: a full tail is about 1.5 MB of
+/// row headers, not to be held after the burst that filled it.
+const TAIL_KEEP: usize = 1024;
 
 #[derive(Default)]
 pub(super) struct Tails {
@@ -86,7 +93,7 @@ impl Tails {
             tail.covers_from = Some(first);
         }
         if tail.rows.len() + rows.len() > TAIL_ROWS {
-            tail.rows.clear();
+            tail.rows = VecDeque::new();
             tail.covers_from = None;
             rows.clear();
             return;
@@ -118,6 +125,9 @@ impl Tails {
         }
         let n = tail.rows.len().min(limit);
         out.extend(tail.rows.drain(..n));
+        if tail.rows.is_empty() && tail.rows.capacity() > TAIL_KEEP {
+            tail.rows.shrink_to(TAIL_KEEP);
+        }
         let next = out.last().map_or(from_seq, |r| r.seq + 1).max(from_seq);
         tail.covers_from = Some(next);
         true
@@ -143,6 +153,23 @@ mod tests {
 
     fn seqs(rows: &[OutboxRow]) -> Vec<u64> {
         rows.iter().map(|r| r.seq).collect()
+    }
+
+    #[test]
+    fn an_emptied_tail_lets_go_of_the_capacity_a_burst_gave_it() {
+        let mut t = reading();
+        t.push(
+            Lane::Reading,
+            &mut (1..=TAIL_ROWS as u64).map(row).collect(),
+        );
+        let capacity = |t: &Tails| t.lanes[Lane::Reading].rows.capacity();
+        assert!(capacity(&t) >= TAIL_ROWS);
+        let mut out = Vec::new();
+        assert!(t.take(Lane::Reading, 1, TAIL_ROWS - 1, &mut out));
+        assert!(capacity(&t) >= TAIL_ROWS, "kept while rows are left");
+        assert!(t.take(Lane::Reading, TAIL_ROWS as u64, 10, &mut out));
+        assert_eq!(out.len(), TAIL_ROWS);
+        assert!(capacity(&t) <= TAIL_KEEP, "{}", capacity(&t));
     }
 
     #[test]

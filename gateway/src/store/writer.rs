@@ -4,7 +4,9 @@
 //! committed to the file every [`CHECKPOINT_INTERVAL`], when the journal is full, and when
 //! a flush, a shutdown, a downlink command or the forwarder (`CtlCmd::Checkpoint`) needs
 //! the rows in the file. Retention ([`super::retention`]) runs inside each group; after a
-//! failed commit the thread runs in degraded mode ([`super::degraded`]).
+//! failed commit the thread runs in degraded mode ([`super::degraded`]). Outbox rows
+//! appended since the last checkpoint are held in memory until it, not in the
+//! transaction's B-tree ([`super::fresh`]): most are deleted before it comes.
 //!
 //! Invariants:
 //! - The only place that opens write transactions.
@@ -62,6 +64,7 @@ use crossbeam_channel::{select, Receiver};
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use tokio::sync::{oneshot, Notify};
 
+use super::fresh::{Fresh, Open, Outbox};
 use super::health::{Degraded, ReaderSlot};
 use super::journal::{self, Journal, Logged, TableId, CHECKPOINT_INTERVAL};
 use super::stats::{Counter, Counters};
@@ -212,8 +215,9 @@ pub(super) struct Owner {
     pub(super) deferred_rows: usize,
     pub(super) deferred_since: Option<Instant>,
     /// The write transaction that holds the groups journaled since the last checkpoint
-    /// (`journal.rs`); `None` when everything is committed to the database.
-    pub(super) txn: Option<WriteTransaction>,
+    /// (`journal.rs`), with the outbox rows held for it (`fresh.rs`); `None` when
+    /// everything is committed to the database.
+    pub(super) txn: Option<Open>,
     /// When `txn` took its first group: it is checkpointed [`CHECKPOINT_INTERVAL`] later.
     txn_since: Instant,
     pub(super) journal: Journal,
@@ -598,14 +602,14 @@ impl Owner {
     /// makes it durable: a journal record, or a checkpoint when the journal is full.
     fn write_group(&mut self, group: &mut Group) -> Result<(), StoreError> {
         let db = self.db.clone().ok_or(StoreError::Unavailable)?;
-        let txn = match self.txn.take() {
-            Some(txn) => txn,
+        let mut open = match self.txn.take() {
+            Some(open) => open,
             None => {
                 let mut txn = db.begin_write()?;
                 txn.set_durability(Durability::Immediate)
                     .map_err(redb::Error::from)?;
                 self.txn_since = Instant::now();
-                txn
+                Open::new(txn)
             }
         };
         let mut record = std::mem::take(&mut self.oplog);
@@ -613,15 +617,16 @@ impl Owner {
         let oplog = RefCell::new(record);
         // On an error the transaction is dropped (aborted); the groups journaled before
         // this one are replayed when the store recovers.
-        let applied = self.apply(&txn, &oplog, group);
+        let Open { txn, fresh } = &mut open;
+        let applied = self.apply(txn, fresh, &oplog, group);
         self.oplog = oplog.into_inner();
         applied?;
         let written = if self.journal.fits(&self.oplog) {
             self.journal
                 .append(&mut self.oplog)
-                .map(|()| self.txn = Some(txn))
+                .map(|()| self.txn = Some(open))
         } else {
-            self.txn = Some(txn);
+            self.txn = Some(open);
             self.checkpoint()
         };
         // Not kept until the next group: after a burst that may be a long while.
@@ -631,11 +636,11 @@ impl Owner {
 
     /// Commits the open transaction to the database and starts the journal over.
     pub(super) fn checkpoint(&mut self) -> Result<(), StoreError> {
-        let Some(txn) = self.txn.take() else {
+        let Some(open) = self.txn.take() else {
             return Ok(());
         };
         let started = Instant::now();
-        txn.commit()?;
+        open.commit()?;
         self.tails
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -651,11 +656,11 @@ impl Owner {
     fn apply(
         &mut self,
         txn: &WriteTransaction,
+        fresh: &mut Fresh,
         oplog: &RefCell<Vec<u8>>,
         group: &mut Group,
     ) -> Result<(), StoreError> {
-        let mut readings = Logged::open(txn, tables::OUTBOX_READINGS, TableId::Readings, oplog)?;
-        let mut events = Logged::open(txn, tables::OUTBOX_EVENTS, TableId::Events, oplog)?;
+        let (mut readings, mut events) = fresh.outboxes(txn, oplog)?;
         let mut dead = Logged::open(txn, DEAD_LETTERS, TableId::DeadLetters, oplog)?;
         let mut state = Logged::open(txn, RULE_STATE, TableId::RuleState, oplog)?;
         let mut log = Logged::open(txn, EVENT_LOG, TableId::EventLog, oplog)?;
@@ -668,9 +673,8 @@ impl Owner {
                 Lane::Event => &mut events,
             };
             for &seq in seqs {
-                if let Some(v) = table.remove(seq)? {
-                    let len = v.value().len() as u64 + KEY_BYTES;
-                    drop(v);
+                if let Some(len) = table.remove(seq)? {
+                    let len = len + KEY_BYTES;
                     self.sub(Counter::messages(*lane), 1);
                     self.sub(Counter::bytes(*lane), len);
                     self.add(Counter::Acked, 1);
@@ -706,7 +710,7 @@ impl Owner {
                         Lane::Reading => (&mut readings, Counter::AppendedReadings),
                         Lane::Event => (&mut events, Counter::AppendedEvents),
                     };
-                    table.insert(seq, scratch.as_slice())?;
+                    table.insert(seq, scratch.as_slice());
                     group.receipts.extend(receipt);
                     self.add(appended, 1);
                     self.add(Counter::messages(e.lane), 1);
@@ -754,10 +758,8 @@ impl Owner {
 
         for (lane, table) in [(Lane::Reading, &readings), (Lane::Event, &events)] {
             let first = table.first()?;
-            self.counters.set_oldest(
-                lane,
-                first.and_then(|(_, v)| tables::outbox_received_at(v.value())),
-            );
+            self.counters
+                .set_oldest(lane, first.and_then(|f| f.received_at));
         }
 
         // Only what changed: each write is a B-tree insert, and most counters stay put
@@ -782,7 +784,7 @@ impl Owner {
     /// retention runs after the group).
     pub(super) fn append_row(
         &mut self,
-        table: &mut RowTable<'_, '_>,
+        table: &mut Outbox<'_, '_>,
         e: OutboxEntry,
     ) -> Result<(), StoreError> {
         let mut row = Vec::new();
@@ -796,7 +798,7 @@ impl Owner {
         );
         let seq = self.get(Counter::NextSeq);
         self.set(Counter::NextSeq, seq + 1);
-        table.insert(seq, row.as_slice())?;
+        table.insert(seq, row.as_slice());
         let appended = match e.lane {
             Lane::Reading => Counter::AppendedReadings,
             Lane::Event => Counter::AppendedEvents,

@@ -1,0 +1,266 @@
+//! Outbox rows appended since the last checkpoint, held in memory until it.
+//!
+//! Most rows are delivered upstream and acknowledged within milliseconds, long before the
+//! next checkpoint (at most [`super::journal::CHECKPOINT_INTERVAL`] away). Inserting such a row into the
+//! open transaction's B-tree and removing it again a few groups later took about half
+//! of the store thread's time at full speed (BENCHMARKS.md, "Rows that come and go
+//! between two checkpoints"). So an appended row goes into the group's journal record,
+//! which is what makes it durable, and into a map in memory; its removal takes it out
+//! of the map and goes into the record too. A checkpoint writes the rows still in the
+//! maps into the transaction, then commits it.
+//!
+//! Invariants:
+//! - A row is in one place only: in a map (appended since the last checkpoint) or in the
+//!   transaction's table. Every change to either is in the group's journal record, so a
+//!   replay after a crash gives the rows the owner thread had.
+//! - The maps belong to the open transaction ([`Open`]): [`Open::commit`] empties them into
+//!   it, and they are dropped with it when it is aborted (a failed group or commit); the
+//!   journal replay on recovery restores what they held.
+//! - Sequence numbers only grow and the maps are emptied at each checkpoint, so every key
+//!   in a map is above every key in its table; [`Outbox::first`] and
+//!   [`Outbox::pop_first`] still look at both.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use redb::{ReadableTable, StorageError, WriteTransaction};
+
+use super::journal::{Logged, TableId};
+use super::tables;
+use super::{Lane, StoreError};
+use crate::reading::Millis;
+
+/// The open write transaction with the outbox rows appended since it began.
+pub(super) struct Open {
+    pub(super) txn: WriteTransaction,
+    pub(super) fresh: Fresh,
+}
+
+/// The outbox rows appended since the last checkpoint, by lane.
+#[derive(Default)]
+pub(super) struct Fresh {
+    readings: BTreeMap<u64, Vec<u8>>,
+    events: BTreeMap<u64, Vec<u8>>,
+}
+
+impl Fresh {
+    /// The two outbox lanes of `txn` with the rows held here, changes logged into `log`.
+    pub(super) fn outboxes<'s, 'l>(
+        &'s mut self,
+        txn: &'s WriteTransaction,
+        log: &'l RefCell<Vec<u8>>,
+    ) -> Result<(Outbox<'l, 's>, Outbox<'l, 's>), StoreError> {
+        let open = |lane: Lane, fresh| -> Result<Outbox<'l, 's>, StoreError> {
+            let id = match lane {
+                Lane::Reading => TableId::Readings,
+                Lane::Event => TableId::Events,
+            };
+            Ok(Outbox {
+                table: Logged::open(txn, tables::lane_table(lane), id, log)?,
+                fresh,
+            })
+        };
+        Ok((
+            open(Lane::Reading, &mut self.readings)?,
+            open(Lane::Event, &mut self.events)?,
+        ))
+    }
+}
+
+impl Open {
+    pub(super) fn new(txn: WriteTransaction) -> Self {
+        Open {
+            txn,
+            fresh: Fresh::default(),
+        }
+    }
+
+    /// Writes the rows still held in memory into their tables (the journal has them
+    /// already) and commits the transaction.
+    pub(super) fn commit(self) -> Result<(), StoreError> {
+        let Open { txn, fresh } = self;
+        for (lane, rows) in [(Lane::Reading, fresh.readings), (Lane::Event, fresh.events)] {
+            if rows.is_empty() {
+                continue;
+            }
+            let mut table = txn.open_table(tables::lane_table(lane))?;
+            for (seq, row) in rows {
+                table.insert(seq, row.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// The first row of an outbox lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct First {
+    pub(super) received_at: Option<Millis>,
+    /// Length of the stored row (without its key).
+    pub(super) len: u64,
+}
+
+impl First {
+    fn of(row: &[u8]) -> Self {
+        First {
+            received_at: tables::outbox_received_at(row),
+            len: row.len() as u64,
+        }
+    }
+}
+
+/// One outbox lane of the open transaction: its table and the rows appended since the
+/// last checkpoint. Every change is logged into the group's journal record.
+pub(super) struct Outbox<'l, 't> {
+    table: Logged<'l, 't, u64, &'static [u8]>,
+    fresh: &'t mut BTreeMap<u64, Vec<u8>>,
+}
+
+impl Outbox<'_, '_> {
+    pub(super) fn insert(&mut self, seq: u64, row: &[u8]) {
+        self.table.log_insert(seq, row);
+        self.fresh.insert(seq, row.to_vec());
+    }
+
+    /// Removes the row `seq`; its stored length if it was there.
+    pub(super) fn remove(&mut self, seq: u64) -> Result<Option<u64>, StorageError> {
+        if let Some(row) = self.fresh.remove(&seq) {
+            self.table.log_remove(seq);
+            return Ok(Some(row.len() as u64));
+        }
+        Ok(self.table.remove(seq)?.map(|v| v.value().len() as u64))
+    }
+
+    pub(super) fn first(&self) -> Result<Option<First>, StorageError> {
+        if let Some((_, v)) = self.table.first()? {
+            return Ok(Some(First::of(v.value())));
+        }
+        Ok(self.fresh.values().next().map(|row| First::of(row)))
+    }
+
+    /// Removes the first row; its stored length if there was one.
+    pub(super) fn pop_first(&mut self) -> Result<Option<u64>, StorageError> {
+        if let Some((_, v)) = self.table.pop_first()? {
+            return Ok(Some(v.value().len() as u64));
+        }
+        Ok(self.fresh.pop_first().map(|(seq, row)| {
+            self.table.log_remove(seq);
+            row.len() as u64
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redb::{Database, ReadableDatabase, ReadableTableMetadata};
+
+    fn rows(db: &Database, lane: Lane) -> Vec<(u64, Vec<u8>)> {
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(tables::lane_table(lane)).unwrap();
+        t.iter()
+            .unwrap()
+            .map(|r| {
+                let (k, v) = r.unwrap();
+                (k.value(), v.value().to_vec())
+            })
+            .collect()
+    }
+
+    fn row(received_at: Millis, text: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        tables::encode_outbox(
+            &mut out,
+            received_at,
+            crate::reading::Format::Json,
+            "devices/d/t",
+            "d",
+            text.as_bytes(),
+        );
+        out
+    }
+
+    /// Applies `f` to both lanes of `open` and returns the record it logged.
+    fn group(open: &mut Open, f: impl FnOnce(&mut Outbox, &mut Outbox)) -> Vec<u8> {
+        let log = RefCell::new(Vec::new());
+        {
+            let Open { txn, fresh } = open;
+            let (mut readings, mut events) = fresh.outboxes(txn, &log).unwrap();
+            f(&mut readings, &mut events);
+        }
+        log.into_inner()
+    }
+
+    #[test]
+    fn rows_removed_before_the_checkpoint_never_reach_the_table_and_the_rest_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("gw.redb")).unwrap();
+        // One row committed by an earlier checkpoint.
+        let mut open = Open::new(db.begin_write().unwrap());
+        group(&mut open, |r, _| r.insert(1, &row(10, "old")));
+        open.commit().unwrap();
+        assert_eq!(rows(&db, Lane::Reading), vec![(1, row(10, "old"))]);
+
+        let mut open = Open::new(db.begin_write().unwrap());
+        let first = group(&mut open, |r, e| {
+            r.insert(2, &row(20, "two"));
+            r.insert(3, &row(30, "three"));
+            e.insert(4, &row(40, "event"));
+            // The first row is the committed one, then the held ones in order.
+            assert_eq!(r.first().unwrap().unwrap().received_at, Some(10));
+            assert_eq!(r.remove(1).unwrap(), Some(row(10, "old").len() as u64));
+            assert_eq!(r.first().unwrap().unwrap().received_at, Some(20));
+        });
+        let second = group(&mut open, |r, e| {
+            assert_eq!(r.remove(2).unwrap(), Some(row(20, "two").len() as u64));
+            assert_eq!(r.remove(2).unwrap(), None, "already gone");
+            assert_eq!(e.pop_first().unwrap(), Some(row(40, "event").len() as u64));
+            assert_eq!(e.first().unwrap(), None);
+        });
+        // Until the checkpoint the table still has only what the last one committed.
+        let txn = &open.txn;
+        assert_eq!(
+            txn.open_table(tables::lane_table(Lane::Reading))
+                .unwrap()
+                .len()
+                .unwrap(),
+            0,
+            "row 1 removed, rows 2 and 3 held in memory"
+        );
+        open.commit().unwrap();
+        assert_eq!(rows(&db, Lane::Reading), vec![(3, row(30, "three"))]);
+        assert!(rows(&db, Lane::Event).is_empty());
+
+        // The two records hold every change: replayed onto the database as it was before
+        // them (row 1 only), they give the same rows.
+        let dir2 = tempfile::tempdir().unwrap();
+        let db2 = Database::create(dir2.path().join("gw.redb")).unwrap();
+        let mut open = Open::new(db2.begin_write().unwrap());
+        group(&mut open, |r, _| r.insert(1, &row(10, "old")));
+        open.commit().unwrap();
+        super::super::journal::apply_bodies(&db2, &[first, second], dir2.path()).unwrap();
+        assert_eq!(rows(&db2, Lane::Reading), vec![(3, row(30, "three"))]);
+        assert!(rows(&db2, Lane::Event).is_empty());
+    }
+
+    #[test]
+    fn an_aborted_transaction_takes_its_held_rows_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("gw.redb")).unwrap();
+        let mut open = Open::new(db.begin_write().unwrap());
+        group(&mut open, |r, _| r.insert(1, &row(10, "committed")));
+        open.commit().unwrap();
+        let mut open = Open::new(db.begin_write().unwrap());
+        group(&mut open, |r, _| {
+            r.insert(2, &row(20, "held"));
+            assert_eq!(
+                r.remove(1).unwrap(),
+                Some(row(10, "committed").len() as u64)
+            );
+        });
+        drop(open);
+        Open::new(db.begin_write().unwrap()).commit().unwrap();
+        assert_eq!(rows(&db, Lane::Reading), vec![(1, row(10, "committed"))]);
+    }
+}
