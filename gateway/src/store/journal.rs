@@ -396,6 +396,17 @@ impl<'l, 't, K: Key + 'static, V: Value + 'static> Logged<'l, 't, K, V> {
         );
     }
 
+    /// Applies an insert logged earlier with [`Logged::log_insert`] (a held row that
+    /// goes into the table now); not logged again.
+    pub(super) fn insert_logged<'k, 'v>(
+        &mut self,
+        key: impl std::borrow::Borrow<K::SelfType<'k>>,
+        value: impl std::borrow::Borrow<V::SelfType<'v>>,
+    ) -> Result<(), StorageError> {
+        self.table.insert(key, value)?;
+        Ok(())
+    }
+
     /// Logs the removal of a row the caller held (see [`Logged::log_insert`]).
     pub(super) fn log_remove<'k>(&mut self, key: impl std::borrow::Borrow<K::SelfType<'k>>) {
         push_op(

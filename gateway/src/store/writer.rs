@@ -710,7 +710,7 @@ impl Owner {
                         Lane::Reading => (&mut readings, Counter::AppendedReadings),
                         Lane::Event => (&mut events, Counter::AppendedEvents),
                     };
-                    table.insert(seq, scratch.as_slice());
+                    table.insert(seq, scratch.as_slice())?;
                     group.receipts.extend(receipt);
                     self.add(appended, 1);
                     self.add(Counter::messages(e.lane), 1);
@@ -798,7 +798,7 @@ impl Owner {
         );
         let seq = self.get(Counter::NextSeq);
         self.set(Counter::NextSeq, seq + 1);
-        table.insert(seq, row.as_slice());
+        table.insert(seq, row.as_slice())?;
         let appended = match e.lane {
             Lane::Reading => Counter::AppendedReadings,
             Lane::Event => Counter::AppendedEvents,
