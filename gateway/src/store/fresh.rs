@@ -194,19 +194,9 @@ impl Outbox<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use redb::{Database, ReadableDatabase, ReadableTableMetadata};
+    use redb::{Database, ReadableTableMetadata};
 
-    fn rows(db: &Database, lane: Lane) -> Vec<(u64, Vec<u8>)> {
-        let txn = db.begin_read().unwrap();
-        let t = txn.open_table(tables::lane_table(lane)).unwrap();
-        t.iter()
-            .unwrap()
-            .map(|r| {
-                let (k, v) = r.unwrap();
-                (k.value(), v.value().to_vec())
-            })
-            .collect()
-    }
+    use tables::lane_rows as rows;
 
     fn row(received_at: Millis, text: &str) -> Vec<u8> {
         let mut out = Vec::new();

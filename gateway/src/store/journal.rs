@@ -581,7 +581,7 @@ fn put<K: Key + 'static, V: Value + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use redb::{Database, ReadableTable};
+    use redb::Database;
 
     fn db_with_epoch(path: &Path, epoch: u64) -> Database {
         let db = Database::create(path).unwrap();
@@ -634,15 +634,7 @@ mod tests {
     }
 
     fn readings(db: &Database) -> Vec<(u64, Vec<u8>)> {
-        let txn = db.begin_read().unwrap();
-        let t = txn.open_table(OUTBOX_READINGS).unwrap();
-        t.iter()
-            .unwrap()
-            .map(|r| {
-                let (k, v) = r.unwrap();
-                (k.value(), v.value().to_vec())
-            })
-            .collect()
+        super::super::tables::lane_rows(db, super::super::Lane::Reading)
     }
 
     #[test]

@@ -200,6 +200,21 @@ pub fn decode_logged_event(buf: &[u8]) -> Option<(&str, &str, &[u8])> {
     Some((event_type, device, c.buf))
 }
 
+/// Every row of an outbox lane of `db`, in order (for tests).
+#[cfg(test)]
+pub(super) fn lane_rows(db: &redb::Database, lane: Lane) -> Vec<(u64, Vec<u8>)> {
+    use redb::{ReadableDatabase, ReadableTable};
+    let txn = db.begin_read().unwrap();
+    let t = txn.open_table(lane_table(lane)).unwrap();
+    t.iter()
+        .unwrap()
+        .map(|r| {
+            let (k, v) = r.unwrap();
+            (k.value(), v.value().to_vec())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
