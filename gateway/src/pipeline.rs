@@ -370,7 +370,9 @@ fn start(
     let downlink_stats = downlink.as_ref().map(Downlink::stats);
     let downlink = downlink.map(|d| tokio::spawn(d.run(stop.child_token())));
     let forwarder_stats = forwarder.as_ref().map(Forwarder::stats);
-    let forwarder = forwarder.map(|f| tokio::spawn(f.run(stop.child_token())));
+    // On the devices' listener runtime: the commit that releases the devices' acks also
+    // hands the forwarder its rows, and waking one thread for both costs one wake-up.
+    let forwarder = forwarder.map(|f| links.runtime.spawn(f.run(stop.child_token())));
 
     // Devices' connects and disconnects, announced as events.
     let device_events = match links.presence {

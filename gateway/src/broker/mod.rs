@@ -59,6 +59,8 @@ const MAX_OUTGOING_PACKET_COUNT: u64 = 500;
 pub const PRESENCE_QUEUE: usize = 4096;
 /// Delay between accepting two connections on one listener (a crude flood limit).
 const NEXT_CONNECTION_DELAY_MS: u64 = 1;
+/// The name of the `broker.listen` listener (its thread's name too).
+const PLAIN_LISTENER: &str = "mqtt-v4";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -93,6 +95,10 @@ pub struct Links {
     /// With `rules.device_events`: device connections' starts and ends
     /// (`vendor/rumqttd/src/link/presence.rs`) and the link their events are published on.
     pub presence: Option<PresenceLinks>,
+    /// The runtime of the plain listener (`broker.listen`), which runs the devices'
+    /// connections and wakes them for their acks: the forwarder runs there too, so that a
+    /// commit wakes one thread for both (`pipeline.rs`).
+    pub runtime: tokio::runtime::Handle,
 }
 
 /// What the device-events stage takes from the broker.
@@ -132,7 +138,7 @@ pub fn rumqttd_config(
         next_connection_delay_ms: NEXT_CONNECTION_DELAY_MS,
         connections: connections.clone(),
     };
-    let v4 = HashMap::from([("v4".to_string(), server("mqtt-v4", section.listen))]);
+    let v4 = HashMap::from([("v4".to_string(), server(PLAIN_LISTENER, section.listen))]);
     let v5 = section
         .listen_v5
         .map(|listen| HashMap::from([("v5".to_string(), server("mqtt-v5", listen))]));
@@ -206,6 +212,12 @@ pub fn start(
         None
     };
     let publish = broker.link("gateway-publish")?;
+    let (runtime_tx, runtime_rx) = std::sync::mpsc::sync_channel(1);
+    broker.set_runtime_hook(Arc::new(move |name, handle| {
+        if name == PLAIN_LISTENER {
+            let _ = runtime_tx.try_send(handle);
+        }
+    }));
     std::thread::Builder::new()
         .name("broker".into())
         .spawn(move || {
@@ -217,6 +229,9 @@ pub fn start(
     for addr in std::iter::once(section.listen).chain(section.listen_v5) {
         wait_listening(addr, timeout)?;
     }
+    let runtime = runtime_rx
+        .recv_timeout(timeout)
+        .map_err(|_| BrokerError::NotListening(section.listen, timeout))?;
     if let Some((listen, server_config, relay)) = tls {
         wait_listening(relay, timeout)?;
         // Bound before this returns: no probe (it would count as a failed handshake).
@@ -228,6 +243,7 @@ pub fn start(
         auth: authenticator,
         downlink,
         presence,
+        runtime,
     })
 }
 
@@ -299,4 +315,33 @@ fn wait_listening(addr: SocketAddr, timeout: Duration) -> Result<(), BrokerError
         std::thread::sleep(Duration::from_millis(20));
     }
     Err(BrokerError::NotListening(addr, timeout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn tasks_spawned_on_the_devices_listener_runtime_run_on_its_thread() {
+        let mut config = Config::defaults();
+        config.auth.anonymous = true;
+        config.broker.listen = SocketAddr::from(([127, 0, 0, 1], test_support::free_port()));
+        config.broker.listen_v5 = None;
+        config.broker.tls = None;
+        let links = start(
+            &config.broker,
+            &config.auth,
+            &config.ingest,
+            &config.rules,
+            &config.downlink.device_topic,
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        links.runtime.spawn(async move {
+            let _ = tx.send(std::thread::current().name().map(str::to_owned));
+        });
+        let thread = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(thread.as_deref(), Some(PLAIN_LISTENER));
+    }
 }

@@ -20,6 +20,11 @@
 //! next attempt, after the usual backoff, goes to the next URL of the list, round robin.
 //! [`ForwarderStats::current_url`] names the URL connected (or being tried).
 //!
+//! It runs on the runtime of the devices' listener (`pipeline.rs`), so that a commit
+//! wakes one thread for the devices' acks and the forwarder's rows. Nothing in it blocks
+//! that thread except reading a backlog from the file, `session::READ_CHUNK` rows at a
+//! time (rows committed since it caught up come from memory).
+//!
 //! Invariants:
 //! - Clean start on every connection: rumqttc drops its own queue then, and the outbox is
 //!   the only source of truth. After every ConnAck the session first commits pending acks,

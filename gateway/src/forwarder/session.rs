@@ -36,7 +36,7 @@ use crate::reading::now_millis;
 use crate::store::{ByLane, Lane, OutboxRow};
 
 /// Rows read from the outbox per read transaction.
-const READ_CHUNK: usize = 1024;
+pub(super) const READ_CHUNK: usize = 1024;
 /// How often to look again while too many acks wait for their commit.
 const ACK_COMMIT_POLL: Duration = Duration::from_millis(2);
 /// Events handled per wake-up before acks are handed to the store.

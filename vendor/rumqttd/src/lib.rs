@@ -77,6 +77,12 @@ pub enum Access {
 /// router sees them; a refusal disconnects the client and drops the packets of that read.
 pub type Authorizer = Arc<dyn Fn(&str, Access, &str) -> bool + Send + Sync>;
 
+/// PATCH(gateway): called by each listener, on its own thread, once its runtime runs,
+/// with the listener's name (`ServerSettings::name`) and a handle to that runtime, so
+/// that the application can run tasks next to the connections (the gateway's forwarder:
+/// woken by the same commit as the acks it releases, one thread wakes instead of two).
+pub type RuntimeHook = Arc<dyn Fn(&str, tokio::runtime::Handle) + Send + Sync>;
+
 /// PATCH(gateway): what the application hooks into every remote connection: topic
 /// authorization, and the hand-off of publishes with held acknowledgements
 /// (`link/ingest.rs`).
@@ -92,6 +98,8 @@ pub struct Hooks {
     pub(crate) subscribed: Option<link::ingest::Subscribed>,
     /// Set by each listener: wakes its connections for acks released elsewhere.
     pub(crate) ack_relay: Option<link::ingest::AckRelay>,
+    /// Told each listener's runtime when it starts.
+    pub runtime: Option<RuntimeHook>,
 }
 
 /// PATCH(gateway): idle time before the first TCP keepalive probe on an accepted socket.

@@ -196,6 +196,12 @@ impl Broker {
         self.hooks.presence = Some(hook);
     }
 
+    /// PATCH(gateway): each listener calls `hook` with its name and its runtime once it
+    /// runs, before it accepts connections; call before [`Broker::start`].
+    pub fn set_runtime_hook(&mut self, hook: crate::RuntimeHook) {
+        self.hooks.runtime = Some(hook);
+    }
+
     #[tracing::instrument(skip(self))]
     pub fn start(&mut self) -> Result<(), Error> {
         if self.config.v4.is_none()
@@ -438,6 +444,10 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             let relay = crate::link::ingest::AckRelay::default();
             task::spawn(relay.clone().run());
             self.hooks.ack_relay = Some(relay);
+        }
+        // PATCH(gateway): the application may run tasks on this listener's runtime.
+        if let Some(hook) = &self.hooks.runtime {
+            hook(&self.config.name, tokio::runtime::Handle::current());
         }
         info!(
             config = self.config.name,
