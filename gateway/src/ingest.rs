@@ -15,8 +15,10 @@
 //!
 //! [`Intake`] is the receiving end, read by the decode stage. Invariants:
 //! - hands out messages in the order the channel holds them, in batches of what is
-//!   queued; under load a small batch waits [`COALESCE`] for more (one wake-up per
-//!   batch, not per message), at low rates a message is handed out at once;
+//!   queued; under load it sleeps [`COALESCE`] before it looks at the channel, so that
+//!   what arrives meanwhile is one batch and one wake-up (not one per message, nor two
+//!   per batch: a wake for the first message, then a sleep); at low rates a message is
+//!   handed out at once;
 //! - once its stop channel closes (the gateway is stopping) it hands out what is queued
 //!   at that moment, then ends; dropping it afterwards drops what arrived later,
 //!   unacknowledged: those devices' connections close without a PUBACK and the devices
@@ -31,6 +33,7 @@ use bytes::Bytes;
 use rumqttd::Ingested;
 
 use crate::reading::{now_millis, Millis};
+use crate::store::CommitClock;
 
 /// While publishes stream in (the previous batch started less than [`STREAMING`] ago),
 /// a batch that would hold fewer than [`COALESCE_MIN`] messages waits [`COALESCE`] for
@@ -39,6 +42,9 @@ use crate::reading::{now_millis, Millis};
 const STREAMING: Duration = Duration::from_millis(2);
 const COALESCE: Duration = Duration::from_micros(500);
 const COALESCE_MIN: usize = 16;
+/// How long before the store's next commit a paced batch is taken: time to wake, decode
+/// it and queue it for that commit ([`Intake::paced`]).
+const LEAD: Duration = Duration::from_micros(300);
 
 /// What [`Intake::next_batch`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +97,10 @@ pub struct Intake {
     remaining: Option<usize>,
     /// When the last batch started.
     last_batch: Option<Instant>,
+    /// The store's commits, which batches are paced to under load ([`Intake::paced`]).
+    clock: Option<Arc<CommitClock>>,
+    /// The commit the last paced batch was taken for.
+    served: Option<Instant>,
 }
 
 impl Intake {
@@ -100,7 +110,16 @@ impl Intake {
             stop,
             remaining: None,
             last_batch: None,
+            clock: None,
+            served: None,
         }
+    }
+
+    /// Under load, hands out a batch once per commit of the store, just before it
+    /// (`store/clock.rs`), instead of one per [`COALESCE`].
+    pub fn paced(mut self, clock: Arc<CommitClock>) -> Intake {
+        self.clock = Some(clock);
+        self
     }
 
     /// Fills `batch` with what is queued (at most `max`), waiting for the first message
@@ -118,6 +137,7 @@ impl Intake {
             if self.remaining == Some(0) {
                 return Next::Over;
             }
+            let slept = self.remaining.is_none() && self.pace(deadline);
             let first = match self.remaining {
                 Some(_) => self.input.try_recv().ok(),
                 None => {
@@ -142,9 +162,13 @@ impl Intake {
                 return Next::Over;
             };
             let now = Instant::now();
-            let streaming = self.last_batch.is_some_and(|t| now - t < STREAMING);
+            let streaming = self.streaming(now);
             self.last_batch = Some(now);
-            if streaming && self.remaining.is_none() && self.input.len() + 1 < COALESCE_MIN {
+            if streaming
+                && !slept
+                && self.remaining.is_none()
+                && self.input.len() + 1 < COALESCE_MIN
+            {
                 std::thread::sleep(COALESCE);
             }
             let received_at = now_millis();
@@ -161,6 +185,53 @@ impl Intake {
             }
             return Next::Batch;
         }
+    }
+
+    /// Under load, and when the store's commits are paced (its clock is set), sleeps
+    /// until [`LEAD`] before the next commit this intake has not handed a batch for, so
+    /// that the batch taken then is decoded and queued in time for it: what arrives
+    /// during the sleep waits in the channel, as it would have waited in the store's
+    /// queue. One wake-up per commit instead of two per batch (the wake for the first
+    /// message, then the [`COALESCE`] sleep). Returns whether it slept; it does not sleep
+    /// past `deadline` (the rules' timers) or for longer than two commit spacings.
+    fn pace(&mut self, deadline: Option<Instant>) -> bool {
+        let now = Instant::now();
+        let Some(clock) = &self.clock else {
+            return false;
+        };
+        if !self.streaming(now) || self.input.len() >= COALESCE_MIN {
+            return false;
+        }
+        let Some(next) = clock.next_after(now) else {
+            return false;
+        };
+        // The commit this batch is for: the next one, unless a batch went to it already
+        // (the store may start a commit a little later than its clock said).
+        let served = self.served.is_some_and(|s| next < s + clock.spacing() / 2);
+        let commit = if served { next + clock.spacing() } else { next };
+        let latest = now + 2 * clock.spacing();
+        let wake = commit
+            .checked_sub(LEAD)
+            .unwrap_or(now)
+            .min(latest)
+            .min(deadline.unwrap_or(latest));
+        self.served = Some(commit);
+        if wake <= now {
+            return false;
+        }
+        std::thread::sleep(wake - now);
+        true
+    }
+
+    /// Whether publishes stream in: the previous batch started less than [`STREAMING`]
+    /// before `now`.
+    fn streaming(&self, now: Instant) -> bool {
+        // Paced batches come a commit spacing apart, which may be configured longer.
+        let streaming = self
+            .clock
+            .as_ref()
+            .map_or(STREAMING, |c| STREAMING.max(2 * c.spacing()));
+        self.last_batch.is_some_and(|t| now - t < streaming)
     }
 
     /// Messages waiting in the hand-off channel.
@@ -236,6 +307,62 @@ mod tests {
         assert_eq!(intake.next_batch(&mut batch, 16, None), Next::Batch);
         assert_eq!(payloads(&batch), [3]);
         drop(sender.join().unwrap());
+    }
+
+    #[test]
+    fn under_load_a_paced_intake_hands_out_one_batch_just_before_each_commit() {
+        let spacing = Duration::from_millis(400);
+        let clock = Arc::new(CommitClock::new(spacing));
+        let (tx, rx) = flume::bounded(64);
+        let (_stop_tx, stop_rx) = flume::bounded::<()>(0);
+        let mut intake = Intake::new(rx, stop_rx).paced(clock.clone());
+        let mut batch = Vec::new();
+        let deadline = Some(Instant::now() + Duration::from_secs(10));
+
+        // After a quiet spell a message is handed out at once, whatever the clock says.
+        clock.set(Some(Instant::now() + spacing));
+        let started = Instant::now();
+        tx.send(publish(1)).unwrap();
+        assert_eq!(intake.next_batch(&mut batch, 16, deadline), Next::Batch);
+        assert_eq!(payloads(&batch), [1]);
+        assert!(started.elapsed() < spacing / 2, "{:?}", started.elapsed());
+        batch.clear();
+
+        // Streaming now: the next batch is taken LEAD before the commit, with what
+        // arrived during the wait.
+        let commit = Instant::now() + spacing / 2;
+        clock.set(Some(commit));
+        tx.send(publish(2)).unwrap();
+        let sender = {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                tx.send(publish(3)).unwrap();
+            })
+        };
+        assert_eq!(intake.next_batch(&mut batch, 16, deadline), Next::Batch);
+        assert!(Instant::now() + LEAD >= commit, "taken too early");
+        assert_eq!(payloads(&batch), [2, 3]);
+        sender.join().unwrap();
+        batch.clear();
+
+        // That commit has its batch: the next one waits for the commit after it (the
+        // store starts it a little late, as it may).
+        clock.set(Some(commit + Duration::from_millis(5)));
+        tx.send(publish(4)).unwrap();
+        assert_eq!(intake.next_batch(&mut batch, 16, deadline), Next::Batch);
+        assert!(Instant::now() + LEAD >= commit + spacing, "taken too early");
+        assert_eq!(payloads(&batch), [4]);
+        batch.clear();
+
+        // Many messages waiting are handed out at once.
+        for n in 5..5 + COALESCE_MIN as u8 {
+            tx.send(publish(n)).unwrap();
+        }
+        let started = Instant::now();
+        assert_eq!(intake.next_batch(&mut batch, 64, deadline), Next::Batch);
+        assert!(started.elapsed() < spacing / 2, "{:?}", started.elapsed());
+        assert_eq!(batch.len(), COALESCE_MIN);
     }
 
     #[test]

@@ -422,7 +422,7 @@ fn start(
     };
     let decode = DecodeStage {
         pattern: config.ingest.topic_pattern.clone(),
-        input: Intake::new(links.ingest, closed_on_cancel(&front)),
+        input: Intake::new(links.ingest, closed_on_cancel(&front)).paced(store.commit_clock()),
         counters: counters.clone(),
         store: store.clone(),
         forward_readings: forwarding && config.upstream.forward_readings,

@@ -66,6 +66,7 @@
 //!   counters from it (the file is the truth about what was committed) and commits them;
 //!   when that works it logs one "storage recovered" line and resumes.
 
+mod clock;
 mod commands;
 mod degraded;
 mod fresh;
@@ -96,6 +97,7 @@ use health::{Reader, ReaderSlot};
 use journal::{Journal, JOURNAL_BYTES};
 use tail::Tails;
 
+pub use clock::CommitClock;
 pub use commands::{
     drop_commands_file, list_commands_file, status_entry, CommandState, QueuedCommand,
 };
@@ -409,6 +411,8 @@ struct Shared {
     new_rows: Arc<Notify>,
     /// The newest committed rows, for [`StoreHandle::read_outbox_live`].
     tails: Arc<Mutex<Tails>>,
+    /// When the next group commit starts, under load.
+    clock: Arc<CommitClock>,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// The owner thread, woken when [`COMMIT_EARLY_ROWS`] commands wait.
     owner: std::thread::Thread,
@@ -477,6 +481,7 @@ impl Store {
         let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
         let new_rows = Arc::new(Notify::new());
         let tails = Arc::new(Mutex::new(Tails::default()));
+        let clock = Arc::new(CommitClock::new(cfg.flush_interval));
         let owner = writer::Owner::new(
             (db, journal),
             path.to_owned(),
@@ -484,7 +489,7 @@ impl Store {
             cfg,
             (data_rx, ctl_rx),
             counters.clone(),
-            (new_rows.clone(), tails.clone()),
+            (new_rows.clone(), tails.clone(), clock.clone()),
         );
         let thread = std::thread::Builder::new()
             .name("store".into())
@@ -504,6 +509,7 @@ impl Store {
                 counters,
                 new_rows,
                 tails,
+                clock,
                 thread: Mutex::new(Some(thread)),
                 owner,
             }),
@@ -737,6 +743,12 @@ impl StoreHandle {
 
     /// Resolves after the next commit that added outbox rows or applied acks (or at once if one happened
     /// since the last call). Meant for the single forwarder.
+    /// When the store's next group commit starts, while commands stream in
+    /// (`clock.rs`).
+    pub fn commit_clock(&self) -> Arc<CommitClock> {
+        self.shared.clock.clone()
+    }
+
     pub async fn rows_added(&self) {
         self.shared.new_rows.notified().await
     }

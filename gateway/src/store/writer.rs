@@ -64,6 +64,7 @@ use crossbeam_channel::{select, Receiver};
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use tokio::sync::{oneshot, Notify};
 
+use super::clock::CommitClock;
 use super::fresh::{Fresh, Open, Outbox};
 use super::health::{Degraded, ReaderSlot};
 use super::journal::{self, Journal, Logged, TableId, CHECKPOINT_INTERVAL};
@@ -185,6 +186,8 @@ pub(super) struct Owner {
     pub(super) new_rows: Arc<Notify>,
     /// Where committed rows go for the forwarder (`tail.rs`), once it reads.
     pub(super) tails: Arc<Mutex<Tails>>,
+    /// When the next commit starts, for the decode stage (`clock.rs`).
+    clock: Arc<CommitClock>,
     /// Whether the transaction being built keeps its rows for `tails`.
     keep_rows: bool,
     /// The rows the transaction being built appended, by lane, when `keep_rows`.
@@ -271,7 +274,7 @@ impl Owner {
         cfg: StoreConfig,
         (data_rx, ctl_rx): (Receiver<Box<DataCmd>>, Receiver<CtlCmd>),
         counters: Arc<Counters>,
-        (new_rows, tails): (Arc<Notify>, Arc<Mutex<Tails>>),
+        (new_rows, tails, clock): (Arc<Notify>, Arc<Mutex<Tails>>, Arc<CommitClock>),
     ) -> Self {
         let meta: Vec<u64> = Counter::ALL.iter().map(|&c| counters.get(c)).collect();
         let drops_logged = meta.clone();
@@ -287,6 +290,7 @@ impl Owner {
             counters,
             new_rows,
             tails,
+            clock,
             keep_rows: false,
             appended: ByLane::default(),
             persisted: vec![None; meta.len()],
@@ -547,6 +551,8 @@ impl Owner {
     fn commit(&mut self, group: &mut Group) -> Result<(), StoreError> {
         let started = Instant::now();
         self.last_commit_start = Some(started);
+        self.clock
+            .set(self.streaming.then(|| started + self.cfg.flush_interval));
         self.keep_rows = self.tails.lock().unwrap_or_else(|e| e.into_inner()).wanted;
         let appends = group
             .data
