@@ -15,9 +15,10 @@
 //!
 //! [`Intake`] is the receiving end, read by the decode stage. Invariants:
 //! - hands out messages in the order the channel holds them, in batches of what is
-//!   queued; under load it sleeps [`COALESCE`] before it looks at the channel, so that
-//!   what arrives meanwhile is one batch and one wake-up (not one per message, nor two
-//!   per batch: a wake for the first message, then a sleep); at low rates a message is
+//!   queued; under load a small batch waits [`COALESCE`] for more (one wake-up per
+//!   batch, not per message), or, paced to the store's commits ([`Intake::paced`], as
+//!   the pipeline runs it), the intake sleeps until just before the next commit and then
+//!   takes what arrived meanwhile (one wake-up per commit); at low rates a message is
 //!   handed out at once;
 //! - once its stop channel closes (the gateway is stopping) it hands out what is queued
 //!   at that moment, then ends; dropping it afterwards drops what arrived later,

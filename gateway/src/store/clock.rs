@@ -4,8 +4,9 @@
 //! Under load the owner thread sleeps out the commit spacing (`writer.rs`), so what a
 //! stage hands over during the spacing waits for the commit anyway. The decode stage
 //! (`ingest.rs` `Intake`) uses this clock to wake once per commit, shortly before it, and
-//! hand over everything that arrived meanwhile: the same latency, one wake-up of its
-//! thread per commit instead of two per batch.
+//! hand over everything that arrived meanwhile: one wake-up of its thread per commit
+//! instead of two per batch, and no added wait except for what arrives in the moment
+//! before a commit, which joins the next one.
 //!
 //! Invariants:
 //! - set by the owner thread after each commit starts: the moment the next one may
