@@ -4,9 +4,9 @@
 //! next checkpoint (at most [`super::journal::CHECKPOINT_INTERVAL`] away). Inserting
 //! such a row into the open transaction's B-tree and removing it again a few groups later
 //! took about half of the store thread's time at full speed (BENCHMARKS.md, "Rows that
-//! come and go between two checkpoints"). So an appended row goes into the group's journal record,
-//! which is what makes it durable, and into a map in memory; its removal takes it out
-//! of the map and goes into the record too. A checkpoint writes the rows still in the
+//! come and go between two checkpoints"). So an appended row goes into the group's
+//! journal record, which is what makes it durable, and into a map in memory; its removal
+//! takes it out of the map and goes into the record too. A checkpoint writes the rows still in the
 //! maps into the transaction, then commits it.
 //!
 //! Invariants:

@@ -741,14 +741,14 @@ impl StoreHandle {
         self.shared.counters.acks_committed()
     }
 
-    /// Resolves after the next commit that added outbox rows or applied acks (or at once if one happened
-    /// since the last call). Meant for the single forwarder.
     /// When the store's next group commit starts, while commands stream in
     /// (`clock.rs`).
     pub fn commit_clock(&self) -> Arc<CommitClock> {
         self.shared.clock.clone()
     }
 
+    /// Resolves after the next commit that added outbox rows or applied acks (or at once if one happened
+    /// since the last call). Meant for the single forwarder.
     pub async fn rows_added(&self) {
         self.shared.new_rows.notified().await
     }
