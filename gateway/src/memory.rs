@@ -7,8 +7,11 @@
 //! 1000 devices at 10 readings/s for 30 s left 143 MB resident a minute after they had
 //! gone, three arenas holding 30 + 39 + 23 MiB; with the two measures below, 106 MB, the
 //! rest being memory still in use, mostly the broker's in-memory log (BENCHMARKS.md,
-//! "Memory after a burst"). Both measures come without a new dependency:
+//! "Memory after a burst"). The three measures come without a new dependency:
 //!
+//! - [`without_thread_caches`], once at start: glibc's per-thread caches off (the
+//!   process runs itself again with the tunable set), because the blocks they hold pin
+//!   pages that a trim would otherwise return.
 //! - [`limit_arenas`], once at start: at most [`ARENA_MAX`] arenas, so fewer heaps keep
 //!   free memory between bursts. `MALLOC_ARENA_MAX` in the environment still wins. Too
 //!   few cost CPU: the pipeline's threads allocate and free on every reading (readings
@@ -32,7 +35,7 @@
 //! - trims at most twice per burst: when it has gone quiet, and once more after
 //!   [`LATE_QUIET_TICKS`] quiet ticks, for memory freed after the last message
 //!   (connections that close later, queues that drain);
-//! - elsewhere than Linux with glibc (musl, other systems) both measures do nothing.
+//! - elsewhere than Linux with glibc (musl, other systems) the measures do nothing.
 
 /// Most malloc arenas the gateway uses (glibc's default: 8 per core): about one per
 /// thread that allocates per reading, so that they do not queue on a shared arena's lock.
@@ -57,6 +60,63 @@ pub fn limit_arenas() {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, ARENA_MAX);
     }
+}
+
+/// The glibc tunable for how many freed blocks of each size a thread keeps for itself (its
+/// cache, "tcache"; glibc's default is 7 of each of 64 sizes up to 1 KiB).
+pub const THREAD_CACHE_TUNABLE: &str = "glibc.malloc.tcache_count";
+
+/// Set by [`without_thread_caches`] for the process it starts again.
+const RESTARTED_ENV: &str = "GATEWAY_MALLOC_RESTARTED";
+
+/// Runs the gateway again, at once and in the same process, with glibc's per-thread cache
+/// turned off (`GLIBC_TUNABLES` gets `glibc.malloc.tcache_count=0`: glibc reads tunables
+/// only at start, from the environment, and has no call to change this one later).
+///
+/// Why: a block in a thread's cache counts as in use, so the page it lies on cannot be
+/// returned by [`release`]. After a burst each busy thread holds up to 448 such blocks
+/// (7 of each of 64 sizes), scattered over its arena; a minute after 1000 devices left
+/// they pinned about 1-2 MB, for about 1.5% more CPU without them (BENCHMARKS.md,
+/// "Per-thread malloc caches off").
+///
+/// Does nothing when `GLIBC_TUNABLES` already names the tunable (an operator's choice;
+/// tools that preload a library of their own, such as heaptrack, want it set so that the
+/// gateway starts once), in the process started again, and elsewhere than Linux with
+/// glibc. Returns the error when the exec failed (no `/proc`): the gateway then runs
+/// with the caches, correctly, only keeping more memory after a burst. Call first thing
+/// in `main`, before any thread starts.
+pub fn without_thread_caches() -> Option<std::io::Error> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::process::CommandExt;
+
+        let tunables = std::env::var_os("GLIBC_TUNABLES").unwrap_or_default();
+        let tunables = tunables.to_string_lossy();
+        // The marker makes sure of one exec at most, whatever a glibc makes of the
+        // variable while it parses it (2.36 ends each value in place with a NUL).
+        if tunables.contains(THREAD_CACHE_TUNABLE) || std::env::var_os(RESTARTED_ENV).is_some() {
+            return None;
+        }
+        let setting = format!("{THREAD_CACHE_TUNABLE}=0");
+        let tunables = if tunables.is_empty() {
+            setting
+        } else {
+            format!("{tunables}:{setting}")
+        };
+        let mut args = std::env::args_os();
+        let arg0 = args.next().unwrap_or_else(|| "gateway".into());
+        // Only returns on failure.
+        Some(
+            std::process::Command::new("/proc/self/exe")
+                .arg0(arg0)
+                .args(args)
+                .env("GLIBC_TUNABLES", tunables)
+                .env(RESTARTED_ENV, "1")
+                .exec(),
+        )
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    None
 }
 
 /// Returns the free memory of every malloc arena to the kernel; true if any was.

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use gateway::memory::{BURST_MIN, QUIET_TICKS};
+use gateway::memory::{BURST_MIN, QUIET_TICKS, THREAD_CACHE_TUNABLE};
 use test_support::{counter, publish_all, Gateway};
 
 const TRIMMED: &str = "free memory returned to the operating system";
@@ -60,4 +60,51 @@ async fn memory_is_trimmed_once_after_a_burst() {
         1,
         "one trim per burst:\n{log}"
     );
+}
+
+/// The `GLIBC_TUNABLES` a process runs with, from its environment as the kernel holds it
+/// (for a process that called exec, the environment it passed to exec). glibc ends each
+/// tunable's value in place with a NUL while it parses them, so there the tunables after
+/// the first show up as entries of their own (`glibc.malloc...=N`): they are joined back.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tunables_of(gw: &Gateway) -> Option<String> {
+    let pid = gw.child.as_ref().expect("running").id();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let mut entries = environ
+        .split(|b| *b == 0)
+        .filter_map(|var| std::str::from_utf8(var).ok());
+    let first = entries.find_map(|var| var.strip_prefix("GLIBC_TUNABLES="))?;
+    let rest = entries.take_while(|var| var.starts_with("glibc."));
+    Some(
+        std::iter::once(first)
+            .chain(rest)
+            .collect::<Vec<_>>()
+            .join(":"),
+    )
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn the_gateway_runs_without_per_thread_malloc_caches_unless_told_otherwise() {
+    // Started without the tunable: the same process (the pid the test spawned) runs
+    // itself again with the caches off, and then serves.
+    let mut gw = Gateway::start(&[]);
+    assert_eq!(
+        tunables_of(&gw).as_deref(),
+        Some(format!("{THREAD_CACHE_TUNABLE}=0").as_str())
+    );
+    assert_eq!(gw.http_get("/metrics").0, 200);
+    gw.stop();
+
+    // Other tunables are kept; one that sets the cache is the operator's choice.
+    let mut gw = Gateway::start(&[("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072")]);
+    assert_eq!(
+        tunables_of(&gw).as_deref(),
+        Some(format!("glibc.malloc.trim_threshold=131072:{THREAD_CACHE_TUNABLE}=0").as_str())
+    );
+    gw.stop();
+    let chosen = format!("{THREAD_CACHE_TUNABLE}=3");
+    let mut gw = Gateway::start(&[("GLIBC_TUNABLES", chosen.as_str())]);
+    assert_eq!(tunables_of(&gw).as_deref(), Some(chosen.as_str()));
+    gw.stop();
 }
