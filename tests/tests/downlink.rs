@@ -403,8 +403,18 @@ async fn a_rule_action_for_an_offline_device_is_queued_until_it_connects() {
     .await;
     let id = queued_for_d7().unwrap()["id"].as_str().unwrap().to_string();
     // The command's id is the action's id, as in the event log's ActionPublished record.
-    let (_, events) = s.gw.http_get("/api/events?type=ActionPublished");
-    assert!(events.contains(&id), "{id} not in {events}");
+    // The record is sent to the store right after the command and may join the next
+    // group; readers see it at the latest one checkpoint interval (1 s) after that.
+    let action_logged = || {
+        let (_, events) = s.gw.http_get("/api/events?type=ActionPublished");
+        events.contains(&id)
+    };
+    wait_until_async(
+        "the ActionPublished record with the command's id",
+        WAIT,
+        action_logged,
+    )
+    .await;
 
     let mut device = s.device("d-7").await;
     let got = device.next().await;
