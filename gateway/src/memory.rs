@@ -105,15 +105,23 @@ pub fn without_thread_caches() -> Option<std::io::Error> {
         };
         let mut args = std::env::args_os();
         let arg0 = args.next().unwrap_or_else(|| "gateway".into());
-        // Only returns on failure.
-        Some(
-            std::process::Command::new("/proc/self/exe")
-                .arg0(arg0)
-                .args(args)
-                .env("GLIBC_TUNABLES", tunables)
+        let args: Vec<_> = args.collect();
+        let exec = |path: &std::path::Path| {
+            std::process::Command::new(path)
+                .arg0(&arg0)
+                .args(&args)
+                .env("GLIBC_TUNABLES", &tunables)
                 .env(RESTARTED_ENV, "1")
-                .exec(),
-        )
+                .exec()
+        };
+        // The binary's own path first: the kernel names the process after the file it
+        // runs, and `ps`, `top` and `pgrep gateway` should keep seeing `gateway`, not
+        // `exe`. `/proc/self/exe` still runs it when that path is gone (replaced on
+        // disk by an upgrade, say). Each call returns only when the exec failed.
+        if let Ok(path) = std::env::current_exe() {
+            exec(&path);
+        }
+        Some(exec(std::path::Path::new("/proc/self/exe")))
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     None

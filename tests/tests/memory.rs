@@ -94,6 +94,10 @@ fn the_gateway_runs_without_per_thread_malloc_caches_unless_told_otherwise() {
         Some(format!("{THREAD_CACHE_TUNABLE}=0").as_str())
     );
     assert_eq!(gw.http_get("/metrics").0, 200);
+    // Named after its binary, as any process, not after `/proc/self/exe`.
+    let pid = gw.child.as_ref().unwrap().id();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim_end(), "gateway");
     gw.stop();
 
     // Other tunables are kept; one that sets the cache is the operator's choice.
