@@ -6,8 +6,8 @@
 //! took about half of the store thread's time at full speed (BENCHMARKS.md, "Rows that
 //! come and go between two checkpoints"). So an appended row goes into the group's
 //! journal record, which is what makes it durable, and into a map in memory; its removal
-//! takes it out of the map and goes into the record too. A checkpoint writes the rows still in the
-//! maps into the transaction, then commits it.
+//! takes it out of the map and goes into the record too. A checkpoint writes the rows
+//! still in the maps into the transaction, then commits it.
 //!
 //! Invariants:
 //! - A row is in one place only: in a map (appended since the last checkpoint) or in the

@@ -747,8 +747,8 @@ impl StoreHandle {
         self.shared.clock.clone()
     }
 
-    /// Resolves after the next commit that added outbox rows or applied acks (or at once if one happened
-    /// since the last call). Meant for the single forwarder.
+    /// Resolves after the next commit that added outbox rows or applied acks (or at once
+    /// if one happened since the last call). Meant for the single forwarder.
     pub async fn rows_added(&self) {
         self.shared.new_rows.notified().await
     }
