@@ -83,26 +83,27 @@ const RESTARTED_ENV: &str = "GATEWAY_MALLOC_RESTARTED";
 /// tools that preload a library of their own, such as heaptrack, want it set so that the
 /// gateway starts once), in the process started again, and elsewhere than Linux with
 /// glibc. Returns the error when the exec failed (no `/proc`): the gateway then runs
-/// with the caches, correctly, only keeping more memory after a burst. Call first thing
-/// in `main`, before any thread starts.
+/// with the caches, correctly, only keeping more memory after a burst. Call in `main`
+/// for `gateway run` only (the short commands gain nothing from a second start), before
+/// any thread starts.
 pub fn without_thread_caches() -> Option<std::io::Error> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         use std::os::unix::process::CommandExt;
 
-        let tunables = std::env::var_os("GLIBC_TUNABLES").unwrap_or_default();
-        let tunables = tunables.to_string_lossy();
+        let mut tunables = std::env::var_os("GLIBC_TUNABLES").unwrap_or_default();
         // The marker makes sure of one exec at most, whatever a glibc makes of the
         // variable while it parses it (2.36 ends each value in place with a NUL).
-        if tunables.contains(THREAD_CACHE_TUNABLE) || std::env::var_os(RESTARTED_ENV).is_some() {
+        if tunables.to_string_lossy().contains(THREAD_CACHE_TUNABLE)
+            || std::env::var_os(RESTARTED_ENV).is_some()
+        {
             return None;
         }
-        let setting = format!("{THREAD_CACHE_TUNABLE}=0");
-        let tunables = if tunables.is_empty() {
-            setting
-        } else {
-            format!("{tunables}:{setting}")
-        };
+        // Appended to the operator's tunables as they are, byte for byte.
+        if !tunables.is_empty() {
+            tunables.push(":");
+        }
+        tunables.push(format!("{THREAD_CACHE_TUNABLE}=0"));
         let mut args = std::env::args_os();
         let arg0 = args.next().unwrap_or_else(|| "gateway".into());
         let args: Vec<_> = args.collect();
