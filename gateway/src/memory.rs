@@ -82,14 +82,15 @@ const RESTARTED_ENV: &str = "GATEWAY_MALLOC_RESTARTED";
 /// Does nothing when `GLIBC_TUNABLES` already names the tunable (an operator's choice;
 /// tools that preload a library of their own, such as heaptrack, want it set so that the
 /// gateway starts once), in the process started again, and elsewhere than Linux with
-/// glibc. Returns the error when the exec failed (no `/proc`): the gateway then runs
-/// with the caches, correctly, only keeping more memory after a burst. Call in `main`
-/// for `gateway run` only (the short commands gain nothing from a second start), before
-/// any thread starts.
+/// glibc. Returns the error when the exec failed: no `/proc`, or a kernel that cannot
+/// run the file itself (an Arm build under qemu user emulation on a PC, without
+/// binfmt_misc). The gateway then runs with the caches, correctly, only keeping more
+/// memory after a burst. Call in `main` for `gateway run` only (the short commands gain
+/// nothing from a second start), before any thread starts.
 pub fn without_thread_caches() -> Option<std::io::Error> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        use std::os::unix::process::CommandExt;
+        use std::ffi::OsString;
 
         let mut tunables = std::env::var_os("GLIBC_TUNABLES").unwrap_or_default();
         // The marker makes sure of one exec at most, whatever a glibc makes of the
@@ -104,28 +105,73 @@ pub fn without_thread_caches() -> Option<std::io::Error> {
             tunables.push(":");
         }
         tunables.push(format!("{THREAD_CACHE_TUNABLE}=0"));
-        let mut args = std::env::args_os();
-        let arg0 = args.next().unwrap_or_else(|| "gateway".into());
-        let args: Vec<_> = args.collect();
-        let exec = |path: &std::path::Path| {
-            std::process::Command::new(path)
-                .arg0(&arg0)
-                .args(&args)
-                .env("GLIBC_TUNABLES", &tunables)
-                .env(RESTARTED_ENV, "1")
-                .exec()
-        };
+        let args: Vec<OsString> = std::env::args_os().collect();
+        let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+            .filter(|(k, _)| k != "GLIBC_TUNABLES" && k != RESTARTED_ENV)
+            .collect();
+        env.push(("GLIBC_TUNABLES".into(), tunables));
+        env.push((RESTARTED_ENV.into(), "1".into()));
         // The binary's own path first: the kernel names the process after the file it
         // runs, and `ps`, `top` and `pgrep gateway` should keep seeing `gateway`, not
-        // `exe`. `/proc/self/exe` still runs it when that path is gone (replaced on
-        // disk by an upgrade, say). Each call returns only when the exec failed.
-        if let Ok(path) = std::env::current_exe() {
-            exec(&path);
+        // `exe`. `/proc/self/exe` runs it when that path is gone (replaced on disk by an
+        // upgrade, say), and only then: under qemu user emulation it is qemu itself.
+        let err = match std::env::current_exe() {
+            Ok(path) => exec(path.as_os_str(), &args, &env),
+            Err(e) => e,
+        };
+        if err.kind() != std::io::ErrorKind::NotFound {
+            return Some(err);
         }
-        Some(exec(std::path::Path::new("/proc/self/exe")))
+        Some(exec("/proc/self/exe".as_ref(), &args, &env))
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     None
+}
+
+/// Replaces the process with `path` run with `args` (the first is its name) and exactly
+/// `env`; returns only when that failed. Unlike `Command::exec`, which calls `execvp`,
+/// a file the kernel cannot run is an error (`ENOEXEC`), not a script handed to
+/// `/bin/sh`: a gateway binary the kernel refuses must go on running, not turn into a
+/// shell reading an ELF file.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn exec(
+    path: &std::ffi::OsStr,
+    args: &[std::ffi::OsString],
+    env: &[(std::ffi::OsString, std::ffi::OsString)],
+) -> std::io::Error {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+
+    let c = |bytes: &[u8]| CString::new(bytes).map_err(std::io::Error::other);
+    let build = || -> std::io::Result<(CString, Vec<CString>, Vec<CString>)> {
+        let path = c(path.as_bytes())?;
+        let args = args
+            .iter()
+            .map(|a| c(a.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let env = env
+            .iter()
+            .map(|(k, v)| c(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((path, args, env))
+    };
+    let (path, args, env) = match build() {
+        Ok(built) => built,
+        Err(e) => return e,
+    };
+    let pointers = |v: &[CString]| {
+        v.iter()
+            .map(|s| s.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect::<Vec<_>>()
+    };
+    let (argv, envp) = (pointers(&args), pointers(&env));
+    // SAFETY: path, argv and envp are NUL-terminated strings and NULL-terminated arrays
+    // of them, alive until the call returns; execve returns only on failure.
+    unsafe {
+        libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+    }
+    std::io::Error::last_os_error()
 }
 
 /// Returns the free memory of every malloc arena to the kernel; true if any was.
@@ -209,6 +255,24 @@ impl Trim {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file the kernel cannot run is an error, not a shell script: were it handed to
+    /// `/bin/sh` (as `execvp` does), this test process would become a shell and exit 97.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn exec_of_a_file_the_kernel_cannot_run_returns_an_error_and_runs_no_shell() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("not-an-executable");
+        std::fs::write(&path, "exit 97\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = exec(path.as_os_str(), &["not-an-executable".into()], &[]);
+        assert_eq!(err.raw_os_error(), Some(libc::ENOEXEC), "{err}");
+
+        let err = exec(dir.path().join("gone").as_os_str(), &["gone".into()], &[]);
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+    }
 
     /// Feeds per-tick message counts; returns the ticks (0-based) at which it trims.
     fn trims(per_tick: impl IntoIterator<Item = u64>) -> Vec<usize> {
