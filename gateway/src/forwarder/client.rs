@@ -186,6 +186,8 @@ impl Connection {
                     .set_max_packet_size(Some(cfg.max_packet_size as u32))
                     .set_outgoing_inflight_upper_limit(inflight)
                     .set_manual_acks(true)
+                    // The outbox sends again what was not acked, on the next connection.
+                    .set_keep_unacked_publishes(false)
                     .set_receive_maximum(Some(COMMANDS_IN_FLIGHT))
                     .set_last_will(fwd.presence.last_will(now_millis()));
                 if let Some(user) = &cfg.username {
@@ -206,6 +208,7 @@ impl Connection {
                     .set_max_packet_size(cfg.max_packet_size, cfg.max_packet_size)
                     .set_inflight(inflight)
                     .set_manual_acks(true)
+                    .set_keep_unacked_publishes(false)
                     .set_last_will(fwd.presence.last_will_311(now_millis()));
                 if let Some(user) = &cfg.username {
                     o.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());

@@ -104,10 +104,13 @@ impl EventLoop {
         let pending = VecDeque::new();
         let max_inflight = mqtt_options.inflight;
         let manual_acks = mqtt_options.manual_acks;
+        // PATCH(gateway): see `MqttOptions::set_keep_unacked_publishes`.
+        let mut state = MqttState::new(max_inflight, manual_acks);
+        state.keep_unacked_publishes = mqtt_options.keep_unacked_publishes;
 
         EventLoop {
             mqtt_options,
-            state: MqttState::new(max_inflight, manual_acks),
+            state,
             requests_tx,
             requests_rx,
             pending,

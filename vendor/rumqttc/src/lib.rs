@@ -535,6 +535,10 @@ pub struct MqttOptions {
     /// If set to `true` MQTT acknowledgements are not sent automatically.
     /// Every incoming publish packet must be manually acknowledged with `client.ack(...)` method.
     manual_acks: bool,
+    /// PATCH(gateway): `false` when the application sends unacked publishes again itself
+    /// (clean sessions and a new event loop per connection): the state then keeps only
+    /// their packet ids, not a copy of each publish. Default `true`.
+    keep_unacked_publishes: bool,
     #[cfg(feature = "proxy")]
     /// Proxy configuration.
     proxy: Option<Proxy>,
@@ -569,6 +573,7 @@ impl MqttOptions {
             inflight: 100,
             last_will: None,
             manual_acks: false,
+            keep_unacked_publishes: true,
             #[cfg(feature = "proxy")]
             proxy: None,
             #[cfg(feature = "websocket")]
@@ -761,6 +766,22 @@ impl MqttOptions {
     /// get manual acknowledgements
     pub fn manual_acks(&self) -> bool {
         self.manual_acks
+    }
+
+    /// PATCH(gateway): whether the event loop keeps a copy of every unacked publish, to
+    /// send it again after a reconnect (the default). An application that starts a clean
+    /// session on a new event loop for every connection, and sends what was not acked
+    /// itself, never uses the copies; `false` saves the clone of each publish (one
+    /// allocation per string of its topic and properties). With `false`, publishes that
+    /// were in flight when the connection broke are not sent again by the event loop.
+    pub fn set_keep_unacked_publishes(&mut self, keep: bool) -> &mut Self {
+        self.keep_unacked_publishes = keep;
+        self
+    }
+
+    /// PATCH(gateway): see [`Self::set_keep_unacked_publishes`].
+    pub fn keep_unacked_publishes(&self) -> bool {
+        self.keep_unacked_publishes
     }
 
     #[cfg(feature = "proxy")]
@@ -978,6 +999,7 @@ impl Debug for MqttOptions {
             .field("inflight", &self.inflight)
             .field("last_will", &self.last_will)
             .field("manual_acks", &self.manual_acks)
+            .field("keep_unacked_publishes", &self.keep_unacked_publishes)
             .finish()
     }
 }

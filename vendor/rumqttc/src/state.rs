@@ -2,6 +2,7 @@ use crate::{Event, Incoming, Outgoing, Request};
 
 use crate::mqttbytes::v4::*;
 use crate::mqttbytes::{self, *};
+use bytes::Bytes;
 use fixedbitset::FixedBitSet;
 use std::collections::VecDeque;
 use std::{io, time::Instant};
@@ -72,6 +73,9 @@ pub struct MqttState {
     pub events: VecDeque<Event>,
     /// Indicates if acknowledgements should be send immediately
     pub manual_acks: bool,
+    /// PATCH(gateway): whether unacked publishes are kept whole, to be sent again by
+    /// [`MqttState::clean`]; when false only their packet ids are (see `kept`).
+    pub keep_unacked_publishes: bool,
 }
 
 impl MqttState {
@@ -96,6 +100,7 @@ impl MqttState {
             // TODO: Optimize these sizes later
             events: VecDeque::with_capacity(100),
             manual_acks,
+            keep_unacked_publishes: true,
         }
     }
 
@@ -107,7 +112,8 @@ impl MqttState {
             .split_at_mut(self.last_puback as usize + 1);
 
         for publish in second_half.iter_mut().chain(first_half) {
-            if let Some(publish) = publish.take() {
+            // PATCH(gateway): a publish kept without its content is not sent again.
+            if let Some(publish) = publish.take().filter(|_| self.keep_unacked_publishes) {
                 let request = Request::Publish(publish);
                 pending.push(request);
             }
@@ -234,7 +240,7 @@ impl MqttState {
 
         self.inflight -= 1;
         let packet = self.check_collision(puback.pkid).map(|publish| {
-            self.outgoing_pub[publish.pkid as usize] = Some(publish.clone());
+            self.outgoing_pub[publish.pkid as usize] = Some(self.kept(&publish));
             self.inflight += 1;
 
             let event = Event::Outgoing(Outgoing::Publish(publish.pkid));
@@ -306,6 +312,25 @@ impl MqttState {
         Ok(None)
     }
 
+    /// PATCH(gateway): what the state keeps of an unacked publish: all of it, to send
+    /// it again after a reconnect, or, when the application sends again itself
+    /// (`keep_unacked_publishes` false), a placeholder without topic, payload or
+    /// properties that only marks its packet id in flight. The placeholder allocates
+    /// nothing, where a clone of the whole publish allocates for each of its strings.
+    fn kept(&self, publish: &Publish) -> Publish {
+        if self.keep_unacked_publishes {
+            return publish.clone();
+        }
+        Publish {
+            dup: publish.dup,
+            qos: publish.qos,
+            retain: publish.retain,
+            topic: String::new(),
+            pkid: publish.pkid,
+            payload: Bytes::new(),
+        }
+    }
+
     /// Adds next packet identifier to QoS 1 and 2 publish packets and returns
     /// it buy wrapping publish in packet
     fn outgoing_publish(&mut self, mut publish: Publish) -> Result<Option<Packet>, StateError> {
@@ -330,7 +355,7 @@ impl MqttState {
 
             // if there is an existing publish at this pkid, this implies that broker hasn't acked this
             // packet yet. This error is possible only when broker isn't acking sequentially
-            self.outgoing_pub[pkid as usize] = Some(publish.clone());
+            self.outgoing_pub[pkid as usize] = Some(self.kept(&publish));
             self.inflight += 1;
         };
 
@@ -528,6 +553,55 @@ mod test {
 
     fn build_mqttstate() -> MqttState {
         MqttState::new(100, false)
+    }
+
+    // PATCH(gateway): `keep_unacked_publishes`.
+    #[test]
+    fn keep_unacked_publishes_false_keeps_only_the_packet_ids_in_flight() {
+        let mut mqtt = build_mqttstate();
+        mqtt.keep_unacked_publishes = false;
+
+        // The packet to write is the whole publish; the state keeps a placeholder.
+        let Some(Packet::Publish(sent)) = mqtt
+            .outgoing_publish(build_outgoing_publish(QoS::AtLeastOnce))
+            .unwrap()
+        else {
+            panic!("expected a publish to write");
+        };
+        assert_eq!((sent.pkid, &sent.payload[..]), (1, &[1u8, 2, 3][..]));
+        mqtt.outgoing_publish(build_outgoing_publish(QoS::AtLeastOnce))
+            .unwrap();
+        let kept = mqtt.outgoing_pub[1].clone().expect("packet id 1 in flight");
+        assert_eq!((kept.pkid, kept.qos), (1, QoS::AtLeastOnce));
+        assert!(kept.topic.is_empty() && kept.payload.is_empty());
+        assert_eq!(mqtt.inflight, 2);
+
+        // Acks are matched as before; a second ack of the same id is unsolicited.
+        mqtt.handle_incoming_puback(&PubAck::new(1)).unwrap();
+        assert_eq!(mqtt.inflight, 1);
+        assert!(mqtt.handle_incoming_puback(&PubAck::new(1)).is_err());
+
+        // Nothing to send again: the placeholder of id 2 is dropped, not re-queued.
+        let requests = mqtt.clean();
+        assert!(
+            !requests.iter().any(|r| matches!(r, Request::Publish(_))),
+            "{requests:?}"
+        );
+        assert!(mqtt.outgoing_pub.iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn keep_unacked_publishes_true_keeps_each_publish_to_send_again() {
+        let mut mqtt = build_mqttstate();
+        mqtt.outgoing_publish(build_outgoing_publish(QoS::AtLeastOnce))
+            .unwrap();
+        let kept = mqtt.outgoing_pub[1].clone().expect("packet id 1 in flight");
+        assert_eq!(&kept.payload[..], &[1u8, 2, 3][..]);
+        let requests = mqtt.clean();
+        assert!(
+            matches!(&requests[..], [Request::Publish(p)] if p.pkid == 1 && &p.payload[..] == [1, 2, 3]),
+            "{requests:?}"
+        );
     }
 
     #[test]

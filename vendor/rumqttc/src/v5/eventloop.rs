@@ -101,10 +101,13 @@ impl EventLoop {
         let pending = VecDeque::new();
         let inflight_limit = options.outgoing_inflight_upper_limit.unwrap_or(u16::MAX);
         let manual_acks = options.manual_acks;
+        // PATCH(gateway): see `MqttOptions::set_keep_unacked_publishes`.
+        let mut state = MqttState::new(inflight_limit, manual_acks);
+        state.keep_unacked_publishes = options.keep_unacked_publishes;
 
         EventLoop {
             options,
-            state: MqttState::new(inflight_limit, manual_acks),
+            state,
             requests_tx,
             requests_rx,
             pending,

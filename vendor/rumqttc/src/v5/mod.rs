@@ -103,6 +103,10 @@ pub struct MqttOptions {
     /// If set to `true` MQTT acknowledgements are not sent automatically.
     /// Every incoming publish packet must be manually acknowledged with `client.ack(...)` method.
     manual_acks: bool,
+    /// PATCH(gateway): `false` when the application sends unacked publishes again itself
+    /// (clean sessions and a new event loop per connection): the state then keeps only
+    /// their packet ids, not a copy of each publish. Default `true`.
+    keep_unacked_publishes: bool,
     network_options: NetworkOptions,
     #[cfg(feature = "proxy")]
     /// Proxy configuration.
@@ -141,6 +145,7 @@ impl MqttOptions {
             default_max_incoming_size: 10 * 1024,
             connect_properties: None,
             manual_acks: false,
+            keep_unacked_publishes: true,
             network_options: NetworkOptions::new(),
             #[cfg(feature = "proxy")]
             proxy: None,
@@ -528,6 +533,22 @@ impl MqttOptions {
         self.manual_acks
     }
 
+    /// PATCH(gateway): whether the event loop keeps a copy of every unacked publish, to
+    /// send it again after a reconnect (the default). An application that starts a clean
+    /// session on a new event loop for every connection, and sends what was not acked
+    /// itself, never uses the copies; `false` saves the clone of each publish (one
+    /// allocation per string of its topic and properties). With `false`, publishes that
+    /// were in flight when the connection broke are not sent again by the event loop.
+    pub fn set_keep_unacked_publishes(&mut self, keep: bool) -> &mut Self {
+        self.keep_unacked_publishes = keep;
+        self
+    }
+
+    /// PATCH(gateway): see [`Self::set_keep_unacked_publishes`].
+    pub fn keep_unacked_publishes(&self) -> bool {
+        self.keep_unacked_publishes
+    }
+
     pub fn network_options(&self) -> NetworkOptions {
         self.network_options.clone()
     }
@@ -743,6 +764,7 @@ impl Debug for MqttOptions {
             .field("last_will", &self.last_will)
             .field("conn_timeout", &self.conn_timeout)
             .field("manual_acks", &self.manual_acks)
+            .field("keep_unacked_publishes", &self.keep_unacked_publishes)
             .field("connect properties", &self.connect_properties)
             .finish()
     }

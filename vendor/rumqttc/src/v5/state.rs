@@ -102,6 +102,9 @@ pub struct MqttState {
     pub events: VecDeque<Event>,
     /// Indicates if acknowledgements should be send immediately
     pub manual_acks: bool,
+    /// PATCH(gateway): whether unacked publishes are kept whole, to be sent again by
+    /// [`MqttState::clean`]; when false only their packet ids are (see `kept`).
+    pub keep_unacked_publishes: bool,
     /// Map of alias_id->topic
     topic_alises: HashMap<u16, Bytes>,
     /// `topic_alias_maximum` RECEIVED via connack packet
@@ -132,6 +135,7 @@ impl MqttState {
             // TODO: Optimize these sizes later
             events: VecDeque::with_capacity(100),
             manual_acks,
+            keep_unacked_publishes: true,
             topic_alises: HashMap::new(),
             // Set via CONNACK
             broker_topic_alias_max: 0,
@@ -145,7 +149,8 @@ impl MqttState {
         let mut pending = Vec::with_capacity(100);
         // remove and collect pending publishes
         for publish in self.outgoing_pub.iter_mut() {
-            if let Some(publish) = publish.take() {
+            // PATCH(gateway): a publish kept without its content is not sent again.
+            if let Some(publish) = publish.take().filter(|_| self.keep_unacked_publishes) {
                 let request = Request::Publish(publish);
                 pending.push(request);
             }
@@ -372,7 +377,7 @@ impl MqttState {
         }
 
         if let Some(publish) = self.check_collision(puback.pkid) {
-            self.outgoing_pub[publish.pkid as usize] = Some(publish.clone());
+            self.outgoing_pub[publish.pkid as usize] = Some(self.kept(&publish));
             self.inflight += 1;
 
             let pkid = publish.pkid;
@@ -469,6 +474,26 @@ impl MqttState {
         Ok(None)
     }
 
+    /// PATCH(gateway): what the state keeps of an unacked publish: all of it, to send
+    /// it again after a reconnect, or, when the application sends again itself
+    /// (`keep_unacked_publishes` false), a placeholder without topic, payload or
+    /// properties that only marks its packet id in flight. The placeholder allocates
+    /// nothing, where a clone of the whole publish allocates for each of its strings.
+    fn kept(&self, publish: &Publish) -> Publish {
+        if self.keep_unacked_publishes {
+            return publish.clone();
+        }
+        Publish {
+            dup: publish.dup,
+            qos: publish.qos,
+            retain: publish.retain,
+            topic: Bytes::new(),
+            pkid: publish.pkid,
+            payload: Bytes::new(),
+                properties: None,
+        }
+    }
+
     /// Adds next packet identifier to QoS 1 and 2 publish packets and returns
     /// it buy wrapping publish in packet
     fn outgoing_publish(&mut self, mut publish: Publish) -> Result<Option<Packet>, StateError> {
@@ -493,7 +518,7 @@ impl MqttState {
 
             // if there is an existing publish at this pkid, this implies that broker hasn't acked this
             // packet yet. This error is possible only when broker isn't acking sequentially
-            self.outgoing_pub[pkid as usize] = Some(publish.clone());
+            self.outgoing_pub[pkid as usize] = Some(self.kept(&publish));
             self.inflight += 1;
         };
 
@@ -710,6 +735,56 @@ mod test {
 
     fn build_mqttstate() -> MqttState {
         MqttState::new(u16::MAX, false)
+    }
+
+    // PATCH(gateway): `keep_unacked_publishes`.
+    #[test]
+    fn keep_unacked_publishes_false_keeps_only_the_packet_ids_in_flight() {
+        let mut mqtt = build_mqttstate();
+        mqtt.keep_unacked_publishes = false;
+
+        // The packet to write is the whole publish; the state keeps a placeholder.
+        let Some(Packet::Publish(sent)) = mqtt
+            .outgoing_publish(build_outgoing_publish(QoS::AtLeastOnce))
+            .unwrap()
+        else {
+            panic!("expected a publish to write");
+        };
+        assert_eq!((sent.pkid, &sent.payload[..]), (1, &[1u8, 2, 3][..]));
+        mqtt.outgoing_publish(build_outgoing_publish(QoS::AtLeastOnce))
+            .unwrap();
+        let kept = mqtt.outgoing_pub[1].clone().expect("packet id 1 in flight");
+        assert_eq!((kept.pkid, kept.qos), (1, QoS::AtLeastOnce));
+        assert!(kept.topic.is_empty() && kept.payload.is_empty());
+        assert!(kept.properties.is_none());
+        assert_eq!(mqtt.inflight, 2);
+
+        // Acks are matched as before; a second ack of the same id is unsolicited.
+        mqtt.handle_incoming_puback(&PubAck::new(1, None)).unwrap();
+        assert_eq!(mqtt.inflight, 1);
+        assert!(mqtt.handle_incoming_puback(&PubAck::new(1, None)).is_err());
+
+        // Nothing to send again: the placeholder of id 2 is dropped, not re-queued.
+        let requests = mqtt.clean();
+        assert!(
+            !requests.iter().any(|r| matches!(r, Request::Publish(_))),
+            "{requests:?}"
+        );
+        assert!(mqtt.outgoing_pub.iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn keep_unacked_publishes_true_keeps_each_publish_to_send_again() {
+        let mut mqtt = build_mqttstate();
+        mqtt.outgoing_publish(build_outgoing_publish(QoS::AtLeastOnce))
+            .unwrap();
+        let kept = mqtt.outgoing_pub[1].clone().expect("packet id 1 in flight");
+        assert_eq!(&kept.payload[..], &[1u8, 2, 3][..]);
+        let requests = mqtt.clean();
+        assert!(
+            matches!(&requests[..], [Request::Publish(p)] if p.pkid == 1 && &p.payload[..] == [1, 2, 3]),
+            "{requests:?}"
+        );
     }
 
     #[test]
