@@ -144,15 +144,16 @@ pub fn batch_overhead(id_prefix: &str, row: &OutboxRow) -> usize {
     64 + id_prefix.len() + 2 * row.topic.len()
 }
 
-/// One JSON array: `[{"id":..,"topic":..,"received_at":..,"replayed":..,"payload":<raw>},..]`.
-pub fn json_batch(id_prefix: &str, rows: &[OutboxRow], replayed: &[bool]) -> Vec<u8> {
+/// One JSON array: `[{"id":..,"topic":..,"received_at":..,"replayed":..,"payload":<raw>},..]`;
+/// rows up to seq `replay_until` are marked replayed.
+pub fn json_batch(id_prefix: &str, rows: &[OutboxRow], replay_until: u64) -> Vec<u8> {
     let size: usize = rows
         .iter()
         .map(|r| r.payload.len() + batch_overhead(id_prefix, r))
         .sum();
     let mut out = Vec::with_capacity(size + 2);
     out.push(b'[');
-    for (i, (row, replayed)) in rows.iter().zip(replayed).enumerate() {
+    for (i, row) in rows.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -165,7 +166,7 @@ pub fn json_batch(id_prefix: &str, rows: &[OutboxRow], replayed: &[bool]) -> Vec
             VecWriter(&mut out),
             ",\"received_at\":{},\"replayed\":{},\"payload\":",
             row.received_at,
-            replayed
+            row.seq <= replay_until
         );
         out.extend_from_slice(&row.payload);
         out.push(b'}');
@@ -176,14 +177,14 @@ pub fn json_batch(id_prefix: &str, rows: &[OutboxRow], replayed: &[bool]) -> Vec
 
 /// One CBOR array of maps with the same keys as [`json_batch`]; `payload` is the row's
 /// CBOR item embedded as it is.
-pub fn cbor_batch(id_prefix: &str, rows: &[OutboxRow], replayed: &[bool]) -> Vec<u8> {
+pub fn cbor_batch(id_prefix: &str, rows: &[OutboxRow], replay_until: u64) -> Vec<u8> {
     let size: usize = rows
         .iter()
         .map(|r| r.payload.len() + batch_overhead(id_prefix, r))
         .sum();
     let mut out = Vec::with_capacity(size + 9);
     cbor_head(&mut out, 4, rows.len() as u64);
-    for (row, replayed) in rows.iter().zip(replayed) {
+    for row in rows {
         cbor_head(&mut out, 5, 5);
         cbor_text(&mut out, "id");
         cbor_text(&mut out, &message_id(id_prefix, row.seq));
@@ -196,7 +197,7 @@ pub fn cbor_batch(id_prefix: &str, rows: &[OutboxRow], replayed: &[bool]) -> Vec
             cbor_head(&mut out, 1, (-1 - row.received_at) as u64);
         }
         cbor_text(&mut out, "replayed");
-        out.push(if *replayed { 0xf5 } else { 0xf4 });
+        out.push(if row.seq <= replay_until { 0xf5 } else { 0xf4 });
         cbor_text(&mut out, "payload");
         out.extend_from_slice(&row.payload);
     }
@@ -260,13 +261,14 @@ mod tests {
             row(7, Format::Json, b"{\"t\":1}"),
             row(9, Format::SenmlJson, b"[{\"n\":\"t\",\"v\":2}]"),
         ];
-        let out = json_batch(&id_prefix("gw", 0x1a), &rows, &[false, true]);
+        let out = json_batch(&id_prefix("gw", 0x1a), &rows, 8);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v[0]["id"], "gw:000000000000001a:7");
         assert_eq!(v[0]["topic"], "devices/d\"1/t");
         assert_eq!(v[0]["payload"]["t"], 1);
         assert_eq!(v[1]["id"], "gw:000000000000001a:9");
-        assert_eq!(v[1]["replayed"], true);
+        assert_eq!(v[0]["replayed"], true);
+        assert_eq!(v[1]["replayed"], false);
         assert_eq!(v[1]["payload"][0]["v"], 2);
     }
 
@@ -274,7 +276,7 @@ mod tests {
     fn cbor_batch_decodes_with_a_cbor_library() {
         let item = serde_cbor::to_vec(&serde_json::json!({"t": 21.5})).unwrap();
         let rows: Vec<OutboxRow> = (0..30).map(|i| row(300 + i, Format::Cbor, &item)).collect();
-        let out = cbor_batch(&id_prefix("gw", u64::MAX), &rows, &[true; 30]);
+        let out = cbor_batch(&id_prefix("gw", u64::MAX), &rows, 329);
         let v: serde_json::Value = serde_cbor::from_slice(&out).unwrap();
         assert_eq!(v.as_array().unwrap().len(), 30);
         assert_eq!(v[29]["id"], "gw:ffffffffffffffff:329");

@@ -24,6 +24,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::QoS;
+use smallvec::SmallVec;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -46,9 +47,12 @@ const EVENTS_PER_TURN: usize = 2048;
 pub(super) const OFFLINE_ACK_WAIT: Duration = Duration::from_secs(1);
 
 /// One upstream publish in flight: the rows it carries.
+/// The seqs of one publish: one row, or a batch's (no allocation for one).
+type Seqs = SmallVec<[u64; 1]>;
+
 struct Sent {
     lane: Lane,
-    seqs: Vec<u64>,
+    seqs: Seqs,
     received_at: i64,
 }
 
@@ -494,14 +498,27 @@ impl<'a> Session<'a> {
 
     /// Publishes the next `n` buffered rows of `lane` (a batch when `n > 1`).
     fn publish(&mut self, lane: Lane, n: usize) -> Result<(), Halt> {
+        // The rows pass through the read buffer, empty between reads: no allocation per
+        // publish for them.
+        let mut rows = std::mem::take(&mut self.scratch);
+        rows.extend(self.buffered[lane].drain(..n));
+        let res = self.publish_rows(lane, &mut rows);
+        rows.clear();
+        self.scratch = rows;
+        res
+    }
+
+    fn publish_rows(&mut self, lane: Lane, rows: &mut [OutboxRow]) -> Result<(), Halt> {
         let cfg = &self.fwd.cfg;
         let stats = &self.fwd.stats;
-        let mut rows: Vec<OutboxRow> = self.buffered[lane].drain(..n).collect();
-        let replayed: Vec<bool> = rows.iter().map(|r| r.seq <= self.replay_until).collect();
+        let n = rows.len();
+        let replay_until = self.replay_until;
+        let seqs: Seqs = rows.iter().map(|r| r.seq).collect();
+        let replayed = |i: usize| seqs[i] <= replay_until;
         let batch = lane == Lane::Reading && cfg.batch_max_messages > 1;
         let (topic, payload, content_type) = if !batch {
             let payload = match lane {
-                Lane::Event => encode::event_payload(&rows[0].payload, replayed[0]),
+                Lane::Event => encode::event_payload(&rows[0].payload, replayed(0)),
                 Lane::Reading => std::mem::take(&mut rows[0].payload),
             };
             let first = &rows[0];
@@ -513,11 +530,11 @@ impl<'a> Session<'a> {
         } else {
             let (payload, ct) = match Family::of(rows[0].format) {
                 Family::Json => (
-                    encode::json_batch(&self.id_prefix, &rows, &replayed),
+                    encode::json_batch(&self.id_prefix, rows, replay_until),
                     "application/json",
                 ),
                 Family::Cbor => (
-                    encode::cbor_batch(&self.id_prefix, &rows, &replayed),
+                    encode::cbor_batch(&self.id_prefix, rows, replay_until),
                     "application/cbor",
                 ),
             };
@@ -530,9 +547,8 @@ impl<'a> Session<'a> {
         let id = encode::message_id(&self.id_prefix, rows[0].seq);
         let payload = match cfg.protocol {
             UpstreamProtocol::V5 => payload,
-            UpstreamProtocol::V311 => encode::envelope(&id, replayed[0], content_type, &payload),
+            UpstreamProtocol::V311 => encode::envelope(&id, replayed(0), content_type, &payload),
         };
-        let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
         let sendable = !topic.is_empty()
             && !topic.contains(['+', '#', '\0'])
             && payload.len() + topic.len() + 128 <= cfg.max_packet_size;
@@ -544,7 +560,7 @@ impl<'a> Session<'a> {
             self.acks[lane].extend_from_slice(&seqs);
             return Ok(());
         }
-        let props = encode::properties(id, replayed[0], content_type);
+        let props = encode::properties(id, replayed(0), content_type);
         let received_at = rows.iter().map(|r| r.received_at).min().unwrap_or(0);
         if let Err(e) = self
             .client
@@ -553,7 +569,7 @@ impl<'a> Session<'a> {
             tracing::debug!(error = %e, "could not queue a publish");
             return Err(Halt::Connection);
         }
-        let replayed_rows = replayed.iter().filter(|r| **r).count() as u64;
+        let replayed_rows = (0..n).filter(|&i| replayed(i)).count() as u64;
         stats.published.fetch_add(1, Ordering::Relaxed);
         stats.rows_sent.fetch_add(n as u64, Ordering::Relaxed);
         stats

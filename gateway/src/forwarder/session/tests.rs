@@ -26,7 +26,7 @@ fn client() -> (Client, rumqttc::v5::EventLoop) {
 fn row(seq: u64) -> InFlight {
     InFlight::Rows(Sent {
         lane: Lane::Reading,
-        seqs: vec![seq],
+        seqs: smallvec::smallvec![seq],
         received_at: now_millis(),
     })
 }
