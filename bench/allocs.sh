@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Allocation calls per reading, by call site: the gateway under heaptrack (Debian's
+# `heaptrack` package) with a plain Mosquitto upstream, DEVICES x RATE readings from
+# device-sim for DURATION, then the calls grouped by the innermost frame of the gateway,
+# rumqttd, rumqttc, redb, flume or tokio and divided by the readings published.
+#
+#   bench/allocs.sh
+#   GATEWAY=target/profiling/gateway SIM=target/profiling/device-sim bench/allocs.sh
+#
+# DEVICES (1000), RATE (10), DURATION (15s), TOP (25 sites). The gateway runs with the
+# shipped rules and glibc's per-thread malloc caches off (as `gateway run` turns them
+# off itself; set here so that it starts once, under heaptrack). Files in $OUT (default
+# target/bench-allocs): heaptrack.zst, flamegraph.txt (one stack and count per line),
+# sites.txt, gateway.log, device-sim.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEVICES=${DEVICES:-1000}
+RATE=${RATE:-10}
+DURATION=${DURATION:-15s}
+TOP=${TOP:-25}
+OUT=${OUT:-target/bench-allocs}
+GATEWAY=$(realpath "${GATEWAY:-target/release/gateway}")
+SIM=$(realpath "${SIM:-target/release/device-sim}")
+MOSQUITTO=${MOSQUITTO:-$(command -v mosquitto || echo /usr/sbin/mosquitto)}
+for tool in heaptrack heaptrack_print python3; do
+  command -v "$tool" >/dev/null || { echo "allocs: $tool not found (apt-get install heaptrack python3)" >&2; exit 1; }
+done
+[ -x "$GATEWAY" ] && [ -x "$SIM" ] || { echo "allocs: build the gateway and device-sim first" >&2; exit 1; }
+
+mkdir -p "$OUT"
+OUT=$(realpath "$OUT")
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+# wait_port PORT: at most 30 s.
+wait_port() {
+  local _
+  for _ in $(seq 1 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+UP_PORT=$(free_port)
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n' \
+  "$UP_PORT" >"$WORK/upstream.conf"
+"$MOSQUITTO" -c "$WORK/upstream.conf" >"$WORK/upstream.log" 2>&1 &
+PIDS+=($!)
+wait_port "$UP_PORT" || { echo "allocs: upstream mosquitto did not start" >&2; exit 1; }
+
+GW_PORT=$(free_port)
+mkdir -p "$WORK/rules"
+cp -r rules/. "$WORK/rules/"
+rm -f "$OUT/heaptrack.zst"
+GLIBC_TUNABLES=glibc.malloc.tcache_count=0 \
+GATEWAY__BROKER__LISTEN=127.0.0.1:$GW_PORT \
+GATEWAY__BROKER__LISTEN_V5= \
+GATEWAY__HTTP__LISTEN=127.0.0.1:$(free_port) \
+GATEWAY__STORAGE__PATH=$WORK/gw.redb \
+GATEWAY__UPSTREAM__URL=mqtt://127.0.0.1:$UP_PORT \
+GATEWAY__UPSTREAM__TOPIC_PREFIX=bench \
+GATEWAY__RULES__DIR=$WORK/rules \
+  heaptrack -o "$OUT/heaptrack" "$GATEWAY" run >"$OUT/gateway.log" 2>&1 &
+HT_PID=$!
+PIDS+=("$HT_PID")
+wait_port "$GW_PORT" || { echo "allocs: the gateway did not start; see $OUT/gateway.log" >&2; exit 1; }
+
+"$SIM" --broker "127.0.0.1:$GW_PORT" --devices "$DEVICES" --rate "$RATE" --duration "$DURATION" \
+  --qos 1 --progress 0s >"$OUT/device-sim.txt" 2>&1
+readings=$(grep -o 'published [0-9]*' "$OUT/device-sim.txt" | tail -n 1 | grep -o '[0-9]*')
+
+# heaptrack runs the gateway as its child: stop the gateway, then wait for heaptrack to
+# write its file (bounded).
+pkill -TERM -f "^$GATEWAY run" || true
+for _ in $(seq 1 300); do kill -0 "$HT_PID" 2>/dev/null || break; sleep 0.1; done
+wait "$HT_PID" 2>/dev/null || true
+
+heaptrack_print -f "$OUT/heaptrack.zst" -F "$OUT/flamegraph.txt" \
+  --flamegraph-cost-type allocations >/dev/null
+python3 - "$OUT/flamegraph.txt" "$readings" "$TOP" >"$OUT/sites.txt" <<'EOF'
+import collections, re, sys
+path, readings, top = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+total, sites = 0, collections.Counter()
+ours = re.compile(r"gateway|rumqttd|rumqttc|redb|flume|tokio")
+for line in open(path):
+    stack, _, n = line.rstrip().rpartition(" ")
+    total += int(n)
+    site = next((f for f in reversed(stack.split(";")) if ours.search(f) and "alloc::" not in f), "?")
+    site = re.sub(r"::h[0-9a-f]{16}", "", site)
+    for mangled, plain in (("$LT$", "<"), ("$GT$", ">"), ("$u20$", " "), ("$u7b$", "{"),
+                           ("$u7d$", "}"), ("$C$", ","), ("$RF$", "&"), ("$LP$", "("),
+                           ("$RP$", ")"), ("..", "::"), ("_<", "<")):
+        site = site.replace(mangled, plain)
+    sites[site[:120]] += int(n)
+print(f"{total} allocation calls for {readings} readings: {total / readings:.1f} per reading")
+for site, n in sites.most_common(top):
+    print(f"{n / readings:7.2f}  {site}")
+EOF
+cat "$OUT/sites.txt"
