@@ -31,33 +31,20 @@ done
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
 WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+. bench/lib.sh
+stop_started_at_exit
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-# wait_port PORT: at most 30 s.
-wait_port() {
-  local _
-  for _ in $(seq 1 300); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  return 1
 }
 
 UP_PORT=$(free_port)
 printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n' \
   "$UP_PORT" >"$WORK/upstream.conf"
 "$MOSQUITTO" -c "$WORK/upstream.conf" >"$WORK/upstream.log" 2>&1 &
-PIDS+=($!)
-wait_port "$UP_PORT" || { echo "allocs: upstream mosquitto did not start" >&2; exit 1; }
+UP_PID=$!
+PIDS+=("$UP_PID")
+wait_port "$UP_PORT" 10 "$UP_PID" || { echo "allocs: upstream mosquitto did not start" >&2; exit 1; }
 
 GW_PORT=$(free_port)
 mkdir -p "$WORK/rules"
@@ -74,7 +61,7 @@ GATEWAY__RULES__DIR=$WORK/rules \
   heaptrack -o "$OUT/heaptrack" "$GATEWAY" run >"$OUT/gateway.log" 2>&1 &
 HT_PID=$!
 PIDS+=("$HT_PID")
-wait_port "$GW_PORT" || { echo "allocs: the gateway did not start; see $OUT/gateway.log" >&2; exit 1; }
+wait_port "$GW_PORT" 30 "$HT_PID" || { echo "allocs: the gateway did not start; see $OUT/gateway.log" >&2; exit 1; }
 
 "$SIM" --broker "127.0.0.1:$GW_PORT" --devices "$DEVICES" --rate "$RATE" --duration "$DURATION" \
   --qos 1 --progress 0s >"$OUT/device-sim.txt" 2>&1
@@ -100,7 +87,7 @@ for line in open(path):
     site = re.sub(r"::h[0-9a-f]{16}", "", site)
     for mangled, plain in (("$LT$", "<"), ("$GT$", ">"), ("$u20$", " "), ("$u7b$", "{"),
                            ("$u7d$", "}"), ("$C$", ","), ("$RF$", "&"), ("$LP$", "("),
-                           ("$RP$", ")"), ("..", "::"), ("_<", "<")):
+                           ("$RP$", ")"), ("..", "::"), ("_<", "<"), ("::_{", "::{")):
         site = site.replace(mangled, plain)
     sites[site[:120]] += int(n)
 print(f"{total} allocation calls for {readings} readings: {total / readings:.1f} per reading")

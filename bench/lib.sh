@@ -1,5 +1,30 @@
-# Shared by the bench scripts that watch a run of bench/run.sh while it runs; sourced
-# from the repository's root, with OUT set.
+# Shared by the bench scripts: process clean-up and port waits for the scripts that start
+# processes themselves (run.sh, allocs.sh), and, for those that watch a run of
+# bench/run.sh while it runs (sourced from the repository's root, with OUT set),
+# start_run and did_not_start.
+
+# The processes a script started, stopped (and waited for) at its exit by
+# stop_started_at_exit, which also removes WORK.
+PIDS=()
+stop_started_at_exit() {
+  trap stop_started EXIT
+}
+stop_started() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+
+# wait_port PORT SECONDS PID: waits until something listens on 127.0.0.1:PORT; fails
+# after SECONDS, or as soon as PID has exited.
+wait_port() {
+  local deadline=$((SECONDS + $2))
+  until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do
+    kill -0 "$3" 2>/dev/null || return 1
+    [ $SECONDS -lt $deadline ] || return 1
+    sleep 0.1
+  done
+}
 
 # Starts bench/run.sh in the background (its output in $OUT/run.log, its pid in
 # BENCH_PID) and waits, at most 120 s, for device-sim's progress line at second $1

@@ -54,22 +54,9 @@ if [ -n "$EDGE_CPUS" ]; then
   [ -n "$REST_CPUS" ] && PIN_REST=(taskset -c "$REST_CPUS")
 fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/edge-bench.XXXXXX")
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-wait_port() { # port seconds pid
-  local deadline=$((SECONDS + $2))
-  until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do
-    kill -0 "$3" 2>/dev/null || return 1
-    [ $SECONDS -lt $deadline ] || return 1
-    sleep 0.1
-  done
-}
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+stop_started_at_exit
 
 # commits: the gateway's store commits so far, from its /metrics (empty without curl).
 commits() {
