@@ -46,10 +46,10 @@ const EVENTS_PER_TURN: usize = 2048;
 /// `shutdown_grace` when that is shorter.
 pub(super) const OFFLINE_ACK_WAIT: Duration = Duration::from_secs(1);
 
-/// One upstream publish in flight: the rows it carries.
 /// The seqs of one publish: one row, or a batch's (no allocation for one).
 type Seqs = SmallVec<[u64; 1]>;
 
+/// One upstream publish in flight: the rows it carries.
 struct Sent {
     lane: Lane,
     seqs: Seqs,
