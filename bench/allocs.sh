@@ -61,15 +61,21 @@ GATEWAY__RULES__DIR=$WORK/rules \
   heaptrack -o "$OUT/heaptrack" "$GATEWAY" run >"$OUT/gateway.log" 2>&1 &
 HT_PID=$!
 PIDS+=("$HT_PID")
-wait_port "$GW_PORT" 30 "$HT_PID" || { echo "allocs: the gateway did not start; see $OUT/gateway.log" >&2; exit 1; }
+if ! wait_port "$GW_PORT" 30 "$HT_PID"; then
+  pkill -TERM -f "^$GATEWAY run" || true
+  echo "allocs: the gateway did not start; see $OUT/gateway.log" >&2
+  exit 1
+fi
+# heaptrack runs the gateway as its child: stopped at exit too, should a step fail.
+GW_PID=$(pgrep -f "^$GATEWAY run" | head -n 1)
+PIDS+=("$GW_PID")
 
 "$SIM" --broker "127.0.0.1:$GW_PORT" --devices "$DEVICES" --rate "$RATE" --duration "$DURATION" \
   --qos 1 --progress 0s >"$OUT/device-sim.txt" 2>&1
 readings=$(grep -o 'published [0-9]*' "$OUT/device-sim.txt" | tail -n 1 | grep -o '[0-9]*')
 
-# heaptrack runs the gateway as its child: stop the gateway, then wait for heaptrack to
-# write its file (bounded).
-pkill -TERM -f "^$GATEWAY run" || true
+# Stop the gateway, then wait for heaptrack to write its file (bounded).
+kill -TERM "$GW_PID" 2>/dev/null || true
 for _ in $(seq 1 300); do kill -0 "$HT_PID" 2>/dev/null || break; sleep 0.1; done
 wait "$HT_PID" 2>/dev/null || true
 
