@@ -205,6 +205,44 @@ fn dead_letters_are_bounded_oldest_removed() {
     assert_eq!(from_file, dls[..3].to_vec());
 }
 
+/// Groups that add no dead letters leave that table closed, so a bound lowered while the
+/// gateway was stopped is applied by the first group after the store opens.
+#[test]
+fn a_lower_dead_letter_bound_applies_after_a_restart_without_new_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.redb");
+    let h = open(&path, settings(|s| s.dead_letter_max = 100));
+    for i in 0..80 {
+        assert!(h.dead_letter(
+            DeadLetter {
+                topic: "devices/x/telemetry".into(),
+                payload: vec![i as u8],
+                reason: format!("bad {i}"),
+                received_at: i,
+            },
+            None
+        ));
+    }
+    h.flush_blocking().unwrap();
+    assert_eq!(h.counter(Counter::DeadLetterRows), 80);
+    h.shutdown().unwrap();
+    drop(h);
+
+    let h = open(&path, settings(|s| s.dead_letter_max = 30));
+    assert!(h.append(reading("d1", 1, now_millis())));
+    h.flush_blocking().unwrap();
+    let dls = h.read_dead_letters(1000).unwrap();
+    assert_eq!(dls.len(), 30);
+    assert_eq!(dls[0].reason, "bad 79");
+    assert_eq!(h.counter(Counter::DeadLetterRows), 30);
+    assert_eq!(h.counter(Counter::DeadLettersEvicted), 50);
+    // Later groups with readings only keep the count.
+    assert!(h.append(reading("d1", 2, now_millis())));
+    h.flush_blocking().unwrap();
+    assert_eq!(h.counter(Counter::DeadLetterRows), 30);
+    h.shutdown().unwrap();
+}
+
 #[test]
 fn a_full_queue_makes_the_caller_wait_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();

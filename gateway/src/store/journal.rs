@@ -441,6 +441,48 @@ impl<'t, K: Key + 'static, V: Value + 'static> std::ops::Deref for Logged<'_, 't
     }
 }
 
+/// A [`Logged`] table opened on its first use in a group, not before. Most groups touch
+/// only the outbox (rows held in memory, `fresh.rs`), and opening a redb table is not
+/// free: a lookup in the table tree, often a page read from the file, and an update of
+/// the table tree when it is dropped.
+pub(super) struct LazyLogged<'l, 't, K: Key + 'static, V: Value + 'static> {
+    txn: &'t WriteTransaction,
+    def: TableDefinition<'static, K, V>,
+    id: TableId,
+    log: &'l RefCell<Vec<u8>>,
+    table: Option<Logged<'l, 't, K, V>>,
+}
+
+impl<'l, 't, K: Key + 'static, V: Value + 'static> LazyLogged<'l, 't, K, V> {
+    pub(super) fn new(
+        txn: &'t WriteTransaction,
+        def: TableDefinition<'static, K, V>,
+        id: TableId,
+        log: &'l RefCell<Vec<u8>>,
+    ) -> Self {
+        LazyLogged {
+            txn,
+            def,
+            id,
+            log,
+            table: None,
+        }
+    }
+
+    /// Whether the table was opened in this group (it was used).
+    pub(super) fn is_open(&self) -> bool {
+        self.table.is_some()
+    }
+
+    /// The table, opened now if this is its first use.
+    pub(super) fn get(&mut self) -> Result<&mut Logged<'l, 't, K, V>, StoreError> {
+        if self.table.is_none() {
+            self.table = Some(Logged::open(self.txn, self.def, self.id, self.log)?);
+        }
+        Ok(self.table.as_mut().expect("opened above"))
+    }
+}
+
 /// Applies the records the journal holds to `db`, in one transaction, when they belong
 /// to it (same epoch). Returns the number of records applied. The journal keeps them
 /// until it is [reset](Journal::reset) (replaying them again changes nothing).

@@ -7,7 +7,8 @@
 //!   (`max_bytes`); with `drop_oldest_readings` the events lane is trimmed for size only
 //!   when no reading is left; every drop is counted by reason and lane.
 //! - Dead letters and the event log keep at most `dead_letter_max` and `event_log_max`
-//!   rows; what is trimmed is counted as evicted.
+//!   rows; what is trimmed is counted as evicted. Checked by each group that adds to
+//!   them, and by the first group after the store opened or a commit failed.
 //! - Runs inside the group's write transaction, so a drop is committed together with the
 //!   appends that caused it, or not at all.
 //! - Drops are logged at most once per [`DROP_LOG_INTERVAL`] with the counts since the
@@ -18,9 +19,9 @@ use std::time::{Duration, Instant};
 use redb::ReadableTableMetadata;
 
 use super::fresh::Outbox;
-use super::journal::Logged;
+use super::journal::{LazyLogged, Logged};
 use super::stats::Counter;
-use super::writer::{Owner, RowTable, KEY_BYTES};
+use super::writer::{Owner, KEY_BYTES};
 use super::{Lane, OverflowPolicy, StoreError};
 use crate::reading::{now_millis, Millis};
 
@@ -33,8 +34,8 @@ impl Owner {
         &mut self,
         readings: &mut Outbox<'_, '_>,
         events: &mut Outbox<'_, '_>,
-        dead: &mut RowTable<'_, '_>,
-        log: &mut Logged<'_, '_, (i64, u64), &'static [u8]>,
+        dead: &mut LazyLogged<'_, '_, u64, &'static [u8]>,
+        log: &mut LazyLogged<'_, '_, (i64, u64), &'static [u8]>,
     ) -> Result<(), StoreError> {
         self.enforce_age(readings, Lane::Reading)?;
         self.enforce_age(events, Lane::Event)?;
@@ -42,12 +43,22 @@ impl Owner {
         if self.cfg.overflow_policy == OverflowPolicy::DropOldestReadings {
             self.enforce_bytes(events, Lane::Event)?;
         }
-        let evicted = trim(dead, self.cfg.dead_letter_max)?;
-        self.add(Counter::DeadLettersEvicted, evicted);
-        self.set(Counter::DeadLetterRows, dead.len()?);
-        let evicted = trim(log, self.cfg.event_log_max)?;
-        self.add(Counter::EventLogEvicted, evicted);
-        self.set(Counter::EventLogRows, log.len()?);
+        // The dead letters and the event log grow only by the groups that write to them,
+        // which opened them: their bounds are checked then, and by the first group after
+        // the store opened or a commit failed, when their row counts are not known.
+        let unknown = std::mem::take(&mut self.side_rows_unknown);
+        if unknown || dead.is_open() {
+            let dead = dead.get()?;
+            let evicted = trim(dead, self.cfg.dead_letter_max)?;
+            self.add(Counter::DeadLettersEvicted, evicted);
+            self.set(Counter::DeadLetterRows, dead.len()?);
+        }
+        if unknown || log.is_open() {
+            let log = log.get()?;
+            let evicted = trim(log, self.cfg.event_log_max)?;
+            self.add(Counter::EventLogEvicted, evicted);
+            self.set(Counter::EventLogRows, log.len()?);
+        }
         Ok(())
     }
 

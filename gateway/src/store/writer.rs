@@ -67,7 +67,7 @@ use tokio::sync::{oneshot, Notify};
 use super::clock::CommitClock;
 use super::fresh::{Fresh, Open, Outbox};
 use super::health::{Degraded, ReaderSlot};
-use super::journal::{self, Journal, Logged, TableId, CHECKPOINT_INTERVAL};
+use super::journal::{self, Journal, LazyLogged, Logged, TableId, CHECKPOINT_INTERVAL};
 use super::stats::{Counter, Counters};
 use super::tables::{self, COMMANDS, DEAD_LETTERS, EVENT_LOG, META, RULE_STATE};
 use super::tail::Tails;
@@ -199,6 +199,10 @@ pub(super) struct Owner {
     pub(super) persisted: Vec<Option<u64>>,
     /// Counters written by the transaction being built, taken as persisted once it commits.
     pub(super) staged: Vec<(usize, u64)>,
+    /// The row counts of the dead letters and the event log are not known (the store
+    /// opened, or a commit failed): the next group counts and trims them
+    /// (`retention.rs`).
+    pub(super) side_rows_unknown: bool,
     pub(super) scratch: Vec<u8>,
     pub(super) drops_logged: Vec<u64>,
     pub(super) last_drop_log: Option<Instant>,
@@ -227,9 +231,6 @@ pub(super) struct Owner {
     /// The journal record of the group being applied (`Journal::begin`).
     oplog: Vec<u8>,
 }
-
-/// An outbox table of the transaction being built.
-pub(super) type RowTable<'l, 't> = Logged<'l, 't, u64, &'static [u8]>;
 
 /// What one collection round gathered.
 #[derive(Default)]
@@ -295,6 +296,7 @@ impl Owner {
             appended: ByLane::default(),
             persisted: vec![None; meta.len()],
             staged: Vec::new(),
+            side_rows_unknown: true,
             meta,
             scratch: Vec::with_capacity(4096),
             drops_logged,
@@ -595,6 +597,7 @@ impl Owner {
                 }
                 self.staged.clear();
                 self.persisted.fill(None);
+                self.side_rows_unknown = true;
                 for lane in Lane::ALL {
                     self.appended[lane].clear();
                 }
@@ -667,10 +670,10 @@ impl Owner {
         group: &mut Group,
     ) -> Result<(), StoreError> {
         let (mut readings, mut events) = fresh.outboxes(txn, oplog)?;
-        let mut dead = Logged::open(txn, DEAD_LETTERS, TableId::DeadLetters, oplog)?;
-        let mut state = Logged::open(txn, RULE_STATE, TableId::RuleState, oplog)?;
-        let mut log = Logged::open(txn, EVENT_LOG, TableId::EventLog, oplog)?;
-        let mut commands = Logged::open(txn, COMMANDS, TableId::Commands, oplog)?;
+        let mut dead = LazyLogged::new(txn, DEAD_LETTERS, TableId::DeadLetters, oplog);
+        let mut state = LazyLogged::new(txn, RULE_STATE, TableId::RuleState, oplog);
+        let mut log = LazyLogged::new(txn, EVENT_LOG, TableId::EventLog, oplog);
+        let mut commands = LazyLogged::new(txn, COMMANDS, TableId::Commands, oplog);
 
         // Not drained: a failed commit keeps them for after recovery.
         for (lane, seqs) in &group.acks {
@@ -727,15 +730,15 @@ impl Owner {
                     tables::encode_dead_letter(&mut scratch, &dl);
                     let id = self.get(Counter::DeadLetterNext);
                     self.set(Counter::DeadLetterNext, id + 1);
-                    dead.insert(id, scratch.as_slice())?;
+                    dead.get()?.insert(id, scratch.as_slice())?;
                     group.receipts.extend(receipt);
                 }
                 DataCmd::Receipt(receipt) => group.receipts.push(receipt),
                 DataCmd::PutState(k, v) => {
-                    state.insert(k.as_str(), v.as_slice())?;
+                    state.get()?.insert(k.as_str(), v.as_slice())?;
                 }
                 DataCmd::DeleteState(k) => {
-                    state.remove(k.as_str())?;
+                    state.get()?.remove(k.as_str())?;
                 }
                 DataCmd::LogEvent {
                     time,
@@ -746,15 +749,15 @@ impl Owner {
                     tables::encode_logged_event(&mut scratch, &event_type, &device, &json);
                     let seq = self.get(Counter::EventLogNext);
                     self.set(Counter::EventLogNext, seq + 1);
-                    log.insert((time, seq), scratch.as_slice())?;
+                    log.get()?.insert((time, seq), scratch.as_slice())?;
                 }
                 DataCmd::QueueCommand(command, on_commit) => {
                     let max = self.cfg.max_commands_per_device;
-                    self.queue_command(&mut commands, &mut events, command, max)?;
+                    self.queue_command(commands.get()?, &mut events, command, max)?;
                     group.on_commit.extend(on_commit);
                 }
                 DataCmd::CommandDone { device, seq, state } => {
-                    self.command_done(&mut commands, &mut events, &device, seq, state)?;
+                    self.command_done(commands.get()?, &mut events, &device, seq, state)?;
                 }
             }
         }
