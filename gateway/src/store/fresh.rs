@@ -1,4 +1,5 @@
-//! Outbox rows appended since the last checkpoint, held in memory until it.
+//! Outbox rows appended since the last checkpoint, held in memory until it (and the
+//! counters changed since then, [`Fresh::meta`]).
 //!
 //! Most rows are delivered upstream and acknowledged within milliseconds, long before the
 //! next checkpoint (at most [`super::journal::CHECKPOINT_INTERVAL`] away). Inserting
@@ -26,9 +27,9 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
-use redb::{ReadableTable, StorageError, WriteTransaction};
+use redb::{ReadableTable, WriteTransaction};
 
-use super::journal::{Logged, TableId};
+use super::journal::{LazyLogged, TableId};
 use super::tables;
 use super::{Lane, StoreError};
 use crate::reading::Millis;
@@ -46,11 +47,15 @@ pub(super) struct Open {
     pub(super) fresh: Fresh,
 }
 
-/// The outbox rows appended since the last checkpoint, by lane.
+/// The outbox rows appended since the last checkpoint, by lane, and the counters changed
+/// since then.
 #[derive(Default)]
 pub(super) struct Fresh {
     readings: Held,
     events: Held,
+    /// The last value of each counter a group changed (`META`): written into the table
+    /// at the checkpoint, not by every group (the journal records each change).
+    pub(super) meta: BTreeMap<&'static str, u64>,
 }
 
 /// One lane's rows held in memory.
@@ -59,6 +64,10 @@ pub(super) struct Held {
     rows: BTreeMap<u64, Vec<u8>>,
     /// The rows' lengths, summed.
     bytes: u64,
+    /// The first row of the lane's table, once looked up in this transaction (`None`: not
+    /// known); forgotten when a row leaves or enters the table. Every group asks for it
+    /// (retention, the oldest-row gauge), and most groups change only the rows held here.
+    table_first: Option<Option<First>>,
 }
 
 impl Held {
@@ -77,25 +86,26 @@ impl Held {
 
 impl Fresh {
     /// The two outbox lanes of `txn` with the rows held here, changes logged into `log`.
+    /// A lane's table is opened only when a row must be read from it or written to it.
     pub(super) fn outboxes<'s, 'l>(
         &'s mut self,
         txn: &'s WriteTransaction,
         log: &'l RefCell<Vec<u8>>,
-    ) -> Result<(Outbox<'l, 's>, Outbox<'l, 's>), StoreError> {
-        let open = |lane: Lane, fresh| -> Result<Outbox<'l, 's>, StoreError> {
+    ) -> (Outbox<'l, 's>, Outbox<'l, 's>) {
+        let open = |lane: Lane, fresh| -> Outbox<'l, 's> {
             let id = match lane {
                 Lane::Reading => TableId::Readings,
                 Lane::Event => TableId::Events,
             };
-            Ok(Outbox {
-                table: Logged::open(txn, tables::lane_table(lane), id, log)?,
+            Outbox {
+                table: LazyLogged::new(txn, tables::lane_table(lane), id, log),
                 fresh,
-            })
+            }
         };
-        Ok((
-            open(Lane::Reading, &mut self.readings)?,
-            open(Lane::Event, &mut self.events)?,
-        ))
+        (
+            open(Lane::Reading, &mut self.readings),
+            open(Lane::Event, &mut self.events),
+        )
     }
 }
 
@@ -107,8 +117,8 @@ impl Open {
         }
     }
 
-    /// Writes the rows still held in memory into their tables (the journal has them
-    /// already) and commits the transaction.
+    /// Writes the rows and counters still held in memory into their tables (the journal
+    /// has them already) and commits the transaction.
     pub(super) fn commit(self) -> Result<(), StoreError> {
         let Open { txn, fresh } = self;
         for (lane, held) in [(Lane::Reading, fresh.readings), (Lane::Event, fresh.events)] {
@@ -118,6 +128,12 @@ impl Open {
             let mut table = txn.open_table(tables::lane_table(lane))?;
             for (seq, row) in held.rows {
                 table.insert(seq, row.as_slice())?;
+            }
+        }
+        if !fresh.meta.is_empty() {
+            let mut meta = txn.open_table(tables::META)?;
+            for (name, value) in fresh.meta {
+                meta.insert(name, value)?;
             }
         }
         txn.commit()?;
@@ -145,12 +161,12 @@ impl First {
 /// One outbox lane of the open transaction: its table and the rows appended since the
 /// last checkpoint. Every change is logged into the group's journal record.
 pub(super) struct Outbox<'l, 't> {
-    table: Logged<'l, 't, u64, &'static [u8]>,
+    table: LazyLogged<'l, 't, u64, &'static [u8]>,
     fresh: &'t mut Held,
 }
 
 impl Outbox<'_, '_> {
-    pub(super) fn insert(&mut self, seq: u64, row: &[u8]) -> Result<(), StorageError> {
+    pub(super) fn insert(&mut self, seq: u64, row: &[u8]) -> Result<(), StoreError> {
         self.table.log_insert(seq, row);
         self.fresh.rows.insert(seq, row.to_vec());
         self.fresh.bytes += row.len() as u64;
@@ -158,31 +174,64 @@ impl Outbox<'_, '_> {
             let Some((seq, row)) = self.fresh.take_first() else {
                 break;
             };
-            self.table.insert_logged(seq, row.as_slice())?;
+            self.table.get()?.insert_logged(seq, row.as_slice())?;
+            self.fresh.table_first = None;
         }
         Ok(())
     }
 
     /// Removes the row `seq`; its stored length if it was there.
-    pub(super) fn remove(&mut self, seq: u64) -> Result<Option<u64>, StorageError> {
+    pub(super) fn remove(&mut self, seq: u64) -> Result<Option<u64>, StoreError> {
         if let Some(row) = self.fresh.take(seq) {
             self.table.log_remove(seq);
             return Ok(Some(row.len() as u64));
         }
-        Ok(self.table.remove(seq)?.map(|v| v.value().len() as u64))
+        if self.fresh.table_first == Some(None) {
+            // The table is empty.
+            return Ok(None);
+        }
+        let removed = self
+            .table
+            .get()?
+            .remove(seq)?
+            .map(|v| v.value().len() as u64);
+        if removed.is_some() {
+            self.fresh.table_first = None;
+        }
+        Ok(removed)
     }
 
-    pub(super) fn first(&self) -> Result<Option<First>, StorageError> {
-        if let Some((_, v)) = self.table.first()? {
-            return Ok(Some(First::of(v.value())));
+    pub(super) fn first(&mut self) -> Result<Option<First>, StoreError> {
+        let table_first = match self.fresh.table_first {
+            Some(first) => first,
+            None => {
+                let first = self
+                    .table
+                    .get()?
+                    .first()?
+                    .map(|(_, v)| First::of(v.value()));
+                self.fresh.table_first = Some(first);
+                first
+            }
+        };
+        if table_first.is_some() {
+            return Ok(table_first);
         }
         Ok(self.fresh.rows.values().next().map(|row| First::of(row)))
     }
 
     /// Removes the first row; its stored length if there was one.
-    pub(super) fn pop_first(&mut self) -> Result<Option<u64>, StorageError> {
-        if let Some((_, v)) = self.table.pop_first()? {
-            return Ok(Some(v.value().len() as u64));
+    pub(super) fn pop_first(&mut self) -> Result<Option<u64>, StoreError> {
+        if self.fresh.table_first != Some(None) {
+            let popped = self
+                .table
+                .get()?
+                .pop_first()?
+                .map(|(_, v)| v.value().len() as u64);
+            self.fresh.table_first = if popped.is_some() { None } else { Some(None) };
+            if popped.is_some() {
+                return Ok(popped);
+            }
         }
         Ok(self.fresh.take_first().map(|(seq, row)| {
             self.table.log_remove(seq);
@@ -216,7 +265,7 @@ mod tests {
         let log = RefCell::new(Vec::new());
         {
             let Open { txn, fresh } = open;
-            let (mut readings, mut events) = fresh.outboxes(txn, &log).unwrap();
+            let (mut readings, mut events) = fresh.outboxes(txn, &log);
             f(&mut readings, &mut events);
         }
         log.into_inner()
@@ -272,6 +321,45 @@ mod tests {
         super::super::journal::apply_bodies(&db2, &[first, second], dir2.path()).unwrap();
         assert_eq!(rows(&db2, Lane::Reading), vec![(3, row(30, "three"))]);
         assert!(rows(&db2, Lane::Event).is_empty());
+    }
+
+    /// The table's first row is looked up once per transaction and forgotten when a row
+    /// leaves the table, whichever group that happens in.
+    #[test]
+    fn the_first_row_follows_the_table_across_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("gw.redb")).unwrap();
+        let mut open = Open::new(db.begin_write().unwrap());
+        group(&mut open, |r, _| {
+            r.insert(1, &row(10, "one")).unwrap();
+            r.insert(2, &row(20, "two")).unwrap();
+        });
+        open.commit().unwrap();
+
+        let mut open = Open::new(db.begin_write().unwrap());
+        group(&mut open, |r, e| {
+            r.insert(3, &row(30, "three")).unwrap();
+            assert_eq!(r.first().unwrap().unwrap().received_at, Some(10));
+            assert_eq!(e.first().unwrap(), None);
+            assert_eq!(e.remove(7).unwrap(), None, "nothing to remove");
+        });
+        group(&mut open, |r, _| {
+            assert_eq!(r.first().unwrap().unwrap().received_at, Some(10));
+            assert_eq!(r.remove(1).unwrap(), Some(row(10, "one").len() as u64));
+        });
+        group(&mut open, |r, e| {
+            assert_eq!(r.first().unwrap().unwrap().received_at, Some(20));
+            assert_eq!(r.pop_first().unwrap(), Some(row(20, "two").len() as u64));
+            e.insert(4, &row(40, "event")).unwrap();
+        });
+        group(&mut open, |r, e| {
+            assert_eq!(r.first().unwrap().unwrap().received_at, Some(30));
+            assert_eq!(r.remove(2).unwrap(), None, "already gone");
+            assert_eq!(e.first().unwrap().unwrap().received_at, Some(40));
+        });
+        open.commit().unwrap();
+        assert_eq!(rows(&db, Lane::Reading), vec![(3, row(30, "three"))]);
+        assert_eq!(rows(&db, Lane::Event), vec![(4, row(40, "event"))]);
     }
 
     #[test]

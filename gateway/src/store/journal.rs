@@ -381,9 +381,8 @@ impl<'l, 't, K: Key + 'static, V: Value + 'static> Logged<'l, 't, K, V> {
         Ok(removed)
     }
 
-    /// Logs an insert without applying it: the caller holds the row until the
-    /// checkpoint writes it into the table (`fresh.rs`).
-    pub(super) fn log_insert<'k, 'v>(
+    /// Logs an insert without applying it.
+    fn log_insert<'k, 'v>(
         &mut self,
         key: impl std::borrow::Borrow<K::SelfType<'k>>,
         value: impl std::borrow::Borrow<V::SelfType<'v>>,
@@ -405,16 +404,6 @@ impl<'l, 't, K: Key + 'static, V: Value + 'static> Logged<'l, 't, K, V> {
     ) -> Result<(), StorageError> {
         self.table.insert(key, value)?;
         Ok(())
-    }
-
-    /// Logs the removal of a row the caller held (see [`Logged::log_insert`]).
-    pub(super) fn log_remove<'k>(&mut self, key: impl std::borrow::Borrow<K::SelfType<'k>>) {
-        push_op(
-            &mut self.log.borrow_mut(),
-            self.id,
-            K::as_bytes(key.borrow()).as_ref(),
-            None,
-        );
     }
 
     #[allow(clippy::type_complexity)]
@@ -467,6 +456,31 @@ impl<'l, 't, K: Key + 'static, V: Value + 'static> LazyLogged<'l, 't, K, V> {
             log,
             table: None,
         }
+    }
+
+    /// Logs an insert without opening the table or applying it: the caller holds the row
+    /// until it goes into the table ([`Logged::insert_logged`], `fresh.rs`).
+    pub(super) fn log_insert<'k, 'v>(
+        &mut self,
+        key: impl std::borrow::Borrow<K::SelfType<'k>>,
+        value: impl std::borrow::Borrow<V::SelfType<'v>>,
+    ) {
+        push_op(
+            &mut self.log.borrow_mut(),
+            self.id,
+            K::as_bytes(key.borrow()).as_ref(),
+            Some(V::as_bytes(value.borrow()).as_ref()),
+        );
+    }
+
+    /// Logs the removal of a row the caller held (see [`LazyLogged::log_insert`]).
+    pub(super) fn log_remove<'k>(&mut self, key: impl std::borrow::Borrow<K::SelfType<'k>>) {
+        push_op(
+            &mut self.log.borrow_mut(),
+            self.id,
+            K::as_bytes(key.borrow()).as_ref(),
+            None,
+        );
     }
 
     /// Whether the table was opened in this group (it was used).

@@ -67,7 +67,7 @@ use tokio::sync::{oneshot, Notify};
 use super::clock::CommitClock;
 use super::fresh::{Fresh, Open, Outbox};
 use super::health::{Degraded, ReaderSlot};
-use super::journal::{self, Journal, LazyLogged, Logged, TableId, CHECKPOINT_INTERVAL};
+use super::journal::{self, Journal, LazyLogged, TableId, CHECKPOINT_INTERVAL};
 use super::stats::{Counter, Counters};
 use super::tables::{self, COMMANDS, DEAD_LETTERS, EVENT_LOG, META, RULE_STATE};
 use super::tail::Tails;
@@ -669,7 +669,7 @@ impl Owner {
         oplog: &RefCell<Vec<u8>>,
         group: &mut Group,
     ) -> Result<(), StoreError> {
-        let (mut readings, mut events) = fresh.outboxes(txn, oplog)?;
+        let (mut readings, mut events) = fresh.outboxes(txn, oplog);
         let mut dead = LazyLogged::new(txn, DEAD_LETTERS, TableId::DeadLetters, oplog);
         let mut state = LazyLogged::new(txn, RULE_STATE, TableId::RuleState, oplog);
         let mut log = LazyLogged::new(txn, EVENT_LOG, TableId::EventLog, oplog);
@@ -765,15 +765,16 @@ impl Owner {
 
         self.enforce_retention(&mut readings, &mut events, &mut dead, &mut log)?;
 
-        for (lane, table) in [(Lane::Reading, &readings), (Lane::Event, &events)] {
+        for (lane, table) in [(Lane::Reading, &mut readings), (Lane::Event, &mut events)] {
             let first = table.first()?;
             self.counters
                 .set_oldest(lane, first.and_then(|f| f.received_at));
         }
 
-        // Only what changed: each write is a B-tree insert, and most counters stay put
-        // between two commits.
-        let mut meta = Logged::open(txn, META, TableId::Meta, oplog)?;
+        drop((readings, events));
+        // Only what changed, into the journal record; the table gets the last values at
+        // the checkpoint (`Fresh::meta`).
+        let mut meta = LazyLogged::new(txn, META, TableId::Meta, oplog);
         self.staged.clear();
         for &c in Counter::ALL {
             let v = if c.is_live() {
@@ -782,7 +783,8 @@ impl Owner {
                 self.get(c)
             };
             if self.persisted[c as usize] != Some(v) {
-                meta.insert(c.name(), v)?;
+                meta.log_insert(c.name(), v);
+                fresh.meta.insert(c.name(), v);
                 self.staged.push((c as usize, v));
             }
         }
