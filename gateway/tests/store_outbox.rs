@@ -177,13 +177,9 @@ fn seq_is_monotonic_across_restarts_and_lanes() {
     }
 }
 
-#[test]
-fn dead_letters_are_bounded_oldest_removed() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gw.redb");
-    let cfg = settings(|s| s.dead_letter_max = 50);
-    let h = open(&path, cfg);
-    for i in 0..120 {
+/// Queues `n` dead letters, the reason of the i-th being `bad {i}`.
+fn dead_letters(h: &StoreHandle, n: i64) {
+    for i in 0..n {
         assert!(h.dead_letter(
             DeadLetter {
                 topic: "devices/x/telemetry".into(),
@@ -194,6 +190,15 @@ fn dead_letters_are_bounded_oldest_removed() {
             None
         ));
     }
+}
+
+#[test]
+fn dead_letters_are_bounded_oldest_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.redb");
+    let cfg = settings(|s| s.dead_letter_max = 50);
+    let h = open(&path, cfg);
+    dead_letters(&h, 120);
     h.flush_blocking().unwrap();
     let dls = h.read_dead_letters(1000).unwrap();
     assert_eq!(dls.len(), 50);
@@ -212,17 +217,7 @@ fn a_lower_dead_letter_bound_applies_after_a_restart_without_new_dead_letters() 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gw.redb");
     let h = open(&path, settings(|s| s.dead_letter_max = 100));
-    for i in 0..80 {
-        assert!(h.dead_letter(
-            DeadLetter {
-                topic: "devices/x/telemetry".into(),
-                payload: vec![i as u8],
-                reason: format!("bad {i}"),
-                received_at: i,
-            },
-            None
-        ));
-    }
+    dead_letters(&h, 80);
     h.flush_blocking().unwrap();
     assert_eq!(h.counter(Counter::DeadLetterRows), 80);
     h.shutdown().unwrap();

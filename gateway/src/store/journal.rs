@@ -321,6 +321,26 @@ fn record_crc(generation: u64, body: &[u8]) -> u32 {
 }
 
 /// Appends one operation to a record body.
+/// Logs an insert of `value` at `key` of table `id` into the record `log`.
+fn log_insert<K: Key, V: Value>(
+    log: &RefCell<Vec<u8>>,
+    id: TableId,
+    key: &K::SelfType<'_>,
+    value: &V::SelfType<'_>,
+) {
+    push_op(
+        &mut log.borrow_mut(),
+        id,
+        K::as_bytes(key).as_ref(),
+        Some(V::as_bytes(value).as_ref()),
+    );
+}
+
+/// Logs the removal of `key` from table `id` into the record `log`.
+fn log_remove<K: Key>(log: &RefCell<Vec<u8>>, id: TableId, key: &K::SelfType<'_>) {
+    push_op(&mut log.borrow_mut(), id, K::as_bytes(key).as_ref(), None);
+}
+
 fn push_op(log: &mut Vec<u8>, table: TableId, key: &[u8], value: Option<&[u8]>) {
     log.push(table as u8);
     log.push(if value.is_some() { INSERT } else { REMOVE });
@@ -360,7 +380,7 @@ impl<'l, 't, K: Key + 'static, V: Value + 'static> Logged<'l, 't, K, V> {
         key: impl std::borrow::Borrow<K::SelfType<'k>>,
         value: impl std::borrow::Borrow<V::SelfType<'v>>,
     ) -> Result<(), StorageError> {
-        self.log_insert(key.borrow(), value.borrow());
+        log_insert::<K, V>(self.log, self.id, key.borrow(), value.borrow());
         self.table.insert(key, value)?;
         Ok(())
     }
@@ -371,28 +391,9 @@ impl<'l, 't, K: Key + 'static, V: Value + 'static> Logged<'l, 't, K, V> {
     ) -> Result<Option<redb::AccessGuard<'_, V>>, StorageError> {
         let removed = self.table.remove(key.borrow())?;
         if removed.is_some() {
-            push_op(
-                &mut self.log.borrow_mut(),
-                self.id,
-                K::as_bytes(key.borrow()).as_ref(),
-                None,
-            );
+            log_remove::<K>(self.log, self.id, key.borrow());
         }
         Ok(removed)
-    }
-
-    /// Logs an insert without applying it.
-    fn log_insert<'k, 'v>(
-        &mut self,
-        key: impl std::borrow::Borrow<K::SelfType<'k>>,
-        value: impl std::borrow::Borrow<V::SelfType<'v>>,
-    ) {
-        push_op(
-            &mut self.log.borrow_mut(),
-            self.id,
-            K::as_bytes(key.borrow()).as_ref(),
-            Some(V::as_bytes(value.borrow()).as_ref()),
-        );
     }
 
     /// Applies an insert logged earlier with [`Logged::log_insert`] (a held row that
@@ -412,12 +413,7 @@ impl<'l, 't, K: Key + 'static, V: Value + 'static> Logged<'l, 't, K, V> {
     ) -> Result<Option<(redb::AccessGuard<'_, K>, redb::AccessGuard<'_, V>)>, StorageError> {
         let popped = self.table.pop_first()?;
         if let Some((k, _)) = &popped {
-            push_op(
-                &mut self.log.borrow_mut(),
-                self.id,
-                K::as_bytes(&k.value()).as_ref(),
-                None,
-            );
+            log_remove::<K>(self.log, self.id, &k.value());
         }
         Ok(popped)
     }
@@ -465,22 +461,12 @@ impl<'l, 't, K: Key + 'static, V: Value + 'static> LazyLogged<'l, 't, K, V> {
         key: impl std::borrow::Borrow<K::SelfType<'k>>,
         value: impl std::borrow::Borrow<V::SelfType<'v>>,
     ) {
-        push_op(
-            &mut self.log.borrow_mut(),
-            self.id,
-            K::as_bytes(key.borrow()).as_ref(),
-            Some(V::as_bytes(value.borrow()).as_ref()),
-        );
+        log_insert::<K, V>(self.log, self.id, key.borrow(), value.borrow());
     }
 
     /// Logs the removal of a row the caller held (see [`LazyLogged::log_insert`]).
     pub(super) fn log_remove<'k>(&mut self, key: impl std::borrow::Borrow<K::SelfType<'k>>) {
-        push_op(
-            &mut self.log.borrow_mut(),
-            self.id,
-            K::as_bytes(key.borrow()).as_ref(),
-            None,
-        );
+        log_remove::<K>(self.log, self.id, key.borrow());
     }
 
     /// Whether the table was opened in this group (it was used).
