@@ -356,6 +356,22 @@ mod tests {
         assert_eq!(payloads(&batch), [4]);
         batch.clear();
 
+        // The store runs late: the commit its clock names is overdue (the one before it
+        // still waits for the disk), so what is handed over now goes into that one. The
+        // batch is taken for the commit after it, a spacing from now at the earliest,
+        // not as soon as a message comes (and then again after a coalescing sleep).
+        clock.set(Some(Instant::now() - Duration::from_millis(1)));
+        let started = Instant::now();
+        tx.send(publish(40)).unwrap();
+        assert_eq!(intake.next_batch(&mut batch, 16, deadline), Next::Batch);
+        assert!(
+            started.elapsed() + LEAD >= spacing,
+            "taken before the commit after the overdue one: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(payloads(&batch), [40]);
+        batch.clear();
+
         // Many messages waiting are handed out at once.
         for n in 5..5 + COALESCE_MIN as u8 {
             tx.send(publish(n)).unwrap();
