@@ -292,3 +292,35 @@ fn publishes_go_to_the_router_while_the_clients_own_subscribe_is_unacknowledged(
     assert_eq!(packets.len(), 1);
     assert_eq!(router_view(&packets[0]), (1, 0));
 }
+
+#[test]
+fn the_hook_wakes_the_application_each_time_a_group_s_worth_waits() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let woken = Arc::new(AtomicUsize::new(0));
+    let (hook, rx) = IngestHook::bounded(16);
+    let counted = woken.clone();
+    let hook = hook.wake_at(3, move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+    });
+    let mut held = HeldAcks::new(hook, None, "d");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut hand_over = |n: u16| {
+        let mut packets: Vec<Packet> = (1..=n).map(|i| publish(0, i, "devices/d/t")).collect();
+        let taken = held.take(&mut packets);
+        assert!(runtime.block_on(held.hand_over(taken)));
+    };
+    // Two waiting: not yet; the third: once, and not again for the fourth and fifth.
+    hand_over(2);
+    assert_eq!(woken.load(Ordering::SeqCst), 0);
+    hand_over(3);
+    assert_eq!(woken.load(Ordering::SeqCst), 1);
+    assert_eq!(rx.len(), 5);
+    // Taken by the application: the next time three wait wakes it again.
+    rx.drain().for_each(drop);
+    hand_over(3);
+    assert_eq!(woken.load(Ordering::SeqCst), 2);
+}

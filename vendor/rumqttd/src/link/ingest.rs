@@ -69,18 +69,37 @@ pub struct Ingested {
 #[derive(Clone)]
 pub struct IngestHook {
     tx: flume::Sender<Ingested>,
+    /// PATCH(gateway): called when a send leaves this many publishes waiting
+    /// ([`IngestHook::wake_at`]).
+    backlog: Option<(usize, Arc<dyn Fn() + Send + Sync>)>,
 }
 
 impl IngestHook {
     /// A hook whose channel holds at most `capacity` publishes, and its receiving end.
     pub fn bounded(capacity: usize) -> (IngestHook, flume::Receiver<Ingested>) {
         let (tx, rx) = flume::bounded(capacity);
-        (IngestHook { tx }, rx)
+        let hook = IngestHook { tx, backlog: None };
+        (hook, rx)
+    }
+
+    /// PATCH(gateway): calls `wake` whenever a send leaves exactly `waiting` publishes in
+    /// the channel, so that an application which lets a few publishes gather before it
+    /// takes them (the gateway's store sleeps out its commit spacing) is woken early when
+    /// a group's worth waits.
+    pub fn wake_at(mut self, waiting: usize, wake: impl Fn() + Send + Sync + 'static) -> Self {
+        self.backlog = Some((waiting, Arc::new(wake)));
+        self
     }
 
     /// Waits for room in the channel; `false` when the application has gone.
     pub(crate) async fn send(&self, ingested: Ingested) -> bool {
-        self.tx.send_async(ingested).await.is_ok()
+        let sent = self.tx.send_async(ingested).await.is_ok();
+        if let Some((waiting, wake)) = &self.backlog {
+            if sent && self.tx.len() == *waiting {
+                wake();
+            }
+        }
+        sent
     }
 }
 
