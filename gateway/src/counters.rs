@@ -17,8 +17,9 @@ pub struct Counters {
     pub ingested: AtomicU64,
     /// Publishes on topics outside `ingest.topic_pattern` (kept as dead letters).
     pub unrouted: AtomicU64,
-    /// Time the decode stage waited for room in the rules queue or the store's queue, in
-    /// microseconds: the backpressure that slows devices down.
+    /// Time the broker's hand-off to the decode stage stayed full, in microseconds: the
+    /// backpressure that slows devices down (counted from the run before the one that
+    /// found it full).
     pub blocked_micros: AtomicU64,
     /// Gauge: publishes waiting in the broker's hand-off channel (at the end of the last
     /// batch).

@@ -22,8 +22,8 @@ use gateway::pipeline::{Fault, RunError};
 const EXIT_CONFIG: u8 = 64;
 /// Longest wait for the async runtime's leftover tasks once `run` has returned.
 const RUNTIME_SHUTDOWN: Duration = Duration::from_millis(500);
-/// Hidden, for the test that the shutdown grace holds: `stuck-decode` makes the decode
-/// stage hang at shutdown ([`gateway::pipeline::Fault`]). Not a setting.
+/// Hidden, for the test that the shutdown grace holds: `stuck-device-events` makes the
+/// device events stage hang at shutdown ([`gateway::pipeline::Fault`]). Not a setting.
 const TEST_FAULT_ENV: &str = "GATEWAY_TEST_FAULT";
 
 #[derive(Parser)]
@@ -314,7 +314,7 @@ fn run(config: Config) -> ExitCode {
         }
     };
     let fault = match std::env::var(TEST_FAULT_ENV).as_deref() {
-        Ok("stuck-decode") => Some(Fault::StuckDecode),
+        Ok("stuck-device-events") => Some(Fault::StuckDeviceEvents),
         _ => None,
     };
     // The handlers are installed now, before anything says the gateway is up: a SIGTERM

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! broker --local link--> ingest --RawMessage--> decode --Reading--> rules --Event--> local broker
-//!                                                (one thread: decode, then rules, per batch)
+//!                                  (on the store's thread, before each commit: decode, then rules)
 //!                                                  |  \                  |  \
 //!                                       dead letters   \                 |   event log
 //!                                                        outbox (store) <-'
@@ -25,16 +25,17 @@
 //!
 //! Start: the HTTP port is bound and the store opens, then the broker with its local
 //! links; then the forwarder and webhook tasks, the device-events thread and the decode
-//! thread (which also runs the rules); then the status logger and the HTTP server.
+//! stage (which also runs the rules), handed to the store's thread as its feed
+//! (`store/feed.rs`); then the status logger and the HTTP server.
 //!
 //! Stop: one [`CancellationToken`] tree, owned by [`run`]. Its child `front` is cancelled
 //! when the `shutdown` future completes; the root once the front has drained:
-//! 1. `front`: ingest (the decode thread; its stop channel closes) reads what the broker still
-//!    holds, then drops the decode queue; the device-events thread and the status logger
-//!    stop; `/readyz` turns 503.
-//! 2. Decode ends when its queue is closed and empty, after the rules (on the same thread)
-//!    evaluated the last batch and saved their state. That is the drain: no stage is told
-//!    to stop while data is still queued in front of it.
+//! 1. `front`: the device-events thread and the status logger stop; `/readyz` turns 503;
+//!    the store is told to end its feed ([`StoreHandle::end_feed`]): decode takes what the
+//!    broker's hand-off holds at that moment and no more.
+//! 2. Decode ends once that is handled, after the rules evaluated the last batch and saved
+//!    their state (all on the store's thread, into its next commit). That is the drain: no
+//!    stage is told to stop while data is still queued in front of it.
 //! 3. The root: the forwarder (a child token) waits for the PUBACKs in flight and stops,
 //!    handing its last acks to the store; the downlink stops (commands not committed yet
 //!    were not acked upstream); the HTTP server (a child token) stops accepting. The
@@ -49,7 +50,9 @@
 //!   the ports are known to be free;
 //! - the stop is bounded by `gateway.shutdown_grace`: steps 1 to 3 share one deadline,
 //!   and closing the store gets at least `STORE_CLOSE_MIN` after it, so what the stages
-//!   handed over is committed even when a stage is stuck; a stage still running then is
+//!   handed over is committed even when a stage is stuck (decode and the rules excepted:
+//!   they run on the store's thread, and only the broker's local link can hold them, for
+//!   their events); a stage still running then is
 //!   left behind (named in the log, [`RunError::GraceExpired`]); `run` never leaves work on
 //!   the blocking pool, so returning from it does not wait for a stuck stage;
 //! - `run` waits for the stage threads without blocking a runtime worker
@@ -121,9 +124,9 @@ pub enum RunError {
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    /// The decode thread (with the rules) never returns once its input has closed, as a
-    /// stage stuck in a blocking call would.
-    StuckDecode,
+    /// The device events thread never returns once its input has closed, as a stage
+    /// stuck in a blocking call would.
+    StuckDeviceEvents,
 }
 
 /// Runs the gateway until `shutdown` completes, then drains and closes it within
@@ -276,7 +279,11 @@ impl Running {
     /// stages still running when `deadline` passed.
     async fn stop(self, deadline: Instant) -> Vec<String> {
         self.front.cancel();
+        let fed = self.store.end_feed();
         let mut still_running = self.threads.wait(deadline).await;
+        if tokio::time::timeout_at(deadline, fed).await.is_err() {
+            still_running.push("decode".into());
+        }
         self.stop.cancel();
         // The rules stage hands over no more calls: those left get WEBHOOK_DRAIN.
         let webhooks_by = deadline.min(Instant::now() + WEBHOOK_DRAIN);
@@ -347,6 +354,7 @@ fn start(
         &config.ingest,
         &config.rules,
         &config.downlink.device_topic,
+        store.early_commit(),
     )?;
     let auth = links.auth;
     let forwarding = config.upstream.url.is_some();
@@ -388,7 +396,15 @@ fn start(
                 stats: stats.clone(),
                 stop: closed_on_cancel(&front),
             };
-            threads.spawn("device-events", move || stage.run())?;
+            threads.spawn("device-events", move || {
+                stage.run();
+                if fault == Some(Fault::StuckDeviceEvents) {
+                    tracing::warn!("Injected fault: the device events stage hangs.");
+                    loop {
+                        std::thread::park();
+                    }
+                }
+            })?;
             Some(stats)
         }
         None => None,
@@ -406,7 +422,7 @@ fn start(
     );
     let webhooks = (tokio::spawn(webhook_task.run()), abandon);
 
-    // Evaluated on the decode thread, after each batch (`rules::stage`).
+    // Evaluated by the decode stage, after each batch (`rules::stage`).
     let rules = RulesStage {
         gateway_id: config.gateway.id.clone(),
         dir: config.rules.dir.clone(),
@@ -422,22 +438,15 @@ fn start(
     };
     let decode = DecodeStage {
         pattern: config.ingest.topic_pattern.clone(),
-        input: Intake::new(links.ingest, closed_on_cancel(&front)).paced(store.commit_clock()),
+        input: Intake::new(links.ingest),
         counters: counters.clone(),
         store: store.clone(),
         forward_readings: forwarding && config.upstream.forward_readings,
         rules: Some(rules),
         devices: views.devices.clone(),
     };
-    threads.spawn("decode", move || {
-        decode.run();
-        if fault == Some(Fault::StuckDecode) {
-            tracing::warn!("Injected fault: the decode and rules stage hangs.");
-            loop {
-                std::thread::park();
-            }
-        }
-    })?;
+    // Run by the store's thread before each commit (`store/feed.rs`).
+    store.feed(Box::new(move || decode.start()));
 
     Ok(Running {
         front,

@@ -1,6 +1,6 @@
-//! The pipeline's stage threads (decode, which also runs the rules, and device events:
-//! each an OS thread, since their work blocks), and waiting for them from async code with
-//! a deadline.
+//! The pipeline's stage threads (device events: an OS thread, since its work blocks; decode
+//! and the rules run on the store's thread), and waiting for them from async code with a
+//! deadline.
 //!
 //! Invariants:
 //! - every thread holds a sender of one completion channel until it returns or unwinds,

@@ -243,12 +243,12 @@ async fn sigint_drains_and_closes_the_database() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_stage_does_not_hold_the_exit_beyond_the_grace() {
-    // The hidden fault makes the decode thread (which runs the rules) hang once its input
-    // closes, as a stage stuck in a blocking call would.
+    // The hidden fault makes the device events thread hang once its input closes, as a
+    // stage stuck in a blocking call would.
     let grace = Duration::from_secs(1);
     let mut gw = Gateway::start(&[
         ("GATEWAY__GATEWAY__SHUTDOWN_GRACE", "1s"),
-        ("GATEWAY_TEST_FAULT", "stuck-decode"),
+        ("GATEWAY_TEST_FAULT", "stuck-device-events"),
     ]);
     let messages = vec![
         ("devices/s-0/telemetry".to_string(), b"{\"n\":1}".to_vec()),
@@ -271,16 +271,16 @@ async fn a_stuck_stage_does_not_hold_the_exit_beyond_the_grace() {
         "{took:?}; log:\n{log}"
     );
     assert!(
-        log.contains("Injected fault: the decode and rules stage hangs."),
+        log.contains("Injected fault: the device events stage hangs."),
         "{log}"
     );
     let over = gw.wait_log("Shutdown grace period over", Duration::from_secs(1));
-    assert!(over.contains("still_running=decode"), "{over}");
+    assert!(over.contains("still_running=device-events"), "{over}");
     assert!(
-        log.contains("shutdown grace period (1s) ran out with decode still running"),
+        log.contains("shutdown grace period (1s) ran out with device-events still running"),
         "{log}"
     );
-    // What decode handed to the store before the grace ran out is committed.
+    // What decode handed to the store is committed, the stuck stage notwithstanding.
     let letters = gateway::store::read_dead_letters(&gw.db_path(), 10).unwrap();
     assert_eq!(letters.len(), 1);
 }

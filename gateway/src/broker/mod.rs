@@ -48,6 +48,7 @@ use rumqttd::{ConnectionSettings, RouterConfig, ServerSettings};
 
 use crate::config::{AuthSection, BrokerSection, IngestSection, RulesSection};
 use crate::downlink::CommandTopic;
+use crate::store::COMMIT_EARLY_ROWS;
 
 use auth::{AuthError, Authenticator};
 use tls_listener::TlsListener;
@@ -161,13 +162,16 @@ pub fn rumqttd_config(
 
 /// Loads the device credentials (unless anonymous access is on), starts the router,
 /// sets the ingest hook and creates the publish link, then starts the listeners and
-/// waits until they accept connections.
+/// waits until they accept connections. `wake` is called when a group's worth of
+/// publishes waits in the ingest channel ([`COMMIT_EARLY_ROWS`]: the store, which takes
+/// them, may be sleeping out its commit spacing).
 pub fn start(
     section: &BrokerSection,
     auth: &AuthSection,
     ingest: &IngestSection,
     rules: &RulesSection,
     commands: &CommandTopic,
+    wake: impl Fn() + Send + Sync + 'static,
 ) -> Result<Links, BrokerError> {
     let events_filter = &rules.event_filter();
     let authenticator = if auth.anonymous {
@@ -196,6 +200,7 @@ pub fn start(
         ));
     }
     let (hook, ingest_rx) = rumqttd::IngestHook::bounded(ingest.queue_capacity);
+    let hook = hook.wake_at(COMMIT_EARLY_ROWS, wake);
     broker.set_ingest(hook);
     let (downlink_hook, downlink) = rumqttd::DownlinkHook::new();
     broker.set_downlink(downlink_hook);
@@ -335,6 +340,7 @@ mod tests {
             &config.ingest,
             &config.rules,
             &config.downlink.device_topic,
+            || {},
         )
         .unwrap();
         let (tx, rx) = std::sync::mpsc::channel();

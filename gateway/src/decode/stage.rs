@@ -2,10 +2,11 @@
 //! ([`Intake`]), decodes them, hands readings on and keeps what does not decode in the
 //! dead-letter table.
 //!
-//! Runs on its own OS thread (decoding is CPU work, and the hand-offs after it wait when
-//! the next stage is full), which also runs the rules stage ([`RulesLoop`]): each batch
-//! is decoded, handed to the store, then evaluated, and the thread also wakes for the
-//! rules' timers.
+//! Runs on the store's thread, as its feed ([`Feed`], `store/feed.rs`): just before each
+//! commit the store has it take what the broker handed over meanwhile, and what it hands
+//! to the store joins that commit. It also runs the rules stage ([`RulesLoop`]): each
+//! run's readings are decoded, handed to the store, then evaluated, and the store wakes
+//! for the rules' timers too.
 //!
 //! Invariants:
 //! - every message is counted exactly once as decoded, dead-lettered or unrouted (a topic
@@ -13,15 +14,17 @@
 //! - every receipt goes to the store with what its message became (an outbox row, a
 //!   dead letter) or on its own when nothing is stored, in message order, so devices are
 //!   acknowledged in the order they published and only for what is committed;
-//! - no drop paths: a full store queue (or the broker's local link, for the rules'
-//!   events) makes the stage wait, which stops the broker from reading devices' sockets
-//!   (see `ingest.rs`); the time spent waiting for the store is counted
-//!   (`blocked_micros`);
+//! - no drop paths: what the stage hands to the store joins the group being gathered
+//!   (it never waits for the store's queue); a run takes at most a group's worth, so when
+//!   the store or the rules fall behind the broker's hand-off fills and the broker stops
+//!   reading devices' sockets (see `ingest.rs`); the time it stayed full is counted
+//!   (`blocked_micros`); publishing the rules' events on the broker's local link waits
+//!   when that is full;
 //! - every decoded reading is evaluated by the rules, in the order it arrived;
 //! - a bad payload or an unrouted topic never stops the stage; each is logged at most
 //!   once per [`WARN_INTERVAL`], with the latest topic, reason and client id;
-//! - the stage ends when the intake ends (the gateway is stopping and what was queued is
-//!   handled), after the rules saved their state;
+//! - the stage ends when the intake is over (the gateway is stopping and what was queued
+//!   is handled), after the rules saved their state;
 //! - every decoded message updates the device read model ([`Devices`]) once.
 
 use std::sync::Arc;
@@ -30,10 +33,10 @@ use std::time::{Duration, Instant};
 use super::{decode, TopicPattern, TopicPatterns};
 use crate::counters::Counters;
 use crate::devices::Devices;
-use crate::ingest::{Intake, Next, RawMessage};
+use crate::ingest::{Ingested, Intake, Next, RawMessage};
 use crate::reading::Reading;
 use crate::rules::{RulesLoop, RulesStage};
-use crate::store::{DeadLetter, OutboxEntry, StoreHandle};
+use crate::store::{DeadLetter, Feed, OutboxEntry, StoreHandle};
 
 /// Least time between two log lines about dead letters (and about unrouted topics).
 pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
@@ -80,46 +83,119 @@ impl Warning {
     }
 }
 
-impl DecodeStage {
-    pub fn run(mut self) {
-        let _span = tracing::info_span!("decode").entered();
-        let mut rules = self.rules.take().map(RulesStage::start);
-        let mut batch = Vec::with_capacity(BATCH);
-        // The readings of the batch, for the rules; its capacity is kept.
-        let mut decoded = Vec::new();
-        let mut dead = Warning::default();
-        let mut unrouted = Warning::default();
-        loop {
-            let deadline = rules.as_ref().map(RulesLoop::next_wake);
-            match self.input.next_batch(&mut batch, BATCH, deadline) {
-                Next::Over => break,
-                // Only the rules' timers are due.
-                Next::Idle => {}
+/// The stage as the store runs it, with the rules once started.
+struct Decoding {
+    stage: DecodeStage,
+    rules: Option<RulesLoop>,
+    batch: Vec<RawMessage>,
+    /// The readings of the run, for the rules; its capacity is kept.
+    decoded: Vec<Reading>,
+    dead: Warning,
+    unrouted: Warning,
+    span: tracing::Span,
+    /// When the last run started.
+    last_run: Instant,
+}
+
+impl Feed for Decoding {
+    fn input(&self) -> Option<&flume::Receiver<Ingested>> {
+        self.stage.input.waiting_on()
+    }
+
+    fn hold(&mut self, message: Ingested) {
+        self.stage.input.hold(message);
+    }
+
+    fn queued(&self) -> usize {
+        self.stage.input.queued()
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        self.rules.as_ref().map(RulesLoop::next_wake)
+    }
+
+    fn run(&mut self, max: usize) -> bool {
+        let _span = self.span.enter();
+        let now = Instant::now();
+        if self.stage.input.is_full() {
+            // The broker's connections waited for room since the last run at least.
+            let waited = now - self.last_run;
+            Counters::add(
+                &self.stage.counters.blocked_micros,
+                waited.as_micros() as u64,
+            );
+        }
+        self.last_run = now;
+        let mut over = false;
+        let mut left = max;
+        while left > 0 {
+            match self.stage.input.take(&mut self.batch, left.min(BATCH)) {
+                Next::Over => {
+                    over = true;
+                    break;
+                }
+                Next::Idle => break,
                 Next::Batch => {
-                    Counters::add(&self.counters.ingested, batch.len() as u64);
-                    for message in batch.drain(..) {
-                        let evaluated = rules.as_ref().map(|_| &mut decoded);
-                        match self.pattern.find(&message.topic) {
-                            Some(pattern) => self.handle(pattern, message, evaluated, &mut dead),
-                            None => self.unrouted(message, &mut unrouted),
+                    left = left.saturating_sub(self.batch.len());
+                    Counters::add(&self.stage.counters.ingested, self.batch.len() as u64);
+                    for message in self.batch.drain(..) {
+                        let evaluated = self.rules.as_ref().map(|_| &mut self.decoded);
+                        match self.stage.pattern.find(&message.topic) {
+                            Some(pattern) => {
+                                self.stage
+                                    .handle(pattern, message, evaluated, &mut self.dead)
+                            }
+                            None => self.stage.unrouted(message, &mut self.unrouted),
                         }
                     }
-                    Counters::set(&self.counters.intake_queued, self.input.queued() as u64);
                 }
             }
-            if let Some(rules) = &mut rules {
-                rules.step(&decoded);
-            }
-            decoded.clear();
-            if decoded.capacity() > DECODED_KEEP {
-                // A burst of many-record messages (SenML packs) does not stay allocated.
-                decoded = Vec::new();
+        }
+        Counters::set(
+            &self.stage.counters.intake_queued,
+            self.stage.input.queued() as u64,
+        );
+        if let Some(rules) = &mut self.rules {
+            if !self.decoded.is_empty() || rules.next_wake() <= Instant::now() {
+                rules.step(&self.decoded);
             }
         }
+        self.decoded.clear();
+        if self.decoded.capacity() > DECODED_KEEP {
+            // A burst of many-record messages (SenML packs) does not stay allocated.
+            self.decoded = Vec::new();
+        }
+        !over
+    }
+
+    fn stop(&mut self) {
+        self.stage.input.stop();
+    }
+
+    fn finish(self: Box<Self>) {
+        let Decoding { rules, span, .. } = *self;
         if let Some(rules) = rules {
             rules.finish();
         }
-        tracing::debug!("Decode stopped.");
+        tracing::debug!(parent: &span, "Decode stopped.");
+    }
+}
+
+impl DecodeStage {
+    /// Starts the rules (their state restored) and returns the stage as the store's feed
+    /// (`store/feed.rs`); called on the store's thread, which runs it from then on.
+    pub fn start(mut self) -> Box<dyn Feed> {
+        let rules = self.rules.take().map(RulesStage::start);
+        Box::new(Decoding {
+            stage: self,
+            rules,
+            batch: Vec::with_capacity(BATCH),
+            decoded: Vec::new(),
+            dead: Warning::default(),
+            unrouted: Warning::default(),
+            span: tracing::info_span!(parent: None, "decode"),
+            last_run: Instant::now(),
+        })
     }
 
     /// Decodes one message; its readings join `decoded` when the rules run.
@@ -153,9 +229,9 @@ impl DecodeStage {
                     let device = readings[0].device.clone();
                     let entry =
                         OutboxEntry::reading(topic, device, payload.to_vec(), format, received_at);
-                    self.waiting(|| self.store.append_acked(entry, receipt));
+                    self.store.append_acked(entry, receipt);
                 } else if let Some(receipt) = receipt {
-                    self.waiting(|| self.store.release(receipt));
+                    self.store.release(receipt);
                 }
                 if let Some(decoded) = decoded {
                     decoded.extend(readings);
@@ -174,7 +250,7 @@ impl DecodeStage {
                     reason,
                     received_at,
                 };
-                self.waiting(|| self.store.dead_letter(dl, receipt));
+                self.store.dead_letter(dl, receipt);
             }
         }
     }
@@ -197,17 +273,6 @@ impl DecodeStage {
             reason,
             received_at: message.received_at,
         };
-        self.waiting(|| self.store.dead_letter(dl, message.receipt));
-    }
-
-    /// Runs a hand-off that may wait for room downstream, counting the time it took.
-    fn waiting<T>(&self, hand_off: impl FnOnce() -> T) -> T {
-        let started = Instant::now();
-        let result = hand_off();
-        let waited = started.elapsed();
-        if waited >= Duration::from_micros(50) {
-            Counters::add(&self.counters.blocked_micros, waited.as_micros() as u64);
-        }
-        result
+        self.store.dead_letter(dl, message.receipt);
     }
 }

@@ -251,7 +251,7 @@ fn pipeline(e: &mut Encoder, s: &Sources) {
     .value(get(&c.intake_queued));
     e.family(
         "gateway_backpressure_seconds_total",
-        "Time the decode stage waited for the store (devices are slowed meanwhile).",
+        "Time the hand-off to the decode stage stayed full (devices are slowed meanwhile).",
         Kind::Counter,
     )
     .value(get(&c.blocked_micros) / 1e6);

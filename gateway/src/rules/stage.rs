@@ -3,12 +3,13 @@
 //! actions of the event's rule: publishes on the local broker (each recorded in the event
 //! log) and webhook calls, handed to the webhook task (`crate::webhook`).
 //!
-//! Runs on the decode stage's thread ([`RulesLoop`]): the decode stage hands it each
-//! batch it decoded and wakes for its timers. A thread of its own cost a wake-up and a
-//! hand-off per batch, about 850 context switches a second at 1000 devices x 10/s
-//! (BENCHMARKS.md, "Rules on the decode thread; one wake-up per commit"). Publishing on
-//! the broker's local link is a blocking send, as the decode stage's hand-offs to the
-//! store are: both wait when the next stage is full, which is the backpressure. Time
+//! Runs where the decode stage runs, on the store's thread ([`RulesLoop`],
+//! `store/feed.rs`): the decode stage hands it each batch it decoded, and the store wakes
+//! for its timers. A thread of its own cost a wake-up and a hand-off per batch, about 850
+//! context switches a second at 1000 devices x 10/s (BENCHMARKS.md, "Rules on the decode
+//! thread; one wake-up per commit"). What it hands to the store joins the group being
+//! gathered; publishing on the broker's local link is a blocking send, which waits when
+//! the broker is behind. Time
 //! comes from the wall clock here and is passed into the pure [`Engine`]. Its 1 s tick,
 //! which runs whether or not readings come, also drives the gateway's memory trim after
 //! a burst ([`crate::memory::Trim`]), so that needs no timer of its own.
@@ -158,7 +159,7 @@ fn load_with_report(dir: &std::path::Path) -> (RuleSet, ReloadView) {
 }
 
 /// The rules stage once started: the engine and the stage's timers. Runs on the thread
-/// of its caller (the decode stage), which hands it each batch of readings it decoded
+/// of its caller (the decode stage, on the store's thread), which hands it each batch of readings it decoded
 /// ([`step`](Self::step)) and otherwise calls [`step`](Self::step) with none at
 /// [`next_wake`](Self::next_wake).
 pub struct RulesLoop {

@@ -23,8 +23,11 @@
 //!   created (or first opened, for a file from before epochs): a new file restarts the
 //!   sequence at 1, so only (epoch, seq) identifies a row across database lifetimes.
 //! - Data commands (appends, dead letters, state, the event log) go through a bounded
-//!   channel; a full channel makes the sending stage wait (backpressure that reaches the
-//!   devices, see `ingest.rs`). Acks and flushes go through a separate unbounded control
+//!   channel; a full channel makes the sending stage wait. The decode stage and the
+//!   rules run on the owner thread as its feed ([`Feed`], `feed.rs`), just before each
+//!   commit, and what they hand over joins the group directly; they take at most a
+//!   group's worth of the broker's hand-off per commit, so a store that is behind fills
+//!   that (backpressure that reaches the devices, see `ingest.rs`). Acks and flushes go through a separate unbounded control
 //!   channel (bounded in practice by the forwarder's in-flight window).
 //! - A device is acknowledged only for what is committed: appends and dead letters carry
 //!   the [`Receipt`] of the publish they came from, and the owner releases receipts only
@@ -66,9 +69,9 @@
 //!   counters from it (the file is the truth about what was committed) and commits them;
 //!   when that works it logs one "storage recovered" line and resumes.
 
-mod clock;
 mod commands;
 mod degraded;
+mod feed;
 mod fresh;
 mod health;
 mod journal;
@@ -84,7 +87,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
+use flume::Sender;
 use redb::{ConcurrencyMode, Database};
 use tokio::sync::{oneshot, Notify};
 
@@ -97,10 +100,10 @@ use health::{Reader, ReaderSlot};
 use journal::{Journal, JOURNAL_BYTES};
 use tail::Tails;
 
-pub use clock::CommitClock;
 pub use commands::{
     drop_commands_file, list_commands_file, status_entry, CommandState, QueuedCommand,
 };
+pub use feed::{Feed, StartFeed};
 pub use read::{query_events, read_dead_letters, read_outbox_file, LoggedEvent};
 pub use stats::{read_stats_file, stats_command, Counter, LaneStats, OutboxStats, StorageHealth};
 pub use tables::epoch_hex;
@@ -397,6 +400,11 @@ enum CtlCmd {
     /// The forwarder reached the end of the file while newer rows are only journaled
     /// (`tail.rs`): commit them to the file now rather than at the checkpoint interval.
     Checkpoint,
+    /// The feed the owner runs before each group (`feed.rs`).
+    Feed(StartFeed),
+    /// The feed takes no more input than what waits now; the sender is told once it has
+    /// handled that and finished.
+    EndFeed(oneshot::Sender<()>),
     Shutdown,
 }
 
@@ -411,8 +419,6 @@ struct Shared {
     new_rows: Arc<Notify>,
     /// The newest committed rows, for [`StoreHandle::read_outbox_live`].
     tails: Arc<Mutex<Tails>>,
-    /// When the next group commit starts, under load.
-    clock: Arc<CommitClock>,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// The owner thread, woken when [`COMMIT_EARLY_ROWS`] commands wait.
     owner: std::thread::Thread,
@@ -477,11 +483,10 @@ impl Store {
             }
         }
         let slot = Arc::new(ReaderSlot::new(Some(Reader::Writer(db.clone()))));
-        let (data_tx, data_rx) = crossbeam_channel::bounded(cfg.channel_capacity.max(1));
-        let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
+        let (data_tx, data_rx) = flume::bounded(cfg.channel_capacity.max(1));
+        let (ctl_tx, ctl_rx) = flume::unbounded();
         let new_rows = Arc::new(Notify::new());
         let tails = Arc::new(Mutex::new(Tails::default()));
-        let clock = Arc::new(CommitClock::new(cfg.flush_interval));
         let owner = writer::Owner::new(
             (db, journal),
             path.to_owned(),
@@ -489,7 +494,7 @@ impl Store {
             cfg,
             (data_rx, ctl_rx),
             counters.clone(),
-            (new_rows.clone(), tails.clone(), clock.clone()),
+            (new_rows.clone(), tails.clone()),
         );
         let thread = std::thread::Builder::new()
             .name("store".into())
@@ -509,7 +514,6 @@ impl Store {
                 counters,
                 new_rows,
                 tails,
-                clock,
                 thread: Mutex::new(Some(thread)),
                 owner,
             }),
@@ -532,6 +536,10 @@ impl StoreHandle {
             self.shared.counters.add(refused, 1);
             return false;
         }
+        // The feed, on the owner thread, hands over into the group being gathered.
+        let Some(cmd) = feed::keep(cmd) else {
+            return true;
+        };
         match self.shared.data_tx.send(Box::new(cmd)) {
             Ok(()) => {
                 // A group this full need not wait out the commit spacing (`writer.rs`):
@@ -583,10 +591,9 @@ impl StoreHandle {
     /// the storage is unavailable it is dropped unreleased.
     pub fn release(&self, receipt: Receipt) {
         if !self.shared.counters.degraded() {
-            let _ = self
-                .shared
-                .data_tx
-                .send(Box::new(DataCmd::Receipt(receipt)));
+            if let Some(cmd) = feed::keep(DataCmd::Receipt(receipt)) {
+                let _ = self.shared.data_tx.send(Box::new(cmd));
+            }
         }
     }
 
@@ -741,10 +748,25 @@ impl StoreHandle {
         self.shared.counters.acks_committed()
     }
 
-    /// When the store's next group commit starts, while commands stream in
-    /// (`clock.rs`).
-    pub fn commit_clock(&self) -> Arc<CommitClock> {
-        self.shared.clock.clone()
+    /// Has the owner thread run `start`'s feed before each group from now on (`feed.rs`);
+    /// what the feed hands to the store joins the group being gathered.
+    pub fn feed(&self, start: StartFeed) {
+        let _ = self.shared.ctl_tx.send(CtlCmd::Feed(start));
+    }
+
+    /// Wakes the owner thread from its commit spacing (`writer.rs`): for the feed's input,
+    /// once [`COMMIT_EARLY_ROWS`] messages wait in it.
+    pub fn early_commit(&self) -> impl Fn() + Send + Sync + 'static {
+        let owner = self.shared.owner.clone();
+        move || owner.unpark()
+    }
+
+    /// Ends the feed: what its input holds now is handled, then it finishes. The receiver
+    /// resolves once it has (at once without a feed), or errs when the store has closed.
+    pub fn end_feed(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.shared.ctl_tx.send(CtlCmd::EndFeed(tx));
+        rx
     }
 
     /// Resolves after the next commit that added outbox rows or applied acks (or at once

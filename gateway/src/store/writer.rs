@@ -29,14 +29,21 @@
 //!   it sleeps out the spacing before it looks at the queue at all, so that a commit
 //!   costs one wake-up, not one for the first command and one at the end of the
 //!   spacing (a command waits no longer for it: it could not be committed before the
-//!   spacing ends anyway). It is woken early,
-//!   and the group committed at once, when [`COMMIT_EARLY_ROWS`] commands wait: such a
+//!   spacing ends anyway). It is woken early, and the group committed at once, when
+//!   [`COMMIT_EARLY_ROWS`] commands, or messages of the feed's input, wait (the broker's
+//!   ingest hook wakes it for the latter, `StoreHandle::early_commit`): such a
 //!   group carries as many rows as a spaced one at 6,400 readings/s, so the writes per
 //!   reading stay bounded, and a device with many publishes in flight is not held to one
 //!   window per spacing (one device with 100 in flight: 10.8k acknowledged readings/s
 //!   without it, 22.8k with it; BENCHMARKS.md, "Commit spacing and full groups").
 //!   `max_batch` commands, or a flush request or shutdown taken before the sleep, end the
 //!   group at once too.
+//! - The feed (`feed.rs`: the decode stage with the rules) runs last as a group is
+//!   gathered, just before its commit: under load the thread sleeps out the spacing
+//!   while the broker's hand-off fills, then the feed takes what arrived (at most what
+//!   the group has room for) and its hand-offs join the group after the queue's
+//!   commands. The thread wakes for the feed's input and timers as for its own channels,
+//!   so a publish after a quiet spell is decoded and committed at once.
 //! - Acks (rows delivered upstream, to delete) join the next group that writes rows (it
 //!   commits anyway); without such a group they wait until [`ACK_GROUP_ROWS`] of them are
 //!   pending, the oldest has waited [`ACK_DELAY`], the outbox nears its byte budget, or a
@@ -53,18 +60,20 @@
 //! - A failed commit makes the store degraded; acks count as committed only once their
 //!   deletion is.
 //! - The thread ends on the `Shutdown` command, after committing everything queued
-//!   before it (see the store's module header for why this is a command).
+//!   before it and what the feed's input held then (see the store's module header for
+//!   why this is a command).
 
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver};
+use flume::Receiver;
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use rumqttd::Ingested;
 use tokio::sync::{oneshot, Notify};
 
-use super::clock::CommitClock;
+use super::feed::{self, Feed};
 use super::fresh::{Fresh, Open, Outbox};
 use super::health::{Degraded, ReaderSlot};
 use super::journal::{self, Journal, LazyLogged, TableId, CHECKPOINT_INTERVAL};
@@ -186,8 +195,10 @@ pub(super) struct Owner {
     pub(super) new_rows: Arc<Notify>,
     /// Where committed rows go for the forwarder (`tail.rs`), once it reads.
     pub(super) tails: Arc<Mutex<Tails>>,
-    /// When the next commit starts, for the decode stage (`clock.rs`).
-    clock: Arc<CommitClock>,
+    /// What runs before each group (`feed.rs`), once the pipeline has set it.
+    feed: Option<Box<dyn Feed>>,
+    /// Told once the feed has ended ([`CtlCmd::EndFeed`]).
+    feed_ended: Option<oneshot::Sender<()>>,
     /// Whether the transaction being built keeps its rows for `tails`.
     keep_rows: bool,
     /// The rows the transaction being built appended, by lane, when `keep_rows`.
@@ -242,6 +253,8 @@ pub(super) struct Group {
     pub(super) shutdown: bool,
     /// The forwarder waits for rows that are only journaled (`CtlCmd::Checkpoint`).
     pub(super) checkpoint: bool,
+    /// What the feed handed over (`feed.rs`); joins `data` after the queue's commands.
+    pub(super) fed: Vec<DataCmd>,
     /// Receipts of what the group's commit stores, in queue order.
     pub(super) receipts: Vec<Receipt>,
     /// What runs after the group's commit (dropped when it fails).
@@ -275,7 +288,7 @@ impl Owner {
         cfg: StoreConfig,
         (data_rx, ctl_rx): (Receiver<Box<DataCmd>>, Receiver<CtlCmd>),
         counters: Arc<Counters>,
-        (new_rows, tails, clock): (Arc<Notify>, Arc<Mutex<Tails>>, Arc<CommitClock>),
+        (new_rows, tails): (Arc<Notify>, Arc<Mutex<Tails>>),
     ) -> Self {
         let meta: Vec<u64> = Counter::ALL.iter().map(|&c| counters.get(c)).collect();
         let drops_logged = meta.clone();
@@ -291,7 +304,8 @@ impl Owner {
             counters,
             new_rows,
             tails,
-            clock,
+            feed: None,
+            feed_ended: None,
             keep_rows: false,
             appended: ByLane::default(),
             persisted: vec![None; meta.len()],
@@ -421,32 +435,90 @@ impl Owner {
                 group.flushes.push((target, tx));
             }
             CtlCmd::Checkpoint => group.checkpoint = true,
+            CtlCmd::Feed(start) => {
+                if let Some(old) = self.feed.take() {
+                    feed::collecting(&mut group.fed, || old.finish());
+                }
+                self.feed = Some(feed::collecting(&mut group.fed, start));
+            }
+            CtlCmd::EndFeed(tx) => match &mut self.feed {
+                Some(feed) => {
+                    feed.stop();
+                    self.feed_ended = Some(tx);
+                }
+                None => {
+                    let _ = tx.send(());
+                }
+            },
             CtlCmd::Shutdown => group.shutdown = true,
         }
     }
 
-    /// Waits up to `timeout` for one command of either channel and adds it to the group;
-    /// false when none came in time.
+    /// Runs the feed for up to `max` messages of its input; ends it once that is over.
+    fn run_feed(&mut self, group: &mut Group, max: usize) {
+        let Some(feed) = &mut self.feed else { return };
+        if !feed::collecting(&mut group.fed, || feed.run(max.max(1))) {
+            self.end_feed(group);
+        }
+    }
+
+    /// Finishes the feed (what it hands over joins `group`) and tells who asked.
+    fn end_feed(&mut self, group: &mut Group) {
+        if let Some(feed) = self.feed.take() {
+            feed::collecting(&mut group.fed, || feed.finish());
+        }
+        if let Some(tx) = self.feed_ended.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Messages waiting in the feed's input.
+    fn feed_queued(&self) -> usize {
+        self.feed.as_ref().map_or(0, |f| f.queued())
+    }
+
+    /// Waits up to `timeout` for one command of either channel, or a message of the
+    /// feed's input, and adds it to the group (or has the feed hold it); false when none
+    /// came in time.
     fn wait_one(&mut self, group: &mut Group, timeout: Duration) -> bool {
-        select! {
-            recv(self.ctl_rx) -> m => match m {
-                Ok(cmd) => self.take_ctl(group, cmd),
-                Err(_) => group.shutdown = true,
-            },
-            recv(self.data_rx) -> m => match m {
-                Ok(cmd) => group.data.push(*cmd),
-                Err(_) => group.shutdown = true,
-            },
-            default(timeout) => return false,
+        enum Woke {
+            Ctl(Result<CtlCmd, flume::RecvError>),
+            Data(Result<Box<DataCmd>, flume::RecvError>),
+            Input(Result<Ingested, flume::RecvError>),
+        }
+        let mut select = flume::Selector::new()
+            .recv(&self.ctl_rx, Woke::Ctl)
+            .recv(&self.data_rx, Woke::Data);
+        if let Some(input) = self.feed.as_ref().and_then(|f| f.input()) {
+            select = select.recv(input, Woke::Input);
+        }
+        let Ok(woke) = select.wait_timeout(timeout) else {
+            return false;
+        };
+        match woke {
+            Woke::Ctl(Ok(cmd)) => self.take_ctl(group, cmd),
+            Woke::Data(Ok(cmd)) => group.data.push(*cmd),
+            Woke::Ctl(Err(_)) | Woke::Data(Err(_)) => group.shutdown = true,
+            Woke::Input(message) => {
+                if let Some(feed) = &mut self.feed {
+                    match message {
+                        Ok(message) => feed.hold(message),
+                        // The broker is gone: the feed ends.
+                        Err(_) => feed.stop(),
+                    }
+                }
+            }
         }
         true
     }
 
-    /// Blocks for the first command (or the housekeeping tick), then gathers a group: what
-    /// is queued already, and what arrives until `flush_interval` after the start of the
-    /// previous commit (at once when that is past). See the module header.
+    /// Blocks for the first command, input of the feed, the feed's timers or the
+    /// housekeeping tick, then gathers a group: what is queued already, and what arrives
+    /// until `flush_interval` after the start of the previous commit (at once when that is
+    /// past). Last, the feed runs on what its input gathered meanwhile (`feed.rs`), and
+    /// what it hands over joins the group. See the module header.
     fn collect(&mut self, group: &mut Group) {
-        let first_wait = if group.urgent() {
+        let first_wait = if group.urgent() || self.feed_queued() > 0 || self.feed_ended.is_some() {
             Duration::ZERO
         } else if let Some(d) = &self.degraded {
             d.next_try
@@ -463,6 +535,10 @@ impl Owner {
             Some(_) => first_wait.min(
                 (self.txn_since + CHECKPOINT_INTERVAL).saturating_duration_since(Instant::now()),
             ),
+            None => first_wait,
+        };
+        let first_wait = match self.feed.as_ref().and_then(|f| f.next_wake()) {
+            Some(t) => first_wait.min(t.saturating_duration_since(Instant::now())),
             None => first_wait,
         };
         let not_before = self.last_commit_start.map(|t| t + self.cfg.flush_interval);
@@ -484,13 +560,14 @@ impl Owner {
             // Left in the queue while the spacing runs, so that its length tells the
             // senders when COMMIT_EARLY_ROWS commands wait (they wake this thread then).
             let queued = self.data_rx.len();
-            let waiting = group.data.len() + queued;
+            let input = self.feed_queued();
+            let waiting = group.data.len() + queued + input;
             let now = Instant::now();
             let wait = not_before.map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
             if group.len() + queued >= max
                 || waiting >= COMMIT_EARLY_ROWS
                 || group.urgent()
-                || group.len() + queued == 0
+                || group.len() + queued + input == 0
                 || wait.is_zero()
             {
                 break;
@@ -514,8 +591,19 @@ impl Owner {
             for cmd in rest {
                 self.take_ctl(group, cmd);
             }
+            // The feed hands over what its input holds now, then ends.
+            if let Some(feed) = &mut self.feed {
+                feed.stop();
+            }
+            while self.feed.is_some() {
+                self.run_feed(group, usize::MAX);
+            }
+        } else {
+            // Just before the commit: what the input gathered meanwhile joins it.
+            self.run_feed(group, max.saturating_sub(group.data.len()));
         }
         self.data_taken += group.data.len() as u64;
+        group.data.append(&mut group.fed);
         self.streaming = group.data.len() >= STREAMING_GROUP;
         if self.acks_due(group) {
             group.acks.append(&mut self.deferred_acks);
@@ -553,8 +641,6 @@ impl Owner {
     fn commit(&mut self, group: &mut Group) -> Result<(), StoreError> {
         let started = Instant::now();
         self.last_commit_start = Some(started);
-        self.clock
-            .set(self.streaming.then(|| started + self.cfg.flush_interval));
         self.keep_rows = self.tails.lock().unwrap_or_else(|e| e.into_inner()).wanted;
         let appends = group
             .data
