@@ -97,6 +97,13 @@ const IDLE_COMMIT_INTERVAL: Duration = Duration::from_secs(60);
 /// [`Owner::collect`]). A lone command (low rates) is not followed by such a sleep, so a
 /// quiet gateway wakes no more often than its commands arrive.
 const STREAMING_GROUP: usize = 2;
+/// Most messages of the feed's input taken for one group. Under overload a larger
+/// take held each commit (and the forwarder's next rows) back for tens of milliseconds of
+/// decoding: the forwarder fell behind, its rows reached the file's B-tree, and the
+/// store's thread then spent its time there (batched at full speed, 111-184k readings/s
+/// and 1.3-2 s of latency, against 144-192k and 0.1 s with this bound; BENCHMARKS.md,
+/// "Decode on the store's thread").
+const FEED_GROUP: usize = 1024;
 /// Key bytes counted per outbox row on top of the encoded value.
 pub(super) const KEY_BYTES: u64 = 8;
 
@@ -600,7 +607,7 @@ impl Owner {
             }
         } else {
             // Just before the commit: what the input gathered meanwhile joins it.
-            self.run_feed(group, max.saturating_sub(group.data.len()));
+            self.run_feed(group, max.saturating_sub(group.data.len()).min(FEED_GROUP));
         }
         self.data_taken += group.data.len() as u64;
         group.data.append(&mut group.fed);
