@@ -100,9 +100,9 @@ const STREAMING_GROUP: usize = 2;
 /// Most messages of the feed's input taken for one group. Under overload a larger
 /// take held each commit (and the forwarder's next rows) back for tens of milliseconds of
 /// decoding: the forwarder fell behind, its rows reached the file's B-tree, and the
-/// store's thread then spent its time there (batched at full speed, 111-184k readings/s
-/// and 1.3-2 s of latency, against 144-192k and 0.1 s with this bound; BENCHMARKS.md,
-/// "Decode on the store's thread").
+/// store's thread then spent its time there (batched at full speed: 111-184k readings/s,
+/// four runs of seven at 1.3-2.1 s of latency, against 144-192k and 0.10-0.14 s with
+/// this bound; BENCHMARKS.md, "Decode on the store's thread").
 const FEED_GROUP: usize = 1024;
 /// Key bytes counted per outbox row on top of the encoded value.
 pub(super) const KEY_BYTES: u64 = 8;
