@@ -142,15 +142,19 @@ async fn status_page_shows_devices_upstream_backlog_and_firing_alert() {
     let sim = tokio::spawn(device_sim::run_until(fleet, stop.clone()));
 
     // Wait (through the API) until the page has something to show: three devices, t-0001
-    // firing, upstream connected, an ingest rate measured.
+    // firing, upstream connected, an ingest rate measured, and the firing event in the
+    // event log (which the API reads as of the store's last checkpoint, up to about a
+    // second after the rules saw it fire).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (_, body) = gw.http_get("/api/status");
         let s: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let (_, events) = gw.http_get("/api/events?type=SensorTemperatureExceeded");
         if s["devices"] == 3
             && s["firing"] == 1
             && s["upstream"]["state"] == "connected"
             && s["ingest"]["rate_per_second"].as_f64() > Some(1.0)
+            && events.contains("\"state\":\"firing\"")
         {
             break;
         }
