@@ -187,15 +187,21 @@ fn an_idle_store_wakes_for_the_feed_s_input_and_for_its_timer() {
     h.shutdown().unwrap();
 }
 
-#[test]
-fn ending_the_feed_hands_out_what_waits_then_finishes_it() {
+/// A store on a fresh file fed one row per message, with `n` messages sent to it.
+fn fed_with(n: usize) -> (tempfile::TempDir, flume::Sender<Ingested>, StoreHandle) {
     let dir = tempfile::tempdir().unwrap();
     let (tx, rx) = flume::bounded(64);
     let cfg = StoreConfig::from_config(&Config::defaults());
     let (h, _) = open_fed(&dir, cfg, rx, 1, None);
-    for n in 0..5 {
+    for n in 0..n {
         tx.send(message(n)).unwrap();
     }
+    (dir, tx, h)
+}
+
+#[test]
+fn ending_the_feed_hands_out_what_waits_then_finishes_it() {
+    let (_dir, tx, h) = fed_with(5);
     end_feed(&h);
     // After the end the input is dropped: nothing more is taken (a device would not be
     // acknowledged for it, and sends it again).
@@ -204,13 +210,7 @@ fn ending_the_feed_hands_out_what_waits_then_finishes_it() {
     assert_eq!(payloads(&h), ["0", "1", "2", "3", "4", "finished"]);
 
     // A shutdown without an end does the same: what waits, then the finish.
-    let dir = tempfile::tempdir().unwrap();
-    let (tx, rx) = flume::bounded(64);
-    let cfg = StoreConfig::from_config(&Config::defaults());
-    let (h, _) = open_fed(&dir, cfg, rx, 1, None);
-    for n in 0..3 {
-        tx.send(message(n)).unwrap();
-    }
+    let (dir, _tx, h) = fed_with(3);
     h.shutdown().unwrap();
     drop(h);
     let db = dir.path().join("gw.redb");

@@ -443,9 +443,7 @@ impl Owner {
             }
             CtlCmd::Checkpoint => group.checkpoint = true,
             CtlCmd::Feed(start) => {
-                if let Some(old) = self.feed.take() {
-                    feed::collecting(&mut group.fed, || old.finish());
-                }
+                self.end_feed(group);
                 self.feed = Some(feed::collecting(&mut group.fed, start));
             }
             CtlCmd::EndFeed(tx) => match &mut self.feed {
