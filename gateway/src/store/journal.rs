@@ -57,8 +57,8 @@ const HEADER_BYTES: u64 = 4096;
 const MAGIC: &[u8; 8] = b"GWJRNL01";
 /// Length, CRC and generation in front of each record's body.
 const RECORD_HEAD: usize = 16;
-/// A record buffer keeps at most this much capacity between groups (one group of
-/// `MAX_BATCH` appends takes megabytes, and would otherwise stay allocated).
+/// A record buffer keeps at most this much capacity once the groups stop streaming (one
+/// group of `MAX_BATCH` appends takes megabytes, and would otherwise stay allocated).
 const RECORD_KEEP: usize = 64 * 1024;
 
 const INSERT: u8 = 1;
@@ -225,9 +225,9 @@ impl Journal {
     }
 
     /// Empties `record` for the operations of the next group: room for the head, which
-    /// [`append`](Self::append) fills in, then the body.
+    /// [`append`](Self::append) fills in, then the body. Its capacity is kept (see
+    /// [`shrink`](Self::shrink) for letting it go).
     pub(super) fn begin(record: &mut Vec<u8>) {
-        Self::shrink(record);
         record.clear();
         record.resize(RECORD_HEAD, 0);
     }

@@ -357,6 +357,7 @@ impl Owner {
             {
                 ok = true;
                 take_receipts(&mut group);
+                Journal::shrink(&mut self.oplog);
             } else if self.degraded.is_none() {
                 let appended = group.data.iter().any(|c| {
                     matches!(
@@ -729,8 +730,14 @@ impl Owner {
             self.txn = Some(open);
             self.checkpoint()
         };
-        // Not kept until the next group: after a burst that may be a long while.
-        Journal::shrink(&mut self.oplog);
+        // Kept while groups stream in: growing it again for each group took 4% of this
+        // thread's time at full speed, most of it glibc consolidating its free lists for
+        // each step past 64 KiB (BENCHMARKS.md, "Fewer allocations on the store's
+        // thread"). Let go after a lone command, and when the thread wakes to nothing
+        // (`run`): after a burst the next group may be a long while away.
+        if !self.streaming {
+            Journal::shrink(&mut self.oplog);
+        }
         written
     }
 
