@@ -112,8 +112,7 @@ pub fn decode(
         .and_then(format_from_content_type)
         .or_else(|| sniff(payload))
         .ok_or(DecodeError::Unknown)?;
-    let tree = parse(format, payload).map_err(|reason| DecodeError::invalid(format, reason))?;
-    let base = Reading {
+    let mut base = Reading {
         device: parts.device.to_string(),
         stream: parts.stream.to_string(),
         topic: topic.to_string(),
@@ -122,6 +121,12 @@ pub fn decode(
         units: Default::default(),
         format,
     };
+    if format == Format::Json && object::decode_json(payload, MAX_DEPTH, &mut base).is_some() {
+        return Ok(vec![base]);
+    }
+    // The tree path: CBOR, SenML, and a JSON payload the direct path did not take (it
+    // says why).
+    let tree = parse(format, payload).map_err(|reason| DecodeError::invalid(format, reason))?;
     let readings = match format {
         Format::Json | Format::Cbor => object::decode(tree, base).map(|r| vec![r]),
         Format::SenmlJson | Format::SenmlCbor => senml::decode(tree, base),

@@ -63,9 +63,9 @@ impl Node {
 
 /// Deserializes one item at `depth` of the document.
 #[derive(Clone, Copy)]
-struct Seed {
-    depth: usize,
-    max_depth: usize,
+pub(super) struct Seed {
+    pub(super) depth: usize,
+    pub(super) max_depth: usize,
 }
 
 impl Seed {

@@ -7,6 +7,11 @@
 //!   objects are flattened with `.` (`{"env":{"t":1}}` gives `env.t`); `null` fields are
 //!   skipped; arrays and byte strings are refused.
 
+use std::borrow::Cow;
+
+use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+
+use super::node::Seed;
 use super::Node;
 use crate::reading::{Millis, Reading, Value};
 
@@ -22,6 +27,201 @@ pub fn decode(tree: Node, mut reading: Reading) -> Result<Reading, String> {
         return Err("no fields".into());
     }
     Ok(reading)
+}
+
+/// A JSON object decoded straight into `reading`'s fields, without the [`Node`] tree
+/// that [`decode`] takes: no tree to allocate and free, and no key allocated for `ts` or
+/// `time`. The same fields as [`decode`] on [`Node::parse_json`]'s tree; `None` for
+/// anything that is not plainly such an object (not an object, an array or a bad time
+/// in it, invalid JSON, nesting deeper than `max_depth`, no fields), with `reading` then
+/// as it came: the caller takes the tree path, which says why.
+pub fn decode_json(bytes: &[u8], max_depth: usize, reading: &mut Reading) -> Option<()> {
+    let time = reading.time;
+    let mut parser = serde_json::Deserializer::from_slice(bytes);
+    let parsed = Fields {
+        reading: &mut *reading,
+        prefix: "",
+        depth: 0,
+        max_depth,
+    }
+    .deserialize(&mut parser)
+    .and_then(|()| parser.end());
+    if parsed.is_err() || reading.fields.is_empty() {
+        reading.fields.clear();
+        reading.time = time;
+        return None;
+    }
+    Some(())
+}
+
+/// The members of one JSON object at `depth`, into `reading`'s fields, as [`flatten`]
+/// has them: `prefix` is the flattened name of a nested object (empty at the top, where
+/// `ts` and `time` set the time).
+struct Fields<'r, 'p> {
+    reading: &'r mut Reading,
+    prefix: &'p str,
+    depth: usize,
+    max_depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Fields<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        if self.depth > self.max_depth {
+            return Err(D::Error::custom("too deep"));
+        }
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Fields<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key_seed(Key)? {
+            if self.prefix.is_empty() && (key == "ts" || key == "time") {
+                let node = map.next_value_seed(Seed {
+                    depth: self.depth + 1,
+                    max_depth: self.max_depth,
+                })?;
+                self.reading.time = time_of(&node).map_err(A::Error::custom)?;
+                continue;
+            }
+            let name = if self.prefix.is_empty() {
+                key.into_owned()
+            } else {
+                format!("{}.{key}", self.prefix)
+            };
+            map.next_value_seed(Field {
+                reading: &mut *self.reading,
+                name,
+                depth: self.depth + 1,
+                max_depth: self.max_depth,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// An object's key, borrowed from the payload unless it has escapes.
+struct Key;
+
+impl<'de> DeserializeSeed<'de> for Key {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(s))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(s.to_owned()))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(s))
+    }
+}
+
+/// One member's value at `depth`: a field named `name`, skipped when null, flattened
+/// when an object.
+struct Field<'r> {
+    reading: &'r mut Reading,
+    name: String,
+    depth: usize,
+    max_depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Field<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        if self.depth > self.max_depth {
+            return Err(D::Error::custom("too deep"));
+        }
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl Field<'_> {
+    fn set(self, value: Value) {
+        self.reading.fields.insert(self.name, value);
+    }
+}
+
+impl<'de> Visitor<'de> for Field<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a field value")
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<(), E> {
+        self.set(Value::Bool(b));
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, i: i64) -> Result<(), E> {
+        self.set(Value::Number(i as f64));
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, u: u64) -> Result<(), E> {
+        self.set(Value::Number(u as f64));
+        Ok(())
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, f: f64) -> Result<(), E> {
+        if !f.is_finite() {
+            return Err(E::custom("not a finite number"));
+        }
+        self.set(Value::Number(f));
+        Ok(())
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+        self.set(Value::Text(s.to_owned()));
+        Ok(())
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<(), E> {
+        self.set(Value::Text(s));
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(A::Error::custom("arrays are not supported"))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        Fields {
+            reading: self.reading,
+            prefix: &self.name,
+            depth: self.depth,
+            max_depth: self.max_depth,
+        }
+        .visit_map(map)
+    }
 }
 
 fn flatten(entries: Vec<(Node, Node)>, prefix: &str, reading: &mut Reading) -> Result<(), String> {

@@ -197,3 +197,63 @@ fn topic_outside_the_pattern_is_an_error() {
     let err = decode(&pattern(), "elsewhere/x", b"{\"t\":1}", None, NOW).unwrap_err();
     assert_eq!(err, DecodeError::Topic("elsewhere/x".into()));
 }
+
+/// The tree path for a JSON object: what `decode` did for every JSON object before the
+/// direct path (`object::decode_json`), and still does when that one declines.
+fn through_the_tree(payload: &[u8]) -> Result<Vec<Reading>, DecodeError> {
+    let format = Format::Json;
+    let mut base = one(br#"{"x":1}"#, None).unwrap().remove(0);
+    base.fields.clear();
+    base.time = NOW;
+    let tree = parse(format, payload).map_err(|reason| DecodeError::invalid(format, reason))?;
+    object::decode(tree, base)
+        .map(|r| vec![r])
+        .map_err(|reason| DecodeError::invalid(format, reason))
+}
+
+#[test]
+fn a_json_object_decodes_straight_as_it_does_through_the_tree() {
+    let deep_ok = format!("{}1{}", r#"{"a":"#.repeat(MAX_DEPTH), "}".repeat(MAX_DEPTH));
+    let too_deep = format!(
+        "{}1{}",
+        r#"{"a":"#.repeat(MAX_DEPTH + 1),
+        "}".repeat(MAX_DEPTH + 1)
+    );
+    let cases: Vec<Vec<u8>> = [
+        r#"{"ts":1764235200123,"seq":42,"temperature":21.5,"humidity":40.1}"#,
+        r#"{"time":1764235201.5,"t":-3,"ok":false,"label":"a\"b","n":null}"#,
+        r#"{"env":{"t":1,"deep":{"h":2,"ts":5}},"ts":"2025-11-27T09:20:01+01:00"}"#,
+        r#"{"":{"ts":1764235201,"x":1},"y":2}"#,
+        r#"{"a":1,"a":{"b":2},"a":3,"ts":1,"ts":1764235202}"#,
+        r#"{"t\u00e9":1,"\n":"\u00e9","big":18446744073709551615,"neg":-9223372036854775808}"#,
+        r#"  {"t":1}  "#,
+        r#"{"t":1} x"#,
+        r#"{"t":[1,2]}"#,
+        r#"{"t":1e400}"#,
+        r#"{"ts":"yesterday","t":1}"#,
+        r#"{"ts":-1,"t":1}"#,
+        r#"{"n":null}"#,
+        r#"{}"#,
+        r#"{"t":1"#,
+        r#"{"t":{}}"#,
+        r#"{"t":1,}"#,
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .chain([deep_ok.into_bytes(), too_deep.into_bytes()])
+    .collect();
+    for payload in cases {
+        let text = String::from_utf8_lossy(&payload).into_owned();
+        let tree = through_the_tree(&payload);
+        assert_eq!(one(&payload, None), tree, "{text}");
+        // What the tree decodes, the direct path decodes too (rather than declining).
+        let mut reading = one(br#"{"x":1}"#, None).unwrap().remove(0);
+        reading.fields.clear();
+        reading.time = NOW;
+        let taken = object::decode_json(&payload, MAX_DEPTH, &mut reading).is_some();
+        assert_eq!(taken, tree.is_ok(), "{text}");
+        if !taken {
+            assert!(reading.fields.is_empty() && reading.time == NOW, "{text}");
+        }
+    }
+}
