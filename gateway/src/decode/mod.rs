@@ -102,6 +102,28 @@ pub fn decode(
     content_type: Option<&str>,
     received_at: Millis,
 ) -> Result<Vec<Reading>, DecodeError> {
+    let mut readings = Vec::new();
+    decode_into(
+        pattern,
+        topic,
+        payload,
+        content_type,
+        received_at,
+        &mut readings,
+    )?;
+    Ok(readings)
+}
+
+/// [`decode`], appending the readings to `out` (nothing on an error): the decode stage
+/// keeps one such vector for all its messages rather than one per message.
+pub fn decode_into(
+    pattern: &TopicPattern,
+    topic: &str,
+    payload: &[u8],
+    content_type: Option<&str>,
+    received_at: Millis,
+    out: &mut Vec<Reading>,
+) -> Result<(), DecodeError> {
     let parts = pattern
         .matches(topic)
         .ok_or_else(|| DecodeError::Topic(topic.to_string()))?;
@@ -122,16 +144,21 @@ pub fn decode(
         format,
     };
     if format == Format::Json && object::decode_json(payload, MAX_DEPTH, &mut base).is_some() {
-        return Ok(vec![base]);
+        out.push(base);
+        return Ok(());
     }
     // The tree path: CBOR, SenML, and a JSON payload the direct path did not take (it
     // says why).
     let tree = parse(format, payload).map_err(|reason| DecodeError::invalid(format, reason))?;
-    let readings = match format {
-        Format::Json | Format::Cbor => object::decode(tree, base).map(|r| vec![r]),
-        Format::SenmlJson | Format::SenmlCbor => senml::decode(tree, base),
-    };
-    readings.map_err(|reason| DecodeError::invalid(format, reason))
+    match format {
+        Format::Json | Format::Cbor => out.push(
+            object::decode(tree, base).map_err(|reason| DecodeError::invalid(format, reason))?,
+        ),
+        Format::SenmlJson | Format::SenmlCbor => out.extend(
+            senml::decode(tree, base).map_err(|reason| DecodeError::invalid(format, reason))?,
+        ),
+    }
+    Ok(())
 }
 
 fn parse(format: Format, payload: &[u8]) -> Result<Node, String> {

@@ -30,7 +30,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{decode, TopicPattern, TopicPatterns};
+use super::{decode_into, TopicPattern, TopicPatterns};
 use crate::counters::Counters;
 use crate::devices::Devices;
 use crate::ingest::{Ingested, Intake, Next, RawMessage};
@@ -88,7 +88,8 @@ struct Decoding {
     stage: DecodeStage,
     rules: Option<RulesLoop>,
     batch: Vec<RawMessage>,
-    /// The readings of the run, for the rules; its capacity is kept.
+    /// The readings of the run, for the rules (when they do not run, each message's
+    /// readings leave it once handled); its capacity is kept.
     decoded: Vec<Reading>,
     dead: Warning,
     unrouted: Warning,
@@ -139,11 +140,18 @@ impl Feed for Decoding {
                     left = left.saturating_sub(self.batch.len());
                     Counters::add(&self.stage.counters.ingested, self.batch.len() as u64);
                     for message in self.batch.drain(..) {
-                        let evaluated = self.rules.as_ref().map(|_| &mut self.decoded);
                         match self.stage.pattern.find(&message.topic) {
                             Some(pattern) => {
-                                self.stage
-                                    .handle(pattern, message, evaluated, &mut self.dead)
+                                let start = self.decoded.len();
+                                self.stage.handle(
+                                    pattern,
+                                    message,
+                                    &mut self.decoded,
+                                    &mut self.dead,
+                                );
+                                if self.rules.is_none() {
+                                    self.decoded.truncate(start);
+                                }
                             }
                             None => self.stage.unrouted(message, &mut self.unrouted),
                         }
@@ -198,12 +206,12 @@ impl DecodeStage {
         })
     }
 
-    /// Decodes one message; its readings join `decoded` when the rules run.
+    /// Decodes one message; its readings join `decoded`.
     fn handle(
         &self,
         pattern: &TopicPattern,
         message: RawMessage,
-        decoded: Option<&mut Vec<Reading>>,
+        decoded: &mut Vec<Reading>,
         warning: &mut Warning,
     ) {
         let RawMessage {
@@ -214,17 +222,20 @@ impl DecodeStage {
             received_at,
             receipt,
         } = message;
-        match decode(
+        let start = decoded.len();
+        match decode_into(
             pattern,
             &topic,
             &payload,
             content_type.as_deref(),
             received_at,
+            decoded,
         ) {
-            Ok(readings) => {
+            Ok(()) => {
+                let readings = &decoded[start..];
                 let format = readings[0].format;
                 self.counters.count_decoded(format, readings.len());
-                self.devices.observe(&readings, received_at);
+                self.devices.observe(readings, received_at);
                 if self.forward_readings {
                     let device = readings[0].device.clone();
                     let entry =
@@ -232,9 +243,6 @@ impl DecodeStage {
                     self.store.append_acked(entry, receipt);
                 } else if let Some(receipt) = receipt {
                     self.store.release(receipt);
-                }
-                if let Some(decoded) = decoded {
-                    decoded.extend(readings);
                 }
             }
             Err(error) => {
