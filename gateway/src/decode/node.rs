@@ -1,5 +1,6 @@
 //! A format-neutral tree that JSON and CBOR payloads are both decoded into, so the
-//! object and SenML decoders are written once.
+//! object and SenML decoders are written once. A JSON object, the common case, skips it
+//! (`object::decode_json`) unless that path declines the payload.
 
 /// One decoded data item.
 #[derive(Debug, Clone, PartialEq)]
