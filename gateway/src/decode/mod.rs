@@ -150,15 +150,11 @@ pub fn decode_into(
     // The tree path: CBOR, SenML, and a JSON payload the direct path did not take (it
     // says why).
     let tree = parse(format, payload).map_err(|reason| DecodeError::invalid(format, reason))?;
-    match format {
-        Format::Json | Format::Cbor => out.push(
-            object::decode(tree, base).map_err(|reason| DecodeError::invalid(format, reason))?,
-        ),
-        Format::SenmlJson | Format::SenmlCbor => out.extend(
-            senml::decode(tree, base).map_err(|reason| DecodeError::invalid(format, reason))?,
-        ),
-    }
-    Ok(())
+    let decoded = match format {
+        Format::Json | Format::Cbor => object::decode(tree, base).map(|r| out.push(r)),
+        Format::SenmlJson | Format::SenmlCbor => senml::decode(tree, base).map(|r| out.extend(r)),
+    };
+    decoded.map_err(|reason| DecodeError::invalid(format, reason))
 }
 
 fn parse(format: Format, payload: &[u8]) -> Result<Node, String> {

@@ -43,14 +43,14 @@ pub fn decode(tree: Node, mut reading: Reading) -> Result<Reading, String> {
 pub fn decode_json(bytes: &[u8], max_depth: usize, reading: &mut Reading) -> Option<()> {
     let time = reading.time;
     let mut parser = serde_json::Deserializer::from_slice(bytes);
-    let parsed = Fields {
-        reading: &mut *reading,
-        prefix: "",
-        depth: 0,
-        max_depth,
-    }
-    .deserialize(&mut parser)
-    .and_then(|()| parser.end());
+    let parsed = (&mut parser)
+        .deserialize_map(Fields {
+            reading: &mut *reading,
+            prefix: "",
+            depth: 0,
+            max_depth,
+        })
+        .and_then(|()| parser.end());
     if parsed.is_err() || reading.fields.is_empty() {
         reading.fields.clear();
         reading.time = time;
@@ -61,23 +61,13 @@ pub fn decode_json(bytes: &[u8], max_depth: usize, reading: &mut Reading) -> Opt
 
 /// The members of one JSON object at `depth`, into `reading`'s fields, as [`flatten`]
 /// has them: `prefix` is the flattened name of a nested object (empty at the top, where
-/// `ts` and `time` set the time).
+/// `ts` and `time` set the time). The depth limit is checked for each member's value
+/// ([`Field`]), as the tree's parser checks it for each item.
 struct Fields<'r, 'p> {
     reading: &'r mut Reading,
     prefix: &'p str,
     depth: usize,
     max_depth: usize,
-}
-
-impl<'de> DeserializeSeed<'de> for Fields<'_, '_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        if self.depth > self.max_depth {
-            return Err(D::Error::custom("too deep"));
-        }
-        deserializer.deserialize_map(self)
-    }
 }
 
 impl<'de> Visitor<'de> for Fields<'_, '_> {

@@ -357,7 +357,6 @@ impl Owner {
             {
                 ok = true;
                 take_receipts(&mut group);
-                Journal::shrink(&mut self.oplog);
             } else if self.degraded.is_none() {
                 let appended = group.data.iter().any(|c| {
                     matches!(
@@ -385,6 +384,15 @@ impl Owner {
             // them back).
             for receipt in group.receipts.drain(..) {
                 receipt.release();
+            }
+            // The journal record's buffer is kept while groups stream in: growing it again
+            // for each group took 4% of this thread's time at full speed, most of it glibc
+            // consolidating its free lists for each step past 64 KiB (BENCHMARKS.md, "Fewer
+            // allocations on the store's thread"). Let go after a lone command and when
+            // the thread wakes to nothing (committed, idle or degraded alike): after a
+            // burst the next group may be a long while away.
+            if !self.streaming {
+                Journal::shrink(&mut self.oplog);
             }
             // Flushes and shutdown want the rows in the database file, and the downlink
             // reads its queue from there.
@@ -722,23 +730,14 @@ impl Owner {
         let applied = self.apply(txn, fresh, &oplog, group);
         self.oplog = oplog.into_inner();
         applied?;
-        let written = if self.journal.fits(&self.oplog) {
+        if self.journal.fits(&self.oplog) {
             self.journal
                 .append(&mut self.oplog)
                 .map(|()| self.txn = Some(open))
         } else {
             self.txn = Some(open);
             self.checkpoint()
-        };
-        // Kept while groups stream in: growing it again for each group took 4% of this
-        // thread's time at full speed, most of it glibc consolidating its free lists for
-        // each step past 64 KiB (BENCHMARKS.md, "Fewer allocations on the store's
-        // thread"). Let go after a lone command, and when the thread wakes to nothing
-        // (`run`): after a burst the next group may be a long while away.
-        if !self.streaming {
-            Journal::shrink(&mut self.oplog);
         }
-        written
     }
 
     /// Commits the open transaction to the database and starts the journal over.
