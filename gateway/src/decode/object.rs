@@ -39,9 +39,19 @@ pub fn decode(tree: Node, mut reading: Reading) -> Result<Reading, String> {
 /// `time`. The same fields as [`decode`] on [`Node::parse_json`]'s tree; `None` for
 /// anything that is not plainly such an object (not an object, an array or a bad time
 /// in it, invalid JSON, nesting deeper than `max_depth`, no fields), with `reading` then
-/// as it came: the caller takes the tree path, which says why.
+/// as it came but without fields: the caller takes the tree path, which says why.
+///
+/// `reading` may come with the fields of an earlier message (a reading kept for reuse,
+/// [`super::Spare`]): a key it has again keeps its entry, only the value changes, so a
+/// device that sends the same keys each time costs no allocation for them; the keys it
+/// does not have again are removed.
 pub fn decode_json(bytes: &[u8], max_depth: usize, reading: &mut Reading) -> Option<()> {
     let time = reading.time;
+    // The earlier message's values are marked stale: no decoded value is NaN (JSON has
+    // no such number, and non-finite ones are refused).
+    for value in reading.fields.values_mut() {
+        *value = STALE;
+    }
     let mut parser = serde_json::Deserializer::from_slice(bytes);
     let parsed = (&mut parser)
         .deserialize_map(Fields {
@@ -51,12 +61,20 @@ pub fn decode_json(bytes: &[u8], max_depth: usize, reading: &mut Reading) -> Opt
             max_depth,
         })
         .and_then(|()| parser.end());
+    reading.fields.retain(|_, value| !is_stale(value));
     if parsed.is_err() || reading.fields.is_empty() {
         reading.fields.clear();
         reading.time = time;
         return None;
     }
     Some(())
+}
+
+/// The value of a field left from an earlier message until this one sets it.
+const STALE: Value = Value::Number(f64::NAN);
+
+fn is_stale(value: &Value) -> bool {
+    matches!(value, Value::Number(n) if n.is_nan())
 }
 
 /// The members of one JSON object at `depth`, into `reading`'s fields, as [`flatten`]
@@ -88,9 +106,9 @@ impl<'de> Visitor<'de> for Fields<'_, '_> {
                 continue;
             }
             let name = if self.prefix.is_empty() {
-                key.into_owned()
+                key
             } else {
-                format!("{}.{key}", self.prefix)
+                Cow::Owned(format!("{}.{key}", self.prefix))
             };
             map.next_value_seed(Field {
                 reading: &mut *self.reading,
@@ -136,14 +154,14 @@ impl<'de> Visitor<'de> for Key {
 
 /// One member's value at `depth`: a field named `name`, skipped when null, flattened
 /// when an object.
-struct Field<'r> {
+struct Field<'r, 'k> {
     reading: &'r mut Reading,
-    name: String,
+    name: Cow<'k, str>,
     depth: usize,
     max_depth: usize,
 }
 
-impl<'de> DeserializeSeed<'de> for Field<'_> {
+impl<'de> DeserializeSeed<'de> for Field<'_, '_> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
@@ -154,13 +172,19 @@ impl<'de> DeserializeSeed<'de> for Field<'_> {
     }
 }
 
-impl Field<'_> {
+impl Field<'_, '_> {
+    /// Sets the field, in the entry of the same key when the reading has one.
     fn set(self, value: Value) {
-        self.reading.fields.insert(self.name, value);
+        match self.reading.fields.get_mut(&*self.name) {
+            Some(slot) => *slot = value,
+            None => {
+                self.reading.fields.insert(self.name.into_owned(), value);
+            }
+        }
     }
 }
 
-impl<'de> Visitor<'de> for Field<'_> {
+impl<'de> Visitor<'de> for Field<'_, '_> {
     type Value = ();
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {

@@ -30,7 +30,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{decode_into, TopicPattern, TopicPatterns};
+use super::{decode_into, Spare, TopicPattern, TopicPatterns};
 use crate::counters::Counters;
 use crate::devices::Devices;
 use crate::ingest::{Ingested, Intake, Next, RawMessage};
@@ -45,6 +45,9 @@ pub const BATCH: usize = 256;
 /// Most readings' room kept between batches for the rules (a batch of single-reading
 /// messages needs [`BATCH`]).
 const DECODED_KEEP: usize = 4 * BATCH;
+/// Time without a message after which the readings kept for reuse are let go (runs
+/// come at least once a second, for the rules' timers and the store's housekeeping).
+const SPARE_IDLE: Duration = Duration::from_secs(1);
 
 /// The decode stage.
 pub struct DecodeStage {
@@ -91,11 +94,15 @@ struct Decoding {
     /// The readings of the run, for the rules (when they do not run, each message's
     /// readings leave it once handled); its capacity is kept.
     decoded: Vec<Reading>,
+    /// The readings of earlier messages, for reuse.
+    spare: Spare,
     dead: Warning,
     unrouted: Warning,
     span: tracing::Span,
     /// When the last run started.
     last_run: Instant,
+    /// When the last run that took a message started.
+    last_message: Instant,
 }
 
 impl Feed for Decoding {
@@ -128,6 +135,7 @@ impl Feed for Decoding {
         }
         self.last_run = now;
         let mut over = false;
+        let mut took = false;
         let mut left = max;
         while left > 0 {
             match self.stage.input.take(&mut self.batch, left.min(BATCH)) {
@@ -137,6 +145,7 @@ impl Feed for Decoding {
                 }
                 Next::Idle => break,
                 Next::Batch => {
+                    took = true;
                     left = left.saturating_sub(self.batch.len());
                     Counters::add(&self.stage.counters.ingested, self.batch.len() as u64);
                     for message in self.batch.drain(..) {
@@ -147,10 +156,11 @@ impl Feed for Decoding {
                                     pattern,
                                     message,
                                     &mut self.decoded,
+                                    &mut self.spare,
                                     &mut self.dead,
                                 );
                                 if self.rules.is_none() {
-                                    self.decoded.truncate(start);
+                                    self.spare.keep(self.decoded.drain(start..));
                                 }
                             }
                             None => self.stage.unrouted(message, &mut self.unrouted),
@@ -168,7 +178,13 @@ impl Feed for Decoding {
                 rules.step(&self.decoded);
             }
         }
-        self.decoded.clear();
+        self.spare.keep(self.decoded.drain(..));
+        if took {
+            self.last_message = now;
+        } else if now - self.last_message >= SPARE_IDLE {
+            // Traffic has stopped: the kept readings go with the rest of a burst's memory.
+            self.spare.clear();
+        }
         if self.decoded.capacity() > DECODED_KEEP {
             // A burst of many-record messages (SenML packs) does not stay allocated.
             self.decoded = Vec::new();
@@ -199,10 +215,12 @@ impl DecodeStage {
             rules,
             batch: Vec::with_capacity(BATCH),
             decoded: Vec::new(),
+            spare: Spare::default(),
             dead: Warning::default(),
             unrouted: Warning::default(),
             span: tracing::info_span!(parent: None, "decode"),
             last_run: Instant::now(),
+            last_message: Instant::now(),
         })
     }
 
@@ -212,6 +230,7 @@ impl DecodeStage {
         pattern: &TopicPattern,
         message: RawMessage,
         decoded: &mut Vec<Reading>,
+        spare: &mut Spare,
         warning: &mut Warning,
     ) {
         let RawMessage {
@@ -230,6 +249,7 @@ impl DecodeStage {
             content_type.as_deref(),
             received_at,
             decoded,
+            spare,
         ) {
             Ok(()) => {
                 let readings = &decoded[start..];

@@ -246,14 +246,120 @@ fn a_json_object_decodes_straight_as_it_does_through_the_tree() {
         let text = String::from_utf8_lossy(&payload).into_owned();
         let tree = through_the_tree(&payload);
         assert_eq!(one(&payload, None), tree, "{text}");
-        // What the tree decodes, the direct path decodes too (rather than declining).
-        let mut reading = one(br#"{"x":1}"#, None).unwrap().remove(0);
-        reading.fields.clear();
-        reading.time = NOW;
-        let taken = object::decode_json(&payload, MAX_DEPTH, &mut reading).is_some();
-        assert_eq!(taken, tree.is_ok(), "{text}");
-        if !taken {
-            assert!(reading.fields.is_empty() && reading.time == NOW, "{text}");
+        // What the tree decodes, the direct path decodes too (rather than declining),
+        // also into a reading with an earlier message's fields.
+        let earlier = one(br#"{"t":"x","a":2,"zz":1,"env.t":false}"#, None).unwrap();
+        for mut reading in [
+            earlier[0].clone(),
+            Reading {
+                fields: Default::default(),
+                ..earlier[0].clone()
+            },
+        ] {
+            reading.time = NOW;
+            let taken = object::decode_json(&payload, MAX_DEPTH, &mut reading).is_some();
+            assert_eq!(taken, tree.is_ok(), "{text}");
+            match &tree {
+                Ok(tree) => assert_eq!(&reading, &tree[0], "{text}"),
+                Err(_) => assert!(reading.fields.is_empty() && reading.time == NOW, "{text}"),
+            }
         }
     }
+}
+
+#[test]
+fn a_reading_kept_for_reuse_decodes_the_next_message_as_a_new_one_would() {
+    // Each message decoded into readings taken from the spare ones (left over from the
+    // message before: other device, stream, fields, units, format) equals the same
+    // message decoded afresh.
+    let messages: [(&str, &[u8]); 10] = [
+        (
+            "devices/boiler-room-7/heating",
+            br#"[{"bn":"b/","n":"t","u":"Cel","v":61.5},{"n":"p","u":"bar","v":1.9}]"#,
+        ),
+        ("devices/t-1/telemetry", br#"{"temperature":21.5}"#),
+        (
+            "devices/t-22/env",
+            br#"{"ts":1764235201123,"h":40,"ok":true}"#,
+        ),
+        ("devices/x/y", &[0xa1, 0x61, 0x74, 0x01]),
+        ("devices/t-1/telemetry", br#"{"env":{"t":1},"x":"s"}"#),
+        (
+            "devices/t-1/telemetry",
+            br#"{"x":"s","env":{"t":2,"u":"v"}}"#,
+        ),
+        (
+            "devices/t-1/telemetry",
+            br#"{"a":1,"a":{"b":2},"a":3,"x":null}"#,
+        ),
+        ("devices/t-1/telemetry", br#"{"a":null,"x":true,"a.b":"c"}"#),
+        ("devices/t-1/telemetry", br#"{"t":1,"h":2,"p":3,"q":4}"#),
+        ("devices/t-1/telemetry", br#"{"t":5}"#),
+    ];
+    let mut spare = Spare::default();
+    let mut out = Vec::new();
+    for round in 0..2 {
+        for (topic, payload) in messages {
+            let fresh = decode(&pattern(), topic, payload, None, NOW).unwrap();
+            let kept = spare.readings.len();
+            decode_into(&pattern(), topic, payload, None, NOW, &mut out, &mut spare).unwrap();
+            assert_eq!(out, fresh, "{topic}");
+            if round == 1 {
+                assert!(
+                    spare.readings.len() < kept,
+                    "a kept reading was used for {topic}"
+                );
+            }
+            spare.keep(out.drain(..));
+        }
+    }
+    // A message that does not decode adds nothing.
+    let bad = decode_into(
+        &pattern(),
+        "devices/t-1/telemetry",
+        br#"{"t":[1]}"#,
+        None,
+        NOW,
+        &mut out,
+        &mut spare,
+    );
+    assert!(bad.is_err() && out.is_empty());
+
+    // The same keys again keep their entries: no key is allocated anew.
+    let same = br#"{"t":1,"h":2}"#;
+    decode_into(
+        &pattern(),
+        "devices/t-1/telemetry",
+        same,
+        None,
+        NOW,
+        &mut out,
+        &mut spare,
+    )
+    .unwrap();
+    let keys: Vec<*const u8> = out[0].fields.keys().map(|k| k.as_ptr()).collect();
+    spare.keep(out.drain(..));
+    decode_into(
+        &pattern(),
+        "devices/t-2/telemetry",
+        same,
+        None,
+        NOW,
+        &mut out,
+        &mut spare,
+    )
+    .unwrap();
+    let again: Vec<*const u8> = out[0].fields.keys().map(|k| k.as_ptr()).collect();
+    assert_eq!(keys, again);
+    out.clear();
+
+    // A reading with a long topic is not kept; none is kept past the limit.
+    let long = format!("devices/{}/telemetry", "d".repeat(Spare::LONGEST));
+    let mut long_one = decode(&pattern(), &long, br#"{"t":1}"#, None, NOW).unwrap();
+    spare.clear();
+    spare.keep(long_one.drain(..));
+    assert!(spare.readings.is_empty());
+    let many = vec![one(br#"{"t":1}"#, None).unwrap().remove(0); Spare::KEEP + 10];
+    spare.keep(many.into_iter());
+    assert_eq!(spare.readings.len(), Spare::KEEP);
 }

@@ -21,17 +21,18 @@ use super::rule::Rule;
 use super::state::{Instance, Values};
 use crate::reading::{Millis, Reading, Value};
 
+/// A rule's aggregates over its windows, by name: inline for up to four (no allocation
+/// per reading for the usual rule).
+pub(super) type Aggregates<'r> = smallvec::SmallVec<[(&'r str, f64); 4]>;
+
 /// Pushes the reading's fields into the rule's windows; returns the aggregates with a value.
 pub(super) fn update_windows<'r>(
     rule: &'r Rule,
     inst: &mut Instance,
     reading: &Reading,
     now: Millis,
-) -> Vec<(&'r str, f64)> {
-    if rule.aggregates.is_empty() {
-        return Vec::new();
-    }
-    let mut out = Vec::with_capacity(rule.aggregates.len());
+) -> Aggregates<'r> {
+    let mut out = Aggregates::new();
     for (agg, window) in rule.aggregates.iter().zip(inst.windows.iter_mut()) {
         if let Some(v) = reading.fields.get(&agg.field).and_then(Value::as_f64) {
             window.push(now, v, agg.window, agg.func);
