@@ -268,7 +268,13 @@ pub fn hashed_id(parts: &[&str], at: Millis) -> String {
     }
     hasher.update(at.to_be_bytes());
     let digest = hasher.finalize();
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(32);
+    for b in &digest[..16] {
+        id.push(HEX[usize::from(b >> 4)] as char);
+        id.push(HEX[usize::from(b & 0xf)] as char);
+    }
+    id
 }
 
 /// Unix milliseconds as RFC 3339 UTC with milliseconds (`2026-01-02T03:04:05.678Z`).
@@ -324,6 +330,23 @@ mod tests {
         assert_eq!(a.id, again.id);
         assert_ne!(a.id, resolved.id);
         assert_ne!(a.id, later.id);
+    }
+
+    #[test]
+    fn ids_are_the_hex_of_the_first_half_of_the_sha256() {
+        // Ids already stored and sent upstream stay what they were: values from an
+        // independent SHA-256 (Python's hashlib).
+        assert_eq!(
+            event_id(
+                "gw-1",
+                "temperature-high",
+                "t-17",
+                EventState::Firing,
+                1_700_000_000_123
+            ),
+            "a630346211087b9c3b376be8b65196b8"
+        );
+        assert_eq!(hashed_id(&[], -1), "12a3ae445661ce5dee78d0650d33362d");
     }
 
     #[test]

@@ -271,12 +271,19 @@ impl Engine {
     /// Evaluates every rule that applies to `reading`, at time `now`.
     pub fn on_reading(&mut self, reading: &Reading, now: Millis) -> Vec<Event> {
         let mut out = Vec::new();
+        self.on_reading_into(reading, now, &mut out);
+        out
+    }
+
+    /// [`Engine::on_reading`], appending the events to `out`.
+    pub fn on_reading_into(&mut self, reading: &Reading, now: Millis, out: &mut Vec<Event>) {
+        let before = out.len();
         self.stats.readings += 1;
         let mut applicable = std::mem::take(&mut self.scratch);
         self.rules.applicable(reading, &mut applicable);
         if applicable.is_empty() {
             self.scratch = applicable;
-            return out;
+            return;
         }
         let dev = match self.devices.get_mut(&reading.device) {
             Some(dev) => dev,
@@ -301,7 +308,7 @@ impl Engine {
                 rule,
                 device: &reading.device,
             };
-            cx.advance(inst, now, &mut out);
+            cx.advance(inst, now, out);
             inst.last_seen = now;
             let aggs = update_windows(rule, inst, reading, now);
             let observed = match &rule.kind {
@@ -337,12 +344,11 @@ impl Engine {
                 if inst.state != before {
                     set_values(&mut inst.values, reading, &aggs);
                 }
-                cx.advance(inst, now, &mut out);
+                cx.advance(inst, now, out);
             }
         }
         self.scratch = applicable;
-        self.stats.events += out.len() as u64;
-        out
+        self.stats.events += (out.len() - before) as u64;
     }
 
     /// The devices whose instances readings moved since they were last saved (or since

@@ -104,7 +104,7 @@ type Emitted = (Event, Vec<Rendered>);
 
 /// Pairs each event with the actions of its rule in `rules` (none when the rule is gone or
 /// now announces another event type).
-fn with_actions(rules: &RuleSet, events: Vec<Event>) -> Vec<Emitted> {
+fn with_actions(rules: &RuleSet, events: impl IntoIterator<Item = Event>) -> Vec<Emitted> {
     events
         .into_iter()
         .map(|e| {
@@ -178,6 +178,10 @@ pub struct RulesLoop {
     /// Set when events changed instances the read model does not show yet.
     snapshot_due: Option<Instant>,
     last_snapshot: Instant,
+    /// The events of one reading, kept empty between readings (an event is large: a
+    /// vector of them allocated per reading that has one cost more than the rest of its
+    /// evaluation).
+    produced: Vec<Event>,
 }
 
 impl RulesStage {
@@ -214,6 +218,7 @@ impl RulesStage {
             emitted: 0,
             snapshot_due: None,
             last_snapshot: Instant::now(),
+            produced: Vec::new(),
         }
     }
 }
@@ -240,9 +245,9 @@ impl RulesLoop {
         if !readings.is_empty() {
             let now = now_millis();
             for reading in readings {
-                let produced = engine.on_reading(reading, now);
-                if !produced.is_empty() {
-                    events.extend(with_actions(engine.rules(), produced));
+                engine.on_reading_into(reading, now, &mut self.produced);
+                if !self.produced.is_empty() {
+                    events.extend(with_actions(engine.rules(), self.produced.drain(..)));
                 }
             }
             let now_evaluated = engine.stats().evaluations;
