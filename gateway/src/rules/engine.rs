@@ -26,8 +26,8 @@ use super::eval::{eval, set_values, update_windows, Vars};
 use super::rule::{Rule, RuleKind};
 use super::ruleset::RuleSet;
 use super::state::{
-    EngineState, EngineStats, Instance, InstanceRecord, InstanceState, InstanceStatus,
-    REASON_RULE_REMOVED, STATE_VERSION,
+    EngineState, EngineStats, Instance, InstanceRecord, InstanceRecordRef, InstanceState,
+    InstanceStatus, REASON_RULE_REMOVED, STATE_VERSION,
 };
 use super::window::Window;
 use crate::events::{Event, EventState, Transition};
@@ -167,16 +167,27 @@ impl Engine {
         all
     }
 
-    /// The records of one device's instances, for saving that device's state alone.
-    pub fn device_records(&self, device: &str) -> Vec<InstanceRecord> {
-        let Some(dev) = self.devices.get(device) else {
+    /// The records of one device's instances, for saving that device's state alone
+    /// (borrowed: they are written as they are, [`InstanceRecord`]s when read back).
+    pub fn device_records(&self, device: &str) -> Vec<InstanceRecordRef<'_>> {
+        let Some((device, dev)) = self.devices.get_key_value(device) else {
             return Vec::new();
         };
-        let mut records: Vec<InstanceRecord> = dev
+        let mut records: Vec<InstanceRecordRef> = dev
             .iter()
-            .map(|(i, inst)| self.record(i, device, inst))
+            .map(|(i, instance)| {
+                let rule = &self.rules.rules()[i];
+                InstanceRecordRef {
+                    rule: &rule.name,
+                    event: &rule.event,
+                    kind: rule.kind.name(),
+                    severity: &rule.severity,
+                    device,
+                    instance,
+                }
+            })
             .collect();
-        records.sort_by(|a, b| a.rule.cmp(&b.rule));
+        records.sort_by(|a, b| a.rule.cmp(b.rule));
         records
     }
 

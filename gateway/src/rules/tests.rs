@@ -794,3 +794,27 @@ fn a_device_saved_with_an_event_is_due_again_only_from_its_next_change() {
     );
     assert_eq!(e.take_moved_before(T0 + 3 * S, 10), ["d1"]);
 }
+
+#[test]
+fn a_device_saved_alone_writes_what_the_whole_snapshot_has_for_it() {
+    // Several rules (a window, an absence, a firing instance) on two devices.
+    let rules = format!("{HYSTERESIS}\n{OFFLINE}\n{RISING}");
+    let mut e = Engine::new(set(&rules), "gw");
+    for (i, t) in [70.0, 80.0, 82.0, 85.0].into_iter().enumerate() {
+        e.on_reading(&temp("t-1", t), T0 + i as Millis * S);
+        e.on_reading(&temp("t-2", t - 30.0), T0 + i as Millis * S);
+    }
+    e.tick(T0 + 20 * S);
+    for device in ["t-1", "t-2"] {
+        let mut owned: Vec<InstanceRecord> = (e.snapshot().instances.into_iter())
+            .filter(|r| r.device == device)
+            .collect();
+        owned.sort_by(|a, b| a.rule.cmp(&b.rule));
+        assert!(owned.len() >= 3, "{device}: {owned:?}");
+        let saved = serde_json::to_string(&e.device_records(device)).unwrap();
+        assert_eq!(saved, serde_json::to_string(&owned).unwrap(), "{device}");
+        let back: Vec<InstanceRecord> = serde_json::from_str(&saved).unwrap();
+        assert_eq!(back, owned, "{device}");
+    }
+    assert!(e.device_records("t-3").is_empty());
+}
