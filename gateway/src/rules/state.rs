@@ -143,7 +143,8 @@ impl<'de> Deserialize<'de> for Values {
     }
 }
 
-/// One instance in the persisted state.
+/// One instance in the persisted state. [`InstanceRecordRef`] writes the same fields, in
+/// the same order, when one device is saved: a field added here goes there too.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceRecord {
     pub rule: String,
