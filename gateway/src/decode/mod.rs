@@ -137,9 +137,7 @@ pub fn decode_into(
         .and_then(format_from_content_type)
         .or_else(|| sniff(payload))
         .ok_or(DecodeError::Unknown)?;
-    let mut base = spare.reading(parts.device, parts.stream, topic);
-    base.time = received_at;
-    base.format = format;
+    let mut base = spare.reading(parts.device, parts.stream, topic, received_at, format);
     if format != Format::Json {
         base.fields.clear();
     } else if object::decode_json(payload, MAX_DEPTH, &mut base).is_some() {
@@ -205,20 +203,29 @@ impl Spare {
         self.readings = Vec::new();
     }
 
-    /// A reading of `device`, `stream` and `topic`: a kept one when there is one, with
-    /// the fields it had (its fields, time and format are the caller's to set).
-    fn reading(&mut self, device: &str, stream: &str, topic: &str) -> Reading {
+    /// A reading of `device`, `stream` and `topic` at `time` in `format`: a kept one when
+    /// there is one, with the fields it had (the caller's to set or clear).
+    fn reading(
+        &mut self,
+        device: &str,
+        stream: &str,
+        topic: &str,
+        time: Millis,
+        format: Format,
+    ) -> Reading {
         let Some(mut reading) = self.readings.pop() else {
             return Reading {
                 device: device.to_string(),
                 stream: stream.to_string(),
                 topic: topic.to_string(),
-                time: 0,
+                time,
                 fields: Default::default(),
                 units: Default::default(),
-                format: Format::Json,
+                format,
             };
         };
+        reading.time = time;
+        reading.format = format;
         for (room, text) in [
             (&mut reading.device, device),
             (&mut reading.stream, stream),
