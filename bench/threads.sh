@@ -4,10 +4,12 @@
 # costs more than the work it hands over).
 #
 # Runs bench/run.sh (side A unless SIDES says otherwise; every other setting of
-# bench/run.sh applies) and reads /proc/PID/task/*/stat (user + system time) and
+# bench/run.sh applies) and reads /proc/PID/task/*/schedstat (time on a CPU, in ns) and
 # /proc/PID/task/*/status (voluntary + involuntary context switches) of the gateway
 # SAMPLE seconds apart, from device-sim's 10 s progress line on. Threads of the same name
-# are summed (the count is shown).
+# are summed (the count is shown). Where the kernel has no schedstat, the user + system
+# ticks of /proc/PID/task/*/stat are read instead (charged by the timer tick: a thread
+# that wakes often for a short while is measured less exactly).
 #
 #   bench/threads.sh
 #   SAMPLE=10 GATEWAY=target/profiling/gateway SIM=target/profiling/device-sim bench/threads.sh
@@ -27,14 +29,19 @@ mkdir -p "$OUT"
 start_run 10s || did_not_start threads
 pid=$(pgrep -f "^$GATEWAY run" | head -n 1 || true)
 [ -n "$pid" ] || did_not_start threads
-hz=$(getconf CLK_TCK)
+# CPU time in units of 1/hz s: ns from schedstat, or clock ticks from stat.
+if [ -r "/proc/$pid/schedstat" ]; then hz=1000000000; else hz=$(getconf CLK_TCK); fi
 
-# One line per thread name: name, CPU ticks, context switches, threads.
+# One line per thread name: name, CPU time (1/hz s), context switches, threads.
 snapshot() {
   local t name ticks switches
   for t in /proc/"$pid"/task/*; do
     name=$(cat "$t/comm" 2>/dev/null) || continue
-    ticks=$(sed 's/.*) //' "$t/stat" 2>/dev/null | awk '{print $12 + $13}') || continue
+    if [ "$hz" = 1000000000 ]; then
+      ticks=$(awk '{print $1}' "$t/schedstat" 2>/dev/null) || continue
+    else
+      ticks=$(sed 's/.*) //' "$t/stat" 2>/dev/null | awk '{print $12 + $13}') || continue
+    fi
     switches=$(awk '/ctxt_switches/ {s += $2} END {print s + 0}' "$t/status" 2>/dev/null) || continue
     echo "$name $ticks $switches"
   done | awk '{c[$1] += $2; s[$1] += $3; n[$1]++} END {for (k in c) print k, c[k], s[k], n[k]}' | sort
