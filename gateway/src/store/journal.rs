@@ -335,8 +335,8 @@ impl Journal {
                     }
                     return Ok(());
                 }
-                // Refused for this file's alignment or filesystem (nothing was written):
-                // the page cache takes this record and those after it.
+                // Refused for this file's alignment or filesystem: the page cache takes
+                // this record (written whole again) and those after it.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::info!(
                         path = %self.path.display(),
@@ -867,7 +867,8 @@ mod tests {
                 starts.push(j.end);
                 append(&mut j, body);
             }
-            // A record of exactly one block, then one a byte over, then a small one.
+            // A small record, one of exactly one block, one of a block and 16 bytes (two
+            // blocks), a small one.
             let b = BLOCK as u64;
             assert_eq!(starts, [b, 2 * b, 3 * b, 5 * b], "direct {direct}");
             assert_eq!(j.end, 6 * b);
