@@ -270,10 +270,14 @@ impl Journal {
         record.resize(RECORD_HEAD, 0);
     }
 
-    /// Lets go of `record`'s capacity beyond [`RECORD_KEEP`] (its contents are gone).
-    pub(super) fn shrink(record: &mut Vec<u8>) {
+    /// Lets go of `record`'s capacity beyond [`RECORD_KEEP`] (its contents are gone),
+    /// and of as much of the buffer direct writes are copied to.
+    pub(super) fn shrink(&mut self, record: &mut Vec<u8>) {
         if record.capacity() > RECORD_KEEP {
             *record = Vec::with_capacity(RECORD_KEEP);
+        }
+        if self.blocks.capacity() > RECORD_KEEP / BLOCK {
+            self.blocks = Vec::with_capacity(RECORD_KEEP / BLOCK);
         }
     }
 
@@ -308,10 +312,7 @@ impl Journal {
 
     fn write_record(&mut self, record: &mut [u8]) -> io::Result<()> {
         debug_assert!(self.fits(record) && record.len() >= RECORD_HEAD);
-        let (head, body) = record.split_at_mut(RECORD_HEAD);
-        head[0..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
-        head[4..8].copy_from_slice(&record_crc(self.generation, body).to_le_bytes());
-        head[8..16].copy_from_slice(&self.generation.to_le_bytes());
+        frame(record, self.generation);
         self.write_synced(record, self.end)?;
         self.end = self.next_record(self.end, record.len() as u64);
         Ok(())
@@ -319,22 +320,21 @@ impl Journal {
 
     /// Writes `bytes` at `at` (a block boundary) and returns once they are on the disk: a
     /// direct write of whole blocks (the last one padded with zeros), or a write through
-    /// the page cache and `fdatasync` where direct I/O is refused.
+    /// the page cache and `fdatasync` where direct I/O is refused. The buffer the bytes
+    /// are copied to keeps its room while groups stream in, as the record's does
+    /// ([`shrink`](Self::shrink)).
     fn write_synced(&mut self, bytes: &[u8], at: u64) -> io::Result<()> {
         debug_assert!(at.is_multiple_of(BLOCK as u64));
         if let Some(direct) = &self.direct {
             let blocks = bytes.len().div_ceil(BLOCK);
-            self.blocks.clear();
-            self.blocks.resize(blocks, Block([0; BLOCK]));
-            let buf = Block::bytes_mut(&mut self.blocks);
+            if self.blocks.len() < blocks {
+                self.blocks.resize(blocks, Block([0; BLOCK]));
+            }
+            let buf = Block::bytes_mut(&mut self.blocks[..blocks]);
             buf[..bytes.len()].copy_from_slice(bytes);
+            buf[bytes.len()..].fill(0);
             match direct.write_all_at(buf, at) {
-                Ok(()) => {
-                    if blocks > RECORD_KEEP / BLOCK {
-                        self.blocks = Vec::new();
-                    }
-                    return Ok(());
-                }
+                Ok(()) => return Ok(()),
                 // Refused for this file's alignment or filesystem: the page cache takes
                 // this record (written whole again) and those after it.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
@@ -364,13 +364,7 @@ impl Journal {
             return Ok(());
         }
         let generation = self.generation + 1;
-        let mut header = [0u8; 28];
-        header[0..8].copy_from_slice(MAGIC);
-        header[8..16].copy_from_slice(&epoch.to_le_bytes());
-        header[16..24].copy_from_slice(&generation.to_le_bytes());
-        let crc = crc32fast::hash(&header[0..24]);
-        header[24..28].copy_from_slice(&crc.to_le_bytes());
-        self.write_synced(&header, 0)?;
+        self.write_synced(&header(MAGIC, epoch, generation), 0)?;
         self.epoch = epoch;
         self.generation = generation;
         self.aligned = true;
@@ -421,6 +415,26 @@ fn allocate(file: &File, capacity: u64) -> io::Result<()> {
         file.set_len(capacity)?;
     }
     Ok(())
+}
+
+/// The header of a journal of `epoch` and `generation` whose layout `magic` names.
+fn header(magic: &[u8; 8], epoch: u64, generation: u64) -> [u8; 28] {
+    let mut header = [0u8; 28];
+    header[0..8].copy_from_slice(magic);
+    header[8..16].copy_from_slice(&epoch.to_le_bytes());
+    header[16..24].copy_from_slice(&generation.to_le_bytes());
+    let crc = crc32fast::hash(&header[0..24]);
+    header[24..28].copy_from_slice(&crc.to_le_bytes());
+    header
+}
+
+/// Fills in the head of `record` (from [`Journal::begin`], its body filled) for
+/// `generation`: the body's length, the CRC, the generation.
+fn frame(record: &mut [u8], generation: u64) {
+    let (head, body) = record.split_at_mut(RECORD_HEAD);
+    head[0..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    head[4..8].copy_from_slice(&record_crc(generation, body).to_le_bytes());
+    head[8..16].copy_from_slice(&generation.to_le_bytes());
 }
 
 /// The epoch, the generation and whether records are aligned, from a header that reads.
@@ -807,14 +821,23 @@ mod tests {
 
     #[test]
     fn a_big_records_buffer_is_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(&dir.path().join("gw.redb"), 1024 * 1024).unwrap();
+        j.reset(7).unwrap();
         let mut record = Vec::new();
         Journal::begin(&mut record);
         record.resize(RECORD_KEEP * 8, 1);
-        Journal::shrink(&mut record);
+        j.append(&mut record).unwrap();
+        j.shrink(&mut record);
         assert!(record.capacity() <= RECORD_KEEP, "{}", record.capacity());
+        assert!(
+            j.blocks.capacity() * BLOCK <= RECORD_KEEP,
+            "{}",
+            j.blocks.capacity()
+        );
         let mut small = Vec::with_capacity(100);
         small.push(1u8);
-        Journal::shrink(&mut small);
+        j.shrink(&mut small);
         assert_eq!(
             (small.capacity(), small.len()),
             (100, 1),
@@ -895,26 +918,16 @@ mod tests {
             let db = db_with_epoch(&path, 7);
             // As a gateway before aligned records left it: header `GWJRNL01`, generation
             // 3, records back to back, written by hand here.
-            let mut file = Vec::new();
-            let mut header = [0u8; 28];
-            header[0..8].copy_from_slice(MAGIC_PACKED);
-            header[8..16].copy_from_slice(&7u64.to_le_bytes());
-            header[16..24].copy_from_slice(&3u64.to_le_bytes());
-            let crc = crc32fast::hash(&header[0..24]);
-            header[24..28].copy_from_slice(&crc.to_le_bytes());
-            file.extend_from_slice(&header);
+            let mut file = header(MAGIC_PACKED, 7, 3).to_vec();
             file.resize(HEADER_BYTES as usize, 0);
             let txn = db.begin_write().unwrap();
-            let changes = [
+            let mut changes = [
                 change(&txn, &[(1, b"a"), (2, b"b")], &[]),
                 change(&txn, &[(3, b"c")], &[1]),
             ];
-            for record in &changes[..records] {
-                let body = &record[RECORD_HEAD..];
-                file.extend_from_slice(&(body.len() as u32).to_le_bytes());
-                file.extend_from_slice(&record_crc(3, body).to_le_bytes());
-                file.extend_from_slice(&3u64.to_le_bytes());
-                file.extend_from_slice(body);
+            for record in &mut changes[..records] {
+                frame(record, 3);
+                file.extend_from_slice(record);
             }
             drop(txn);
             file.resize(64 * 1024, 0);

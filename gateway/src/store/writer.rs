@@ -385,14 +385,15 @@ impl Owner {
             for receipt in group.receipts.drain(..) {
                 receipt.release();
             }
-            // The journal record's buffer is kept while groups stream in: growing it again
-            // for each group took 4% of this thread's time at full speed, most of it glibc
-            // consolidating its free lists for each step past 64 KiB (BENCHMARKS.md, "Fewer
-            // allocations on the store's thread"). Let go after a lone command and when
-            // the thread wakes to nothing (committed, idle or degraded alike): after a
-            // burst the next group may be a long while away.
+            // The journal record's buffer (and the one direct writes copy it to) is kept
+            // while groups stream in: growing it again for each group took 4% of this
+            // thread's time at full speed, most of it glibc consolidating its free lists
+            // for each step past 64 KiB (BENCHMARKS.md, "Fewer allocations on the store's
+            // thread"). Let go after a lone command and when the thread wakes to nothing
+            // (committed, idle or degraded alike): after a burst the next group may be a
+            // long while away.
             if !self.streaming {
-                Journal::shrink(&mut self.oplog);
+                self.journal.shrink(&mut self.oplog);
             }
             // Flushes and shutdown want the rows in the database file, and the downlink
             // reads its queue from there.
