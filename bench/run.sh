@@ -6,7 +6,9 @@
 #      topics remapped devices/# -> bench/devices/#.
 # Both sides get the same device-sim load; device-sim subscribes to
 # bench/devices/# upstream and reports delivery, latency, CPU and RSS.
-# Prints a Markdown table with the ratio A/B. See bench/README.md.
+# Prints a Markdown table with the ratio A/B; with ROUNDS > 1 the sides run that many
+# times in alternating order, and a last table gives the edge's CPU per round. See
+# bench/README.md.
 set -euo pipefail
 
 DEVICES=${DEVICES:-1000}       # simulated devices (connections)
@@ -18,6 +20,7 @@ BATCH=${BATCH:-1}              # gateway: readings per upstream message
 SIDES=${SIDES:-"A B"}          # which sides to run
 SETTLE=${SETTLE:-60}           # seconds the edge is watched after the devices left (0: not)
 EDGE_CPUS=${EDGE_CPUS:-}       # pin each side's edge to these CPUs (taskset -c), e.g. 0
+ROUNDS=${ROUNDS:-1}            # run the sides this many times, alternating their order
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$ROOT/target/bench}
 MOSQUITTO=${MOSQUITTO:-$(command -v mosquitto || echo /usr/sbin/mosquitto)}
@@ -168,10 +171,11 @@ measure() {
     --watch "edge=$4" --watch "upstream=$UP_PID" --json "$OUT/$1.json" | tee "$OUT/$1.txt"
 }
 
-rm -f "$OUT/A.json" "$OUT/B.json" "$OUT/A-disk.txt" "$OUT"/[AB]-settle "$OUT"/[AB]-settle.txt
-
-if [[ " $SIDES " == *" A "* && -z "$A_STATUS" ]]; then
+# side_a: starts the gateway (a new database each time), probes it, measures it, watches
+# it after the devices left, stops it; sets A_STATUS when it fails.
+side_a() {
   say "Side A: gateway on 127.0.0.1:$A_PORT"
+  rm -rf "$WORK/gw"
   mkdir -p "$WORK/gw/rules"
   [ -d "$ROOT/rules" ] && cp -r "$ROOT/rules/." "$WORK/gw/rules/" 2>/dev/null || true
   GATEWAY__BROKER__LISTEN=127.0.0.1:$A_PORT \
@@ -214,10 +218,13 @@ if [[ " $SIDES " == *" A "* && -z "$A_STATUS" ]]; then
   fi
   stop "$GW_PID"
   [ -z "$A_STATUS" ] || printf '\nSIDE A FAILED: %s\n' "$A_STATUS" >&2
-fi
+}
 
-if [[ " $SIDES " == *" B "* ]]; then
+# side_b: the same for the Mosquitto edge and its bridge (a new persistence directory
+# each time).
+side_b() {
   say "Side B: Mosquitto edge on 127.0.0.1:$B_PORT, bridge QoS 1 to upstream, persistence on"
+  rm -rf "$WORK/edge"
   mkdir -p "$WORK/edge"
   cat > "$WORK/edge.conf" <<EOF
 user $ME
@@ -241,20 +248,66 @@ EOF
   measure B mosquitto-bridge "$B_PORT" "$EDGE_PID" 'bench/devices/#'
   settle B "$EDGE_PID"
   stop "$EDGE_PID"
+}
+
+# report_round ROUND: the sides measured in this round side by side (with their settle
+# rows), appended to $OUT/table.md; with ROUNDS > 1 each side's report is kept as
+# $OUT/{A,B}.rROUND.json.
+report_round() {
+  say "Machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -n 1)"
+  local title=""
+  [ "$ROUNDS" -gt 1 ] && title="Round $1 of $ROUNDS (sides in the order $2)"
+  if [ -f "$OUT/A.json" ] && [ -f "$OUT/B.json" ]; then
+    { [ -z "$title" ] || printf '%s\n\n' "$title"
+      "$SIM" compare "$OUT/A.json" "$OUT/B.json"; settle_rows; } | tee -a "$OUT/table.md"
+  elif [ -f "$OUT/B.json" ]; then
+    echo "Side A not measured: ${A_STATUS:-not requested}."
+    { [ -z "$title" ] || printf '%s\n\n' "$title"
+      "$SIM" compare - "$OUT/B.json"; settle_rows; } | tee -a "$OUT/table.md"
+  elif [ -f "$OUT/A.json" ]; then
+    echo "Side B not measured (SIDES=$SIDES); side A's report is above and in $OUT/A.txt."
+  fi
+  if [ "$ROUNDS" -gt 1 ]; then
+    local side
+    for side in A B; do
+      [ ! -f "$OUT/$side.json" ] || cp "$OUT/$side.json" "$OUT/$side.r$1.json"
+    done
+  fi
+}
+
+rm -f "$OUT"/[AB].json "$OUT"/[AB].r*.json "$OUT/A-disk.txt" "$OUT"/[AB]-settle "$OUT"/[AB]-settle.txt \
+  "$OUT/table.md" "$OUT/rounds.md"
+for round in $(seq "$ROUNDS"); do
+  # A B in odd rounds, B A in even ones: a machine that speeds up or slows down during
+  # the run favours neither side over a pair of rounds.
+  order="A B"
+  [ $((round % 2)) -eq 1 ] || order="B A"
+  [ "$ROUNDS" -eq 1 ] || say "Round $round of $ROUNDS: sides $order"
+  rm -f "$OUT"/[AB].json "$OUT/A-disk.txt" "$OUT"/[AB]-settle "$OUT"/[AB]-settle.txt
+  for side in $order; do
+    if [ "$side" = A ] && [[ " $SIDES " == *" A "* ]] && [ -z "$A_STATUS" ]; then
+      side_a
+    elif [ "$side" = B ] && [[ " $SIDES " == *" B "* ]]; then
+      side_b
+    fi
+  done
+  report_round "$round" "$order"
+done
+
+pairs=()
+for round in $(seq "$ROUNDS"); do
+  if [ -f "$OUT/A.r$round.json" ] && [ -f "$OUT/B.r$round.json" ]; then
+    pairs+=("$OUT/A.r$round.json" "$OUT/B.r$round.json")
+  fi
+done
+if [ ${#pairs[@]} -gt 2 ]; then
+  say "Edge CPU per round ($((${#pairs[@]} / 2)) rounds, sides alternating)"
+  { printf '\nEdge CPU per round\n\n'; "$SIM" rounds "${pairs[@]}"; } | tee "$OUT/rounds.md" |
+    tee -a "$OUT/table.md"
 fi
 
-say "Machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -n 1)"
-if [ -f "$OUT/A.json" ] && [ -f "$OUT/B.json" ]; then
-  { "$SIM" compare "$OUT/A.json" "$OUT/B.json"; settle_rows; } | tee "$OUT/table.md"
-elif [ -f "$OUT/B.json" ]; then
-  echo "Side A not measured: ${A_STATUS:-not requested}."
-  { "$SIM" compare - "$OUT/B.json"; settle_rows; } | tee "$OUT/table.md"
-  [ -z "$A_STATUS" ] || exit 3
-elif [ -f "$OUT/A.json" ]; then
-  echo "Side B not measured (SIDES=$SIDES); side A's report is above and in $OUT/A.txt."
-elif [ -n "$A_STATUS" ]; then
-  printf 'bench: side A failed (%s) and side B was not requested\n' "$A_STATUS" >&2
+if [ -n "$A_STATUS" ]; then
+  [ -f "$OUT/B.json" ] || printf 'bench: side A failed (%s) and side B was not requested\n' "$A_STATUS" >&2
   exit 3
-else
-  die "nothing was measured"
 fi
+[ -f "$OUT/A.json" ] || [ -f "$OUT/B.json" ] || die "nothing was measured"

@@ -1,7 +1,8 @@
 //! The `device-sim` command: a thin CLI over the library.
 //!
 //! `device-sim [FLAGS]` runs a fleet (bench mode when `--upstream` is given);
-//! `device-sim compare A.json B.json` prints two bench reports side by side.
+//! `device-sim compare A.json B.json` prints two bench reports side by side;
+//! `device-sim rounds A1.json B1.json A2.json B2.json ...` the rounds of an alternating bench.
 //! Exit codes: 0 done, 1 runtime failure, 2 `--min-delivered` not met, 64 bad flags or scenario.
 
 use std::path::PathBuf;
@@ -38,6 +39,17 @@ enum Command {
         a: PathBuf,
         /// Report B (e.g. the Mosquitto bridge).
         b: PathBuf,
+    },
+    /// Print the rounds of a bench that alternated its sides (reports A1 B1 A2 B2 ...):
+    /// one process's CPU per round with the ratio A/B, the ratio of the means and the
+    /// median of the rounds' ratios, as Markdown.
+    Rounds {
+        /// The `--watch` name of the process compared (bench/run.sh names the edge `edge`).
+        #[arg(long, default_value = "edge")]
+        process: String,
+        /// Reports in pairs, side A then side B of each round.
+        #[arg(required = true, num_args = 2..)]
+        reports: Vec<PathBuf>,
     },
 }
 
@@ -146,16 +158,10 @@ fn main() -> ExitCode {
         )
         .init();
     match cli.command {
-        Some(Command::Compare { a, b }) => match compare(&a, &b) {
-            Ok(table) => {
-                print!("{table}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("device-sim compare: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Some(Command::Compare { a, b }) => print_table("compare", compare(&a, &b)),
+        Some(Command::Rounds { process, reports }) => {
+            print_table("rounds", rounds(&reports, &process))
+        }
         None => {
             let (fleet, upstream) = match configure(cli.run) {
                 Ok(c) => c,
@@ -307,17 +313,42 @@ fn write_json<T: serde::Serialize>(path: Option<&PathBuf>, value: &T) -> anyhow:
     Ok(())
 }
 
+fn print_table(command: &str, table: anyhow::Result<String>) -> ExitCode {
+    match table {
+        Ok(table) => {
+            print!("{table}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("device-sim {command}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_report(p: &PathBuf) -> anyhow::Result<BenchReport> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a bench report", p.display()))
+}
+
 fn compare(a: &PathBuf, b: &PathBuf) -> anyhow::Result<String> {
-    let read = |p: &PathBuf| -> anyhow::Result<BenchReport> {
-        let text =
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a bench report", p.display()))
-    };
     let a = if a.as_os_str() == "-" {
         None
     } else {
-        Some(read(a)?)
+        Some(read_report(a)?)
     };
-    Ok(report::compare(a.as_ref(), &read(b)?))
+    Ok(report::compare(a.as_ref(), &read_report(b)?))
+}
+
+fn rounds(reports: &[PathBuf], process: &str) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        reports.len().is_multiple_of(2),
+        "reports come in pairs (A then B of each round); got {}",
+        reports.len()
+    );
+    let pairs = reports
+        .chunks(2)
+        .map(|pair| Ok((read_report(&pair[0])?, read_report(&pair[1])?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(report::rounds(&pairs, process))
 }

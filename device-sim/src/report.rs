@@ -179,3 +179,76 @@ fn row(
 ) -> (String, f64, f64, usize) {
     (name.to_owned(), a.map_or(f64::NAN, &f), f(b), decimals)
 }
+
+/// The runs of a bench that alternated its sides in rounds (A then B, B then A, ...), one
+/// row per round: `process`'s CPU on each side and the ratio A/B, with each side's
+/// device-sim CPU, latency and losses beside it; then the mean of each column and the
+/// ratio of the means, and the median of the rounds' ratios. Rounds run minutes apart
+/// see a machine whose speed moves; A and B in one round saw the same stretch of it.
+pub fn rounds(pairs: &[(BenchReport, BenchReport)], process: &str) -> String {
+    let cpu = |r: &BenchReport| {
+        r.processes
+            .iter()
+            .find(|p| p.name == process)
+            .map_or(f64::NAN, |p| p.cpu_percent)
+    };
+    let latency = |r: &BenchReport| format!("{}/{}", r.latency_ms.p50, r.latency_ms.p99);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| round | A: {} {process} CPU % | B: {} {process} CPU % | A/B | device-sim CPU % A / B | p50/p99 ms A / B | lost A / B |",
+        pairs.first().map_or("", |(a, _)| a.label.as_str()),
+        pairs.first().map_or("", |(_, b)| b.label.as_str()),
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---|---|---|");
+    let mut ratios = Vec::with_capacity(pairs.len());
+    let (mut sum_a, mut sum_b) = (0.0, 0.0);
+    for (i, (a, b)) in pairs.iter().enumerate() {
+        let (ca, cb) = (cpu(a), cpu(b));
+        let ratio = ca / cb;
+        if ratio.is_finite() {
+            ratios.push(ratio);
+        }
+        sum_a += ca;
+        sum_b += cb;
+        let _ = writeln!(
+            out,
+            "| {} | {ca:.1} | {cb:.1} | {} | {:.1} / {:.1} | {} / {} | {} / {} |",
+            i + 1,
+            ratio_cell(ratio),
+            a.fleet.cpu.percent,
+            b.fleet.cpu.percent,
+            latency(a),
+            latency(b),
+            a.lost,
+            b.lost,
+        );
+    }
+    let n = pairs.len() as f64;
+    let (mean_a, mean_b) = (sum_a / n, sum_b / n);
+    let _ = writeln!(
+        out,
+        "| mean | {mean_a:.1} | {mean_b:.1} | {} | | | |",
+        ratio_cell(mean_a / mean_b)
+    );
+    ratios.sort_by(f64::total_cmp);
+    let median = match ratios.len() {
+        0 => f64::NAN,
+        k if !k.is_multiple_of(2) => ratios[k / 2],
+        k => (ratios[k / 2 - 1] + ratios[k / 2]) / 2.0,
+    };
+    let _ = writeln!(
+        out,
+        "| median of the rounds' A/B | | | {} | | | |",
+        ratio_cell(median)
+    );
+    out
+}
+
+fn ratio_cell(r: f64) -> String {
+    if r.is_finite() {
+        format!("{r:.2}")
+    } else {
+        "-".to_owned()
+    }
+}

@@ -91,6 +91,43 @@ fn a_run_prints_its_summary_and_bench_mode_enforces_min_delivered() {
     let half = sim().arg("compare").arg("-").arg(&json).output().unwrap();
     assert!(String::from_utf8_lossy(&half.stdout).contains("| delivered upstream | - | 30 | - |"));
 
+    // Rounds of an alternating run: the edge's CPU per round, the ratio of the means and
+    // the median of the rounds' ratios.
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let with_edge = |name: &str, cpu_percent: f64| {
+        let mut r = report.clone();
+        r["processes"] = serde_json::json!([{
+            "name": "edge", "pid": 1, "cpu_s": cpu_percent * 0.3, "cpu_percent": cpu_percent,
+            "rss_kb": 1024, "peak_rss_kb": 2048,
+        }]);
+        let path = dir.path().join(name);
+        std::fs::write(&path, r.to_string()).unwrap();
+        path
+    };
+    let reports = [
+        with_edge("a1.json", 30.0),
+        with_edge("b1.json", 20.0),
+        with_edge("a2.json", 36.0),
+        with_edge("b2.json", 20.0),
+        with_edge("a3.json", 33.0),
+        with_edge("b3.json", 22.0),
+    ];
+    let out = sim().arg("rounds").args(&reports).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    for row in [
+        "| 1 | 30.0 | 20.0 | 1.50 |",
+        "| 2 | 36.0 | 20.0 | 1.80 |",
+        "| 3 | 33.0 | 22.0 | 1.50 |",
+        "| mean | 33.0 | 20.7 | 1.60 |",
+        "| median of the rounds' A/B | | | 1.50 |",
+    ] {
+        assert!(table.contains(row), "{row} not in\n{table}");
+    }
+    let odd = sim().arg("rounds").args(&reports[..3]).output().unwrap();
+    assert_eq!(odd.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&odd.stderr).contains("reports come in pairs"));
+
     // Nothing forwarded to a topic nobody publishes: exit code 2.
     let out = sim()
         .args([
