@@ -40,7 +40,7 @@ pub const KEYS: &[(&str, DefaultValue)] = &[
     ("storage.dead_letter_max", DefaultValue::Int(10_000)),
     ("storage.max_bytes", DefaultValue::Int(256 * 1024 * 1024)),
     ("storage.max_age", DefaultValue::Str("7d")),
-    ("storage.flush_interval", DefaultValue::Str("1ms")),
+    ("storage.flush_interval", DefaultValue::Str("1500us")),
     ("rules.dir", DefaultValue::Str("rules")),
     (
         "rules.event_topic",
