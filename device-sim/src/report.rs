@@ -153,19 +153,13 @@ pub fn compare(a: Option<&BenchReport>, b: &BenchReport) -> String {
     let _ = writeln!(out, "| metric | A: {a_label} | B: {} | A/B |", b.label);
     let _ = writeln!(out, "|---|---:|---:|---:|");
     for (name, va, vb, decimals) in rows {
-        let cell = |v: f64| {
-            if v.is_nan() {
-                "-".to_owned()
-            } else {
-                format!("{v:.decimals$}")
-            }
-        };
-        let ratio = if vb != 0.0 && !vb.is_nan() && !va.is_nan() {
-            format!("{:.2}", va / vb)
-        } else {
-            "-".to_owned()
-        };
-        let _ = writeln!(out, "| {name} | {} | {} | {ratio} |", cell(va), cell(vb));
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {} |",
+            cell(va, decimals),
+            cell(vb, decimals),
+            ratio_cell(va / vb)
+        );
     }
     out
 }
@@ -213,8 +207,10 @@ pub fn rounds(pairs: &[(BenchReport, BenchReport)], process: &str) -> String {
         sum_b += cb;
         let _ = writeln!(
             out,
-            "| {} | {ca:.1} | {cb:.1} | {} | {:.1} / {:.1} | {} / {} | {} / {} |",
+            "| {} | {} | {} | {} | {:.1} / {:.1} | {} / {} | {} / {} |",
             i + 1,
+            cell(ca, 1),
+            cell(cb, 1),
             ratio_cell(ratio),
             a.fleet.cpu.percent,
             b.fleet.cpu.percent,
@@ -228,7 +224,9 @@ pub fn rounds(pairs: &[(BenchReport, BenchReport)], process: &str) -> String {
     let (mean_a, mean_b) = (sum_a / n, sum_b / n);
     let _ = writeln!(
         out,
-        "| mean | {mean_a:.1} | {mean_b:.1} | {} | | | |",
+        "| mean | {} | {} | {} | | | |",
+        cell(mean_a, 1),
+        cell(mean_b, 1),
         ratio_cell(mean_a / mean_b)
     );
     ratios.sort_by(f64::total_cmp);
@@ -245,6 +243,16 @@ pub fn rounds(pairs: &[(BenchReport, BenchReport)], process: &str) -> String {
     out
 }
 
+/// A table cell: `v` with `decimals` decimals, `-` when it was not measured (NaN).
+fn cell(v: f64, decimals: usize) -> String {
+    if v.is_nan() {
+        "-".to_owned()
+    } else {
+        format!("{v:.decimals$}")
+    }
+}
+
+/// A ratio's cell: two decimals, `-` when a side is missing or the divisor is zero.
 fn ratio_cell(r: f64) -> String {
     if r.is_finite() {
         format!("{r:.2}")
