@@ -24,14 +24,14 @@
 //!   starts. The spacing bounds the commits per second, and so the bytes written per
 //!   reading (flash wear): without it the writer commits back to back under any steady
 //!   load (BENCHMARKS.md, "Group commit"; the default, 1.5 ms, is where a longer spacing
-//!   stopped saving CPU: "Commit spacing by default 1.5 ms"). During the spacing the thread sleeps instead
-//!   of waking for each command; under load (the last group held more than one command)
-//!   it sleeps out the spacing before it looks at the queue at all, so that a commit
-//!   costs one wake-up, not one for the first command and one at the end of the
-//!   spacing (a command waits no longer for it: it could not be committed before the
-//!   spacing ends anyway). It is woken early, and the group committed at once, when
-//!   [`COMMIT_EARLY_ROWS`] commands, or messages of the feed's input, wait (the broker's
-//!   ingest hook wakes it for the latter, `StoreHandle::early_commit`): such a
+//!   stopped saving CPU: "Commit spacing by default 1.5 ms"). During the spacing the
+//!   thread sleeps instead of waking for each command; under load (the last group held
+//!   more than one command) it sleeps out the spacing before it looks at the queue at
+//!   all, so that a commit costs one wake-up, not one for the first command and one at
+//!   the end of the spacing (a command waits no longer for it: it could not be committed
+//!   before the spacing ends anyway). It is woken early, and the group committed at
+//!   once, when [`COMMIT_EARLY_ROWS`] commands, or messages of the feed's input, wait (the
+//!   broker's ingest hook wakes it for the latter, `StoreHandle::early_commit`): such a
 //!   group carries as many rows as a spaced one at 6,400 readings/s, so the writes per
 //!   reading stay bounded, and a device with many publishes in flight is not held to one
 //!   window per spacing (one device with 100 in flight: 10.8k acknowledged readings/s
