@@ -22,6 +22,7 @@ SETTLE=${SETTLE:-60}           # seconds the edge is watched after the devices l
 EDGE_CPUS=${EDGE_CPUS:-}       # pin each side's edge to these CPUs (taskset -c), e.g. 0
 ROUNDS=${ROUNDS:-1}            # run the sides this many times, alternating their order
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RULES=${RULES:-$ROOT/rules}    # the gateway's rule files (a directory; "none": no rules)
 OUT=${OUT:-$ROOT/target/bench}
 MOSQUITTO=${MOSQUITTO:-$(command -v mosquitto || echo /usr/sbin/mosquitto)}
 
@@ -30,6 +31,7 @@ die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
 
 [ -x "$MOSQUITTO" ] || die "mosquitto not found (apt-get install mosquitto, or set MOSQUITTO=/path)"
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a whole number of at least 1, not '$ROUNDS'"
+[ "$RULES" = none ] || [ -d "$RULES" ] || die "RULES must be a directory of rule files or none, not '$RULES'"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 [ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge $((DEVICES + 200)) ] ||
   die "open-file limit $(ulimit -n) is too low for $DEVICES connections (raise ulimit -n)"
@@ -178,7 +180,7 @@ side_a() {
   say "Side A: gateway on 127.0.0.1:$A_PORT"
   rm -rf "$WORK/gw"
   mkdir -p "$WORK/gw/rules"
-  [ -d "$ROOT/rules" ] && cp -r "$ROOT/rules/." "$WORK/gw/rules/" 2>/dev/null || true
+  [ "$RULES" != none ] && [ -d "$RULES" ] && cp -r "$RULES/." "$WORK/gw/rules/" 2>/dev/null || true
   GATEWAY__BROKER__LISTEN=127.0.0.1:$A_PORT \
   GATEWAY__BROKER__LISTEN_V5= \
   GATEWAY__HTTP__LISTEN=127.0.0.1:$HTTP_PORT \
