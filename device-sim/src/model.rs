@@ -27,8 +27,11 @@ pub enum Model {
         #[serde(default)]
         unit: Option<String>,
     },
-    /// Starts at `start`, moves by a uniform step in `[-step, step]` per reading,
-    /// kept inside `[min, max]`.
+    /// Starts at `start`, moves by a uniform step in `[-step, step]` per second of time
+    /// between readings (`[-step * sqrt(s), step * sqrt(s)]` after `s` seconds: one
+    /// reading a second moves it by up to `step`, ten a second by up to `step / sqrt(10)`
+    /// each, so its drift over a minute does not depend on the rate), kept inside
+    /// `[min, max]`.
     RandomWalk {
         start: f64,
         step: f64,
@@ -279,8 +282,15 @@ impl Generator {
         let v = match &self.model {
             Model::Constant { value, .. } => *value,
             Model::RandomWalk { step, min, max, .. } => {
-                let delta = if *step > 0.0 {
-                    rng.random_range(-*step..=*step)
+                // The spread grows with the square root of the time since the previous
+                // value, as a random walk's does: the value drifts as far in a minute
+                // whether the device reports once a second or ten times.
+                let secs = self
+                    .last
+                    .map_or(1.0, |last| t.saturating_sub(last).as_secs_f64());
+                let spread = step * secs.sqrt();
+                let delta = if spread > 0.0 {
+                    rng.random_range(-spread..=spread)
                 } else {
                     0.0
                 };
@@ -361,6 +371,54 @@ mod tests {
             let v = g.next(Duration::from_millis(i), &mut rng, &Switches::default());
             assert!((15.0..=25.0).contains(&v), "{v}");
         }
+    }
+
+    /// The largest move between two readings, and how far the value went in `secs`
+    /// seconds, at `per_sec` readings a second.
+    fn walk(per_sec: u64, secs: u64, seed: u64) -> (f64, f64) {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut g = Generator::new(
+            Model::RandomWalk {
+                start: 500.0,
+                step: 0.2,
+                min: 0.0,
+                max: 1000.0,
+                unit: None,
+            },
+            &mut rng,
+        );
+        let none = Switches::default();
+        let first = g.next(Duration::ZERO, &mut rng, &none);
+        let (mut prev, mut largest) = (first, 0.0f64);
+        for i in 1..=per_sec * secs {
+            let v = g.next(Duration::from_millis(i * 1000 / per_sec), &mut rng, &none);
+            largest = largest.max((v - prev).abs());
+            prev = v;
+        }
+        (largest, prev - first)
+    }
+
+    #[test]
+    fn a_random_walk_drifts_as_far_per_minute_at_any_rate() {
+        // One reading a second: moves of up to `step`, as before the spread was per second.
+        let (largest, _) = walk(1, 600, 7);
+        assert!(largest <= 0.2 + 0.01 && largest > 0.15, "{largest}");
+        // Ten a second: each move is up to step / sqrt(10).
+        let (largest, _) = walk(10, 60, 7);
+        assert!(largest <= 0.2 / 10f64.sqrt() + 0.01, "{largest}");
+        // Over a minute the drift is alike: its spread (root mean square over many walks)
+        // is step / sqrt(3) * sqrt(60) = 0.89 at either rate, not sqrt(10) times more at
+        // ten a second.
+        let rms = |per_sec: u64| {
+            let runs = 200;
+            let sum: f64 = (0..runs)
+                .map(|seed| walk(per_sec, 60, seed).1.powi(2))
+                .sum();
+            (sum / runs as f64).sqrt()
+        };
+        let (one, ten) = (rms(1), rms(10));
+        assert!((0.7..1.1).contains(&one), "1/s: {one}");
+        assert!((0.7..1.1).contains(&ten), "10/s: {ten}");
     }
 
     #[test]
