@@ -31,7 +31,9 @@ die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
 
 [ -x "$MOSQUITTO" ] || die "mosquitto not found (apt-get install mosquitto, or set MOSQUITTO=/path)"
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a whole number of at least 1, not '$ROUNDS'"
-[ "$RULES" = none ] || [ -d "$RULES" ] || die "RULES must be a directory of rule files or none, not '$RULES'"
+# The default may be absent (a checkout without rules): then the gateway runs without.
+[ "$RULES" = none ] || [ -d "$RULES" ] || [ "$RULES" = "$ROOT/rules" ] ||
+  die "RULES must be a directory of rule files or none, not '$RULES'"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 [ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge $((DEVICES + 200)) ] ||
   die "open-file limit $(ulimit -n) is too low for $DEVICES connections (raise ulimit -n)"
