@@ -144,3 +144,59 @@ fn a_missing_directory_is_one_diagnostic() {
         "{diags}"
     );
 }
+
+#[test]
+fn min_span_is_longer_than_0s_and_shorter_than_a_time_window() {
+    let text = r#"[[rule]]
+name = "r"
+event = "R"
+condition = "has(agg.a) && has(agg.b) && has(agg.c) && has(agg.d)"
+[[rule.aggregate]]
+name = "a"
+field = "x"
+fn = "rate"
+window = "1m"
+min_span = "0s"
+[[rule.aggregate]]
+name = "b"
+field = "x"
+fn = "rate"
+window = "1m"
+min_span = "1m"
+[[rule.aggregate]]
+name = "c"
+field = "x"
+fn = "rate"
+window = "1m"
+min_span = "soon"
+[[rule.aggregate]]
+name = "d"
+field = "x"
+fn = "rate"
+samples = 10
+min_span = "5m"
+"#;
+    let diags = RuleSet::parse("m.toml", text).unwrap_err();
+    let got: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
+    assert_eq!(
+        got,
+        vec![
+            "m.toml:10:12: `min_span` must be a duration longer than 0s",
+            "m.toml:16:12: `min_span` must be shorter than the window (1m): the samples in a window never span all of it",
+            "m.toml:22:12: bad duration \"soon\" for `min_span`: expected number at 0 (e.g. \"30s\", \"5m\", \"1h 30m\")",
+        ],
+        "{got:#?}"
+    );
+    // A count window may ask for any span: its last N samples can be far apart.
+    let ok = text
+        .replace("min_span = \"0s\"", "min_span = \"10s\"")
+        .replace("min_span = \"1m\"", "min_span = \"59s\"")
+        .replace("min_span = \"soon\"", "min_span = \"30s\"");
+    let rules = RuleSet::parse("m.toml", &ok).unwrap_or_else(|d| panic!("{d}"));
+    let spans: Vec<i64> = rules.rules()[0]
+        .aggregates
+        .iter()
+        .map(|a| a.min_span)
+        .collect();
+    assert_eq!(spans, vec![10_000, 59_000, 30_000, 300_000]);
+}

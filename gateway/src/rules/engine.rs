@@ -232,7 +232,9 @@ impl Engine {
                     .copied()
                     .filter(|&i| rules.rules()[i].same_identity(old))?;
                 let new = &rules.rules()[i];
-                let reset = (new.aggregates != old.aggregates).then_some(new.aggregates.len());
+                let same = new.aggregates.len() == old.aggregates.len()
+                    && (new.aggregates.iter().zip(&old.aggregates)).all(|(n, o)| n.same_window(o));
+                let reset = (!same).then_some(new.aggregates.len());
                 Some((i, reset))
             })
             .collect();

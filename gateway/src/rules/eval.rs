@@ -37,6 +37,9 @@ pub(super) fn update_windows<'r>(
         if let Some(v) = reading.fields.get(&agg.field).and_then(Value::as_f64) {
             window.push(now, v, agg.window, agg.func);
         }
+        if window.span() < agg.min_span {
+            continue;
+        }
         if let Some(v) = window.value(agg.func) {
             out.push((agg.name.as_str(), v));
         }

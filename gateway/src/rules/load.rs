@@ -45,7 +45,7 @@ const RULE_KEYS: &[&str] = &[
     "aggregate",
     "action",
 ];
-const AGGREGATE_KEYS: &[&str] = &["name", "field", "fn", "window", "samples"];
+const AGGREGATE_KEYS: &[&str] = &["name", "field", "fn", "window", "samples", "min_span"];
 /// Severity when a rule gives none.
 pub const DEFAULT_SEVERITY: &str = "warning";
 
@@ -459,6 +459,7 @@ impl Cx<'_> {
                     None
                 }
             };
+            let min_span = self.min_span(t, window);
             if let Some((n, span)) = &name {
                 declared.push(n.clone());
                 let ident = n
@@ -475,18 +476,43 @@ impl Cx<'_> {
                     );
                 }
             }
-            if let (Some((name, _)), Some((field, _)), Some(func), Some(window)) =
-                (name, field, func, window)
+            if let (Some((name, _)), Some((field, _)), Some(func), Some(window), Some(min_span)) =
+                (name, field, func, window, min_span)
             {
                 out.push(Aggregate {
                     name,
                     field,
                     func,
                     window,
+                    min_span,
                 });
             }
         }
         (out, declared)
+    }
+
+    /// An aggregate's `min_span` (0 when it has none): longer than 0s, and shorter than a
+    /// time window (whose samples never span the whole window).
+    fn min_span(&mut self, t: &dyn TableLike, window: Option<WindowSpec>) -> Option<Millis> {
+        let Some(item) = t.get("min_span") else {
+            return Some(0);
+        };
+        let ms = self.duration(t, "min_span")?;
+        let problem = match window {
+            _ if ms <= 0 => Some("`min_span` must be a duration longer than 0s".to_owned()),
+            Some(WindowSpec::Time(w)) if ms >= w => Some(format!(
+                "`min_span` must be shorter than the window ({}): the samples in a window never span all of it",
+                humantime::format_duration(std::time::Duration::from_millis(w as u64))
+            )),
+            _ => None,
+        };
+        match problem {
+            Some(problem) => {
+                self.error(item.span(), problem);
+                None
+            }
+            None => Some(ms),
+        }
     }
 
     /// Compiles a CEL string, mapping parse errors and unknown `agg.X` references into the file.

@@ -103,6 +103,20 @@ pub struct Aggregate {
     pub field: String,
     pub func: AggFn,
     pub window: WindowSpec,
+    /// The aggregate has no value until the samples in its window span at least this
+    /// many ms (oldest to newest); 0: from the samples its function needs.
+    pub min_span: Millis,
+}
+
+impl Aggregate {
+    /// Whether a window kept for `other` holds the samples this aggregate needs: the same
+    /// name, field, function and window (`min_span` only reads the window).
+    pub fn same_window(&self, other: &Aggregate) -> bool {
+        self.name == other.name
+            && self.field == other.field
+            && self.func == other.func
+            && self.window == other.window
+    }
 }
 
 /// An MQTT topic filter (`+` one level, `#` the rest).

@@ -818,3 +818,56 @@ fn a_device_saved_alone_writes_what_the_whole_snapshot_has_for_it() {
     }
     assert!(e.device_records("t-3").is_empty());
 }
+
+#[test]
+fn an_aggregate_has_no_value_until_its_samples_span_min_span() {
+    let rules = "[[rule]]\nname = \"rising\"\nevent = \"Rising\"\n\
+                 condition = \"has(agg.rise) && agg.rise > 0.1\"\n\
+                 clear = \"!has(agg.rise) || agg.rise < 0.05\"\n\
+                 [[rule.aggregate]]\nname = \"rise\"\nfield = \"temperature\"\nfn = \"rate\"\n\
+                 window = \"1m\"\nmin_span = \"20s\"\n";
+    let mut e = Engine::new(set(rules), "gw");
+    // Ten readings a second jittering by 0.05: 0.5 per second between two neighbours,
+    // but the window spans less than 20 s, so the rate has no value and nothing fires.
+    let mut events = Vec::new();
+    for i in 0..150 {
+        let t = 20.0 + if i % 2 == 0 { 0.0 } else { 0.05 };
+        events.extend(e.on_reading(&temp("t-1", t), T0 + i * 100));
+    }
+    assert!(events.is_empty(), "{:?}", times(&events));
+    // A real rise: 20.05 at 14.9 s to 26 at 20 s spans 20 s from the first sample at 0 s:
+    // (26 - 20) / 20 s = 0.3 per second.
+    let fired = e.on_reading(&temp("t-1", 26.0), T0 + 20 * S);
+    assert_eq!(times(&fired), vec![(20, EventState::Firing)]);
+    let values = &fired[0].data.values;
+    assert_eq!(
+        values.get("agg.rise"),
+        Some(&Value::Number(0.3)),
+        "{values:?}"
+    );
+
+    // Without `min_span` the first jitter of the same readings fires at once.
+    let eager = rules.replace("min_span = \"20s\"\n", "");
+    let mut e = Engine::new(set(&eager), "gw");
+    assert!(e.on_reading(&temp("t-1", 20.0), T0).is_empty());
+    let fired = e.on_reading(&temp("t-1", 20.05), T0 + 100);
+    assert_eq!(times(&fired), vec![(0, EventState::Firing)]);
+}
+
+#[test]
+fn changing_only_min_span_keeps_the_windows() {
+    let with = |span: &str| {
+        set(&format!(
+            "[[rule]]\nname = \"rising\"\nevent = \"Rising\"\ncondition = \"has(agg.rise) && agg.rise > 0.1\"\n\
+             [[rule.aggregate]]\nname = \"rise\"\nfield = \"temperature\"\nfn = \"rate\"\n\
+             window = \"1m\"\nmin_span = \"{span}\"\n"
+        ))
+    };
+    let mut e = Engine::new(with("30s"), "gw");
+    assert!(e.on_reading(&temp("t-1", 20.0), T0).is_empty());
+    assert!(e.on_reading(&temp("t-1", 21.0), T0 + 5 * S).is_empty());
+    assert!(e.replace(with("10s"), T0 + 6 * S).is_empty());
+    // The window still holds the sample at 0 s: 20 -> 23 over 10 s is 0.3 per second.
+    let fired = e.on_reading(&temp("t-1", 23.0), T0 + 10 * S);
+    assert_eq!(times(&fired), vec![(10, EventState::Firing)]);
+}

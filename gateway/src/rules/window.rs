@@ -223,6 +223,18 @@ impl Window {
         self.samples.is_empty() && self.spans.is_empty()
     }
 
+    /// Time from the oldest sample in the window to the newest (ms; 0 when it holds fewer
+    /// than two). A time window's oldest edge is its first span's first sample.
+    pub fn span(&self) -> Millis {
+        let ends = match (self.spans.front(), self.newest) {
+            (Some(first), Some((newest, _))) => Some((first.first_at, newest)),
+            _ => (self.samples.front())
+                .zip(self.samples.back())
+                .map(|(a, b)| (a.0, b.0)),
+        };
+        ends.map_or(0, |(oldest, newest)| (newest - oldest).max(0))
+    }
+
     /// The aggregate's value, if the window holds enough samples for it.
     pub fn value(&self, func: AggFn) -> Option<f64> {
         if !self.spans.is_empty() {
@@ -466,5 +478,31 @@ mod tests {
             w.push(1000, 2.0, spec, AggFn::Rate);
             assert_eq!(w.value(AggFn::Rate), None);
         }
+    }
+
+    #[test]
+    fn span_runs_from_the_oldest_sample_in_the_window_to_the_newest() {
+        for spec in [WindowSpec::Count(3), WindowSpec::Time(64_000)] {
+            let mut w = Window::default();
+            assert_eq!(w.span(), 0, "{spec:?}");
+            w.push(1_000, 1.0, spec, AggFn::Rate);
+            assert_eq!(w.span(), 0, "{spec:?}");
+            w.push(1_400, 1.0, spec, AggFn::Rate);
+            w.push(3_500, 1.0, spec, AggFn::Rate);
+            assert_eq!(w.span(), 2_500, "{spec:?}");
+        }
+        // The oldest samples leave: a count window keeps the last 3, a time window drops
+        // the spans whose newest sample is a window old.
+        let mut count = Window::default();
+        let mut time = Window::default();
+        for at in [0, 10_000, 20_000, 30_000, 70_000] {
+            count.push(at, 1.0, WindowSpec::Count(3), AggFn::Avg);
+            time.push(at, 1.0, WindowSpec::Time(64_000), AggFn::Avg);
+        }
+        assert_eq!(count.span(), 50_000);
+        assert_eq!(time.span(), 60_000);
+        // An expired window spans nothing.
+        time.expire(200_000, WindowSpec::Time(64_000));
+        assert_eq!(time.span(), 0);
     }
 }
