@@ -66,12 +66,18 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/edge-bench.XXXXXX")
 . "$ROOT/bench/lib.sh"
 stop_started_at_exit
 
-# commits: the gateway's store commits so far, from its /metrics (empty without curl).
-commits() {
+# metric NAME: the sum of the gateway's /metrics samples of NAME (over its labels) so far;
+# empty without curl or when the gateway does not answer.
+metric() {
   command -v curl >/dev/null || return 0
   curl -s -m 2 "http://127.0.0.1:$HTTP_PORT/metrics" 2>/dev/null |
-    awk '$1 == "gateway_store_commit_seconds_count" {printf "%d", $2}'
+    awk -v name="$1" '/^gateway_/ { up = 1 } { n = $1; sub(/\{.*/, "", n) }
+      n == name { s += $2 } END { if (up) printf "%d", s }'
 }
+# commits: the gateway's store commits so far.
+commits() { metric gateway_store_commit_seconds_count; }
+# events: the CloudEvents the gateway's rules and device events emitted so far.
+events() { metric gateway_events_total; }
 # write_bytes PID: bytes the process caused to be written to storage so far.
 write_bytes() { awk '$1 == "write_bytes:" {print $2}' "/proc/$1/io"; }
 rss_kb() { awk '$1 == "VmRSS:" {print $2}' "/proc/$1/status"; }
@@ -206,10 +212,10 @@ side_a() {
     A_STATUS="the gateway accepted readings but forwarded none/too few to upstream bench/devices/# within 10 s (is upstream forwarding implemented, with GATEWAY__UPSTREAM__TOPIC_PREFIX=bench?). Probe: $(grep -m1 'upstream \[' "$WORK/probe-A.txt" || tail -n 2 "$WORK/probe-A.txt")"
   else
     w0=$(write_bytes "$GW_PID")
-    c0=$(commits); t0=$(date +%s%N)
+    c0=$(commits); e0=$(events); t0=$(date +%s%N)
     measure A gateway "$A_PORT" "$GW_PID" "$A_FILTER"
     w1=$(write_bytes "$GW_PID")
-    c1=$(commits); t1=$(date +%s%N)
+    c1=$(commits); e1=$(events); t1=$(date +%s%N)
     acked=$(grep -o '"acked": *[0-9]*' "$OUT/A.json" | head -n 1 | grep -o '[0-9]*$')
     {
       echo "gateway disk writes (/proc/PID/io write_bytes, over the measured run): $((w1 - w0)) bytes," \
@@ -217,6 +223,10 @@ side_a() {
       if [ -n "$c0" ] && [ -n "$c1" ] && [ "$c1" -gt "$c0" ]; then
         echo "gateway store commits (gateway_store_commit_seconds_count, same span): $((c1 - c0))," \
           "$(( (c1 - c0) * 1000000000 / (t1 - t0) ))/s, $(( (w1 - w0) / (c1 - c0) )) bytes per commit"
+      fi
+      if [ -n "$e0" ] && [ -n "$e1" ]; then
+        echo "gateway events emitted (gateway_events_total, same span): $((e1 - e0))" \
+          "(each is stored and forwarded too; the steady scenario is meant to raise none)"
       fi
     } | tee "$OUT/A-disk.txt"
     settle A "$GW_PID"
