@@ -76,7 +76,7 @@ metric() {
 }
 # commits: the gateway's store commits so far.
 commits() { metric gateway_store_commit_seconds_count; }
-# events: the CloudEvents the gateway's rules and device events emitted so far.
+# events: the events the gateway's rules emitted so far (firing and resolved).
 events() { metric gateway_events_total; }
 # write_bytes PID: bytes the process caused to be written to storage so far.
 write_bytes() { awk '$1 == "write_bytes:" {print $2}' "/proc/$1/io"; }
@@ -226,7 +226,7 @@ side_a() {
       fi
       if [ -n "$e0" ] && [ -n "$e1" ]; then
         echo "gateway events emitted (gateway_events_total, same span): $((e1 - e0))" \
-          "(each is stored and forwarded too; the steady scenario is meant to raise none)"
+          "(rule events, each stored and forwarded too; the steady scenario is meant to raise none)"
       fi
     } | tee "$OUT/A-disk.txt"
     settle A "$GW_PID"
