@@ -75,6 +75,28 @@ fn acks_leave_in_publish_order_once_released() {
 }
 
 #[test]
+fn released_acks_are_taken_one_at_a_time_and_the_rest_stay_in_order() {
+    let (hook, _rx) = IngestHook::bounded(8);
+    let mut held = HeldAcks::new(hook, None, "d");
+    let mut packets = vec![
+        publish(1, 1, "devices/d/t"),
+        publish(1, 2, "devices/d/t"),
+        publish(1, 3, "devices/d/t"),
+    ];
+    let mut taken = held.take(&mut packets);
+    taken[1].ack.take().unwrap().release();
+    let mut ready = held.take_ready().unwrap();
+    let first = ready.next().unwrap();
+    drop(ready);
+    assert_eq!(acks(&VecDeque::from([first])), vec![('a', 1)]);
+    // The released ack not taken yet stays first; the unreleased one stays behind it.
+    assert_eq!(acks(&held.ready().unwrap()), vec![('a', 2)]);
+    taken[2].ack.take().unwrap().release();
+    assert_eq!(acks(&held.take_ready().unwrap().collect()), vec![('a', 3)]);
+    assert_eq!(held.take_ready().unwrap().count(), 0);
+}
+
+#[test]
 fn an_ack_dropped_unreleased_refuses_the_connection() {
     let (hook, _rx) = IngestHook::bounded(8);
     let mut held = HeldAcks::new(hook, None, "d");

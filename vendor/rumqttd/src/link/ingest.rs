@@ -254,6 +254,34 @@ enum Held {
     PubComp(u16),
 }
 
+impl Held {
+    fn packet(self) -> Packet {
+        match self {
+            Held::PubAck(pkid) => Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            ),
+            Held::PubRec(pkid) => Packet::PubRec(
+                PubRec {
+                    pkid,
+                    reason: PubRecReason::Success,
+                },
+                None,
+            ),
+            Held::PubComp(pkid) => Packet::PubComp(
+                PubComp {
+                    pkid,
+                    reason: PubCompReason::Success,
+                },
+                None,
+            ),
+        }
+    }
+}
+
 /// An ack was dropped without being released: the connection must close.
 #[derive(Debug)]
 pub struct NotStored;
@@ -424,41 +452,26 @@ impl HeldAcks {
     /// The acknowledgements that may be sent now, in order; the ones waiting for a
     /// release stay. `Err` once any ack was dropped unreleased.
     pub fn ready(&mut self) -> Result<VecDeque<Packet>, NotStored> {
+        Ok(self.take_ready()?.collect())
+    }
+
+    /// PATCH(gateway): [`HeldAcks::ready`] as an iterator that takes each ack out as it
+    /// is read, so the connection encodes them straight into its write buffer
+    /// (`Network::buffer`): no queue of packets allocated and freed per release (about
+    /// 2% of the gateway's CPU at 1000 devices x 10 readings/s; PATCHES.md, 35). The acks
+    /// the iterator was not advanced over stay, in order.
+    pub fn take_ready(&mut self) -> Result<impl Iterator<Item = Packet> + '_, NotStored> {
         if self.state.refused.load(Ordering::Acquire) {
             return Err(NotStored);
         }
         let released = self.state.released.load(Ordering::Acquire);
-        let mut packets = VecDeque::new();
-        while let Some((seq, _)) = self.waiting.front() {
+        Ok(std::iter::from_fn(move || {
+            let (seq, _) = self.waiting.front()?;
             if *seq > released {
-                break;
+                return None;
             }
-            let (_, ack) = self.waiting.pop_front().unwrap();
-            packets.push_back(match ack {
-                Held::PubAck(pkid) => Packet::PubAck(
-                    PubAck {
-                        pkid,
-                        reason: PubAckReason::Success,
-                    },
-                    None,
-                ),
-                Held::PubRec(pkid) => Packet::PubRec(
-                    PubRec {
-                        pkid,
-                        reason: PubRecReason::Success,
-                    },
-                    None,
-                ),
-                Held::PubComp(pkid) => Packet::PubComp(
-                    PubComp {
-                        pkid,
-                        reason: PubCompReason::Success,
-                    },
-                    None,
-                ),
-            });
-        }
-        Ok(packets)
+            self.waiting.pop_front().map(|(_, ack)| ack.packet())
+        }))
     }
 
     /// PATCH(gateway): the client's QoS 1 and 2 publishes not yet completed from the

@@ -155,6 +155,24 @@ impl<P: Protocol> Network<P> {
         Ok(())
     }
 
+    /// PATCH(gateway): encodes `packets` into the write buffer without writing it;
+    /// [`Network::flush`] writes what was buffered. Returns how many were buffered.
+    pub fn buffer(&mut self, packets: impl IntoIterator<Item = Packet>) -> Result<usize, Error> {
+        let mut count = 0;
+        for packet in packets {
+            Protocol::write(&self.protocol, packet, &mut self.write)?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// PATCH(gateway): writes what [`Network::buffer`] encoded.
+    pub async fn flush(&mut self) -> Result<(), Error> {
+        self.socket.write_all(&self.write).await?;
+        self.write.clear();
+        Ok(())
+    }
+
     pub async fn writev(&mut self, packets: VecDeque<Packet>) -> Result<(), Error> {
         for packet in packets {
             Protocol::write(&self.protocol, packet, &mut self.write)?;

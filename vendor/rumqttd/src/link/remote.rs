@@ -186,9 +186,11 @@ impl<P: Protocol> RemoteLink<P> {
         let Some(held) = &mut self.held else {
             return Ok(());
         };
-        let acks = held.ready().map_err(|_| Error::NotStored)?;
-        if !acks.is_empty() {
-            self.network.writev(acks).await?;
+        // PATCH(gateway): encoded straight from the held acks, without a queue of packets
+        // per release (PATCHES.md, 35).
+        let acks = held.take_ready().map_err(|_| Error::NotStored)?;
+        if self.network.buffer(acks)? > 0 {
+            self.network.flush().await?;
         }
         Ok(())
     }
