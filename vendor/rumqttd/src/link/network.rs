@@ -148,11 +148,10 @@ impl<P: Protocol> Network<P> {
         }
     }
 
+    // PATCH(gateway): `write` and `writev` are `buffer` and `flush` (change 35).
     pub async fn write(&mut self, packet: Packet) -> Result<(), Error> {
-        Protocol::write(&self.protocol, packet, &mut self.write)?;
-        self.socket.write_all(&self.write).await?;
-        self.write.clear();
-        Ok(())
+        self.buffer([packet])?;
+        self.flush().await
     }
 
     /// PATCH(gateway): encodes `packets` into the write buffer without writing it;
@@ -174,12 +173,8 @@ impl<P: Protocol> Network<P> {
     }
 
     pub async fn writev(&mut self, packets: VecDeque<Packet>) -> Result<(), Error> {
-        for packet in packets {
-            Protocol::write(&self.protocol, packet, &mut self.write)?;
-        }
-        self.socket.write_all(&self.write).await?;
-        self.write.clear();
-        Ok(())
+        self.buffer(packets)?;
+        self.flush().await
     }
 }
 
