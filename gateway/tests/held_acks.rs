@@ -332,8 +332,8 @@ fn the_hook_wakes_the_application_each_time_a_group_s_worth_waits() {
         .unwrap();
     let mut hand_over = |n: u16| {
         let mut packets: Vec<Packet> = (1..=n).map(|i| publish(0, i, "devices/d/t")).collect();
-        let taken = held.take(&mut packets);
-        assert!(runtime.block_on(held.hand_over(taken)));
+        let mut taken = held.take(&mut packets);
+        assert!(runtime.block_on(held.hand_over(&mut taken)));
     };
     // Two waiting: not yet; the third: once, and not again for the fourth and fifth.
     hand_over(2);
@@ -345,4 +345,42 @@ fn the_hook_wakes_the_application_each_time_a_group_s_worth_waits() {
     rx.drain().for_each(drop);
     hand_over(3);
     assert_eq!(woken.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn every_read_s_publishes_pass_through_one_buffer_the_connection_keeps() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let (hook, rx) = IngestHook::bounded(8);
+    let mut held = HeldAcks::new(hook, None, "d");
+    // Two reads taken into the same buffer: appended, in order.
+    let mut ingested = Vec::new();
+    let mut first = vec![publish(1, 1, "devices/d/a"), publish(1, 2, "devices/d/b")];
+    held.take_into(&mut first, &mut ingested);
+    let mut second = vec![publish(1, 3, "devices/d/c")];
+    held.take_into(&mut second, &mut ingested);
+    let topics: Vec<_> = ingested.iter().map(|i| i.topic.clone()).collect();
+    assert_eq!(topics, ["devices/d/a", "devices/d/b", "devices/d/c"]);
+    // Handed over: the buffer is left empty with its room, the application has all three.
+    let room = ingested.capacity();
+    assert!(runtime.block_on(held.hand_over(&mut ingested)));
+    assert!(ingested.is_empty());
+    assert_eq!(ingested.capacity(), room);
+    let mut received: Vec<Ingested> = rx.drain().collect();
+    assert_eq!(received.len(), 3);
+    for i in &mut received {
+        i.ack.take().unwrap().release();
+    }
+    assert_eq!(
+        acks(&held.ready().unwrap()),
+        vec![('a', 1), ('a', 2), ('a', 3)]
+    );
+    // The application gone: `false`, the buffer emptied all the same, the ack refused.
+    drop(rx);
+    let mut third = vec![publish(1, 4, "devices/d/d")];
+    held.take_into(&mut third, &mut ingested);
+    assert!(!runtime.block_on(held.hand_over(&mut ingested)));
+    assert!(ingested.is_empty());
+    assert!(held.ready().is_err());
 }

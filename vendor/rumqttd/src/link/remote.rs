@@ -1,5 +1,5 @@
 use crate::link::downlink::Downlink;
-use crate::link::ingest::HeldAcks;
+use crate::link::ingest::{HeldAcks, Ingested};
 use crate::link::local::{LinkError, LinkRx, LinkTx};
 use crate::link::network;
 use crate::link::network::Network;
@@ -88,7 +88,16 @@ pub struct RemoteLink<P> {
     watch_disconnect: bool,
     /// PATCH(gateway): the client sent DISCONNECT (seen when `watch_disconnect`).
     pub(crate) clean_disconnect: bool,
+    /// PATCH(gateway): one network read's packets while they are looked at, and the
+    /// publishes handed to the application from it: room kept between reads, not
+    /// allocated per read (PATCHES.md, 36).
+    read: Vec<Packet>,
+    ingested: Vec<Ingested>,
 }
+
+/// PATCH(gateway): most packets' and publishes' room a connection keeps between reads (a
+/// burst may take more; it is given back after).
+const READ_KEEP: usize = 8;
 
 impl<P: Protocol> RemoteLink<P> {
     pub async fn new(
@@ -177,6 +186,8 @@ impl<P: Protocol> RemoteLink<P> {
             downlink,
             watch_disconnect: hooks.presence.is_some(),
             clean_disconnect: false,
+            read: Vec::new(),
+            ingested: Vec::new(),
         })
     }
 
@@ -224,7 +235,7 @@ impl<P: Protocol> RemoteLink<P> {
             select! {
                 o = self.network.read() => {
                     let packet = o?;
-                    let (start_len, len, ingested) = {
+                    let (start_len, len) = {
                         let mut buffer = self.link_tx.buffer();
                         let start = buffer.len();
                         buffer.push_back(packet);
@@ -246,24 +257,22 @@ impl<P: Protocol> RemoteLink<P> {
                                 return Err(Error::NotAuthorized(access, topic));
                             }
                         }
-                        let ingested = if self.held.is_some() || self.downlink.is_some() {
-                            let mut read: Vec<Packet> = buffer.drain(start..).collect();
+                        if self.held.is_some() || self.downlink.is_some() {
+                            let read = &mut self.read;
+                            read.extend(buffer.drain(start..));
                             // PATCH(gateway): subscriptions reported, PUBACKs of downlink
                             // messages taken out (`link/downlink.rs`).
                             if let Some(downlink) = &mut self.downlink {
-                                downlink.observe(&mut read);
+                                downlink.observe(read);
                             }
                             // PATCH(gateway): publishes go to the application too, their
                             // acks held (`link/ingest.rs`).
-                            let ingested = match &mut self.held {
-                                Some(held) => held.take(&mut read),
-                                None => Vec::new(),
-                            };
-                            buffer.extend(read);
-                            ingested
-                        } else {
-                            Vec::new()
-                        };
+                            if let Some(held) = &mut self.held {
+                                held.take_into(read, &mut self.ingested);
+                            }
+                            buffer.extend(read.drain(..));
+                            read.shrink_to(READ_KEEP);
+                        }
                         // PATCH(gateway): a client sends nothing after its DISCONNECT, so
                         // one ends the read; only the last packet is looked at.
                         if self.watch_disconnect
@@ -272,7 +281,7 @@ impl<P: Protocol> RemoteLink<P> {
                         {
                             self.clean_disconnect = true;
                         }
-                        (start, buffer.len(), ingested)
+                        (start, buffer.len())
                     };
 
                     trace!("Packets read from network, count = {}", len);
@@ -294,7 +303,9 @@ impl<P: Protocol> RemoteLink<P> {
                     // PATCH(gateway): waits while the application's queue is full, so
                     // this socket is not read meanwhile (backpressure).
                     if let Some(held) = &self.held {
-                        if !held.hand_over(ingested).await {
+                        let handed = held.hand_over(&mut self.ingested).await;
+                        self.ingested.shrink_to(READ_KEEP);
+                        if !handed {
                             return Err(Error::NotStored);
                         }
                         // A repeated QoS 2 publish or a PUBREL may be answerable at once.
