@@ -20,7 +20,9 @@ impl Publish {
         payload: P,
         properties: Option<PublishProperties>,
     ) -> Self {
-        let topic = Bytes::copy_from_slice(topic.into().as_bytes());
+        // PATCH(gateway): the topic's bytes are taken over, not copied into a second
+        // allocation (PATCHES.md, 3).
+        let topic = Bytes::from(topic.into());
         Self {
             qos,
             topic,
@@ -306,6 +308,16 @@ mod test {
     use super::*;
     use bytes::BytesMut;
     use pretty_assertions::assert_eq;
+
+    // PATCH(gateway): PATCHES.md, 3.
+    #[test]
+    fn publish_topic_takes_over_the_string_s_bytes() {
+        let topic = String::from("bench/sensors/s-1/telemetry");
+        let bytes = topic.as_ptr();
+        let publish = Publish::new(topic, QoS::AtLeastOnce, vec![1, 2, 3], None);
+        assert_eq!(&publish.topic[..], b"bench/sensors/s-1/telemetry");
+        assert_eq!(publish.topic.as_ptr(), bytes, "the topic was copied");
+    }
 
     #[test]
     fn length_calculation() {
