@@ -88,16 +88,22 @@ pub struct RemoteLink<P> {
     watch_disconnect: bool,
     /// PATCH(gateway): the client sent DISCONNECT (seen when `watch_disconnect`).
     pub(crate) clean_disconnect: bool,
-    /// PATCH(gateway): one network read's packets while they are looked at, and the
-    /// publishes handed to the application from it: room kept between reads, not
-    /// allocated per read (PATCHES.md, 36).
-    read: Vec<Packet>,
+    /// PATCH(gateway): the publishes of one network read handed to the application:
+    /// room kept between reads, not allocated per read (PATCHES.md, 36). As large as the
+    /// most publishes one read has had, at most [`READ_KEEP`] between reads.
     ingested: Vec<Ingested>,
 }
 
-/// PATCH(gateway): most packets' and publishes' room a connection keeps between reads (a
-/// burst may take more; it is given back after).
+/// PATCH(gateway): most packets' room kept between reads (a burst may take more; it is
+/// given back after).
 const READ_KEEP: usize = 8;
+
+thread_local! {
+    /// PATCH(gateway): one network read's packets while the downlink and the held acks
+    /// look at them; one per thread of connections rather than per connection (it is not
+    /// held across an `.await`), so an idle connection keeps no room for it.
+    static READ: std::cell::RefCell<Vec<Packet>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 impl<P: Protocol> RemoteLink<P> {
     pub async fn new(
@@ -186,7 +192,6 @@ impl<P: Protocol> RemoteLink<P> {
             downlink,
             watch_disconnect: hooks.presence.is_some(),
             clean_disconnect: false,
-            read: Vec::new(),
             ingested: Vec::new(),
         })
     }
@@ -258,20 +263,22 @@ impl<P: Protocol> RemoteLink<P> {
                             }
                         }
                         if self.held.is_some() || self.downlink.is_some() {
-                            let read = &mut self.read;
-                            read.extend(buffer.drain(start..));
-                            // PATCH(gateway): subscriptions reported, PUBACKs of downlink
-                            // messages taken out (`link/downlink.rs`).
-                            if let Some(downlink) = &mut self.downlink {
-                                downlink.observe(read);
-                            }
-                            // PATCH(gateway): publishes go to the application too, their
-                            // acks held (`link/ingest.rs`).
-                            if let Some(held) = &mut self.held {
-                                held.take_into(read, &mut self.ingested);
-                            }
-                            buffer.extend(read.drain(..));
-                            read.shrink_to(READ_KEEP);
+                            READ.with_borrow_mut(|read| {
+                                read.extend(buffer.drain(start..));
+                                // PATCH(gateway): subscriptions reported, PUBACKs of
+                                // downlink messages taken out (`link/downlink.rs`).
+                                if let Some(downlink) = &mut self.downlink {
+                                    downlink.observe(read);
+                                }
+                                // PATCH(gateway): publishes go to the application too,
+                                // their acks held (`link/ingest.rs`).
+                                if let Some(held) = &mut self.held {
+                                    self.ingested.reserve_exact(read.len());
+                                    held.take_into(read, &mut self.ingested);
+                                }
+                                buffer.extend(read.drain(..));
+                                read.shrink_to(READ_KEEP);
+                            });
                         }
                         // PATCH(gateway): a client sends nothing after its DISCONNECT, so
                         // one ends the read; only the last packet is looked at.
