@@ -264,6 +264,9 @@ impl<P: Protocol> RemoteLink<P> {
                         }
                         if self.held.is_some() || self.downlink.is_some() {
                             READ.with_borrow_mut(|read| {
+                                // Empty unless a panic cut its last use short: what that
+                                // read left must not reach this connection's router buffer.
+                                read.clear();
                                 read.extend(buffer.drain(start..));
                                 // PATCH(gateway): subscriptions reported, PUBACKs of
                                 // downlink messages taken out (`link/downlink.rs`).
