@@ -34,38 +34,14 @@ WORK=$(mktemp -d)
 . bench/lib.sh
 stop_started_at_exit
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-UP_PORT=$(free_port)
-printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n' \
-  "$UP_PORT" >"$WORK/upstream.conf"
-"$MOSQUITTO" -c "$WORK/upstream.conf" >"$WORK/upstream.log" 2>&1 &
-UP_PID=$!
-PIDS+=("$UP_PID")
-wait_port "$UP_PORT" 10 "$UP_PID" || { echo "allocs: upstream mosquitto did not start" >&2; exit 1; }
-
-GW_PORT=$(free_port)
-mkdir -p "$WORK/rules"
-cp -r rules/. "$WORK/rules/"
+start_upstream allocs
 rm -f "$OUT/heaptrack.zst"
-GLIBC_TUNABLES=glibc.malloc.tcache_count=0 \
-GATEWAY__BROKER__LISTEN=127.0.0.1:$GW_PORT \
-GATEWAY__BROKER__LISTEN_V5= \
-GATEWAY__HTTP__LISTEN=127.0.0.1:$(free_port) \
-GATEWAY__STORAGE__PATH=$WORK/gw.redb \
-GATEWAY__UPSTREAM__URL=mqtt://127.0.0.1:$UP_PORT \
-GATEWAY__UPSTREAM__TOPIC_PREFIX=bench \
-GATEWAY__RULES__DIR=$WORK/rules \
-  heaptrack -o "$OUT/heaptrack" "$GATEWAY" run >"$OUT/gateway.log" 2>&1 &
-HT_PID=$!
-PIDS+=("$HT_PID")
-if ! wait_port "$GW_PORT" 30 "$HT_PID"; then
+if ! start_gateway_under 30 "$OUT/gateway.log" heaptrack -o "$OUT/heaptrack"; then
   pkill -TERM -f "^$GATEWAY run" || true
   echo "allocs: the gateway did not start; see $OUT/gateway.log" >&2
   exit 1
 fi
+HT_PID=$WRAPPER_PID
 # heaptrack runs the gateway as its child: stopped at exit too, should a step fail.
 GW_PID=$(pgrep -f "^$GATEWAY run" | head -n 1)
 PIDS+=("$GW_PID")

@@ -43,40 +43,14 @@ WORK=$(mktemp -d)
 . bench/lib.sh
 stop_started_at_exit
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-UP_PORT=$(free_port)
-printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n' \
-  "$UP_PORT" >"$WORK/upstream.conf"
-"$MOSQUITTO" -c "$WORK/upstream.conf" >"$WORK/upstream.log" 2>&1 &
-UP_PID=$!
-PIDS+=("$UP_PID")
-wait_port "$UP_PORT" 10 "$UP_PID" || { echo "instructions: upstream mosquitto did not start" >&2; exit 1; }
-
-GW_PORT=$(free_port)
-mkdir -p "$WORK/rules"
-cp -r rules/. "$WORK/rules/"
+start_upstream instructions
 rm -f "$OUT/callgrind.out"
-# glibc's per-thread malloc caches off, as `gateway run` turns them off itself by
-# starting again (set here so that it starts once, under valgrind).
-GLIBC_TUNABLES=glibc.malloc.tcache_count=0 \
-GATEWAY__BROKER__LISTEN=127.0.0.1:$GW_PORT \
-GATEWAY__BROKER__LISTEN_V5= \
-GATEWAY__HTTP__LISTEN=127.0.0.1:$(free_port) \
-GATEWAY__STORAGE__PATH=$WORK/gw.redb \
-GATEWAY__UPSTREAM__URL=mqtt://127.0.0.1:$UP_PORT \
-GATEWAY__UPSTREAM__TOPIC_PREFIX=bench \
-GATEWAY__RULES__DIR=$WORK/rules \
-  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.out" \
-  "$GATEWAY" run >"$OUT/gateway.log" 2>&1 &
-VG_PID=$!
-PIDS+=("$VG_PID")
-if ! wait_port "$GW_PORT" 60 "$VG_PID"; then
+if ! start_gateway_under 60 "$OUT/gateway.log" \
+  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.out"; then
   echo "instructions: the gateway did not start under valgrind; see $OUT/gateway.log" >&2
   exit 1
 fi
+VG_PID=$WRAPPER_PID
 
 callgrind_control --instr=on "$VG_PID" >/dev/null 2>&1
 sleep 1

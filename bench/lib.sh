@@ -1,6 +1,7 @@
 # Shared by the bench scripts: process clean-up and port waits for the scripts that start
-# processes themselves (run.sh, allocs.sh), and, for those that watch a run of
-# bench/run.sh while it runs (sourced from the repository's root, with OUT set),
+# processes themselves (run.sh, allocs.sh, instructions.sh), a plain upstream and the
+# gateway under a profiler for allocs.sh and instructions.sh, and, for those that watch a
+# run of bench/run.sh while it runs (sourced from the repository's root, with OUT set),
 # start_run and did_not_start.
 
 # The processes a script started, stopped (and waited for) at its exit by
@@ -24,6 +25,51 @@ wait_port() {
     [ $SECONDS -lt $deadline ] || return 1
     sleep 0.1
   done
+}
+
+# free_port: a loopback port nothing listens on now (the kernel's pick).
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# start_upstream SCRIPT: a plain Mosquitto ($MOSQUITTO; anonymous, no persistence) on a
+# free loopback port, UP_PORT, its files in WORK, stopped at exit; SCRIPT names the
+# caller in the error when it does not start.
+start_upstream() {
+  UP_PORT=$(free_port)
+  printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n' \
+    "$UP_PORT" >"$WORK/upstream.conf"
+  "$MOSQUITTO" -c "$WORK/upstream.conf" >"$WORK/upstream.log" 2>&1 &
+  local pid=$!
+  PIDS+=("$pid")
+  wait_port "$UP_PORT" 10 "$pid" || { echo "$1: upstream mosquitto did not start" >&2; exit 1; }
+}
+
+# start_gateway_under SECONDS LOG COMMAND...: runs `COMMAND... $GATEWAY run` (a profiler
+# around the gateway) in the background, output to LOG, with the shipped rules (copied
+# into WORK), its broker on a free loopback port (GW_PORT), its store in WORK, upstream
+# UP_PORT, and glibc's per-thread malloc caches off (as `gateway run` turns them off
+# itself by starting again; set here so that it starts once, under COMMAND). WRAPPER_PID
+# is COMMAND's pid, stopped at exit. Fails when the broker does not listen within
+# SECONDS.
+start_gateway_under() {
+  local seconds=$1 log=$2
+  shift 2
+  GW_PORT=$(free_port)
+  mkdir -p "$WORK/rules"
+  cp -r rules/. "$WORK/rules/"
+  GLIBC_TUNABLES=glibc.malloc.tcache_count=0 \
+  GATEWAY__BROKER__LISTEN=127.0.0.1:$GW_PORT \
+  GATEWAY__BROKER__LISTEN_V5= \
+  GATEWAY__HTTP__LISTEN=127.0.0.1:$(free_port) \
+  GATEWAY__STORAGE__PATH=$WORK/gw.redb \
+  GATEWAY__UPSTREAM__URL=mqtt://127.0.0.1:$UP_PORT \
+  GATEWAY__UPSTREAM__TOPIC_PREFIX=bench \
+  GATEWAY__RULES__DIR=$WORK/rules \
+    "$@" "$GATEWAY" run >"$log" 2>&1 &
+  WRAPPER_PID=$!
+  PIDS+=("$WRAPPER_PID")
+  wait_port "$GW_PORT" "$seconds" "$WRAPPER_PID"
 }
 
 # Starts bench/run.sh in the background (its output in $OUT/run.log, its pid in
