@@ -12,11 +12,12 @@
 //!   are updated in place (numbers and booleans without allocating);
 //! - volatile: a restart starts empty and fills again as devices publish.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use serde::Serialize;
 
+use crate::hashing::FastHashMap;
 use crate::reading::{Millis, Reading, Value};
 
 /// Devices kept by default.
@@ -50,7 +51,7 @@ struct Entry {
 #[derive(Debug)]
 pub struct Devices {
     max: usize,
-    map: Mutex<HashMap<String, Entry>>,
+    map: Mutex<FastHashMap<String, Entry>>,
 }
 
 impl Default for Devices {
@@ -63,7 +64,7 @@ impl Devices {
     pub fn new(max: usize) -> Devices {
         Devices {
             max: max.max(1),
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(FastHashMap::default()),
         }
     }
 
@@ -154,7 +155,7 @@ fn set_value(slot: &mut Value, value: &Value) {
 }
 
 /// Removes the `n` least recently seen devices.
-fn evict_oldest(map: &mut HashMap<String, Entry>, n: usize) {
+fn evict_oldest(map: &mut FastHashMap<String, Entry>, n: usize) {
     let mut seen: Vec<Millis> = map.values().map(|e| e.last_seen).collect();
     let n = n.min(seen.len());
     if n == 0 {

@@ -11,6 +11,7 @@ pub mod devices;
 pub mod downlink;
 pub mod events;
 pub mod forwarder;
+pub mod hashing;
 pub mod http;
 pub mod ingest;
 pub mod memory;

@@ -19,7 +19,7 @@
 //! MQTT 5 carries the row's id, replay flag and content type as properties, MQTT 3.1.1 in
 //! an envelope around the payload (`encode::envelope`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,7 @@ use super::encode::{self, Family};
 use super::presence::Status;
 use super::{Forwarder, State};
 use crate::config::UpstreamProtocol;
+use crate::hashing::FastHashMap;
 use crate::reading::now_millis;
 use crate::store::{ByLane, Lane, OutboxRow};
 
@@ -130,7 +131,7 @@ pub(super) struct Session<'a> {
     /// The last read of the lane came back short: wait for new rows before reading again.
     exhausted: ByLane<bool>,
     awaiting_pkid: VecDeque<InFlight>,
-    by_pkid: HashMap<u16, InFlight>,
+    by_pkid: FastHashMap<u16, InFlight>,
     acks: ByLane<Vec<u64>>,
     /// The presence status the upstream acked last on this connection.
     acked_status: Option<Status>,
@@ -151,7 +152,7 @@ impl<'a> Session<'a> {
             buffered: ByLane::default(),
             exhausted: ByLane::default(),
             awaiting_pkid: VecDeque::new(),
-            by_pkid: HashMap::new(),
+            by_pkid: FastHashMap::default(),
             acks: ByLane::default(),
             acked_status: None,
             bucket: fwd.cfg.rate_limit_per_sec.map(Bucket::new),

@@ -31,6 +31,7 @@ use super::state::{
 };
 use super::window::Window;
 use crate::events::{Event, EventState, Transition};
+use crate::hashing::FastHashMap;
 use crate::reading::{Millis, Reading};
 
 /// The instances of one device, sorted by rule index (parallel arrays). One hash lookup per
@@ -67,7 +68,7 @@ pub struct Engine {
     rules: RuleSet,
     gateway_id: String,
     /// Instances by device, then rule index.
-    devices: HashMap<String, DeviceInstances>,
+    devices: FastHashMap<String, DeviceInstances>,
     stats: EngineStats,
     scratch: Vec<usize>,
     /// Devices whose instances readings moved since they were last saved, with the time
@@ -81,7 +82,7 @@ impl Engine {
         Engine {
             rules,
             gateway_id: gateway_id.to_string(),
-            devices: HashMap::new(),
+            devices: FastHashMap::default(),
             stats: EngineStats::default(),
             scratch: Vec::new(),
             moved: VecDeque::new(),

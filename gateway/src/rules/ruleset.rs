@@ -20,6 +20,7 @@ use std::sync::Arc;
 use super::diagnostics::{Diagnostic, Diagnostics, Source};
 use super::load::parse_file;
 use super::rule::Rule;
+use crate::hashing::FastHashMap;
 use crate::reading::Reading;
 
 /// The suffix of rule test files, which the rule loader skips.
@@ -28,7 +29,7 @@ pub const TEST_SUFFIX: &str = ".test.toml";
 /// A validated, indexed set of rules.
 pub struct RuleSet {
     rules: Vec<Rule>,
-    by_stream: HashMap<String, Vec<usize>>,
+    by_stream: FastHashMap<String, Vec<usize>>,
     by_topic: TopicIndex,
     unscoped: Vec<usize>,
     files: usize,
@@ -120,7 +121,7 @@ impl RuleSet {
     }
 
     fn build(rules: Vec<Rule>, files: usize, env: Arc<cel::Env>) -> RuleSet {
-        let mut by_stream: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_stream: FastHashMap<String, Vec<usize>> = FastHashMap::default();
         let mut by_topic = TopicIndex::default();
         let mut unscoped = Vec::new();
         for (i, rule) in rules.iter().enumerate() {
@@ -219,7 +220,7 @@ fn list_files(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<PathBuf>, D
 /// MQTT topic filters by level: literal children, `+` and `#`.
 #[derive(Debug, Default)]
 struct TopicIndex {
-    literal: HashMap<String, TopicIndex>,
+    literal: FastHashMap<String, TopicIndex>,
     plus: Option<Box<TopicIndex>>,
     hash: Vec<usize>,
     here: Vec<usize>,
