@@ -23,6 +23,7 @@
 use std::fmt::Write as _;
 
 use base64::Engine as _;
+use bytes::{BufMut, BytesMut};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 
 use crate::reading::Format;
@@ -82,18 +83,74 @@ pub fn message_id(id_prefix: &str, seq: u64) -> String {
     id
 }
 
-pub fn properties(id: String, replayed: bool, content_type: &str) -> PublishProperties {
+/// MQTT 5 property identifiers (MQTT 5.0, section 2.2.2.2).
+const CONTENT_TYPE: u8 = 0x03;
+const USER_PROPERTY: u8 = 0x26;
+/// Room the properties' buffer takes at a time: the properties of some 40 messages
+/// (`{gateway_id}:{epoch}:{seq}` and the rest, ~100 bytes), one allocation for all of them.
+const PROPERTIES_CHUNK: usize = 4096;
+
+/// The MQTT 5 properties of an upstream message: the user properties `id` (`{id_prefix}:
+/// {seq}`, see [`message_id`]) and `replayed`, and the content type.
+///
+/// They are encoded into `buf`, which the caller keeps between messages, and split off
+/// it (rumqttc's `PublishProperties::encoded`, `vendor/rumqttc/PATCHES.md` 4): one
+/// allocation per [`PROPERTIES_CHUNK`] instead of six per message (the id, the
+/// property list, its keys and values and the content type, each a `String`). A message
+/// holds its part of the chunk until it is written to the network; the chunk is freed
+/// with the last of them.
+pub fn properties(
+    buf: &mut BytesMut,
+    id_prefix: &str,
+    seq: u64,
+    replayed: bool,
+    content_type: &str,
+) -> PublishProperties {
+    let id_len = id_prefix.len() + 1 + decimal_digits(seq);
+    let Ok(id_len16) = u16::try_from(id_len) else {
+        // A gateway id longer than an MQTT string can be; the packet is refused upstream
+        // either way, as it was before the properties were encoded here.
+        return PublishProperties {
+            user_properties: vec![
+                ("id".into(), message_id(id_prefix, seq)),
+                ("replayed".into(), replayed.to_string()),
+            ],
+            content_type: Some(content_type.into()),
+            ..PublishProperties::default()
+        };
+    };
+    let value: &str = if replayed { "true" } else { "false" };
+    // Three identifiers, five string lengths, the strings.
+    let len = 3 + 5 * 2 + "id".len() + id_len + "replayed".len() + value.len() + content_type.len();
+    if buf.capacity() < len {
+        buf.reserve(len.max(PROPERTIES_CHUNK));
+    }
+    buf.put_u8(USER_PROPERTY);
+    put_mqtt_str(buf, "id");
+    buf.put_u16(id_len16);
+    buf.put_slice(id_prefix.as_bytes());
+    let _ = write!(buf, ":{seq}");
+    buf.put_u8(USER_PROPERTY);
+    put_mqtt_str(buf, "replayed");
+    put_mqtt_str(buf, value);
+    buf.put_u8(CONTENT_TYPE);
+    put_mqtt_str(buf, content_type);
+    debug_assert_eq!(buf.len(), len);
     PublishProperties {
-        user_properties: vec![
-            ("id".into(), id),
-            (
-                "replayed".into(),
-                if replayed { "true" } else { "false" }.into(),
-            ),
-        ],
-        content_type: Some(content_type.into()),
+        encoded: buf.split().freeze(),
         ..PublishProperties::default()
     }
+}
+
+/// An MQTT UTF-8 string: its length in two bytes, then its bytes (`s` is one of the
+/// short strings above).
+fn put_mqtt_str(buf: &mut BytesMut, s: &str) {
+    buf.put_u16(s.len() as u16);
+    buf.put_slice(s.as_bytes());
+}
+
+fn decimal_digits(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |d| d as usize + 1)
 }
 
 /// The MQTT 3.1.1 form of a message (see the module's invariants): `payload` with its
@@ -253,6 +310,67 @@ mod tests {
             format,
             received_at: 1_700_000_000_000,
         }
+    }
+
+    /// `properties` as an MQTT 5 receiver reads them: through rumqttc's decoder.
+    fn read_back(properties: PublishProperties) -> PublishProperties {
+        use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+        use rumqttc::v5::mqttbytes::QoS;
+
+        let mut publish = Publish::new("t", QoS::AtLeastOnce, vec![1], Some(properties));
+        publish.pkid = 1;
+        let mut buf = BytesMut::new();
+        publish.write(&mut buf).unwrap();
+        match Packet::read(&mut buf, None).unwrap() {
+            Packet::Publish(p) => p.properties.unwrap(),
+            other => panic!("not a publish: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn properties_carry_the_id_the_replay_flag_and_the_content_type() {
+        let prefix = id_prefix("gw", 0x1a);
+        let mut buf = BytesMut::new();
+        for (seq, replayed) in [(0, false), (42, true), (u64::MAX, false)] {
+            let p = read_back(properties(
+                &mut buf,
+                &prefix,
+                seq,
+                replayed,
+                "application/json",
+            ));
+            assert_eq!(
+                p.user_properties,
+                vec![
+                    ("id".to_string(), message_id(&prefix, seq)),
+                    ("replayed".to_string(), replayed.to_string()),
+                ]
+            );
+            assert_eq!(p.content_type.as_deref(), Some("application/json"));
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn consecutive_messages_share_one_allocation_for_their_properties() {
+        let prefix = id_prefix("gw", 0x1a);
+        let mut buf = BytesMut::new();
+        let a = properties(&mut buf, &prefix, 7, false, "application/json").encoded;
+        let b = properties(&mut buf, &prefix, 8, true, "application/cbor").encoded;
+        // The second follows the first in the same chunk: no allocation of its own.
+        assert_eq!(b.as_ptr(), a[a.len()..].as_ptr());
+        assert!(buf.capacity() >= PROPERTIES_CHUNK - a.len() - b.len() - 1);
+    }
+
+    #[test]
+    fn an_id_too_long_for_an_mqtt_string_keeps_the_properties_as_strings() {
+        let prefix = "g".repeat(usize::from(u16::MAX));
+        let mut buf = BytesMut::new();
+        let p = properties(&mut buf, &prefix, 1, true, "application/json");
+        assert!(p.encoded.is_empty() && buf.is_empty());
+        assert_eq!(p.user_properties[0].1, format!("{prefix}:1"));
+        assert_eq!(p.user_properties[1].1, "true");
+        assert_eq!(p.content_type.as_deref(), Some("application/json"));
     }
 
     #[test]

@@ -23,6 +23,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS;
 use smallvec::SmallVec;
 use tokio::sync::mpsc;
@@ -138,6 +140,8 @@ pub(super) struct Session<'a> {
     bucket: Option<Bucket>,
     linger_since: Option<Instant>,
     scratch: Vec<OutboxRow>,
+    /// Where the MQTT 5 properties of the publishes are encoded ([`encode::properties`]).
+    properties: BytesMut,
 }
 
 impl<'a> Session<'a> {
@@ -158,6 +162,7 @@ impl<'a> Session<'a> {
             bucket: fwd.cfg.rate_limit_per_sec.map(Bucket::new),
             linger_since: None,
             scratch: Vec::with_capacity(READ_CHUNK),
+            properties: BytesMut::new(),
         }
     }
 
@@ -545,10 +550,12 @@ impl<'a> Session<'a> {
                 ct,
             )
         };
-        let id = encode::message_id(&self.id_prefix, rows[0].seq);
         let payload = match cfg.protocol {
             UpstreamProtocol::V5 => payload,
-            UpstreamProtocol::V311 => encode::envelope(&id, replayed(0), content_type, &payload),
+            UpstreamProtocol::V311 => {
+                let id = encode::message_id(&self.id_prefix, rows[0].seq);
+                encode::envelope(&id, replayed(0), content_type, &payload)
+            }
         };
         let sendable = !topic.is_empty()
             && !topic.contains(['+', '#', '\0'])
@@ -561,7 +568,17 @@ impl<'a> Session<'a> {
             self.acks[lane].extend_from_slice(&seqs);
             return Ok(());
         }
-        let props = encode::properties(id, replayed(0), content_type);
+        // Over MQTT 3.1.1 the envelope carries them and the client sends no properties.
+        let props = match cfg.protocol {
+            UpstreamProtocol::V5 => encode::properties(
+                &mut self.properties,
+                &self.id_prefix,
+                rows[0].seq,
+                replayed(0),
+                content_type,
+            ),
+            UpstreamProtocol::V311 => PublishProperties::default(),
+        };
         let received_at = rows.iter().map(|r| r.received_at).min().unwrap_or(0);
         if let Err(e) = self
             .client

@@ -78,10 +78,13 @@ impl AsyncClient {
         V: Into<Vec<u8>>,
     {
         let topic = topic.into();
-        let mut publish = Publish::new(&topic, qos, payload);
+        // PATCH(gateway): checked first, then moved into the publish instead of copied
+        // (PATCHES.md, 5).
+        let valid = valid_topic(&topic);
+        let mut publish = Publish::new(topic, qos, payload);
         publish.retain = retain;
         let publish = Request::Publish(publish);
-        if !valid_topic(&topic) {
+        if !valid {
             return Err(ClientError::Request(publish));
         }
         self.request_tx.send_async(publish).await?;
@@ -101,10 +104,13 @@ impl AsyncClient {
         V: Into<Vec<u8>>,
     {
         let topic = topic.into();
-        let mut publish = Publish::new(&topic, qos, payload);
+        // PATCH(gateway): checked first, then moved into the publish instead of copied
+        // (PATCHES.md, 5).
+        let valid = valid_topic(&topic);
+        let mut publish = Publish::new(topic, qos, payload);
         publish.retain = retain;
         let publish = Request::Publish(publish);
-        if !valid_topic(&topic) {
+        if !valid {
             return Err(ClientError::TryRequest(publish));
         }
         self.request_tx.try_send(publish)?;
@@ -291,10 +297,13 @@ impl Client {
         V: Into<Vec<u8>>,
     {
         let topic = topic.into();
-        let mut publish = Publish::new(&topic, qos, payload);
+        // PATCH(gateway): checked first, then moved into the publish instead of copied
+        // (PATCHES.md, 5).
+        let valid = valid_topic(&topic);
+        let mut publish = Publish::new(topic, qos, payload);
         publish.retain = retain;
         let publish = Request::Publish(publish);
-        if !valid_topic(&topic) {
+        if !valid {
             return Err(ClientError::Request(publish));
         }
         self.client.request_tx.send(publish)?;

@@ -602,3 +602,32 @@ mod request_batch_tests {
         assert_eq!(writes.lock().unwrap().len(), 2);
     }
 }
+
+// PATCH(gateway): PATCHES.md, 5.
+#[cfg(test)]
+mod publish_topic_tests {
+    use super::*;
+    use crate::{AsyncClient, QoS};
+
+    #[test]
+    fn a_queued_publish_holds_the_topic_string_it_was_given() {
+        let options = MqttOptions::new("topic", "127.0.0.1", 1883);
+        let (client, eventloop) = AsyncClient::new(options, 10);
+        let topic = String::from("up/devices/d-1/telemetry");
+        let at = topic.as_ptr();
+        client
+            .try_publish(topic, QoS::AtLeastOnce, false, vec![1])
+            .unwrap();
+        match eventloop.requests_rx.try_recv().unwrap() {
+            Request::Publish(p) => {
+                assert_eq!(p.topic, "up/devices/d-1/telemetry");
+                assert_eq!(p.topic.as_ptr(), at, "the topic was copied");
+            }
+            other => panic!("not a publish: {other:?}"),
+        }
+        // A topic with wildcards is still refused.
+        let refused = client.try_publish("up/#", QoS::AtLeastOnce, false, vec![1]);
+        assert!(refused.is_err());
+        assert!(eventloop.requests_rx.is_empty());
+    }
+}

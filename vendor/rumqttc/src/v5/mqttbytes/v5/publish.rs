@@ -134,6 +134,14 @@ pub struct PublishProperties {
     pub user_properties: Vec<(String, String)>,
     pub subscription_identifiers: Vec<usize>,
     pub content_type: Option<String>,
+    /// PATCH(gateway): properties the application encoded itself, each its identifier
+    /// byte and value as the MQTT 5 specification lays them out (section 3.3.2.3),
+    /// written as they are after the fields above (PATCHES.md, 4). A sender that puts
+    /// the same kinds of property on every message builds them into one buffer it
+    /// splits, instead of a `String` per key, value and content type. Not checked:
+    /// malformed bytes make a packet the receiver rejects. Empty when read from the
+    /// network (every property read goes to its field).
+    pub encoded: Bytes,
 }
 
 impl PublishProperties {
@@ -172,7 +180,7 @@ impl PublishProperties {
             len += 1 + 2 + typ.len()
         }
 
-        len
+        len + self.encoded.len()
     }
 
     pub fn read(bytes: &mut Bytes) -> Result<Option<PublishProperties>, Error> {
@@ -250,6 +258,7 @@ impl PublishProperties {
             user_properties,
             subscription_identifiers,
             content_type,
+            encoded: Bytes::new(),
         }))
     }
 
@@ -298,6 +307,8 @@ impl PublishProperties {
             write_mqtt_string(buffer, typ);
         }
 
+        buffer.extend_from_slice(&self.encoded);
+
         Ok(())
     }
 }
@@ -319,6 +330,48 @@ mod test {
         assert_eq!(publish.topic.as_ptr(), bytes, "the topic was copied");
     }
 
+    // PATCH(gateway): PATCHES.md, 4.
+    #[test]
+    fn encoded_properties_follow_the_others_and_read_back_into_their_fields() {
+        let mut encoded = BytesMut::new();
+        encoded.put_u8(PropertyType::UserProperty as u8);
+        write_mqtt_string(&mut encoded, "id");
+        write_mqtt_string(&mut encoded, "gw-1:0001:42");
+        encoded.put_u8(PropertyType::ContentType as u8);
+        write_mqtt_string(&mut encoded, "application/json");
+        let properties = PublishProperties {
+            message_expiry_interval: Some(60),
+            user_properties: vec![("site".into(), "north".into())],
+            encoded: encoded.freeze(),
+            ..Default::default()
+        };
+        let mut publish = Publish::new("a/b", QoS::AtLeastOnce, vec![1, 2, 3], Some(properties));
+        publish.pkid = 7;
+
+        let mut buffer = BytesMut::new();
+        let written = publish.write(&mut buffer).unwrap();
+        assert_eq!(written, buffer.len());
+        assert_eq!(publish.size(), buffer.len());
+
+        let read = match Packet::read(&mut buffer, Some(1024)).unwrap() {
+            Packet::Publish(p) => p,
+            other => panic!("not a publish: {other:?}"),
+        };
+        assert_eq!((&read.topic[..], read.pkid), (&b"a/b"[..], 7));
+        assert_eq!(&read.payload[..], &[1, 2, 3]);
+        let properties = read.properties.unwrap();
+        assert_eq!(properties.message_expiry_interval, Some(60));
+        assert_eq!(
+            properties.user_properties,
+            vec![
+                ("site".to_string(), "north".to_string()),
+                ("id".to_string(), "gw-1:0001:42".to_string())
+            ]
+        );
+        assert_eq!(properties.content_type.as_deref(), Some("application/json"));
+        assert!(properties.encoded.is_empty());
+    }
+
     #[test]
     fn length_calculation() {
         let mut dummy_bytes = BytesMut::new();
@@ -333,6 +386,7 @@ mod test {
             user_properties: vec![(USER_PROP_KEY.into(), USER_PROP_VAL.into())],
             subscription_identifiers: vec![1],
             content_type: None,
+            encoded: Bytes::new(),
         };
 
         let publish_pkt = Publish::new(
