@@ -112,8 +112,10 @@ pub struct Subscribed(Arc<RwLock<Filters>>);
 
 #[derive(Default)]
 struct Filters {
-    /// By first topic level, for filters that start with a literal level.
-    by_first: HashMap<String, Vec<String>>,
+    /// By first topic level, for filters that start with a literal level. PATCH(gateway):
+    /// hashed with aHash under a per-process random key, not SipHash: looked up for every
+    /// publish (PATCHES.md, 37).
+    by_first: HashMap<String, Vec<String>, ahash::RandomState>,
     /// Filters that start with a wildcard.
     wild: Vec<String>,
 }
@@ -494,5 +496,26 @@ impl HeldAcks {
             .filter(|(_, ack)| matches!(ack, Held::PubAck(_) | Held::PubComp(_)))
             .count();
         held + self.qos2.len()
+    }
+}
+
+// PATCH(gateway): PATCHES.md, 37.
+#[cfg(test)]
+mod subscribed_tests {
+    use super::Subscribed;
+
+    #[test]
+    fn a_publish_may_match_the_filters_of_its_first_level_and_the_wildcard_ones() {
+        let subscribed = Subscribed::default();
+        assert!(!subscribed.may_match("devices/d-1/telemetry"));
+        subscribed.insert("devices/+/telemetry");
+        subscribed.insert("commands/d-1/#");
+        assert!(subscribed.may_match("devices/d-1/telemetry"));
+        assert!(!subscribed.may_match("devices/d-1/status"));
+        assert!(subscribed.may_match("commands/d-1/reboot"));
+        assert!(!subscribed.may_match("other/d-1/telemetry"));
+        subscribed.insert("+/d-2/#");
+        assert!(subscribed.may_match("other/d-2/x"));
+        assert!(!subscribed.may_match("other/d-3/x"));
     }
 }
