@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Instructions the gateway executes per reading, counted by valgrind's callgrind: a
-# measure that a shared machine's speed does not move (two runs of the same build agree
-# within about 2%), for changes too small for the CPU figures of bench/run.sh and
-# bench/threads.sh, which drift by several points between runs. It counts work, not time:
-# a cache miss, a lock handed between cores or a system call's cost in the kernel are
-# not in it.
+# steadier measure than time (runs of two builds alternating within minutes agree within
+# about 2%), for changes too small for the CPU figures of bench/run.sh and
+# bench/threads.sh, which drift by several points between runs. The machine's speed still
+# moves it a little, through how many readings a commit holds: the same build counted ~10%
+# fewer an hour later, so compare builds alternating in one sitting. It counts work, not
+# time: a cache miss, a lock handed between cores or a system call's cost in the kernel
+# are not in it.
 #
 #   bench/instructions.sh
 #   GATEWAY=target/profiling/gateway SIM=target/profiling/device-sim bench/instructions.sh
