@@ -20,18 +20,8 @@ RATE=${RATE:-10}
 DURATION=${DURATION:-15s}
 TOP=${TOP:-25}
 OUT=${OUT:-target/bench-allocs}
-GATEWAY=$(realpath "${GATEWAY:-target/release/gateway}")
-SIM=$(realpath "${SIM:-target/release/device-sim}")
-MOSQUITTO=${MOSQUITTO:-$(command -v mosquitto || echo /usr/sbin/mosquitto)}
-for tool in heaptrack heaptrack_print python3; do
-  command -v "$tool" >/dev/null || { echo "allocs: $tool not found (apt-get install heaptrack python3)" >&2; exit 1; }
-done
-[ -x "$GATEWAY" ] && [ -x "$SIM" ] || { echo "allocs: build the gateway and device-sim first" >&2; exit 1; }
-
-mkdir -p "$OUT"
-OUT=$(realpath "$OUT")
-WORK=$(mktemp -d)
 . bench/lib.sh
+setup_profiled allocs heaptrack heaptrack heaptrack_print python3
 stop_started_at_exit
 
 start_upstream allocs

@@ -31,18 +31,8 @@ RATE=${RATE:-2}
 DURATION=${DURATION:-20s}
 TOP=${TOP:-25}
 OUT=${OUT:-target/bench-instructions}
-GATEWAY=$(realpath "${GATEWAY:-target/release/gateway}")
-SIM=$(realpath "${SIM:-target/release/device-sim}")
-MOSQUITTO=${MOSQUITTO:-$(command -v mosquitto || echo /usr/sbin/mosquitto)}
-for tool in valgrind callgrind_control callgrind_annotate python3; do
-  command -v "$tool" >/dev/null || { echo "instructions: $tool not found (apt-get install valgrind python3)" >&2; exit 1; }
-done
-[ -x "$GATEWAY" ] && [ -x "$SIM" ] || { echo "instructions: build the gateway and device-sim first" >&2; exit 1; }
-
-mkdir -p "$OUT"
-OUT=$(realpath "$OUT")
-WORK=$(mktemp -d)
 . bench/lib.sh
+setup_profiled instructions valgrind valgrind callgrind_control callgrind_annotate python3
 stop_started_at_exit
 
 start_upstream instructions

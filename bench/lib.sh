@@ -1,8 +1,27 @@
 # Shared by the bench scripts: process clean-up and port waits for the scripts that start
-# processes themselves (run.sh, allocs.sh, instructions.sh), a plain upstream and the
-# gateway under a profiler for allocs.sh and instructions.sh, and, for those that watch a
-# run of bench/run.sh while it runs (sourced from the repository's root, with OUT set),
-# start_run and did_not_start.
+# processes themselves (run.sh, allocs.sh, instructions.sh), the set-up, a plain upstream
+# and the gateway under a profiler for allocs.sh and instructions.sh, and, for those that
+# watch a run of bench/run.sh while it runs (sourced from the repository's root, with OUT
+# set), start_run and did_not_start.
+
+# setup_profiled NAME PACKAGE TOOL...: the set-up of allocs.sh and instructions.sh (the
+# gateway under a profiler). GATEWAY and SIM (default the release builds) made absolute,
+# MOSQUITTO found, each TOOL on PATH (else a hint to install PACKAGE), OUT created and
+# made absolute, a new WORK; stops the script, NAME in the error, when something lacks.
+setup_profiled() {
+  local name=$1 package=$2 tool
+  shift 2
+  GATEWAY=$(realpath "${GATEWAY:-target/release/gateway}")
+  SIM=$(realpath "${SIM:-target/release/device-sim}")
+  MOSQUITTO=${MOSQUITTO:-$(command -v mosquitto || echo /usr/sbin/mosquitto)}
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null || { echo "$name: $tool not found (apt-get install $package python3)" >&2; exit 1; }
+  done
+  [ -x "$GATEWAY" ] && [ -x "$SIM" ] || { echo "$name: build the gateway and device-sim first" >&2; exit 1; }
+  mkdir -p "$OUT"
+  OUT=$(realpath "$OUT")
+  WORK=$(mktemp -d)
+}
 
 # The processes a script started, stopped (and waited for) at its exit by
 # stop_started_at_exit, which also removes WORK.
