@@ -550,11 +550,23 @@ impl<'a> Session<'a> {
                 ct,
             )
         };
-        let payload = match cfg.protocol {
-            UpstreamProtocol::V5 => payload,
+        // The id, the replay flag and the content type: MQTT 5 properties, or over MQTT
+        // 3.1.1 the envelope (the client sends no properties there).
+        let (payload, props) = match cfg.protocol {
+            UpstreamProtocol::V5 => {
+                let props = encode::properties(
+                    &mut self.properties,
+                    &self.id_prefix,
+                    rows[0].seq,
+                    replayed(0),
+                    content_type,
+                );
+                (payload, props)
+            }
             UpstreamProtocol::V311 => {
                 let id = encode::message_id(&self.id_prefix, rows[0].seq);
-                encode::envelope(&id, replayed(0), content_type, &payload)
+                let payload = encode::envelope(&id, replayed(0), content_type, &payload);
+                (payload, PublishProperties::default())
             }
         };
         let sendable = !topic.is_empty()
@@ -568,17 +580,6 @@ impl<'a> Session<'a> {
             self.acks[lane].extend_from_slice(&seqs);
             return Ok(());
         }
-        // Over MQTT 3.1.1 the envelope carries them and the client sends no properties.
-        let props = match cfg.protocol {
-            UpstreamProtocol::V5 => encode::properties(
-                &mut self.properties,
-                &self.id_prefix,
-                rows[0].seq,
-                replayed(0),
-                content_type,
-            ),
-            UpstreamProtocol::V311 => PublishProperties::default(),
-        };
         let received_at = rows.iter().map(|r| r.received_at).min().unwrap_or(0);
         if let Err(e) = self
             .client
