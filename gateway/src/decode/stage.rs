@@ -45,8 +45,9 @@ pub const BATCH: usize = 256;
 /// Most readings' room kept between batches for the rules (a batch of single-reading
 /// messages needs [`BATCH`]).
 const DECODED_KEEP: usize = 4 * BATCH;
-/// Time without a message after which the readings kept for reuse are let go (runs
-/// come at least once a second, for the rules' timers and the store's housekeeping).
+/// Time without a message after which the readings kept for reuse, and the room of the
+/// run's lists, are let go (runs come at least once a second, for the rules' timers and
+/// the store's housekeeping).
 const SPARE_IDLE: Duration = Duration::from_secs(1);
 
 /// The decode stage.
@@ -182,8 +183,11 @@ impl Feed for Decoding {
         if took {
             self.last_message = now;
         } else if now - self.last_message >= SPARE_IDLE {
-            // Traffic has stopped: the kept readings go with the rest of a burst's memory.
+            // Traffic has stopped: the kept readings go with the rest of a burst's memory,
+            // and so does the room of the run's lists.
             self.spare.clear();
+            self.decoded = Vec::new();
+            self.batch = Vec::new();
         }
         if self.decoded.capacity() > DECODED_KEEP {
             // A burst of many-record messages (SenML packs) does not stay allocated.

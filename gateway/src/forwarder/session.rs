@@ -41,6 +41,10 @@ use crate::store::{ByLane, Lane, OutboxRow};
 
 /// Rows read from the outbox per read transaction.
 pub(super) const READ_CHUNK: usize = 1024;
+/// Room the row buffers keep once the outbox is drained: a few commits' rows at 1000
+/// devices x 10/s. A backlog's reads fill them with up to [`READ_CHUNK`] rows each; that
+/// room is not held after the burst that needed it.
+const ROWS_KEEP: usize = 64;
 /// How often to look again while too many acks wait for their commit.
 const ACK_COMMIT_POLL: Duration = Duration::from_millis(2);
 /// Events handled per wake-up before acks are handed to the store.
@@ -161,7 +165,7 @@ impl<'a> Session<'a> {
             acked_status: None,
             bucket: fwd.cfg.rate_limit_per_sec.map(Bucket::new),
             linger_since: None,
-            scratch: Vec::with_capacity(READ_CHUNK),
+            scratch: Vec::new(),
             properties: BytesMut::new(),
         }
     }
@@ -422,6 +426,15 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// Lets go of the row buffers' room beyond [`ROWS_KEEP`] (they are empty: the outbox
+    /// is drained).
+    fn let_go(&mut self) {
+        for lane in Lane::ALL {
+            self.buffered[lane].shrink_to(ROWS_KEEP);
+        }
+        self.scratch.shrink_to(ROWS_KEEP);
+    }
+
     /// Sends rows until the window is full, the outbox is drained, or a limit says wait.
     fn fill(&mut self) -> Result<Idle, Halt> {
         let cfg = &self.fwd.cfg;
@@ -445,6 +458,7 @@ impl<'a> Session<'a> {
                     self.exhausted[ev] = false;
                 }
                 if self.buffered[rd].is_empty() {
+                    self.let_go();
                     return Ok(Idle::NoRows);
                 }
                 Lane::Reading

@@ -37,9 +37,10 @@ use super::{ByLane, Lane, OutboxRow};
 /// went through the B-tree (BENCHMARKS.md, "Rows that come and go between two
 /// checkpoints").
 pub const TAIL_ROWS: usize = 16384;
-/// Capacity a lane keeps once the reader has emptied it: a full tail is about 1.5 MB of
-/// row headers, not to be held after the burst that filled it.
-const TAIL_KEEP: usize = 1024;
+/// Capacity a lane keeps once the reader has emptied it: a few commits' rows at 1000
+/// devices x 10/s. A full tail is about 1.5 MB of row headers, and even 1024 rows of room
+/// per lane is memory nothing uses once a burst is over.
+const TAIL_KEEP: usize = 64;
 
 #[derive(Default)]
 pub(super) struct Tails {

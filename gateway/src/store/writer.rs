@@ -104,6 +104,11 @@ const STREAMING_GROUP: usize = 2;
 /// four runs of seven at 1.3-2.1 s of latency, against 144-192k and 0.10-0.14 s with
 /// this bound; BENCHMARKS.md, "Decode on the store's thread").
 const FEED_GROUP: usize = 1024;
+/// Room the group's lists and the rows kept for the tails hold on to between groups once
+/// commands no longer stream in. Under load they grow to a group's size (up to
+/// [`FEED_GROUP`] readings and what the queue held); after a burst that room was some
+/// 1 MB that nothing used until the next one.
+const GROUP_KEEP: usize = 64;
 /// Key bytes counted per outbox row on top of the encoded value.
 pub(super) const KEY_BYTES: u64 = 8;
 
@@ -269,6 +274,14 @@ pub(super) struct Group {
 }
 
 impl Group {
+    /// Lets go of the lists' room beyond [`GROUP_KEEP`]; between groups they are empty.
+    fn shrink(&mut self) {
+        self.data.shrink_to(GROUP_KEEP);
+        self.fed.shrink_to(GROUP_KEEP);
+        self.acks.shrink_to(GROUP_KEEP);
+        self.receipts.shrink_to(GROUP_KEEP);
+        self.on_commit.shrink_to(GROUP_KEEP);
+    }
     fn len(&self) -> usize {
         self.data.len() + self.acks.len()
     }
@@ -423,6 +436,14 @@ impl Owner {
             self.log_drops(group.shutdown);
             if group.shutdown {
                 break;
+            }
+            // Like the journal's buffer above: kept while groups stream in, let go when
+            // they stop.
+            if !self.streaming {
+                group.shrink();
+                for lane in Lane::ALL {
+                    self.appended[lane].shrink_to(GROUP_KEEP);
+                }
             }
         }
         if let Some(d) = &self.degraded {
@@ -945,5 +966,30 @@ fn take_receipts(group: &mut Group) {
         if let DataCmd::Receipt(receipt) = cmd {
             group.receipts.push(receipt);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_lets_go_of_the_room_a_burst_gave_its_lists() {
+        let mut group = Group::default();
+        let burst = 10 * GROUP_KEEP;
+        group.data.reserve(burst);
+        group.fed.reserve(burst);
+        group.acks.reserve(burst);
+        group.receipts.reserve(burst);
+        group.on_commit.reserve(burst);
+        group.shrink();
+        let rooms = [
+            group.data.capacity(),
+            group.fed.capacity(),
+            group.acks.capacity(),
+            group.receipts.capacity(),
+            group.on_commit.capacity(),
+        ];
+        assert!(rooms.iter().all(|&room| room <= GROUP_KEEP), "{rooms:?}");
     }
 }

@@ -9,17 +9,28 @@ use crate::forwarder::{ForwarderConfig, ForwarderStats};
 use crate::store::{Store, StoreConfig};
 
 fn forwarder(dir: &std::path::Path, qos: u8) -> Forwarder {
+    forwarder_with(dir, |config| config.upstream.qos = qos)
+}
+
+fn forwarder_with(dir: &std::path::Path, set: impl FnOnce(&mut Config)) -> Forwarder {
     let mut config = Config::defaults();
     config.upstream.url = Some(UpstreamUrl::mqtt("127.0.0.1", 1883).into());
-    config.upstream.qos = qos;
+    set(&mut config);
     let store = Store::open(&dir.join("gw.redb"), StoreConfig::from_config(&config)).unwrap();
     Forwarder::new(ForwarderConfig::from_config(&config).unwrap(), store).unwrap()
 }
 
 /// A client whose requests are queued but never sent (its event loop is not polled).
 fn client() -> (Client, rumqttc::v5::EventLoop) {
-    let (client, eventloop) =
-        rumqttc::v5::AsyncClient::new(MqttOptions::new("session-test", "127.0.0.1", 1883), 16);
+    client_queueing(16)
+}
+
+/// [`client`] with room for `requests` queued requests.
+fn client_queueing(requests: usize) -> (Client, rumqttc::v5::EventLoop) {
+    let (client, eventloop) = rumqttc::v5::AsyncClient::new(
+        MqttOptions::new("session-test", "127.0.0.1", 1883),
+        requests,
+    );
     (Client::V5(client), eventloop)
 }
 
@@ -92,5 +103,43 @@ fn with_qos_0_rows_are_done_on_send_and_the_status_still_awaits_its_puback() {
     assert!(s.handle(puback(1)));
     assert_eq!(s.acked_status, Some(Status::Online));
     assert_eq!(s.in_flight(), 0);
+    fwd.store.shutdown().unwrap();
+}
+
+#[test]
+fn a_drained_outbox_leaves_the_row_buffers_no_more_room_than_they_keep() {
+    const ROWS: usize = 600;
+    let dir = tempfile::tempdir().unwrap();
+    let fwd = forwarder_with(dir.path(), |config| {
+        config.upstream.max_inflight = 2 * ROWS as u16
+    });
+    for i in 0..ROWS {
+        let device = format!("d{}", i % 10);
+        let entry = crate::store::OutboxEntry::reading(
+            format!("devices/{device}/telemetry"),
+            device,
+            format!("{{\"n\":{i}}}").into_bytes(),
+            crate::reading::Format::Json,
+            now_millis(),
+        );
+        assert!(fwd.store.append(entry), "store queue full");
+    }
+    fwd.store.flush_blocking().unwrap();
+    let (client, _eventloop) = client_queueing(2 * ROWS);
+    let mut s = Session::new(&fwd, &client);
+
+    // One read takes the whole backlog into the buffer; every row is sent.
+    assert!(matches!(s.fill(), Ok(Idle::NoRows)));
+    assert_eq!(s.in_flight(), ROWS);
+    for lane in Lane::ALL {
+        assert!(s.buffered[lane].is_empty());
+        let room = s.buffered[lane].capacity();
+        assert!(room <= ROWS_KEEP, "{lane:?} keeps room for {room} rows");
+    }
+    assert!(
+        s.scratch.capacity() <= ROWS_KEEP,
+        "{}",
+        s.scratch.capacity()
+    );
     fwd.store.shutdown().unwrap();
 }
