@@ -44,7 +44,10 @@ struct Entry {
     messages: u64,
     stream: String,
     time: Millis,
-    values: BTreeMap<String, Value>,
+    /// The last value of each field, sorted by name. A device has a few fields: a vector
+    /// of them takes a quarter of the memory of a map's first node (544 bytes), which
+    /// every device held.
+    values: Vec<(String, Value)>,
 }
 
 /// The shared read model; put it in an `Arc`.
@@ -88,7 +91,7 @@ impl Devices {
                     messages: 0,
                     stream: String::new(),
                     time: 0,
-                    values: BTreeMap::new(),
+                    values: Vec::new(),
                 };
                 update(&mut entry, readings, received_at);
                 map.insert(first.device.clone(), entry);
@@ -109,7 +112,7 @@ impl Devices {
                 messages: e.messages,
                 stream: e.stream.clone(),
                 time: e.time,
-                values: e.values.clone(),
+                values: e.values.iter().cloned().collect(),
             })
             .collect();
         drop(map);
@@ -136,11 +139,9 @@ fn update(entry: &mut Entry, readings: &[Reading], received_at: Millis) {
         }
         entry.time = reading.time;
         for (name, value) in &reading.fields {
-            match entry.values.get_mut(name) {
-                Some(slot) => set_value(slot, value),
-                None => {
-                    entry.values.insert(name.clone(), value.clone());
-                }
+            match entry.values.binary_search_by(|(n, _)| n.as_str().cmp(name)) {
+                Ok(at) => set_value(&mut entry.values[at].1, value),
+                Err(at) => entry.values.insert(at, (name.clone(), value.clone())),
             }
         }
     }
@@ -205,6 +206,42 @@ mod tests {
         assert_eq!(list[0].time, 20);
         assert_eq!(list[0].values["temp"], Value::Number(2.0));
         assert_eq!(list[1].device, "b");
+    }
+
+    #[test]
+    fn fields_from_different_messages_keep_their_last_values() {
+        let devices = Devices::new(10);
+        let with = |fields: &[(&str, Value)]| Reading {
+            fields: fields
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.clone()))
+                .collect(),
+            ..reading("a", 0.0, 1)
+        };
+        let text = |t: &str| Value::Text(t.into());
+        devices.observe(&[with(&[("m", Value::Number(1.0)), ("x", text("on"))])], 1);
+        devices.observe(
+            &[with(&[("b", Value::Bool(true)), ("m", Value::Number(2.0))])],
+            2,
+        );
+        devices.observe(&[with(&[("x", text("off")), ("z", Value::Number(3.0))])], 3);
+        devices.observe(
+            &[with(&[
+                ("a", Value::Number(4.0)),
+                ("x", Value::Number(5.0)),
+            ])],
+            4,
+        );
+        let list = devices.list();
+        let expected = BTreeMap::from([
+            ("a".to_string(), Value::Number(4.0)),
+            ("b".to_string(), Value::Bool(true)),
+            ("m".to_string(), Value::Number(2.0)),
+            ("x".to_string(), Value::Number(5.0)),
+            ("z".to_string(), Value::Number(3.0)),
+        ]);
+        assert_eq!(list[0].values, expected);
+        assert_eq!(list[0].messages, 4);
     }
 
     #[test]
