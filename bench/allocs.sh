@@ -7,6 +7,12 @@
 #   bench/allocs.sh
 #   GATEWAY=target/profiling/gateway SIM=target/profiling/device-sim bench/allocs.sh
 #
+# With LIVE=N the gateway is instead killed N seconds after the devices left (SIGKILL,
+# so that nothing is freed on the way out) and the sites list the memory still allocated
+# then, in KB: what a burst leaves behind (`LIVE=55`: just before bench/run.sh's sample
+# 60 s after). heaptrack counts allocated bytes, not resident pages: room a vector was
+# given but never wrote to is counted here and not in the RSS.
+#
 # DEVICES (1000), RATE (10), DURATION (15s), TOP (25 sites). The gateway runs with the
 # shipped rules and glibc's per-thread malloc caches off (as `gateway run` turns them
 # off itself; set here so that it starts once, under heaptrack). Files in $OUT (default
@@ -19,6 +25,8 @@ DEVICES=${DEVICES:-1000}
 RATE=${RATE:-10}
 DURATION=${DURATION:-15s}
 TOP=${TOP:-25}
+LIVE=${LIVE:-}
+[ -z "$LIVE" ] || [[ "$LIVE" =~ ^[0-9]+$ ]] || { echo "allocs: LIVE must be seconds, not '$LIVE'" >&2; exit 1; }
 OUT=${OUT:-target/bench-allocs}
 . bench/lib.sh
 setup_profiled allocs heaptrack heaptrack heaptrack_print python3
@@ -41,15 +49,20 @@ PIDS+=("$GW_PID")
 readings=$(grep -o 'published [0-9]*' "$OUT/device-sim.txt" | tail -n 1 | grep -o '[0-9]*')
 
 # Stop the gateway, then wait for heaptrack to write its file (bounded).
-kill -TERM "$GW_PID" 2>/dev/null || true
+if [ -n "$LIVE" ]; then
+  sleep "$LIVE"
+  kill -KILL "$GW_PID" 2>/dev/null || true
+else
+  kill -TERM "$GW_PID" 2>/dev/null || true
+fi
 for _ in $(seq 1 300); do kill -0 "$HT_PID" 2>/dev/null || break; sleep 0.1; done
 wait "$HT_PID" 2>/dev/null || true
 
 heaptrack_print -f "$OUT/heaptrack.zst" -F "$OUT/flamegraph.txt" \
-  --flamegraph-cost-type allocations >/dev/null
-python3 - "$OUT/flamegraph.txt" "$readings" "$TOP" >"$OUT/sites.txt" <<'EOF'
+  --flamegraph-cost-type "$([ -n "$LIVE" ] && echo leaked || echo allocations)" >/dev/null
+python3 - "$OUT/flamegraph.txt" "$readings" "$TOP" "$LIVE" >"$OUT/sites.txt" <<'EOF'
 import collections, re, sys
-path, readings, top = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, readings, top, live = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 total, sites = 0, collections.Counter()
 ours = re.compile(r"gateway|rumqttd|rumqttc|redb|flume|tokio")
 for line in open(path):
@@ -62,8 +75,13 @@ for line in open(path):
                            ("$RP$", ")"), ("..", "::"), ("_<", "<"), ("::_{", "::{")):
         site = site.replace(mangled, plain)
     sites[site[:120]] += int(n)
-print(f"{total} allocation calls for {readings} readings: {total / readings:.1f} per reading")
-for site, n in sites.most_common(top):
-    print(f"{n / readings:7.2f}  {site}")
+if live:
+    print(f"{total / 1000:.0f} KB allocated {live} s after the devices left ({readings} readings)")
+    for site, n in sites.most_common(top):
+        print(f"{n / 1000:7.0f}  {site}")
+else:
+    print(f"{total} allocation calls for {readings} readings: {total / readings:.1f} per reading")
+    for site, n in sites.most_common(top):
+        print(f"{n / readings:7.2f}  {site}")
 EOF
 cat "$OUT/sites.txt"
