@@ -45,8 +45,8 @@ struct Entry {
     stream: String,
     time: Millis,
     /// The last value of each field, sorted by name. A device has a few fields: a vector
-    /// of them takes a quarter of the memory of a map's first node (544 bytes), which
-    /// every device held.
+    /// of them (room for four, 192 bytes) takes about a third of the memory of a map's
+    /// first node (544 bytes), which every device held.
     values: Vec<(String, Value)>,
 }
 
