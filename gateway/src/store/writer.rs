@@ -404,9 +404,14 @@ impl Owner {
             // for each step past 64 KiB (BENCHMARKS.md, "Fewer allocations on the store's
             // thread"). Let go after a lone command and when the thread wakes to nothing
             // (committed, idle or degraded alike): after a burst the next group may be a
-            // long while away.
+            // long while away. So are the group's lists and the rows kept for the tails
+            // ([`GROUP_KEEP`]).
             if !self.streaming {
                 self.journal.shrink(&mut self.oplog);
+                group.shrink();
+                for lane in Lane::ALL {
+                    self.appended[lane].shrink_to(GROUP_KEEP);
+                }
             }
             // Flushes and shutdown want the rows in the database file, and the downlink
             // reads its queue from there.
@@ -436,14 +441,6 @@ impl Owner {
             self.log_drops(group.shutdown);
             if group.shutdown {
                 break;
-            }
-            // Like the journal's buffer above: kept while groups stream in, let go when
-            // they stop.
-            if !self.streaming {
-                group.shrink();
-                for lane in Lane::ALL {
-                    self.appended[lane].shrink_to(GROUP_KEEP);
-                }
             }
         }
         if let Some(d) = &self.degraded {
