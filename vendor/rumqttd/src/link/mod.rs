@@ -4,6 +4,8 @@ pub mod console;
 // PATCH(gateway)
 pub mod downlink;
 // PATCH(gateway)
+pub(crate) mod gate;
+// PATCH(gateway)
 pub mod presence;
 // PATCH(gateway)
 pub mod ingest;

@@ -1,4 +1,5 @@
 use crate::link::downlink::Downlink;
+use crate::link::gate::Gates;
 use crate::link::ingest::{HeldAcks, Ingested};
 use crate::link::local::{LinkError, LinkRx, LinkTx};
 use crate::link::network;
@@ -220,7 +221,13 @@ impl<P: Protocol> RemoteLink<P> {
         let keepalive = network::keepalive_limit(self.connect.keep_alive);
         let silence_limit = keepalive.unwrap_or(Duration::MAX);
         let mut turn_ended = time::Instant::now();
-        let mut keepalive_due = pin!(time::sleep(silence_limit));
+        // PATCH(gateway): what the loop waits on sits behind gates, polled only on the
+        // turn after it woke (or was set, or completed): the socket's read, the keep
+        // alive's timer and the receives below (PATCHES.md, 38).
+        let gates = Gates::new();
+        let read_gate = gates.entry();
+        let keepalive_timer = pin!(time::sleep(silence_limit));
+        let mut keepalive_due = gates.gate(keepalive_timer);
 
         // PATCH(gateway): the receive futures of the router's signal, the application's
         // acks and its downlink messages live across the turns of the loop and are
@@ -228,17 +235,22 @@ impl<P: Protocol> RemoteLink<P> {
         // registered in (and dropped from) three channels' wait lists, two of them with
         // an allocation: about 3% of the gateway's CPU at 1000 devices (PATCHES.md, 21).
         let router_signal = self.link_rx.ready_signal();
-        let mut router_ready = pin!(router_signal.recv_async());
+        let router_receive = pin!(router_signal.recv_async());
+        let mut router_ready = gates.gate(router_receive);
         let acks_signal = self.held.as_ref().map(HeldAcks::signal);
-        let mut acks_changed = acks_signal.as_deref().map(|n| Box::pin(n.notified()));
+        let mut acks_changed = acks_signal
+            .as_deref()
+            .map(|n| gates.gate(Box::pin(n.notified())));
         let downlink_messages = self.downlink.as_ref().map(Downlink::messages);
-        let mut downlink_next = downlink_messages.as_ref().map(|rx| Box::pin(rx.recv_async()));
+        let mut downlink_next = downlink_messages
+            .as_ref()
+            .map(|rx| gates.gate(Box::pin(rx.recv_async())));
 
         // Note:
         // Shouldn't result in bounded queue deadlocks because of blocking n/w send
         loop {
             select! {
-                o = self.network.read() => {
+                o = read_gate.wrap(self.network.read()) => {
                     let packet = o?;
                     let (start_len, len) = {
                         let mut buffer = self.link_tx.buffer();
@@ -328,20 +340,20 @@ impl<P: Protocol> RemoteLink<P> {
                     if time::Instant::now() >= due {
                         return Err(Error::Network(network::Error::KeepAlive));
                     }
-                    keepalive_due.as_mut().reset(due);
+                    keepalive_due.change().as_mut().reset(due);
                     continue;
                 }
                 // PATCH(gateway): acks released by the application.
                 () = or_pending(&mut acks_changed) => {
                     if let (Some(changed), Some(signal)) = (&mut acks_changed, &acks_signal) {
-                        changed.set(signal.notified());
+                        changed.change().set(signal.notified());
                     }
                     self.write_released_acks().await?
                 }
                 // PATCH(gateway): a message of the application for this client.
                 message = or_pending(&mut downlink_next) => {
                     if let (Some(next), Some(rx)) = (&mut downlink_next, &downlink_messages) {
-                        next.set(rx.recv_async());
+                        next.change().set(rx.recv_async());
                     }
                     // Never closed: the downlink keeps a sender.
                     if let (Some(downlink), Ok(message)) = (&mut self.downlink, message) {
@@ -352,7 +364,7 @@ impl<P: Protocol> RemoteLink<P> {
                 // Receive from router when previous when state isn't in collision
                 // due to previously received data request
                 o = &mut router_ready => {
-                    router_ready.set(router_signal.recv_async());
+                    router_ready.change().set(router_signal.recv_async());
                     o.map_err(LinkError::from)?;
                     self.link_rx.take_notifications(&mut self.notifications);
                     let mut packets = VecDeque::new();
