@@ -36,9 +36,9 @@ fn payload(i: u64) -> Vec<u8> {
 fn reading(i: u64) -> OutboxEntry {
     let device = format!("d{}", i % 100);
     OutboxEntry::reading(
-        format!("devices/{device}/telemetry"),
-        device,
-        payload(i),
+        &format!("devices/{device}/telemetry"),
+        &device,
+        &payload(i),
         Format::Json,
         now_millis(),
     )
@@ -283,9 +283,9 @@ async fn latency(port: u16, secs: u64) -> (f64, f64, f64, u64) {
         for _ in 0..10 {
             let sent = micros_now();
             let entry = OutboxEntry::reading(
-                format!("latency/d{}", i % 100),
-                format!("d{}", i % 100),
-                format!("{{\"sent_us\":{sent}}}").into_bytes(),
+                &format!("latency/d{}", i % 100),
+                &format!("d{}", i % 100),
+                format!("{{\"sent_us\":{sent}}}").as_bytes(),
                 Format::Json,
                 now_millis(),
             );

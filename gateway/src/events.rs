@@ -241,7 +241,7 @@ pub fn emit<D: Serialize + DeserializeOwned + TopicFields>(
         store.append(OutboxEntry::event(
             &event.event_type,
             &event.subject,
-            json,
+            &json,
             time,
         ));
     }

@@ -66,9 +66,9 @@ async fn kill_9_mid_drain_then_restart_loses_nothing() {
         for i in 0..n {
             let device = format!("d{}", i % 10);
             assert!(store.append(OutboxEntry::reading(
-                format!("devices/{device}/telemetry"),
-                device,
-                format!("{{\"n\":{i}}}").into_bytes(),
+                &format!("devices/{device}/telemetry"),
+                &device,
+                format!("{{\"n\":{i}}}").as_bytes(),
                 Format::Json,
                 now_millis(),
             )));

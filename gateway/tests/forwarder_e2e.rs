@@ -18,9 +18,9 @@ const DEVICES: u64 = 10;
 fn reading(i: u64) -> OutboxEntry {
     let device = format!("d{}", i % DEVICES);
     OutboxEntry::reading(
-        format!("devices/{device}/telemetry"),
-        device,
-        format!("{{\"n\":{i},\"t\":21.5}}").into_bytes(),
+        &format!("devices/{device}/telemetry"),
+        &device,
+        format!("{{\"n\":{i},\"t\":21.5}}").as_bytes(),
         Format::Json,
         now_millis(),
     )
@@ -287,7 +287,7 @@ async fn events_drain_before_the_readings_backlog() {
         assert!(run.store.append(OutboxEntry::event(
             "Hot",
             "d1",
-            json.into_bytes(),
+            json.as_bytes(),
             now_millis()
         )));
     }
@@ -334,9 +334,9 @@ async fn batches_carry_arrays_with_ids_and_are_deleted_together() {
     let item = serde_cbor::to_vec(&serde_json::json!({"t": 1.5})).unwrap();
     for _ in 0..cbor_n {
         assert!(run.store.append(OutboxEntry::reading(
-            "devices/c1/telemetry".into(),
-            "c1".into(),
-            item.clone(),
+            "devices/c1/telemetry",
+            "c1",
+            &item,
             Format::Cbor,
             now_millis()
         )));

@@ -39,9 +39,9 @@ fn statuses(h: &StoreHandle) -> Vec<(String, String)> {
         .unwrap();
     rows.iter()
         .map(|r| {
-            let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(r.payload()).unwrap();
             assert_eq!(
-                r.topic,
+                r.topic(),
                 format!("commands/{}/fan/status", v["device"].as_str().unwrap())
             );
             (

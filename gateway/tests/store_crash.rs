@@ -28,9 +28,9 @@ fn crash_child() {
     let mut out = std::io::stdout().lock();
     for i in start.. {
         let entry = OutboxEntry::reading(
-            "devices/d/telemetry".into(),
-            "d".into(),
-            i.to_string().into_bytes(),
+            "devices/d/telemetry",
+            "d",
+            i.to_string().as_bytes(),
             Format::Json,
             now_millis(),
         );
@@ -91,7 +91,7 @@ fn kill_9_while_appending_loses_nothing_committed() {
             .unwrap();
         let numbers: Vec<u64> = rows
             .iter()
-            .map(|r| std::str::from_utf8(&r.payload).unwrap().parse().unwrap())
+            .map(|r| std::str::from_utf8(r.payload()).unwrap().parse().unwrap())
             .collect();
         // Everything reported committed is there, in order, no gaps, no repeats.
         assert!(numbers.len() as u64 > committed, "round {round}");

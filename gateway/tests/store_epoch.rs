@@ -15,9 +15,9 @@ fn open(path: &Path) -> StoreHandle {
 fn append_readings(h: &StoreHandle, n: u64) {
     for i in 0..n {
         assert!(h.append(OutboxEntry::reading(
-            "devices/d/telemetry".into(),
-            "d".into(),
-            format!("{{\"n\":{i}}}").into_bytes(),
+            "devices/d/telemetry",
+            "d",
+            format!("{{\"n\":{i}}}").as_bytes(),
             Format::Json,
             now_millis(),
         )));

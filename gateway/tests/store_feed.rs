@@ -63,9 +63,9 @@ impl Feed for Appender {
 
 fn row(payload: &str) -> OutboxEntry {
     OutboxEntry::reading(
-        "devices/d/telemetry".into(),
-        "d".into(),
-        payload.as_bytes().to_vec(),
+        "devices/d/telemetry",
+        "d",
+        payload.as_bytes(),
         Format::Json,
         now_millis(),
     )
@@ -89,7 +89,7 @@ fn payloads(h: &StoreHandle) -> Vec<String> {
     h.read_outbox(Lane::Reading, 0, usize::MAX, &mut rows)
         .unwrap();
     rows.iter()
-        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .map(|r| String::from_utf8_lossy(r.payload()).into_owned())
         .collect()
 }
 

@@ -22,16 +22,16 @@ const RETRY: Backoff = Backoff::new(Duration::from_millis(10), Duration::from_mi
 fn entry(i: u64) -> OutboxEntry {
     let payload = format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(1500)).into_bytes();
     OutboxEntry::reading(
-        format!("devices/d-{}/telemetry", i % 7),
-        format!("d-{}", i % 7),
-        payload,
+        &format!("devices/d-{}/telemetry", i % 7),
+        &format!("d-{}", i % 7),
+        &payload,
         Format::Json,
         gateway::reading::now_millis(),
     )
 }
 
 fn n_of(row: &OutboxRow) -> u64 {
-    let v: serde_json::Value = serde_json::from_slice(&row.payload).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(row.payload()).unwrap();
     v["n"].as_u64().unwrap()
 }
 
@@ -112,7 +112,7 @@ fn full_disk_degrades_refuses_and_recovers_without_losing_committed_rows() {
         store.counter(Counter::DropRefusedReadings) - refused_before,
         1000
     );
-    assert!(!store.append(OutboxEntry::event("E", "d-1", b"{}".to_vec(), 1)));
+    assert!(!store.append(OutboxEntry::event("E", "d-1", b"{}", 1)));
     assert_eq!(store.counter(Counter::DropRefusedEvents), 1);
     assert!(!store.put_state("k".into(), b"v".to_vec()));
     assert_eq!(store.counter(Counter::RefusedState), 1);
@@ -164,7 +164,7 @@ fn full_disk_degrades_refuses_and_recovers_without_losing_committed_rows() {
         let present: Vec<u64> = rows.values().map(n_of).collect();
         for (seq, row) in &rows {
             assert!(!acked.contains(seq), "acked row {seq} still present");
-            assert_eq!(row.payload, entry(n_of(row)).payload);
+            assert_eq!(row.payload(), entry(n_of(row)).row.payload());
         }
         let acked_ns: Vec<u64> = acked.iter().map(|s| n_of(&all_rows_before[s])).collect();
         for n in &committed {

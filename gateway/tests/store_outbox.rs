@@ -14,9 +14,9 @@ use test_support::wait_until;
 
 fn reading(device: &str, n: u64, received_at: i64) -> OutboxEntry {
     OutboxEntry::reading(
-        format!("devices/{device}/telemetry"),
-        device.to_owned(),
-        format!("{{\"n\":{n}}}").into_bytes(),
+        &format!("devices/{device}/telemetry"),
+        device,
+        format!("{{\"n\":{n}}}").as_bytes(),
         Format::Json,
         received_at,
     )
@@ -63,8 +63,8 @@ fn group_commit_persists_and_survives_reopen() {
     let rows = all_rows(&h, Lane::Reading);
     assert_eq!(rows.len() as u64, n);
     for (i, row) in rows.iter().enumerate() {
-        assert_eq!(row.payload, format!("{{\"n\":{i}}}").into_bytes());
-        assert_eq!(row.device, format!("d{}", i % 7));
+        assert_eq!(row.payload(), format!("{{\"n\":{i}}}").into_bytes());
+        assert_eq!(row.device(), format!("d{}", i % 7));
     }
     assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
     assert_eq!(h.stats().lanes[Lane::Reading].messages, n);
@@ -156,7 +156,7 @@ fn seq_is_monotonic_across_restarts_and_lanes() {
         h.append(OutboxEntry::event(
             "Hot",
             "a",
-            b"{\"type\":\"Hot\"}".to_vec(),
+            b"{\"type\":\"Hot\"}",
             now_millis(),
         ));
         h.flush_blocking().unwrap();
@@ -167,7 +167,7 @@ fn seq_is_monotonic_across_restarts_and_lanes() {
         assert!(r[0].seq > last && e[0].seq > r[0].seq, "round {round}");
         last = e[0].seq;
         assert_eq!(h.last_committed_seq(), last);
-        assert_eq!(e[0].topic, "events/Hot/a");
+        assert_eq!(e[0].topic(), "events/Hot/a");
         h.ack(Lane::Reading, vec![r[0].seq]);
         h.ack(Lane::Event, vec![e[0].seq]);
         h.flush_blocking().unwrap();
@@ -347,7 +347,7 @@ fn retention_by_bytes_drops_oldest_readings_keeps_events() {
         h.append(OutboxEntry::event(
             "Hot",
             "d0",
-            format!("{{\"i\":{i}}}").into_bytes(),
+            format!("{{\"i\":{i}}}").as_bytes(),
             now_millis(),
         ));
     }
@@ -369,10 +369,13 @@ fn retention_by_bytes_drops_oldest_readings_keeps_events() {
     let rows = all_rows(&h, Lane::Reading);
     // The survivors are the newest readings.
     assert_eq!(
-        rows.last().unwrap().payload,
+        rows.last().unwrap().payload(),
         format!("{{\"n\":{}}}", n - 1).into_bytes()
     );
-    assert_eq!(rows[0].payload, format!("{{\"n\":{dropped}}}").into_bytes());
+    assert_eq!(
+        rows[0].payload(),
+        format!("{{\"n\":{dropped}}}").into_bytes()
+    );
     assert_eq!(s.get(Counter::DropMaxBytesEvents), 0);
     // The report shows the same figures, read from the file while the store is open.
     let mut report = Vec::new();
@@ -429,7 +432,7 @@ fn reject_new_policy_keeps_old_rows() {
     assert!(rejected > 0);
     assert_eq!(rejected + s.lanes[Lane::Reading].messages, n);
     assert_eq!(
-        all_rows(&h, Lane::Reading)[0].payload,
+        all_rows(&h, Lane::Reading)[0].payload(),
         b"{\"n\":0}".to_vec()
     );
 }

@@ -46,7 +46,7 @@ fn committed(db: &Path) -> BTreeSet<u64> {
         let rows = read_outbox_file(db, Lane::Reading, from, 1000).unwrap();
         let Some(last) = rows.last() else { break };
         from = last.seq + 1;
-        out.extend(rows.iter().filter_map(|r| n_of(&r.payload)));
+        out.extend(rows.iter().filter_map(|r| n_of(r.payload())));
     }
     out
 }

@@ -165,7 +165,7 @@ async fn a_row_sent_after_a_restart_keeps_its_id() {
         .iter()
         .map(|r| {
             (
-                r.payload.clone(),
+                r.payload().to_vec(),
                 gateway::forwarder::message_id(&prefix, r.seq),
             )
         })

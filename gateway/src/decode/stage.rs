@@ -261,9 +261,8 @@ impl DecodeStage {
                 self.counters.count_decoded(format, readings.len());
                 self.devices.observe(readings, received_at);
                 if self.forward_readings {
-                    let device = readings[0].device.clone();
-                    let entry =
-                        OutboxEntry::reading(topic, device, payload.to_vec(), format, received_at);
+                    let device = &readings[0].device;
+                    let entry = OutboxEntry::reading(&topic, device, &payload, format, received_at);
                     self.store.append_acked(entry, receipt);
                 } else if let Some(receipt) = receipt {
                     self.store.release(receipt);

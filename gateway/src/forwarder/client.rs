@@ -25,6 +25,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Packet as Packet5, PubAckReason, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::{v5, Outgoing};
@@ -123,7 +124,7 @@ impl Client {
         topic: String,
         qos: QoS,
         retain: bool,
-        payload: Vec<u8>,
+        payload: Bytes,
         properties: PublishProperties,
     ) -> Result<(), Closed> {
         match self {

@@ -198,7 +198,7 @@ pub fn event_payload(payload: &[u8], replayed: bool) -> Vec<u8> {
 
 /// Bytes a row adds to a batch besides its payload (an upper bound).
 pub fn batch_overhead(id_prefix: &str, row: &OutboxRow) -> usize {
-    64 + id_prefix.len() + 2 * row.topic.len()
+    64 + id_prefix.len() + 2 * row.topic().len()
 }
 
 /// One JSON array: `[{"id":..,"topic":..,"received_at":..,"replayed":..,"payload":<raw>},..]`;
@@ -206,7 +206,7 @@ pub fn batch_overhead(id_prefix: &str, row: &OutboxRow) -> usize {
 pub fn json_batch(id_prefix: &str, rows: &[OutboxRow], replay_until: u64) -> Vec<u8> {
     let size: usize = rows
         .iter()
-        .map(|r| r.payload.len() + batch_overhead(id_prefix, r))
+        .map(|r| r.payload().len() + batch_overhead(id_prefix, r))
         .sum();
     let mut out = Vec::with_capacity(size + 2);
     out.push(b'[');
@@ -218,14 +218,14 @@ pub fn json_batch(id_prefix: &str, rows: &[OutboxRow], replay_until: u64) -> Vec
         let id = message_id(id_prefix, row.seq);
         let _ = serde_json::to_writer(&mut out, &id);
         out.extend_from_slice(b",\"topic\":");
-        let _ = serde_json::to_writer(&mut out, &row.topic);
+        let _ = serde_json::to_writer(&mut out, row.topic());
         let _ = write!(
             VecWriter(&mut out),
             ",\"received_at\":{},\"replayed\":{},\"payload\":",
-            row.received_at,
+            row.received_at(),
             row.seq <= replay_until
         );
-        out.extend_from_slice(&row.payload);
+        out.extend_from_slice(row.payload());
         out.push(b'}');
     }
     out.push(b']');
@@ -237,7 +237,7 @@ pub fn json_batch(id_prefix: &str, rows: &[OutboxRow], replay_until: u64) -> Vec
 pub fn cbor_batch(id_prefix: &str, rows: &[OutboxRow], replay_until: u64) -> Vec<u8> {
     let size: usize = rows
         .iter()
-        .map(|r| r.payload.len() + batch_overhead(id_prefix, r))
+        .map(|r| r.payload().len() + batch_overhead(id_prefix, r))
         .sum();
     let mut out = Vec::with_capacity(size + 9);
     cbor_head(&mut out, 4, rows.len() as u64);
@@ -246,17 +246,17 @@ pub fn cbor_batch(id_prefix: &str, rows: &[OutboxRow], replay_until: u64) -> Vec
         cbor_text(&mut out, "id");
         cbor_text(&mut out, &message_id(id_prefix, row.seq));
         cbor_text(&mut out, "topic");
-        cbor_text(&mut out, &row.topic);
+        cbor_text(&mut out, row.topic());
         cbor_text(&mut out, "received_at");
-        if row.received_at >= 0 {
-            cbor_head(&mut out, 0, row.received_at as u64);
+        if row.received_at() >= 0 {
+            cbor_head(&mut out, 0, row.received_at() as u64);
         } else {
-            cbor_head(&mut out, 1, (-1 - row.received_at) as u64);
+            cbor_head(&mut out, 1, (-1 - row.received_at()) as u64);
         }
         cbor_text(&mut out, "replayed");
         out.push(if row.seq <= replay_until { 0xf5 } else { 0xf4 });
         cbor_text(&mut out, "payload");
-        out.extend_from_slice(&row.payload);
+        out.extend_from_slice(row.payload());
     }
     out
 }
@@ -304,11 +304,7 @@ mod tests {
         OutboxRow {
             seq,
             lane: Lane::Reading,
-            topic: "devices/d\"1/t".into(),
-            device: "d\"1".into(),
-            payload: payload.to_vec(),
-            format,
-            received_at: 1_700_000_000_000,
+            row: store::Row::encode(1_700_000_000_000, format, "devices/d\"1/t", "d\"1", payload),
         }
     }
 

@@ -286,7 +286,7 @@ impl<'a> Session<'a> {
             presence.topic().to_owned(),
             QoS::AtLeastOnce,
             true,
-            payload,
+            payload.into(),
             presence.properties(),
         );
         if let Err(e) = queued {
@@ -492,12 +492,12 @@ impl<'a> Session<'a> {
     fn batch_len(&mut self, replayed: bool) -> Result<usize, Duration> {
         let cfg = &self.fwd.cfg;
         let rows = &self.buffered[Lane::Reading];
-        let family = Family::of(rows[0].format);
+        let family = Family::of(rows[0].format());
         let mut size = 16;
         let mut n = 0;
         for row in rows.iter().take(cfg.batch_max_messages) {
-            let add = row.payload.len() + encode::batch_overhead(&self.id_prefix, row);
-            if Family::of(row.format) != family || (n > 0 && size + add > cfg.max_packet_size) {
+            let add = row.payload().len() + encode::batch_overhead(&self.id_prefix, row);
+            if Family::of(row.format()) != family || (n > 0 && size + add > cfg.max_packet_size) {
                 self.linger_since = None;
                 return Ok(n);
             }
@@ -538,23 +538,24 @@ impl<'a> Session<'a> {
         let batch = lane == Lane::Reading && cfg.batch_max_messages > 1;
         let (topic, payload, content_type) = if !batch {
             let payload = match lane {
-                Lane::Event => encode::event_payload(&rows[0].payload, replayed(0)),
-                Lane::Reading => std::mem::take(&mut rows[0].payload),
+                Lane::Event => encode::event_payload(rows[0].payload(), replayed(0)).into(),
+                // The row's bytes, shared: no copy.
+                Lane::Reading => rows[0].row.payload_bytes(),
             };
             let first = &rows[0];
             (
-                encode::upstream_topic(&cfg.topic_prefix, &first.topic),
+                encode::upstream_topic(&cfg.topic_prefix, first.topic()),
                 payload,
-                encode::content_type(lane, first.format),
+                encode::content_type(lane, first.format()),
             )
         } else {
-            let (payload, ct) = match Family::of(rows[0].format) {
+            let (payload, ct) = match Family::of(rows[0].format()) {
                 Family::Json => (
-                    encode::json_batch(&self.id_prefix, rows, replay_until),
+                    encode::json_batch(&self.id_prefix, rows, replay_until).into(),
                     "application/json",
                 ),
                 Family::Cbor => (
-                    encode::cbor_batch(&self.id_prefix, rows, replay_until),
+                    encode::cbor_batch(&self.id_prefix, rows, replay_until).into(),
                     "application/cbor",
                 ),
             };
@@ -580,7 +581,7 @@ impl<'a> Session<'a> {
             UpstreamProtocol::V311 => {
                 let id = encode::message_id(&self.id_prefix, rows[0].seq);
                 let payload = encode::envelope(&id, replayed(0), content_type, &payload);
-                (payload, PublishProperties::default())
+                (payload.into(), PublishProperties::default())
             }
         };
         let sendable = !topic.is_empty()
@@ -594,7 +595,7 @@ impl<'a> Session<'a> {
             self.acks[lane].extend_from_slice(&seqs);
             return Ok(());
         }
-        let received_at = rows.iter().map(|r| r.received_at).min().unwrap_or(0);
+        let received_at = rows.iter().map(|r| r.received_at()).min().unwrap_or(0);
         if let Err(e) = self
             .client
             .try_publish(topic, self.qos, false, payload, props)

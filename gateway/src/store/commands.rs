@@ -22,8 +22,8 @@ use super::journal::Logged;
 use super::stats::Counter;
 use super::tables::{Cursor, COMMANDS};
 use super::writer::Owner;
-use super::{Lane, OutboxEntry, StoreError};
-use crate::reading::{Format, Millis};
+use super::{OutboxEntry, StoreError};
+use crate::reading::Millis;
 
 /// A command waiting for its device.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,14 +84,12 @@ pub fn status_entry(cmd: &QueuedCommand, state: CommandState, time: Millis) -> O
         "command": cmd.command,
         "time": time,
     });
-    OutboxEntry {
-        lane: Lane::Event,
-        topic: cmd.status_topic.clone(),
-        device: cmd.device.clone(),
-        payload: json.to_string().into_bytes(),
-        format: Format::Json,
-        received_at: time,
-    }
+    OutboxEntry::on_event_lane(
+        &cmd.status_topic,
+        &cmd.device,
+        json.to_string().as_bytes(),
+        time,
+    )
 }
 
 /// Row layout: `queued_at i64 | expires_at i64 | command | id | status_topic |

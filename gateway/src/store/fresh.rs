@@ -27,6 +27,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
 use redb::{ReadableTable, WriteTransaction};
 
 use super::journal::{LazyLogged, TableId};
@@ -61,7 +62,7 @@ pub(super) struct Fresh {
 /// One lane's rows held in memory.
 #[derive(Default)]
 pub(super) struct Held {
-    rows: BTreeMap<u64, Vec<u8>>,
+    rows: BTreeMap<u64, Bytes>,
     /// The rows' lengths, summed.
     bytes: u64,
     /// The first row of the lane's table, once looked up in this transaction (`None`: not
@@ -71,13 +72,13 @@ pub(super) struct Held {
 }
 
 impl Held {
-    fn take(&mut self, seq: u64) -> Option<Vec<u8>> {
+    fn take(&mut self, seq: u64) -> Option<Bytes> {
         let row = self.rows.remove(&seq)?;
         self.bytes -= row.len() as u64;
         Some(row)
     }
 
-    fn take_first(&mut self) -> Option<(u64, Vec<u8>)> {
+    fn take_first(&mut self) -> Option<(u64, Bytes)> {
         let (seq, row) = self.rows.pop_first()?;
         self.bytes -= row.len() as u64;
         Some((seq, row))
@@ -127,7 +128,7 @@ impl Open {
             }
             let mut table = txn.open_table(tables::lane_table(lane))?;
             for (seq, row) in held.rows {
-                table.insert(seq, row.as_slice())?;
+                table.insert(seq, row.as_ref())?;
             }
         }
         if !fresh.meta.is_empty() {
@@ -166,15 +167,16 @@ pub(super) struct Outbox<'l, 't> {
 }
 
 impl Outbox<'_, '_> {
-    pub(super) fn insert(&mut self, seq: u64, row: &[u8]) -> Result<(), StoreError> {
-        self.table.log_insert(seq, row);
-        self.fresh.rows.insert(seq, row.to_vec());
+    /// Appends `row` as `seq`: into the group's record, and held here (sharing its bytes).
+    pub(super) fn insert(&mut self, seq: u64, row: &Bytes) -> Result<(), StoreError> {
+        self.table.log_insert(seq, row.as_ref());
+        self.fresh.rows.insert(seq, row.clone());
         self.fresh.bytes += row.len() as u64;
         while self.fresh.bytes > HELD_BYTES {
             let Some((seq, row)) = self.fresh.take_first() else {
                 break;
             };
-            self.table.get()?.insert_logged(seq, row.as_slice())?;
+            self.table.get()?.insert_logged(seq, row.as_ref())?;
             self.fresh.table_first = None;
         }
         Ok(())
@@ -260,6 +262,11 @@ mod tests {
         out
     }
 
+    /// [`row`] as the store holds it.
+    fn held(received_at: Millis, text: &str) -> Bytes {
+        row(received_at, text).into()
+    }
+
     /// Applies `f` to both lanes of `open` and returns the record it logged.
     fn group(open: &mut Open, f: impl FnOnce(&mut Outbox, &mut Outbox)) -> Vec<u8> {
         let log = RefCell::new(Vec::new());
@@ -277,15 +284,15 @@ mod tests {
         let db = Database::create(dir.path().join("gw.redb")).unwrap();
         // One row committed by an earlier checkpoint.
         let mut open = Open::new(db.begin_write().unwrap());
-        group(&mut open, |r, _| r.insert(1, &row(10, "old")).unwrap());
+        group(&mut open, |r, _| r.insert(1, &held(10, "old")).unwrap());
         open.commit().unwrap();
         assert_eq!(rows(&db, Lane::Reading), vec![(1, row(10, "old"))]);
 
         let mut open = Open::new(db.begin_write().unwrap());
         let first = group(&mut open, |r, e| {
-            r.insert(2, &row(20, "two")).unwrap();
-            r.insert(3, &row(30, "three")).unwrap();
-            e.insert(4, &row(40, "event")).unwrap();
+            r.insert(2, &held(20, "two")).unwrap();
+            r.insert(3, &held(30, "three")).unwrap();
+            e.insert(4, &held(40, "event")).unwrap();
             // The first row is the committed one, then the held ones in order.
             assert_eq!(r.first().unwrap().unwrap().received_at, Some(10));
             assert_eq!(r.remove(1).unwrap(), Some(row(10, "old").len() as u64));
@@ -316,7 +323,7 @@ mod tests {
         let dir2 = tempfile::tempdir().unwrap();
         let db2 = Database::create(dir2.path().join("gw.redb")).unwrap();
         let mut open = Open::new(db2.begin_write().unwrap());
-        group(&mut open, |r, _| r.insert(1, &row(10, "old")).unwrap());
+        group(&mut open, |r, _| r.insert(1, &held(10, "old")).unwrap());
         open.commit().unwrap();
         super::super::journal::apply_bodies(&db2, &[first, second], dir2.path()).unwrap();
         assert_eq!(rows(&db2, Lane::Reading), vec![(3, row(30, "three"))]);
@@ -331,14 +338,14 @@ mod tests {
         let db = Database::create(dir.path().join("gw.redb")).unwrap();
         let mut open = Open::new(db.begin_write().unwrap());
         group(&mut open, |r, _| {
-            r.insert(1, &row(10, "one")).unwrap();
-            r.insert(2, &row(20, "two")).unwrap();
+            r.insert(1, &held(10, "one")).unwrap();
+            r.insert(2, &held(20, "two")).unwrap();
         });
         open.commit().unwrap();
 
         let mut open = Open::new(db.begin_write().unwrap());
         group(&mut open, |r, e| {
-            r.insert(3, &row(30, "three")).unwrap();
+            r.insert(3, &held(30, "three")).unwrap();
             assert_eq!(r.first().unwrap().unwrap().received_at, Some(10));
             assert_eq!(e.first().unwrap(), None);
             assert_eq!(e.remove(7).unwrap(), None, "nothing to remove");
@@ -350,7 +357,7 @@ mod tests {
         group(&mut open, |r, e| {
             assert_eq!(r.first().unwrap().unwrap().received_at, Some(20));
             assert_eq!(r.pop_first().unwrap(), Some(row(20, "two").len() as u64));
-            e.insert(4, &row(40, "event")).unwrap();
+            e.insert(4, &held(40, "event")).unwrap();
         });
         group(&mut open, |r, e| {
             assert_eq!(r.first().unwrap().unwrap().received_at, Some(30));
@@ -368,12 +375,12 @@ mod tests {
         let db = Database::create(dir.path().join("gw.redb")).unwrap();
         let mut open = Open::new(db.begin_write().unwrap());
         group(&mut open, |r, _| {
-            r.insert(1, &row(10, "committed")).unwrap()
+            r.insert(1, &held(10, "committed")).unwrap()
         });
         open.commit().unwrap();
         let mut open = Open::new(db.begin_write().unwrap());
         group(&mut open, |r, _| {
-            r.insert(2, &row(20, "held")).unwrap();
+            r.insert(2, &held(20, "held")).unwrap();
             assert_eq!(
                 r.remove(1).unwrap(),
                 Some(row(10, "committed").len() as u64)
@@ -388,7 +395,7 @@ mod tests {
     fn past_the_bound_the_oldest_held_rows_go_into_the_table() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::create(dir.path().join("gw.redb")).unwrap();
-        let big = row(1, &"x".repeat(64 * 1024));
+        let big = held(1, &"x".repeat(64 * 1024));
         let len = big.len() as u64;
         let n = HELD_BYTES / len + 10;
         let mut open = Open::new(db.begin_write().unwrap());

@@ -77,6 +77,7 @@ mod health;
 mod journal;
 mod read;
 mod retention;
+mod row;
 mod stats;
 mod tables;
 mod tail;
@@ -105,6 +106,7 @@ pub use commands::{
 };
 pub use feed::{Feed, StartFeed};
 pub use read::{query_events, read_dead_letters, read_outbox_file, LoggedEvent};
+pub use row::Row;
 pub use stats::{read_stats_file, stats_command, Counter, LaneStats, OutboxStats, StorageHealth};
 pub use tables::epoch_hex;
 pub use tail::TAIL_ROWS;
@@ -298,47 +300,41 @@ impl<T> std::ops::IndexMut<Lane> for ByLane<T> {
     }
 }
 
-/// One message to forward upstream.
+/// One message to forward upstream, as the row it is stored as.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxEntry {
     pub lane: Lane,
-    /// Topic relative to the upstream prefix: the device's original topic for readings,
-    /// `events/{type}/{device}` for events (see [`OutboxEntry::event`]).
-    pub topic: String,
-    pub device: String,
-    pub payload: Vec<u8>,
-    pub format: Format,
-    pub received_at: Millis,
+    /// Its topic is relative to the upstream prefix: the device's original topic for
+    /// readings, `events/{type}/{device}` for events (see [`OutboxEntry::event`]).
+    pub row: Row,
 }
 
 impl OutboxEntry {
     /// A reading as it arrived on `topic`.
     pub fn reading(
-        topic: String,
-        device: String,
-        payload: Vec<u8>,
+        topic: &str,
+        device: &str,
+        payload: &[u8],
         format: Format,
         received_at: Millis,
     ) -> Self {
         OutboxEntry {
             lane: Lane::Reading,
-            topic,
-            device,
-            payload,
-            format,
-            received_at,
+            row: Row::encode(received_at, format, topic, device, payload),
         }
     }
 
     /// An event (a CloudEvents JSON envelope), forwarded to `events/{type}/{device}`.
-    pub fn event(event_type: &str, device: &str, json: Vec<u8>, time: Millis) -> Self {
+    pub fn event(event_type: &str, device: &str, json: &[u8], time: Millis) -> Self {
+        let topic = format!("events/{event_type}/{device}");
+        OutboxEntry::on_event_lane(&topic, device, json, time)
+    }
+
+    /// A JSON message on the event lane, forwarded to `topic`.
+    pub fn on_event_lane(topic: &str, device: &str, json: &[u8], time: Millis) -> Self {
         OutboxEntry {
             lane: Lane::Event,
-            topic: format!("events/{event_type}/{device}"),
-            device: device.to_owned(),
-            payload: json,
-            format: Format::Json,
-            received_at: time,
+            row: Row::encode(time, Format::Json, topic, device, json),
         }
     }
 }
@@ -348,11 +344,30 @@ impl OutboxEntry {
 pub struct OutboxRow {
     pub seq: u64,
     pub lane: Lane,
-    pub topic: String,
-    pub device: String,
-    pub payload: Vec<u8>,
-    pub format: Format,
-    pub received_at: Millis,
+    pub row: Row,
+}
+
+impl OutboxRow {
+    /// Topic relative to the upstream prefix.
+    pub fn topic(&self) -> &str {
+        self.row.topic()
+    }
+
+    pub fn device(&self) -> &str {
+        self.row.device()
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        self.row.payload()
+    }
+
+    pub fn format(&self) -> Format {
+        self.row.format()
+    }
+
+    pub fn received_at(&self) -> Millis {
+        self.row.received_at()
+    }
 }
 
 /// A payload that could not be decoded, kept for the operator.

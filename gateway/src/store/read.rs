@@ -4,10 +4,12 @@
 
 use std::path::Path;
 
+use bytes::Bytes;
+
 use redb::{ConcurrencyMode, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 
 use super::tables::{self, DEAD_LETTERS, EVENT_LOG, RULE_STATE};
-use super::{DeadLetter, Lane, OutboxRow, StoreError};
+use super::{DeadLetter, Lane, OutboxRow, Row, StoreError};
 use crate::reading::Millis;
 
 /// One entry of the event log.
@@ -51,15 +53,12 @@ pub(super) fn outbox_rows(
     let table = open_or_empty!(txn, def);
     for row in table.range(from_seq..)?.take(limit) {
         let (k, v) = row?;
-        let f = tables::decode_outbox(v.value()).ok_or_else(|| corrupt(def, k.value()))?;
+        let row = Row::decode(Bytes::copy_from_slice(v.value()))
+            .ok_or_else(|| corrupt(def, k.value()))?;
         out.push(OutboxRow {
             seq: k.value(),
             lane,
-            topic: f.topic.to_owned(),
-            device: f.device.to_owned(),
-            payload: f.payload.to_vec(),
-            format: f.format,
-            received_at: f.received_at,
+            row,
         });
     }
     Ok(())

@@ -139,16 +139,13 @@ impl Tails {
 mod tests {
     use super::*;
     use crate::reading::Format;
+    use crate::store::Row;
 
     fn row(seq: u64) -> OutboxRow {
         OutboxRow {
             seq,
             lane: Lane::Reading,
-            topic: format!("devices/d/{seq}"),
-            device: "d".into(),
-            payload: Vec::new(),
-            format: Format::Json,
-            received_at: 0,
+            row: Row::encode(0, Format::Json, &format!("devices/d/{seq}"), "d", b""),
         }
     }
 

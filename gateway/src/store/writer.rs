@@ -811,15 +811,7 @@ impl Owner {
         for cmd in group.data.drain(..) {
             match cmd {
                 DataCmd::Append(e, receipt) => {
-                    tables::encode_outbox(
-                        &mut scratch,
-                        e.received_at,
-                        e.format,
-                        &e.topic,
-                        &e.device,
-                        &e.payload,
-                    );
-                    let len = scratch.len() as u64 + KEY_BYTES;
+                    let len = e.row.len() as u64 + KEY_BYTES;
                     if self.cfg.overflow_policy == OverflowPolicy::RejectNew
                         && self.depth_bytes() + len > self.cfg.max_bytes
                     {
@@ -835,7 +827,7 @@ impl Owner {
                         Lane::Reading => (&mut readings, Counter::AppendedReadings),
                         Lane::Event => (&mut events, Counter::AppendedEvents),
                     };
-                    table.insert(seq, scratch.as_slice())?;
+                    table.insert(seq, e.row.bytes())?;
                     group.receipts.extend(receipt);
                     self.add(appended, 1);
                     self.add(Counter::messages(e.lane), 1);
@@ -914,25 +906,16 @@ impl Owner {
         table: &mut Outbox<'_, '_>,
         e: OutboxEntry,
     ) -> Result<(), StoreError> {
-        let mut row = Vec::new();
-        tables::encode_outbox(
-            &mut row,
-            e.received_at,
-            e.format,
-            &e.topic,
-            &e.device,
-            &e.payload,
-        );
         let seq = self.get(Counter::NextSeq);
         self.set(Counter::NextSeq, seq + 1);
-        table.insert(seq, row.as_slice())?;
+        table.insert(seq, e.row.bytes())?;
         let appended = match e.lane {
             Lane::Reading => Counter::AppendedReadings,
             Lane::Event => Counter::AppendedEvents,
         };
         self.add(appended, 1);
         self.add(Counter::messages(e.lane), 1);
-        self.add(Counter::bytes(e.lane), row.len() as u64 + KEY_BYTES);
+        self.add(Counter::bytes(e.lane), e.row.len() as u64 + KEY_BYTES);
         self.keep_row(seq, e);
         Ok(())
     }
@@ -943,11 +926,7 @@ impl Owner {
             self.appended[e.lane].push(OutboxRow {
                 seq,
                 lane: e.lane,
-                topic: e.topic,
-                device: e.device,
-                payload: e.payload,
-                format: e.format,
-                received_at: e.received_at,
+                row: e.row,
             });
         }
     }

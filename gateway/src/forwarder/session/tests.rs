@@ -116,9 +116,9 @@ fn a_drained_outbox_leaves_the_row_buffers_no_more_room_than_they_keep() {
     for i in 0..ROWS {
         let device = format!("d{}", i % 10);
         let entry = crate::store::OutboxEntry::reading(
-            format!("devices/{device}/telemetry"),
-            device,
-            format!("{{\"n\":{i}}}").into_bytes(),
+            &format!("devices/{device}/telemetry"),
+            &device,
+            format!("{{\"n\":{i}}}").as_bytes(),
             crate::reading::Format::Json,
             now_millis(),
         );
