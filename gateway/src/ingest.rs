@@ -53,7 +53,9 @@ pub type Receipt = rumqttd::PendingAck;
 pub struct RawMessage {
     /// The publishing connection's client id.
     pub client_id: Arc<str>,
-    pub topic: String,
+    /// UTF-8, read through [`RawMessage::topic`]: a slice of the connection's read
+    /// buffer, as the payload, not a copy.
+    topic: Bytes,
     pub payload: Bytes,
     /// The MQTT 5 content type, when the publisher set one.
     pub content_type: Option<String>,
@@ -66,17 +68,21 @@ impl RawMessage {
     fn new(ingested: Ingested, received_at: Millis) -> RawMessage {
         RawMessage {
             client_id: ingested.client_id,
-            // MQTT topics are UTF-8: `from_utf8` checks that quicker than
-            // `from_utf8_lossy` (a byte at a time), which stays for one that is not.
+            // MQTT topics are UTF-8; one that is not is replaced by its lossy conversion,
+            // so that `topic` always reads.
             topic: match std::str::from_utf8(&ingested.topic) {
-                Ok(topic) => topic.to_owned(),
-                Err(_) => String::from_utf8_lossy(&ingested.topic).into_owned(),
+                Ok(_) => ingested.topic,
+                Err(_) => String::from_utf8_lossy(&ingested.topic).into_owned().into(),
             },
             payload: ingested.payload,
             content_type: ingested.properties.and_then(|p| p.content_type),
             received_at,
             receipt: ingested.ack,
         }
+    }
+
+    pub fn topic(&self) -> &str {
+        std::str::from_utf8(&self.topic).expect("checked in RawMessage::new")
     }
 }
 
@@ -181,6 +187,22 @@ mod tests {
 
     fn payloads(batch: &[RawMessage]) -> Vec<u8> {
         batch.iter().map(|m| m.payload[0]).collect()
+    }
+
+    #[test]
+    fn a_topic_is_the_publish_s_own_bytes_and_one_not_utf8_reads_as_its_lossy_text() {
+        let message = publish(1);
+        let at = message.topic.as_ptr();
+        let raw = RawMessage::new(message, 0);
+        assert_eq!(raw.topic(), "devices/d-1/telemetry");
+        assert_eq!(raw.topic.as_ptr(), at, "shared, not copied");
+
+        let mut message = publish(2);
+        message.topic = Bytes::from_static(b"devices/d\xff/telemetry");
+        assert_eq!(
+            RawMessage::new(message, 0).topic(),
+            "devices/d\u{fffd}/telemetry"
+        );
     }
 
     #[test]

@@ -150,7 +150,7 @@ impl Feed for Decoding {
                     left = left.saturating_sub(self.batch.len());
                     Counters::add(&self.stage.counters.ingested, self.batch.len() as u64);
                     for message in self.batch.drain(..) {
-                        match self.stage.pattern.find(&message.topic) {
+                        match self.stage.pattern.find(message.topic()) {
                             Some(pattern) => {
                                 let start = self.decoded.len();
                                 self.stage.handle(
@@ -232,25 +232,21 @@ impl DecodeStage {
     fn handle(
         &self,
         pattern: &TopicPattern,
-        message: RawMessage,
+        mut message: RawMessage,
         decoded: &mut Vec<Reading>,
         spare: &mut Spare,
         warning: &mut Warning,
     ) {
-        let RawMessage {
-            client_id,
-            topic,
-            payload,
-            content_type,
-            received_at,
-            receipt,
-        } = message;
+        let receipt = message.receipt.take();
+        let topic = message.topic();
+        let payload = &message.payload;
+        let received_at = message.received_at;
         let start = decoded.len();
         match decode_into(
             pattern,
-            &topic,
-            &payload,
-            content_type.as_deref(),
+            topic,
+            payload,
+            message.content_type.as_deref(),
             received_at,
             decoded,
             spare,
@@ -262,7 +258,7 @@ impl DecodeStage {
                 self.devices.observe(readings, received_at);
                 if self.forward_readings {
                     let device = &readings[0].device;
-                    let entry = OutboxEntry::reading(&topic, device, &payload, format, received_at);
+                    let entry = OutboxEntry::reading(topic, device, payload, format, received_at);
                     self.store.append_acked(entry, receipt);
                 } else if let Some(receipt) = receipt {
                     self.store.release(receipt);
@@ -272,11 +268,11 @@ impl DecodeStage {
                 self.counters.count_dead_letter(error.format());
                 let reason = error.to_string();
                 if warning.due() {
-                    tracing::warn!(topic = %topic, client_id = %client_id, reason = %reason, count = warning.unreported, "Payloads did not decode; kept as dead letters.");
+                    tracing::warn!(topic = %topic, client_id = %message.client_id, reason = %reason, count = warning.unreported, "Payloads did not decode; kept as dead letters.");
                     warning.reported();
                 }
                 let dl = DeadLetter {
-                    topic,
+                    topic: topic.to_owned(),
                     payload: payload.to_vec(),
                     reason,
                     received_at,
@@ -295,11 +291,11 @@ impl DecodeStage {
             self.pattern, message.client_id
         );
         if warning.due() {
-            tracing::warn!(topic = %message.topic, client_id = %message.client_id, pattern = %self.pattern, count = warning.unreported, "Publishes on topics outside ingest.topic_pattern; kept as dead letters.");
+            tracing::warn!(topic = %message.topic(), client_id = %message.client_id, pattern = %self.pattern, count = warning.unreported, "Publishes on topics outside ingest.topic_pattern; kept as dead letters.");
             warning.reported();
         }
         let dl = DeadLetter {
-            topic: message.topic,
+            topic: message.topic().to_owned(),
             payload: message.payload.to_vec(),
             reason,
             received_at: message.received_at,
