@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use compact_str::CompactString;
 use serde::Serialize;
 
 use crate::hashing::FastHashMap;
@@ -38,23 +39,29 @@ pub struct DeviceView {
     pub values: BTreeMap<String, Value>,
 }
 
+/// Names (device ids, streams, field names) are `CompactString`s: up to 24 bytes are kept
+/// inline, in the map's slot or the vector of values, not in a heap block of their own.
+/// Every message compares its device's id, stream and field names with these, and with
+/// thousands of devices the blocks were not in the cache: each comparison waited for
+/// memory (the registry was about 2% of the gateway's CPU samples at 1000 devices x 10/s,
+/// most of it in `memcmp`; BENCHMARKS.md, "Fewer allocations and cache misses per reading").
 #[derive(Debug)]
 struct Entry {
     last_seen: Millis,
     messages: u64,
-    stream: String,
+    stream: CompactString,
     time: Millis,
     /// The last value of each field, sorted by name. A device has a few fields: a vector
     /// of them (room for four, 192 bytes) takes about a third of the memory of a map's
     /// first node (544 bytes), which every device held.
-    values: Vec<(String, Value)>,
+    values: Vec<(CompactString, Value)>,
 }
 
 /// The shared read model; put it in an `Arc`.
 #[derive(Debug)]
 pub struct Devices {
     max: usize,
-    map: Mutex<FastHashMap<String, Entry>>,
+    map: Mutex<FastHashMap<CompactString, Entry>>,
 }
 
 impl Default for Devices {
@@ -80,7 +87,7 @@ impl Devices {
             return;
         };
         // One lookup for a known device (the hot path); a new one is filled, then inserted.
-        match map.get_mut(&first.device) {
+        match map.get_mut(first.device.as_str()) {
             Some(entry) => update(entry, readings, received_at),
             None => {
                 if map.len() >= self.max {
@@ -89,12 +96,12 @@ impl Devices {
                 let mut entry = Entry {
                     last_seen: received_at,
                     messages: 0,
-                    stream: String::new(),
+                    stream: CompactString::default(),
                     time: 0,
                     values: Vec::new(),
                 };
                 update(&mut entry, readings, received_at);
-                map.insert(first.device.clone(), entry);
+                map.insert(CompactString::from(first.device.as_str()), entry);
             }
         }
     }
@@ -107,12 +114,16 @@ impl Devices {
         let mut out: Vec<DeviceView> = map
             .iter()
             .map(|(id, e)| DeviceView {
-                device: id.clone(),
+                device: id.to_string(),
                 last_seen: e.last_seen,
                 messages: e.messages,
-                stream: e.stream.clone(),
+                stream: e.stream.to_string(),
                 time: e.time,
-                values: e.values.iter().cloned().collect(),
+                values: e
+                    .values
+                    .iter()
+                    .map(|(name, value)| (name.to_string(), value.clone()))
+                    .collect(),
             })
             .collect();
         drop(map);
@@ -135,13 +146,15 @@ fn update(entry: &mut Entry, readings: &[Reading], received_at: Millis) {
     entry.messages += 1;
     for reading in readings {
         if entry.stream != reading.stream {
-            entry.stream.clone_from(&reading.stream);
+            entry.stream = CompactString::from(reading.stream.as_str());
         }
         entry.time = reading.time;
         for (name, value) in &reading.fields {
             match entry.values.binary_search_by(|(n, _)| n.as_str().cmp(name)) {
                 Ok(at) => set_value(&mut entry.values[at].1, value),
-                Err(at) => entry.values.insert(at, (name.clone(), value.clone())),
+                Err(at) => entry
+                    .values
+                    .insert(at, (CompactString::from(name.as_str()), value.clone())),
             }
         }
     }
@@ -156,7 +169,7 @@ fn set_value(slot: &mut Value, value: &Value) {
 }
 
 /// Removes the `n` least recently seen devices.
-fn evict_oldest(map: &mut FastHashMap<String, Entry>, n: usize) {
+fn evict_oldest(map: &mut FastHashMap<CompactString, Entry>, n: usize) {
     let mut seen: Vec<Millis> = map.values().map(|e| e.last_seen).collect();
     let n = n.min(seen.len());
     if n == 0 {
