@@ -22,6 +22,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use compact_str::CompactString;
+
 use super::eval::{eval, set_values, update_windows, Vars};
 use super::rule::{Rule, RuleKind};
 use super::ruleset::RuleSet;
@@ -67,14 +69,16 @@ impl DeviceInstances {
 pub struct Engine {
     rules: RuleSet,
     gateway_id: String,
-    /// Instances by device, then rule index.
-    devices: FastHashMap<String, DeviceInstances>,
+    /// Instances by device, then rule index. Ids of up to 24 bytes are kept inline in the
+    /// map's slots (`CompactString`), so that a reading's lookup does not wait for a
+    /// key's heap block to come from memory.
+    devices: FastHashMap<CompactString, DeviceInstances>,
     stats: EngineStats,
     scratch: Vec<usize>,
     /// Devices whose instances readings moved since they were last saved, with the time
     /// they first moved, oldest first. An entry whose time is not its device's `moved`
     /// is stale (the device was saved meanwhile, and may have moved again since).
-    moved: VecDeque<(Millis, String)>,
+    moved: VecDeque<(Millis, CompactString)>,
 }
 
 impl Engine {
@@ -144,7 +148,7 @@ impl Engine {
         }
         drop(by_name);
         for (i, device, inst) in restored {
-            let dev = engine.devices.entry(device).or_default();
+            let dev = engine.devices.entry(device.into()).or_default();
             let mut fresh = Some(inst);
             let slot = dev.get_or_insert(i, || fresh.take().expect("taken once"));
             // A duplicate record for the same instance: the later one wins.
@@ -157,11 +161,11 @@ impl Engine {
     }
 
     /// Every instance as (rule index, device, instance), in rule order then device order.
-    fn sorted(&self, keep: impl Fn(&Instance) -> bool) -> Vec<(usize, &String, &Instance)> {
-        let mut all: Vec<(usize, &String, &Instance)> = self
+    fn sorted(&self, keep: impl Fn(&Instance) -> bool) -> Vec<(usize, &str, &Instance)> {
+        let mut all: Vec<(usize, &str, &Instance)> = self
             .devices
             .iter()
-            .flat_map(|(device, dev)| dev.iter().map(move |(i, inst)| (i, device, inst)))
+            .flat_map(|(device, dev)| dev.iter().map(move |(i, inst)| (i, device.as_str(), inst)))
             .filter(|(_, _, inst)| keep(inst))
             .collect();
         all.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
@@ -266,7 +270,7 @@ impl Engine {
                                 since,
                                 reason,
                             );
-                            removed.push((old_i as usize, device.clone(), event));
+                            removed.push((old_i as usize, device.to_string(), event));
                         }
                     }
                 }
@@ -299,10 +303,11 @@ impl Engine {
             self.scratch = applicable;
             return;
         }
-        let dev = match self.devices.get_mut(&reading.device) {
+        let dev = match self.devices.get_mut(reading.device.as_str()) {
             Some(dev) => dev,
             None => {
-                let dev = self.devices.entry(reading.device.clone()).or_default();
+                let id = CompactString::from(reading.device.as_str());
+                let dev = self.devices.entry(id).or_default();
                 // Room for the rules that apply to its first reading, usually all it will
                 // have: 5 instances in 5 slots, not in the 8 that growth by doubling makes.
                 dev.rules.reserve_exact(applicable.len());
@@ -312,7 +317,8 @@ impl Engine {
         };
         if dev.moved.is_none() {
             dev.moved = Some(now);
-            self.moved.push_back((now, reading.device.clone()));
+            self.moved
+                .push_back((now, CompactString::from(reading.device.as_str())));
         }
         for &i in &applicable {
             let rule = &self.rules.rules()[i];
@@ -384,7 +390,7 @@ impl Engine {
                 _ => break,
             }
             let (first, device) = self.moved.pop_front().expect("front exists");
-            let listed = match self.devices.get_mut(&device) {
+            let listed = match self.devices.get_mut(device.as_str()) {
                 Some(dev) if dev.moved == Some(first) => {
                     dev.moved = None;
                     true
@@ -393,7 +399,7 @@ impl Engine {
                 None => true,
             };
             if listed {
-                taken.push(device);
+                taken.push(device.into_string());
             }
         }
         taken
@@ -458,7 +464,7 @@ impl Engine {
             .into_iter()
             .map(|(i, device, inst)| InstanceStatus {
                 rule: self.rules.rules()[i].name.clone(),
-                device: device.clone(),
+                device: device.to_string(),
                 state: inst.state,
                 last_seen: inst.last_seen,
             })

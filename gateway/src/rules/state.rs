@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use super::rule::Rule;
@@ -81,18 +82,24 @@ impl Instance {
 /// What an instance shows in its events: field (or `agg.NAME`) -> value, sorted by key in
 /// one array of exactly its size. An instance keeps a handful of them, where a `BTreeMap`
 /// takes a node of 11 slots (about 0.6 KB) however few it holds; an absence rule keeps
-/// one per device. Saved as a JSON object, as the map was.
+/// one per device. Saved as a JSON object, as the map was. Keys of up to 24 bytes are
+/// kept inline in the array (`CompactString`): every reading compares them with its
+/// fields, and keys in heap blocks of their own were cache misses with many devices.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Values(Vec<(String, Value)>);
+pub struct Values(Vec<(CompactString, Value)>);
 
 impl Values {
     /// The values as an event carries them.
     pub fn to_map(&self) -> BTreeMap<String, Value> {
-        self.0.iter().cloned().collect()
+        (self.0.iter())
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
     }
 
     pub fn into_map(self) -> BTreeMap<String, Value> {
-        self.0.into_iter().collect()
+        (self.0.into_iter())
+            .map(|(k, v)| (k.into_string(), v))
+            .collect()
     }
 
     /// Overwrites the values with `fields` when their keys are the same: no allocation
@@ -117,7 +124,7 @@ impl Values {
             while old.next_if(|(k, _)| k.as_str() < key).is_some() {}
             let key = match old.next_if(|(k, _)| k == key) {
                 Some((kept, _)) => kept,
-                None => key.to_owned(),
+                None => CompactString::from(key),
             };
             new.push((key, value));
         }
@@ -127,13 +134,17 @@ impl Values {
 
 impl From<BTreeMap<String, Value>> for Values {
     fn from(map: BTreeMap<String, Value>) -> Values {
-        Values(map.into_iter().collect())
+        Values(
+            (map.into_iter())
+                .map(|(k, v)| (CompactString::from(k), v))
+                .collect(),
+        )
     }
 }
 
 impl Serialize for Values {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+        serializer.collect_map(self.0.iter().map(|(k, v)| (k.as_str(), v)))
     }
 }
 
