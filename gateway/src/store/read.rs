@@ -5,7 +5,6 @@
 use std::path::Path;
 
 use bytes::Bytes;
-
 use redb::{ConcurrencyMode, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 
 use super::tables::{self, DEAD_LETTERS, EVENT_LOG, RULE_STATE};
