@@ -821,18 +821,12 @@ impl Owner {
                         drop(receipt);
                         continue;
                     }
-                    let seq = self.get(Counter::NextSeq);
-                    self.set(Counter::NextSeq, seq + 1);
-                    let (table, appended) = match e.lane {
-                        Lane::Reading => (&mut readings, Counter::AppendedReadings),
-                        Lane::Event => (&mut events, Counter::AppendedEvents),
+                    let table = match e.lane {
+                        Lane::Reading => &mut readings,
+                        Lane::Event => &mut events,
                     };
-                    table.insert(seq, e.row.bytes())?;
+                    self.append_row(table, e)?;
                     group.receipts.extend(receipt);
-                    self.add(appended, 1);
-                    self.add(Counter::messages(e.lane), 1);
-                    self.add(Counter::bytes(e.lane), len);
-                    self.keep_row(seq, e);
                 }
                 DataCmd::DeadLetter(dl, receipt) => {
                     tables::encode_dead_letter(&mut scratch, &dl);
