@@ -19,12 +19,8 @@ use std::fmt;
 
 use bytes::Bytes;
 
-use super::tables;
+use super::tables::{self, OUTBOX_TOPIC_AT as TOPIC_AT};
 use crate::reading::{Format, Millis};
-
-/// Where the topic starts: after `received_at` (8 bytes), the format (1) and the topic's
-/// length (2).
-const TOPIC_AT: usize = 11;
 
 /// One encoded outbox row (layout in `tables::encode_outbox`).
 #[derive(Clone, PartialEq, Eq)]
@@ -46,11 +42,10 @@ impl Row {
         device: &str,
         payload: &[u8],
     ) -> Row {
-        let mut out = Vec::with_capacity(13 + topic.len() + device.len() + payload.len());
-        tables::encode_outbox(&mut out, received_at, format, topic, device, payload);
-        let topic_len = u16::from_le_bytes([out[TOPIC_AT - 2], out[TOPIC_AT - 1]]);
-        let device_at = TOPIC_AT + usize::from(topic_len);
-        let device_len = u16::from_le_bytes([out[device_at], out[device_at + 1]]);
+        // `encode_outbox` reserves the row's size: on an empty vector, exactly that.
+        let mut out = Vec::new();
+        let (topic_len, device_len) =
+            tables::encode_outbox(&mut out, received_at, format, topic, device, payload);
         Row {
             bytes: Bytes::from(out),
             received_at,

@@ -80,14 +80,16 @@ pub fn format_from_u8(b: u8) -> Option<Format> {
     })
 }
 
-/// Appends `s` with a u16 length prefix; longer strings are cut at a char boundary.
-pub(super) fn put_str(out: &mut Vec<u8>, s: &str) {
+/// Appends `s` with a u16 length prefix; longer strings are cut at a char boundary. The
+/// length written.
+pub(super) fn put_str(out: &mut Vec<u8>, s: &str) -> u16 {
     let mut end = s.len().min(u16::MAX as usize);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
     out.extend_from_slice(&(end as u16).to_le_bytes());
     out.extend_from_slice(&s.as_bytes()[..end]);
+    end as u16
 }
 
 /// A cursor over an encoded row; every read checks bounds.
@@ -116,7 +118,12 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Where an outbox row's topic starts: after `received_at`, the format and the topic's
+/// length.
+pub(super) const OUTBOX_TOPIC_AT: usize = 8 + 1 + 2;
+
 /// Outbox row layout: `received_at: i64 LE | format: u8 | topic: str16 | device: str16 | payload`.
+/// Returns the lengths of the topic and the device id as written (cut at 64 KiB).
 pub fn encode_outbox(
     out: &mut Vec<u8>,
     received_at: Millis,
@@ -124,14 +131,15 @@ pub fn encode_outbox(
     topic: &str,
     device: &str,
     payload: &[u8],
-) {
+) -> (u16, u16) {
     out.clear();
-    out.reserve(13 + topic.len() + device.len() + payload.len());
+    out.reserve(OUTBOX_TOPIC_AT + 2 + topic.len() + device.len() + payload.len());
     out.extend_from_slice(&received_at.to_le_bytes());
     out.push(format_to_u8(format));
-    put_str(out, topic);
-    put_str(out, device);
+    let topic_len = put_str(out, topic);
+    let device_len = put_str(out, device);
     out.extend_from_slice(payload);
+    (topic_len, device_len)
 }
 
 /// The fields of an encoded outbox row before its payload, borrowed from the row bytes
