@@ -4,7 +4,9 @@
 //!
 //! A [`Connection`] is a fresh client and event loop per attempt, polled by its own pump
 //! task that turns every event of either client into a [`Wire`] event and hands it over a
-//! channel, ending at the first error. What the session needs of an event is all [`Wire`]
+//! channel, ending at the first error. The events one poll produces (a write of the
+//! requests queued meanwhile, or a read of several packets, yields one event per packet)
+//! cross the channel together, as one [`PumpBatch`]; [`Events`] gives them out one by one. What the session needs of an event is all [`Wire`]
 //! keeps: the ConnAck, a publish given its packet id (`Outgoing::Publish`, in request
 //! order), a PUBACK with its outcome (MQTT 3.1.1 PUBACKs have no reason code: they
 //! always accept), and an incoming publish (a downlink command) with the means to
@@ -29,6 +31,7 @@ use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Packet as Packet5, PubAckReason, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::{v5, Outgoing};
+use smallvec::SmallVec;
 use tokio::sync::mpsc;
 
 use super::Forwarder;
@@ -59,8 +62,8 @@ impl std::fmt::Debug for UpstreamCommand {
     }
 }
 
-/// Events buffered between the pump and the session.
-const PUMP_CAPACITY: usize = 1024;
+/// Batches of events buffered between the pump and the session.
+const PUMP_CAPACITY: usize = 64;
 /// Requests a client queues beyond the in-flight window.
 const REQUEST_HEADROOM: usize = 16;
 /// The MQTT 5 Receive Maximum the gateway announces upstream: commands received and not
@@ -105,6 +108,50 @@ pub(super) struct WireError {
 }
 
 pub(super) type PumpEvent = Result<Wire, WireError>;
+
+/// The events of one poll of an event loop, in order: the one it returned and those it
+/// left buffered. An error ends a batch (and the pump). Handed over together, they cost
+/// the channel one send and one receive: per event, the channel's sends and receives
+/// were about 2% of the gateway's samples at 1000 devices x 10/s (BENCHMARKS.md,
+/// "Upstream events handed over in batches").
+pub(super) type PumpBatch = SmallVec<[PumpEvent; 1]>;
+
+/// The session's end of a pump: its events one at a time, in order, taken from the
+/// channel a batch at a time. Both receives are cancel-safe, as the channel's own are: an
+/// event is taken from the batch only when it is returned.
+pub(super) struct Events {
+    rx: mpsc::Receiver<PumpBatch>,
+    batch: smallvec::IntoIter<[PumpEvent; 1]>,
+}
+
+impl Events {
+    fn new(rx: mpsc::Receiver<PumpBatch>) -> Events {
+        Events {
+            rx,
+            batch: PumpBatch::new().into_iter(),
+        }
+    }
+
+    /// The next event; `None` once the pump has ended and every event was taken.
+    pub(super) async fn recv(&mut self) -> Option<PumpEvent> {
+        loop {
+            if let Some(ev) = self.batch.next() {
+                return Some(ev);
+            }
+            self.batch = self.rx.recv().await?.into_iter();
+        }
+    }
+
+    /// The next event if one is there already.
+    pub(super) fn try_recv(&mut self) -> Option<PumpEvent> {
+        loop {
+            if let Some(ev) = self.batch.next() {
+                return Some(ev);
+            }
+            self.batch = self.rx.try_recv().ok()?.into_iter();
+        }
+    }
+}
 
 /// A request could not be queued: the connection's event loop is gone.
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +209,7 @@ impl Client {
 /// for a dead connection (requests, packet ids, events) can leak into the next one.
 pub(super) struct Connection {
     pub client: Client,
-    pub events: mpsc::Receiver<PumpEvent>,
+    pub events: Events,
     pump: tokio::task::JoinHandle<()>,
 }
 
@@ -227,7 +274,7 @@ impl Connection {
         };
         Connection {
             client,
-            events,
+            events: Events::new(events),
             pump,
         }
     }
@@ -247,38 +294,54 @@ fn qos_311(qos: QoS) -> rumqttc::QoS {
     }
 }
 
-/// Polls an MQTT 5 event loop and hands every event over, until the first error (which
-/// ends the connection: the next attempt gets a new event loop).
+/// Polls an MQTT 5 event loop and hands every event over, a poll's events at a time,
+/// until the first error (which ends the connection: the next attempt gets a new event
+/// loop).
 async fn pump_v5(
     mut eventloop: v5::EventLoop,
     client: v5::AsyncClient,
-    events: mpsc::Sender<PumpEvent>,
+    events: mpsc::Sender<PumpBatch>,
 ) {
     loop {
-        let ev = match eventloop.poll().await {
-            Ok(v5::Event::Incoming(Packet5::ConnAck(_))) => Ok(Wire::ConnAck),
-            Ok(v5::Event::Incoming(Packet5::Publish(p))) => {
-                Ok(Wire::Command(command_v5(&client, p)))
+        let mut batch = PumpBatch::new();
+        let failed = match eventloop.poll().await {
+            Ok(ev) => {
+                batch.push(Ok(wire_v5(&client, ev)));
+                // What the same poll left buffered goes with it; the next poll would
+                // have returned these first, in this order.
+                let buffered = eventloop.state.events.drain(..);
+                batch.extend(buffered.map(|ev| Ok(wire_v5(&client, ev))));
+                false
             }
-            Ok(v5::Event::Outgoing(Outgoing::Publish(pkid))) => Ok(Wire::Sent(pkid)),
-            Ok(v5::Event::Incoming(Packet5::PubAck(ack))) => Ok(Wire::PubAck {
-                pkid: ack.pkid,
-                outcome: match ack.reason {
-                    PubAckReason::Success => AckOutcome::Accepted,
-                    PubAckReason::NoMatchingSubscribers => AckOutcome::NoSubscribers,
-                    reason => AckOutcome::Refused(reason),
-                },
-            }),
-            Ok(_) => Ok(Wire::Other),
-            Err(e) => Err(WireError {
-                tls: matches!(e, v5::ConnectionError::Tls(_)),
-                message: e.to_string(),
-            }),
+            Err(e) => {
+                batch.push(Err(WireError {
+                    tls: matches!(e, v5::ConnectionError::Tls(_)),
+                    message: e.to_string(),
+                }));
+                true
+            }
         };
-        let failed = ev.is_err();
-        if events.send(ev).await.is_err() || failed {
+        if events.send(batch).await.is_err() || failed {
             return;
         }
+    }
+}
+
+/// What the session needs of an MQTT 5 event.
+fn wire_v5(client: &v5::AsyncClient, ev: v5::Event) -> Wire {
+    match ev {
+        v5::Event::Incoming(Packet5::ConnAck(_)) => Wire::ConnAck,
+        v5::Event::Incoming(Packet5::Publish(p)) => Wire::Command(command_v5(client, p)),
+        v5::Event::Outgoing(Outgoing::Publish(pkid)) => Wire::Sent(pkid),
+        v5::Event::Incoming(Packet5::PubAck(ack)) => Wire::PubAck {
+            pkid: ack.pkid,
+            outcome: match ack.reason {
+                PubAckReason::Success => AckOutcome::Accepted,
+                PubAckReason::NoMatchingSubscribers => AckOutcome::NoSubscribers,
+                reason => AckOutcome::Refused(reason),
+            },
+        },
+        _ => Wire::Other,
     }
 }
 
@@ -286,29 +349,44 @@ async fn pump_v5(
 async fn pump_311(
     mut eventloop: rumqttc::EventLoop,
     client: rumqttc::AsyncClient,
-    events: mpsc::Sender<PumpEvent>,
+    events: mpsc::Sender<PumpBatch>,
 ) {
     loop {
-        let ev = match eventloop.poll().await {
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => Ok(Wire::ConnAck),
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                Ok(Wire::Command(command_311(&client, p)))
+        let mut batch = PumpBatch::new();
+        let failed = match eventloop.poll().await {
+            Ok(ev) => {
+                batch.push(Ok(wire_311(&client, ev)));
+                let buffered = eventloop.state.events.drain(..);
+                batch.extend(buffered.map(|ev| Ok(wire_311(&client, ev))));
+                false
             }
-            Ok(rumqttc::Event::Outgoing(Outgoing::Publish(pkid))) => Ok(Wire::Sent(pkid)),
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(ack))) => Ok(Wire::PubAck {
-                pkid: ack.pkid,
-                outcome: AckOutcome::Accepted,
-            }),
-            Ok(_) => Ok(Wire::Other),
-            Err(e) => Err(WireError {
-                tls: matches!(e, rumqttc::ConnectionError::Tls(_)),
-                message: e.to_string(),
-            }),
+            Err(e) => {
+                batch.push(Err(WireError {
+                    tls: matches!(e, rumqttc::ConnectionError::Tls(_)),
+                    message: e.to_string(),
+                }));
+                true
+            }
         };
-        let failed = ev.is_err();
-        if events.send(ev).await.is_err() || failed {
+        if events.send(batch).await.is_err() || failed {
             return;
         }
+    }
+}
+
+/// What the session needs of an MQTT 3.1.1 event (its PUBACKs always accept).
+fn wire_311(client: &rumqttc::AsyncClient, ev: rumqttc::Event) -> Wire {
+    match ev {
+        rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => Wire::ConnAck,
+        rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
+            Wire::Command(command_311(client, p))
+        }
+        rumqttc::Event::Outgoing(Outgoing::Publish(pkid)) => Wire::Sent(pkid),
+        rumqttc::Event::Incoming(rumqttc::Packet::PubAck(ack)) => Wire::PubAck {
+            pkid: ack.pkid,
+            outcome: AckOutcome::Accepted,
+        },
+        _ => Wire::Other,
     }
 }
 
@@ -347,3 +425,6 @@ fn command_311(client: &rumqttc::AsyncClient, p: rumqttc::Publish) -> UpstreamCo
         }),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -81,7 +81,7 @@ use crate::reading::{now_millis, Millis};
 use crate::store::{ByLane, StoreHandle};
 use crate::tls::TlsError;
 pub use client::UpstreamCommand;
-use client::{Connection, PumpEvent, Wire};
+use client::{Connection, Events, Wire};
 
 pub use encode::{id_prefix, message_id, upstream_topic};
 pub use presence::STATUS_TOPIC;
@@ -386,7 +386,7 @@ impl Forwarder {
     async fn connecting(
         &self,
         attempt: u32,
-        events: &mut mpsc::Receiver<PumpEvent>,
+        events: &mut Events,
         shutdown: &CancellationToken,
     ) -> State {
         loop {

@@ -27,10 +27,9 @@ use bytes::BytesMut;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS;
 use smallvec::SmallVec;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{AckOutcome, Client, PumpEvent, Wire};
+use super::client::{AckOutcome, Client, Events, PumpEvent, Wire};
 use super::encode::{self, Family};
 use super::presence::Status;
 use super::{Forwarder, State};
@@ -174,11 +173,7 @@ impl<'a> Session<'a> {
         self.awaiting_pkid.len() + self.by_pkid.len()
     }
 
-    pub(super) async fn run(
-        mut self,
-        events: &mut mpsc::Receiver<PumpEvent>,
-        shutdown: &CancellationToken,
-    ) -> State {
+    pub(super) async fn run(mut self, events: &mut Events, shutdown: &CancellationToken) -> State {
         // What was committed when the connection came up is the backlog; rows committed
         // from now on (also during the flush below) are live.
         self.replay_until = self.fwd.store.last_committed_seq();
@@ -233,13 +228,9 @@ impl<'a> Session<'a> {
                         return self.lost();
                     }
                     for _ in 0..EVENTS_PER_TURN {
-                        match events.try_recv() {
-                            Ok(ev) => {
-                                if !self.handle(ev) {
-                                    return self.lost();
-                                }
-                            }
-                            Err(_) => break,
+                        let Some(ev) = events.try_recv() else { break };
+                        if !self.handle(ev) {
+                            return self.lost();
                         }
                     }
                     self.hand_acks();
@@ -254,7 +245,7 @@ impl<'a> Session<'a> {
 
     /// A clean stop: hands over the acks, publishes the retained `offline` status and waits
     /// for its PUBACK (at most [`OFFLINE_ACK_WAIT`]), still taking late PUBACKs of rows.
-    async fn stop(&mut self, events: &mut mpsc::Receiver<PumpEvent>) -> State {
+    async fn stop(&mut self, events: &mut Events) -> State {
         self.hand_acks();
         if self.announce(Status::Shutdown).is_err() {
             return State::Stopped;
@@ -619,4 +610,4 @@ impl<'a> Session<'a> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

@@ -12,7 +12,10 @@ fn forwarder(dir: &std::path::Path, qos: u8) -> Forwarder {
     forwarder_with(dir, |config| config.upstream.qos = qos)
 }
 
-fn forwarder_with(dir: &std::path::Path, set: impl FnOnce(&mut Config)) -> Forwarder {
+pub(in crate::forwarder) fn forwarder_with(
+    dir: &std::path::Path,
+    set: impl FnOnce(&mut Config),
+) -> Forwarder {
     let mut config = Config::defaults();
     config.upstream.url = Some(UpstreamUrl::mqtt("127.0.0.1", 1883).into());
     set(&mut config);
