@@ -28,7 +28,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5::{Packet as Packet5, PubAckReason, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{
+    Packet as Packet5, PubAckReason, Publish as Publish5, PublishProperties,
+};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::{v5, Outgoing};
 use smallvec::SmallVec;
@@ -165,22 +167,29 @@ pub(super) enum Client {
 }
 
 impl Client {
-    /// Queues a publish without waiting. MQTT 3.1.1 sends no `properties`.
+    /// Queues a publish without waiting. MQTT 3.1.1 sends no `properties`. The topic is
+    /// UTF-8 (`encode::upstream_topic_in`); over MQTT 5 its bytes go out as they are, over
+    /// 3.1.1 (whose client takes a `String`) they are copied.
     pub(super) fn try_publish(
         &self,
-        topic: String,
+        topic: Bytes,
         qos: QoS,
         retain: bool,
         payload: Bytes,
         properties: PublishProperties,
     ) -> Result<(), Closed> {
         match self {
-            Client::V5(c) => c
-                .try_publish_with_properties(topic, qos, retain, payload, properties)
-                .map_err(|_| Closed),
-            Client::V311(c) => c
-                .try_publish(topic, qos_311(qos), retain, payload)
-                .map_err(|_| Closed),
+            Client::V5(c) => {
+                let mut publish = Publish5::new(String::new(), qos, payload, Some(properties));
+                publish.topic = topic;
+                publish.retain = retain;
+                c.try_publish_built(publish).map_err(|_| Closed)
+            }
+            Client::V311(c) => {
+                let topic = String::from_utf8_lossy(&topic).into_owned();
+                c.try_publish(topic, qos_311(qos), retain, payload)
+                    .map_err(|_| Closed)
+            }
         }
     }
 

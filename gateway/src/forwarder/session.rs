@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS;
 use smallvec::SmallVec;
@@ -143,8 +143,9 @@ pub(super) struct Session<'a> {
     bucket: Option<Bucket>,
     linger_since: Option<Instant>,
     scratch: Vec<OutboxRow>,
-    /// Where the MQTT 5 properties of the publishes are encoded ([`encode::properties`]).
-    properties: BytesMut,
+    /// Where the topics and MQTT 5 properties of the publishes are encoded
+    /// ([`encode::upstream_topic_in`], [`encode::properties`]).
+    encoded: BytesMut,
 }
 
 impl<'a> Session<'a> {
@@ -165,7 +166,7 @@ impl<'a> Session<'a> {
             bucket: fwd.cfg.rate_limit_per_sec.map(Bucket::new),
             linger_since: None,
             scratch: Vec::new(),
-            properties: BytesMut::new(),
+            encoded: BytesMut::new(),
         }
     }
 
@@ -274,7 +275,7 @@ impl<'a> Session<'a> {
         let presence = &self.fwd.presence;
         let payload = presence.payload(status, now_millis());
         let queued = self.client.try_publish(
-            presence.topic().to_owned(),
+            Bytes::copy_from_slice(presence.topic().as_bytes()),
             QoS::AtLeastOnce,
             true,
             payload.into(),
@@ -535,7 +536,7 @@ impl<'a> Session<'a> {
             };
             let first = &rows[0];
             (
-                encode::upstream_topic(&cfg.topic_prefix, first.topic()),
+                encode::upstream_topic_in(&mut self.encoded, &cfg.topic_prefix, first.topic()),
                 payload,
                 encode::content_type(lane, first.format()),
             )
@@ -551,7 +552,7 @@ impl<'a> Session<'a> {
                 ),
             };
             (
-                encode::upstream_topic(&cfg.topic_prefix, "batch"),
+                encode::upstream_topic_in(&mut self.encoded, &cfg.topic_prefix, "batch"),
                 payload,
                 ct,
             )
@@ -561,7 +562,7 @@ impl<'a> Session<'a> {
         let (payload, props) = match cfg.protocol {
             UpstreamProtocol::V5 => {
                 let props = encode::properties(
-                    &mut self.properties,
+                    &mut self.encoded,
                     &self.id_prefix,
                     rows[0].seq,
                     replayed(0),
@@ -576,13 +577,13 @@ impl<'a> Session<'a> {
             }
         };
         let sendable = !topic.is_empty()
-            && !topic.contains(['+', '#', '\0'])
+            && !topic.iter().any(|b| matches!(b, b'+' | b'#' | 0))
             && payload.len() + topic.len() + 128 <= cfg.max_packet_size;
         if !sendable {
             stats
                 .rows_dropped_unsendable
                 .fetch_add(n as u64, Ordering::Relaxed);
-            tracing::warn!(%topic, bytes = payload.len(), "row cannot be sent upstream; deleted");
+            tracing::warn!(topic = %String::from_utf8_lossy(&topic), bytes = payload.len(), "row cannot be sent upstream; deleted");
             self.acks[lane].extend_from_slice(&seqs);
             return Ok(());
         }

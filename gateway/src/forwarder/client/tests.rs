@@ -76,7 +76,7 @@ async fn the_events_of_one_poll_cross_the_channel_as_one_batch() {
         for i in 0..10 {
             conn.client
                 .try_publish(
-                    format!("batch/{i}"),
+                    Bytes::from(format!("batch/{i}")),
                     QoS::AtLeastOnce,
                     false,
                     Bytes::from_static(b"{}"),

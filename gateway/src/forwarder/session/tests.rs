@@ -146,3 +146,33 @@ fn a_drained_outbox_leaves_the_row_buffers_no_more_room_than_they_keep() {
     );
     fwd.store.shutdown().unwrap();
 }
+
+#[test]
+fn a_row_whose_topic_has_a_wildcard_is_deleted_and_counted_not_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let fwd = forwarder(dir.path(), 1);
+    for topic in [
+        "devices/d1/telemetry",
+        "devices/+/telemetry",
+        "devices/d2/#",
+    ] {
+        let entry = crate::store::OutboxEntry::reading(
+            topic,
+            "d1",
+            b"{\"n\":1}",
+            crate::reading::Format::Json,
+            now_millis(),
+        );
+        assert!(fwd.store.append(entry), "store queue full");
+    }
+    fwd.store.flush_blocking().unwrap();
+    let (client, _eventloop) = client();
+    let mut s = Session::new(&fwd, &client);
+
+    assert!(matches!(s.fill(), Ok(Idle::NoRows)));
+    assert_eq!(s.in_flight(), 1, "only the first row is sent");
+    let dropped = &fwd.stats.rows_dropped_unsendable;
+    assert_eq!(ForwarderStats::get(dropped), 2);
+    assert_eq!(s.acks[Lane::Reading].len(), 2, "the other two are deleted");
+    fwd.store.shutdown().unwrap();
+}

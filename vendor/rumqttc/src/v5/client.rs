@@ -183,6 +183,20 @@ impl AsyncClient {
         self.handle_try_publish(topic, qos, retain, payload, None)
     }
 
+    /// PATCH(gateway): queues a publish the caller built, without waiting (PATCHES.md,
+    /// 6). Its topic is a `Bytes` that may share a larger buffer with other publishes'
+    /// topics, so that building one costs no allocation of its own; it is checked as
+    /// [`AsyncClient::try_publish`] checks a topic (and must also be UTF-8).
+    pub fn try_publish_built(&self, publish: Publish) -> Result<(), ClientError> {
+        let valid = std::str::from_utf8(&publish.topic).is_ok_and(valid_topic);
+        let publish = Request::Publish(publish);
+        if !valid {
+            return Err(ClientError::TryRequest(publish));
+        }
+        self.request_tx.try_send(publish)?;
+        Ok(())
+    }
+
     /// Sends a MQTT PubAck to the `EventLoop`. Only needed in if `manual_acks` flag is set.
     pub async fn ack(&self, publish: &Publish) -> Result<(), ClientError> {
         let ack = get_ack_req(publish);

@@ -539,6 +539,7 @@ mod publish_topic_tests {
     use super::*;
     use crate::v5::mqttbytes::QoS;
     use crate::v5::{AsyncClient, MqttOptions};
+    use bytes::Bytes;
 
     #[test]
     fn a_queued_publish_holds_the_topic_string_it_was_given() {
@@ -559,6 +560,34 @@ mod publish_topic_tests {
         // A topic with wildcards is still refused.
         let refused = client.try_publish("up/#", QoS::AtLeastOnce, false, vec![1]);
         assert!(refused.is_err());
+        assert!(eventloop.requests_rx.is_empty());
+    }
+
+    /// PATCH(gateway): PATCHES.md, 6.
+    #[test]
+    fn a_built_publish_keeps_the_topic_bytes_it_shares() {
+        let options = MqttOptions::new("topic", "127.0.0.1", 1883);
+        let (client, eventloop) = AsyncClient::new(options, 10);
+        let chunk = Bytes::from_static(b"up/devices/d-1/telemetryup/devices/d-2/telemetry");
+        let topic = chunk.slice(24..);
+        let publish = |topic: Bytes| {
+            let mut p = Publish::new("", QoS::AtLeastOnce, vec![1], None);
+            p.topic = topic;
+            p
+        };
+        client.try_publish_built(publish(topic.clone())).unwrap();
+        match eventloop.requests_rx.try_recv().unwrap() {
+            Request::Publish(p) => {
+                assert_eq!(&p.topic[..], b"up/devices/d-2/telemetry");
+                assert_eq!(p.topic.as_ptr(), topic.as_ptr(), "the topic was copied");
+            }
+            other => panic!("not a publish: {other:?}"),
+        }
+        // Wildcards and bytes that are not UTF-8 are refused, as a topic string would be.
+        for bad in [&b"up/#"[..], b"up/+/x", b"up/\xff"] {
+            let refused = client.try_publish_built(publish(Bytes::copy_from_slice(bad)));
+            assert!(refused.is_err(), "{bad:?} was queued");
+        }
         assert!(eventloop.requests_rx.is_empty());
     }
 }
