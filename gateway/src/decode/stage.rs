@@ -30,13 +30,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
+
 use super::{decode_into, Spare, TopicPattern, TopicPatterns};
 use crate::counters::Counters;
 use crate::devices::Devices;
 use crate::ingest::{Ingested, Intake, Next, RawMessage};
 use crate::reading::Reading;
 use crate::rules::{RulesLoop, RulesStage};
-use crate::store::{DeadLetter, Feed, OutboxEntry, StoreHandle};
+use crate::store::{DeadLetter, Feed, Lane, OutboxEntry, Row, StoreHandle};
 
 /// Least time between two log lines about dead letters (and about unrouted topics).
 pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
@@ -97,6 +99,8 @@ struct Decoding {
     decoded: Vec<Reading>,
     /// The readings of earlier messages, for reuse.
     spare: Spare,
+    /// Where the outbox rows of the readings are encoded ([`Row::encode_in`]).
+    rows: BytesMut,
     dead: Warning,
     unrouted: Warning,
     span: tracing::Span,
@@ -158,6 +162,7 @@ impl Feed for Decoding {
                                     message,
                                     &mut self.decoded,
                                     &mut self.spare,
+                                    &mut self.rows,
                                     &mut self.dead,
                                 );
                                 if self.rules.is_none() {
@@ -188,6 +193,7 @@ impl Feed for Decoding {
             self.spare.clear();
             self.decoded = Vec::new();
             self.batch = Vec::new();
+            self.rows = BytesMut::new();
         }
         if self.decoded.capacity() > DECODED_KEEP {
             // A burst of many-record messages (SenML packs) does not stay allocated.
@@ -220,6 +226,7 @@ impl DecodeStage {
             batch: Vec::with_capacity(BATCH),
             decoded: Vec::new(),
             spare: Spare::default(),
+            rows: BytesMut::new(),
             dead: Warning::default(),
             unrouted: Warning::default(),
             span: tracing::info_span!(parent: None, "decode"),
@@ -235,6 +242,7 @@ impl DecodeStage {
         mut message: RawMessage,
         decoded: &mut Vec<Reading>,
         spare: &mut Spare,
+        rows: &mut BytesMut,
         warning: &mut Warning,
     ) {
         let receipt = message.receipt.take();
@@ -258,7 +266,11 @@ impl DecodeStage {
                 self.devices.observe(readings, received_at);
                 if self.forward_readings {
                     let device = &readings[0].device;
-                    let entry = OutboxEntry::reading(topic, device, payload, format, received_at);
+                    let row = Row::encode_in(rows, received_at, format, topic, device, payload);
+                    let entry = OutboxEntry {
+                        lane: Lane::Reading,
+                        row,
+                    };
                     self.store.append_acked(entry, receipt);
                 } else if let Some(receipt) = receipt {
                     self.store.release(receipt);

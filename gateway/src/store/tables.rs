@@ -12,6 +12,7 @@
 //!   epochs), and never changed. Sequences restart with a new file; (epoch, seq) does not
 //!   repeat.
 
+use bytes::BufMut;
 use redb::TableDefinition;
 
 use super::{DeadLetter, Lane};
@@ -82,13 +83,13 @@ pub fn format_from_u8(b: u8) -> Option<Format> {
 
 /// Appends `s` with a u16 length prefix; longer strings are cut at a char boundary. The
 /// length written.
-pub(super) fn put_str(out: &mut Vec<u8>, s: &str) -> u16 {
+pub(super) fn put_str(out: &mut impl BufMut, s: &str) -> u16 {
     let mut end = s.len().min(u16::MAX as usize);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    out.extend_from_slice(&(end as u16).to_le_bytes());
-    out.extend_from_slice(&s.as_bytes()[..end]);
+    out.put_u16_le(end as u16);
+    out.put_slice(&s.as_bytes()[..end]);
     end as u16
 }
 
@@ -123,23 +124,28 @@ impl<'a> Cursor<'a> {
 pub(super) const OUTBOX_TOPIC_AT: usize = 8 + 1 + 2;
 
 /// Outbox row layout: `received_at: i64 LE | format: u8 | topic: str16 | device: str16 | payload`.
-/// Returns the lengths of the topic and the device id as written (cut at 64 KiB).
+/// Appends the row to `out` (which has room for [`outbox_len`] bytes, or grows) and
+/// returns the lengths of the topic and the device id as written (cut at 64 KiB).
 pub fn encode_outbox(
-    out: &mut Vec<u8>,
+    out: &mut impl BufMut,
     received_at: Millis,
     format: Format,
     topic: &str,
     device: &str,
     payload: &[u8],
 ) -> (u16, u16) {
-    out.clear();
-    out.reserve(OUTBOX_TOPIC_AT + 2 + topic.len() + device.len() + payload.len());
-    out.extend_from_slice(&received_at.to_le_bytes());
-    out.push(format_to_u8(format));
+    out.put_i64_le(received_at);
+    out.put_u8(format_to_u8(format));
     let topic_len = put_str(out, topic);
     let device_len = put_str(out, device);
-    out.extend_from_slice(payload);
+    out.put_slice(payload);
     (topic_len, device_len)
+}
+
+/// The size of an outbox row ([`encode_outbox`]); more than it when the topic or device
+/// id is cut.
+pub fn outbox_len(topic: &str, device: &str, payload: &[u8]) -> usize {
+    OUTBOX_TOPIC_AT + 2 + topic.len() + device.len() + payload.len()
 }
 
 /// The fields of an encoded outbox row before its payload, borrowed from the row bytes
