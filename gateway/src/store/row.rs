@@ -2,13 +2,13 @@
 //!
 //! A reading is encoded into its row (`tables::encode_outbox`) when it is accepted, into
 //! a chunk it shares with the rows decoded before and after it ([`Row::encode_in`]; other
-//! rows get an allocation of their own size, [`Row::encode`]). The same bytes are then what the group's journal record
-//! copies, what the store holds in memory until the next checkpoint (`fresh.rs`), what
-//! the forwarder reads from the store's tail (`tail.rs`) and, sliced, the payload it hands
-//! to the upstream client: clones of one [`Bytes`], not copies. Before, a reading's
-//! device id and payload were copied into the entry, the encoded row copied into the held
-//! map, and the entry's fields moved on to the forwarder: three allocations and two copies
-//! of the payload more per reading.
+//! rows get an allocation of their own size, [`Row::encode`]). The same bytes are then
+//! what the group's journal record copies, what the store holds in memory until the next
+//! checkpoint (`fresh.rs`), what the forwarder reads from the store's tail (`tail.rs`)
+//! and, sliced, the payload it hands to the upstream client: clones of one [`Bytes`], not
+//! copies. Before, a reading's device id and payload were copied into the entry, the
+//! encoded row copied into the held map, and the entry's fields moved on to the
+//! forwarder: three allocations and two copies of the payload more per reading.
 //!
 //! Invariants:
 //! - `bytes` is a well-formed row: a `Row` is made only by [`Row::encode`] or
