@@ -48,15 +48,8 @@ impl Row {
         payload: &[u8],
     ) -> Row {
         let mut out = Vec::with_capacity(tables::outbox_len(topic, device, payload));
-        let (topic_len, device_len) =
-            tables::encode_outbox(&mut out, received_at, format, topic, device, payload);
-        Row {
-            bytes: Bytes::from(out),
-            received_at,
-            format,
-            topic_len,
-            device_len,
-        }
+        let lens = tables::encode_outbox(&mut out, received_at, format, topic, device, payload);
+        Row::written(Bytes::from(out), received_at, format, lens)
     }
 
     /// [`Row::encode`], written into `buf` (which the caller keeps between rows) and
@@ -78,29 +71,29 @@ impl Row {
         if buf.capacity() < len {
             buf.reserve(len.max(ROW_CHUNK));
         }
-        let (topic_len, device_len) =
-            tables::encode_outbox(buf, received_at, format, topic, device, payload);
-        Row {
-            bytes: buf.split().freeze(),
-            received_at,
-            format,
-            topic_len,
-            device_len,
-        }
+        let lens = tables::encode_outbox(buf, received_at, format, topic, device, payload);
+        Row::written(buf.split().freeze(), received_at, format, lens)
     }
 
     /// A row read back as bytes; `None` when they are not a well-formed row.
     pub fn decode(bytes: Bytes) -> Option<Row> {
         let f = tables::decode_outbox(&bytes)?;
         let (received_at, format) = (f.received_at, f.format);
-        let (topic_len, device_len) = (f.topic.len() as u16, f.device.len() as u16);
-        Some(Row {
+        let lens = (f.topic.len() as u16, f.device.len() as u16);
+        Some(Row::written(bytes, received_at, format, lens))
+    }
+
+    /// A row whose `bytes` hold a well-formed row with a topic and device id of `lens`
+    /// bytes, both UTF-8 (the three constructors above make sure of it).
+    fn written(bytes: Bytes, received_at: Millis, format: Format, lens: (u16, u16)) -> Row {
+        let (topic_len, device_len) = lens;
+        Row {
             bytes,
             received_at,
             format,
             topic_len,
             device_len,
-        })
+        }
     }
 
     pub fn received_at(&self) -> Millis {
