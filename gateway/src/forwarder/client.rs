@@ -254,7 +254,7 @@ impl Connection {
                     o.set_transport(t);
                 }
                 let (client, eventloop) = v5::AsyncClient::new(o, capacity);
-                let pump = tokio::spawn(pump_v5(eventloop, client.clone(), tx));
+                let pump = tokio::spawn(pump((eventloop, client.clone()), tx));
                 (Client::V5(client), pump)
             }
             UpstreamProtocol::V311 => {
@@ -277,7 +277,7 @@ impl Connection {
                 eventloop
                     .network_options
                     .set_connection_timeout(CONNECT_TIMEOUT_SECS);
-                let pump = tokio::spawn(pump_311(eventloop, client.clone(), tx));
+                let pump = tokio::spawn(pump((eventloop, client.clone()), tx));
                 (Client::V311(client), pump)
             }
         };
@@ -303,33 +303,70 @@ fn qos_311(qos: QoS) -> rumqttc::QoS {
     }
 }
 
-/// Polls an MQTT 5 event loop and hands every event over, a poll's events at a time,
-/// until the first error (which ends the connection: the next attempt gets a new event
-/// loop).
-async fn pump_v5(
-    mut eventloop: v5::EventLoop,
-    client: v5::AsyncClient,
-    events: mpsc::Sender<PumpBatch>,
-) {
+/// An event loop of either MQTT version as the pump polls it: events already turned into
+/// [`Wire`] events.
+trait Polled {
+    /// The next event; an error ends the connection.
+    async fn next(&mut self) -> Result<Wire, WireError>;
+    /// The events the last poll left buffered, in the order the next polls would have
+    /// returned them.
+    fn buffered(&mut self) -> impl Iterator<Item = Wire> + '_;
+}
+
+impl Polled for (v5::EventLoop, v5::AsyncClient) {
+    async fn next(&mut self) -> Result<Wire, WireError> {
+        match self.0.poll().await {
+            Ok(ev) => Ok(wire_v5(&self.1, ev)),
+            Err(e) => Err(WireError {
+                tls: matches!(e, v5::ConnectionError::Tls(_)),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    fn buffered(&mut self) -> impl Iterator<Item = Wire> + '_ {
+        let (eventloop, client) = self;
+        eventloop
+            .state
+            .events
+            .drain(..)
+            .map(|ev| wire_v5(client, ev))
+    }
+}
+
+impl Polled for (rumqttc::EventLoop, rumqttc::AsyncClient) {
+    async fn next(&mut self) -> Result<Wire, WireError> {
+        match self.0.poll().await {
+            Ok(ev) => Ok(wire_311(&self.1, ev)),
+            Err(e) => Err(WireError {
+                tls: matches!(e, rumqttc::ConnectionError::Tls(_)),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    fn buffered(&mut self) -> impl Iterator<Item = Wire> + '_ {
+        let (eventloop, client) = self;
+        eventloop
+            .state
+            .events
+            .drain(..)
+            .map(|ev| wire_311(client, ev))
+    }
+}
+
+/// Polls an event loop and hands every event over, a poll's events at a time, until the
+/// first error (which ends the connection: the next attempt gets a new event loop).
+async fn pump(mut eventloop: impl Polled, events: mpsc::Sender<PumpBatch>) {
     loop {
         let mut batch = PumpBatch::new();
-        let failed = match eventloop.poll().await {
-            Ok(ev) => {
-                batch.push(Ok(wire_v5(&client, ev)));
-                // What the same poll left buffered goes with it; the next poll would
-                // have returned these first, in this order.
-                let buffered = eventloop.state.events.drain(..);
-                batch.extend(buffered.map(|ev| Ok(wire_v5(&client, ev))));
-                false
-            }
-            Err(e) => {
-                batch.push(Err(WireError {
-                    tls: matches!(e, v5::ConnectionError::Tls(_)),
-                    message: e.to_string(),
-                }));
-                true
-            }
-        };
+        let ev = eventloop.next().await;
+        let failed = ev.is_err();
+        batch.push(ev);
+        if !failed {
+            // What the same poll left buffered goes with it.
+            batch.extend(eventloop.buffered().map(Ok));
+        }
         if events.send(batch).await.is_err() || failed {
             return;
         }
@@ -351,35 +388,6 @@ fn wire_v5(client: &v5::AsyncClient, ev: v5::Event) -> Wire {
             },
         },
         _ => Wire::Other,
-    }
-}
-
-/// [`pump_v5`] for an MQTT 3.1.1 event loop.
-async fn pump_311(
-    mut eventloop: rumqttc::EventLoop,
-    client: rumqttc::AsyncClient,
-    events: mpsc::Sender<PumpBatch>,
-) {
-    loop {
-        let mut batch = PumpBatch::new();
-        let failed = match eventloop.poll().await {
-            Ok(ev) => {
-                batch.push(Ok(wire_311(&client, ev)));
-                let buffered = eventloop.state.events.drain(..);
-                batch.extend(buffered.map(|ev| Ok(wire_311(&client, ev))));
-                false
-            }
-            Err(e) => {
-                batch.push(Err(WireError {
-                    tls: matches!(e, rumqttc::ConnectionError::Tls(_)),
-                    message: e.to_string(),
-                }));
-                true
-            }
-        };
-        if events.send(batch).await.is_err() || failed {
-            return;
-        }
     }
 }
 
