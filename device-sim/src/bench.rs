@@ -104,7 +104,8 @@ pub struct BenchReport {
     pub received: u64,
     /// Distinct published readings delivered.
     pub delivered: u64,
-    /// Published readings never delivered.
+    /// Published readings not delivered when the wait ended (see `wait`: a wait that
+    /// ran out while readings still arrived leaves a backlog, not necessarily a loss).
     pub lost: u64,
     /// Repeats of readings already delivered.
     pub duplicated: u64,
@@ -116,6 +117,33 @@ pub struct BenchReport {
     pub delivered_rate: f64,
     pub latency_ms: Latency,
     pub processes: Vec<ProcessUsage>,
+    /// How the wait for stragglers after publishing ended (`None` in reports written
+    /// before it was recorded).
+    #[serde(default)]
+    pub wait: Option<Wait>,
+}
+
+/// The wait for stragglers after the fleet stopped publishing.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Wait {
+    /// Seconds from the end of publishing to the end of the wait.
+    pub secs: f64,
+    pub end: WaitEnd,
+}
+
+/// Why the wait for stragglers ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitEnd {
+    /// Every published reading had arrived.
+    AllDelivered,
+    /// Nothing new arrived for [`UpstreamConfig::settle`].
+    Quiet,
+    /// [`UpstreamConfig::max_wait`] ran out while readings were still arriving: what
+    /// is missing may still be on its way (an edge draining a backlog).
+    MaxWait,
+    /// The run was cancelled.
+    Stopped,
 }
 
 /// Counts what a subscriber receives.
@@ -340,7 +368,7 @@ pub async fn run_until(
     let expected = summary.readings_total();
     let waiting_since = Instant::now();
     let give_up = waiting_since + upstream.max_wait;
-    loop {
+    let end = loop {
         let (unique, last_rx) = {
             let t = tally.lock().expect("tally lock");
             (t.unique(), t.last_rx)
@@ -350,11 +378,24 @@ pub async fn run_until(
             .max(waiting_since)
             .elapsed()
             >= upstream.settle;
-        if unique >= expected || quiet || Instant::now() >= give_up || shutdown.is_cancelled() {
-            break;
+        if unique >= expected {
+            break WaitEnd::AllDelivered;
+        }
+        if quiet {
+            break WaitEnd::Quiet;
+        }
+        if Instant::now() >= give_up {
+            break WaitEnd::MaxWait;
+        }
+        if shutdown.is_cancelled() {
+            break WaitEnd::Stopped;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    let wait = Wait {
+        secs: waiting_since.elapsed().as_secs_f64(),
+        end,
+    };
     let processes = samples
         .iter()
         .filter_map(|(w, s)| w.usage_since(s))
@@ -384,6 +425,7 @@ pub async fn run_until(
         latency_ms: tally.latency(),
         processes,
         fleet: summary,
+        wait: Some(wait),
     };
     info!(
         delivered = report.delivered,

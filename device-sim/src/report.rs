@@ -8,7 +8,7 @@
 
 use std::fmt::Write;
 
-use crate::bench::BenchReport;
+use crate::bench::{BenchReport, WaitEnd};
 use crate::fleet::Summary;
 
 fn mb(kb: u64) -> f64 {
@@ -60,6 +60,17 @@ pub fn bench(r: &BenchReport) -> String {
         "  upstream [{}]: messages {}, readings received {}, delivered {}, lost {}, duplicated {}, unexpected {}, undecodable {}",
         r.label, r.upstream_messages, r.received, r.delivered, r.lost, r.duplicated, r.unexpected, r.undecodable
     );
+    if let Some(w) = &r.wait {
+        let how = match w.end {
+            WaitEnd::AllDelivered => "every reading had arrived",
+            WaitEnd::Quiet => "nothing new arrived for --settle",
+            WaitEnd::MaxWait => {
+                "--max-wait ran out with readings still arriving: the missing ones may be a backlog, not a loss"
+            }
+            WaitEnd::Stopped => "stopped",
+        };
+        let _ = writeln!(out, "  waited {:.1} s after publishing: {how}", w.secs);
+    }
     let _ = writeln!(
         out,
         "  delivered {:.0}/s; latency ms: p50 {} p90 {} p99 {} max {} (mean {:.1})",

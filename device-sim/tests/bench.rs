@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use device_sim::bench::WaitEnd;
 use device_sim::stats::Watch;
 use device_sim::{FleetConfig, Rate, UpstreamConfig};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
@@ -50,6 +51,14 @@ async fn clean_path_delivers_everything_once() {
     let l = r.latency_ms;
     assert!(l.p50 <= l.p90 && l.p90 <= l.p99 && l.p99 <= l.max, "{l:?}");
     assert!(r.delivered_rate > 0.0);
+    let wait = r.wait.expect("the wait is recorded");
+    assert_eq!(wait.end, WaitEnd::AllDelivered);
+    assert!(wait.secs < 10.0, "{wait:?}");
+    let text = device_sim::report::bench(&r);
+    assert!(
+        text.contains("after publishing: every reading had arrived"),
+        "{text}"
+    );
     let p = &r.processes[0];
     assert_eq!((p.name.as_str(), p.pid), ("mosquitto", mosquitto.pid()));
     assert!(p.rss_kb > 0 && p.peak_rss_kb >= p.rss_kb);
@@ -60,9 +69,11 @@ async fn clean_path_delivers_everything_once() {
 }
 
 /// Republishes `devices/#` to `bench/devices/#`, dropping every 10th message
-/// and sending every 7th twice; returns (forwarded, dropped, doubled) counts.
+/// and sending every 7th twice, each `delay` after the one before; returns
+/// (forwarded, dropped, doubled) counts.
 async fn lossy_forwarder(
     broker: String,
+    delay: Duration,
     ready: tokio::sync::oneshot::Sender<()>,
     stop: tokio_util::sync::CancellationToken,
 ) -> (u64, u64, u64) {
@@ -85,6 +96,7 @@ async fn lossy_forwarder(
                 let _ = ready.take().map(|r| r.send(()));
             }
             Event::Incoming(Incoming::Publish(p)) => {
+                tokio::time::sleep(delay).await;
                 n += 1;
                 if n % 10 == 0 {
                     dropped += 1;
@@ -116,7 +128,12 @@ async fn loss_and_duplicates_are_counted_exactly() {
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let forwarder = tokio::spawn(lossy_forwarder(mosquitto.addr(), ready_tx, stop.clone()));
+    let forwarder = tokio::spawn(lossy_forwarder(
+        mosquitto.addr(),
+        Duration::ZERO,
+        ready_tx,
+        stop.clone(),
+    ));
     tokio::time::timeout(Duration::from_secs(5), ready_rx)
         .await
         .unwrap()
@@ -140,4 +157,47 @@ async fn loss_and_duplicates_are_counted_exactly() {
     assert_eq!(r.delivered, 200 - dropped);
     assert_eq!(r.received, 200 - dropped + doubled);
     assert_eq!(r.unexpected, 0);
+    // The dropped ones never come: the wait ends when nothing new arrived for `settle`.
+    let wait = r.wait.expect("the wait is recorded");
+    assert_eq!(wait.end, WaitEnd::Quiet);
+    assert!(wait.secs >= 1.0 && wait.secs < 10.0, "{wait:?}");
+}
+
+/// An edge still draining when the wait runs out: the report says the missing readings
+/// were still arriving (a backlog), which a quiet end does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_that_runs_out_while_readings_arrive_says_so() {
+    let Some(mosquitto) = Mosquitto::start() else {
+        return;
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    // 200 readings at one per 20 ms take 4 s to come through; the wait gives up after 1 s
+    // while they still arrive every 20 ms (well inside `settle`).
+    let forwarder = tokio::spawn(lossy_forwarder(
+        mosquitto.addr(),
+        Duration::from_millis(20),
+        ready_tx,
+        stop.clone(),
+    ));
+    tokio::time::timeout(Duration::from_secs(5), ready_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut up = upstream(&mosquitto.addr(), "bench/devices/#");
+    up.max_wait = Duration::from_secs(1);
+    let r = device_sim::bench::run(fleet(&mosquitto.addr(), 5, 200), up)
+        .await
+        .unwrap();
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), forwarder).await;
+    let wait = r.wait.expect("the wait is recorded");
+    assert_eq!(wait.end, WaitEnd::MaxWait, "{r:?}");
+    assert!(wait.secs >= 1.0 && wait.secs < 3.0, "{wait:?}");
+    assert!(r.lost > 0 && r.delivered > 0, "{r:?}");
+    let text = device_sim::report::bench(&r);
+    assert!(
+        text.contains("--max-wait ran out with readings still arriving"),
+        "{text}"
+    );
 }
