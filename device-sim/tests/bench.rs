@@ -133,23 +133,30 @@ async fn lossy_forwarder(
     (n, dropped, doubled)
 }
 
+/// [`lossy_forwarder`] on `broker`, subscribed; cancel the token to stop it.
+async fn start_lossy_forwarder(
+    broker: String,
+    delay: Duration,
+) -> (
+    tokio::task::JoinHandle<(u64, u64, u64)>,
+    tokio_util::sync::CancellationToken,
+) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let forwarder = tokio::spawn(lossy_forwarder(broker, delay, ready_tx, stop.clone()));
+    tokio::time::timeout(Duration::from_secs(5), ready_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    (forwarder, stop)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loss_and_duplicates_are_counted_exactly() {
     let Some(mosquitto) = Mosquitto::start() else {
         return;
     };
-    let stop = tokio_util::sync::CancellationToken::new();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let forwarder = tokio::spawn(lossy_forwarder(
-        mosquitto.addr(),
-        Duration::ZERO,
-        ready_tx,
-        stop.clone(),
-    ));
-    tokio::time::timeout(Duration::from_secs(5), ready_rx)
-        .await
-        .unwrap()
-        .unwrap();
+    let (forwarder, stop) = start_lossy_forwarder(mosquitto.addr(), Duration::ZERO).await;
     let r = device_sim::bench::run(
         fleet(&mosquitto.addr(), 5, 200),
         upstream(&mosquitto.addr(), "bench/devices/#"),
@@ -182,20 +189,10 @@ async fn a_wait_that_runs_out_while_readings_arrive_says_so() {
     let Some(mosquitto) = Mosquitto::start() else {
         return;
     };
-    let stop = tokio_util::sync::CancellationToken::new();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     // 200 readings at one per 20 ms take 4 s to come through; the wait gives up after
     // 1.5 s while they still arrive every 20 ms (well inside `settle`, 1 s).
-    let forwarder = tokio::spawn(lossy_forwarder(
-        mosquitto.addr(),
-        Duration::from_millis(20),
-        ready_tx,
-        stop.clone(),
-    ));
-    tokio::time::timeout(Duration::from_secs(5), ready_rx)
-        .await
-        .unwrap()
-        .unwrap();
+    let (forwarder, stop) =
+        start_lossy_forwarder(mosquitto.addr(), Duration::from_millis(20)).await;
     let mut up = upstream(&mosquitto.addr(), "bench/devices/#");
     up.max_wait = Duration::from_millis(1500);
     let r = device_sim::bench::run(fleet(&mosquitto.addr(), 5, 200), up)
