@@ -38,7 +38,7 @@ use crate::devices::Devices;
 use crate::ingest::{Ingested, Intake, Next, RawMessage};
 use crate::reading::Reading;
 use crate::rules::{RulesLoop, RulesStage};
-use crate::store::{DeadLetter, Feed, Lane, OutboxEntry, Row, StoreHandle};
+use crate::store::{DeadLetter, Feed, OutboxEntry, StoreHandle};
 
 /// Least time between two log lines about dead letters (and about unrouted topics).
 pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
@@ -99,7 +99,7 @@ struct Decoding {
     decoded: Vec<Reading>,
     /// The readings of earlier messages, for reuse.
     spare: Spare,
-    /// Where the outbox rows of the readings are encoded ([`Row::encode_in`]).
+    /// Where the outbox rows of the readings are encoded ([`OutboxEntry::reading_in`]).
     rows: BytesMut,
     dead: Warning,
     unrouted: Warning,
@@ -266,11 +266,8 @@ impl DecodeStage {
                 self.devices.observe(readings, received_at);
                 if self.forward_readings {
                     let device = &readings[0].device;
-                    let row = Row::encode_in(rows, received_at, format, topic, device, payload);
-                    let entry = OutboxEntry {
-                        lane: Lane::Reading,
-                        row,
-                    };
+                    let entry =
+                        OutboxEntry::reading_in(rows, topic, device, payload, format, received_at);
                     self.store.append_acked(entry, receipt);
                 } else if let Some(receipt) = receipt {
                     self.store.release(receipt);

@@ -324,6 +324,22 @@ impl OutboxEntry {
         }
     }
 
+    /// [`OutboxEntry::reading`], its row written into `rows`, which the caller keeps
+    /// between readings ([`Row::encode_in`]).
+    pub fn reading_in(
+        rows: &mut bytes::BytesMut,
+        topic: &str,
+        device: &str,
+        payload: &[u8],
+        format: Format,
+        received_at: Millis,
+    ) -> Self {
+        OutboxEntry {
+            lane: Lane::Reading,
+            row: Row::encode_in(rows, received_at, format, topic, device, payload),
+        }
+    }
+
     /// An event (a CloudEvents JSON envelope), forwarded to `events/{type}/{device}`.
     pub fn event(event_type: &str, device: &str, json: &[u8], time: Millis) -> Self {
         let topic = format!("events/{event_type}/{device}");
