@@ -283,11 +283,29 @@ impl MqttState {
             if let Some(max_inflight) = props.receive_max {
                 self.max_outgoing_inflight =
                     max_inflight.min(self.max_outgoing_inflight_upper_limit);
-                // FIXME: Maybe resize the pubrec and pubrel queues here
-                // to save some space.
+                // PATCH(gateway): the table of publishes in flight follows the window.
+                self.fit_outgoing_pub();
             }
         }
         Ok(None)
+    }
+
+    /// PATCH(gateway): sizes the table of publishes in flight (one slot per packet id,
+    /// index 0 unused) for the window the broker allows: a client built for 2,000 in
+    /// flight keeps 21 slots of 248 bytes, not 2,001 (about 500 KB), against a broker
+    /// whose Receive Maximum is 20. It grows again (up to the upper limit) when a later
+    /// CONNACK allows more; it shrinks only while the slots it would drop are empty and
+    /// the next packet id is below the new window.
+    fn fit_outgoing_pub(&mut self) {
+        let len = usize::from(self.max_outgoing_inflight) + 1;
+        if len > self.outgoing_pub.len() {
+            self.outgoing_pub.resize(len, None);
+        } else if self.last_pkid < self.max_outgoing_inflight
+            && self.outgoing_pub[len..].iter().all(Option::is_none)
+        {
+            self.outgoing_pub.truncate(len);
+            self.outgoing_pub.shrink_to_fit();
+        }
     }
 
     fn handle_incoming_disconn(
@@ -771,6 +789,67 @@ mod test {
             "{requests:?}"
         );
         assert!(mqtt.outgoing_pub.iter().all(Option::is_none));
+    }
+
+    // PATCH(gateway): `fit_outgoing_pub`.
+    #[test]
+    fn the_table_of_publishes_in_flight_follows_the_receive_maximum() {
+        let connack = |receive_max| {
+            let props = ConnAckProperties {
+                session_expiry_interval: None,
+                receive_max: Some(receive_max),
+                max_qos: None,
+                retain_available: None,
+                max_packet_size: None,
+                assigned_client_identifier: None,
+                topic_alias_max: None,
+                reason_string: None,
+                user_properties: Vec::new(),
+                wildcard_subscription_available: None,
+                subscription_identifiers_available: None,
+                shared_subscription_available: None,
+                server_keep_alive: None,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            };
+            ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::Success,
+                properties: Some(props),
+            }
+        };
+        let mut mqtt = MqttState::new(2000, false);
+        assert_eq!(mqtt.outgoing_pub.len(), 2001);
+        mqtt.handle_incoming_connack(&mut connack(20)).unwrap();
+        assert_eq!((mqtt.max_outgoing_inflight, mqtt.outgoing_pub.len()), (20, 21));
+        // Packet ids wrap at the window, within the table.
+        for i in 1..=20 {
+            let Some(Packet::Publish(p)) = mqtt
+                .outgoing_publish(build_outgoing_publish(QoS::AtLeastOnce))
+                .unwrap()
+            else {
+                panic!("publish {i} not sent");
+            };
+            assert_eq!(p.pkid, i);
+        }
+        assert_eq!(mqtt.inflight, 20);
+        // A broker that allows more later: the table grows, never past the upper limit.
+        mqtt.handle_incoming_connack(&mut connack(u16::MAX)).unwrap();
+        assert_eq!((mqtt.max_outgoing_inflight, mqtt.outgoing_pub.len()), (2000, 2001));
+        // Publishes in flight beyond a smaller window keep their slots.
+        for pkid in 1..=20 {
+            mqtt.handle_incoming_puback(&PubAck::new(pkid, None)).unwrap();
+        }
+        for _ in 0..30 {
+            mqtt.outgoing_publish(build_outgoing_publish(QoS::AtLeastOnce))
+                .unwrap();
+        }
+        assert!(mqtt.outgoing_pub[30].is_some());
+        mqtt.handle_incoming_connack(&mut connack(10)).unwrap();
+        assert_eq!(mqtt.outgoing_pub.len(), 2001);
+        assert!(mqtt.outgoing_pub[30].is_some());
     }
 
     #[test]
