@@ -6,7 +6,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use gateway::config::{Config, UpstreamUrl};
+use gateway::config::{Config, UpstreamInflight, UpstreamUrl};
 use gateway::forwarder::{Forwarder, ForwarderConfig};
 use gateway::reading::{now_millis, Format};
 use gateway::store::{OutboxEntry, Store, StoreConfig};
@@ -30,7 +30,7 @@ async fn drain_child() {
     config.upstream.url = Some(UpstreamUrl::mqtt("127.0.0.1", port).into());
     config.upstream.client_id = "gw-crash".into();
     config.upstream.topic_prefix = "up".into();
-    config.upstream.max_inflight = MAX_INFLIGHT as u16;
+    config.upstream.max_inflight = UpstreamInflight::Fixed(MAX_INFLIGHT as u16);
     config.upstream.backoff_min = Duration::from_millis(20);
     let store = Store::open(path.as_ref(), StoreConfig::from_config(&config)).unwrap();
     let cfg = ForwarderConfig {

@@ -144,7 +144,7 @@ async fn upstream_down_while_readings_arrive_then_up_all_arrive_in_order() {
     let proxy = Proxy::start(broker, false).await;
     let collector = Collector::start(broker, "up/gw1/#").await;
     let cfg = config(proxy.port);
-    let max_inflight = cfg.max_inflight;
+    let max_inflight = cfg.max_window();
     let run = start(cfg);
 
     let n = 50_000u64;
@@ -187,7 +187,7 @@ async fn upstream_outages_under_load_lose_nothing() {
     let proxy = Proxy::start(broker, true).await;
     let collector = Collector::start(broker, "up/gw1/#").await;
     let cfg = config(proxy.port);
-    let max_inflight = cfg.max_inflight;
+    let max_inflight = cfg.max_window();
     let run = start(cfg);
 
     let (producer, stop) = produce(run.store.clone(), 3);
@@ -246,7 +246,7 @@ async fn a_failover_list_moves_to_the_next_url_round_robin_and_loses_nothing() {
         urls: UpstreamUrls::new(urls).unwrap(),
         ..config(nodes[0].port)
     };
-    let max_inflight = cfg.max_inflight;
+    let max_inflight = cfg.max_window();
     let run = start(cfg);
     let (producer, stop) = produce(run.store.clone(), 2);
 
@@ -392,7 +392,7 @@ async fn mosquitto_restarted_repeatedly_under_load_loses_nothing() {
     };
     let collector = Collector::start(mosquitto.port, "up/gw1/#").await;
     let cfg = config(mosquitto.port);
-    let max_inflight = cfg.max_inflight;
+    let max_inflight = cfg.max_window();
     let run = start(cfg);
     let (producer, stop) = produce(run.store.clone(), 2);
     // `GATEWAY_LONG_TESTS=1`: a restart every second for 30 s.
@@ -450,4 +450,72 @@ async fn replay_rate_limit_paces_the_backlog_and_qos0_deletes_on_send() {
     check_delivery(&received, n as usize, device_of);
     assert_eq!(ForwarderStats::get(&run.stats.rows_acked), n);
     run.stop().await;
+}
+
+/// The window follows the upstream broker: `upstream.max_inflight = "auto"` over MQTT 5
+/// takes the Receive Maximum a Mosquitto announces (its `max_inflight_messages`), and the
+/// ceiling when it announces none; a number is a ceiling under the broker's; over 3.1.1,
+/// where brokers announce nothing, "auto" is the fixed default. Every reading arrives
+/// through each window, with no connection lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_window_is_what_the_upstream_broker_takes() {
+    use gateway::config::{UpstreamInflight, UpstreamProtocol};
+    use gateway::forwarder::{AUTO_INFLIGHT_V311, AUTO_INFLIGHT_V5};
+    let Some(limited) = Mosquitto::start_with("max_inflight_messages 7\n") else {
+        return;
+    };
+    let Some(open) = Mosquitto::start() else {
+        return;
+    };
+    let auto = UpstreamInflight::Auto;
+    let cases = [
+        (&limited, auto, UpstreamProtocol::V5, 7),
+        (&open, auto, UpstreamProtocol::V5, AUTO_INFLIGHT_V5),
+        (
+            &limited,
+            UpstreamInflight::Fixed(5),
+            UpstreamProtocol::V5,
+            5,
+        ),
+        (
+            &limited,
+            UpstreamInflight::Fixed(50),
+            UpstreamProtocol::V5,
+            7,
+        ),
+        (
+            &open,
+            UpstreamInflight::Fixed(300),
+            UpstreamProtocol::V5,
+            300,
+        ),
+        (&limited, auto, UpstreamProtocol::V311, AUTO_INFLIGHT_V311),
+    ];
+    for (broker, inflight, protocol, window) in cases {
+        let case = format!("{inflight} over {protocol} to a broker on {}", broker.port);
+        let collector = Collector::start(broker.port, "up/gw1/#").await;
+        let mut cfg = config(broker.port);
+        cfg.max_inflight = inflight;
+        cfg.protocol = protocol;
+        let run = start(cfg);
+        let n = 500;
+        for i in 0..n {
+            assert!(run.store.append(reading(i)), "store queue full");
+        }
+        run.wait_drained(Duration::from_secs(30)).await;
+        assert_eq!(ForwarderStats::get(&run.stats.rows_acked), n, "{case}");
+        assert_eq!(run.stats.window(), window, "{case}");
+        assert_eq!(
+            ForwarderStats::get(&run.stats.connection_failures),
+            0,
+            "{case}"
+        );
+        // Over 3.1.1 the id is in an envelope, not a property the collector reads.
+        if protocol == UpstreamProtocol::V5 {
+            run.wait_delivered(&collector, n as usize, Duration::from_secs(10))
+                .await;
+            check_delivery(&collector.snapshot(), n as usize, device_of);
+        }
+        run.stop().await;
+    }
 }

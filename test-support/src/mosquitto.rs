@@ -33,6 +33,13 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Mosquitto with one plaintext listener; `None` when the test should be skipped.
     pub fn start() -> Option<Mosquitto> {
+        Mosquitto::start_with("")
+    }
+
+    /// [`Mosquitto::start`] with `extra` lines of configuration after the usual ones
+    /// (a setting given twice takes its last value), e.g. `"max_inflight_messages 7\n"`
+    /// for a broker that announces a Receive Maximum of 7 to MQTT 5 clients.
+    pub fn start_with(extra: &str) -> Option<Mosquitto> {
         if !available() {
             return None;
         }
@@ -43,7 +50,7 @@ impl Mosquitto {
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
                  persistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 0\n\
-                 log_dest none\n",
+                 log_dest none\n{extra}",
                 dir.path().display()
             ),
         )

@@ -178,6 +178,11 @@ async fn metrics_pass_promtool_and_the_backlog_rises_while_upstream_is_down_then
         },
     );
     assert_eq!(sample(&first, "gateway_upstream_connected"), 0.0);
+    assert_eq!(
+        sample(&first, "gateway_upstream_window"),
+        0.0,
+        "not connected yet"
+    );
     assert!(sample(&first, "gateway_outbox_bytes{lane=\"readings\"}") > 0.0);
     let age = |s: &HashMap<String, f64>| {
         sample(s, "gateway_outbox_oldest_age_seconds{lane=\"readings\"}")
@@ -238,6 +243,10 @@ async fn metrics_pass_promtool_and_the_backlog_rises_while_upstream_is_down_then
         );
     }
     assert_eq!(sample(&drained, "gateway_upstream_connected"), 1.0);
+    if mosquitto.is_some() {
+        // "auto" against a broker that announces no Receive Maximum: the MQTT 5 ceiling.
+        assert_eq!(sample(&drained, "gateway_upstream_window"), 2000.0);
+    }
     // At least once: a row acked twice after a reconnect would count twice.
     assert!(
         sample(

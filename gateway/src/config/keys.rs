@@ -59,7 +59,7 @@ pub const KEYS: &[(&str, DefaultValue)] = &[
     ("upstream.keep_alive", DefaultValue::Str("30s")),
     ("upstream.qos", DefaultValue::Int(1)),
     ("upstream.forward_readings", DefaultValue::Bool(true)),
-    ("upstream.max_inflight", DefaultValue::Int(100)),
+    ("upstream.max_inflight", DefaultValue::Str("auto")),
     ("upstream.max_packet_bytes", DefaultValue::Int(1024 * 1024)),
     ("upstream.rate_limit", DefaultValue::Int(0)),
     ("upstream.batch_max_messages", DefaultValue::Int(1)),

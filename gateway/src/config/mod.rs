@@ -29,8 +29,8 @@ use reader::{Provenance, Reader};
 pub use keys::{DefaultValue, KEYS};
 pub use sections::{
     AuthSection, BrokerSection, BrokerTls, DownlinkSection, GatewaySection, HttpSection,
-    IngestSection, LogSection, RulesSection, StorageSection, UpstreamProtocol, UpstreamSection,
-    UpstreamTls, UpstreamUrl, UpstreamUrls,
+    IngestSection, LogSection, RulesSection, StorageSection, UpstreamInflight, UpstreamProtocol,
+    UpstreamSection, UpstreamTls, UpstreamUrl, UpstreamUrls,
 };
 
 /// The file read when `--config` is not given; a missing default file is not an error.

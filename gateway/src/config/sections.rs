@@ -141,7 +141,7 @@ pub struct UpstreamSection {
     pub keep_alive: Duration,
     pub qos: u8,
     pub forward_readings: bool,
-    pub max_inflight: u16,
+    pub max_inflight: UpstreamInflight,
     pub max_packet_bytes: usize,
     pub rate_limit: u32,
     pub batch_max_messages: usize,
@@ -268,6 +268,27 @@ impl fmt::Display for UpstreamProtocol {
             UpstreamProtocol::V5 => "5",
             UpstreamProtocol::V311 => "3.1.1",
         })
+    }
+}
+
+/// `upstream.max_inflight`: how many upstream publishes may await their PUBACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamInflight {
+    /// `"auto"`, the default: as many as the upstream broker takes. Over MQTT 5 that is
+    /// the Receive Maximum of its CONNACK, up to a ceiling; MQTT 3.1.1 has no way to say
+    /// it, so a fixed window (the forwarder's `AUTO_INFLIGHT_*` constants).
+    Auto,
+    /// At most this many (1..=65535); over MQTT 5 also at most the broker's Receive
+    /// Maximum.
+    Fixed(u16),
+}
+
+impl fmt::Display for UpstreamInflight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamInflight::Auto => f.write_str("auto"),
+            UpstreamInflight::Fixed(n) => write!(f, "{n}"),
+        }
     }
 }
 

@@ -256,3 +256,36 @@ fn bad_upstream_url_lists_and_protocols_are_reported_clearly() {
         "{p}"
     );
 }
+
+#[test]
+fn the_upstream_window_is_auto_or_a_number_of_messages() {
+    assert_eq!(
+        Config::defaults().upstream.max_inflight,
+        UpstreamInflight::Auto
+    );
+    let inflight =
+        |toml: &str, env: &[(&str, &str)]| load(toml, env).unwrap().upstream.max_inflight;
+    assert_eq!(
+        inflight("[upstream]\nmax_inflight = 400\n", &[]),
+        UpstreamInflight::Fixed(400)
+    );
+    assert_eq!(
+        inflight("[upstream]\nmax_inflight = \"auto\"\n", &[]),
+        UpstreamInflight::Auto
+    );
+    assert_eq!(
+        inflight("", &[("GATEWAY__UPSTREAM__MAX_INFLIGHT", "65535")]),
+        UpstreamInflight::Fixed(u16::MAX)
+    );
+    for bad in ["0", "65536", "\"many\"", "-1"] {
+        let err = load(&format!("[upstream]\nmax_inflight = {bad}\n"), &[]).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        let shown = bad.trim_matches('"');
+        assert!(
+            err.0[0].starts_with(&format!(
+                "upstream.max_inflight: '{shown}': expected \"auto\" or a number of messages from 1 to 65535"
+            )),
+            "{err}"
+        );
+    }
+}

@@ -15,8 +15,8 @@ use config::ValueKind;
 use super::reader::Reader;
 use super::{
     AuthSection, BrokerSection, Config, ConfigErrors, DownlinkSection, GatewaySection, HttpSection,
-    IngestSection, LogSection, RulesSection, StorageSection, UpstreamProtocol, UpstreamSection,
-    UpstreamUrl, UpstreamUrls,
+    IngestSection, LogSection, RulesSection, StorageSection, UpstreamInflight, UpstreamProtocol,
+    UpstreamSection, UpstreamUrl, UpstreamUrls,
 };
 use crate::decode::{TopicPattern, TopicPatterns};
 use crate::downlink::CommandTopic;
@@ -275,9 +275,7 @@ impl Reader {
             keep_alive: self.duration("upstream.keep_alive").unwrap_or_default(),
             qos: self.uint("upstream.qos", 0, 1).unwrap_or(1) as u8,
             forward_readings: self.boolean("upstream.forward_readings").unwrap_or(true),
-            max_inflight: self
-                .uint("upstream.max_inflight", 1, u16::MAX as u64)
-                .unwrap_or(1) as u16,
+            max_inflight: self.upstream_inflight(),
             max_packet_bytes: self
                 .uint("upstream.max_packet_bytes", 1024, 256 << 20)
                 .unwrap_or(1024) as usize,
@@ -374,6 +372,26 @@ impl Reader {
                 self.problem(KEY, e);
                 None
             }
+        }
+    }
+
+    fn upstream_inflight(&mut self) -> UpstreamInflight {
+        let key = "upstream.max_inflight";
+        let Some(text) = self.string(key) else {
+            return UpstreamInflight::Auto;
+        };
+        match text.trim() {
+            "auto" => UpstreamInflight::Auto,
+            n => match n.parse::<u16>() {
+                Ok(n) if n > 0 => UpstreamInflight::Fixed(n),
+                _ => {
+                    self.problem(
+                        key,
+                        format!("'{n}': expected \"auto\" or a number of messages from 1 to 65535"),
+                    );
+                    UpstreamInflight::Auto
+                }
+            },
         }
     }
 

@@ -14,7 +14,8 @@
 //!
 //! Invariants:
 //! - Both versions connect alike: clean start, the same keep-alive, packet size limit,
-//!   inflight limit (`max_inflight + 1`, room for the presence message at a stop), 5 s
+//!   inflight limit (the largest window + 1, room for the presence message at a stop;
+//!   over MQTT 5 rumqttc lowers it to the broker's Receive Maximum), 5 s
 //!   connection timeout, credentials, TLS, and the presence last will.
 //! - MQTT 3.1.1 has no properties: [`Client::try_publish`] drops them, so the caller puts
 //!   what a consumer needs into the payload (`encode::envelope`) before publishing.
@@ -77,7 +78,11 @@ const CONNECT_TIMEOUT_SECS: u64 = 5;
 /// What the session needs of one event of either client.
 #[derive(Debug)]
 pub(super) enum Wire {
-    ConnAck,
+    /// The connection is up; over MQTT 5 with the broker's Receive Maximum, if it
+    /// announced one.
+    ConnAck {
+        receive_max: Option<u16>,
+    },
     /// A publish request was given its packet id (0 for QoS 0), in request order.
     Sent(u16),
     PubAck {
@@ -219,6 +224,9 @@ impl Client {
 pub(super) struct Connection {
     pub client: Client,
     pub events: Events,
+    /// Publishes allowed in flight: the largest window until the ConnAck says what the
+    /// broker takes ([`super::ForwarderConfig::window`]).
+    pub window: usize,
     pump: tokio::task::JoinHandle<()>,
 }
 
@@ -226,9 +234,10 @@ impl Connection {
     /// Starts connecting to `url` with the forwarder's settings.
     pub(super) fn open(fwd: &Forwarder, url: &UpstreamUrl) -> Connection {
         let cfg = &fwd.cfg;
-        let capacity = cfg.max_inflight + REQUEST_HEADROOM;
+        let window = cfg.max_window();
+        let capacity = window + REQUEST_HEADROOM;
         // One more than the rows' window: room for the presence message at a stop.
-        let inflight = (cfg.max_inflight + 1).min(u16::MAX as usize) as u16;
+        let inflight = (window + 1).min(u16::MAX as usize) as u16;
         let keep_alive = cfg.keep_alive.max(Duration::from_secs(1));
         let transport = fwd.tls.as_ref().map(|tls| {
             rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone()))
@@ -284,6 +293,7 @@ impl Connection {
         Connection {
             client,
             events: Events::new(events),
+            window,
             pump,
         }
     }
@@ -376,7 +386,9 @@ async fn pump(mut eventloop: impl Polled, events: mpsc::Sender<PumpBatch>) {
 /// What the session needs of an MQTT 5 event.
 fn wire_v5(client: &v5::AsyncClient, ev: v5::Event) -> Wire {
     match ev {
-        v5::Event::Incoming(Packet5::ConnAck(_)) => Wire::ConnAck,
+        v5::Event::Incoming(Packet5::ConnAck(ack)) => Wire::ConnAck {
+            receive_max: ack.properties.and_then(|p| p.receive_max),
+        },
         v5::Event::Incoming(Packet5::Publish(p)) => Wire::Command(command_v5(client, p)),
         v5::Event::Outgoing(Outgoing::Publish(pkid)) => Wire::Sent(pkid),
         v5::Event::Incoming(Packet5::PubAck(ack)) => Wire::PubAck {
@@ -394,7 +406,9 @@ fn wire_v5(client: &v5::AsyncClient, ev: v5::Event) -> Wire {
 /// What the session needs of an MQTT 3.1.1 event (its PUBACKs always accept).
 fn wire_311(client: &rumqttc::AsyncClient, ev: rumqttc::Event) -> Wire {
     match ev {
-        rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => Wire::ConnAck,
+        rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => {
+            Wire::ConnAck { receive_max: None }
+        }
         rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
             Wire::Command(command_311(client, p))
         }

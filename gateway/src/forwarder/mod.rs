@@ -32,11 +32,20 @@
 //! - PUBACKs are correlated through `Outgoing::Publish(pkid)`, which rumqttc emits in the
 //!   order of the requests: a FIFO of sent messages gets its packet id there.
 //! - At-least-once: a row is sent again only if its PUBACK was not received on the
-//!   connection it was sent on (the in-flight window, at most `max_inflight` messages).
+//!   connection it was sent on (the in-flight window: see "The window" below).
 //! - Order is kept per lane (so per device): one connection, publishes in seq order.
-//! - Repeats after a crash are bounded: `max_inflight` publishes plus at most
+//! - Repeats after a crash are bounded: the window's publishes plus at most
 //!   `max_uncommitted_acks` rows acked upstream whose deletion is not committed yet
 //!   (sending pauses at that bound until the store catches up).
+//!
+//! The window: how many publishes of a connection may await their PUBACK
+//! ([`ForwarderConfig::window`]). `upstream.max_inflight` is its ceiling, by default
+//! `"auto"`: [`AUTO_INFLIGHT_V5`] over MQTT 5, [`AUTO_INFLIGHT_V311`] over 3.1.1. Over MQTT 5
+//! the broker's Receive Maximum (CONNACK) also caps it, so that a broker that takes 20
+//! gets 20, and one that announces no limit gets the ceiling. Unbatched, one connection
+//! forwards at most a window per round trip: with 100 on loopback at full speed, the
+//! forwarder fell behind one fast device whenever the upstream broker was slow to be
+//! scheduled (BENCHMARKS.md, "The forwarder's window").
 //!
 //! What consumers get over MQTT 5: user properties `id` (`{gateway_id}:{epoch}:{seq}`, the
 //! database epoch in 16 hex digits and the outbox seq; stable across replays and restarts,
@@ -51,8 +60,9 @@
 //! `{topic_prefix}/status`; the session publishes the retained `online` message right after
 //! the ConnAck, before the replay, and a retained `offline` before a clean stop. Those
 //! publishes are entries of the same packet-id FIFO as the rows, so they never shift the
-//! correlation; the client's inflight limit is `max_inflight + 1` so that the stop message
-//! finds a slot even when the window is full of rows.
+//! correlation; the client's inflight limit is one more than the window so that the stop
+//! message finds a slot even when the window is full of rows (unless an MQTT 5 broker's
+//! Receive Maximum is the window: then it waits for the first PUBACK).
 //!
 //! Downlink ([`Forwarder::with_downlink`]): after every ConnAck the session subscribes
 //! (QoS 1) to the command filter and hands each incoming publish to the downlink stage
@@ -75,13 +85,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
-use crate::config::{Config, UpstreamProtocol, UpstreamTls, UpstreamUrls};
+use crate::config::{Config, UpstreamInflight, UpstreamProtocol, UpstreamTls, UpstreamUrls};
 use crate::counters::Histogram;
 use crate::reading::{now_millis, Millis};
 use crate::store::{ByLane, StoreHandle};
 use crate::tls::TlsError;
 pub use client::UpstreamCommand;
-use client::{Connection, Events, Wire};
+use client::{Connection, Wire};
 
 pub use encode::{id_prefix, message_id, upstream_topic};
 pub use presence::STATUS_TOPIC;
@@ -91,14 +101,20 @@ pub use presence::STATUS_TOPIC;
 pub enum ForwarderError {
     #[error("upstream.qos must be 0 or 1, got {0}")]
     BadQos(u8),
-    #[error("upstream.max_inflight must be between 1 and 65535, got {0}")]
-    BadInflight(usize),
+    #[error("upstream.max_inflight must be \"auto\" or between 1 and 65535, got {0}")]
+    BadInflight(UpstreamInflight),
     #[error("upstream.url {0}: mqtts:// needs the upstream TLS files, mqtt:// must not have them")]
     TlsMismatch(UpstreamUrls),
     #[error("upstream TLS files: {0}")]
     Tls(#[from] TlsError),
 }
 
+/// The window of `upstream.max_inflight = "auto"` over MQTT 5 when the broker announces
+/// no smaller Receive Maximum.
+pub const AUTO_INFLIGHT_V5: usize = 2000;
+/// The window of `upstream.max_inflight = "auto"` over MQTT 3.1.1, whose brokers cannot
+/// announce a limit: a common per-connection limit of cloud brokers.
+pub const AUTO_INFLIGHT_V311: usize = 100;
 /// Rows acked upstream whose deletion is not committed yet, at most (see
 /// [`ForwarderConfig::max_uncommitted_acks`]).
 pub const MAX_UNCOMMITTED_ACKS: usize = 2000;
@@ -125,10 +141,11 @@ pub struct ForwarderConfig {
     /// 1 (default, deletes on PUBACK) or 0 (deletes once written to the socket).
     pub qos: u8,
     pub topic_prefix: String,
-    /// Publishes awaiting PUBACK at most; also the duplicate window after a failure.
-    pub max_inflight: usize,
+    /// Ceiling of the window, publishes awaiting PUBACK ([`ForwarderConfig::window`]); the
+    /// window is also how many messages may be sent twice after a failure.
+    pub max_inflight: UpstreamInflight,
     /// Rows acked upstream whose deletion is not committed yet, at most: sending pauses
-    /// beyond it. Bounds the repeats after a crash to `max_inflight` publishes plus this.
+    /// beyond it. Bounds the repeats after a crash to the window's publishes plus this.
     /// Not an operator setting: [`MAX_UNCOMMITTED_ACKS`].
     pub max_uncommitted_acks: usize,
     /// Messages per second while replaying a backlog; live traffic is not limited.
@@ -166,7 +183,7 @@ impl ForwarderConfig {
             keep_alive: up.keep_alive,
             qos: up.qos,
             topic_prefix: config.upstream_prefix(),
-            max_inflight: up.max_inflight as usize,
+            max_inflight: up.max_inflight,
             max_uncommitted_acks: MAX_UNCOMMITTED_ACKS,
             rate_limit_per_sec: Some(up.rate_limit).filter(|r| *r > 0),
             batch_max_messages: up.batch_max_messages,
@@ -187,10 +204,28 @@ impl ForwarderConfig {
         if self.qos > 1 {
             return Err(ForwarderError::BadQos(self.qos));
         }
-        if self.max_inflight == 0 || self.max_inflight > u16::MAX as usize {
+        if self.max_inflight == UpstreamInflight::Fixed(0) {
             return Err(ForwarderError::BadInflight(self.max_inflight));
         }
         Ok(())
+    }
+
+    /// The largest window of any connection: `upstream.max_inflight`, or for `"auto"`
+    /// the protocol's default. The client is built for it before the broker says what
+    /// it takes.
+    pub fn max_window(&self) -> usize {
+        match (self.max_inflight, self.protocol) {
+            (UpstreamInflight::Fixed(n), _) => usize::from(n),
+            (UpstreamInflight::Auto, UpstreamProtocol::V5) => AUTO_INFLIGHT_V5,
+            (UpstreamInflight::Auto, UpstreamProtocol::V311) => AUTO_INFLIGHT_V311,
+        }
+    }
+
+    /// The window of a connection whose broker announced `receive_max` in its CONNACK
+    /// (MQTT 5; `None` when it announced none, which means 65,535, or over 3.1.1).
+    pub fn window(&self, receive_max: Option<u16>) -> usize {
+        let allowed = receive_max.map_or(usize::MAX, |r| usize::from(r.max(1)));
+        self.max_window().min(allowed)
     }
 
     fn mqtt_qos(&self) -> QoS {
@@ -249,6 +284,8 @@ pub struct ForwarderStats {
     pub rows_no_subscribers: AtomicU64,
     /// Rows the upstream refused with an error reason code in its PUBACK (deleted).
     pub rows_rejected_upstream: AtomicU64,
+    /// See [`ForwarderStats::window`].
+    window: AtomicUsize,
     /// Acked rows handed to the store for deletion (see `StoreHandle::acks_committed`).
     pub acks_handed: AtomicU64,
     /// Milliseconds from `received_at` to the PUBACK of the last acked row, and the maximum.
@@ -264,6 +301,11 @@ impl ForwarderStats {
     /// True while a connection is up.
     pub fn connected(&self) -> bool {
         self.state.load(Ordering::Relaxed) == 1
+    }
+    /// Publishes allowed in flight on the current (or last) connection
+    /// ([`ForwarderConfig::window`]); 0 before the first ConnAck.
+    pub fn window(&self) -> usize {
+        self.window.load(Ordering::Relaxed)
     }
     /// The URL connected to, or the one being tried (or tried next) while offline.
     pub fn current_url(&self) -> Option<&str> {
@@ -351,11 +393,11 @@ impl Forwarder {
                     self.stats.url_index.store(url, Ordering::Relaxed);
                     let target = self.cfg.urls.nth(url);
                     let c = conn.insert(Connection::open(&self, target));
-                    self.connecting(attempt, &mut c.events, &shutdown).await
+                    self.connecting(attempt, c, &shutdown).await
                 }
                 State::Online => match conn.as_mut() {
                     Some(c) => {
-                        session::Session::new(&self, &c.client)
+                        session::Session::new(&self, &c.client, c.window)
                             .run(&mut c.events, &shutdown)
                             .await
                     }
@@ -382,23 +424,26 @@ impl Forwarder {
         );
     }
 
-    /// Waits for the ConnAck of the connection being opened.
+    /// Waits for the ConnAck of the connection being opened; it sets the connection's
+    /// window.
     async fn connecting(
         &self,
         attempt: u32,
-        events: &mut Events,
+        conn: &mut Connection,
         shutdown: &CancellationToken,
     ) -> State {
         loop {
             let ev = tokio::select! {
                 _ = shutdown.cancelled() => return State::Stopped,
-                ev = events.recv() => ev,
+                ev = conn.events.recv() => ev,
             };
             let url = self.stats.current_url().unwrap_or_default();
             match ev {
-                Some(Ok(Wire::ConnAck)) => {
+                Some(Ok(Wire::ConnAck { receive_max })) => {
+                    conn.window = self.cfg.window(receive_max);
+                    self.stats.window.store(conn.window, Ordering::Relaxed);
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(attempt, url, "connected upstream");
+                    tracing::info!(attempt, url, window = conn.window, "connected upstream");
                     return State::Online;
                 }
                 Some(Ok(_)) => continue,
@@ -477,6 +522,40 @@ mod tests {
         assert!(matches!(
             cfg.validate(),
             Err(ForwarderError::TlsMismatch(_))
+        ));
+    }
+
+    #[test]
+    fn the_window_is_the_ceiling_or_the_brokers_receive_maximum_whichever_is_lower() {
+        let mut config = Config::defaults();
+        config.upstream.url = Some(UpstreamUrl::mqtt("up.example", 1883).into());
+        let mut cfg = ForwarderConfig::from_config(&config).unwrap();
+        assert_eq!(cfg.max_inflight, UpstreamInflight::Auto, "the default");
+        assert_eq!(cfg.max_window(), AUTO_INFLIGHT_V5);
+        assert_eq!(cfg.window(None), AUTO_INFLIGHT_V5, "no limit announced");
+        assert_eq!(cfg.window(Some(20)), 20);
+        assert_eq!(cfg.window(Some(u16::MAX)), AUTO_INFLIGHT_V5);
+        assert_eq!(
+            cfg.window(Some(0)),
+            1,
+            "a broker announcing 0 still gets one"
+        );
+
+        cfg.protocol = UpstreamProtocol::V311;
+        assert_eq!(cfg.max_window(), AUTO_INFLIGHT_V311);
+        assert_eq!(cfg.window(None), AUTO_INFLIGHT_V311);
+
+        cfg.max_inflight = UpstreamInflight::Fixed(300);
+        assert_eq!(cfg.window(None), 300);
+        cfg.protocol = UpstreamProtocol::V5;
+        assert_eq!(cfg.window(None), 300);
+        assert_eq!(cfg.window(Some(20)), 20, "the broker's limit still holds");
+        cfg.validate().unwrap();
+
+        cfg.max_inflight = UpstreamInflight::Fixed(0);
+        assert!(matches!(
+            cfg.validate(),
+            Err(ForwarderError::BadInflight(_))
         ));
     }
 }

@@ -125,6 +125,8 @@ const DRAIN_ORDER: [Lane; 2] = [Lane::Event, Lane::Reading];
 pub(super) struct Session<'a> {
     fwd: &'a Forwarder,
     client: &'a Client,
+    /// Publishes allowed in flight on this connection.
+    window: usize,
     /// `{gateway_id}:{epoch}`: every message id starts with it.
     id_prefix: String,
     qos: QoS,
@@ -149,10 +151,11 @@ pub(super) struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    pub(super) fn new(fwd: &'a Forwarder, client: &'a Client) -> Self {
+    pub(super) fn new(fwd: &'a Forwarder, client: &'a Client, window: usize) -> Self {
         Session {
             fwd,
             client,
+            window,
             id_prefix: encode::id_prefix(&fwd.cfg.gateway_id, fwd.store.epoch()),
             qos: fwd.cfg.mqtt_qos(),
             replay_until: 0,
@@ -430,7 +433,7 @@ impl<'a> Session<'a> {
     /// Sends rows until the window is full, the outbox is drained, or a limit says wait.
     fn fill(&mut self) -> Result<Idle, Halt> {
         let cfg = &self.fwd.cfg;
-        while self.in_flight() < cfg.max_inflight {
+        while self.in_flight() < self.window {
             let handed = self.fwd.stats.acks_handed.load(Ordering::Relaxed);
             let uncommitted = handed.saturating_sub(self.fwd.store.acks_committed());
             if uncommitted >= cfg.max_uncommitted_acks.max(1) as u64 {

@@ -56,6 +56,7 @@ async fn status(State(s): State<Sources>) -> Json<JsonValue> {
             "state": s.upstream_state(),
             "url": s.forwarder.as_ref().and_then(|f| f.current_url()),
             "forwarded": s.forwarder.as_ref().map_or(0, |f| Counters::get(&f.rows_acked)),
+            "window": s.forwarder.as_ref().map_or(0, |f| f.window()),
         },
         "ingest": {
             "messages": Counters::get(&c.ingested),

@@ -409,6 +409,12 @@ fn upstream(e: &mut Encoder, s: &Sources) {
         0.0
     });
     e.family(
+        "gateway_upstream_window",
+        "Publishes allowed in flight upstream on the current (or last) connection: upstream.max_inflight, and over MQTT 5 the broker's Receive Maximum; 0 before the first connection.",
+        Kind::Gauge,
+    )
+    .value(f.map_or(0.0, |f| f.window() as f64));
+    e.family(
         "gateway_upstream_reconnects_total",
         "Connections to the upstream broker established after the first one.",
         Kind::Counter,

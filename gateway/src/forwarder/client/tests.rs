@@ -70,7 +70,7 @@ async fn the_events_of_one_poll_cross_the_channel_as_one_batch() {
         let mut conn = Connection::open(&fwd, &url);
         let connack = tokio::time::timeout(WAIT, conn.events.recv()).await;
         assert!(
-            matches!(connack, Ok(Some(Ok(Wire::ConnAck)))),
+            matches!(connack, Ok(Some(Ok(Wire::ConnAck { .. })))),
             "{protocol:?}: no ConnAck: {connack:?}"
         );
         for i in 0..10 {

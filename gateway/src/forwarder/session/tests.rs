@@ -4,7 +4,7 @@
 use rumqttc::v5::MqttOptions;
 
 use super::*;
-use crate::config::{Config, UpstreamUrl};
+use crate::config::{Config, UpstreamInflight, UpstreamUrl};
 use crate::forwarder::{ForwarderConfig, ForwarderStats};
 use crate::store::{Store, StoreConfig};
 
@@ -61,7 +61,7 @@ fn presence_publishes_take_their_own_place_in_the_packet_id_fifo() {
     let dir = tempfile::tempdir().unwrap();
     let fwd = forwarder(dir.path(), 1);
     let (client, _eventloop) = client();
-    let mut s = Session::new(&fwd, &client);
+    let mut s = Session::new(&fwd, &client, fwd.cfg.max_window());
     s.announce(Status::Online).unwrap();
     s.awaiting_pkid.push_back(row(1));
     s.awaiting_pkid.push_back(row(2));
@@ -96,7 +96,7 @@ fn with_qos_0_rows_are_done_on_send_and_the_status_still_awaits_its_puback() {
     let dir = tempfile::tempdir().unwrap();
     let fwd = forwarder(dir.path(), 0);
     let (client, _eventloop) = client();
-    let mut s = Session::new(&fwd, &client);
+    let mut s = Session::new(&fwd, &client, fwd.cfg.max_window());
     s.announce(Status::Online).unwrap();
     s.awaiting_pkid.push_back(row(1));
     assert!(s.handle(sent(1)));
@@ -114,7 +114,7 @@ fn a_drained_outbox_leaves_the_row_buffers_no_more_room_than_they_keep() {
     const ROWS: usize = 600;
     let dir = tempfile::tempdir().unwrap();
     let fwd = forwarder_with(dir.path(), |config| {
-        config.upstream.max_inflight = 2 * ROWS as u16
+        config.upstream.max_inflight = UpstreamInflight::Fixed(2 * ROWS as u16)
     });
     for i in 0..ROWS {
         let device = format!("d{}", i % 10);
@@ -129,7 +129,7 @@ fn a_drained_outbox_leaves_the_row_buffers_no_more_room_than_they_keep() {
     }
     fwd.store.flush_blocking().unwrap();
     let (client, _eventloop) = client_queueing(2 * ROWS);
-    let mut s = Session::new(&fwd, &client);
+    let mut s = Session::new(&fwd, &client, fwd.cfg.max_window());
 
     // One read takes the whole backlog into the buffer; every row is sent.
     assert!(matches!(s.fill(), Ok(Idle::NoRows)));
@@ -167,7 +167,7 @@ fn a_row_whose_topic_has_a_wildcard_is_deleted_and_counted_not_sent() {
     }
     fwd.store.flush_blocking().unwrap();
     let (client, _eventloop) = client();
-    let mut s = Session::new(&fwd, &client);
+    let mut s = Session::new(&fwd, &client, fwd.cfg.max_window());
 
     assert!(matches!(s.fill(), Ok(Idle::NoRows)));
     assert_eq!(s.in_flight(), 1, "only the first row is sent");
