@@ -116,6 +116,8 @@ async fn readings_and_events_arrive_in_the_envelope_and_the_backlog_is_marked_re
     );
     wait_upstream(&gw, "connected").await;
     assert_eq!(status(&gw)["upstream"]["url"], url.as_str());
+    // "auto" over 3.1.1, whose brokers cannot announce a Receive Maximum: 100.
+    assert_eq!(status(&gw)["upstream"]["window"], 100);
 
     // Live: readings, one of them hot (an event fires), and a CBOR reading.
     let mut live: Vec<_> = (0..LIVE)
