@@ -68,10 +68,6 @@ impl From<mqttbytes::Error> for StateError {
     }
 }
 
-/// State of the mqtt connection.
-// Design: Methods will just modify the state of the object without doing any network operations
-// Design: All inflight queues are maintained in a pre initialized vec with index as packet id.
-// This is done for 2 reasons
 /// PATCH(gateway): what the state keeps of a QoS 1 or 2 publish until it is acked: the
 /// whole publish, boxed, to send it again (`keep_unacked_publishes`, the default), or
 /// only that its packet id is in use. A table slot is 16 bytes, not a 248-byte `Publish`:
@@ -82,6 +78,10 @@ pub(crate) enum Slot {
     Sent,
 }
 
+/// State of the mqtt connection.
+// Design: Methods will just modify the state of the object without doing any network operations
+// Design: All inflight queues are maintained in a pre initialized vec with index as packet id.
+// This is done for 2 reasons
 // Bad acks or out of order acks aren't O(n) causing cpu spikes
 // Any missing acks from the broker are detected during the next recycled use of packet ids
 #[derive(Debug, Clone)]
@@ -487,9 +487,9 @@ impl MqttState {
 
     /// PATCH(gateway): what the state keeps of an unacked publish: all of it, to send
     /// it again after a reconnect, or, when the application sends again itself
-    /// (`keep_unacked_publishes` false), a placeholder without topic, payload or
-    /// properties that only marks its packet id in flight. The placeholder allocates
-    /// nothing, where a clone of the whole publish allocates for each of its strings.
+    /// (`keep_unacked_publishes` false), only that its packet id is in flight
+    /// ([`Slot::Sent`]), which allocates nothing, where a clone of the whole publish
+    /// allocates for each of its strings.
     fn kept(&self, publish: &Publish) -> Slot {
         if self.keep_unacked_publishes {
             return Slot::Kept(Box::new(publish.clone()));
