@@ -224,9 +224,6 @@ impl Client {
 pub(super) struct Connection {
     pub client: Client,
     pub events: Events,
-    /// Publishes allowed in flight: the largest window until the ConnAck says what the
-    /// broker takes ([`super::ForwarderConfig::window`]).
-    pub window: usize,
     pump: tokio::task::JoinHandle<()>,
 }
 
@@ -234,6 +231,7 @@ impl Connection {
     /// Starts connecting to `url` with the forwarder's settings.
     pub(super) fn open(fwd: &Forwarder, url: &UpstreamUrl) -> Connection {
         let cfg = &fwd.cfg;
+        // Built for the largest window: the broker says what it takes in its ConnAck.
         let window = cfg.max_window();
         let capacity = window + REQUEST_HEADROOM;
         // One more than the rows' window: room for the presence message at a stop.
@@ -293,7 +291,6 @@ impl Connection {
         Connection {
             client,
             events: Events::new(events),
-            window,
             pump,
         }
     }

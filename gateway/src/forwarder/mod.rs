@@ -91,7 +91,7 @@ use crate::reading::{now_millis, Millis};
 use crate::store::{ByLane, StoreHandle};
 use crate::tls::TlsError;
 pub use client::UpstreamCommand;
-use client::{Connection, Wire};
+use client::{Connection, Events, Wire};
 
 pub use encode::{id_prefix, message_id, upstream_topic};
 pub use presence::STATUS_TOPIC;
@@ -240,9 +240,16 @@ impl ForwarderConfig {
 /// Where the forwarder is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
-    Connecting { attempt: u32 },
-    Online,
-    BackingOff { attempt: u32 },
+    Connecting {
+        attempt: u32,
+    },
+    /// Connected, with the window the ConnAck allowed ([`ForwarderConfig::window`]).
+    Online {
+        window: usize,
+    },
+    BackingOff {
+        attempt: u32,
+    },
     Stopped,
 }
 
@@ -250,7 +257,7 @@ impl State {
     fn code(self) -> u8 {
         match self {
             State::Connecting { .. } => 0,
-            State::Online => 1,
+            State::Online { .. } => 1,
             State::BackingOff { .. } => 2,
             State::Stopped => 3,
         }
@@ -393,11 +400,11 @@ impl Forwarder {
                     self.stats.url_index.store(url, Ordering::Relaxed);
                     let target = self.cfg.urls.nth(url);
                     let c = conn.insert(Connection::open(&self, target));
-                    self.connecting(attempt, c, &shutdown).await
+                    self.connecting(attempt, &mut c.events, &shutdown).await
                 }
-                State::Online => match conn.as_mut() {
+                State::Online { window } => match conn.as_mut() {
                     Some(c) => {
-                        session::Session::new(&self, &c.client, c.window)
+                        session::Session::new(&self, &c.client, window)
                             .run(&mut c.events, &shutdown)
                             .await
                     }
@@ -424,27 +431,26 @@ impl Forwarder {
         );
     }
 
-    /// Waits for the ConnAck of the connection being opened; it sets the connection's
-    /// window.
+    /// Waits for the ConnAck of the connection being opened, which sets its window.
     async fn connecting(
         &self,
         attempt: u32,
-        conn: &mut Connection,
+        events: &mut Events,
         shutdown: &CancellationToken,
     ) -> State {
         loop {
             let ev = tokio::select! {
                 _ = shutdown.cancelled() => return State::Stopped,
-                ev = conn.events.recv() => ev,
+                ev = events.recv() => ev,
             };
             let url = self.stats.current_url().unwrap_or_default();
             match ev {
                 Some(Ok(Wire::ConnAck { receive_max })) => {
-                    conn.window = self.cfg.window(receive_max);
-                    self.stats.window.store(conn.window, Ordering::Relaxed);
+                    let window = self.cfg.window(receive_max);
+                    self.stats.window.store(window, Ordering::Relaxed);
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(attempt, url, window = conn.window, "connected upstream");
-                    return State::Online;
+                    tracing::info!(attempt, url, window, "connected upstream");
+                    return State::Online { window };
                 }
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => {
